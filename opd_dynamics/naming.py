@@ -33,6 +33,7 @@ _PREFIXES = (
 )
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block|decoder_layers)\.(\d+)(?:\.|$)")
 _EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
+_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "base_layer"}
 _PARAM_SUFFIXES = ("weight", "bias", "lora_A", "lora_B", "scale", "g_idx")
 
 _ATTN_PARENTS = {"attn", "attention", "self_attn", "self_attention", "attn_layer", "mixer", "cross_attn",
@@ -111,7 +112,8 @@ def parse_name(name: str, overrides: Override | None = None) -> TensorName:
     """Parse a parameter name. `overrides` maps a regex (searched in the full name) to fields to force,
     or is a callable returning such fields (or None); the first matching regex wins."""
     bare = strip_prefixes(name)
-    parts = bare.split(".")
+    parts = [x for x in bare.split(".") if x not in _ADAPTER_PARTS]
+    bare = ".".join(parts)
     leaf, param = _leaf_and_param(parts)
     m = _BLOCK.search(bare)
     layer = int(m.group(1)) if m else None
