@@ -1,0 +1,293 @@
+"""Lazy, per-tensor access to one model directory's safetensors weights.
+
+A `ModelDir` reads only headers when opened; each `get(name)` reads one tensor. Two load modes:
+`pread` (default) reads the tensor's byte range with one positioned read, so memory holds exactly the
+tensors in use and nothing stays mapped (safetensors' mmap storage is not freed on `del`, and mmap is
+slow on network filesystems); `mmap` uses `safetensors.safe_open`. Open file descriptors are shared in
+one small LRU cache so a series of hundreds of shards never exhausts the process's limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from opd_dynamics.errors import InputError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+LOAD_MODES = ("pread", "mmap")
+_MAX_HEADER = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype code, shape, absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], bytes]:
+    """Parse one safetensors header; raise InputError naming the file if it is truncated or corrupt."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(path, f"is not a safetensors file: only {size} bytes, too short for a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InputError(path, f"has a corrupt or truncated safetensors header (declares {n} header "
+                                       f"bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(path, f"cannot be read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"has a corrupt safetensors header (not valid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise InputError(path, "has a corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(path, f"has a corrupt safetensors header entry for {name!r}") from e
+        if base + b > size:
+            raise InputError(path, f"is truncated: tensor {name!r} ends at byte {base + b} but the file has "
+                                   f"{size} bytes")
+        if dtype not in DTYPES:
+            raise InputError(path, f"holds tensor {name!r} of unsupported dtype {dtype}")
+        entries[name] = TensorEntry(path, dtype, shape, base + a, base + b)
+    return entries, meta, raw
+
+
+class _FdCache:
+    """Process-wide LRU of open read-only file descriptors (bounded; thread-safe)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                while len(self._fds) >= self.capacity:
+                    _, old = self._fds.popitem(last=False)
+                    os.close(old)
+            self._fds[path] = fd
+            return fd
+
+    def close(self, paths: set[Path]) -> None:
+        with self._lock:
+            for p in list(self._fds):
+                if p in paths:
+                    os.close(self._fds.pop(p))
+
+
+_FDS = _FdCache()
+
+
+def _pread_tensor(entry: TensorEntry) -> torch.Tensor:
+    fd = _FDS.get(entry.file)
+    buf = bytearray(entry.nbytes)
+    view, got = memoryview(buf), 0
+    while got < entry.nbytes:
+        chunk = os.preadv(fd, [view[got:]], entry.start + got)
+        if chunk == 0:
+            raise InputError(entry.file, "ended before the tensor data the header promises (truncated file)")
+        got += chunk
+    dtype = DTYPES[entry.dtype]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+
+
+def _find_weight_files(path: Path) -> list[Path]:
+    """The safetensors files holding a model's weights, or an InputError saying what is there instead."""
+    if not path.exists():
+        raise InputError(path, "does not exist")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return [path]
+        raise InputError(path, "is a file, not a model directory or a .safetensors file")
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(index, "is not a valid safetensors index (no 'weight_map')") from e
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise InputError(index, f"lists shards that are missing: {', '.join(missing[:5])}")
+        return files
+    if (path / SINGLE_FILE).exists():
+        return [path / SINGLE_FILE]
+    shards = sorted(p for p in path.glob("*.safetensors") if p.name != ADAPTER_FILE)
+    if shards:
+        return shards
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if not names:
+        raise InputError(path, "is empty: no model weights found")
+    if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
+        raise InputError(path, "holds only pytorch_model*.bin weights; convert them to safetensors first, e.g. "
+                               "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+                               "safe_serialization=True)`")
+    if any(n.startswith("model_world_size_") or n.endswith("_rank_0.pt") or n.startswith("mp_rank_")
+           for n in names):
+        raise InputError(path, "holds raw FSDP/DeepSpeed shards, not merged weights; merge them first, e.g. "
+                               "`python -m verl.model_merger merge --backend fsdp --local_dir <actor dir> "
+                               "--target_dir <out>` (verl) or DeepSpeed's zero_to_fp32.py")
+    raise InputError(path, "holds no safetensors weights (no model.safetensors, index or *.safetensors)")
+
+
+class ModelDir:
+    """Lazy reader for one model directory (single file, sharded with index, or shards without one)."""
+
+    def __init__(self, path: str | Path, load_mode: str = "pread"):
+        if load_mode == "eager":
+            load_mode = "pread"
+        if load_mode not in LOAD_MODES:
+            raise InputError(None, f"load mode {load_mode!r} is not one of {LOAD_MODES}")
+        self.path = Path(path)
+        self.load_mode = load_mode
+        self.files = _find_weight_files(self.path)
+        self.entries: dict[str, TensorEntry] = {}
+        self.metadata: dict[str, str] = {}
+        digest = hashlib.sha256()
+        for f in self.files:
+            entries, meta, raw = read_header(f)
+            digest.update(raw)
+            self.metadata.update(meta)
+            for name, e in entries.items():
+                if name in self.entries:
+                    raise InputError(f, f"repeats tensor {name!r} already in {self.entries[name].file.name}")
+                self.entries[name] = e
+        if not self.entries:
+            raise InputError(self.path, "holds no tensors")
+        self.header_sha256 = digest.hexdigest()
+        self._handles: dict[Path, object] = {}
+
+    # -- metadata -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.entries[name].dtype]
+
+    def nbytes(self, name: str | None = None) -> int:
+        if name is not None:
+            return self.entries[name].nbytes
+        return sum(e.nbytes for e in self.entries.values())
+
+    @property
+    def config(self) -> dict:
+        cfg = self.path / "config.json" if self.path.is_dir() else None
+        if cfg is None or not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(cfg, f"is not valid JSON ({e})") from e
+
+    # -- data -----------------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype, on CPU."""
+        try:
+            entry = self.entries[name]
+        except KeyError:
+            raise InputError(self.path, f"has no tensor {name!r}") from None
+        if self.load_mode == "pread":
+            return _pread_tensor(entry)
+        from safetensors import safe_open
+
+        h = self._handles.get(entry.file)
+        if h is None:
+            h = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
+        return h.get_tensor(name)
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in names if names is not None else self.names():
+            yield n, self.get(n)
+
+    def close(self) -> None:
+        self._handles.clear()
+        _FDS.close(set(self.files))
+
+    def __enter__(self) -> "ModelDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r}, {len(self.entries)} tensors, {len(self.files)} files)"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).exists()
+
+
+def open_model(path: str | Path, load_mode: str = "pread") -> "ModelDir | LoraAdapter":
+    """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
+    if is_adapter_dir(path):
+        from opd_dynamics.lora import LoraAdapter
+
+        return LoraAdapter(path, load_mode=load_mode)
+    return ModelDir(path, load_mode=load_mode)
+
+
+def __getattr__(name: str):  # LoraAdapter lives in lora.py; keep `checkpoints.LoraAdapter` working
+    if name == "LoraAdapter":
+        from opd_dynamics.lora import LoraAdapter
+
+        return LoraAdapter
+    raise AttributeError(name)

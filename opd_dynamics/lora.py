@@ -1,0 +1,113 @@
+"""PEFT LoRA adapter directories as updates: ΔW = s·B·A, with s = α/r (α/√r with rsLoRA).
+
+The factors are exposed as they are stored; the dense ΔW is formed only when asked (`delta`). Norms can be
+had from the factors alone (`factor_fro2`), which costs an r×r product instead of an out×in one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from opd_dynamics.checkpoints import ADAPTER_CONFIG, ADAPTER_FILE, ModelDir
+from opd_dynamics.errors import InputError
+
+_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    for key, value in (patterns or {}).items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter: per adapted base weight, the factors (B, A) and scale; plus any fully saved
+    modules (`modules_to_save`), which replace the base weight."""
+
+    def __init__(self, path: str | Path, load_mode: str = "pread"):
+        self.path = Path(path)
+        cfg_path = self.path / ADAPTER_CONFIG
+        try:
+            self.adapter_config = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(cfg_path, f"is not a readable adapter config ({e})") from e
+        weights = self.path / ADAPTER_FILE
+        if not weights.exists():
+            raise InputError(self.path, f"is a LoRA adapter directory without {ADAPTER_FILE}")
+        self._store = ModelDir(weights, load_mode=load_mode)
+        self.header_sha256 = self._store.header_sha256
+        r = self.adapter_config.get("r")
+        alpha = self.adapter_config.get("lora_alpha")
+        if not isinstance(r, int) or r <= 0 or alpha is None:
+            raise InputError(cfg_path, "lacks a positive integer 'r' or a 'lora_alpha'")
+        self._pairs: dict[str, dict[str, str]] = {}
+        self._full: dict[str, str] = {}
+        for name in self._store.names():
+            m = _LORA.match(name)
+            if m:
+                self._pairs.setdefault(m["mod"] + ".weight", {})[m["ab"]] = name
+            else:
+                base = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+                self._full[base.replace(".modules_to_save.default", "")] = name
+        broken = [k for k, v in self._pairs.items() if set(v) != {"A", "B"}]
+        if broken:
+            raise InputError(weights, f"has unpaired LoRA factors for {broken[0]!r}")
+        self._r, self._alpha = r, float(alpha)
+
+    def names(self) -> list[str]:
+        """Base-model weight names this adapter changes (LoRA-adapted and fully saved)."""
+        return list(self._pairs) + list(self._full)
+
+    def is_factored(self, name: str) -> bool:
+        return name in self._pairs
+
+    def scale(self, name: str) -> float:
+        module = name[: -len(".weight")]
+        r = int(_pattern_value(self.adapter_config.get("rank_pattern"), module, self._r))
+        alpha = float(_pattern_value(self.adapter_config.get("alpha_pattern"), module, self._alpha))
+        return alpha / math.sqrt(r) if self.adapter_config.get("use_rslora") else alpha / r
+
+    def factors(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B (out×r), A (r×in), s) with ΔW = s·B·A, upcast to `dtype`."""
+        p = self._pairs[name]
+        return self._store.get(p["B"]).to(dtype), self._store.get(p["A"]).to(dtype), self.scale(name)
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ΔW for an adapted weight (formed in `dtype`, at least float32)."""
+        b, a, s = self.factors(name, dtype)
+        return s * (b @ a)
+
+    def factor_fro2(self, name: str) -> float:
+        """‖s·B·A‖F² from the factors alone, in float64: s²·tr((BᵀB)(AAᵀ))."""
+        b, a, s = self.factors(name, torch.float64)
+        return float(s * s * torch.sum((b.T @ b) * (a @ a.T)))
+
+    def full(self, name: str) -> torch.Tensor:
+        """A fully saved module's weight (replaces the base weight)."""
+        return self._store.get(self._full[name])
+
+    def nbytes(self, name: str | None = None) -> int:
+        if name is None:
+            return self._store.nbytes()
+        if name in self._full:
+            return self._store.nbytes(self._full[name])
+        return sum(self._store.nbytes(n) for n in self._pairs[name].values())
+
+    @property
+    def files(self) -> list[Path]:
+        return self._store.files
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "LoraAdapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,103 @@
+"""A run's checkpoint series: the base weights plus (step, directory) pairs, sorted by step.
+
+Recognised step directories: TRL/Trainer `checkpoint-N`, verl `global_step_N/actor/huggingface`
+(merged weights), OpenRLHF `global_stepN_hf`, `step_N` / `step-N` / `stepN`, `iter_N` / `iter-N`.
+The base is always given explicitly; it is never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from opd_dynamics.checkpoints import is_adapter_dir, open_model, _find_weight_files
+from opd_dynamics.errors import InputError
+
+_STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)(?:_hf)?$")
+_VERL_SUBDIRS = ("actor/huggingface", "huggingface", "actor")
+
+
+def _weights_dir(d: Path) -> Path:
+    """The directory inside a step directory that holds its weights (verl nests them)."""
+    for sub in _VERL_SUBDIRS:
+        cand = d / sub
+        if cand.is_dir() and (any(cand.glob("*.safetensors")) or (cand / "adapter_config.json").exists()):
+            return cand
+    return d
+
+
+@dataclass
+class CheckpointSeries:
+    """Base weights plus the checkpoints of one run, sorted by step."""
+
+    name: str
+    base: Path
+    steps: list[tuple[int, Path]] = field(default_factory=list)
+    load_mode: str = "pread"
+
+    def __post_init__(self) -> None:
+        self.base = Path(self.base)
+        self.steps = sorted(((int(s), Path(p)) for s, p in self.steps), key=lambda x: x[0])
+        seen: dict[int, Path] = {}
+        for s, p in self.steps:
+            if s in seen:
+                raise InputError(p, f"repeats step {s} (also {seen[s]})")
+            seen[s] = p
+        if not self.steps:
+            raise InputError(None, f"run {self.name!r} has no checkpoints")
+        if is_adapter_dir(self.base):
+            raise InputError(self.base, "is a LoRA adapter; the base must be full model weights")
+        _find_weight_files(self.base)  # fails early with a clear sentence
+        for _, p in self.steps:
+            if not is_adapter_dir(p):
+                _find_weight_files(p)
+
+    @classmethod
+    def discover(cls, run_dir: str | Path, base: str | Path, name: str | None = None,
+                 steps: Iterable[int] | None = None, load_mode: str = "pread") -> "CheckpointSeries":
+        """Find the checkpoints of a run directory; `steps` keeps only those steps."""
+        run = Path(run_dir)
+        if base is None:
+            raise InputError(run, "needs an explicit base (the weights every step is compared with)")
+        if not run.exists():
+            raise InputError(run, "does not exist")
+        if not run.is_dir():
+            raise InputError(run, "is not a directory")
+        found: list[tuple[int, Path]] = []
+        for d in sorted(run.iterdir()):
+            m = _STEP_DIR.match(d.name)
+            if d.is_dir() and m:
+                found.append((int(m.group(1)), _weights_dir(d)))
+        if not found:
+            entries = sorted(p.name for p in run.iterdir())
+            if not entries:
+                raise InputError(run, "is empty: no checkpoints found")
+            raise InputError(run, "has no recognisable checkpoints (expected checkpoint-N, global_step_N, "
+                                  f"step_N or iter_N directories; found {', '.join(entries[:6])})")
+        if steps is not None:
+            keep = set(int(s) for s in steps)
+            found = [x for x in found if x[0] in keep]
+            if not found:
+                raise InputError(run, f"has none of the requested steps {sorted(keep)}")
+        return cls(name=name or run.name, base=Path(base), steps=found, load_mode=load_mode)
+
+    @classmethod
+    def from_list(cls, pairs: Sequence[tuple[int, str | Path]], base: str | Path, name: str = "run",
+                  load_mode: str = "pread") -> "CheckpointSeries":
+        """An explicit list of (step, path)."""
+        return cls(name=name, base=Path(base), steps=list(pairs), load_mode=load_mode)
+
+    @property
+    def step_numbers(self) -> list[int]:
+        return [s for s, _ in self.steps]
+
+    def open_base(self):
+        return open_model(self.base, self.load_mode)
+
+    def open_step(self, step: int):
+        return open_model(dict(self.steps)[step], self.load_mode)
+
+    def __repr__(self) -> str:
+        return f"CheckpointSeries({self.name!r}, base={str(self.base)!r}, steps={self.step_numbers})"

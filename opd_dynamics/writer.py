@@ -1,0 +1,120 @@
+"""Write a model directory from a stream of tensors: shards of bounded size, an index, atomically.
+
+Memory stays at one shard (safetensors' `save_file` serialises a whole file at once, so the shard size is
+the memory bound). Everything goes to a temporary sibling directory that is renamed into place at the end,
+so an interrupted write never leaves a half model where a user expects a whole one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from opd_dynamics.checkpoints import INDEX_FILE, SINGLE_FILE
+from opd_dynamics.errors import InputError
+
+# Files a model directory carries besides weights (what from_pretrained and tokenizers need).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json")
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success rename it to `out`.
+
+    An existing `out` is refused unless `overwrite`; then it is replaced only after the new one is complete.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_path(tmp, out)
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`; an existing `dst` is set aside first and removed only once `src` is in place."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_model(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *,
+                metadata: dict[str, str] | None = None, copy_files_from: str | Path | None = None,
+                max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+    """Write (name, tensor) pairs as a Hugging Face safetensors model directory.
+
+    One `model.safetensors` if everything fits a shard, else `model-0000i-of-0000n.safetensors` plus
+    `model.safetensors.index.json`. `metadata` goes into every shard's header (string values);
+    config and tokenizer files are copied from `copy_files_from`.
+    """
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        shards: list[dict[str, str]] = []
+        weight_map: dict[str, str] = {}
+        total = 0
+        current: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal current, size
+            if not current:
+                return
+            fname = f"shard-{len(shards):05d}.safetensors"
+            save_file(current, str(tmp / fname), metadata=meta)
+            shards.append({"file": fname, "names": list(current)})
+            current, size = {}, 0
+
+        for name, t in tensors:
+            if name in weight_map or name in current:
+                raise ValueError(f"tensor {name!r} written twice")
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+            current[name] = t.detach().contiguous().cpu()
+            size += nbytes
+            total += nbytes
+        flush()
+        if not shards:
+            raise ValueError(f"nothing to write to {out_dir}")
+        n = len(shards)
+        for i, sh in enumerate(shards):
+            final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp / sh["file"], tmp / final)
+            weight_map.update({name: final for name in sh["names"]})
+        if n > 1:
+            index = {"metadata": {"total_size": total, **meta}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        if copy_files_from is not None:
+            src = Path(copy_files_from)
+            for f in SIDE_FILES:
+                if (src / f).is_file():
+                    shutil.copy2(src / f, tmp / f)
+    return Path(out_dir)
