@@ -1,0 +1,198 @@
+"""Tensor-major streaming of updates ΔW_t = W_t − W_0 over a checkpoint series.
+
+For each tensor, W_0 is read once and then W_t for every step, each upcast to float32 (float64 on
+request) *before* subtracting: small updates vanish when subtracted in bf16. Memory holds one tensor's
+base, one step and the next step being prefetched, never a whole model.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import torch
+
+from opd_dynamics.checkpoints import ModelDir, open_model
+from opd_dynamics.errors import InputError
+from opd_dynamics.lora import LoraAdapter
+from opd_dynamics.naming import Override, TensorName, is_conv1d, parse_name
+from opd_dynamics.series import CheckpointSeries
+
+_RESIZABLE = ("embedding", "lm_head")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor to analyse: where it sits, how to orient it, and at which steps it exists."""
+
+    name: str
+    info: TensorName
+    shape: tuple[int, ...]  # as analysed: (out, in) after any Conv1D transpose, common rows if resized
+    stored_dtype: str
+    conv1d: bool
+    steps: tuple[int, ...]
+    rows: int | None = None  # common vocabulary rows when the vocabulary was resized
+    bytes_per_step: int = 0
+
+    @property
+    def resized(self) -> bool:
+        return self.rows is not None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Plan:
+    """What a pass over a series will read, and what it will skip (with reasons)."""
+
+    series: CheckpointSeries
+    tensors: list[TensorPlan]
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(t.bytes_per_step * (len(t.steps) + 1) for t in self.tensors)
+
+
+class SeriesReader:
+    """Open headers of the base and every step once; read single tensors on demand."""
+
+    def __init__(self, series: CheckpointSeries):
+        self.series = series
+        self.base: ModelDir = open_model(series.base, series.load_mode)  # type: ignore[assignment]
+        if not isinstance(self.base, ModelDir):
+            raise InputError(series.base, "is a LoRA adapter; the base must be full model weights")
+        self.steps: dict[int, ModelDir | LoraAdapter] = {s: open_model(p, series.load_mode) for s, p in series.steps}
+
+    def close(self) -> None:
+        self.base.close()
+        for m in self.steps.values():
+            m.close()
+
+    def __enter__(self) -> "SeriesReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups: tuple[str, ...] | None = None,
+                overrides: Override | None = None, reader: SeriesReader | None = None) -> Plan:
+    """Decide which tensors to analyse at which steps; list everything skipped with a reason."""
+    own = reader is None
+    reader = reader or SeriesReader(series)
+    try:
+        base = reader.base
+        model_type = base.config.get("model_type")
+        tensors: list[TensorPlan] = []
+        skipped: list[dict] = []
+        wanted = names if names is not None else base.names()
+        for name in wanted:
+            if name not in base:
+                skipped.append({"run": series.name, "tensor": name, "reason": f"not in base {series.base}"})
+                continue
+            info = parse_name(name, overrides)
+            if groups is not None and info.group not in groups:
+                continue
+            entry = base.entries[name]
+            if not entry.is_float:
+                skipped.append({"run": series.name, "tensor": name, "reason": f"non-float dtype {entry.dtype}"})
+                continue
+            shape = entry.shape
+            conv1d = is_conv1d(name, shape, model_type)
+            present, rows, problems = [], None, []
+            for step, m in reader.steps.items():
+                if isinstance(m, LoraAdapter):
+                    if name in m.names():
+                        present.append(step)
+                        if not m.is_factored(name) and tuple(m._store.shape(m._full[name])) != shape:
+                            problems.append(f"shape mismatch at step {step}")
+                    continue
+                if name not in m:
+                    problems.append(f"missing at step {step}")
+                    continue
+                s = m.shape(name)
+                if s == shape:
+                    present.append(step)
+                elif (info.group in _RESIZABLE and len(s) == 2 and len(shape) == 2 and s[1] == shape[1]):
+                    rows = min(rows or shape[0], s[0], shape[0])
+                    present.append(step)
+                else:
+                    problems.append(f"shape mismatch: base {list(shape)} vs step {step} {list(s)}")
+            if problems:
+                skipped.append({"run": series.name, "tensor": name, "reason": "; ".join(problems),
+                                "analysed_steps": present})
+            if not present:
+                continue
+            ashape = tuple(reversed(shape)) if conv1d else tuple(shape)
+            if rows is not None:
+                ashape = (rows, *ashape[1:])
+            tensors.append(TensorPlan(name, info, ashape, entry.dtype, conv1d, tuple(present), rows, entry.nbytes))
+        if not tensors:
+            raise InputError(series.base, f"shares no analysable tensor with the checkpoints of run "
+                                          f"{series.name!r} ({len(skipped)} skipped, e.g. "
+                                          f"{skipped[0]['reason'] if skipped else 'none selected'})")
+        return Plan(series, tensors, skipped)
+    finally:
+        if own:
+            reader.close()
+
+
+def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype) -> torch.Tensor:
+    t = t.to(dtype)
+    if tp.conv1d:
+        t = t.T
+    if tp.rows is not None:
+        t = t[: tp.rows]
+    return t.contiguous()
+
+
+@dataclass
+class StepUpdate:
+    """One step of one tensor: the trained weights and the update, both upcast and oriented (out, in)."""
+
+    step: int
+    weight: torch.Tensor
+    delta: torch.Tensor
+
+
+def read_base(reader: SeriesReader, tp: TensorPlan, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> torch.Tensor:
+    return _orient(reader.base.get(tp.name), tp, dtype).to(device)
+
+
+def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor) -> StepUpdate:
+    """W_t and ΔW_t for one step; `w0` is the upcast, oriented base on the target device."""
+    m = reader.steps[step]
+    if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
+        b, a, s = m.factors(tp.name, w0.dtype)
+        delta = s * (b.to(w0.device) @ a.to(w0.device))
+        delta = _orient(delta.T if tp.conv1d else delta, tp, w0.dtype)  # factors are (out, in) already
+        return StepUpdate(step, w0 + delta, delta)
+    raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)
+    wt = _orient(raw, tp, w0.dtype).to(w0.device)
+    return StepUpdate(step, wt, wt - w0)
+
+
+def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: Mapping[int, object] | list[int]
+                 | None = None, prefetch: bool = True) -> Iterator[StepUpdate]:
+    """Yield StepUpdate for each step (default: every step the tensor exists at), reading the next step in
+    a background thread while the caller works on the current one."""
+    order = [s for s in (list(steps) if steps is not None else tp.steps)]
+    if not prefetch or len(order) < 2:
+        for s in order:
+            yield read_step(reader, tp, s, w0)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(read_step, reader, tp, order[0], w0)
+        for nxt in order[1:] + [None]:
+            cur = fut.result()
+            if nxt is not None:
+                fut = pool.submit(read_step, reader, tp, nxt, w0)
+            yield cur
