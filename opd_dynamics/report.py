@@ -1,0 +1,153 @@
+"""The analysis result: tidy DataFrames (one row per run × step × tensor) plus provenance.
+
+`Report.to_csv(dir)` writes one CSV per table and `run.json`; `Report.load(dir)` reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.writer import atomic_dir, atomic_write_text
+
+ID_COLUMNS = ["run", "step", "tensor", "layer", "group", "module", "expert"]
+TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
+_INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "rank90", "numel", "n_rows")
+
+
+@dataclass
+class Report:
+    """Named tidy tables (keys are CSV stems, e.g. 'module_allocation') and run metadata."""
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        tables = self.__dict__.get("tables", {})
+        if name in tables:
+            return tables[name]
+        raise AttributeError(name)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.tables[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tables and not self.tables[name].empty
+
+    def to_csv(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write every table as CSV plus run.json into `out` (atomically; refuses an existing dir)."""
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            self.write_into(tmp)
+        return Path(out)
+
+    def write_into(self, directory: Path) -> None:
+        for name, df in self.tables.items():
+            df.to_csv(directory / f"{name}.csv", index=False)
+        atomic_write_text(directory / "run.json", json.dumps(_jsonable(self.meta), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Report":
+        """Read the CSVs and run.json of an output directory back (any subset of tables)."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise InputError(d, "is not an analysis output directory")
+        csvs = sorted(d.glob("*.csv"))
+        if not csvs:
+            raise InputError(d, "holds no CSV tables")
+        tables = {}
+        for p in csvs:
+            try:
+                df = pd.read_csv(p)
+            except pd.errors.EmptyDataError:
+                df = pd.DataFrame()
+            for c in _INT_COLUMNS:
+                if c in df.columns and pd.api.types.is_numeric_dtype(df[c]):
+                    df[c] = df[c].astype("Int64")
+            tables[p.stem] = df
+        meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+        return cls(tables, meta)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}: {len(v)} rows" for k, v in self.tables.items())
+        return f"Report({parts})"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(x) or math.isinf(x) else float(x)
+    return x
+
+
+def _frame(rows: list[dict], first: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    cols = [c for c in first if c in df.columns] + [c for c in df.columns if c not in first]
+    df = df[cols]
+    for c in _INT_COLUMNS:
+        if c in df.columns:
+            df[c] = pd.array(df[c].astype("float").round(), dtype="Int64") if df[c].isna().any() else df[c]
+    return df
+
+
+def build_tables(rows: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
+    """Turn per-table row lists into DataFrames; add energy_share and the summary table."""
+    tables: dict[str, pd.DataFrame] = {}
+    alloc_first = ID_COLUMNS + ["shape", "numel", "update_norm", "base_norm", "relative_update", "rms_update",
+                                "energy_share", "changed_fraction", "finite"]
+    for name, rs in rows.items():
+        if not rs:
+            continue
+        first = alloc_first if name == "module_allocation" else ID_COLUMNS + (["ref_step"] if name == "alignment" else [])
+        tables[name] = _frame(rs, first)
+    if "module_allocation" in tables:
+        a = tables["module_allocation"]
+        f2 = a["update_norm"].astype(float) ** 2
+        total = f2.groupby([a["run"], a["step"]]).transform("sum")
+        a["energy_share"] = f2 / total.where(total > 0)
+        tables["module_allocation"] = a[[c for c in alloc_first if c in a.columns] +
+                                        [c for c in a.columns if c not in alloc_first]]
+        tables["summary"] = summarize(tables)
+    return tables
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per run and step: the paper's Table-1 aggregates and the allocation by group and by layer (long form)."""
+    parts = []
+    a = tables["module_allocation"].copy()
+    a["f2"] = a["update_norm"].astype(float) ** 2
+    g = a.groupby(["run", "step", "group"], as_index=False).agg(f2=("f2", "sum"), energy_share=("energy_share", "sum"))
+    g["update_norm"] = np.sqrt(g["f2"])
+    parts.append(g.melt(id_vars=["run", "step", "group"], value_vars=["update_norm", "energy_share"],
+                        var_name="metric").assign(aggregate="group", layer=pd.NA))
+    lay = a[a["group"].isin(["attention", "mlp"]) & a["layer"].notna()]
+    if not lay.empty:
+        ly = lay.groupby(["run", "step", "layer", "group"], as_index=False).agg(f2=("f2", "sum"),
+                                                                              energy_share=("energy_share", "sum"))
+        ly["update_norm"] = np.sqrt(ly["f2"])
+        parts.append(ly.melt(id_vars=["run", "step", "layer", "group"], value_vars=["update_norm", "energy_share"],
+                             var_name="metric").assign(aggregate="layer"))
+    s = tables.get("spectrum")
+    if s is not None and not s.empty:
+        m = s[s["group"].isin(["attention", "mlp"])]
+        t1 = m.groupby(["run", "step"], as_index=False)[list(TABLE1_METRICS)].mean()
+        parts.append(t1.melt(id_vars=["run", "step"], var_name="metric").assign(
+            aggregate="table1", group="attention+mlp", layer=pd.NA))
+    out = pd.concat(parts, ignore_index=True)
+    out["layer"] = pd.array(out["layer"], dtype="Int64")
+    return out[["run", "step", "aggregate", "group", "layer", "metric", "value"]].sort_values(
+        ["run", "step", "aggregate", "group", "layer", "metric"], kind="stable").reset_index(drop=True)
