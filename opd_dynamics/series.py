@@ -20,12 +20,13 @@ _VERL_SUBDIRS = ("actor/huggingface", "huggingface", "actor")
 
 
 def _weights_dir(d: Path) -> Path:
-    """The directory inside a step directory that holds its weights (verl nests them)."""
-    for sub in _VERL_SUBDIRS:
-        cand = d / sub
-        if cand.is_dir() and (any(cand.glob("*.safetensors")) or (cand / "adapter_config.json").exists()):
+    """The directory inside a step directory that holds its weights (verl nests them under actor/)."""
+    has = lambda p: any(p.glob("*.safetensors")) or (p / "adapter_config.json").exists()  # noqa: E731
+    nested = [d / sub for sub in _VERL_SUBDIRS if (d / sub).is_dir()]
+    for cand in nested:
+        if has(cand):
             return cand
-    return d
+    return d if has(d) or not nested else nested[-1]  # actor/ alone: let the reader say what is there
 
 
 @dataclass

@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make test` and `make demo` (each creates .venv first).
+# TORCH picks the torch build: the default is the CPU wheel that installs fast here; on a GPU machine use
+# e.g. `make demo TORCH=torch` (or any torch>=2.3 already in a venv you point VENV at).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[all]"
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/opd-dynamics demo --out demo-out --overwrite
+
+bench: venv
+	$(BIN)/python benchmarks/bench_io.py
+	$(BIN)/python benchmarks/bench_analysis.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,107 @@
+"""Reading real safetensors model directories in every layout, and refusing bad ones clearly."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from builders import llama_like, write_dir
+from opd_dynamics.checkpoints import ModelDir, _FdCache, open_model
+from opd_dynamics.errors import InputError
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "noindex"])
+@pytest.mark.parametrize("mode", ["pread", "mmap"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_every_layout_reads_back_bit_exact(tmp_path, layout, mode, dtype):
+    sd = llama_like(dtype=dtype)
+    m = open_model(write_dir(tmp_path / "m", sd, layout, n_shards=3), load_mode=mode)
+    assert sorted(m.names()) == sorted(sd)
+    assert len(m.files) == (1 if layout == "single" else 3)
+    for name, t in sd.items():
+        got = m.get(name)
+        assert got.dtype == dtype and m.shape(name) == tuple(t.shape)
+        assert torch.equal(got, t)
+    assert m.nbytes() == sum(t.numel() * t.element_size() for t in sd.values())
+    m.close()
+
+
+def test_single_file_path_and_header_hash_is_stable(tmp_path):
+    sd = llama_like()
+    d = write_dir(tmp_path / "m", sd)
+    a, b = ModelDir(d), ModelDir(d / "model.safetensors")
+    assert a.header_sha256 == b.header_sha256 and a.config["model_type"] == "llama"
+
+
+def test_non_float_tensors_are_readable(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"ids": torch.arange(5), "w": torch.ones(2, 2)}, str(d / "model.safetensors"))
+    assert torch.equal(ModelDir(d).get("ids"), torch.arange(5))
+
+
+def test_fd_cache_is_bounded(tmp_path):
+    cache = _FdCache(capacity=3)
+    files = []
+    for i in range(6):
+        p = tmp_path / f"{i}.bin"
+        p.write_bytes(b"x")
+        files.append(p)
+        cache.get(p)
+    assert len(cache._fds) == 3 and list(cache._fds) == files[3:]
+
+
+def _bad(tmp_path, content: bytes, name="model.safetensors"):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / name).write_bytes(content)
+    return d
+
+
+@pytest.mark.parametrize("content,phrase", [
+    (b"abc", "too short"),
+    (struct.pack("<Q", 10**9) + b"{}", "corrupt or truncated"),
+    (struct.pack("<Q", 5) + b"nope!", "not valid JSON"),
+    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+])
+def test_corrupt_headers_name_the_file(tmp_path, content, phrase):
+    d = _bad(tmp_path, content)
+    with pytest.raises(InputError, match=phrase) as e:
+        ModelDir(d)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_truncated_data_is_reported(tmp_path):
+    d = write_dir(tmp_path / "m", llama_like())
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(InputError, match="is truncated"):
+        ModelDir(d)
+
+
+def test_missing_empty_bin_and_fsdp_dirs(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        ModelDir(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="is empty"):
+        ModelDir(tmp_path / "empty")
+    d = _bad(tmp_path, b"\x80", "pytorch_model.bin")
+    with pytest.raises(InputError, match="convert them to safetensors"):
+        ModelDir(d)
+    f = tmp_path / "fsdp"
+    f.mkdir()
+    (f / "model_world_size_2_rank_0.pt").write_bytes(b"x")
+    with pytest.raises(InputError, match="merge them first"):
+        ModelDir(f)
+
+
+def test_index_listing_missing_shard(tmp_path):
+    d = write_dir(tmp_path / "m", llama_like(), "sharded", n_shards=2)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(InputError, match="missing"):
+        ModelDir(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"nothing": 1}))
+    with pytest.raises(InputError, match="weight_map"):
+        ModelDir(d)
