@@ -1,0 +1,251 @@
+"""EffOPD's adaptive extrapolation on a live `torch.nn.Module`, independent of any training framework.
+
+At trigger steps t (powers of two by default) the update since the anchor, Δ = W_t − W_anchor, is taken
+for the selected matrices; candidates W_t + c_k·Δ with c_k = 2k, k = 1 … K, are scored after W_t itself,
+in order; a candidate is accepted while its score is ≥ the best so far (or > with `strict=True`, as in the
+authors' code) and the search stops at the first one that is not. The model is left at the accepted
+weights, which become the new anchor. The arithmetic is float32 (whatever the parameters' dtype), and the
+exact bits of W_t are kept so that a rejected candidate restores them bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from opd_dynamics.naming import MATRIX_GROUPS, parse_name
+
+ScoreFn = Callable[[torch.nn.Module], float]
+Trigger = Callable[[int], bool]
+
+
+def is_power_of_two(step: int) -> bool:
+    """The published schedule: 1, 2, 4, 8, …"""
+    return step >= 1 and (step & (step - 1)) == 0
+
+
+def make_trigger(schedule: Trigger | Iterable[int] | str | None = None, *, max_step: int | None = None) -> Trigger:
+    """A trigger predicate from `None`/'pow2' (powers of two), 'powN' (powers of N), an explicit set of
+    steps, or a predicate; `max_step` stops triggering after that step."""
+    if schedule is None or schedule == "pow2":
+        base: Trigger = is_power_of_two
+    elif isinstance(schedule, str) and schedule.startswith("pow") and schedule[3:].isdigit():
+        b = int(schedule[3:])
+        if b < 2:
+            raise ValueError(f"trigger schedule {schedule!r}: the base must be at least 2")
+
+        def base(step: int, b: int = b) -> bool:
+            if step < 1:
+                return False
+            while step % b == 0:
+                step //= b
+            return step == 1
+    elif callable(schedule):
+        base = schedule
+    elif isinstance(schedule, str):
+        raise ValueError(f"trigger schedule {schedule!r} is not 'pow2', 'powN', a set of steps or a predicate")
+    else:
+        steps = frozenset(int(s) for s in schedule)
+        base = steps.__contains__
+    if max_step is None:
+        return base
+    return lambda step: step <= max_step and base(step)
+
+
+def select_parameters(model: torch.nn.Module, groups: Sequence[str] | None = MATRIX_GROUPS, *,
+                      matrices_only: bool = True, trainable_only: bool = True,
+                      param_filter: Callable[[str, torch.Tensor], bool] | None = None,
+                      naming_overrides=None) -> dict[str, torch.nn.Parameter]:
+    """The parameters EffOPD extrapolates: by naming group (default attention and MLP), 2-D weights only by
+    default, trainable ones only; `param_filter(name, param)` replaces the group/shape rule when given."""
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if param_filter is not None:
+            keep = param_filter(name, p)
+        else:
+            keep = (groups is None or parse_name(name, naming_overrides).group in groups) and \
+                (not matrices_only or p.ndim == 2)
+        if keep and p.is_floating_point():
+            out[name] = p
+    return out
+
+
+@dataclass
+class TriggerRecord:
+    """What one trigger did: scores[0] is W_t's, scores[k] candidate k's (only those evaluated)."""
+
+    step: int
+    scores: list[float]
+    coefs: list[float]
+    k_accepted: int
+    coef: float
+    delta_norm: float
+    validation_s: float
+    extrapolate_s: float
+    mode: str = "adaptive"
+
+    def as_log(self, prefix: str = "effopd/") -> dict[str, float]:
+        """Flat numbers for a trainer log (`state.log_history`, wandb …)."""
+        d = {f"{prefix}k": float(self.k_accepted), f"{prefix}coef": self.coef,
+             f"{prefix}delta_norm": self.delta_norm, f"{prefix}validation_s": self.validation_s}
+        for i, s in enumerate(self.scores):
+            d[f"{prefix}score_k{i}"] = s
+        return d
+
+    def as_row(self) -> dict[str, object]:
+        """One CSV row (scores and coefficients as JSON lists)."""
+        row = asdict(self)
+        row["scores"] = json.dumps(self.scores)
+        row["coefs"] = json.dumps(self.coefs)
+        return row
+
+
+@dataclass
+class EffOPD:
+    """Adaptive extrapolation along the recent update direction; call `after_step(step)` after each optimizer step.
+
+    Args:
+        model: any module; its selected parameters are changed in place.
+        score_fn: `score_fn(model) -> float`, higher is better (held-out accuracy, −reverse KL …). Called
+            under `torch.no_grad()`; the module's train/eval mode is restored afterwards.
+        k_max: K, the number of candidates (coefficients `coef_step·k`, k = 1 … K).
+        coef_step: 2 in the paper (candidates W_t + 2kΔ).
+        strict: accept only strictly better scores (the authors' code) instead of ≥ (the paper's text).
+        fixed_k: skip the search and always jump with k = fixed_k (a fixed-coefficient baseline; no scoring).
+        schedule: trigger steps (see `make_trigger`); `max_step` stops triggering after that step.
+        groups / matrices_only / param_filter / naming_overrides: which parameters move (see `select_parameters`).
+        anchor_device: where the float32 anchor and the copy of W_t live ('cpu' keeps accelerator memory flat).
+    """
+
+    model: torch.nn.Module
+    score_fn: ScoreFn | None
+    k_max: int = 5
+    coef_step: float = 2.0
+    strict: bool = False
+    fixed_k: int | None = None
+    schedule: Trigger | Iterable[int] | str | None = None
+    max_step: int | None = None
+    groups: Sequence[str] | None = MATRIX_GROUPS
+    matrices_only: bool = True
+    param_filter: Callable[[str, torch.Tensor], bool] | None = None
+    naming_overrides: object = None
+    anchor_device: str | torch.device | None = None
+    records: list[TriggerRecord] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.k_max < 0:
+            raise ValueError(f"k_max must be >= 0, got {self.k_max}")
+        if self.fixed_k is None and self.score_fn is None:
+            raise ValueError("EffOPD needs a score_fn unless fixed_k is given")
+        self.trigger = make_trigger(self.schedule, max_step=self.max_step)
+        self.params = select_parameters(self.model, self.groups, matrices_only=self.matrices_only,
+                                        param_filter=self.param_filter, naming_overrides=self.naming_overrides)
+        if not self.params:
+            raise ValueError(f"no parameters selected for extrapolation (groups={self.groups})")
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.reset_anchor()
+
+    # -- state ----------------------------------------------------------------------------------
+    def _store(self, p: torch.Tensor) -> torch.device:
+        return torch.device(self.anchor_device) if self.anchor_device is not None else p.device
+
+    def reset_anchor(self) -> None:
+        """Make the model's current weights the anchor (done at construction: the anchor starts as W_0)."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                self.anchor[n] = p.detach().to(self._store(p), dtype=torch.float32, copy=True)
+
+    def should_trigger(self, step: int) -> bool:
+        return bool(self.trigger(step))
+
+    def after_step(self, step: int) -> TriggerRecord | None:
+        """Call after optimizer step `step` (1-based); runs the search when the schedule says so."""
+        return self.search(step) if self.should_trigger(step) else None
+
+    # -- the search -----------------------------------------------------------------------------
+    def _score(self) -> float:
+        was_training = self.model.training
+        try:
+            with torch.no_grad():
+                s = float(self.score_fn(self.model))  # type: ignore[misc]
+        finally:
+            self.model.train(was_training)
+        return s
+
+    @torch.no_grad()
+    def _set(self, wt: dict[str, torch.Tensor], coef: float) -> None:
+        """Parameters ← W_t + coef·(W_t − anchor), in float32, cast to each parameter's dtype."""
+        for n, p in self.params.items():
+            w = wt[n].to(p.device, dtype=torch.float32)
+            a = self.anchor[n].to(p.device, non_blocking=True)
+            p.copy_((w + coef * (w - a)).to(p.dtype))
+
+    @torch.no_grad()
+    def _restore(self, wt: dict[str, torch.Tensor]) -> None:
+        for n, p in self.params.items():
+            p.copy_(wt[n].to(p.device))
+
+    @torch.no_grad()
+    def search(self, step: int) -> TriggerRecord:
+        """Run one trigger now and leave the model at the accepted weights (which become the anchor)."""
+        t0 = time.perf_counter()
+        wt = {n: p.detach().to(self._store(p), copy=True) for n, p in self.params.items()}  # exact bits of W_t
+        sq = 0.0
+        for n, p in self.params.items():
+            sq += float(torch.sum((wt[n].to(torch.float32) - self.anchor[n].to(wt[n].device)) ** 2))
+        delta_norm = math.sqrt(sq)
+        val_s = 0.0
+        scores: list[float] = []
+        coefs: list[float] = [0.0]
+        if self.fixed_k is not None:
+            k_acc = self.fixed_k
+            coefs = [0.0, self.coef_step * k_acc]
+            if k_acc:
+                self._set(wt, self.coef_step * k_acc)
+        else:
+            v0 = time.perf_counter()
+            best = self._score()
+            val_s += time.perf_counter() - v0
+            scores.append(best)
+            k_acc = 0
+            current = 0  # which candidate the parameters hold now
+            for k in range(1, self.k_max + 1):
+                c = self.coef_step * k
+                self._set(wt, c)
+                current = k
+                coefs.append(c)
+                v0 = time.perf_counter()
+                s = self._score()
+                val_s += time.perf_counter() - v0
+                scores.append(s)
+                better = s > best if self.strict else s >= best
+                if not better or math.isnan(s):
+                    break
+                best, k_acc = s, k
+            if current != k_acc:
+                if k_acc == 0:
+                    self._restore(wt)
+                else:
+                    self._set(wt, self.coef_step * k_acc)
+        del wt
+        self.reset_anchor()
+        rec = TriggerRecord(step=step, scores=scores, coefs=coefs, k_accepted=k_acc,
+                            coef=self.coef_step * k_acc, delta_norm=delta_norm, validation_s=val_s,
+                            extrapolate_s=time.perf_counter() - t0 - val_s,
+                            mode="fixed" if self.fixed_k is not None else "adaptive")
+        self.records.append(rec)
+        return rec
+
+    def records_frame(self):
+        """All triggers so far as a DataFrame (one row per trigger)."""
+        import pandas as pd
+
+        cols = ["step", "mode", "k_accepted", "coef", "scores", "coefs", "delta_norm", "validation_s", "extrapolate_s"]
+        return pd.DataFrame([r.as_row() for r in self.records], columns=cols)
