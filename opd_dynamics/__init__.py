@@ -4,9 +4,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from opd_dynamics.analysis import analyze, describe
+from opd_dynamics.checkpoints import ModelDir, open_model
+from opd_dynamics.engine import AnalysisOptions
 from opd_dynamics.errors import InputError
+from opd_dynamics.lora import LoraAdapter
 from opd_dynamics.naming import TensorName, parse_name
+from opd_dynamics.report import Report
+from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.writer import write_model
 
-__all__ = ["InputError", "TensorName", "parse_name", "__version__"]
+__all__ = ["AnalysisOptions", "CheckpointSeries", "InputError", "LoraAdapter", "ModelDir", "Report", "TensorName",
+           "__version__", "analyze", "describe", "open_model", "parse_name", "write_model"]
 
 # --- public names added by feature modules (keep one import per line) ---

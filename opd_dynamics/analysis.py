@@ -1,0 +1,129 @@
+"""Public entry points: `describe` (dry run) and `analyze` (the full pass) over one or more series."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from opd_dynamics import __version__
+from opd_dynamics.engine import TABLES, AnalysisOptions, default_cache_root, execute, make_plans
+from opd_dynamics.errors import InputError
+from opd_dynamics.report import Report, build_tables
+from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.writer import replace_path
+
+SeriesLike = CheckpointSeries | Sequence[CheckpointSeries]
+
+
+def _as_list(series: SeriesLike) -> list[CheckpointSeries]:
+    lst = [series] if isinstance(series, CheckpointSeries) else list(series)
+    names = [s.name for s in lst]
+    if len(set(names)) != len(names):
+        raise InputError(None, f"run names must be distinct, got {names}")
+    return lst
+
+
+def describe(series: SeriesLike, groups: tuple[str, ...] | None = None, overrides=None) -> pd.DataFrame:
+    """Dry run: one row per tensor and run with its placement, shape, dtype, steps and bytes to read."""
+    rows = []
+    for plan in make_plans(_as_list(series), groups=groups, overrides=overrides):
+        for tp in plan.tensors:
+            i = tp.info
+            rows.append({"run": plan.series.name, "tensor": tp.name, "layer": i.layer, "group": i.group,
+                         "module": i.module, "expert": i.expert, "shape": "x".join(map(str, tp.shape)),
+                         "dtype": tp.stored_dtype, "conv1d": tp.conv1d, "resized": tp.resized,
+                         "n_steps": len(tp.steps), "bytes_to_read": tp.bytes_per_step * (len(tp.steps) + 1)})
+        for sk in plan.skipped:
+            rows.append({"run": plan.series.name, "tensor": sk["tensor"], "skipped": sk["reason"]})
+    df = pd.DataFrame(rows)
+    if "layer" in df:
+        df["layer"] = pd.array(df["layer"], dtype="Int64")
+    return df
+
+
+def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: bool = False,
+            options: AnalysisOptions | None = None, names: list[str] | None = None,
+            groups: tuple[str, ...] | None = None, overrides=None, executor: str = "serial", workers: int = 1,
+            ray_address: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
+            command: str | None = None, **option_kwargs) -> Report:
+    """Analyse one or more checkpoint series (e.g. OPD and RL from one base) into a Report.
+
+    With `out`, the CSVs and run.json are written there: work goes to `.OUT.partial/` (which also holds
+    per-tensor results, so rerunning the same command after an interruption resumes), renamed to OUT at
+    the end. `option_kwargs` are AnalysisOptions fields (svd='fast', geometry=True, device='cuda', …).
+    """
+    opts = options or AnalysisOptions(**option_kwargs)
+    lst = _as_list(series)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.exists() and not overwrite:
+        raise InputError(out_path, "already exists; pass --overwrite to replace it")
+    for s in lst:
+        for p in [s.base, *(p for _, p in s.steps)]:
+            if out_path is not None and (out_path.resolve() == Path(p).resolve()):
+                raise InputError(out_path, "is an input directory; choose another output")
+    t0 = time.perf_counter()
+    device_used = opts.resolved_device()
+    plans = make_plans(lst, names=names, groups=groups, overrides=overrides)
+    t_plan = time.perf_counter() - t0
+    partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
+    resume_dir = partial / "cache" if partial is not None else None
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
+                      resume_dir=resume_dir, cache_root=cache_root, progress=progress)
+    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+    failed = []
+    for r in results:
+        if r.error is not None:
+            failed.append({"run": r.run, "tensor": r.tensor, "reason": r.error})
+            continue
+        for t, rs in r.tables.items():
+            rows[t].extend(rs)
+    if not rows["module_allocation"]:
+        first = failed[0]["reason"] if failed else "nothing was analysed"
+        raise InputError(lst[0].base, f"no tensor could be analysed ({first})")
+    tables = build_tables(rows)
+    meta = {
+        "version": __version__,
+        "command": command or " ".join(sys.argv),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "inputs": [_series_meta(p) for p in plans],
+        "options": asdict(opts),
+        "dtype": {"asked": opts.dtype, "used": opts.dtype},
+        "device": {"asked": opts.device, "used": device_used,
+                   "name": torch.cuda.get_device_name() if device_used.startswith("cuda") else platform.processor()},
+        "executor": {"kind": executor, "workers": workers, "ray_address": ray_address},
+        "timings_s": {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
+                      "tensor_compute_sum": round(sum(r.seconds for r in results), 3)},
+        "skipped": [sk for p in plans for sk in p.skipped],
+        "failed": failed,
+        "tables": {k: len(v) for k, v in tables.items()},
+    }
+    report = Report(tables, meta)
+    if out_path is not None:
+        partial.mkdir(parents=True, exist_ok=True)
+        report.write_into(partial)
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        if out_path.exists() and not overwrite:
+            raise InputError(out_path, "appeared while the analysis ran; results left in " + str(partial))
+        replace_path(partial, out_path)
+    return report
+
+
+def _series_meta(plan) -> dict:
+    from opd_dynamics.engine import _reader_for
+
+    s = plan.series
+    r = _reader_for(s)
+    return {"run": s.name, "base": str(s.base), "base_header_sha256": r.base.header_sha256,
+            "base_bytes": r.base.nbytes(),
+            "steps": [{"step": st, "path": str(p), "header_sha256": r.steps[st].header_sha256,
+                       "bytes": r.steps[st].nbytes()} for st, p in s.steps],
+            "tensors": len(plan.tensors), "bytes_to_read": plan.bytes_to_read}

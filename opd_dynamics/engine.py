@@ -1,0 +1,349 @@
+"""The analysis engine: one pass per tensor over a whole series, on any device, serial, in worker
+processes, or as Ray tasks, with a per-tensor result cache so an interrupted run resumes.
+
+Per tensor: W_0 is read once; the reference step's update (default the last step) is read and
+decomposed once; then every step's W_t is read once and all metrics of that step are computed from the
+one decomposition of its ΔW_t. The base's own decomposition (geometry) is computed once per base tensor
+and cached on disk, shared by every run and series from that base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from opd_dynamics.deltas import Plan, SeriesReader, StepUpdate, TensorPlan, iter_updates, plan_series, read_base, read_step
+from opd_dynamics.errors import InputError
+from opd_dynamics.metrics.embeddings import embedding_metrics
+from opd_dynamics.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics
+from opd_dynamics.metrics.norms import norm_metrics
+from opd_dynamics.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
+from opd_dynamics.metrics.subspace import alignment_metrics
+from opd_dynamics.series import CheckpointSeries
+
+SVD_MODES = ("exact", "fast", "none")
+EXECUTORS = ("serial", "process", "ray")
+TABLES = ("module_allocation", "spectrum", "singular_values", "alignment", "geometry", "embedding")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Everything that changes what a pass computes (part of the resume-cache key)."""
+
+    svd: str = "exact"  # exact | fast (randomized top-k, labelled) | none (norms only)
+    ks: tuple[int, ...] = (1, 4, 16, 64)
+    k_subspace: int = 16
+    k_paired: int = 20
+    ref_step: int | None = None  # alignment reference; None = last step
+    alignment: bool = True
+    geometry: bool = False
+    dtype: str = "float32"  # float32 | float64: precision of W_t − W_0
+    device: str = "cpu"  # cpu | cuda | auto
+    n_singular_values: int = 64
+    spectra_groups: tuple[str, ...] = ("attention", "mlp")
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.svd not in SVD_MODES:
+            raise InputError(None, f"--svd must be one of {SVD_MODES}, not {self.svd!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise InputError(None, f"--dtype must be float32 or float64 (never a 16-bit type), not {self.dtype!r}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise InputError(None, f"--device must be cpu, cuda or auto, not {self.device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(None, "--device cuda was asked for but torch sees no CUDA device")
+        return self.device
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("OPD_DYNAMICS_CACHE", Path.home() / ".cache" / "opd-dynamics"))
+
+
+def _sha(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------
+# per tensor
+# ---------------------------------------------------------------------------------------------
+def _ident(series: CheckpointSeries, tp: TensorPlan) -> dict:  # identifying columns of every row
+    i = tp.info
+    return {"run": series.name, "tensor": tp.name, "layer": i.layer, "group": i.group, "module": i.module,
+            "expert": i.expert}
+
+
+def _base_decomposition(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, cache_root: Path | None,
+                        unit: int | None = None) -> BaseDecomposition:
+    """The base's decomposition for geometry, from the disk cache when an earlier run made it."""
+    if cache_root is None:
+        return decompose_base(w0)
+    from safetensors.torch import load_file, save_file
+
+    path = cache_root / "base" / reader.base.header_sha256[:24] / f"{_sha(tp.name, tp.shape, unit)}.safetensors"
+    if path.exists():
+        try:
+            return BaseDecomposition.from_tensors({k: v.to(w0.device) for k, v in load_file(str(path)).items()})
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    dec = decompose_base(w0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in dec.to_tensors().items()}, str(tmp))
+    os.replace(tmp, path)
+    return dec
+
+
+def _steps_with_ref(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, ref: StepUpdate | None,
+                    prefetch: bool) -> Iterator[StepUpdate]:
+    """Every step's update in order, reusing the already-read reference step instead of reading it twice."""
+    others = [s for s in tp.steps if ref is None or s != ref.step]
+    it = iter_updates(reader, tp, w0, others, prefetch=prefetch)
+    for s in tp.steps:
+        yield ref if (ref is not None and s == ref.step) else next(it)
+
+
+def _units(tp: TensorPlan) -> list[int | None]:
+    """The matrices inside one stored tensor: itself, or one per expert for stacked (E, out, in) experts."""
+    if len(tp.shape) == 3 and tp.info.group == "mlp" and "experts" in tp.name:
+        return list(range(tp.shape[0]))
+    return [None]
+
+
+def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
+                   cache_root: Path | None = None, prefetch: bool = True) -> dict[str, list[dict]]:
+    """All rows of every table for one stored tensor over the whole series."""
+    series = reader.series
+    device = opts.resolved_device()
+    out: dict[str, list[dict]] = {t: [] for t in TABLES}
+    w0 = read_base(reader, tp, opts.torch_dtype, device)
+    group = tp.info.group
+    units = _units(tp)
+    mshape = tp.shape[1:] if units != [None] else tp.shape
+    matrix = (len(mshape) == 2 and min(mshape) > 1 and group in opts.spectra_groups and opts.svd != "none")
+    k_vec = max(opts.k_subspace, opts.k_paired)
+    part = (lambda t, u: t if u is None else t[u])  # noqa: E731
+    ref_update, dec_ref = None, {}
+    if matrix and opts.alignment:
+        ref_step = opts.ref_step if opts.ref_step in tp.steps else tp.steps[-1]
+        ref_update = read_step(reader, tp, ref_step, w0)
+        dec_ref = {u: decompose(part(ref_update.delta, u), k_vectors=k_vec, mode=opts.svd) for u in units}
+    base_dec = ({u: _base_decomposition(reader, tp, part(w0, u), cache_root, u) for u in units}
+                if (matrix and opts.geometry) else {})
+    shape_s = "x".join(map(str, mshape))
+    numel = tp.numel // len(units)
+    for upd in _steps_with_ref(reader, tp, w0, ref_update, prefetch):
+        for u in units:
+            ident = {**_ident(series, tp), "step": upd.step}
+            if u is not None:
+                ident["expert"] = u
+            w0u, wtu, du = part(w0, u), part(upd.weight, u), part(upd.delta, u)
+            out["module_allocation"].append({**ident, "shape": shape_s, "numel": numel,
+                                             **norm_metrics(w0u, wtu, du), "resized": tp.resized})
+            if group == "embedding" and len(mshape) == 2:
+                out["embedding"].append({**ident, **embedding_metrics(w0u, wtu, opts.token_ids),
+                                         "resized": tp.resized})
+            if not matrix:
+                continue
+            is_ref = ref_update is not None and upd.step == ref_update.step
+            dec = dec_ref[u] if is_ref else decompose(du, k_vectors=k_vec, mode=opts.svd)
+            out["spectrum"].append({**ident, **spectrum_metrics(dec, opts.ks)})
+            fro = dec.fro2 ** 0.5 if dec.fro2 > 0 else float("nan")
+            for i, s in enumerate(top_singular_values(dec, opts.n_singular_values).tolist(), start=1):
+                out["singular_values"].append({**ident, "index": i, "sigma": s, "sigma_normalized": s / fro})
+            if ref_update is not None:
+                out["alignment"].append({**ident, "ref_step": ref_update.step,
+                                         **alignment_metrics(dec, dec_ref[u], du, part(ref_update.delta, u),
+                                                             k=opts.k_subspace, K=opts.k_paired)})
+            if base_dec:
+                out["geometry"].append({**ident, **geometry_metrics(base_dec[u], wtu, du)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# scheduling
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One tensor of one series: picklable, so it can run in a worker process or a Ray task."""
+
+    series: CheckpointSeries
+    plan: TensorPlan
+    opts: AnalysisOptions
+    cache_root: str | None
+    prefetch: bool = True
+
+
+@dataclass
+class JobResult:
+    run: str
+    tensor: str
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+_READERS: dict[tuple, SeriesReader] = {}
+
+
+def _reader_for(series: CheckpointSeries) -> SeriesReader:
+    key = (series.name, str(series.base), tuple((s, str(p)) for s, p in series.steps), series.load_mode)
+    r = _READERS.get(key)
+    if r is None:
+        r = _READERS[key] = SeriesReader(series)
+    return r
+
+
+def run_job(job: Job) -> JobResult:
+    """Analyse one tensor; any failure is returned as a reason, never raised (one bad tensor ≠ a lost run)."""
+    t0 = time.perf_counter()
+    try:
+        tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
+                                Path(job.cache_root) if job.cache_root else None, job.prefetch)
+        return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0)
+    except InputError as e:
+        return JobResult(job.series.name, job.plan.name, {}, str(e), time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 — recorded with its traceback tail in run.json
+        tail = traceback.format_exc(limit=2).strip().splitlines()[-1]
+        return JobResult(job.series.name, job.plan.name, {}, f"{type(e).__name__}: {e} ({tail})",
+                         time.perf_counter() - t0)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class ResultCache:
+    """Per-tensor results on disk, keyed by the inputs' header hashes and the options."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def key(self, job: Job, reader_hashes: str) -> str:
+        return _sha(job.series.name, job.plan.name, reader_hashes, json.dumps(asdict(job.opts), sort_keys=True))
+
+    def get(self, key: str) -> dict | None:
+        if self.root is None:
+            return None
+        p = self.root / f"{key}.json"
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def put(self, key: str, tables: dict) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{key}.tmp"
+        tmp.write_text(json.dumps(tables))
+        os.replace(tmp, self.root / f"{key}.json")
+
+
+def _hashes(reader: SeriesReader) -> str:
+    """Identity of a series' inputs for the resume cache: headers plus each file's path, size and mtime."""
+    files = [*reader.base.files, *(f for m in reader.steps.values() for f in m.files)]
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return _sha(reader.base.header_sha256, *(m.header_sha256 for m in reader.steps.values()), *stats)
+
+
+def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "serial", workers: int = 1,
+            ray_address: str | None = None, resume_dir: Path | None = None, cache_root: Path | None = None,
+            progress: bool = True, on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+    """Run every tensor of every plan; results come back in plan order."""
+    if executor not in EXECUTORS:
+        raise InputError(None, f"--executor must be one of {EXECUTORS}, not {executor!r}")
+    from tqdm.auto import tqdm
+
+    cache = ResultCache(resume_dir)
+    jobs: list[tuple[Job, str]] = []
+    done: dict[int, JobResult] = {}
+    for plan in plans:
+        hashes = _hashes(_reader_for(plan.series))
+        for tp in plan.tensors:
+            job = Job(plan.series, tp, opts, str(cache_root) if cache_root else None)
+            key = cache.key(job, hashes)
+            hit = cache.get(key)
+            if hit is not None:
+                done[len(jobs)] = JobResult(plan.series.name, tp.name, hit, None, 0.0)
+            jobs.append((job, key))
+    todo = [i for i in range(len(jobs)) if i not in done]
+    bar = tqdm(total=len(jobs), initial=len(done), unit="tensor", desc="analyse", disable=not progress,
+               dynamic_ncols=True)
+
+    def finish(i: int, res: JobResult) -> None:
+        done[i] = res
+        if res.error is None:
+            cache.put(jobs[i][1], res.tables)
+        if on_result:
+            on_result(res)
+        bar.update(1)
+
+    try:
+        if executor == "serial" or not todo:
+            for i in todo:
+                finish(i, run_job(jobs[i][0]))
+        elif executor == "process":
+            import multiprocessing as mp
+
+            threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(threads,)) as pool:
+                futs = {pool.submit(run_job, jobs[i][0]): i for i in todo}
+                for f in as_completed(futs):
+                    finish(futs[f], f.result())
+        else:
+            _run_ray(jobs, todo, finish, workers, ray_address)
+    finally:
+        bar.close()
+    return [done[i] for i in range(len(jobs))]
+
+
+def _run_ray(jobs: list[tuple[Job, str]], todo: list[int], finish: Callable[[int, JobResult], None],
+             workers: int, address: str | None) -> None:
+    """Each tensor as a Ray task; at most `workers` in flight so memory stays bounded on every node."""
+    try:
+        import ray
+    except ImportError as e:
+        raise InputError(None, "--executor ray needs Ray: pip install 'opd-dynamics[ray]'") from e
+    started_here = not ray.is_initialized()
+    if started_here:
+        kw = {"address": address} if address else {"num_cpus": max(workers, 1), "include_dashboard": False}
+        ray.init(ignore_reinit_error=True, log_to_driver=False, **kw)
+    remote = ray.remote(num_cpus=1)(run_job)
+    pending: dict = {}
+    queue = list(todo)
+    try:
+        while queue or pending:
+            while queue and len(pending) < max(workers, 1):
+                i = queue.pop(0)
+                pending[remote.remote(jobs[i][0])] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                finish(pending.pop(ref), ray.get(ref))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def make_plans(series: Sequence[CheckpointSeries], names: list[str] | None = None,
+               groups: tuple[str, ...] | None = None, overrides=None) -> list[Plan]:
+    return [plan_series(s, names=names, groups=groups, overrides=overrides, reader=_reader_for(s)) for s in series]

@@ -1,0 +1,184 @@
+"""The full pass over real safetensors series: norms against a float64 reference in every layout,
+Conv1D, resized vocabularies, LoRA adapters (made by PEFT), NaN weights, missing and mismatched tensors."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from builders import llama_like, perturb, write_dir
+from opd_dynamics.analysis import analyze, describe
+from opd_dynamics.errors import InputError
+from opd_dynamics.report import Report
+from opd_dynamics.series import CheckpointSeries
+
+
+def _ref_norms(w0: torch.Tensor, wt: torch.Tensor) -> dict:
+    a, b = w0.double().numpy(), wt.double().numpy()
+    d = b - a
+    f = np.linalg.norm(d)
+    thr = 1e-3 * np.maximum(np.abs(a), np.abs(b))
+    return {"update_norm": f, "base_norm": np.linalg.norm(a), "relative_update": f / np.linalg.norm(a),
+            "rms_update": f / math.sqrt(d.size), "changed_fraction": float((np.abs(d) > thr).mean())}
+
+
+def _series(tmp_path, layout="sharded", dtype=torch.bfloat16, steps=(1, 2, 4), **kw):
+    sd = llama_like(dtype=dtype, **kw)
+    write_dir(tmp_path / "base", sd, layout, n_shards=3)
+    states = {}
+    for s in steps:
+        states[s] = perturb(sd, 0.002 * s, seed=s)
+        write_dir(tmp_path / "run" / f"checkpoint-{s}", states[s], layout, n_shards=2)
+    return sd, states, CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base", name="opd")
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "noindex"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_norms_match_float64_reference(tmp_path, layout, dtype):
+    sd, states, series = _series(tmp_path, layout, dtype)
+    rep = analyze(series, svd="none", progress=False)
+    a = rep.module_allocation
+    assert len(a) == len(sd) * 3 and set(a["step"]) == {1, 2, 4}
+    for _, row in a.iterrows():
+        ref = _ref_norms(sd[row["tensor"]], states[row["step"]][row["tensor"]])
+        for col, v in ref.items():
+            assert row[col] == pytest.approx(v, rel=1e-5, abs=1e-12), (row["tensor"], col)
+        assert row["finite"]
+    shares = a.groupby("step")["energy_share"].sum()
+    assert np.allclose(shares.values, 1.0, atol=1e-12)
+    assert set(a["group"]) == {"attention", "mlp", "embedding", "lm_head", "norm"}
+    assert a.loc[a["tensor"] == "model.layers.1.mlp.down_proj.weight", "layer"].iloc[0] == 1
+
+
+def test_bf16_updates_are_not_lost_to_bf16_subtraction(tmp_path):
+    """A float64 reference of bf16-stored weights: the float32 route is exact where bf16 arithmetic is not."""
+    sd, states, series = _series(tmp_path, "single", torch.bfloat16, steps=(1,), n_layers=1)
+    row = analyze(series, svd="none", progress=False).module_allocation.set_index("tensor").loc[
+        "model.layers.0.mlp.up_proj.weight"]
+    w0, w1 = sd["model.layers.0.mlp.up_proj.weight"], states[1]["model.layers.0.mlp.up_proj.weight"]
+    exact = (w1.double() - w0.double()).norm().item()
+    assert row["update_norm"] == pytest.approx(exact, rel=1e-6)
+
+
+def test_gpt2_conv1d_is_transposed(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"transformer.h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g),
+            "transformer.h.0.mlp.c_fc.weight": torch.randn(8, 32, generator=g),
+            "transformer.wte.weight": torch.randn(20, 8, generator=g)}
+    u, v = torch.randn(24, 1, generator=g), torch.randn(8, 1, generator=g)
+    step = dict(base)
+    step["transformer.h.0.attn.c_attn.weight"] = base["transformer.h.0.attn.c_attn.weight"] + (u @ v.T).T
+    step["transformer.h.0.mlp.c_fc.weight"] = base["transformer.h.0.mlp.c_fc.weight"] + 0.1
+    cfg = {"model_type": "gpt2"}
+    write_dir(tmp_path / "base", base, config=cfg)
+    write_dir(tmp_path / "run" / "checkpoint-1", step, config=cfg)
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    a = rep.module_allocation.set_index("tensor")
+    assert a.loc["transformer.h.0.attn.c_attn.weight", "shape"] == "24x8"  # (out, in)
+    s = rep.spectrum.set_index("tensor").loc["transformer.h.0.attn.c_attn.weight"]
+    assert s["energy_top1"] == pytest.approx(1.0, abs=1e-9) and s["rank90"] == 1
+
+
+def test_resized_vocabulary_uses_common_rows_and_flags_them(tmp_path):
+    sd = llama_like(n_layers=1, vocab=50)
+    write_dir(tmp_path / "base", sd)
+    st = perturb(sd, 0.01, 1)
+    st["model.embed_tokens.weight"] = torch.cat([st["model.embed_tokens.weight"], torch.randn(6, 32)])
+    st["lm_head.weight"] = torch.cat([st["lm_head.weight"], torch.randn(6, 32)])
+    write_dir(tmp_path / "run" / "checkpoint-3", st)
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    a = rep.module_allocation.set_index("tensor")
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert bool(a.loc[n, "resized"]) and a.loc[n, "shape"] == "50x32"
+        ref = _ref_norms(sd[n], st[n][:50])
+        assert a.loc[n, "update_norm"] == pytest.approx(ref["update_norm"], rel=1e-5)
+    e = rep.embedding.iloc[0]
+    assert e["n_rows"] == 50 and bool(e["resized"])
+
+
+def test_nan_weights_flagged_not_crashing(tmp_path):
+    sd = llama_like(n_layers=1)
+    write_dir(tmp_path / "base", sd)
+    st = perturb(sd, 0.01, 1)
+    st["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    st["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("inf")
+    write_dir(tmp_path / "run" / "checkpoint-1", st)
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    a = rep.module_allocation.set_index("tensor")
+    assert not a.loc["model.layers.0.mlp.up_proj.weight", "finite"]
+    assert not a.loc["model.layers.0.self_attn.q_proj.weight", "finite"]
+    assert a.loc["model.layers.0.mlp.down_proj.weight", "finite"]
+    assert rep.meta["failed"] == []
+
+
+def test_missing_mismatched_and_non_float_tensors_are_listed(tmp_path):
+    sd = llama_like(n_layers=1)
+    sd["model.position_ids"] = torch.arange(10)
+    write_dir(tmp_path / "base", sd)
+    st = perturb({k: v for k, v in sd.items() if v.is_floating_point()}, 0.01, 1)
+    st["model.position_ids"] = torch.arange(10)
+    del st["model.layers.0.mlp.up_proj.weight"]
+    st["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 70)
+    write_dir(tmp_path / "run" / "checkpoint-1", st)
+    out = tmp_path / "out"
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), out=out, progress=False)
+    reasons = {s["tensor"]: s["reason"] for s in json.loads((out / "run.json").read_text())["skipped"]}
+    assert "missing at step 1" in reasons["model.layers.0.mlp.up_proj.weight"]
+    assert "shape mismatch" in reasons["model.layers.0.mlp.down_proj.weight"]
+    assert "non-float" in reasons["model.position_ids"]
+    assert "model.layers.0.mlp.up_proj.weight" not in set(rep.module_allocation["tensor"])
+
+
+def test_nothing_in_common_is_an_error(tmp_path):
+    write_dir(tmp_path / "base", {"a.weight": torch.ones(2, 2)})
+    write_dir(tmp_path / "run" / "checkpoint-1", {"b.weight": torch.ones(2, 2)})
+    with pytest.raises(InputError, match="shares no analysable tensor"):
+        analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+
+
+def test_output_is_refused_if_it_exists_and_resumes_from_partial(tmp_path):
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1, 2), n_layers=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="already exists"):
+        analyze(series, out=out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    rep = analyze(series, out=out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "module_allocation.csv").exists()
+    loaded = Report.load(out)
+    pd.testing.assert_frame_equal(loaded.spectrum.reset_index(drop=True), rep.spectrum.reset_index(drop=True),
+                                  check_dtype=False, rtol=1e-12)
+    assert sorted(loaded.tables) == sorted(rep.tables)
+    # an interrupted run leaves .out2.partial/cache; the rerun takes every tensor from it
+    out2 = tmp_path / "out2"
+    cache = tmp_path / ".out2.partial" / "cache"
+    calls = []
+    from opd_dynamics import engine
+    real = engine.run_job
+    engine.run_job = lambda job: calls.append(job.plan.name) or real(job)
+    try:
+        analyze(series, out=out2, progress=False)
+        n_first = len(calls)
+        (tmp_path / ".out2.partial").mkdir()
+        # seed the cache as an interrupted run would have: run again into a fresh out with the cache kept
+        import shutil
+        shutil.rmtree(out2)
+        from opd_dynamics.engine import AnalysisOptions, ResultCache, execute, make_plans
+        execute(make_plans([series]), AnalysisOptions(), resume_dir=cache, progress=False)
+        calls.clear()
+        analyze(series, out=out2, progress=False)
+        assert n_first > 0 and calls == []
+    finally:
+        engine.run_job = real
+
+
+def test_describe_is_a_dry_run(tmp_path):
+    sd, _, series = _series(tmp_path, "sharded", torch.bfloat16, steps=(1, 2), n_layers=1)
+    df = describe(series)
+    assert set(df["tensor"]) == set(sd)
+    row = df.set_index("tensor").loc["model.layers.0.mlp.up_proj.weight"]
+    assert row["bytes_to_read"] == 64 * 32 * 2 * 3 and row["n_steps"] == 2 and row["dtype"] == "BF16"

@@ -1,0 +1,132 @@
+"""The engine end to end on planted updates stored as real checkpoints: every metric against the float64
+numpy reference (tests/reference.py), stacked MoE experts, fast mode labelled, geometry cache, executors."""
+
+import numpy as np
+import pytest
+import torch
+
+from builders import write_dir
+from opd_dynamics.analysis import analyze
+from opd_dynamics.engine import AnalysisOptions
+from opd_dynamics.series import CheckpointSeries
+from reference import planted, random_orthogonal, ref_alignment, ref_geometry, ref_spectrum
+
+M, N = 48, 96
+
+
+def _planted_series(tmp_path, steps=(1, 2, 4, 8), seed=0):
+    """q_proj: ΔW_t = t·U diag(s) Vᵀ + (8−t)·0.002·noise: early steps rotate toward the final subspace.
+    Stacked experts: expert e gets a rank-(e+1) update. Returns base and per-step float64 weights."""
+    rng = np.random.default_rng(seed)
+    w0 = {"model.layers.0.self_attn.q_proj.weight": rng.normal(size=(M, N)) * 0.1,
+          "model.layers.0.mlp.experts.gate_up_proj": rng.normal(size=(3, 40, 24)) * 0.1,
+          "model.embed_tokens.weight": rng.normal(size=(30, 24))}
+    U, V = random_orthogonal(M, 24, rng), random_orthogonal(N, 24, rng)
+    core = planted(M, N, np.geomspace(5, 0.05, 24), rng, U, V)  # clear gaps: subspaces well defined
+    experts = [planted(40, 24, np.linspace(2, 1, e + 1), rng) for e in range(3)]
+    states = {}
+    for t in steps:
+        noise = rng.normal(size=(M, N))
+        st = {k: v.copy() for k, v in w0.items()}
+        st["model.layers.0.self_attn.q_proj.weight"] += t * core + (8 - t) * 0.002 * noise
+        st["model.layers.0.mlp.experts.gate_up_proj"] += t * np.stack(experts)
+        st["model.embed_tokens.weight"] += 0.01 * t * rng.normal(size=(30, 24))
+        states[t] = st
+    t32 = lambda d: {k: torch.tensor(v, dtype=torch.float32) for k, v in d.items()}  # noqa: E731
+    write_dir(tmp_path / "base", t32(w0))
+    for t, st in states.items():
+        write_dir(tmp_path / "run" / f"checkpoint-{t}", t32(st))
+    as32 = lambda d: {k: v.astype(np.float32).astype(np.float64) for k, v in d.items()}  # noqa: E731
+    series = CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base", name="opd")
+    return as32(w0), {t: as32(s) for t, s in states.items()}, series
+
+
+def test_exact_metrics_match_reference(tmp_path):
+    w0, states, series = _planted_series(tmp_path)
+    rep = analyze(series, geometry=True, progress=False, cache_dir=tmp_path / "cache")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    d_final = states[8][q] - w0[q]
+    for t, st in states.items():
+        d = st[q] - w0[q]
+        spec = rep.spectrum.query("tensor == @q and step == @t").iloc[0]
+        for col, v in ref_spectrum(d).items():
+            tol = 1e-3 if col == "effective_rank" else 1e-4
+            assert spec[col] == pytest.approx(v, rel=tol, abs=1e-9), (t, col)
+        assert spec["svd_method"].startswith("exact")
+        al = rep.alignment.query("tensor == @q and step == @t").iloc[0]
+        for col, v in ref_alignment(d, d_final).items():
+            assert al[col] == pytest.approx(v, abs=1e-3), (t, col)
+        assert al["ref_step"] == 8
+        geo = rep.geometry.query("tensor == @q and step == @t").iloc[0]
+        for col, v in ref_geometry(w0[q], st[q]).items():
+            assert geo[col] == pytest.approx(v, abs=1e-4, rel=1e-4), (t, col)
+    al = rep.alignment.query("tensor == @q").set_index("step")
+    assert al.loc[8, "subspace_overlap_u"] == pytest.approx(1.0, abs=1e-9)
+    assert al.loc[1, "direction_cosine"] < al.loc[4, "direction_cosine"] < al.loc[8, "direction_cosine"]
+    sv = rep.singular_values.query("tensor == @q and step == 8")
+    assert list(sv["index"]) == list(range(1, 49))
+    assert sv["sigma"].to_numpy() == pytest.approx(np.linalg.svd(d_final, compute_uv=False), rel=1e-5, abs=1e-5)
+
+
+def test_stacked_experts_are_split_per_expert(tmp_path):
+    w0, states, series = _planted_series(tmp_path, steps=(1, 2))
+    rep = analyze(series, progress=False, cache_dir=tmp_path / "cache")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    s = rep.spectrum.query("tensor == @name and step == 2").set_index("expert")
+    assert list(s.index) == [0, 1, 2]
+    assert list(s["rank90"]) == [1, 2, 3]
+    assert s.loc[0, "energy_top1"] == pytest.approx(1.0, abs=1e-9)
+    a = rep.module_allocation.query("tensor == @name and step == 2").set_index("expert")
+    for e in range(3):
+        d = states[2][name][e] - w0[name][e]
+        assert a.loc[e, "update_norm"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
+        assert a.loc[e, "shape"] == "40x24"
+
+
+def test_fast_mode_is_labelled_and_close(tmp_path):
+    w0, states, series = _planted_series(tmp_path, steps=(4, 8))
+    rep = analyze(series, svd="fast", progress=False)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    spec = rep.spectrum.query("tensor == @q and step == 8").iloc[0]
+    ref = ref_spectrum(states[8][q] - w0[q])
+    assert spec["svd_method"].startswith("randomized")
+    for k in (1, 4, 16):
+        assert spec[f"energy_top{k}"] == pytest.approx(ref[f"energy_top{k}"], abs=1e-2)
+    assert np.isnan(spec["effective_rank"])
+
+
+def test_base_decomposition_is_cached_on_disk(tmp_path):
+    _, _, series = _planted_series(tmp_path, steps=(1, 2))
+    cache = tmp_path / "cache"
+    first = analyze(series, geometry=True, progress=False, cache_dir=cache)
+    files = sorted((cache / "base").rglob("*.safetensors"))
+    assert len(files) == 1 + 3  # q_proj and three experts
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = analyze(series, geometry=True, progress=False, cache_dir=cache)
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    cols = ["principal_energy_1pct", "principal_rotation_deg", "spectral_drift"]
+    assert np.allclose(first.geometry[cols].to_numpy(float), second.geometry[cols].to_numpy(float))
+
+
+def test_two_runs_in_one_report_and_float64_option(tmp_path):
+    w0, states, series = _planted_series(tmp_path, steps=(1, 2))
+    other = CheckpointSeries.from_list(list(reversed(series.steps)), base=series.base, name="rl")
+    rep = analyze([series, other], dtype="float64", progress=False)
+    assert set(rep.module_allocation["run"]) == {"opd", "rl"}
+    t1 = rep.summary.query("aggregate == 'table1'")
+    assert set(t1["metric"]) == {"spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio"}
+    assert set(t1["run"]) == {"opd", "rl"}
+    lay = rep.summary.query("aggregate == 'layer' and metric == 'energy_share'")
+    assert set(lay["group"]) == {"attention", "mlp"}
+
+
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_parallel_executors_give_identical_tables(tmp_path, executor):
+    _, _, series = _planted_series(tmp_path, steps=(1, 2))
+    opts = AnalysisOptions()
+    serial = analyze(series, options=opts, progress=False)
+    par = analyze(series, options=opts, executor=executor, workers=2, progress=False)
+    for name, df in serial.tables.items():
+        a = df.sort_values(list(df.columns[:8])).reset_index(drop=True)
+        b = par.tables[name].sort_values(list(df.columns[:8])).reset_index(drop=True)
+        assert a.equals(b), name
