@@ -1,0 +1,194 @@
+"""EffOPD inside a transformers `Trainer` (TRL's `DistillationTrainer` included), and ready validation scorers.
+
+The callback runs the search at `on_step_end`, i.e. after the optimizer step, the LR-scheduler step and
+`global_step += 1`, and before the trainer logs, evaluates or saves — so a checkpoint written at a trigger
+step holds the extrapolated weights. Optimizer state and LR schedule are left as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from transformers import GenerationConfig, TrainerCallback
+
+from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord
+from opd_dynamics.naming import MATRIX_GROUPS
+
+Rows = Sequence[Mapping[str, Any]]
+
+
+def sample_validation(rows: Iterable[Mapping[str, Any]], n: int = 50, seed: int = 0) -> list[dict[str, Any]]:
+    """The default validation set: `n` rows sampled (without replacement, seeded) from the training prompts."""
+    rows = [dict(r) for r in rows]
+    if n >= len(rows):
+        return rows
+    return random.Random(seed).sample(rows, n)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(rows: Rows, size: int):
+    for i in range(0, len(rows), size):
+        yield rows[i:i + size]
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool, temperature: float):
+    """(prompt_ids with left padding, prompt mask, completion ids) for a batch of text prompts."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    dev = _device(model)
+    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.bos_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+    return ids, mask, out[:, ids.shape[1]:]
+
+
+def reward_scorer(tokenizer, rows: Rows, reward_fn: Callable[..., list[float]], *, max_new_tokens: int,
+                  batch_size: int = 64, prompt_key: str = "prompt") -> ScoreFn:
+    """Mean reward of greedy completions on held-out prompts (accuracy when the reward is exact match).
+
+    `reward_fn(completions=…, prompts=…, **columns)` follows TRL's reward-function convention: every other
+    column of `rows` is passed as a list aligned with the completions.
+    """
+    rows = [dict(r) for r in rows]
+    if not rows:
+        raise ValueError("reward_scorer needs at least one validation row")
+
+    @torch.no_grad()
+    def score(model: torch.nn.Module) -> float:
+        model.eval()
+        total = 0.0
+        for batch in _batches(rows, batch_size):
+            prompts = [r[prompt_key] for r in batch]
+            _, _, comp = _generate(model, tokenizer, prompts, max_new_tokens, False, 1.0)
+            texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+            cols = {k: [r[k] for r in batch] for k in batch[0] if k != prompt_key}
+            total += float(sum(reward_fn(completions=texts, prompts=prompts, **cols)))
+        return total / len(rows)
+
+    return score
+
+
+def completion_mask(comp: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """1 for completion tokens up to and including the first end-of-sequence token, 0 after it."""
+    eos = torch.isin(comp, torch.as_tensor(eos_token_id, device=comp.device).reshape(-1))
+    before = torch.cumsum(eos.int(), dim=1) - eos.int()
+    return (before == 0).to(torch.long)
+
+
+def reverse_kl_scorer(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str] | Rows, *, max_new_tokens: int,
+                      batch_size: int = 64, do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                      prompt_key: str = "prompt") -> ScoreFn:
+    """−(mean per-token reverse KL(student ‖ teacher)) on the student's own completions; needs no labels.
+
+    Completions are greedy by default; with `do_sample=True` they are sampled from a fixed seed (the global
+    RNG is forked, so training randomness is untouched) so that every candidate sees the same noise.
+    """
+    prompts = [p[prompt_key] if isinstance(p, Mapping) else p for p in prompts]
+    if not prompts:
+        raise ValueError("reverse_kl_scorer needs at least one validation prompt")
+    teacher.eval()
+
+    @torch.no_grad()
+    def score(model: torch.nn.Module) -> float:
+        model.eval()
+        kl_sum, n_tok = 0.0, 0
+        dev = _device(model)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for batch in _batches(prompts, batch_size):
+                ids, mask, comp = _generate(model, tokenizer, list(batch), max_new_tokens, do_sample, temperature)
+                cmask = completion_mask(comp, tokenizer.eos_token_id)
+                seq = torch.cat([ids, comp], dim=1)
+                att = torch.cat([mask, cmask], dim=1)
+                p = ids.shape[1]
+                s_logits = model(input_ids=seq, attention_mask=att).logits[:, p - 1:-1].float() / temperature
+                tdev = _device(teacher)
+                t_logits = teacher(input_ids=seq.to(tdev), attention_mask=att.to(tdev)).logits[:, p - 1:-1]
+                t_logits = t_logits.to(dev).float() / temperature
+                ls, lt = torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1)
+                kl = (ls.exp() * (ls - lt)).sum(-1)
+                kl_sum += float((kl * cmask).sum())
+                n_tok += int(cmask.sum())
+        return -kl_sum / max(n_tok, 1)
+
+    return score
+
+
+class EffOPDCallback(TrainerCallback):
+    """Run EffOPD at the trigger steps of any transformers `Trainer` (TRL's `DistillationTrainer` included).
+
+    Every trigger is appended to the trainer's `state.log_history` (keys `effopd/k`, `effopd/coef`,
+    `effopd/score_k0` …, plus `step`) — through `Trainer.log` when the trainer is bound with `bind(trainer)`,
+    so loggers such as wandb see it too — and to a CSV (`csv_path`, default `<output_dir>/effopd_triggers.csv`).
+    Arguments other than `score_fn`, `csv_path` and `log_prefix` are `EffOPD`'s.
+    """
+
+    def __init__(self, score_fn: ScoreFn | None, *, k_max: int = 5, coef_step: float = 2.0, strict: bool = False,
+                 fixed_k: int | None = None, schedule=None, max_step: int | None = None,
+                 groups: Sequence[str] | None = MATRIX_GROUPS, matrices_only: bool = True,
+                 param_filter=None, naming_overrides=None, anchor_device: str | torch.device | None = None,
+                 csv_path: str | os.PathLike | None = None, log_prefix: str = "effopd/"):
+        self.score_fn = score_fn
+        self.options = dict(k_max=k_max, coef_step=coef_step, strict=strict, fixed_k=fixed_k, schedule=schedule,
+                            max_step=max_step, groups=groups, matrices_only=matrices_only, param_filter=param_filter,
+                            naming_overrides=naming_overrides, anchor_device=anchor_device)
+        if fixed_k is None and score_fn is None:
+            raise ValueError("EffOPDCallback needs a score_fn unless fixed_k is given")
+        self.csv_path = csv_path
+        self.log_prefix = log_prefix
+        self.effopd: EffOPD | None = None
+        self.trainer = None
+
+    @property
+    def records(self) -> list[TriggerRecord]:
+        return [] if self.effopd is None else self.effopd.records
+
+    def bind(self, trainer) -> "EffOPDCallback":
+        """Log through `trainer` (its base `Trainer.log`, which leaves TRL's pending training metrics alone)."""
+        self.trainer = trainer
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("EffOPDCallback: the trainer passed no model to on_train_begin")
+        self.effopd = EffOPD(model, self.score_fn, **self.options)  # anchor = the weights training starts from
+        if self.csv_path is None:
+            self.csv_path = Path(args.output_dir) / "effopd_triggers.csv"
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.effopd is None:
+            return control
+        rec = self.effopd.after_step(state.global_step)
+        if rec is not None:
+            self._log(rec, state, control)
+            if state.is_world_process_zero:
+                self._write_csv()
+        return control
+
+    def _log(self, rec: TriggerRecord, state, control) -> None:
+        logs = rec.as_log(self.log_prefix)
+        if self.trainer is not None:
+            from transformers import Trainer
+
+            # the handler's on_log clears should_log, which would drop the trainer's own log at this step
+            pending = control.should_log
+            Trainer.log(self.trainer, logs)
+            control.should_log = self.trainer.control.should_log = pending
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
+
+    def _write_csv(self) -> None:
+        from opd_dynamics.writer import atomic_write_text
+
+        path = Path(self.csv_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.effopd.records_frame().to_csv(index=False))

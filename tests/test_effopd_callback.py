@@ -1,0 +1,140 @@
+"""EffOPDCallback inside a real (tiny) TRL DistillationTrainer run, and the ready scorers."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import datasets
+from trl import DistillationConfig, DistillationTrainer
+
+from opd_dynamics.effopd.callback import (EffOPDCallback, completion_mask, reverse_kl_scorer,
+                                          reward_scorer, sample_validation)
+from opd_dynamics.effopd.search import select_parameters
+from opd_dynamics.lab.models import ModelSpec, make_model
+from opd_dynamics.lab.task import build_tokenizer, make_problem, make_splits
+
+SPEC = ModelSpec(hidden=16, layers=1, heads=2, intermediate=32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class Probe(TrainerCallback):
+    """Records weights, optimizer state and LR at every on_step_end (placed before or after EffOPD)."""
+
+    def __init__(self):
+        self.weights, self.opt, self.lr = {}, {}, {}
+        self.initial = None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.initial is None:
+            self.initial = snapshot(model)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+        s = state.global_step
+        self.weights[s] = snapshot(model)
+        self.opt[s] = [{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                       for st in optimizer.state.values()]
+        self.lr[s] = list(lr_scheduler.get_last_lr())
+
+
+def test_callback_in_real_distillation_trainer(tmp_path, tok):
+    torch.manual_seed(0)
+    teacher, student = make_model(SPEC, tok, 1), make_model(SPEC, tok, 2)
+    splits = make_splits(2, 64, 8, 0)
+    ds = datasets.Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in splits.train])
+    val = sample_validation(ds, n=8, seed=0)
+    cb = EffOPDCallback(reverse_kl_scorer(teacher, tok, val, max_new_tokens=4))
+    before, after = Probe(), Probe()
+    args = DistillationConfig(output_dir=str(tmp_path / "run"), max_steps=5, per_device_train_batch_size=4,
+                              learning_rate=1e-2, max_completion_length=4, report_to=[], logging_steps=1,
+                              save_strategy="no", bf16=False, gradient_checkpointing=False, use_cpu=True,
+                              disable_tqdm=True, seed=0)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                                  processing_class=tok, callbacks=[before, cb, after])
+    cb.bind(trainer)
+    trainer.train()
+
+    recs = cb.records
+    assert [r.step for r in recs] == [1, 2, 4]
+    selected = set(select_parameters(student))
+    assert selected and all(".self_attn." in n or ".mlp." in n for n in selected)
+    anchor = before.initial
+    for step in range(1, 6):
+        wt, post = before.weights[step], after.weights[step]
+        rec = next((r for r in recs if r.step == step), None)
+        for n in wt:
+            if rec is None or n not in selected:  # non-trigger steps and unselected tensors: bit-identical
+                assert torch.equal(post[n], wt[n]), (step, n)
+            else:  # W_t + coef·(W_t − anchor), against a float64 reference
+                ref = wt[n].double() + rec.coef * (wt[n].double() - anchor[n].double())
+                torch.testing.assert_close(post[n].double(), ref, rtol=1e-6, atol=1e-6)
+        if rec is not None:
+            anchor = post  # the accepted weights become the anchor
+            # the acceptance rule read back from the logged scores ('>=': keep going while not worse)
+            best, k = rec.scores[0], 0
+            for i, s in enumerate(rec.scores[1:], start=1):
+                if s < best:
+                    break
+                best, k = s, i
+            assert rec.k_accepted == k and rec.coef == 2 * k
+            assert len(rec.scores) == min(k + 2, 6)
+        # optimizer state and LR schedule untouched
+        assert before.lr[step] == after.lr[step]
+        for a, b in zip(before.opt[step], after.opt[step], strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+                                                for key in a)
+
+    hist = trainer.state.log_history
+    assert [h["step"] for h in hist if "effopd/k" in h] == [1, 2, 4]
+    assert [h["effopd/k"] for h in hist if "effopd/k" in h] == [float(r.k_accepted) for r in recs]
+    assert [h["step"] for h in hist if "loss" in h] == [1, 2, 3, 4, 5]  # the trainer's own logs are not lost
+    csv = pd.read_csv(tmp_path / "run" / "effopd_triggers.csv")
+    assert list(csv["step"]) == [1, 2, 4] and list(csv["k_accepted"]) == [r.k_accepted for r in recs]
+
+
+def test_reverse_kl_scorer_is_zero_against_itself_and_negative_otherwise(tok):
+    student = make_model(SPEC, tok, 3)
+    prompts = [make_problem(a, b, 2).prompt for a, b in ((12, 34), (99, 1), (5, 50))]
+    assert reverse_kl_scorer(copy.deepcopy(student), tok, prompts, max_new_tokens=4)(student) == 0.0
+    other = make_model(SPEC, tok, 4)
+    s = reverse_kl_scorer(other, tok, prompts, max_new_tokens=4, batch_size=2)(student)
+    assert s < 0
+    # sampled completions from a fixed seed give the same score twice and leave the global RNG alone
+    sc = reverse_kl_scorer(other, tok, prompts, max_new_tokens=4, do_sample=True, seed=7)
+    state = torch.random.get_rng_state()
+    assert sc(student) == sc(student)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_reward_scorer_passes_aligned_columns(tok):
+    model = make_model(SPEC, tok, 5)
+    rows = [{"prompt": make_problem(a, b, 2).prompt, "answer": make_problem(a, b, 2).answer, "w": w}
+            for a, b, w in ((1, 2, 1.0), (30, 40, 0.5), (7, 70, 0.25))]
+
+    def reward(completions, prompts, answer, w, **_):
+        assert len(completions) == len(prompts) == len(answer) == len(w)
+        return [wi if make_problem(int(p[:2]), int(p[3:5]), 2).answer == a else -100.0
+                for p, a, wi in zip(prompts, answer, w)]
+
+    assert reward_scorer(tok, rows, reward, max_new_tokens=4, batch_size=2)(model) == pytest.approx(1.75 / 3)
+
+
+def test_completion_mask_and_validation_sample():
+    comp = torch.tensor([[5, 2, 0, 0], [5, 5, 5, 5], [2, 0, 0, 0]])
+    assert completion_mask(comp, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    rows = [{"prompt": str(i)} for i in range(64)]
+    a, b = sample_validation(rows, 50, seed=1), sample_validation(rows, 50, seed=1)
+    assert a == b and len({r["prompt"] for r in a}) == 50
+    assert sample_validation(rows[:10], 50) == rows[:10]
