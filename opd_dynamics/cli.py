@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import click
@@ -54,6 +53,25 @@ _common = [
     click.option("--load-mode", type=click.Choice(["pread", "mmap"]), default="pread", show_default=True,
                  help="pread reads each tensor with one positioned read (bounded memory, network filesystems)."),
 ]
+
+
+def command_line() -> str:
+    """The invoked command, rebuilt from the parsed parameters (for run.json provenance)."""
+    ctx = click.get_current_context()
+    parts = ["opd-dynamics", *ctx.command_path.split()[1:]]
+    for k, v in ctx.params.items():
+        flag = "--" + k.replace("_", "-")
+        if v is None or v is False or v == ():
+            continue
+        if k == "run":
+            parts.append(shlex.quote(str(v)))
+        elif v is True:
+            parts.append(flag)
+        elif isinstance(v, tuple):
+            parts.extend(x for item in v for x in ("--run" if k == "runs" else flag, shlex.quote(str(item))))
+        else:
+            parts.extend([flag, shlex.quote(str(v))])
+    return " ".join(parts)
 
 
 def _with(options):
@@ -118,7 +136,7 @@ def analyze(run, runs, base, steps, groups, load_mode, out, overwrite, svd, geom
     rep = _analyze(series, out=out, overwrite=overwrite, options=opts,
                    groups=tuple(groups.split(",")) if groups else None, executor=executor, workers=workers,
                    ray_address=ray_address, progress=not quiet,
-                   command="opd-dynamics " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                   command=command_line())
     m = rep.meta
     click.echo(f"wrote {out}: " + ", ".join(f"{k}.csv ({v} rows)" for k, v in m["tables"].items()))
     if m["skipped"] or m["failed"]:

@@ -1,0 +1,122 @@
+"""PEFT LoRA adapters (saved by PEFT itself) as a series, and the CLI's outputs and refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from builders import llama_like, perturb, write_dir
+from opd_dynamics.analysis import analyze
+from opd_dynamics.cli import main
+from opd_dynamics.lora import LoraAdapter
+from opd_dynamics.series import CheckpointSeries
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=40)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                  use_rslora=False))
+    for step in (1, 2):
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn_like(p) * 0.1 * step)
+        peft_model.save_pretrained(root / "run" / f"checkpoint-{step}")
+    return root
+
+
+def test_lora_delta_is_scaled_factor_product(lora_run):
+    ad = LoraAdapter(lora_run / "run" / "checkpoint-2")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert sorted(ad.names()) == sorted(f"model.layers.{i}.{m}.weight" for i in (0, 1)
+                                        for m in ("self_attn.q_proj", "mlp.down_proj"))
+    raw = load_file(str(lora_run / "run" / "checkpoint-2" / "adapter_model.safetensors"))
+    a = raw["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].double().numpy()
+    b = raw["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].double().numpy()
+    ref = (8 / 4) * b @ a
+    assert np.allclose(ad.delta(name, torch.float64).numpy(), ref, rtol=1e-12, atol=0)
+    assert ad.factor_fro2(name) == pytest.approx(float((ref ** 2).sum()), rel=1e-10)
+
+
+def test_lora_series_analysis(lora_run):
+    series = CheckpointSeries.discover(lora_run / "run", base=lora_run / "base", name="lora")
+    rep = analyze(series, progress=False)
+    a = rep.module_allocation
+    assert set(a["module"]) == {"q_proj", "down_proj"} and len(a) == 8
+    s = rep.spectrum
+    assert (s["rank90"] <= 4).all()  # a rank-4 adapter
+    ad = LoraAdapter(lora_run / "run" / "checkpoint-1")
+    row = a.query("step == 1 and tensor == 'model.layers.0.self_attn.q_proj.weight'").iloc[0]
+    assert row["update_norm"] == pytest.approx(ad.factor_fro2("model.layers.0.self_attn.q_proj.weight") ** 0.5,
+                                               rel=1e-5)
+
+
+@pytest.fixture()
+def run_dirs(tmp_path):
+    sd = llama_like(n_layers=2, dtype=torch.bfloat16)
+    write_dir(tmp_path / "base", sd, "sharded")
+    for name in ("opd", "rl"):
+        for s in (2, 4):
+            write_dir(tmp_path / name / f"checkpoint-{s}", perturb(sd, 0.01 * s, hash(name) % 100 + s))
+    return tmp_path
+
+
+def test_cli_analyze_single_and_multi_run(run_dirs):
+    r = CliRunner().invoke(main, ["analyze", str(run_dirs / "opd"), "--base", str(run_dirs / "base"),
+                                  "--out", str(run_dirs / "out1"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    cols = open(run_dirs / "out1" / "module_allocation.csv").readline().strip().split(",")
+    assert cols[:16] == ["run", "step", "tensor", "layer", "group", "module", "expert", "shape", "numel",
+                         "update_norm", "base_norm", "relative_update", "rms_update", "energy_share",
+                         "changed_fraction", "finite"]
+    meta = json.loads((run_dirs / "out1" / "run.json").read_text())
+    assert meta["command"].startswith("opd-dynamics analyze") and meta["inputs"][0]["steps"][0]["step"] == 2
+    r = CliRunner().invoke(main, ["analyze", "--run", f"opd={run_dirs / 'opd'}", "--run", f"rl={run_dirs / 'rl'}",
+                                  "--base", str(run_dirs / "base"), "--out", str(run_dirs / "out2"), "--quiet",
+                                  "--geometry"])
+    assert r.exit_code == 0, r.output
+    for t in ("module_allocation", "spectrum", "alignment", "geometry", "embedding", "summary", "singular_values"):
+        assert (run_dirs / "out2" / f"{t}.csv").exists(), t
+    r = CliRunner().invoke(main, ["describe", str(run_dirs / "opd"), "--base", str(run_dirs / "base")])
+    assert r.exit_code == 0 and "tensors to analyse" in r.output
+
+
+@pytest.mark.parametrize("make_bad,phrase", [
+    (lambda d: ["analyze", str(d / "nope"), "--base", str(d / "base"), "--out", str(d / "o")], "does not exist"),
+    (lambda d: ["analyze", str(d / "opd"), "--base", str(d / "missing"), "--out", str(d / "o")], "does not exist"),
+    (lambda d: ["analyze", str(d / "opd"), "--base", str(d / "base"), "--out", str(d / "opd")], "already exists"),
+    (lambda d: ["analyze", str(d / "base"), "--base", str(d / "base"), "--out", str(d / "o")],
+     "no recognisable checkpoints"),
+    (lambda d: ["analyze", "--run", "x", "--base", str(d / "base"), "--out", str(d / "o")], "NAME=DIR"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(run_dirs, make_bad, phrase):
+    before = sorted(p.name for p in (run_dirs / "opd").iterdir())
+    r = CliRunner().invoke(main, make_bad(run_dirs))
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], r.output
+    assert sorted(p.name for p in (run_dirs / "opd").iterdir()) == before
+
+
+def test_cli_refuses_to_overwrite_unless_asked(run_dirs):
+    out = run_dirs / "out"
+    args = ["analyze", str(run_dirs / "opd"), "--base", str(run_dirs / "base"), "--out", str(out), "--quiet",
+            "--svd", "none"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    stamp = (out / "run.json").read_text()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "--overwrite" in r.output and (out / "run.json").read_text() == stamp
+    assert CliRunner().invoke(main, args + ["--overwrite"]).exit_code == 0
+    assert not list(run_dirs.glob(".out*"))  # no temporary leftovers
