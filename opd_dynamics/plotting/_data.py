@@ -1,0 +1,163 @@
+"""Getting tidy tables out of whatever the caller holds: a Report, a dict of DataFrames, a directory, or many."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from opd_dynamics.errors import InputError
+
+# tables that carry one run per lab directory (a missing 'run' column is filled from the directory name)
+_PER_RUN_TABLES = {"eval", "module_allocation", "spectrum", "singular_values", "alignment", "geometry",
+                   "embedding", "summary"}
+_INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "numel", "n_rows", "seed", "center_layer",
+                "first_layer", "last_layer")
+
+
+@dataclass
+class Tables:
+    """Merged tables of one or more output directories, and the run.json of each (for provenance)."""
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    metas: list[tuple[str, dict]] = field(default_factory=list)
+
+    @property
+    def meta(self) -> dict:
+        return self.metas[0][1] if self.metas else {}
+
+
+def _read_dir(d: Path) -> tuple[dict[str, pd.DataFrame], dict | None]:
+    tables: dict[str, pd.DataFrame] = {}
+    for p in sorted(d.glob("*.csv")):
+        try:
+            df = pd.read_csv(p)
+        except pd.errors.EmptyDataError:
+            continue
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise InputError(p, f"is not a readable CSV table ({e.__class__.__name__})") from e
+        if "run" not in df.columns and p.stem in _PER_RUN_TABLES:
+            df.insert(0, "run", d.name)
+        tables[p.stem] = df
+    meta = None
+    if (d / "run.json").exists():
+        try:
+            meta = json.loads((d / "run.json").read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(d / "run.json", f"is not valid JSON ({e.msg} at line {e.lineno})") from e
+    return tables, meta
+
+
+def load_tables(dirs: str | Path | Iterable[str | Path]) -> Tables:
+    """Read the CSVs (and run.json) of each directory and of its immediate subdirectories; same-named tables
+    are concatenated (so a lab's `opd/eval.csv` and `grpo/eval.csv` become one `eval` table)."""
+    if isinstance(dirs, (str, Path)):
+        dirs = [dirs]
+    out = Tables()
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise InputError(d, "is not a directory of result tables")
+        found = False
+        for sub in [d] + sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            tables, meta = _read_dir(sub)
+            found = found or bool(tables)
+            for k, v in tables.items():
+                parts.setdefault(k, []).append(v)
+            if meta is not None:
+                out.metas.append((str(sub), meta))
+        if not found:
+            raise InputError(d, "holds no CSV tables (neither in it nor in its immediate subdirectories)")
+    out.tables = {k: _normalise(pd.concat(v, ignore_index=True).drop_duplicates(ignore_index=True))
+                  for k, v in parts.items()}
+    return out
+
+
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    for c in _INT_COLUMNS:
+        if c in df.columns and pd.api.types.is_numeric_dtype(df[c]):
+            df[c] = pd.array(df[c].astype("float").round(), dtype="Int64")
+    if "run" in df.columns:
+        df["run"] = df["run"].astype(str)
+    return df
+
+
+def as_tables(obj: Any) -> Tables:
+    """Tables from a Report-like object (`.tables`, optional `.meta`), a dict, a path, a Tables, or a list of them."""
+    if isinstance(obj, Tables):
+        return obj
+    if isinstance(obj, (str, Path)):
+        return load_tables([obj])
+    if isinstance(obj, dict):
+        return Tables({k: _normalise(v) for k, v in obj.items() if isinstance(v, pd.DataFrame)})
+    if hasattr(obj, "tables"):
+        meta = getattr(obj, "meta", None) or {}
+        return Tables({k: _normalise(v) for k, v in obj.tables.items()}, [("report", meta)] if meta else [])
+    if isinstance(obj, Sequence):
+        items = list(obj)
+        if all(isinstance(x, (str, Path)) for x in items):
+            return load_tables(items)
+        merged = Tables()
+        parts: dict[str, list[pd.DataFrame]] = {}
+        for x in items:
+            t = as_tables(x)
+            merged.metas.extend(t.metas)
+            for k, v in t.tables.items():
+                parts.setdefault(k, []).append(v)
+        merged.tables = {k: _normalise(pd.concat(v, ignore_index=True).drop_duplicates(ignore_index=True))
+                         for k, v in parts.items()}
+        return merged
+    raise InputError(None, f"cannot read result tables from a {type(obj).__name__}; "
+                           "give a Report, a dict of DataFrames or a directory")
+
+
+def has_table(obj: Any, name: str) -> bool:
+    t = as_tables(obj).tables.get(name)
+    return t is not None and not t.empty
+
+
+def _table(obj: Any, name: str, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """The table `name` of a Report/dict/dir, checked for `columns`; one clear error when absent."""
+    t = as_tables(obj).tables.get(name)
+    if t is None or t.empty:
+        raise InputError(f"{name}.csv", "is absent or empty, but this figure needs it")
+    missing = [c for c in columns if c not in t.columns]
+    if missing:
+        raise InputError(f"{name}.csv", f"lacks the column(s) {', '.join(missing)}")
+    return t
+
+
+def at_step(df: pd.DataFrame, step: int | None) -> pd.DataFrame:
+    """Rows at `step` for every run, or at each run's last step when `step` is None."""
+    if "step" not in df.columns:
+        return df
+    if step is None:
+        last = df.groupby("run")["step"].transform("max")
+        return df[df["step"] == last]
+    out = df[df["step"] == step]
+    missing = sorted(set(df["run"]) - set(out["run"]))
+    if missing:
+        raise InputError(None, f"step {step} is not in the table for run(s) {', '.join(missing)}")
+    return out
+
+
+def steps_of(df: pd.DataFrame) -> dict[str, int]:
+    """Step per run of an at_step() slice (for titles)."""
+    return {str(r): int(s) for r, s in df.groupby("run")["step"].max().items()} if "step" in df.columns else {}
+
+
+def as_bool(s: pd.Series) -> pd.Series:
+    """CSV booleans (True/False, 'true', 1) as bool."""
+    if s.dtype == bool:
+        return s
+    return s.astype(str).str.strip().str.lower().isin(["true", "1", "1.0", "yes"])
+
+
+def numeric(s: pd.Series) -> np.ndarray:
+    return pd.to_numeric(s, errors="coerce").astype(float).to_numpy()

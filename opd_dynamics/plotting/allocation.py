@@ -1,0 +1,241 @@
+"""Where the update goes: layer × module heatmaps, per-layer norms with window utility (Fig. 2b), group shares,
+and the embedding figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.plotting._data import _table, as_tables, at_step, numeric, steps_of
+from opd_dynamics.plotting._draw import fig_legend, grouped_bars, integer_xticks, no_data, percent_axis, zoom_ylim
+from opd_dynamics.plotting.style import (GROUP_MARKERS, GROUP_ORDER, HEATMAP_CMAP, new_figure, order_runs,
+                                         run_colors, styled)
+
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "o_proj", "c_proj",
+                 "dense", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "dense_h_to_4h",
+                 "down_proj", "w2", "fc2", "dense_4h_to_h", "gate", "router")
+_METRIC_LABEL = {"update_norm": "update norm ‖ΔW‖$_F$", "energy_share": "energy share ‖ΔW‖$_F^2$ / total",
+                 "relative_update": "relative update ‖ΔW‖$_F$ / ‖W$_0$‖$_F$"}
+
+
+def _module_key(group: str, module: str) -> tuple:
+    g = GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER)
+    m = _MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER)
+    return (g, m, module)
+
+
+def _aggregate(rows: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
+    """Combine matrices (experts, fused parts) into one value per `by`: norms in quadrature, shares summed."""
+    r = rows.assign(_f2=numeric(rows["update_norm"]) ** 2)
+    if metric == "energy_share":
+        g = r.assign(_v=numeric(r["energy_share"])).groupby(by, as_index=False)["_v"].sum()
+        return g.rename(columns={"_v": "value"})
+    if metric == "update_norm":
+        g = r.groupby(by, as_index=False)["_f2"].sum()
+        return g.assign(value=np.sqrt(g["_f2"])).drop(columns="_f2")
+    if metric == "relative_update":
+        r = r.assign(_b2=numeric(r["base_norm"]) ** 2)
+        g = r.groupby(by, as_index=False)[["_f2", "_b2"]].sum()
+        return g.assign(value=np.sqrt(g["_f2"] / g["_b2"])).drop(columns=["_f2", "_b2"])
+    raise InputError(None, f"metric must be update_norm, energy_share or relative_update, not {metric!r}")
+
+
+def heatmap_matrix(report: Any, run: str, metric: str = "update_norm", step: int | None = None,
+                   groups: Sequence[str] | None = ("attention", "mlp")) -> pd.DataFrame:
+    """Layer × module table (rows: layers ascending; columns: modules in attention-then-MLP order) of one run."""
+    a = _table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
+    a = at_step(a[a["run"] == run], step)
+    a = a[a["layer"].notna()]
+    if groups is not None:
+        a = a[a["group"].isin(groups)]
+    if a.empty:
+        raise InputError("module_allocation.csv", f"has no per-layer rows for run {run!r}")
+    a = a.assign(layer=a["layer"].astype(int))
+    g = _aggregate(a, ["layer", "group", "module"], metric)
+    cols = sorted({(gr, m) for gr, m in zip(g["group"], g["module"])}, key=lambda t: _module_key(*t))
+    piv = g.pivot_table(index="layer", columns="module", values="value", aggfunc="sum")
+    return piv.reindex(columns=[m for _, m in cols]).sort_index()
+
+
+@styled
+def plot_allocation_heatmap(report: Any, metric: str = "update_norm", step: int | None = None,
+                            groups: Sequence[str] | None = ("attention", "mlp")) -> Figure:
+    """Layer × module heatmap of `metric` (update_norm, energy_share or relative_update) at `step`
+    (default: each run's last), one panel per run on a shared colour scale."""
+    a = _table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
+    runs = order_runs(a["run"].unique())
+    mats = {r: heatmap_matrix(report, r, metric, step, groups) for r in runs}
+    steps = steps_of(at_step(a, step))
+    vmax = max(float(np.nanmax(m.to_numpy())) for m in mats.values())
+    n_layers = max(len(m) for m in mats.values())
+    n_mod = max(m.shape[1] for m in mats.values())
+    fig, axes = new_figure(1, len(runs), width=0.55 * n_mod * len(runs) + 2.5,
+                           height=min(max(3.0, 0.28 * n_layers + 1.6), 12))
+    for i, (ax, r) in enumerate(zip(axes[0], runs)):
+        sns.heatmap(mats[r], ax=ax, cmap=HEATMAP_CMAP, vmin=0, vmax=vmax, cbar=i == len(runs) - 1,
+                    cbar_kws={"label": _METRIC_LABEL.get(metric, metric)}, linewidths=0.3, linecolor="white")
+        ax.set_title(f"{r} (step {steps.get(r, '?')})")
+        ax.set_xlabel("module")
+        ax.set_ylabel("layer" if i == 0 else "")
+        ax.tick_params(axis="x", rotation=45)
+        for t in ax.get_xticklabels():
+            t.set_horizontalalignment("right")
+    fig.suptitle(f"Module allocation: {_METRIC_LABEL.get(metric, metric)} by layer and module")
+    return fig
+
+
+def layer_norms(report: Any, step: int | None = None) -> pd.DataFrame:
+    """Per run, layer and group (attention|mlp): update norm (quadrature sum over the group's matrices)."""
+    t = as_tables(report).tables
+    if "module_allocation" in t and not t["module_allocation"].empty:
+        a = _table(report, "module_allocation", ["run", "step", "layer", "group", "update_norm"])
+        a = at_step(a[a["layer"].notna() & a["group"].isin(["attention", "mlp"])], step)
+        g = _aggregate(a.assign(layer=a["layer"].astype(int)), ["run", "step", "layer", "group"], "update_norm")
+    else:
+        s = _table(report, "summary", ["run", "step", "aggregate", "group", "layer", "metric", "value"])
+        s = s[(s["aggregate"] == "layer") & (s["metric"] == "update_norm") & s["group"].isin(["attention", "mlp"])]
+        if s.empty:
+            raise InputError("summary.csv", "has no per-layer update_norm rows")
+        s = at_step(s, step)
+        g = s.assign(layer=s["layer"].astype(int), value=numeric(s["value"]))[["run", "step", "layer", "group",
+                                                                               "value"]]
+    return g.sort_values(["run", "group", "layer"]).reset_index(drop=True)
+
+
+@styled
+def plot_layer_norms(report: Any, step: int | None = None, window: bool = True) -> Figure:
+    """Per-layer update norm, attention and MLP panels, OPD vs RL (the paper's Fig. 2b); with window.csv
+    present, the sliding-window accuracy (only that window's group trained, the rest at base) on a twin axis."""
+    g = layer_norms(report, step)
+    t = as_tables(report).tables
+    win = t.get("window") if window else None
+    if win is not None and (win.empty or not {"run", "center_layer", "group", "accuracy"} <= set(win.columns)):
+        win = None
+    runs = order_runs(set(g["run"]) | (set(win["run"]) if win is not None else set()))
+    colors = run_colors(runs)
+    steps = steps_of(g)
+    fig, axes = new_figure(1, 2, width=11, height=3.8, sharey=False)
+    for ax, group in zip(axes[0], ["attention", "mlp"]):
+        sub = g[g["group"] == group]
+        for r in runs:
+            d = sub[sub["run"] == r]
+            if d.empty:
+                continue
+            ax.plot(d["layer"].astype(int), d["value"], marker=GROUP_MARKERS[group], color=colors[r],
+                    label=f"{r} ‖ΔW‖ (step {steps.get(r)})")
+        ax.set_title(f"{'Attention' if group == 'attention' else 'MLP'}: update norm by layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("update norm ‖ΔW‖$_F$ (per layer)")
+        integer_xticks(ax)
+        twin = None
+        if win is not None:
+            w = win[win["group"].astype(str).str.lower() == group]
+            if not w.empty:
+                twin = ax.twinx()
+                twin.grid(False)
+                for r in runs:
+                    d = w[w["run"] == r].sort_values("center_layer")
+                    if d.empty:
+                        continue
+                    twin.plot(d["center_layer"].astype(int), numeric(d["accuracy"]), ls="--", marker="^",
+                              color=colors[r], alpha=0.8, label=f"{r} window accuracy")
+                twin.set_ylabel(f"accuracy, only {group} window trained")
+                percent_axis(twin)
+        if not ax.get_lines() and twin is None:
+            no_data(ax)
+    fig_legend(fig, fig.axes)
+    fig.suptitle("Module allocation by depth (OPD vs RL)")
+    return fig
+
+
+def group_values(report: Any, metric: str = "energy_share", step: int | None = None) -> pd.DataFrame:
+    """Per run and group: energy share (sums to 1) or update norm, from summary.csv or module_allocation.csv."""
+    t = as_tables(report).tables
+    if "summary" in t and not t["summary"].empty and {"aggregate", "metric"} <= set(t["summary"].columns):
+        s = t["summary"]
+        s = s[(s["aggregate"] == "group") & (s["metric"] == metric)]
+        if not s.empty:
+            s = at_step(s, step)
+            return s.assign(value=numeric(s["value"]))[["run", "step", "group", "value"]].reset_index(drop=True)
+    a = at_step(_table(report, "module_allocation", ["run", "step", "group", "update_norm"]), step)
+    return _aggregate(a, ["run", "step", "group"], metric)
+
+
+@styled
+def plot_group_energy(report: Any, step: int | None = None, metric: str = "energy_share") -> Figure:
+    """Share of the update's energy (‖ΔW‖² / total) per parameter group, one bar per run."""
+    g = group_values(report, metric, step)
+    runs = order_runs(g["run"].unique())
+    groups = sorted(g["group"].unique(), key=lambda x: GROUP_ORDER.index(x) if x in GROUP_ORDER else 99)
+    colors = run_colors(runs)
+    series = {r: [float(g[(g["run"] == r) & (g["group"] == gr)]["value"].sum()) if
+                  ((g["run"] == r) & (g["group"] == gr)).any() else np.nan for gr in groups] for r in runs}
+    fig, axes = new_figure(1, 1, width=max(5.0, 1.2 * len(groups) + 2), height=3.8)
+    ax = axes[0, 0]
+    grouped_bars(ax, groups, series, colors, fmt="{:.1%}" if metric == "energy_share" else "{:.3g}")
+    ax.set_xlabel("parameter group")
+    ax.set_ylabel(_METRIC_LABEL.get(metric, metric))
+    if metric == "energy_share":
+        percent_axis(ax)
+    steps = steps_of(g)
+    ax.set_title("Update energy by group (" + ", ".join(f"{r} step {steps.get(r)}" for r in runs) + ")")
+    ax.legend(title="run")
+    return fig
+
+
+@styled
+def plot_embedding_swap(report: Any) -> Figure:
+    """Accuracy of each embedding-swap variant (e.g. trained vs embeddings put back to base), per run."""
+    e = _table(report, "embedding_swap", ["run", "variant", "accuracy"])
+    runs = order_runs(e["run"].unique())
+    variants = list(dict.fromkeys(e["variant"].astype(str)))
+    colors = run_colors(runs)
+    series = {r: [float(e[(e["run"] == r) & (e["variant"].astype(str) == v)]["accuracy"].mean())
+                  if ((e["run"] == r) & (e["variant"].astype(str) == v)).any() else np.nan for v in variants]
+              for r in runs}
+    fig, axes = new_figure(1, 1, width=max(5.0, 1.4 * len(variants) + 2), height=3.8)
+    ax = axes[0, 0]
+    grouped_bars(ax, variants, series, colors, fmt="{:.1%}")
+    ax.set_ylim(0, min(1.05, max(1e-3, float(np.nanmax(numeric(e["accuracy"])))) * 1.15))
+    percent_axis(ax)
+    ax.set_xlabel("variant")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Embedding swap: does the embedding update matter?")
+    ax.legend(title="run")
+    return fig
+
+
+@styled
+def plot_embedding_cosine(report: Any, step: int | None = None) -> Figure:
+    """Row cosine between base and trained embedding rows (mean and 5th percentile), per run; one panel per
+    tensor. The y axis is zoomed around the values (they sit near 1), which the panel's label says."""
+    e = at_step(_table(report, "embedding", ["run", "step", "tensor", "cosine_mean", "cosine_p5"]), step)
+    runs = order_runs(e["run"].unique())
+    colors = run_colors(runs)
+    tensors = list(dict.fromkeys(e["tensor"].astype(str)))
+    metrics = ["cosine_mean", "cosine_p5"]
+    if "cosine_tokens_mean" in e.columns and e["cosine_tokens_mean"].notna().any():
+        metrics.append("cosine_tokens_mean")
+    names = {"cosine_mean": "mean", "cosine_p5": "5th pct", "cosine_tokens_mean": "token-set mean"}
+    fig, axes = new_figure(1, len(tensors), width=max(6.0, 1.1 * len(metrics) * len(runs) + 1.5) * len(tensors),
+                           height=3.8)
+    steps = steps_of(e)
+    for ax, tname in zip(axes[0], tensors):
+        d = e[e["tensor"].astype(str) == tname]
+        series = {r: [float(numeric(d[d["run"] == r][m]).mean()) if (d["run"] == r).any() else np.nan
+                      for m in metrics] for r in runs}
+        grouped_bars(ax, [names[m] for m in metrics], series, colors, fmt="{:.3f}")
+        zoom_ylim(ax, [v for vs in series.values() for v in vs], pad=0.3, ceil=1.002)
+        ax.set_title(tname.removesuffix(".weight") + " (" + ", ".join(f"{r} step {steps.get(r)}" for r in runs) + ")",
+                     fontsize=9)
+        ax.set_ylabel("cosine(base row, trained row)  [zoomed]")
+        ax.set_xlabel("statistic over rows")
+        ax.legend(title="run", fontsize=8)
+    fig.suptitle("Embedding rows: similarity to base")
+    return fig

@@ -1,0 +1,159 @@
+"""How the update points: singular-value decay, the Table-1 aggregates, and early-vs-final alignment (Fig. 4b)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.plotting._data import _table, as_tables, at_step, numeric, steps_of
+from opd_dynamics.plotting._draw import fig_legend, grouped_bars, iqr_band, no_data, percent_axis
+from opd_dynamics.plotting.style import GROUP_MARKERS, new_figure, order_runs, run_colors, styled
+
+TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
+TABLE1_LABELS = {"spectral_norm": "σ$_1$ (spectral norm)", "spectral_ratio": "σ$_1$ / ‖ΔW‖$_F$",
+                 "effective_rank": "effective rank", "top1pct_norm_ratio": "top-1% norm ratio"}
+_PERCENT = {"spectral_ratio", "top1pct_norm_ratio"}
+_ALIGN_LABELS = {"paired_cosine": "paired cosine of top-20 u$_i$ to final",
+                 "subspace_overlap_u": "subspace overlap U$_k$ with final",
+                 "subspace_overlap_v": "subspace overlap V$_k$ with final",
+                 "rank1_cosine": "|cos(u$_1$, u$_1$ final)|", "direction_cosine": "cos(ΔW$_t$, ΔW$_T$)"}
+
+
+def _group_title(g: str) -> str:
+    return {"attention": "Attention", "mlp": "MLP"}.get(g, g)
+
+
+def sv_decay(report: Any, step: int | None = None, groups: Sequence[str] = ("attention", "mlp")) -> pd.DataFrame:
+    """Per run, group and index: median and quartiles over matrices of σ_i / ‖ΔW‖_F."""
+    s = _table(report, "singular_values", ["run", "step", "group", "index", "sigma_normalized"])
+    s = at_step(s[s["group"].isin(groups)], step)
+    s = s.assign(v=numeric(s["sigma_normalized"]), index=s["index"].astype(int))
+    q = s.groupby(["run", "step", "group", "index"])["v"]
+    out = pd.concat({"median": q.median(), "q25": q.quantile(0.25), "q75": q.quantile(0.75), "n": q.size()},
+                    axis=1).reset_index()
+    return out
+
+
+@styled
+def plot_singular_value_decay(report: Any, step: int | None = None,
+                              groups: Sequence[str] = ("attention", "mlp"), log: bool = True) -> Figure:
+    """σ_i / ‖ΔW‖_F against i (median over matrices, band = interquartile range), one panel per group,
+    one line per run, at `step` (default: each run's last)."""
+    d = sv_decay(report, step, groups)
+    runs = order_runs(d["run"].unique())
+    colors = run_colors(runs)
+    steps = steps_of(d)
+    fig, axes = new_figure(1, len(groups), sharey=True)
+    for ax, g in zip(axes[0], groups):
+        sub = d[d["group"] == g]
+        for r in runs:
+            x = sub[sub["run"] == r].sort_values("index")
+            if x.empty:
+                continue
+            iqr_band(ax, x["index"], x["q25"], x["q75"], colors[r])
+            ax.plot(x["index"], x["median"], color=colors[r], label=f"{r} (step {steps.get(r)})")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"{_group_title(g)}: singular-value decay")
+        ax.set_xlabel("singular value index i")
+        ax.set_ylabel("σ$_i$ / ‖ΔW‖$_F$ (median over matrices)")
+        if ax.get_lines():
+            ax.legend(title="run")
+        else:
+            no_data(ax)
+    fig.suptitle("Spectrum of the update: a faster decay means a more low-rank ΔW")
+    return fig
+
+
+def table1(report: Any, step: int | None = None) -> pd.DataFrame:
+    """Table-1 aggregates per run at `step` (default each run's last): columns run, step, metric, value.
+    From summary.csv (aggregate == 'table1'), else the mean over attention and MLP matrices of spectrum.csv."""
+    t = as_tables(report).tables
+    s = t.get("summary")
+    if s is not None and not s.empty and {"aggregate", "metric", "value"} <= set(s.columns):
+        s = s[(s["aggregate"] == "table1") & s["metric"].isin(TABLE1_METRICS)]
+        if not s.empty:
+            s = at_step(s, step)
+            return s.assign(value=numeric(s["value"]))[["run", "step", "metric", "value"]].reset_index(drop=True)
+    sp = _table(report, "spectrum", ["run", "step", "group", *TABLE1_METRICS])
+    sp = at_step(sp[sp["group"].isin(["attention", "mlp"])], step)
+    if sp.empty:
+        raise InputError("spectrum.csv", "has no attention or MLP rows to aggregate")
+    m = sp.groupby(["run", "step"])[list(TABLE1_METRICS)].agg(lambda c: np.nanmean(numeric(c))).reset_index()
+    return m.melt(id_vars=["run", "step"], var_name="metric", value_name="value")
+
+
+@styled
+def plot_table1(report: Any, step: int | None = None) -> Figure:
+    """The paper's Table-1 aggregates (mean over attention and MLP matrices), one panel per metric, a bar per run."""
+    t = table1(report, step)
+    runs = order_runs(t["run"].unique())
+    colors = run_colors(runs)
+    metrics = [m for m in TABLE1_METRICS if m in set(t["metric"])]
+    fig, axes = new_figure(1, len(metrics), width=2.6 * len(metrics) + 1, height=3.6)
+    for ax, m in zip(axes[0], metrics):
+        series = {r: [float(t[(t["run"] == r) & (t["metric"] == m)]["value"].mean())] for r in runs}
+        grouped_bars(ax, [""], series, colors, fmt="{:.1%}" if m in _PERCENT else "{:.3g}")
+        ax.set_xticks([])
+        ax.set_title(TABLE1_LABELS[m])
+        if m in _PERCENT:
+            percent_axis(ax)
+        top = np.nanmax([v[0] for v in series.values()] + [0.0])
+        ax.set_ylim(0, top * 1.18 if top > 0 else 1)
+    fig_legend(fig, axes, title="run")
+    steps = steps_of(t)
+    fig.suptitle("Table 1: low-rankness of ΔW, mean over attention and MLP matrices ("
+                 + ", ".join(f"{r} step {steps.get(r)}" for r in runs) + ")")
+    return fig
+
+
+def alignment_curves(report: Any, metrics: Sequence[str] = ("paired_cosine", "subspace_overlap_u"),
+                     groups: Sequence[str] = ("attention", "mlp")) -> pd.DataFrame:
+    """Per run, group, step and metric: median and quartiles over matrices; progress = step / ref_step."""
+    a = _table(report, "alignment", ["run", "step", "ref_step", "group", *metrics])
+    a = a[a["group"].isin(groups)]
+    rows = []
+    for m in metrics:
+        q = a.assign(v=numeric(a[m])).groupby(["run", "group", "step", "ref_step"])["v"]
+        df = pd.concat({"median": q.median(), "q25": q.quantile(0.25), "q75": q.quantile(0.75)}, axis=1)
+        rows.append(df.reset_index().assign(metric=m))
+    out = pd.concat(rows, ignore_index=True)
+    ref = out["ref_step"].astype(float).replace(0, np.nan)
+    out["progress"] = out["step"].astype(float) / ref
+    return out
+
+
+@styled
+def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subspace_overlap_u"),
+                   groups: Sequence[str] = ("attention", "mlp")) -> Figure:
+    """Alignment of each step's top singular directions to the final update's, against training progress
+    (step / reference step), OPD vs RL (the paper's Fig. 4b); rows: metrics, columns: groups; band = IQR."""
+    d = alignment_curves(report, metrics, groups)
+    runs = order_runs(d["run"].unique())
+    colors = run_colors(runs)
+    fig, axes = new_figure(len(metrics), len(groups), sharex=True, sharey="row")
+    for i, m in enumerate(metrics):
+        for j, g in enumerate(groups):
+            ax = axes[i, j]
+            sub = d[(d["metric"] == m) & (d["group"] == g)]
+            for r in runs:
+                x = sub[sub["run"] == r].sort_values("progress")
+                if x.empty:
+                    continue
+                iqr_band(ax, x["progress"], x["q25"], x["q75"], colors[r])
+                ax.plot(x["progress"], x["median"], color=colors[r], marker=GROUP_MARKERS.get(g, "o"), label=r)
+            ax.set_title(f"{_group_title(g)}: {m.replace('_', ' ')}")
+            ax.set_ylabel(_ALIGN_LABELS.get(m, m) if j == 0 else "")
+            if i == len(metrics) - 1:
+                ax.set_xlabel("training progress (step / final step)")
+            percent_axis(ax, "x")
+            if not ax.get_lines():
+                no_data(ax)
+    fig_legend(fig, axes, title="run")
+    fig.suptitle("Early directions vs the final update (median over matrices, band = IQR)")
+    return fig

@@ -1,0 +1,58 @@
+"""EffOPD against vanilla OPD and a fixed coefficient: accuracy per optimizer step and per second."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from opd_dynamics.plotting._data import _table, as_tables, numeric
+from opd_dynamics.plotting._draw import fig_legend, percent_axis
+from opd_dynamics.plotting.style import method_colors, new_figure, styled
+
+_METHOD_ORDER = ("vanilla", "effopd", "fixed")
+
+
+@styled
+def plot_effopd_curves(report: Any, target_fraction: float = 0.95) -> Figure:
+    """Held-out accuracy against optimizer steps (left) and wall-clock seconds (right) for each method:
+    faint lines are seeds, bold the median over seeds; dotted: the target (`target_fraction` of vanilla's
+    final accuracy, median over seeds). Legend entries carry the median steps to target from effopd_summary."""
+    c = _table(report, "effopd_curves", ["seed", "method", "step", "accuracy", "wall_s"])
+    c = c.assign(method=c["method"].astype(str), accuracy=numeric(c["accuracy"]), wall_s=numeric(c["wall_s"]),
+                 step=c["step"].astype(int))
+    methods = sorted(c["method"].unique(), key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else 9, m))
+    colors = method_colors(methods)
+    summ = as_tables(report).tables.get("effopd_summary")
+    stt = {}
+    if summ is not None and {"method", "steps_to_target"} <= set(summ.columns):
+        stt = {str(m): float(np.nanmedian(numeric(g["steps_to_target"]))) if g["steps_to_target"].notna().any()
+               else np.nan for m, g in summ.groupby("method")}
+    fig, axes = new_figure(1, 2, width=11, height=4, sharey=True)
+    for ax, xcol, xlabel in zip(axes[0], ["step", "wall_s"], ["optimizer step", "wall-clock (s, incl. validation)"]):
+        for m in methods:
+            d = c[c["method"] == m]
+            for _, s in d.groupby("seed"):
+                s = s.sort_values("step")
+                ax.plot(s[xcol], s["accuracy"], color=colors[m], alpha=0.25, lw=1, label=f"_{m} seed")
+            med = d.groupby("step")[["accuracy", "wall_s"]].median().sort_index()
+            label = m
+            if m in stt:
+                label += " (median steps to target: " + ("not reached" if np.isnan(stt[m]) else f"{stt[m]:g}") + ")"
+            ax.plot(med[xcol] if xcol == "wall_s" else med.index, med["accuracy"], color=colors[m], lw=2.2,
+                    label=label)
+        if "vanilla" in methods:
+            v = c[c["method"] == "vanilla"]
+            finals = v.sort_values("step").groupby("seed")["accuracy"].last()
+            target = target_fraction * float(np.median(finals))
+            ax.axhline(target, color="0.35", ls=":", lw=1.2,
+                       label=f"target ({target_fraction:.0%} of vanilla final)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy")
+        percent_axis(ax)
+        ax.set_title(f"Accuracy vs {'optimizer steps' if xcol == 'step' else 'wall-clock'}")
+    fig_legend(fig, axes[0, :1], ncol=2)
+    n_seeds = c["seed"].nunique()
+    fig.suptitle(f"EffOPD vs vanilla OPD vs fixed extrapolation ({n_seeds} seed{'s' if n_seeds != 1 else ''})")
+    return fig

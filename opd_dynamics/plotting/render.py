@@ -1,0 +1,177 @@
+"""The figure registry and `plot_all`: render what the tables allow, say what was skipped and why,
+write each file under a temporary name and rename it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.plotting._data import Tables, as_tables
+from opd_dynamics.plotting.allocation import (plot_allocation_heatmap, plot_embedding_cosine, plot_embedding_swap,
+                                              plot_group_energy, plot_layer_norms)
+from opd_dynamics.plotting.direction import plot_alignment, plot_singular_value_decay, plot_table1
+from opd_dynamics.plotting.effopd import plot_effopd_curves
+from opd_dynamics.plotting.utility import plot_eval_curves, plot_rank_recovery, plot_rescale, plot_scaling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A named figure: the function drawing it, the tables it needs (each inner tuple: any one of them),
+    the report section it belongs to and a one-line caption."""
+
+    name: str
+    fn: Callable[[Any], Figure]
+    needs: tuple[tuple[str, ...], ...]
+    section: str
+    caption: str
+    check: Callable[[dict[str, pd.DataFrame]], str | None] | None = None
+
+
+def _present(t: dict[str, pd.DataFrame], name: str) -> bool:
+    return name in t and not t[name].empty
+
+
+def _table1_check(t: dict[str, pd.DataFrame]) -> str | None:
+    s = t.get("summary")
+    if s is not None and "aggregate" in s.columns and (s["aggregate"] == "table1").any():
+        return None
+    return None if _present(t, "spectrum") else "summary.csv has no table1 rows and spectrum.csv is absent"
+
+
+def _layer_check(t: dict[str, pd.DataFrame]) -> str | None:
+    if _present(t, "module_allocation"):
+        return None
+    s = t["summary"]
+    if "aggregate" in s.columns and (s["aggregate"] == "layer").any():
+        return None
+    return "summary.csv has no per-layer rows and module_allocation.csv is absent"
+
+
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec("eval_curves", plot_eval_curves, (("eval",),), "Training",
+               "Held-out accuracy and reverse KL to the teacher during training, OPD vs RL."),
+    FigureSpec("allocation_heatmap", plot_allocation_heatmap, (("module_allocation",),), "Module allocation",
+               "Update norm ‖ΔW‖_F per layer and module at the last step (shared colour scale)."),
+    FigureSpec("allocation_heatmap_share", partial(plot_allocation_heatmap, metric="energy_share"),
+               (("module_allocation",),), "Module allocation",
+               "Share of each run's update energy per layer and module at the last step."),
+    FigureSpec("layer_norms", plot_layer_norms, (("module_allocation", "summary"),), "Module allocation",
+               "Per-layer update norm for attention and MLP (Fig. 2b), with sliding-window accuracy when measured.",
+               _layer_check),
+    FigureSpec("group_energy", plot_group_energy, (("summary", "module_allocation"),), "Module allocation",
+               "Share of the update's energy per parameter group."),
+    FigureSpec("embedding_cosine", plot_embedding_cosine, (("embedding",),), "Module allocation",
+               "Cosine between base and trained embedding rows."),
+    FigureSpec("embedding_swap", plot_embedding_swap, (("embedding_swap",),), "Module allocation",
+               "Accuracy with the embedding update swapped back to base."),
+    FigureSpec("scaling", plot_scaling, (("scaling",),), "Utility",
+               "Accuracy against update norm for α-scaled updates (Fig. 1)."),
+    FigureSpec("rank_recovery", plot_rank_recovery, (("rank",),), "Utility",
+               "Accuracy keeping only the top-k% or bottom-k% singular components of each matrix's update."),
+    FigureSpec("rescale", plot_rescale, (("rescale",),), "Utility",
+               "Module-wise rescaling of intermediate updates to the final norms, and the β sweep."),
+    FigureSpec("singular_values", plot_singular_value_decay, (("singular_values",),), "Update direction",
+               "Singular-value decay of ΔW (median over matrices) at the last step."),
+    FigureSpec("table1", plot_table1, (("summary", "spectrum"),), "Update direction",
+               "The paper's Table-1 aggregates over attention and MLP matrices.", _table1_check),
+    FigureSpec("alignment", plot_alignment, (("alignment",),), "Update direction",
+               "Alignment of early top singular directions with the final update's (Fig. 4b)."),
+    FigureSpec("effopd_curves", plot_effopd_curves, (("effopd_curves",),), "EffOPD",
+               "Accuracy against optimizer steps and wall-clock: vanilla OPD, EffOPD, fixed coefficient."),
+)
+
+
+def skip_reason(spec: FigureSpec, tables: dict[str, pd.DataFrame]) -> str | None:
+    """Why `spec` cannot be drawn from `tables` (None when it can)."""
+    for alts in spec.needs:
+        if not any(_present(tables, n) for n in alts):
+            return " or ".join(f"{n}.csv" for n in alts) + " is absent"
+    return spec.check(tables) if spec.check else None
+
+
+def available_figures(tables: Tables | Any) -> tuple[list[FigureSpec], dict[str, str]]:
+    """The figures the tables allow, and {name: reason} for the others."""
+    t = as_tables(tables).tables
+    ok, skipped = [], {}
+    for spec in FIGURES:
+        reason = skip_reason(spec, t)
+        if reason is None:
+            ok.append(spec)
+        else:
+            skipped[spec.name] = reason
+    return ok, skipped
+
+
+def save_figure(fig: Figure, path: str | Path, *, overwrite: bool = False, dpi: int = 150) -> Path:
+    """Write `fig` to `path` (format from the suffix) under a temporary name, then rename."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+class PlotResult(list):
+    """The written paths (a list of Path), plus `.skipped`: {figure name: reason}."""
+
+    def __init__(self, paths=(), skipped: dict[str, str] | None = None):
+        super().__init__(paths)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+def plot_all(reports_or_dirs: Any, out_dir: str | Path, formats: Sequence[str] = ("png", "svg"),
+             overwrite: bool = False, figures: Sequence[str] | None = None) -> PlotResult:
+    """Render every registered figure the tables allow into `out_dir` as `<name>.<format>`.
+
+    `reports_or_dirs`: a Report, a dict of DataFrames, a directory, or a list of them (tables merged).
+    Returns the written paths; `.skipped` maps each figure not drawn to the reason (also logged).
+    Existing files are refused (before anything is drawn) unless `overwrite`."""
+    tables = as_tables(reports_or_dirs)
+    formats = [f.lower().lstrip(".") for f in formats]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad:
+        raise InputError(None, f"figure format(s) {', '.join(bad)} not supported; use png, svg or pdf")
+    ok, skipped = available_figures(tables)
+    if figures is not None:
+        unknown = sorted(set(figures) - {s.name for s in FIGURES})
+        if unknown:
+            raise InputError(None, f"unknown figure(s) {', '.join(unknown)}")
+        ok = [s for s in ok if s.name in figures]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a directory")
+    targets = [out / f"{s.name}.{f}" for s in ok for f in formats]
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise InputError(existing[0], f"already exists ({len(existing)} figure file(s) would be replaced); "
+                                      "pass overwrite=True (--overwrite)")
+    for name, reason in skipped.items():
+        log.info("figure %s skipped: %s", name, reason)
+    written = PlotResult(skipped=skipped)
+    for spec in ok:
+        fig = spec.fn(tables)
+        try:
+            for f in formats:
+                written.append(save_figure(fig, out / f"{spec.name}.{f}", overwrite=overwrite))
+        finally:
+            fig.clear()
+    return written
