@@ -144,3 +144,6 @@ def analyze(run, runs, base, steps, groups, load_mode, out, overwrite, svd, geom
 
 
 # --- commands registered by feature modules (keep one line each) ---
+from opd_dynamics.effopd import cli as _effopd_cli  # noqa: E402
+main.add_command(_effopd_cli.extrapolate)
+main.add_command(_effopd_cli.effopd)

@@ -6,9 +6,13 @@ need transformers and are imported lazily; `extrapolate_checkpoint` / `search_ch
 
 from __future__ import annotations
 
-from opd_dynamics.effopd.search import EffOPD, TriggerRecord, is_power_of_two, make_trigger, select_parameters
-
-_LAZY = {
+_LAZY = {  # imported on first use, so `opd-dynamics --help` does not pay for torch
+    "EffOPD": "opd_dynamics.effopd.search",
+    "TriggerRecord": "opd_dynamics.effopd.search",
+    "is_power_of_two": "opd_dynamics.effopd.search",
+    "make_trigger": "opd_dynamics.effopd.search",
+    "select_parameters": "opd_dynamics.effopd.search",
+    "published_search": "opd_dynamics.effopd.search",
     "EffOPDCallback": "opd_dynamics.effopd.callback",
     "reward_scorer": "opd_dynamics.effopd.callback",
     "reverse_kl_scorer": "opd_dynamics.effopd.callback",
@@ -18,7 +22,7 @@ _LAZY = {
     "command_scorer": "opd_dynamics.effopd.offline",
 }
 
-__all__ = ["EffOPD", "TriggerRecord", "is_power_of_two", "make_trigger", "select_parameters", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):

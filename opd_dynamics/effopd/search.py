@@ -77,11 +77,26 @@ def select_parameters(model: torch.nn.Module, groups: Sequence[str] | None = MAT
     return out
 
 
+def published_search(score_k: Callable[[int], float], k_max: int, *, strict: bool = False
+                     ) -> tuple[int, list[float]]:
+    """The acceptance rule: score k = 0 (W_t), then k = 1 … k_max in order; accept k while its score is ≥ the
+    best so far (> when `strict`), stop at the first that is not (or is NaN). Returns (accepted k, scores)."""
+    best = score_k(0)
+    scores, k_acc = [best], 0
+    for k in range(1, k_max + 1):
+        s = score_k(k)
+        scores.append(s)
+        if math.isnan(s) or not (s > best if strict else s >= best):
+            break
+        best, k_acc = s, k
+    return k_acc, scores
+
+
 @dataclass
 class TriggerRecord:
     """What one trigger did: scores[0] is W_t's, scores[k] candidate k's (only those evaluated)."""
 
-    step: int
+    step: int | None
     scores: list[float]
     coefs: list[float]
     k_accepted: int
@@ -210,25 +225,18 @@ class EffOPD:
             if k_acc:
                 self._set(wt, self.coef_step * k_acc)
         else:
-            v0 = time.perf_counter()
-            best = self._score()
-            val_s += time.perf_counter() - v0
-            scores.append(best)
-            k_acc = 0
-            current = 0  # which candidate the parameters hold now
-            for k in range(1, self.k_max + 1):
-                c = self.coef_step * k
-                self._set(wt, c)
-                current = k
-                coefs.append(c)
+            def score_k(k: int) -> float:
+                nonlocal val_s
+                if k:
+                    self._set(wt, self.coef_step * k)
                 v0 = time.perf_counter()
                 s = self._score()
                 val_s += time.perf_counter() - v0
-                scores.append(s)
-                better = s > best if self.strict else s >= best
-                if not better or math.isnan(s):
-                    break
-                best, k_acc = s, k
+                return s
+
+            k_acc, scores = published_search(score_k, self.k_max, strict=self.strict)
+            coefs = [self.coef_step * k for k in range(len(scores))]
+            current = len(scores) - 1  # the candidate the parameters hold now
             if current != k_acc:
                 if k_acc == 0:
                     self._restore(wt)

@@ -1,0 +1,219 @@
+"""EffOPD on checkpoints saved by any framework (verl, OpenRLHF, TRL …): extrapolate two model directories, or
+run the published search with an external evaluation command.
+
+Streaming: one tensor of each input is in memory at a time (plus the shard being written); the arithmetic is
+float32 (float64 for float64 tensors) and the result is cast back to the source dtype of B.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from opd_dynamics.checkpoints import ModelDir, is_adapter_dir
+from opd_dynamics.effopd.search import TriggerRecord, published_search
+from opd_dynamics.errors import InputError
+from opd_dynamics.naming import MATRIX_GROUPS, parse_name
+from opd_dynamics.writer import atomic_write_text, replace_path, write_model
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+_SPLIT = re.compile(r"[\s=:,;]+")
+
+
+def _check_out(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is, lies inside, or contains an input directory (a replace would destroy it)."""
+    o = out.resolve()
+    for i in inputs:
+        r = i.resolve()
+        if o == r or r in o.parents or o in r.parents:
+            raise InputError(out, f"overlaps the input {i}; write the extrapolated model somewhere else")
+
+
+def _open(path: str | Path, load_mode: str) -> ModelDir:
+    if is_adapter_dir(path):
+        raise InputError(path, "is a LoRA adapter; merge it into its base model first (extrapolation works on "
+                               "full weights)")
+    return ModelDir(path, load_mode=load_mode)
+
+
+def _selector(groups: Sequence[str] | None, matrices_only: bool, naming_overrides=None) -> Callable[[str, tuple], bool]:
+    def keep(name: str, shape: tuple) -> bool:
+        return (groups is None or parse_name(name, naming_overrides).group in groups) and \
+            (not matrices_only or len(shape) == 2)
+    return keep
+
+
+def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, *, groups: Sequence[str] | None = MATRIX_GROUPS,
+                         matrices_only: bool = True, naming_overrides=None,
+                         counts: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of `cur`: W_B + coef·(W_B − W_A) for the selected float tensors, else W_B."""
+    keep = _selector(groups, matrices_only, naming_overrides)
+    counts = counts if counts is not None else {}
+    counts.setdefault("extrapolated", 0)
+    counts.setdefault("copied", 0)
+    for name in cur.names():
+        b = cur.get(name)
+        if coef != 0 and b.is_floating_point() and keep(name, tuple(b.shape)):
+            if name not in prev:
+                raise InputError(prev.path, f"has no tensor {name!r}, which {cur.path} has")
+            if prev.shape(name) != tuple(b.shape):
+                raise InputError(prev.path, f"tensor {name!r} has shape {prev.shape(name)}, but {cur.path} has "
+                                            f"{tuple(b.shape)}")
+            work = torch.promote_types(b.dtype, torch.float32)
+            wb = b.to(work)
+            yield name, (wb + coef * (wb - prev.get(name).to(work))).to(b.dtype)
+            counts["extrapolated"] += 1
+        else:
+            yield name, b
+            counts["copied"] += 1
+
+
+def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: str | Path, *,
+                           groups: Sequence[str] | None = MATRIX_GROUPS, matrices_only: bool = True,
+                           overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                           load_mode: str = "pread", naming_overrides=None,
+                           metadata: dict[str, str] | None = None) -> Path:
+    """Write W_B + coef·(W_B − W_A) (selected groups; everything else copied from B) as a model directory `out`.
+
+    Shards and index as the writer makes them, config and tokenizer files copied from B, the sources and the
+    coefficient recorded in every shard's safetensors metadata; written under a temporary name, then renamed.
+    """
+    prev, cur, out = Path(prev), Path(cur), Path(out)
+    _check_out(out, [prev, cur])
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    a, b = _open(prev, load_mode), _open(cur, load_mode)
+    meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
+            "effopd_groups": ",".join(groups) if groups is not None else "all",
+            "effopd_matrices_only": str(bool(matrices_only)), "effopd_formula": "W_cur + coef*(W_cur - W_prev)",
+            **(metadata or {})}
+    try:
+        with a, b:
+            return write_model(extrapolated_tensors(a, b, coef, groups=groups, matrices_only=matrices_only,
+                                                    naming_overrides=naming_overrides),
+                               out, metadata=meta, copy_files_from=cur, max_shard_bytes=max_shard_bytes,
+                               overwrite=overwrite)
+    except InputError:
+        raise
+    except OSError as e:
+        raise InputError(out, f"could not be written: {e}") from e
+
+
+def parse_score(stdout: str) -> float | None:
+    """The score an evaluation command printed: the (last) number on its last non-empty stdout line."""
+    lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    if not lines:
+        return None
+    for token in reversed(_SPLIT.split(lines[-1])):
+        try:
+            return float(token)
+        except ValueError:
+            continue
+    return None
+
+
+def command_scorer(eval_cmd: str, *, timeout: float | None = None, echo: Callable[[str], None] | None = None
+                   ) -> Callable[[Path], float]:
+    """A scorer that runs `eval_cmd` (a shell command) on a model directory: `{path}` is replaced by the
+    directory, or the directory is appended; the score is the number on the last line of its stdout."""
+    if not eval_cmd.strip():
+        raise InputError(None, "--eval-cmd is empty")
+
+    def score(path: Path) -> float:
+        q = shlex.quote(str(path))
+        cmd = eval_cmd.replace("{path}", q) if "{path}" in eval_cmd else f"{eval_cmd} {q}"
+        try:
+            res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise InputError(None, f"evaluation command timed out after {timeout} s on {path}: {cmd}") from None
+        if res.returncode != 0:
+            tail = (res.stderr.strip().splitlines() or res.stdout.strip().splitlines() or [""])[-1]
+            raise InputError(None, f"evaluation command failed (exit {res.returncode}) on {path}: {cmd}"
+                                   + (f" — {tail}" if tail else ""))
+        s = parse_score(res.stdout)
+        if s is None:
+            last = (res.stdout.strip().splitlines() or [""])[-1]
+            raise InputError(None, f"evaluation command printed no number on its last stdout line "
+                                   f"({last!r}) for {path}: {cmd}")
+        if echo is not None:
+            echo(f"score {s:g}  {path}")
+        return s
+
+    return score
+
+
+def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score: Callable[[Path], float] | str, *,
+                       k_max: int = 5, coef_step: float = 2.0, strict: bool = False,
+                       groups: Sequence[str] | None = MATRIX_GROUPS, matrices_only: bool = True,
+                       overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
+                       step: int | None = None, timeout: float | None = None,
+                       echo: Callable[[str], None] | None = None) -> TriggerRecord:
+    """The published search on saved checkpoints: score B itself, then candidates B + 2k(B − A), k = 1 … K, in
+    order, keeping the last one whose score is ≥ the best so far (> with `strict`); the kept model is written to
+    `out` (a copy of B when no candidate is accepted) with `effopd_search.json` describing every score.
+
+    `score` is a callable on a model directory, or a shell command (see `command_scorer`). Candidates are
+    written beside `out` under temporary names and removed once judged.
+    """
+    prev, cur, out = Path(prev), Path(cur), Path(out)
+    _check_out(out, [prev, cur])
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    for p in (prev, cur):
+        _open(p, load_mode).close()  # fail early, before any evaluation, on unreadable inputs
+    scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
+    t0 = time.perf_counter()
+    val_s = 0.0
+    tag = uuid.uuid4().hex[:8]
+    cands: dict[int, Path] = {}
+
+    def make(k: int) -> Path:
+        p = out.parent / f".{out.name}.effopd-k{k}-{tag}"
+        extrapolate_checkpoint(prev, cur, coef_step * k, p, groups=groups, matrices_only=matrices_only,
+                               max_shard_bytes=max_shard_bytes, load_mode=load_mode,
+                               metadata={"effopd_k": str(k)})
+        cands[k] = p
+        return p
+
+    def score_k(k: int) -> float:
+        nonlocal val_s
+        path = cur if k == 0 else make(k)
+        v0 = time.perf_counter()
+        s = scorer(path)
+        val_s += time.perf_counter() - v0
+        for j in [j for j in cands if j < k - 1]:  # only the best so far (k − 1) and k can still be kept
+            _rm(cands.pop(j))
+        return s
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        k_acc, scores = published_search(score_k, k_max, strict=strict)
+        keep = cands.pop(k_acc) if k_acc else make(0)
+        cands.pop(0, None)
+        rec = TriggerRecord(step=step, scores=scores, coefs=[coef_step * k for k in range(len(scores))],
+                            k_accepted=k_acc, coef=coef_step * k_acc, delta_norm=float("nan"), validation_s=val_s,
+                            extrapolate_s=time.perf_counter() - t0 - val_s)
+        info = {"prev": str(prev.resolve()), "cur": str(cur.resolve()), "k_accepted": k_acc,
+                "coef": coef_step * k_acc, "scores": scores, "coefs": rec.coefs, "strict": strict,
+                "groups": list(groups) if groups is not None else None, "matrices_only": matrices_only,
+                "eval_cmd": score if isinstance(score, str) else None, "validation_s": val_s}
+        atomic_write_text(keep / "effopd_search.json", json.dumps(info, indent=2))
+        replace_path(keep, out)
+        return rec
+    finally:
+        for p in cands.values():
+            _rm(p)
+
+
+def _rm(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)

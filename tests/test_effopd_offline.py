@@ -1,0 +1,177 @@
+"""Offline EffOPD on sharded bf16 checkpoints written with safetensors directly; exact float64 references."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from opd_dynamics.checkpoints import ModelDir
+from opd_dynamics.cli import main
+from opd_dynamics.effopd.offline import command_scorer, extrapolate_checkpoint, parse_score, search_checkpoints
+from opd_dynamics.errors import InputError
+from builders import llama_like, write_dir
+
+SELECTED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")
+
+
+def is_selected(name: str) -> bool:
+    return any(f".{s}." in name for s in SELECTED)
+
+
+def make_pair(tmp: Path, dtype=torch.bfloat16) -> tuple[Path, Path, dict, dict]:
+    a = llama_like(seed=0, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    # B = A + a small update everywhere (norms and embeddings too), computed in float64 and cast
+    b = {k: (v.double() + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(dtype) for k, v in a.items()}
+    pa = write_dir(tmp / "A", a, layout="sharded", n_shards=2)
+    pb = write_dir(tmp / "B", b, layout="sharded", n_shards=3)
+    (pb / "tokenizer.json").write_text('{"version": "1.0"}')
+    (pb / "tokenizer_config.json").write_text("{}")
+    return pa, pb, a, b
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    with ModelDir(path) as m:
+        return {n: m.get(n).clone() for n in m.names()}
+
+
+def test_extrapolate_sharded_bf16_exact(tmp_path):
+    pa, pb, a, b = make_pair(tmp_path)
+    out = extrapolate_checkpoint(pa, pb, 3.0, tmp_path / "O", max_shard_bytes=20_000)
+    got = read_all(out)
+    assert set(got) == set(b)
+    n_sel = 0
+    for n, t in got.items():
+        assert t.dtype == torch.bfloat16
+        if is_selected(n):
+            ref = (b[n].double() + 3.0 * (b[n].double() - a[n].double())).to(torch.bfloat16)
+            assert torch.equal(t, ref), n
+            n_sel += 1
+        else:  # embeddings, norms, lm_head: copied bit for bit
+            assert torch.equal(t, b[n]), n
+    assert n_sel == 14
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(b) and set(index["weight_map"].values()) == set(shards)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).read_text() == (pb / f).read_text()
+    with safe_open(str(out / shards[0]), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["effopd_coef"] == "3.0" and meta["effopd_groups"] == "attention,mlp"
+    assert meta["effopd_prev"] == str(pa.resolve()) and meta["effopd_cur"] == str(pb.resolve())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_extrapolate_groups_and_refusals(tmp_path):
+    pa, pb, a, b = make_pair(tmp_path)
+    out = extrapolate_checkpoint(pa, pb, 2.0, tmp_path / "O", groups=("mlp",))
+    got = read_all(out)
+    for n in got:
+        if ".mlp." in n:
+            assert torch.equal(got[n], (b[n].double() + 2 * (b[n].double() - a[n].double())).to(torch.bfloat16))
+        else:
+            assert torch.equal(got[n], b[n])
+    with pytest.raises(InputError, match="already exists"):
+        extrapolate_checkpoint(pa, pb, 1.0, out)
+    before = (out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists() else None
+    extrapolate_checkpoint(pa, pb, 0.0, out, overwrite=True)
+    assert all(torch.equal(t, b[n]) for n, t in read_all(out).items())  # coef 0 reproduces B exactly
+    assert before is None or (out / "model.safetensors").read_bytes() != before
+    for bad in (pb / "sub", pa, pb, tmp_path):  # inside, equal to, or containing an input
+        with pytest.raises(InputError, match="overlaps the input"):
+            extrapolate_checkpoint(pa, pb, 1.0, bad, overwrite=True)
+    assert (pa / "model.safetensors.index.json").exists() and (pb / "tokenizer.json").exists()
+    small = write_dir(tmp_path / "S", {k: v[:2] if v.ndim == 2 else v for k, v in a.items()}, layout="single")
+    with pytest.raises(InputError, match="has shape"):
+        extrapolate_checkpoint(small, pb, 1.0, tmp_path / "X")
+    assert not (tmp_path / "X").exists()
+
+
+def test_extrapolate_cli(tmp_path):
+    pa, pb, a, b = make_pair(tmp_path)
+    r = CliRunner().invoke(main, ["extrapolate", "--prev", str(pa), "--cur", str(pb), "--coef", "4",
+                                  "--out", str(tmp_path / "O"), "--max-shard-size", "20KB"])
+    assert r.exit_code == 0, r.output
+    got = read_all(tmp_path / "O")
+    n = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(got[n], (b[n].double() + 4 * (b[n].double() - a[n].double())).to(torch.bfloat16))
+    r = CliRunner().invoke(main, ["extrapolate", "--prev", str(pa), "--cur", str(pb), "--coef", "4",
+                                  "--out", str(pb / "inside")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "overlaps the input" in r.output
+    r = CliRunner().invoke(main, ["extrapolate", "--prev", str(pa), "--cur", str(pb), "--coef", "4",
+                                  "--out", str(tmp_path / "P"), "--groups", "attn"])
+    assert r.exit_code == 2 and "--groups" in r.output
+
+
+# An evaluation command that needs only numpy: minus the squared distance of the selected tensors to a target dir.
+SCORE_SCRIPT = """
+import sys, glob, numpy as np
+from safetensors.numpy import load_file
+def load(d):
+    out = {}
+    for f in glob.glob(d + "/*.safetensors"):
+        out.update(load_file(f))
+    return out
+m, t = load(sys.argv[1]), load(sys.argv[2])
+print("evaluating", sys.argv[1])
+print("score:", -sum(float(((m[k].astype(np.float64) - t[k]) ** 2).sum()) for k in t))
+"""
+
+
+def test_search_with_external_command_finds_planted_k(tmp_path):
+    pa, pb, a, b = make_pair(tmp_path, dtype=torch.float32)
+    target = {n: (b[n].double() + 6 * (b[n].double() - a[n].double())) for n in b if is_selected(n)}
+    write_dir(tmp_path / "T", target, layout="single")  # float64 target: the peak is exactly k = 3
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_SCRIPT)
+    cmd = f"{sys.executable} {script} {{path}} {tmp_path / 'T'}"
+    r = CliRunner().invoke(main, ["effopd", "search", "--prev", str(pa), "--cur", str(pb), "--out",
+                                  str(tmp_path / "O"), "--eval-cmd", cmd, "--max-shard-size", "20KB"])
+    assert r.exit_code == 0, r.output
+    assert "accepted k=3 (coef 6)" in r.output
+    info = json.loads((tmp_path / "O" / "effopd_search.json").read_text())
+    assert info["k_accepted"] == 3 and info["coefs"] == [0, 2, 4, 6, 8]
+    s = info["scores"]
+    assert s[0] < s[1] < s[2] < s[3] > s[4] and s[3] == pytest.approx(0.0, abs=1e-9)
+    got = read_all(tmp_path / "O")
+    for n in b:
+        ref = (b[n] + 6.0 * (b[n] - a[n])) if is_selected(n) else b[n]  # float32 arithmetic, as the writer does
+        assert torch.equal(got[n], ref), n
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B", "O", "T", "score.py"]  # candidates removed
+
+
+def test_search_rejecting_everything_writes_b_and_strict_tie(tmp_path):
+    pa, pb, a, b = make_pair(tmp_path)
+    scores = iter([1.0, 0.5])
+    rec = search_checkpoints(pa, pb, tmp_path / "O", lambda p: next(scores))
+    assert (rec.k_accepted, rec.scores) == (0, [1.0, 0.5])
+    assert all(torch.equal(t, b[n]) for n, t in read_all(tmp_path / "O").items())
+    rec = search_checkpoints(pa, pb, tmp_path / "O2", lambda p: 1.0, strict=True)
+    assert (rec.k_accepted, rec.scores) == (0, [1.0, 1.0])
+    rec = search_checkpoints(pa, pb, tmp_path / "O3", lambda p: 1.0, k_max=2)
+    assert (rec.k_accepted, rec.coef) == (2, 4.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B", "O", "O2", "O3"]
+
+
+def test_command_scorer_errors(tmp_path):
+    assert parse_score("loading\naccuracy: 0.75\n\n") == 0.75
+    assert parse_score("step 3 acc=0.5") == 0.5
+    assert parse_score("-1e-3") == -0.001
+    assert parse_score("done") is None and parse_score("") is None
+    with pytest.raises(InputError, match=r"failed \(exit 3\).*boom"):
+        command_scorer("echo boom >&2; exit 3")(tmp_path)
+    with pytest.raises(InputError, match="printed no number"):
+        command_scorer("echo finished")(tmp_path)
+    assert command_scorer("echo 0.25 #")(tmp_path) == 0.25  # path appended after a shell comment
+    pa, pb, _, _ = make_pair(tmp_path)
+    with pytest.raises(InputError, match="failed"):
+        search_checkpoints(pa, pb, tmp_path / "O", "false")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B"]
