@@ -190,3 +190,39 @@ def test_energies_monotone_and_bounded(m, n, seed, mode):
     assert all(a <= b for a, b in zip(e, e[1:]))
     assert 1.0 <= got["stable_rank"] <= min(m, n) + 1e-9
     assert 1 <= got["rank90"] <= min(m, n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(300, 500), (500, 300)])
+def test_certified_subspace_vectors_equal_eigh_vectors(shape, device):
+    """The eigvalsh + certified subspace-iteration route gives the same top-20 vectors as full eigh."""
+    from opd_dynamics.metrics.spectrum import _subspace_top
+
+    rng = np.random.default_rng(10)
+    r = min(shape)
+    s = np.concatenate([10 * 0.85 ** np.arange(40), np.linspace(0.2, 0.01, r - 40)])
+    M = torch.tensor(planted(*shape, s, rng), device=device)
+    G = M @ M.T if shape[0] <= shape[1] else M.T @ M
+    lam = torch.linalg.eigvalsh(G).flip(0)
+    assert _subspace_top(G, lam, 20) is not None  # certified, not a silent fallback
+    a = decompose(M, vectors="subspace")
+    b = decompose(M, vectors="eigh")
+    assert a.method == b.method == "exact-gram-f64"
+    assert torch.equal(a.singular_values, b.singular_values)
+    for x, y in ((a.U, b.U), (a.V, b.V)):
+        np.testing.assert_allclose((x * y).sum(0).abs().cpu().numpy(), 1.0, atol=1e-10)
+
+
+def test_subspace_route_declines_without_a_gap_and_falls_back():
+    from opd_dynamics.metrics.spectrum import _subspace_top
+
+    rng = np.random.default_rng(11)
+    M = torch.tensor(planted(200, 300, np.ones(200) + 1e-6 * rng.random(200), rng))
+    G = M @ M.T
+    lam = torch.linalg.eigvalsh(G).flip(0)
+    assert _subspace_top(G, lam, 20) is None  # sigma_20 and sigma_31 coincide: nothing to certify
+    dec = decompose(M, vectors="subspace")  # still exact: full eigh
+    assert dec.method == "exact-gram-f64" and dec.U.shape == (200, 20)
+    np.testing.assert_allclose((dec.U.T @ dec.U).numpy(), np.eye(20), atol=1e-10)
+    with pytest.raises(ValueError, match="vectors"):
+        decompose(M, vectors="lanczos")

@@ -159,3 +159,16 @@ def test_overlap_bounded_and_symmetric(seed, k):
         assert a[key] == pytest.approx(b[key], abs=1e-9)
     assert 0.0 <= a["subspace_overlap_u"] <= 1.0 + 1e-12 and 0.0 <= a["subspace_overlap_v"] <= 1.0 + 1e-12
     assert 0.0 <= a["max_principal_angle_deg"] <= 90.0 + 1e-9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_subspace_iteration_vectors_give_the_same_alignment(device):
+    Qu, Qv, _ = _bases(9)
+    th = math.radians(35.0)
+    DT = _update(Qu, Qv, Qu[:, :24], Qv[:, :24])
+    Dt = ((math.cos(th) * Qu[:, :24] + math.sin(th) * Qu[:, 24:48]) * TOP) @ Qv[:, :24].T \
+        + (Qu[:, 72:96] * TAIL[:24]) @ Qv[:, 24:48].T
+    dt, dT = torch.tensor(Dt, device=device), torch.tensor(DT, device=device)
+    got = alignment_metrics(decompose(dt, vectors="subspace"), decompose(dT, vectors="subspace"), dt, dT)
+    assert got["subspace_overlap_u"] == pytest.approx(math.cos(th) ** 2, abs=1e-9)
+    assert got["paired_cosine"] == pytest.approx(math.cos(th), abs=1e-9)

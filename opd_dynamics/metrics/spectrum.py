@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .norms import sum_squares64
+
 EPS64 = float(torch.finfo(torch.float64).eps)
 #: below this smaller dimension the Gram route saves nothing: use the SVD directly.
 MIN_GRAM_DIM = 32
@@ -21,6 +23,11 @@ MIN_GRAM_DIM = 32
 #: (this bounds the effective-rank error to about 40x that, far inside the 1e-3 policy).
 GRAM_L1_TOL = 1e-6
 DEFAULT_KS = (1, 4, 16, 64)
+#: Gram sides at least this large get their top-k eigenvectors by certified Chebyshev-filtered subspace
+#: iteration (eigvalsh + a few block products); smaller ones, or any failure to certify, use full eigh.
+SUBSPACE_MIN_DIM = 1024
+#: a Ritz pair is accepted when its residual and its distance to the exact eigenvalue are below this x lambda_1
+RITZ_TOL = 1e-10
 
 
 @dataclass
@@ -49,10 +56,6 @@ def _check_matrix(m: Tensor) -> None:
         raise ValueError(f"decompose expects a floating-point matrix, got {m.dtype}")
 
 
-def _fro2(M: Tensor) -> float:
-    return float(torch.linalg.vector_norm(M)) ** 2
-
-
 def _unit_columns(X: Tensor) -> Tensor:
     """Normalise columns to length 1; all-zero columns stay zero."""
     n = torch.linalg.vector_norm(X, dim=0)
@@ -67,7 +70,97 @@ def _svd_route(M: Tensor, k_vec: int) -> Decomposition:
                          True, tuple(M.shape), int((S > tol).sum()))
 
 
-def _gram_route(M: Tensor, k_vec: int) -> Decomposition | None:
+def _cheb_x(lam: float, a: float, b: float) -> float:
+    return (2 * lam - a - b) / (b - a)
+
+
+def _chebyshev_filter(op, X: Tensor, a: float, b: float, top: float, degree: int) -> Tensor:
+    """Scaled Chebyshev filter (Zhou & Saad 2007) of the operator ``op``: damps eigenvalues in [a, b],
+    amplifies those above b, scaled so that p(top) = 1 (no overflow)."""
+    e, c = (b - a) / 2, (b + a) / 2
+    sigma = e / (c - top)
+    tau = 2 / sigma
+    Y = (op(X) - c * X) * (sigma / e)
+    for _ in range(degree - 1):
+        sigma_new = 1 / (tau - sigma)
+        Y, X = (op(Y) - c * Y) * (2 * sigma_new / e) - (sigma * sigma_new) * X, Y
+        sigma = sigma_new
+    return Y
+
+
+def _subspace_top(G: Tensor, lam: Tensor, k: int, extra: int = 10, max_products: int = 300,
+                  dynamic_range: float = 1e8) -> Tensor | None:
+    """Top-k eigenvectors of symmetric PSD G given its exact eigenvalues lam (descending), or None.
+
+    Chebyshev-filtered subspace iteration with locking on a block of k + extra vectors. A Ritz pair is
+    locked only when certified: residual ||G x - theta x|| and |theta - lam_i| (its exact eigenvalue
+    in order) both below RITZ_TOL * lam_1, so a missed direction cannot pass. Locked vectors are
+    deflated (mapped to eigenvalue 0, inside the damped interval). The filter degree is capped so the
+    spread between the largest and smallest wanted values stays within ``dynamic_range`` (beyond that
+    the small wanted components would drown in rounding). None when not certified within
+    ``max_products`` block products with G.
+    """
+    m = G.shape[0]
+    p = min(m, k + extra)
+    lam_h = lam.tolist()
+    lam1 = lam_h[0]
+    if p >= m or lam1 <= 0:
+        return None
+    a, b = min(lam_h[-1], 0.0), lam_h[p]
+    if not lam_h[k - 1] > b * (1 + 1e-3) or b - a <= 1e-14 * lam1:
+        return None  # no usable gap between the wanted and the damped parts
+    tol = RITZ_TOL * lam1
+    gen = torch.Generator(device=G.device).manual_seed(0)
+    X = torch.randn(m, p, generator=gen, device=G.device, dtype=G.dtype)
+    L = X[:, :0]
+    lam_t = lam.to(G.dtype)
+    used = 0
+    while used < max_products:
+        j = L.shape[1]
+        lamL = lam_t[:j]
+
+        def op(Y, L=L, lamL=lamL):
+            return G @ Y - L @ (lamL[:, None] * (L.T @ Y))
+
+        x_top, x_k = _cheb_x(lam_h[j], a, b), _cheb_x(lam_h[k - 1], a, b)
+        spread = math.acosh(x_top) - math.acosh(x_k)
+        degree = int(max(1, min(20, math.log(dynamic_range) // max(spread, 1e-12))))
+        X = torch.linalg.qr(X - L @ (L.T @ X))[0]
+        X = _chebyshev_filter(op, X, a, b, lam_h[j], degree)
+        used += degree + 1
+        X = torch.linalg.qr(X - L @ (L.T @ X))[0]
+        theta, W = torch.linalg.eigh(X.T @ op(X))
+        X = X @ W.flip(1)
+        theta = theta.flip(0)
+        R = G @ X[:, : k - j] - X[:, : k - j] * theta[: k - j]
+        ok = (torch.linalg.vector_norm(R, dim=0) <= tol) & ((theta[: k - j] - lam_t[j:k]).abs() <= tol)
+        n_ok = int(torch.cumprod(ok.to(torch.int64), 0).sum())  # lock a leading run only
+        if n_ok:
+            L = torch.cat([L, X[:, :n_ok]], dim=1)
+            X = X[:, n_ok:]
+            if L.shape[1] >= k:
+                return L[:, :k].contiguous()
+    return None
+
+
+def top_eigenvectors(G: Tensor, lam: Tensor, k: int, vectors: str = "auto") -> Tensor:
+    """Top-k eigenvectors of G (columns, by descending eigenvalue); lam: its eigenvalues, descending.
+
+    vectors='auto': certified subspace iteration on CUDA for sides >= SUBSPACE_MIN_DIM, else full eigh;
+    'subspace' tries it at any size; 'eigh' always uses torch.linalg.eigh. Failures fall back to eigh.
+    """
+    if vectors not in ("auto", "subspace", "eigh"):
+        raise ValueError(f"vectors must be 'auto', 'subspace' or 'eigh', got {vectors!r}")
+    m = G.shape[0]
+    if vectors == "subspace" or (vectors == "auto" and G.is_cuda and m >= SUBSPACE_MIN_DIM):
+        Q = _subspace_top(G, lam, k)
+        if Q is not None:
+            return Q
+    return torch.linalg.eigh(G)[1].flip(1)[:, :k].contiguous()
+
+
+
+def _gram_route(M: Tensor, k_vec: int, vectors: str = "auto") -> Decomposition | None:
     """Eigen-decompose the Gram matrix on the smaller side; None when it cannot resolve the spectrum.
 
     The eigenvalues of G carry an absolute error of about dl = max(m, n) * eps * lambda_max, so each
@@ -77,12 +170,12 @@ def _gram_route(M: Tensor, k_vec: int) -> Decomposition | None:
     rows, cols = M.shape
     left = rows <= cols
     G = M @ M.T if left else M.T @ M
+    Q = None
+    lam = torch.linalg.eigvalsh(G).flip(0)  # descending
     if k_vec > 0:
-        lam, Q = torch.linalg.eigh(G)
-        Q = Q.flip(1)
-    else:
-        lam, Q = torch.linalg.eigvalsh(G), None
-    lam = lam.flip(0).clamp_min(0)
+        k = min(k_vec, lam.numel())
+        Q = top_eigenvectors(G, lam, k, vectors=vectors)
+    lam = lam.clamp_min(0)
     sig = lam.sqrt()
     dl = max(rows, cols) * EPS64 * float(lam[0])
     floor = math.sqrt(dl)
@@ -102,6 +195,8 @@ def _gram_route(M: Tensor, k_vec: int) -> Decomposition | None:
 
 
 def _randomized_route(M: Tensor, k_vec: int, oversample: int, niter: int, seed: int) -> Decomposition:
+    """torch.svd_lowrank in the input's precision (float32 for float32 deltas: the sketch only has to
+    meet the 1e-2 fast-mode policy), results returned in float64."""
     r = min(M.shape)
     keep = min(max(k_vec, 64), r)
     q = min(max(k_vec, 64) + oversample, r)
@@ -109,22 +204,25 @@ def _randomized_route(M: Tensor, k_vec: int, oversample: int, niter: int, seed: 
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
-    S, U, V = S[:keep], U[:, :keep], V[:, :keep]
-    tol = max(M.shape) * EPS64 * float(S[0])
+    S, U, V = (x.to(torch.float64) for x in (S[:keep], U[:, :keep], V[:, :keep]))
+    tol = max(M.shape) * float(torch.finfo(M.dtype).eps) * float(S[0])
     k = min(k_vec, keep)
     return Decomposition(S.contiguous(), U[:, :k].contiguous(), V[:, :k].contiguous(), 0.0,
                          f"randomized-q{q}", False, tuple(M.shape), int((S > tol).sum()))
 
 
 def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: int = 10,
-              niter: int = 2, *, exact_method: str = "auto", seed: int = 0) -> Decomposition:
+              niter: int = 2, *, exact_method: str = "auto", vectors: str = "auto",
+              seed: int = 0) -> Decomposition:
     """Decompose one (out, in) matrix in float64 on its device.
 
     mode='exact': Gram + eigh on the smaller side ('exact-gram-f64'); the float64 SVD
     ('exact-svd-f64') when min(m, n) < MIN_GRAM_DIM or the Gram route cannot resolve the spectrum
     (see _gram_route). ``exact_method`` 'gram' | 'svd' forces a route ('gram' still falls back when
-    unsafe). mode='fast': torch.svd_lowrank with q = max(k_vectors, 64) + oversample (seeded, so
-    reproducible), keeping the top max(k_vectors, 64) values, full=False. k_vectors=0 skips the
+    unsafe). On the Gram route the eigenvalues come from eigvalsh and the top-k vectors from certified
+    subspace iteration (``vectors`` 'auto' | 'subspace' | 'eigh', see top_eigenvectors).
+    mode='fast': torch.svd_lowrank with q = max(k_vectors, 64) + oversample (seeded, so reproducible;
+    float32 for float32 input), keeping the top max(k_vectors, 64) values, full=False. k_vectors=0 skips the
     singular vectors (eigvalsh only). A matrix with NaN/Inf gives method 'nonfinite' (all NaN,
     never raises); a zero matrix gives method 'zero' (all zeros, no vectors).
     """
@@ -133,10 +231,10 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
         raise ValueError(f"decompose: mode must be 'exact' or 'fast', got {mode!r}")
     if exact_method not in ("auto", "gram", "svd"):
         raise ValueError(f"decompose: exact_method must be 'auto', 'gram' or 'svd', got {exact_method!r}")
-    M = m.to(torch.float64)
+    M = m.to(torch.float32 if (mode == "fast" and m.dtype != torch.float64) else torch.float64)
     shape = (int(M.shape[0]), int(M.shape[1]))
     r = min(shape)
-    fro2 = _fro2(M) if M.numel() else 0.0
+    fro2 = sum_squares64(M) if M.numel() else 0.0
     if not math.isfinite(fro2) or not bool(torch.isfinite(M).all()):
         n = r if mode == "exact" else min(max(k_vectors, 64), r)
         return Decomposition(torch.full((n,), math.nan, dtype=torch.float64, device=M.device),
@@ -149,7 +247,7 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     else:
         dec = None
         if exact_method == "gram" or (exact_method == "auto" and r >= MIN_GRAM_DIM):
-            dec = _gram_route(M, k_vectors)
+            dec = _gram_route(M, k_vectors, vectors)
         if dec is None:
             dec = _svd_route(M, k_vectors)
             if k_vectors == 0:
