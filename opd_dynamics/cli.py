@@ -147,3 +147,6 @@ def analyze(run, runs, base, steps, groups, load_mode, out, overwrite, svd, geom
 from opd_dynamics.effopd import cli as _effopd_cli  # noqa: E402
 main.add_command(_effopd_cli.extrapolate)
 main.add_command(_effopd_cli.effopd)
+from opd_dynamics.plotting_cli import plot_cmd as _plot_cmd, report_cmd as _report_cmd  # noqa: E402
+main.add_command(_plot_cmd)
+main.add_command(_report_cmd)

@@ -131,8 +131,14 @@ def write_dirs(tmp_path, tables=None):
         tables[n].to_csv(analysis / f"{n}.csv", index=False)
     (analysis / "run.json").write_text(json.dumps({
         "version": "0.1.0", "command": "opd-dynamics analyze --run opd=a --run grpo=b --base s --out x",
-        "inputs": {"opd": {"path": "/runs/opd", "steps": [10, 20, 40]}}, "timings": {"total_s": 1.5},
-        "skipped": [{"tensor": "model.rotary.inv_freq", "reason": "not a weight"}]}))
+        "python": "3.11.9", "torch": "2.13.0",
+        "inputs": [{"run": r, "base": "/runs/student_init", "base_header_sha256": "ab" * 32, "base_bytes": 1000,
+                    "steps": [{"step": st, "path": f"/runs/{r}/checkpoint-{st}", "header_sha256": "cd" * 32,
+                               "bytes": 1000} for st in STEPS], "tensors": 31, "bytes_to_read": 4000}
+                   for r in RUNS],
+        "timings_s": {"plan": 0.1, "total": 1.5, "tensor_compute_sum": 2.5},
+        "skipped": [{"tensor": "model.rotary_emb.inv_freq", "reason": "not in the base <checkpoint>"}],
+        "failed": []}))
     for r in ("opd", "grpo"):
         ev = tables["eval"]
         ev[ev["run"] == r].to_csv(lab / r / "eval.csv", index=False)
