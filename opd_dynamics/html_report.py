@@ -133,6 +133,8 @@ def _scalar(v: Any) -> str:
     if isinstance(v, (dict, list)):
         s = json.dumps(v, default=str)
         return s if len(s) <= 160 else s[:157] + "…"
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return v[:12] + "…"  # a sha256: the prefix identifies it; the full value is in run.json below
     return "" if v is None else str(v)
 
 
@@ -150,7 +152,8 @@ def _records(v: Any, limit: int = 50) -> str:
 
 
 def provenance_html(source: str, meta: dict) -> str:
-    """One run.json: version, command, inputs, timings, skipped and failed tensors, then the whole file."""
+    """One provenance file (run.json, lab.json, ...): version, command, other top-level values, inputs,
+    timings, skipped and failed tensors, then the whole file."""
     parts = [f"<h3>{html.escape(source)}</h3>"]
     head = {k: meta[k] for k in ("version", "python", "torch") if k in meta}
     if head:
@@ -158,6 +161,11 @@ def provenance_html(source: str, meta: dict) -> str:
                                           for k, v in head.items()) + "</p>")
     if "command" in meta:
         parts.append(f"<p>command: <code>{html.escape(str(meta['command']))}</code></p>")
+    shown = {"version", "python", "torch", "command", "inputs", "timings_s", "timings", "device", "dtype"}
+    scalars = {k: v for k, v in meta.items() if k not in shown and not isinstance(v, (dict, list))
+               and "skip" not in k.lower() and "fail" not in k.lower()}
+    if scalars:
+        parts.append(_records(scalars))
     for key, title in (("inputs", "Inputs"), ("timings_s", "Timings (s)"), ("timings", "Timings"),
                        ("device", "Device"), ("dtype", "Dtype")):
         if key in meta:

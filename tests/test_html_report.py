@@ -84,6 +84,7 @@ def test_report_is_self_contained_and_embeds_every_claimed_figure(tmp_path):
     assert "steps 10, 20, 40" in text
     assert "not in the base <checkpoint>" in text
     assert "step speedup vs vanilla" in text
+    assert str(dirs[0] / "run.json") in text and str(dirs[1] / "lab.json") in text
     assert sorted(p.name for p in out.parent.iterdir()) == ["index.html"]  # no temporary file left
 
 

@@ -139,6 +139,7 @@ def write_dirs(tmp_path, tables=None):
         "timings_s": {"plan": 0.1, "total": 1.5, "tensor_compute_sum": 2.5},
         "skipped": [{"tensor": "model.rotary_emb.inv_freq", "reason": "not in the base <checkpoint>"}],
         "failed": []}))
+    (lab / "lab.json").write_text(json.dumps({"preset": "smoke", "seed": 0, "timings_s": {"teacher": 30.0}}))
     for r in ("opd", "grpo"):
         ev = tables["eval"]
         ev[ev["run"] == r].to_csv(lab / r / "eval.csv", index=False)

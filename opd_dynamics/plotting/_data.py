@@ -16,13 +16,15 @@ from opd_dynamics.errors import InputError
 # tables that carry one run per lab directory (a missing 'run' column is filled from the directory name)
 _PER_RUN_TABLES = {"eval", "module_allocation", "spectrum", "singular_values", "alignment", "geometry",
                    "embedding", "summary"}
+# provenance files shown in reports (analysis, lab run, EffOPD measurement, interventions)
+PROVENANCE_FILES = ("run.json", "lab.json", "effopd.json", "interventions.json")
 _INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "numel", "n_rows", "seed", "center_layer",
                 "first_layer", "last_layer")
 
 
 @dataclass
 class Tables:
-    """Merged tables of one or more output directories, and the run.json of each (for provenance)."""
+    """Merged tables of one or more output directories, and their provenance files: (path, parsed JSON)."""
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     metas: list[tuple[str, dict]] = field(default_factory=list)
@@ -32,7 +34,7 @@ class Tables:
         return self.metas[0][1] if self.metas else {}
 
 
-def _read_dir(d: Path) -> tuple[dict[str, pd.DataFrame], dict | None]:
+def _read_dir(d: Path) -> tuple[dict[str, pd.DataFrame], list[tuple[str, dict]]]:
     tables: dict[str, pd.DataFrame] = {}
     for p in sorted(d.glob("*.csv")):
         try:
@@ -44,13 +46,16 @@ def _read_dir(d: Path) -> tuple[dict[str, pd.DataFrame], dict | None]:
         if "run" not in df.columns and p.stem in _PER_RUN_TABLES:
             df.insert(0, "run", d.name)
         tables[p.stem] = df
-    meta = None
-    if (d / "run.json").exists():
-        try:
-            meta = json.loads((d / "run.json").read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(d / "run.json", f"is not valid JSON ({e.msg} at line {e.lineno})") from e
-    return tables, meta
+    metas = []
+    for name in PROVENANCE_FILES:
+        f = d / name
+        if f.exists():
+            try:
+                meta = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise InputError(f, f"is not valid JSON ({e.msg} at line {e.lineno})") from e
+            metas.append((str(f), meta if isinstance(meta, dict) else {"content": meta}))
+    return tables, metas
 
 
 def load_tables(dirs: str | Path | Iterable[str | Path]) -> Tables:
@@ -65,12 +70,11 @@ def load_tables(dirs: str | Path | Iterable[str | Path]) -> Tables:
             raise InputError(d, "is not a directory of result tables")
         found = False
         for sub in [d] + sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            tables, meta = _read_dir(sub)
+            tables, metas = _read_dir(sub)
             found = found or bool(tables)
             for k, v in tables.items():
                 parts.setdefault(k, []).append(v)
-            if meta is not None:
-                out.metas.append((str(sub), meta))
+            out.metas.extend(metas)
         if not found:
             raise InputError(d, "holds no CSV tables (neither in it nor in its immediate subdirectories)")
     out.tables = {k: _normalise(pd.concat(v, ignore_index=True).drop_duplicates(ignore_index=True))

@@ -23,6 +23,10 @@ _ALIGN_LABELS = {"paired_cosine": "paired cosine of top-20 u$_i$ to final",
                  "subspace_overlap_v": "subspace overlap V$_k$ with final",
                  "rank1_cosine": "|cos(u$_1$, u$_1$ final)|", "direction_cosine": "cos(ΔW$_t$, ΔW$_T$)"}
 
+_ALIGN_TITLES = {"paired_cosine": "paired cosine (top 20)", "subspace_overlap_u": "left subspace overlap (top k)",
+                 "subspace_overlap_v": "right subspace overlap (top k)", "rank1_cosine": "rank-1 cosine",
+                 "direction_cosine": "whole-update cosine"}
+
 
 def _group_title(g: str) -> str:
     return {"attention": "Attention", "mlp": "MLP"}.get(g, g)
@@ -147,7 +151,7 @@ def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subs
                     continue
                 iqr_band(ax, x["progress"], x["q25"], x["q75"], colors[r])
                 ax.plot(x["progress"], x["median"], color=colors[r], marker=GROUP_MARKERS.get(g, "o"), label=r)
-            ax.set_title(f"{_group_title(g)}: {m.replace('_', ' ')}")
+            ax.set_title(f"{_group_title(g)}: {_ALIGN_TITLES.get(m, m)}")
             ax.set_ylabel(_ALIGN_LABELS.get(m, m) if j == 0 else "")
             if i == len(metrics) - 1:
                 ax.set_xlabel("training progress (step / final step)")
