@@ -265,6 +265,8 @@ def test_scaling_rank_rescale(tables):
     for ax in fig.axes:
         assert sorted(ln.get_label() for ln in _labelled_lines(ax)) == ["grpo", "grpo (rescaled)", "opd",
                                                                         "opd (rescaled)"]
+    frac = tables["rank"].assign(pct=tables["rank"]["pct"] / 100)  # pct given as fractions reads the same
+    np.testing.assert_allclose(P.plot_rank_recovery({"rank": frac}).axes[0].get_lines()[0].get_xdata(), [1, 10, 50, 100])
     fig = P.plot_rescale(tables)
     left, right = fig.axes
     assert len(_labelled_lines(left)) == 4  # rescaled + as-trained, per run

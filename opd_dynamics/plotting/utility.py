@@ -42,6 +42,8 @@ def plot_rank_recovery(report: Any) -> Figure:
     components; dashed: rescaled to the full update's Frobenius norm."""
     d = _table(report, "rank", ["run", "side", "pct", "rescaled", "accuracy"])
     d = d.assign(rescaled=as_bool(d["rescaled"]), pct=numeric(d["pct"]), accuracy=numeric(d["accuracy"]))
+    if np.nanmax(d["pct"]) <= 1.0:  # given as fractions (0.01 = 1%)
+        d["pct"] = d["pct"] * 100
     runs = order_runs(d["run"].unique())
     colors = run_colors(runs)
     fig, axes = new_figure(1, 2, sharey=True)
