@@ -26,6 +26,8 @@ DEFAULT_KS = (1, 4, 16, 64)
 #: Gram sides at least this large get their top-k eigenvectors by certified Chebyshev-filtered subspace
 #: iteration (eigvalsh + a few block products); smaller ones, or any failure to certify, use full eigh.
 SUBSPACE_MIN_DIM = 1024
+#: beyond this many vectors (e.g. the base's top 20% for geometry) a full eigh is cheaper than the block
+SUBSPACE_MAX_K = 64
 #: a Ritz pair is accepted when its residual and its distance to the exact eigenvalue are below this x lambda_1
 RITZ_TOL = 1e-10
 
@@ -146,13 +148,16 @@ def _subspace_top(G: Tensor, lam: Tensor, k: int, extra: int = 10, max_products:
 def top_eigenvectors(G: Tensor, lam: Tensor, k: int, vectors: str = "auto") -> Tensor:
     """Top-k eigenvectors of G (columns, by descending eigenvalue); lam: its eigenvalues, descending.
 
-    vectors='auto': certified subspace iteration on CUDA for sides >= SUBSPACE_MIN_DIM, else full eigh;
+    vectors='auto': certified subspace iteration on CUDA for sides >= SUBSPACE_MIN_DIM and
+    k <= SUBSPACE_MAX_K (measured faster there on an H200: 3584-side Gram 0.095 s vs 0.161 s with eigh),
+    else full eigh (faster on CPU);
     'subspace' tries it at any size; 'eigh' always uses torch.linalg.eigh. Failures fall back to eigh.
     """
     if vectors not in ("auto", "subspace", "eigh"):
         raise ValueError(f"vectors must be 'auto', 'subspace' or 'eigh', got {vectors!r}")
     m = G.shape[0]
-    if vectors == "subspace" or (vectors == "auto" and G.is_cuda and m >= SUBSPACE_MIN_DIM):
+    if vectors == "subspace" or (vectors == "auto" and G.is_cuda and m >= SUBSPACE_MIN_DIM
+                                 and k <= SUBSPACE_MAX_K):
         Q = _subspace_top(G, lam, k)
         if Q is not None:
             return Q
