@@ -145,24 +145,28 @@ def _subspace_top(G: Tensor, lam: Tensor, k: int, extra: int = 10, max_products:
     return None
 
 
-def top_eigenvectors(G: Tensor, lam: Tensor, k: int, vectors: str = "auto") -> Tensor:
-    """Top-k eigenvectors of G (columns, by descending eigenvalue); lam: its eigenvalues, descending.
+def gram_eig(G: Tensor, k: int, vectors: str = "auto") -> tuple[Tensor, Tensor | None]:
+    """All eigenvalues of symmetric PSD G (descending) and its top-k eigenvectors (None when k == 0).
 
-    vectors='auto': certified subspace iteration on CUDA for sides >= SUBSPACE_MIN_DIM and
-    k <= SUBSPACE_MAX_K (measured faster there on an H200: 3584-side Gram 0.095 s vs 0.161 s with eigh),
-    else full eigh (faster on CPU);
-    'subspace' tries it at any size; 'eigh' always uses torch.linalg.eigh. Failures fall back to eigh.
+    vectors='auto': eigvalsh + certified subspace iteration on CUDA for sides >= SUBSPACE_MIN_DIM and
+    k <= SUBSPACE_MAX_K (measured faster there on an H200: 3584-side Gram 0.095 s vs 0.161 s with
+    eigh); otherwise one full eigh (faster on CPU). 'subspace' tries the iteration at any size, 'eigh'
+    never. An uncertified iteration falls back to eigh.
     """
     if vectors not in ("auto", "subspace", "eigh"):
         raise ValueError(f"vectors must be 'auto', 'subspace' or 'eigh', got {vectors!r}")
     m = G.shape[0]
+    k = min(k, m)
+    if k == 0:
+        return torch.linalg.eigvalsh(G).flip(0), None
     if vectors == "subspace" or (vectors == "auto" and G.is_cuda and m >= SUBSPACE_MIN_DIM
                                  and k <= SUBSPACE_MAX_K):
+        lam = torch.linalg.eigvalsh(G).flip(0)
         Q = _subspace_top(G, lam, k)
         if Q is not None:
-            return Q
-    return torch.linalg.eigh(G)[1].flip(1)[:, :k].contiguous()
-
+            return lam, Q
+    lam, Q = torch.linalg.eigh(G)
+    return lam.flip(0), Q.flip(1)[:, :k].contiguous()
 
 
 def _gram_route(M: Tensor, k_vec: int, vectors: str = "auto") -> Decomposition | None:
@@ -175,11 +179,7 @@ def _gram_route(M: Tensor, k_vec: int, vectors: str = "auto") -> Decomposition |
     rows, cols = M.shape
     left = rows <= cols
     G = M @ M.T if left else M.T @ M
-    Q = None
-    lam = torch.linalg.eigvalsh(G).flip(0)  # descending
-    if k_vec > 0:
-        k = min(k_vec, lam.numel())
-        Q = top_eigenvectors(G, lam, k, vectors=vectors)
+    lam, Q = gram_eig(G, k_vec, vectors)  # descending
     lam = lam.clamp_min(0)
     sig = lam.sqrt()
     dl = max(rows, cols) * EPS64 * float(lam[0])
@@ -225,7 +225,7 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     ('exact-svd-f64') when min(m, n) < MIN_GRAM_DIM or the Gram route cannot resolve the spectrum
     (see _gram_route). ``exact_method`` 'gram' | 'svd' forces a route ('gram' still falls back when
     unsafe). On the Gram route the eigenvalues come from eigvalsh and the top-k vectors from certified
-    subspace iteration (``vectors`` 'auto' | 'subspace' | 'eigh', see top_eigenvectors).
+    subspace iteration (``vectors`` 'auto' | 'subspace' | 'eigh', see gram_eig).
     mode='fast': torch.svd_lowrank with q = max(k_vectors, 64) + oversample (seeded, so reproducible;
     float32 for float32 input), keeping the top max(k_vectors, 64) values, full=False. k_vectors=0 skips the
     singular vectors (eigvalsh only). A matrix with NaN/Inf gives method 'nonfinite' (all NaN,
