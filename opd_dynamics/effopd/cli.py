@@ -91,3 +91,30 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
                              max_shard_bytes=parse_size(max_shard_size), load_mode=load_mode)
     click.echo(f"accepted k={rec.k_accepted} (coef {rec.coef:g}); scores "
                + ", ".join(f"k{k}={s:g}" for k, s in enumerate(rec.scores)) + f"; wrote {out}")
+
+
+@click.command("effopd")
+@click.option("--preset", type=click.Choice(["smoke", "default"]), default="smoke", show_default=True)
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0 … N−1 (each runs all three methods).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--lab", "lab_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Existing lab directory whose teacher/ and student_init/ to start from (default: build them).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps per run (default: the preset's rl_steps).")
+@click.option("--eval-every", type=int, default=None, help="Held-out evaluation interval (default 2 smoke, 10 default).")
+@click.option("--fixed-k", type=int, default=2, show_default=True, help="k of the fixed baseline (coef 2k).")
+@click.option("--n-val", type=int, default=50, show_default=True, help="EffOPD validation prompts (from training).")
+@click.option("--strict", is_flag=True, help="EffOPD accepts only strictly better validation scores.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def lab_effopd(preset, seeds, out, lab_dir, steps, eval_every, fixed_k, n_val, strict, overwrite) -> None:
+    """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
+    import sys
+
+    from opd_dynamics.lab.effopd import options_for, run_effopd_lab
+
+    try:
+        path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite,
+                              options=options_for(preset, steps, eval_every, fixed_k, n_val, strict))
+    except InputError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {path}")

@@ -1,0 +1,256 @@
+"""The lab's EffOPD measurement: vanilla OPD vs EffOPD (adaptive) vs a fixed coefficient, same seeds and budget.
+
+Per seed, three real OPD runs (TRL DistillationTrainer, the lab's preset) start from the same student_init with
+the same teacher, train prompts, optimizer steps and run seed; they differ only in what happens at the trigger
+steps 1, 2, 4, 8, …:
+
+- ``vanilla``: nothing;
+- ``effopd``: the published adaptive search (K = 5 candidates W_t + 2kΔ, accept while the validation accuracy
+  — greedy exact match on 50 prompts sampled from the training prompts — is ≥ the best so far);
+- ``fixed``: always jump with a fixed k (default 2, i.e. W_t + 4Δ, the middle of the published range), no
+  validation — what the adaptive choice adds over a blind jump.
+
+Held-out greedy accuracy is measured at step 0, at every trigger step and every ``eval_every`` steps, and at
+the end; that measurement is excluded from ``wall_s`` (training wall-clock, EffOPD's own validation included,
+reported separately as ``validation_s``). ``steps_to_target`` is the first measured step whose held-out accuracy
+is ≥ 95 % of vanilla's final held-out accuracy for that seed.
+
+Teacher and student come from an existing lab directory (``--lab DIR``: ``DIR/teacher``, ``DIR/student_init``;
+its train/held-out split, from ``DIR/lab.json``'s seed, is reused so held-out prompts stay unseen) or are
+built here once (SFT as the lab does) and shared by every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+
+from opd_dynamics.effopd.callback import EffOPDCallback, sample_validation
+from opd_dynamics.effopd.search import is_power_of_two
+from opd_dynamics.errors import InputError
+from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.presets import LabPreset, get_preset
+from opd_dynamics.lab.task import build_tokenizer
+from opd_dynamics.lab.train import build_opd_trainer, splits_for, train_teacher_and_student
+
+METHODS = ("vanilla", "effopd", "fixed")
+SUMMARY_COLUMNS = ["seed", "method", "steps_to_target", "final_accuracy", "wall_s", "validation_s"]
+CURVE_COLUMNS = ["seed", "method", "step", "accuracy", "wall_s"]
+TRIGGER_COLUMNS = ["seed", "method", "step", "k_accepted", "coef", "scores"]
+
+
+@dataclass(frozen=True)
+class EffOPDLabOptions:
+    """What the measurement does besides the lab preset (steps default to the preset's ``rl_steps``)."""
+
+    max_steps: int | None = None
+    eval_every: int = 10
+    n_val: int = 50
+    k_max: int = 5
+    fixed_k: int = 2
+    strict: bool = False
+    target_fraction: float = 0.95
+
+
+class _Curve(TrainerCallback):
+    """Held-out accuracy at chosen steps; its own time is kept out of the training wall-clock."""
+
+    def __init__(self, tok, heldout, eval_every: int, max_steps: int, log: Callable[[str], None], label: str):
+        self.tok, self.heldout, self.eval_every, self.max_steps = tok, heldout, eval_every, max_steps
+        self.rows: list[dict] = []
+        self.eval_s = 0.0
+        self.t0 = 0.0
+        self.log, self.label = log, label
+
+    def _measure(self, model, step: int) -> None:
+        t = time.perf_counter()
+        wall = t - self.t0 - self.eval_s
+        acc = evaluate_model(model, self.tok, self.heldout)["accuracy"]
+        self.rows.append({"step": step, "accuracy": acc, "wall_s": wall})
+        self.eval_s += time.perf_counter() - t
+        if step % (self.eval_every * 5) == 0 or step == self.max_steps:
+            self.log(f"  {self.label} step {step}: held-out accuracy {acc:.3f} (train wall {wall:.0f}s)")
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.t0 = time.perf_counter()
+        self._measure(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        s = state.global_step
+        if s % self.eval_every == 0 or is_power_of_two(s) or s == self.max_steps:
+            was = model.training
+            self._measure(model, s)
+            model.train(was)
+        return control
+
+
+def steps_to_target(curve: pd.DataFrame, target: float) -> float:
+    """First measured step with accuracy ≥ target (NaN if never)."""
+    hit = curve[curve["accuracy"] >= target - 1e-12].sort_values("step")
+    return float(hit["step"].iloc[0]) if len(hit) else float("nan")
+
+
+def _models(lab: Path | None, work: Path, p: LabPreset, log) -> tuple[Path, Path, int]:
+    """(teacher dir, student_init dir, data seed)."""
+    if lab is not None:
+        t, s = lab / "teacher", lab / "student_init"
+        for d in (t, s):
+            if not (d / "config.json").exists():
+                raise InputError(lab, f"is not a lab directory: {d.name}/ with config.json is missing")
+        data_seed = 0
+        meta = lab / "lab.json"
+        if meta.exists():
+            data_seed = int(json.loads(meta.read_text()).get("seed", 0))
+        return t, s, data_seed
+    log("[effopd] no --lab given: training teacher and student_init once (lab SFT), shared by every seed")
+    train_teacher_and_student(work, p, 0, log=log)
+    return work / "teacher", work / "student_init", 0
+
+
+def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: int, p: LabPreset,
+             opt: EffOPDLabOptions, work: Path, log) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    from datasets import Dataset
+
+    tok = build_tokenizer()
+    sp = splits_for(p, data_seed)
+    held = sp.heldout[: p.n_eval]
+    steps = opt.max_steps or p.rl_steps
+    curve = _Curve(tok, held, opt.eval_every, steps, log, f"seed {seed} {method}")
+    callbacks: list = []
+    eff = None
+    if method != "vanilla":
+        val = sample_validation(({"prompt": q.prompt, "answer": q.answer} for q in sp.train), opt.n_val, seed)
+        probs = [q for q in sp.train if q.prompt in {r["prompt"] for r in val}]
+
+        def score(model) -> float:
+            return evaluate_model(model, tok, probs)["accuracy"]
+
+        eff = EffOPDCallback(score if method == "effopd" else None, k_max=opt.k_max, strict=opt.strict,
+                             fixed_k=opt.fixed_k if method == "fixed" else None, max_step=steps,
+                             csv_path=work / f"{method}-{seed}-triggers.csv")
+        callbacks.append(eff)
+    callbacks.append(curve)  # after EffOPD: the curve sees the weights training continues from
+    out_dir = work / f"{method}-{seed}"
+    trainer = build_opd_trainer(student, teacher, out_dir, p, seed, callbacks, max_steps=steps,
+                                save_steps=steps + 1)
+    # the trainer's prompts must be the split the student and held-out set come from (data_seed), whatever the
+    # run seed: another split would put held-out problems into training
+    trainer.train_dataset = Dataset.from_dict({"prompt": [q.prompt for q in sp.train],
+                                               "answer": [q.answer for q in sp.train]})
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    shutil.rmtree(out_dir, ignore_errors=True)
+    c = pd.DataFrame(curve.rows).assign(seed=seed, method=method)[CURVE_COLUMNS]
+    recs = eff.records if eff is not None else []
+    trig = pd.DataFrame([{"seed": seed, "method": method, "step": r.step, "k_accepted": r.k_accepted,
+                          "coef": r.coef, "scores": json.dumps(r.scores)} for r in recs], columns=TRIGGER_COLUMNS)
+    info = {"wall_s": total - curve.eval_s, "validation_s": sum(r.validation_s for r in recs),
+            "final_accuracy": float(c.sort_values("step")["accuracy"].iloc[-1])}
+    log(f"[effopd] seed {seed} {method}: final accuracy {info['final_accuracy']:.3f}, wall {info['wall_s']:.0f}s "
+        f"(validation {info['validation_s']:.0f}s)" + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else ""))
+    return c, trig, info
+
+
+def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: int | Sequence[int] = 3, *,
+                   lab: str | Path | None = None, options: EffOPDLabOptions | None = None, overwrite: bool = False,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
+    effopd.png and effopd.json (options, speedups, timings). Written under a temporary name, then renamed."""
+    from opd_dynamics.writer import replace_path
+
+    p = get_preset(preset)
+    opt = options or EffOPDLabOptions()
+    log = log or (lambda m: print(m, flush=True))
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    out = Path(out).resolve()
+    lab_dir = Path(lab).resolve() if lab is not None else None
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists; pass --overwrite to replace it")
+    if lab_dir is not None and (out == lab_dir or lab_dir in out.parents or out in lab_dir.parents):
+        raise InputError(out, f"overlaps the lab directory {lab_dir}; write the measurement somewhere else")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{int(time.time())}"
+    tmp.mkdir()
+    try:
+        torch.set_num_threads(p.threads)
+        t_all = time.perf_counter()
+        teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)
+        curves, trigs, rows = [], [], []
+        for seed in seed_list:
+            for method in METHODS:
+                log(f"[effopd] seed {seed}: {method} ({opt.max_steps or p.rl_steps} steps, preset {p.name})")
+                c, t, info = _one_run(method, seed, teacher, student, data_seed, p, opt, tmp, log)
+                curves.append(c)
+                trigs.append(t)
+                rows.append({"seed": seed, "method": method, **info})
+        curves_df = pd.concat(curves, ignore_index=True)
+        trig_df = pd.concat(trigs, ignore_index=True)
+        summary = summarize(curves_df, pd.DataFrame(rows), opt.target_fraction)
+        summary.to_csv(tmp / "effopd_summary.csv", index=False)
+        curves_df.to_csv(tmp / "effopd_curves.csv", index=False)
+        trig_df.to_csv(tmp / "effopd_triggers.csv", index=False)
+        meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
+                "options": opt.__dict__, "steps": opt.max_steps or p.rl_steps, "speedup": speedups(summary),
+                "total_s": round(time.perf_counter() - t_all, 1)}
+        (tmp / "effopd.json").write_text(json.dumps(meta, indent=2, default=str))
+        plot(curves_df, summary, tmp / "effopd.png", opt.target_fraction)
+        for f in tmp.glob("*-triggers.csv"):
+            f.unlink()
+        replace_path(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[effopd] wrote {out}")
+    return out
+
+
+def summarize(curves: pd.DataFrame, runs: pd.DataFrame, target_fraction: float = 0.95) -> pd.DataFrame:
+    """effopd_summary rows: steps to target = first step with held-out accuracy ≥ fraction × vanilla's final."""
+    rows = []
+    for (seed, method), c in curves.groupby(["seed", "method"], sort=False):
+        v = curves[(curves["seed"] == seed) & (curves["method"] == "vanilla")]
+        target = target_fraction * float(v.sort_values("step")["accuracy"].iloc[-1]) if len(v) else float("nan")
+        r = runs[(runs["seed"] == seed) & (runs["method"] == method)].iloc[0]
+        rows.append({"seed": seed, "method": method, "steps_to_target": steps_to_target(c, target),
+                     "final_accuracy": float(r["final_accuracy"]), "wall_s": float(r["wall_s"]),
+                     "validation_s": float(r["validation_s"])})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def speedups(summary: pd.DataFrame) -> dict:
+    """Median over seeds of vanilla's steps to target divided by each method's, and per-seed values."""
+    out: dict = {}
+    v = summary[summary["method"] == "vanilla"].set_index("seed")["steps_to_target"]
+    for m in METHODS[1:]:
+        s = summary[summary["method"] == m].set_index("seed")["steps_to_target"]
+        ratio = (v / s).dropna()
+        out[m] = {"per_seed": {int(k): float(x) for k, x in (v / s).items()},
+                  "median": float(ratio.median()) if len(ratio) else None}
+    return out
+
+
+def plot(curves: pd.DataFrame, summary: pd.DataFrame, path: Path, target_fraction: float) -> None:
+    """The project's EffOPD figure (accuracy vs steps and vs wall-clock), as a PNG."""
+    from opd_dynamics.plotting import plot_effopd_curves
+
+    fig = plot_effopd_curves({"effopd_curves": curves, "effopd_summary": summary}, target_fraction=target_fraction)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+
+
+def options_for(preset: str, max_steps: int | None, eval_every: int | None, fixed_k: int, n_val: int,
+                strict: bool) -> EffOPDLabOptions:
+    """CLI options → EffOPDLabOptions (eval every 2 steps on smoke, 10 on default unless given)."""
+    o = EffOPDLabOptions(max_steps=max_steps, fixed_k=fixed_k, n_val=n_val, strict=strict)
+    return replace(o, eval_every=eval_every or (2 if preset == "smoke" else 10))
