@@ -122,7 +122,7 @@ class TriggerRecord:
         return row
 
 
-@dataclass
+@dataclass(eq=False)
 class EffOPD:
     """Adaptive extrapolation along the recent update direction; call `after_step(step)` after each optimizer step.
 
@@ -139,8 +139,8 @@ class EffOPD:
         anchor_device: where the float32 anchor and the copy of W_t live ('cpu' keeps accelerator memory flat).
     """
 
-    model: torch.nn.Module
-    score_fn: ScoreFn | None
+    model: torch.nn.Module = field(repr=False)
+    score_fn: ScoreFn | None = field(repr=False)
     k_max: int = 5
     coef_step: float = 2.0
     strict: bool = False
