@@ -1,0 +1,126 @@
+"""Lab presets: every size, step count and learning rate of a lab run, in one frozen place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.lab.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class LabPreset:
+    """Everything that defines a lab run except the seed.
+
+    OPD and GRPO share the student init, the train prompts, ``rl_steps``, ``save_steps``,
+    ``rollouts_per_step`` sampled completions per optimizer step (OPD: that many prompts, one
+    sample each; GRPO: ``rollouts_per_step / grpo_generations`` prompts, ``grpo_generations``
+    samples each) and the learning rate.
+    """
+
+    name: str
+    digits: int
+    n_train: int
+    n_heldout: int
+    teacher: ModelSpec
+    student: ModelSpec
+    sft_batch: int
+    teacher_lr: float
+    teacher_max_steps: int
+    teacher_target: float  # teacher SFT stops early once held-out greedy accuracy reaches this
+    student_lr: float
+    student_max_steps: int
+    student_target: float  # student SFT stops at the first eval with held-out greedy accuracy >= this
+    sft_eval_every: int
+    rl_steps: int
+    save_steps: int
+    rollouts_per_step: int
+    grpo_generations: int
+    rl_lr: float
+    n_eval: int  # held-out prompts used to evaluate checkpoints
+    threads: int = 2
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for lab.json."""
+        return asdict(self)
+
+
+PRESETS: dict[str, LabPreset] = {
+    "smoke": LabPreset(
+        name="smoke",
+        digits=2,
+        n_train=8000,
+        n_heldout=400,
+        teacher=ModelSpec(hidden=64, layers=2, heads=4, intermediate=256),
+        student=ModelSpec(hidden=32, layers=6, heads=4, intermediate=64),
+        sft_batch=128,
+        teacher_lr=3e-3,
+        teacher_max_steps=1200,
+        teacher_target=0.97,
+        student_lr=1e-3,
+        student_max_steps=1500,
+        student_target=0.15,
+        sft_eval_every=25,
+        rl_steps=24,
+        save_steps=4,
+        rollouts_per_step=64,
+        grpo_generations=8,
+        rl_lr=1e-3,
+        n_eval=200,
+    ),
+    "default": LabPreset(
+        name="default",
+        digits=2,
+        n_train=8000,
+        n_heldout=1000,
+        teacher=ModelSpec(hidden=96, layers=3, heads=4, intermediate=384),
+        student=ModelSpec(hidden=48, layers=8, heads=4, intermediate=128),
+        sft_batch=128,
+        teacher_lr=3e-3,
+        teacher_max_steps=3000,
+        teacher_target=0.99,
+        student_lr=1e-3,
+        student_max_steps=3000,
+        student_target=0.15,
+        sft_eval_every=25,
+        rl_steps=200,
+        save_steps=10,
+        rollouts_per_step=64,
+        grpo_generations=8,
+        rl_lr=5e-4,
+        n_eval=500,
+    ),
+    "gpu": LabPreset(
+        name="gpu",
+        digits=3,
+        n_train=200000,
+        n_heldout=2000,
+        teacher=ModelSpec(hidden=256, layers=6, heads=8, intermediate=1024),
+        student=ModelSpec(hidden=128, layers=12, heads=4, intermediate=512),
+        sft_batch=512,
+        teacher_lr=1e-3,
+        teacher_max_steps=20000,
+        teacher_target=0.98,
+        student_lr=5e-4,
+        student_max_steps=20000,
+        student_target=0.15,
+        sft_eval_every=100,
+        rl_steps=500,
+        save_steps=20,
+        rollouts_per_step=256,
+        grpo_generations=8,
+        rl_lr=2e-4,
+        n_eval=2000,
+        threads=8,
+    ),
+}
+
+
+def get_preset(preset: str | LabPreset) -> LabPreset:
+    """Resolve a preset name (or pass a LabPreset through)."""
+    if isinstance(preset, LabPreset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise InputError(f"Unknown lab preset {preset!r}; choose one of {', '.join(PRESETS)}.") from None

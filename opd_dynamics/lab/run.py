@@ -1,0 +1,125 @@
+"""End-to-end lab run: teacher, student_init, OPD and GRPO series, their evaluations, lab.json.
+
+Everything is written into a temporary sibling directory and renamed into place at the end, so
+an interrupted run never leaves a half-written ``out``; an existing ``out`` is refused unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.models import load_model, n_params
+from opd_dynamics.lab.presets import LabPreset, get_preset
+from opd_dynamics.lab.task import build_tokenizer
+from opd_dynamics.lab.train import (
+    device,
+    evaluate_run,
+    seed_everything,
+    splits_for,
+    train_grpo,
+    train_opd,
+    train_teacher_and_student,
+)
+
+
+def _versions() -> dict:
+    import tokenizers
+    import transformers
+    import trl
+
+    import opd_dynamics
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "tokenizers": tokenizers.__version__, "opd_dynamics": opd_dynamics.__version__}
+
+
+def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bool = False,
+            log: Callable[[str], None] | None = None) -> Path:
+    """Run the whole lab into ``out`` and return its path.
+
+    Layout: ``out/teacher``, ``out/student_init``, ``out/{opd,grpo}/checkpoint-N``,
+    ``out/{opd,grpo}/eval.csv`` (run, step, accuracy, accuracy_sampled, reverse_kl; step 0 is
+    student_init) and ``out/lab.json`` (preset, seed, timings, accuracies, versions).
+    """
+    p = get_preset(preset)
+    log = log or (lambda msg: print(msg, flush=True))
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    timings: dict[str, float] = {}
+    t_all = time.time()
+    try:
+        seed_everything(seed)
+        torch.set_num_threads(p.threads)
+        log(f"[lab] preset {p.name}, seed {seed}, device {device()}, writing to {tmp}")
+        t0 = time.time()
+        sft = train_teacher_and_student(tmp, p, seed, log=log)
+        timings["sft_s"] = time.time() - t0
+
+        tok = build_tokenizer()
+        held = splits_for(p, seed).heldout[: p.n_eval]
+        teacher = load_model(tmp / "teacher", device())
+        t_eval = evaluate_model(teacher, tok, held, sampled=True, seed=seed)
+        log(f"[lab] teacher held-out accuracy {t_eval['accuracy']:.3f} (sampled {t_eval['accuracy_sampled']:.3f})")
+
+        for run, fn in (("opd", lambda d: train_opd(tmp / "student_init", tmp / "teacher", d, p, seed)),
+                        ("grpo", lambda d: train_grpo(tmp / "student_init", d, p, seed))):
+            log(f"[lab] {run}: {p.rl_steps} steps, checkpoint every {p.save_steps}")
+            t0 = time.time()
+            fn(tmp / run)
+            timings[f"{run}_train_s"] = time.time() - t0
+            t0 = time.time()
+            df = evaluate_run(run, tmp / run, tmp / "student_init", teacher, tok, held, seed=seed, log=log)
+            df.to_csv(tmp / run / "eval.csv", index=False)
+            timings[f"{run}_eval_s"] = time.time() - t0
+
+        import pandas as pd
+
+        ev = {r: pd.read_csv(tmp / r / "eval.csv") for r in ("opd", "grpo")}
+        s0 = ev["opd"].iloc[0]
+        timings["total_s"] = time.time() - t_all
+        meta = {
+            "preset": p.to_dict(),
+            "seed": seed,
+            "device": str(device()),
+            "command": " ".join(sys.argv),
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "teacher": {"accuracy": t_eval["accuracy"], "accuracy_sampled": t_eval["accuracy_sampled"],
+                        "n_params": n_params(teacher), **sft["teacher_sft"]},
+            "student_init": {"accuracy": float(s0["accuracy"]), "accuracy_sampled": float(s0["accuracy_sampled"]),
+                             "reverse_kl": float(s0["reverse_kl"]),
+                             "n_params": n_params(load_model(tmp / "student_init")), **sft["student_sft"]},
+            "final": {r: ev[r].iloc[-1].drop("run").to_dict() for r in ev},
+            "n_heldout_eval": len(held),
+            "versions": _versions(),
+        }
+        (tmp / "lab.json").write_text(json.dumps(meta, indent=2, default=float))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[lab] done in {timings['total_s']:.0f}s → {out}")
+    return out

@@ -1,0 +1,102 @@
+"""A verifiable arithmetic task for the lab: fixed-width n-digit addition with carries.
+
+Why fixed width: every prompt has the same number of tokens and every answer the same number of
+characters, so generation, reward and KL evaluation batch without padding, and a tiny model learns
+it in minutes on a CPU. Prompt ``"047+385="``, answer ``"0432"`` (n+1 digits, leading zeros kept),
+followed by the end-of-sequence token. Exact match of the parsed answer is the reward.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+CHARS = list("0123456789+-=")
+VOCAB = [PAD, BOS, EOS, *CHARS]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its exact answer string."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """Train and held-out problems (disjoint by prompt)."""
+
+    train: tuple[Problem, ...]
+    heldout: tuple[Problem, ...]
+    digits: int
+
+
+def make_problem(a: int, b: int, digits: int) -> Problem:
+    """The problem ``a + b`` written with ``digits``-wide operands and a ``digits + 1``-wide answer."""
+    return Problem(f"{a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}")
+
+
+def make_splits(digits: int, n_train: int, n_heldout: int, seed: int) -> TaskSplits:
+    """Draw disjoint train and held-out sets of ``digits``-digit additions with a seeded RNG.
+
+    When ``n_train + n_heldout`` reaches the number of distinct pairs, all pairs are used (shuffled).
+    """
+    rng = random.Random(seed)
+    top = 10**digits
+    total = top * top
+    want = n_train + n_heldout
+    if want >= total:
+        idx = list(range(total))
+        rng.shuffle(idx)
+    else:
+        idx = rng.sample(range(total), want)
+    probs = [make_problem(i // top, i % top, digits) for i in idx]
+    held = probs[:n_heldout]
+    train = probs[n_heldout:want]
+    return TaskSplits(train=tuple(train), heldout=tuple(held), digits=digits)
+
+
+def parse_answer(completion: str) -> str:
+    """The answer a completion states: its text up to the first end-of-sequence token, without blanks."""
+    return completion.split(EOS, 1)[0].replace(PAD, "").replace(BOS, "").strip().replace(" ", "")
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """Exact match of the parsed answer."""
+    return parse_answer(completion) == answer
+
+
+def exact_match_reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
+    """GRPO reward function: 1.0 for an exact answer, else 0.0 (TRL passes dataset columns as kwargs)."""
+    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer built locally (no hub): one token per character, BOS prepended.
+
+    A BPE model without merges over the single characters is exactly a character tokenizer.
+    Padding is on the left, as TRL's on-policy trainers require.
+    """
+    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+    tk.add_special_tokens([PAD, BOS, EOS])
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        truncation_side="left",
+        model_max_length=64,
+        clean_up_tokenization_spaces=False,
+    )
+    return tok

@@ -1,0 +1,279 @@
+"""Lab training: SFT (plain torch loop) for teacher and student init; OPD and GRPO with TRL.
+
+OPD is TRL's ``DistillationTrainer`` with ``beta=1.0`` (per-token reverse KL(student || teacher)
+over the full vocabulary) at ``temperature=1.0`` on completions the student samples itself
+(the trainer always generates on-policy). GRPO is TRL's ``GRPOTrainer`` with the exact-match
+reward and no reference-model KL (``beta=0.0``). Both start from the same student directory,
+read the same train prompts, run the same number of optimizer steps with the same number of
+sampled completions per step and learning rate, and save weights-only float32 checkpoints
+(``checkpoint-N/model.safetensors`` + ``config.json``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.models import load_model, make_model
+from opd_dynamics.lab.presets import LabPreset, get_preset
+from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, make_splits
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def device() -> torch.device:
+    """cuda when available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def splits_for(preset: str | LabPreset, seed: int) -> TaskSplits:
+    """The train/held-out problems a preset and seed define (identical for every caller)."""
+    p = get_preset(preset)
+    return make_splits(p.digits, p.n_train, p.n_heldout, seed)
+
+
+def _encode(tokenizer, problems: Sequence[Problem]) -> tuple[torch.Tensor, int]:
+    ids = tokenizer([p.prompt + p.answer for p in problems])["input_ids"]
+    plen = len(tokenizer(problems[0].prompt)["input_ids"])
+    lens = {len(r) for r in ids}
+    if len(lens) != 1:
+        raise InputError("SFT needs fixed-width problems (all prompt+answer token lengths equal).")
+    return torch.tensor([r + [tokenizer.eos_token_id] for r in ids]), plen
+
+
+def train_sft(model, tokenizer, train: Sequence[Problem], heldout: Sequence[Problem], *, steps: int, lr: float,
+              batch: int, seed: int, target: float, eval_every: int, warmup_frac: float = 0.05,
+              log: Callable[[str], None] = print) -> dict:
+    """Supervised fine-tuning on answer tokens (+eos), stopping early once held-out greedy accuracy >= target.
+
+    Cosine schedule with warmup over ``steps``; returns {'steps', 'accuracy'} at stop.
+    """
+    dev = device()
+    model.to(dev).train()
+    x_all, plen = _encode(tokenizer, train)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, int(warmup_frac * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    acc = 0.0
+    step = 0
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        b = x_all[torch.randint(0, len(x_all), (batch,), generator=g)].to(dev)
+        logits = model(input_ids=b, use_cache=False).logits[:, plen - 1 : -1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), b[:, plen:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % eval_every == 0 or step == steps:
+            acc = evaluate_model(model, tokenizer, heldout)["accuracy"]
+            model.train()
+            if step % (eval_every * 8) == 0 or acc >= target:
+                log(f"  sft step {step}: loss {loss.item():.4f} held-out accuracy {acc:.3f} ({time.time() - t0:.0f}s)")
+            if acc >= target:
+                break
+    model.eval()
+    return {"steps": step, "accuracy": acc}
+
+
+def save_model_dir(model, tokenizer, out: Path) -> Path:
+    """save_pretrained in float32 safetensors, plus the tokenizer."""
+    out = Path(out)
+    model.to("cpu").save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _common_args(p: LabPreset, out_dir: Path, seed: int, max_steps: int, save_steps: int) -> dict:
+    return dict(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_only_model=True,
+        learning_rate=p.rl_lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_completion_length=p.digits + 2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        gradient_accumulation_steps=1,
+        disable_dropout=True,
+        logging_steps=max(1, save_steps),
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it.")
+        shutil.rmtree(out_dir)
+
+
+def _prompt_dataset(problems: Sequence[Problem]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
+
+
+def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
+                      callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None):
+    """The lab's OPD trainer (TRL DistillationTrainer, on-policy reverse KL), ready to ``.train()``."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    p = get_preset(preset)
+    seed_everything(seed)
+    torch.set_num_threads(p.threads)
+    max_steps = max_steps or p.rl_steps
+    save_steps = save_steps or p.save_steps
+    tok = build_tokenizer()
+    student = load_model(student_dir)
+    teacher = load_model(teacher_dir)
+    args = DistillationConfig(
+        **_common_args(p, Path(out_dir), seed, max_steps, save_steps),
+        per_device_train_batch_size=p.rollouts_per_step,
+        beta=1.0,  # generalized JSD with beta=1 is the reverse KL(student || teacher)
+    )
+    return DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=_prompt_dataset(splits_for(p, seed).train),
+        processing_class=tok, callbacks=list(callbacks),
+    )
+
+
+def train_opd(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
+              callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
+              *, overwrite: bool = False) -> Path:
+    """On-policy distillation of ``student_dir`` towards ``teacher_dir`` with TRL's DistillationTrainer.
+
+    Writes ``out_dir/checkpoint-N`` every ``save_steps`` (default: the preset's) up to ``max_steps``
+    (default: the preset's ``rl_steps``). Extra ``transformers.TrainerCallback``s are passed to the
+    trainer (e.g. EffOPD's extrapolation callback). Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite)
+    trainer = build_opd_trainer(student_dir, teacher_dir, out_dir, preset, seed, callbacks, max_steps, save_steps)
+    trainer.train()
+    return out_dir
+
+
+def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
+                       callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None):
+    """The lab's RL trainer (TRL GRPOTrainer, exact-match reward, no KL penalty), ready to ``.train()``."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    p = get_preset(preset)
+    seed_everything(seed)
+    torch.set_num_threads(p.threads)
+    max_steps = max_steps or p.rl_steps
+    save_steps = save_steps or p.save_steps
+    tok = build_tokenizer()
+    student = load_model(student_dir)
+    args = GRPOConfig(
+        **_common_args(p, Path(out_dir), seed, max_steps, save_steps),
+        per_device_train_batch_size=p.rollouts_per_step,
+        num_generations=p.grpo_generations,
+        beta=0.0,
+    )
+    return GRPOTrainer(
+        model=student, reward_funcs=[exact_match_reward], args=args,
+        train_dataset=_prompt_dataset(splits_for(p, seed).train), processing_class=tok, callbacks=list(callbacks),
+    )
+
+
+def train_grpo(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0, callbacks: Iterable = (),
+               max_steps: int | None = None, save_steps: int | None = None, *, overwrite: bool = False) -> Path:
+    """GRPO of ``student_dir`` with the exact-match reward (TRL GRPOTrainer); checkpoints as in train_opd."""
+    out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite)
+    trainer = build_grpo_trainer(student_dir, out_dir, preset, seed, callbacks, max_steps, save_steps)
+    trainer.train()
+    return out_dir
+
+
+def checkpoint_steps(run_dir) -> list[tuple[int, Path]]:
+    """(step, path) of every ``checkpoint-N`` under run_dir, sorted by step."""
+    out = []
+    for d in Path(run_dir).glob("checkpoint-*"):
+        suffix = d.name.split("-", 1)[1]
+        if suffix.isdigit() and (d / "model.safetensors").exists():
+            out.append((int(suffix), d))
+    return sorted(out)
+
+
+def evaluate_run(run: str, run_dir, student_init_dir, teacher, tokenizer, heldout: Sequence[Problem], *,
+                 seed: int = 0, log: Callable[[str], None] = print):
+    """Evaluate step 0 (student_init) and every checkpoint of a run → tidy DataFrame (eval.csv schema)."""
+    import pandas as pd
+
+    rows = []
+    for step, path in [(0, Path(student_init_dir)), *checkpoint_steps(run_dir)]:
+        model = load_model(path, device())
+        r = evaluate_model(model, tokenizer, heldout, teacher=teacher, greedy=True, sampled=True, seed=seed)
+        rows.append({"run": run, "step": step, **r})
+        log(f"  {run} step {step}: accuracy {r['accuracy']:.3f} sampled {r['accuracy_sampled']:.3f} "
+            f"reverse KL {r['reverse_kl']:.4f}")
+        del model
+    return pd.DataFrame(rows, columns=["run", "step", "accuracy", "accuracy_sampled", "reverse_kl"])
+
+
+def _ensure_threads(p: LabPreset) -> None:
+    torch.set_num_threads(p.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[[str], None] = print) -> dict:
+    """SFT the teacher (to ``teacher_target``) and the weak student init; save both under ``out``."""
+    _ensure_threads(p)
+    tok = build_tokenizer()
+    sp = splits_for(p, seed)
+    held = sp.heldout[: p.n_eval]
+    info: dict = {}
+    seed_everything(seed)
+    t0 = time.time()
+    log(f"[lab] teacher SFT ({p.teacher})")
+    teacher = make_model(p.teacher, tok, seed)
+    info["teacher_sft"] = train_sft(teacher, tok, sp.train, held, steps=p.teacher_max_steps, lr=p.teacher_lr,
+                                    batch=p.sft_batch, seed=seed, target=p.teacher_target,
+                                    eval_every=p.sft_eval_every, log=log)
+    save_model_dir(teacher, tok, out / "teacher")
+    info["teacher_sft"]["seconds"] = time.time() - t0
+    t0 = time.time()
+    log(f"[lab] student SFT to a weak start ({p.student})")
+    student = make_model(p.student, tok, seed + 1)
+    info["student_sft"] = train_sft(student, tok, sp.train, held, steps=p.student_max_steps, lr=p.student_lr,
+                                    batch=p.sft_batch, seed=seed + 1, target=p.student_target,
+                                    eval_every=p.sft_eval_every, log=log)
+    save_model_dir(student, tok, out / "student_init")
+    info["student_sft"]["seconds"] = time.time() - t0
+    return info
