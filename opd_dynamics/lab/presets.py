@@ -15,7 +15,7 @@ class LabPreset:
     OPD and GRPO share the student init, the train prompts, ``rl_steps``, ``save_steps``,
     ``rollouts_per_step`` sampled completions per optimizer step (OPD: that many prompts, one
     sample each; GRPO: ``rollouts_per_step / grpo_generations`` prompts, ``grpo_generations``
-    samples each) and the learning rate.
+    samples each); learning rates differ per method (``opd_lr``, ``grpo_lr``).
     """
 
     name: str
@@ -30,13 +30,14 @@ class LabPreset:
     teacher_target: float  # teacher SFT stops early once held-out greedy accuracy reaches this
     student_lr: float
     student_max_steps: int
-    student_target: float  # student SFT stops at the first eval with held-out greedy accuracy >= this
+    student_target: float  # student SFT (carry-free problems only) stops once carry-free held-out accuracy >= this
     sft_eval_every: int
     rl_steps: int
     save_steps: int
     rollouts_per_step: int
     grpo_generations: int
-    rl_lr: float
+    opd_lr: float
+    grpo_lr: float  # smaller: at the OPD rate GRPO collapsed on this task (see docs/LAB.md)
     n_eval: int  # held-out prompts used to evaluate checkpoints
     threads: int = 2
 
@@ -59,13 +60,14 @@ PRESETS: dict[str, LabPreset] = {
         teacher_target=0.97,
         student_lr=1e-3,
         student_max_steps=1500,
-        student_target=0.15,
+        student_target=0.95,
         sft_eval_every=25,
-        rl_steps=24,
-        save_steps=4,
+        rl_steps=120,
+        save_steps=20,
         rollouts_per_step=64,
         grpo_generations=8,
-        rl_lr=1e-3,
+        opd_lr=1e-3,
+        grpo_lr=1e-4,
         n_eval=200,
     ),
     "default": LabPreset(
@@ -81,13 +83,14 @@ PRESETS: dict[str, LabPreset] = {
         teacher_target=0.99,
         student_lr=1e-3,
         student_max_steps=3000,
-        student_target=0.15,
+        student_target=0.95,
         sft_eval_every=25,
-        rl_steps=200,
-        save_steps=10,
+        rl_steps=600,
+        save_steps=30,
         rollouts_per_step=64,
         grpo_generations=8,
-        rl_lr=5e-4,
+        opd_lr=1e-3,
+        grpo_lr=1e-4,
         n_eval=500,
     ),
     "gpu": LabPreset(
@@ -103,13 +106,14 @@ PRESETS: dict[str, LabPreset] = {
         teacher_target=0.98,
         student_lr=5e-4,
         student_max_steps=20000,
-        student_target=0.15,
+        student_target=0.95,
         sft_eval_every=100,
         rl_steps=500,
         save_steps=20,
         rollouts_per_step=256,
         grpo_generations=8,
-        rl_lr=2e-4,
+        opd_lr=3e-4,
+        grpo_lr=3e-5,
         n_eval=2000,
         threads=8,
     ),

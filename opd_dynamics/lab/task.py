@@ -61,6 +61,12 @@ def make_splits(digits: int, n_train: int, n_heldout: int, seed: int) -> TaskSpl
     return TaskSplits(train=tuple(train), heldout=tuple(held), digits=digits)
 
 
+def has_carry(problem: Problem) -> bool:
+    """Whether adding the two operands carries in any column (the skill a weak student lacks)."""
+    a, b = problem.prompt.rstrip("=").split("+")
+    return any(int(a[i:]) + int(b[i:]) >= 10 ** len(a[i:]) for i in range(len(a)))
+
+
 def parse_answer(completion: str) -> str:
     """The answer a completion states: its text up to the first end-of-sequence token, without blanks."""
     return completion.split(EOS, 1)[0].replace(PAD, "").replace(BOS, "").strip().replace(" ", "")

@@ -5,7 +5,7 @@ over the full vocabulary) at ``temperature=1.0`` on completions the student samp
 (the trainer always generates on-policy). GRPO is TRL's ``GRPOTrainer`` with the exact-match
 reward and no reference-model KL (``beta=0.0``). Both start from the same student directory,
 read the same train prompts, run the same number of optimizer steps with the same number of
-sampled completions per step and learning rate, and save weights-only float32 checkpoints
+sampled completions per step (learning rates per method, see presets), and save weights-only float32 checkpoints
 (``checkpoint-N/model.safetensors`` + ``config.json``).
 """
 
@@ -25,7 +25,7 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.models import load_model, make_model
 from opd_dynamics.lab.presets import LabPreset, get_preset
-from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, make_splits
+from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, has_carry, make_splits
 
 
 def seed_everything(seed: int) -> None:
@@ -103,14 +103,14 @@ def save_model_dir(model, tokenizer, out: Path) -> Path:
     return out
 
 
-def _common_args(p: LabPreset, out_dir: Path, seed: int, max_steps: int, save_steps: int) -> dict:
+def _common_args(p: LabPreset, out_dir: Path, seed: int, max_steps: int, save_steps: int, lr: float) -> dict:
     return dict(
         output_dir=str(out_dir),
         max_steps=max_steps,
         save_strategy="steps",
         save_steps=save_steps,
         save_only_model=True,
-        learning_rate=p.rl_lr,
+        learning_rate=lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
@@ -161,7 +161,7 @@ def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset
     student = load_model(student_dir)
     teacher = load_model(teacher_dir)
     args = DistillationConfig(
-        **_common_args(p, Path(out_dir), seed, max_steps, save_steps),
+        **_common_args(p, Path(out_dir), seed, max_steps, save_steps, p.opd_lr),
         per_device_train_batch_size=p.rollouts_per_step,
         beta=1.0,  # generalized JSD with beta=1 is the reverse KL(student || teacher)
     )
@@ -200,7 +200,7 @@ def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", 
     tok = build_tokenizer()
     student = load_model(student_dir)
     args = GRPOConfig(
-        **_common_args(p, Path(out_dir), seed, max_steps, save_steps),
+        **_common_args(p, Path(out_dir), seed, max_steps, save_steps, p.grpo_lr),
         per_device_train_batch_size=p.rollouts_per_step,
         num_generations=p.grpo_generations,
         beta=0.0,
@@ -269,11 +269,16 @@ def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[
     save_model_dir(teacher, tok, out / "teacher")
     info["teacher_sft"]["seconds"] = time.time() - t0
     t0 = time.time()
-    log(f"[lab] student SFT to a weak start ({p.student})")
+    # Weak start: the student sees only carry-free problems, so it becomes a confident adder that never
+    # carries (about 30% of 2-digit held-out problems are carry-free); OPD and RL must teach carrying.
+    log(f"[lab] student SFT on carry-free problems to a weak start ({p.student})")
     student = make_model(p.student, tok, seed + 1)
-    info["student_sft"] = train_sft(student, tok, sp.train, held, steps=p.student_max_steps, lr=p.student_lr,
+    no_carry = [q for q in sp.train if not has_carry(q)]
+    held_nc = [q for q in held if not has_carry(q)]
+    info["student_sft"] = train_sft(student, tok, no_carry, held_nc, steps=p.student_max_steps, lr=p.student_lr,
                                     batch=p.sft_batch, seed=seed + 1, target=p.student_target,
                                     eval_every=p.sft_eval_every, log=log)
+    info["student_sft"]["accuracy_carry_free"] = info["student_sft"].pop("accuracy")
     save_model_dir(student, tok, out / "student_init")
     info["student_sft"]["seconds"] = time.time() - t0
     return info
