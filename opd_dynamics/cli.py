@@ -150,3 +150,5 @@ main.add_command(_effopd_cli.effopd)
 from opd_dynamics.plotting_cli import plot_cmd as _plot_cmd, report_cmd as _report_cmd  # noqa: E402
 main.add_command(_plot_cmd)
 main.add_command(_report_cmd)
+from opd_dynamics.lab.cli import lab as _lab_cli  # noqa: E402
+main.add_command(_lab_cli)

@@ -127,4 +127,4 @@ def get_preset(preset: str | LabPreset) -> LabPreset:
     try:
         return PRESETS[preset]
     except KeyError:
-        raise InputError(f"Unknown lab preset {preset!r}; choose one of {', '.join(PRESETS)}.") from None
+        raise InputError(None, f"unknown lab preset {preset!r}; choose one of {', '.join(PRESETS)}") from None

@@ -57,7 +57,7 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out).resolve()
     if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
+        raise InputError(out, "already exists; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

@@ -53,7 +53,7 @@ def _encode(tokenizer, problems: Sequence[Problem]) -> tuple[torch.Tensor, int]:
     plen = len(tokenizer(problems[0].prompt)["input_ids"])
     lens = {len(r) for r in ids}
     if len(lens) != 1:
-        raise InputError("SFT needs fixed-width problems (all prompt+answer token lengths equal).")
+        raise InputError(None, "SFT needs fixed-width problems (all prompt+answer token lengths equal)")
     return torch.tensor([r + [tokenizer.eos_token_id] for r in ids]), plen
 
 
@@ -137,7 +137,7 @@ def _common_args(p: LabPreset, out_dir: Path, seed: int, max_steps: int, save_st
 def _check_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise InputError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it.")
+            raise InputError(out_dir, "already exists and is not empty; pass overwrite=True to replace it")
         shutil.rmtree(out_dir)
 
 
