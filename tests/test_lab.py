@@ -1,0 +1,148 @@
+"""The lab: task, tokenizer, evaluation, the OPD configuration (reverse KL on student samples) and a smoke run.
+
+The smoke run (about a minute on 2 idle cores) is made once per session by a fixture and shared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.models import load_model
+from opd_dynamics.lab.run import run_lab
+from opd_dynamics.lab.task import (
+    build_tokenizer,
+    exact_match_reward,
+    has_carry,
+    make_problem,
+    make_splits,
+    parse_answer,
+)
+from opd_dynamics.lab.train import build_opd_trainer, checkpoint_steps, splits_for
+
+
+@pytest.fixture(scope="session")
+def smoke_lab(tmp_path_factory) -> Path:
+    return run_lab(tmp_path_factory.mktemp("lab") / "smoke", preset="smoke", seed=0)
+
+
+def test_task_problems_and_reward():
+    p = make_problem(47, 85, 2)
+    assert (p.prompt, p.answer) == ("47+85=", "132")
+    assert make_problem(3, 4, 3).answer == "0007"
+    assert has_carry(make_problem(15, 15, 2)) and has_carry(make_problem(50, 60, 2))
+    assert not has_carry(make_problem(12, 34, 2))
+    assert parse_answer("132</s>99") == "132"
+    assert exact_match_reward(["132", "131", "1320"], answer=["132", "132", "132"]) == [1.0, 0.0, 0.0]
+    a, b = make_splits(2, 500, 100, seed=3), make_splits(2, 500, 100, seed=3)
+    assert a == b and len(a.train) == 500 and len(a.heldout) == 100
+    assert not {q.prompt for q in a.train} & {q.prompt for q in a.heldout}
+
+
+def test_tokenizer_is_character_level_with_bos_and_left_padding(tmp_path):
+    tok = build_tokenizer()
+    ids = tok("12+34=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 7
+    assert tok.convert_ids_to_tokens(ids[1:]) == list("12+34=")
+    assert tok.decode(ids[1:] + [tok.eos_token_id], skip_special_tokens=True) == "12+34="
+    assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path)("12+34=")["input_ids"] == ids
+
+
+@pytest.mark.slow
+def test_smoke_layout_and_lab_json(smoke_lab):
+    meta = json.loads((smoke_lab / "lab.json").read_text())
+    assert meta["preset"]["name"] == "smoke" and meta["seed"] == 0
+    assert meta["teacher"]["accuracy"] >= 0.9
+    assert meta["teacher"]["accuracy"] > meta["student_init"]["accuracy"]
+    assert 0.1 <= meta["student_init"]["accuracy"] <= 0.5
+    assert not list(smoke_lab.parent.glob(".smoke.tmp-*"))
+    for run in ("opd", "grpo"):
+        steps = checkpoint_steps(smoke_lab / run)
+        assert [s for s, _ in steps] == list(range(20, 121, 20))
+        for _, path in steps:
+            assert (path / "config.json").exists()
+            assert not (path / "optimizer.pt").exists()  # weights only
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                t = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+                assert t.dtype == torch.float32
+        df = pd.read_csv(smoke_lab / run / "eval.csv")
+        assert list(df.columns) == ["run", "step", "accuracy", "accuracy_sampled", "reverse_kl"]
+        assert df["step"].tolist() == [0, 20, 40, 60, 80, 100, 120] and set(df["run"]) == {run}
+
+
+@pytest.mark.slow
+def test_opd_raises_accuracy_and_lowers_reverse_kl(smoke_lab):
+    df = pd.read_csv(smoke_lab / "opd" / "eval.csv")
+    first, last = df.iloc[0], df.iloc[-1]
+    assert last["accuracy"] > first["accuracy"] + 0.1
+    assert last["reverse_kl"] < 0.7 * first["reverse_kl"]
+    g = pd.read_csv(smoke_lab / "grpo" / "eval.csv")
+    assert g.iloc[0].drop("run").tolist() == first.drop("run").tolist()  # one shared student_init
+
+
+@pytest.mark.slow
+def test_series_is_readable_by_the_analysis(smoke_lab):
+    from opd_dynamics.series import CheckpointSeries
+
+    s = CheckpointSeries.discover(smoke_lab / "opd", base=smoke_lab / "student_init", name="opd")
+    assert [step for step, _ in s.steps] == list(range(20, 121, 20))
+
+
+@pytest.mark.slow
+def test_reverse_kl_of_a_model_to_itself_is_zero(smoke_lab):
+    tok = build_tokenizer()
+    teacher = load_model(smoke_lab / "teacher")
+    held = splits_for("smoke", 0).heldout[:64]
+    r = evaluate_model(teacher, tok, held, teacher=teacher)
+    assert r["reverse_kl"] == pytest.approx(0.0, abs=1e-12)
+    again = evaluate_model(teacher, tok, held, teacher=teacher)
+    assert again == r  # seeded sampling: reproducible
+
+
+@pytest.mark.slow
+def test_opd_trainer_is_on_policy_reverse_kl(smoke_lab, tmp_path):
+    """DistillationTrainer as configured: student samples at T=1, loss = mean per-token KL(student || teacher)."""
+    tr = build_opd_trainer(smoke_lab / "student_init", smoke_lab / "teacher", tmp_path / "opd", "smoke", 0)
+    assert tr.beta == 1.0 and tr.temperature == 1.0 and tr.args.temperature == 1.0
+    g = tr.generation_config
+    assert g.do_sample and g.temperature == 1.0 and g.top_p == 1.0 and not g.top_k
+    assert g.max_new_tokens == 4
+    tr.model.eval()  # eval mode: the loss is the mean over this batch's completion tokens
+    prompts = [{"prompt": q.prompt} for q in splits_for("smoke", 0).train[:16]]
+    torch.manual_seed(0)
+    inputs = tr._generate_and_score_completions(prompts)  # completions sampled by tr.model, the student
+    with torch.no_grad():
+        loss = tr.compute_loss(tr.model, inputs).double().item()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    p, c = inputs["prompt_ids"].size(1), inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        ls = tr.model(input_ids=ids, attention_mask=att).logits[:, p - 1 : p + c - 1].double()
+        lt = tr.teacher_model(input_ids=ids, attention_mask=att).logits[:, p - 1 : p + c - 1].double()
+    log_ps, log_pt = ls.log_softmax(-1), lt.log_softmax(-1)
+    kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    m = inputs["completion_mask"].double()
+    expected = float((kl * m).sum() / m.sum())
+    assert expected > 0.01
+    assert loss == pytest.approx(expected, rel=1e-4)
+    fwd = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    assert abs(float((fwd * m).sum() / m.sum()) - loss) > 1e-3  # and not the forward KL
+
+
+def test_run_lab_refuses_an_existing_directory(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        run_lab(tmp_path / "x", preset="smoke")
+    with pytest.raises(InputError, match="unknown lab preset"):
+        run_lab(tmp_path / "y", preset="huge")
