@@ -25,7 +25,7 @@ from opd_dynamics.deltas import Plan, SeriesReader, StepUpdate, TensorPlan, iter
 from opd_dynamics.errors import InputError
 from opd_dynamics.metrics.embeddings import embedding_metrics
 from opd_dynamics.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics
-from opd_dynamics.metrics.norms import norm_metrics
+from opd_dynamics.metrics.norms import fro2, norm_metrics
 from opd_dynamics.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
 from opd_dynamics.metrics.subspace import alignment_metrics
 from opd_dynamics.series import CheckpointSeries
@@ -148,6 +148,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                 if (matrix and opts.geometry) else {})
     shape_s = "x".join(map(str, mshape))
     numel = tp.numel // len(units)
+    base_f2 = {u: fro2(part(w0, u)) for u in units}
     for upd in _steps_with_ref(reader, tp, w0, ref_update, prefetch):
         for u in units:
             ident = {**_ident(series, tp), "step": upd.step}
@@ -155,7 +156,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                 ident["expert"] = u
             w0u, wtu, du = part(w0, u), part(upd.weight, u), part(upd.delta, u)
             out["module_allocation"].append({**ident, "shape": shape_s, "numel": numel,
-                                             **norm_metrics(w0u, wtu, du), "resized": tp.resized})
+                                             **norm_metrics(w0u, wtu, du, base_f2[u]), "resized": tp.resized})
             if group == "embedding" and len(mshape) == 2:
                 out["embedding"].append({**ident, **embedding_metrics(w0u, wtu, opts.token_ids),
                                          "resized": tp.resized})

@@ -47,37 +47,60 @@ def all_finite(*ts: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
-def changed_count(w0: Tensor, wt: Tensor) -> int:
-    """Entries with |w_t - w_0| > 1e-3 * max(|w_0|, |w_t|) (a change bf16 can show), in float64."""
+_ROW = 1024
+
+
+def fro2(t: Tensor) -> float:
+    """‖t‖F² at float64 accuracy without a float64 copy: float32 norms of 1024-element rows (error ~1e-7
+    relative each), squared and summed in float64. NaN/Inf propagate (that is how `finite` is found)."""
+    flat = t.reshape(-1)
+    n = flat.numel()
+    k = n // _ROW * _ROW
+    total = 0.0
+    if k:
+        rows = torch.linalg.vector_norm(flat[:k].view(-1, _ROW), dim=1)
+        total += float(rows.to(torch.float64).square().sum())
+    if k < n:
+        total += float(flat[k:].to(torch.float64).square().sum())
+    return total
+
+
+def changed_count(w0: Tensor, wt: Tensor, delta: Tensor | None = None) -> int:
+    """Entries with |w_t - w_0| > 1e-3 * max(|w_0|, |w_t|) (a change bf16 can show).
+
+    Computed in the delta's precision (float32 at least): the difference of two bf16/fp16 values is exact
+    there, and the 1e-3 threshold is far above float32 rounding.
+    """
     if w0.shape != wt.shape:
         raise ValueError(f"changed_count: shapes differ {tuple(w0.shape)} vs {tuple(wt.shape)}")
-    wt2 = wt.reshape(wt.shape[0], -1) if wt.dim() > 1 else wt.reshape(1, -1)
-    n = 0
-    for i, blk in _row_blocks(w0):
-        a = blk.to(torch.float64)
-        b = wt2[i : i + blk.shape[0]].to(torch.float64)
-        n += int(((b - a).abs() > 1e-3 * torch.maximum(a.abs(), b.abs())).sum())
-    return n
+    d = delta if delta is not None else wt.to(torch.float64) - w0.to(torch.float64)
+    m = w0.abs()
+    torch.maximum(m, wt.abs(), out=m)
+    m.mul_(1e-3)
+    return int(torch.count_nonzero(d.abs().gt_(m)))
 
 
-def norm_metrics(w0: Tensor, wt: Tensor, delta: Tensor) -> dict:
+def norm_metrics(w0: Tensor, wt: Tensor, delta: Tensor, base_fro2: float | None = None) -> dict:
     """Norm columns of module_allocation.csv for one tensor (energy_share needs totals: not here).
 
-    ``delta`` is W_t - W_0 already formed in float32/float64 by the caller. Returns update_norm,
-    base_norm, relative_update (NaN when the base is zero), rms_update, changed_fraction, finite.
+    ``delta`` is W_t - W_0 already formed in float32/float64 by the caller. ``base_fro2`` (‖W_0‖F²) may be
+    passed in when the caller computes it once per tensor. Returns update_norm, base_norm, relative_update
+    (NaN when the base is zero), rms_update, changed_fraction, finite (W_0 and W_t free of NaN/Inf).
     """
     if delta.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"norm_metrics: delta must be float32 or float64 (got {delta.dtype}); "
                          "upcast before subtracting")
     numel = delta.numel()
-    f = math.sqrt(sum_squares64(delta)) if numel else 0.0
-    base = math.sqrt(sum_squares64(w0)) if numel else 0.0
-    rel = math.nan if base == 0 else f / base  # NaN/Inf propagate; no ZeroDivisionError
+    f2 = fro2(delta) if numel else 0.0
+    b2 = (fro2(w0) if base_fro2 is None else base_fro2) if numel else 0.0
+    # NaN/Inf in W_0 or W_t make ‖W_0‖² or ‖ΔW‖² non-finite (so would |w| > ~1e18, far beyond trained weights)
+    finite = math.isfinite(f2) and math.isfinite(b2)
+    f, base = math.sqrt(f2), math.sqrt(b2)
     return {
         "update_norm": f,
         "base_norm": base,
-        "relative_update": rel,
+        "relative_update": math.nan if base == 0 else f / base,
         "rms_update": f / math.sqrt(numel) if numel else math.nan,
-        "changed_fraction": changed_count(w0, wt) / numel if numel else math.nan,
-        "finite": all_finite(w0, wt),
+        "changed_fraction": changed_count(w0, wt, delta) / numel if numel else math.nan,
+        "finite": finite,
     }
