@@ -152,3 +152,5 @@ main.add_command(_plot_cmd)
 main.add_command(_report_cmd)
 from opd_dynamics.lab.cli import lab as _lab_cli  # noqa: E402
 main.add_command(_lab_cli)
+from opd_dynamics.demo import demo_cmd as _demo_cmd  # noqa: E402
+main.add_command(_demo_cmd)

@@ -1,0 +1,143 @@
+"""The one-command demo: smoke lab → analysis of OPD and GRPO → interventions → EffOPD → figures → HTML.
+
+Layout of ``out``: ``lab/`` (teacher, student_init, opd/, grpo/), ``analysis/`` (CSVs + run.json),
+``interventions/`` (when that module is installed), ``effopd/``, ``figures/`` (PNG), ``report.html`` and
+``demo.json`` (stage timings). ``fast=True`` shrinks every stage (a few SFT/RL steps, short EffOPD) so a
+test can run the whole chain in well under a few minutes; the numbers it produces mean nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from opd_dynamics.errors import InputError
+
+STAGES = ("lab", "analysis", "interventions", "effopd", "figures", "report")
+_MARKER = "demo.json"
+
+
+def fast_preset(preset: str = "smoke"):
+    """A shrunken copy of ``preset``: short SFT, 20 RL steps saved every 10, 64 eval prompts (for tests)."""
+    from opd_dynamics.lab.presets import get_preset
+
+    p = get_preset(preset)
+    return replace(p, name=f"{p.name}-fast", n_train=2000, teacher_max_steps=150, student_max_steps=100,
+                   sft_eval_every=50, rl_steps=20, save_steps=10, n_eval=64)
+
+
+def _prepare(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``overwrite``; even then only replace an earlier demo's output."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise InputError(out, "already exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.is_dir():
+        raise InputError(out, "exists and is not a directory")
+    if any(out.iterdir()) and not (out / _MARKER).exists():
+        raise InputError(out, f"is not empty and holds no {_MARKER}, so it is not a demo output; refusing to "
+                              "delete it")
+    shutil.rmtree(out)
+
+
+def _interventions(lab: Path, dst: Path, preset, log: Callable[[str], None]) -> Path | None:
+    """Run the lab interventions if `opd_dynamics.interventions` is installed; None (and a log line) if not."""
+    if importlib.util.find_spec("opd_dynamics.interventions") is None:
+        log("[demo] interventions unavailable: opd_dynamics.interventions is not installed")
+        return None
+    mod = importlib.import_module("opd_dynamics.interventions")
+    fn = next((getattr(mod, n) for n in ("run_interventions", "run_lab_interventions", "run")
+               if callable(getattr(mod, n, None))), None)
+    if fn is None:
+        log("[demo] interventions unavailable: opd_dynamics.interventions has no run_interventions function")
+        return None
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in {"preset": preset, "log": log, "overwrite": True}.items() if k in params}
+    fn(lab, dst, **kwargs)
+    return dst
+
+
+def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False, fast: bool = False,
+             seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
+    """Run every stage into ``out`` and return the path of ``out/report.html``."""
+    from opd_dynamics.analysis import analyze
+    from opd_dynamics.html_report import render_html
+    from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
+    from opd_dynamics.lab.presets import get_preset
+    from opd_dynamics.lab.run import run_lab
+    from opd_dynamics.plotting import plot_all
+    from opd_dynamics.series import CheckpointSeries
+
+    log = log or (lambda m: print(m, flush=True))
+    out = Path(out).resolve()
+    _prepare(out, overwrite)
+    out.mkdir(parents=True)
+    p = fast_preset(preset) if fast else get_preset(preset)
+    timings: dict[str, float] = {}
+    meta = {"preset": p.name, "seed": seed, "fast": fast, "status": "running", "timings_s": timings}
+    (out / _MARKER).write_text(json.dumps(meta, indent=2))
+    t_all = time.perf_counter()
+
+    def stage(name: str, i: int) -> float:
+        log(f"[demo] stage {i}/{len(STAGES)}: {name}")
+        return time.perf_counter()
+
+    t = stage("lab (teacher, student_init, OPD and GRPO runs)", 1)
+    lab = run_lab(out / "lab", preset=p, seed=seed, log=log)
+    timings["lab"] = round(time.perf_counter() - t, 1)
+
+    t = stage("analysis of opd and grpo against student_init", 2)
+    series = [CheckpointSeries.discover(lab / r, base=lab / "student_init", name=r) for r in ("opd", "grpo")]
+    analyze(series, out=out / "analysis", progress=False, command=f"opd_dynamics.demo.run_demo({str(out)!r})")
+    timings["analysis"] = round(time.perf_counter() - t, 1)
+
+    t = stage("interventions", 3)
+    inter = _interventions(lab, out / "interventions", p, log)
+    timings["interventions"] = round(time.perf_counter() - t, 1)
+
+    t = stage("EffOPD comparison (vanilla, effopd, fixed; 1 seed)", 4)
+    opt = EffOPDLabOptions(max_steps=20, eval_every=5, n_val=20) if fast else EffOPDLabOptions()
+    eff = run_effopd_lab(out / "effopd", preset=p, seeds=[seed], lab=lab, options=opt, log=log)
+    timings["effopd"] = round(time.perf_counter() - t, 1)
+
+    sources = [d for d in (out / "analysis", lab, inter, eff) if d is not None]
+    t = stage("figures", 5)
+    res = plot_all(sources, out / "figures", formats=("png",))
+    log(f"[demo] {len(res)} figure files in {out / 'figures'}"
+        + (f"; not drawn: {', '.join(sorted(res.skipped))}" if getattr(res, "skipped", None) else ""))
+    timings["figures"] = round(time.perf_counter() - t, 1)
+
+    t = stage("HTML report", 6)
+    html = render_html(sources, out / "report.html", title="opd-dynamics demo")
+    timings["report"] = round(time.perf_counter() - t, 1)
+
+    timings["total"] = round(time.perf_counter() - t_all, 1)
+    meta.update(status="done", report=str(html), interventions=inter is not None)
+    (out / _MARKER).write_text(json.dumps(meta, indent=2))
+    log(f"[demo] done in {timings['total']:.0f} s; report: {html}")
+    return html
+
+
+import click  # noqa: E402
+
+
+@click.command("demo")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo output in OUT.")
+@click.option("--preset", default="smoke", show_default=True, help="Lab preset.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fast", is_flag=True, help="Shrunken stages (for tests); the numbers mean nothing.")
+def demo_cmd(out, overwrite, preset, seed, fast) -> None:
+    """Lab runs -> analysis -> interventions -> EffOPD -> figures -> HTML report, all into OUT."""
+    try:
+        html = run_demo(out, preset=preset, overwrite=overwrite, fast=fast, seed=seed)
+    except InputError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"report: {html}")
