@@ -32,3 +32,22 @@ def run_cmd(preset: str, out: str, seed: int, overwrite: bool) -> None:
 
 from opd_dynamics.effopd.cli import lab_effopd as _lab_effopd  # noqa: E402
 lab.add_command(_lab_effopd)
+
+
+@lab.command("interventions")
+@click.option("--lab", "lab_dir", type=click.Path(file_okay=False), required=True, help="Lab directory (lab run --out).")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory for the CSVs.")
+@click.option("--step", type=int, default=None, help="Checkpoint step to intervene on (default: each run's last).")
+@click.option("--half-width", type=int, default=1, show_default=True, help="Layer window half width.")
+@click.option("--n-eval", type=int, default=None, help="Held-out problems to score (default: the lab's n_eval).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int, n_eval: int | None,
+                      overwrite: bool) -> None:
+    """Scaling, layer-window, rank, rescale and embedding-swap interventions scored by held-out accuracy."""
+    from opd_dynamics.interventions import lab_interventions
+
+    try:
+        lab_interventions(lab_dir, out, step=step, half_width=half_width, n_eval=n_eval, overwrite=overwrite)
+    except InputError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
