@@ -211,8 +211,12 @@ BETAS = (0.5, 1.0, 1.5)
 
 
 def _evenly(xs: Sequence[int], n: int) -> list[int]:
+    if n <= 0:
+        return []
     if len(xs) <= n:
         return list(xs)
+    if n == 1:
+        return [xs[len(xs) // 2]]
     return sorted({xs[round(i * (len(xs) - 1) / (n - 1))] for i in range(n)})
 
 

@@ -186,3 +186,19 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     b, c = write_dir(tmp_path / "b", base), write_dir(tmp_path / "c", ckpt)
     with pytest.raises(InputError, match="has shape .60, 32. but the base has .50, 32."):
         iv.scale(b, c, 0.5)
+
+
+def test_lab_cli_refuses_a_non_lab_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from opd_dynamics.cli import main
+
+    res = CliRunner().invoke(main, ["lab", "interventions", "--lab", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "lab.json is missing" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_evenly_spaced_rescale_steps():
+    assert iv._evenly([30, 60, 90, 120, 150], 3) == [30, 90, 150]
+    assert iv._evenly([30, 60, 90], 1) == [60]
+    assert iv._evenly([30, 60], 4) == [30, 60] and iv._evenly([30], 0) == []
