@@ -11,8 +11,6 @@ HERE = Path(__file__).resolve().parent
 
 SETUP = """\
 from pathlib import Path
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 %matplotlib inline
 
@@ -25,8 +23,13 @@ ANALYZE = """\
 from opd_dynamics import analyze
 from opd_dynamics.series import CheckpointSeries
 
-series = [CheckpointSeries.discover(LAB / run, base=LAB / "student_init", name=run) for run in ("opd", "grpo")]
-report = analyze(series, progress=False)  # in memory, a few seconds on a CPU
+def every_other(run):  # half the shipped checkpoints (the last always kept): enough for the curves, twice as fast
+    steps = [s for s, _ in CheckpointSeries.discover(LAB / run, base=LAB / "student_init").steps]
+    return sorted(set(steps[::-2]))
+
+series = [CheckpointSeries.discover(LAB / run, base=LAB / "student_init", name=run, steps=every_other(run))
+          for run in ("opd", "grpo")]
+report = analyze(series, progress=False, **OPTIONS)  # in memory
 tables = dict(report.tables)
 # the lab's held-out accuracy per checkpoint (for the sliding-window / accuracy overlays)
 import pandas as pd
@@ -54,21 +57,22 @@ def allocation() -> nbformat.NotebookNode:
             "figures show where the update norm and energy went for each run. The lab is tiny and the data may "
             "or may not agree with the paper; read the figures, not the claim."),
         new_code_cell(SETUP),
-        new_markdown_cell("Analyse both runs against the common base (every checkpoint, every tensor)."),
-        new_code_cell(ANALYZE),
+        new_markdown_cell("Analyse both runs against the common base: norms only (no SVD, no alignment) are "
+                          "all the allocation figures need."),
+        new_code_cell("OPTIONS = dict(svd='none', alignment=False)\n" + ANALYZE),
         new_markdown_cell(
             "**Layer × module heatmap** of the update's Frobenius norm ‖W_t − W_0‖ at the last step, per run."),
         new_code_cell("from opd_dynamics.plotting import plot_allocation_heatmap\n"
-                      "fig = plot_allocation_heatmap(tables, metric='update_norm')\nplt.show()"),
+                      "fig = plot_allocation_heatmap(tables, metric='update_norm')\ndisplay(fig)"),
         new_markdown_cell(
             "**Per-layer update norms** for attention and MLP, OPD vs GRPO (same colours everywhere)."),
         new_code_cell("from opd_dynamics.plotting import plot_layer_norms\n"
-                      "fig = plot_layer_norms(tables)\nplt.show()"),
+                      "fig = plot_layer_norms(tables)\ndisplay(fig)"),
         new_markdown_cell(
             "**Energy share by group**: the fraction of the squared update norm in attention, MLP, embeddings, "
             "norms. If OPD and GRPO allocate alike, the bars match."),
         new_code_cell("from opd_dynamics.plotting import plot_group_energy\n"
-                      "fig = plot_group_energy(tables)\nplt.show()"),
+                      "fig = plot_group_energy(tables)\ndisplay(fig)"),
         new_code_cell("summary = tables['summary']\n"
                       "summary[(summary.aggregate == 'group') & (summary.metric == 'energy_share')]"
                       ".pivot_table(index=['run', 'step'], columns='group', values='value').tail(4)"),
@@ -87,19 +91,21 @@ def direction() -> nbformat.NotebookNode:
             "singular-value decay, the Table-1 aggregates side by side, and alignment to the final checkpoint "
             "over training. The figures are what the data says, whether or not it matches the paper."),
         new_code_cell(SETUP),
-        new_code_cell(ANALYZE),
+        new_markdown_cell("Analyse both runs against the common base (exact SVD of every matrix update, alignment "
+                          "to the last checkpoint)."),
+        new_code_cell("OPTIONS = dict(svd='exact', alignment=True)\n" + ANALYZE),
         new_markdown_cell("**Singular-value decay** of ΔW (σ_i / ‖ΔW‖_F, top 64) at the last step."),
         new_code_cell("from opd_dynamics.plotting import plot_singular_value_decay\n"
-                      "fig = plot_singular_value_decay(tables)\nplt.show()"),
+                      "fig = plot_singular_value_decay(tables)\ndisplay(fig)"),
         new_markdown_cell("**Table-1 aggregates** over attention+MLP matrices, OPD vs GRPO."),
-        new_code_cell("from opd_dynamics.plotting import plot_table1\nfig = plot_table1(tables)\nplt.show()"),
+        new_code_cell("from opd_dynamics.plotting import plot_table1\nfig = plot_table1(tables)\ndisplay(fig)"),
         new_code_cell("s = tables['summary']\n"
                       "s[s.aggregate == 'table1'].pivot_table(index=['run', 'step'], columns='metric', "
                       "values='value').groupby(level=0).tail(1)"),
         new_markdown_cell(
             "**Alignment to the final update** (paired cosine of singular vectors, subspace overlap) against "
             "training progress. An early rise means the direction is settled early."),
-        new_code_cell("from opd_dynamics.plotting import plot_alignment\nfig = plot_alignment(tables)\nplt.show()"),
+        new_code_cell("from opd_dynamics.plotting import plot_alignment\nfig = plot_alignment(tables)\ndisplay(fig)"),
     ])
 
 
@@ -140,7 +146,7 @@ def effopd() -> nbformat.NotebookNode:
         new_code_cell(SETUP),
         new_code_cell(EFFOPD_LOAD),
         new_code_cell("from opd_dynamics.plotting import plot_effopd_curves\n"
-                      "fig = plot_effopd_curves(tables)\nplt.show()"),
+                      "fig = plot_effopd_curves(tables)\ndisplay(fig)"),
         new_markdown_cell("Median steps to target and final accuracy per method (over seeds)."),
         new_code_cell("tables['effopd_summary'].groupby('method')[['steps_to_target', 'final_accuracy', 'wall_s']]"
                       ".median()"),

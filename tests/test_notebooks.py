@@ -23,9 +23,9 @@ def test_notebooks_are_stored_without_outputs():
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_and_draws(name):
     nb = nbformat.read(NB_DIR / name, as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     pngs = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    expected = sum("plt.show()" in c.source for c in nb.cells if c.cell_type == "code")
+    expected = sum("display(fig)" in c.source for c in nb.cells if c.cell_type == "code")
     assert expected >= 1 and len(pngs) == expected, (name, len(pngs), expected)
