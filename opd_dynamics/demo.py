@@ -25,12 +25,13 @@ _MARKER = "demo.json"
 
 
 def fast_preset(preset: str = "smoke"):
-    """A shrunken copy of ``preset``: short SFT, 20 RL steps saved every 10, 64 eval prompts (for tests)."""
+    """A shrunken copy of ``preset``: short SFT, 10 RL steps saved every 5, 32 eval prompts (for tests)."""
     from opd_dynamics.lab.presets import get_preset
 
     p = get_preset(preset)
-    return replace(p, name=f"{p.name}-fast", n_train=2000, teacher_max_steps=150, student_max_steps=100,
-                   sft_eval_every=50, rl_steps=20, save_steps=10, n_eval=64)
+    return replace(p, name=f"{p.name}-fast", n_train=2000, n_heldout=100, teacher_max_steps=60,
+                   student_max_steps=40, sft_eval_every=20, rl_steps=10, save_steps=5, rollouts_per_step=16,
+                   grpo_generations=4, n_eval=32)
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
@@ -103,7 +104,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     timings["interventions"] = round(time.perf_counter() - t, 1)
 
     t = stage("EffOPD comparison (vanilla, effopd, fixed; 1 seed)", 4)
-    opt = EffOPDLabOptions(max_steps=20, eval_every=5, n_val=20) if fast else EffOPDLabOptions()
+    opt = EffOPDLabOptions(max_steps=10, eval_every=5, n_val=10) if fast else EffOPDLabOptions()
     eff = run_effopd_lab(out / "effopd", preset=p, seeds=[seed], lab=lab, options=opt, log=log)
     timings["effopd"] = round(time.perf_counter() - t, 1)
 

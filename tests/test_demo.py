@@ -1,0 +1,54 @@
+"""The demo: refuses to clobber, and (reduced setting) runs every stage into one directory with a parseable report."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+
+from opd_dynamics.demo import run_demo
+from opd_dynamics.errors import InputError
+
+
+def test_refuses_existing_dir_without_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        run_demo(tmp_path / "out")
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_demo_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a demo output"):
+        run_demo(out, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs).get("src", ""))
+
+
+@pytest.mark.slow
+def test_fast_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    html = run_demo(out, fast=True, log=lambda m: None)
+    assert html == (out / "report.html").resolve()
+    meta = json.loads((out / "demo.json").read_text())
+    assert meta["status"] == "done" and meta["fast"] is True
+    alloc = pd.read_csv(out / "analysis" / "module_allocation.csv")
+    assert set(alloc["run"]) == {"opd", "grpo"}
+    assert set(pd.read_csv(out / "effopd" / "effopd_summary.csv")["method"]) == {"vanilla", "effopd", "fixed"}
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert pngs
+    p = _Images()
+    p.feed(html.read_text())
+    assert len(p.srcs) >= 1 and all(s.startswith("data:image/png;base64,") for s in p.srcs)
