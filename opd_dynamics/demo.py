@@ -48,19 +48,20 @@ def _prepare(out: Path, overwrite: bool) -> None:
     shutil.rmtree(out)
 
 
-def _interventions(lab: Path, dst: Path, preset, log: Callable[[str], None]) -> Path | None:
+def _interventions(lab: Path, dst: Path, log: Callable[[str], None], fast: bool) -> Path | None:
     """Run the lab interventions if `opd_dynamics.interventions` is installed; None (and a log line) if not."""
     if importlib.util.find_spec("opd_dynamics.interventions") is None:
         log("[demo] interventions unavailable: opd_dynamics.interventions is not installed")
         return None
     mod = importlib.import_module("opd_dynamics.interventions")
-    fn = next((getattr(mod, n) for n in ("run_interventions", "run_lab_interventions", "run")
+    fn = next((getattr(mod, n) for n in ("lab_interventions", "run_interventions")
                if callable(getattr(mod, n, None))), None)
     if fn is None:
-        log("[demo] interventions unavailable: opd_dynamics.interventions has no run_interventions function")
+        log("[demo] interventions unavailable: opd_dynamics.interventions has no lab_interventions function")
         return None
     params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in {"preset": preset, "log": log, "overwrite": True}.items() if k in params}
+    wanted = {"log": log, **({"n_eval": 16, "n_rescale_steps": 2} if fast else {})}
+    kwargs = {k: v for k, v in wanted.items() if k in params}
     fn(lab, dst, **kwargs)
     return dst
 
@@ -100,7 +101,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     timings["analysis"] = round(time.perf_counter() - t, 1)
 
     t = stage("interventions", 3)
-    inter = _interventions(lab, out / "interventions", p, log)
+    inter = _interventions(lab, out / "interventions", log, fast)
     timings["interventions"] = round(time.perf_counter() - t, 1)
 
     t = stage("EffOPD comparison (vanilla, effopd, fixed; 1 seed)", 4)
