@@ -100,8 +100,8 @@ def direction() -> nbformat.NotebookNode:
         new_markdown_cell("**Table-1 aggregates** over attention+MLP matrices, OPD vs GRPO."),
         new_code_cell("from opd_dynamics.plotting import plot_table1\nfig = plot_table1(tables)\ndisplay(fig)"),
         new_code_cell("s = tables['summary']\n"
-                      "s[s.aggregate == 'table1'].pivot_table(index=['run', 'step'], columns='metric', "
-                      "values='value').groupby(level=0).tail(1)"),
+                      "s[s['aggregate'] == 'table1'][['run', 'step', 'metric', 'value']].groupby(['run', 'metric'])"
+                      ".tail(1)"),
         new_markdown_cell(
             "**Alignment to the final update** (paired cosine of singular vectors, subspace overlap) against "
             "training progress. An early rise means the direction is settled early."),
