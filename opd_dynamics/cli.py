@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.clickutil import with_options
 
 
 class _Main(click.Group):
@@ -74,12 +75,7 @@ def command_line() -> str:
     return " ".join(parts)
 
 
-def _with(options):
-    def deco(f):
-        for o in reversed(options):
-            f = o(f)
-        return f
-    return deco
+_with = with_options
 
 
 @main.command()

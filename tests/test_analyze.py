@@ -163,11 +163,10 @@ def test_output_is_refused_if_it_exists_and_resumes_from_partial(tmp_path):
     try:
         analyze(series, out=out2, progress=False)
         n_first = len(calls)
-        (tmp_path / ".out2.partial").mkdir()
-        # seed the cache as an interrupted run would have: run again into a fresh out with the cache kept
+        # seed the cache as an interrupted run would have left it, then rerun into a fresh out
         import shutil
         shutil.rmtree(out2)
-        from opd_dynamics.engine import AnalysisOptions, ResultCache, execute, make_plans
+        from opd_dynamics.engine import AnalysisOptions, execute, make_plans
         execute(make_plans([series]), AnalysisOptions(), resume_dir=cache, progress=False)
         calls.clear()
         analyze(series, out=out2, progress=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from opd_dynamics.clickutil import with_options
+
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import GROUPS, MATRIX_GROUPS
 
@@ -47,12 +49,7 @@ _shared = [
 ]
 
 
-def _with(options):
-    def deco(f):
-        for o in reversed(options):
-            f = o(f)
-        return f
-    return deco
+_with = with_options
 
 
 @click.command("extrapolate")
