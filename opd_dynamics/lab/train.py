@@ -147,17 +147,20 @@ def _prompt_dataset(problems: Sequence[Problem]):
     return Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
 
 
+def _rl_setup(preset, seed: int, max_steps: int | None, save_steps: int | None):
+    """What both RL trainers start from: the preset, seeds and threads set, step budget, tokenizer."""
+    p = get_preset(preset)
+    seed_everything(seed)
+    torch.set_num_threads(p.threads)
+    return p, max_steps or p.rl_steps, save_steps or p.save_steps, build_tokenizer()
+
+
 def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
                       callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None):
     """The lab's OPD trainer (TRL DistillationTrainer, on-policy reverse KL), ready to ``.train()``."""
     from trl import DistillationConfig, DistillationTrainer
 
-    p = get_preset(preset)
-    seed_everything(seed)
-    torch.set_num_threads(p.threads)
-    max_steps = max_steps or p.rl_steps
-    save_steps = save_steps or p.save_steps
-    tok = build_tokenizer()
+    p, max_steps, save_steps, tok = _rl_setup(preset, seed, max_steps, save_steps)
     student = load_model(student_dir)
     teacher = load_model(teacher_dir)
     args = DistillationConfig(
@@ -192,12 +195,7 @@ def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", 
     """The lab's RL trainer (TRL GRPOTrainer, exact-match reward, no KL penalty), ready to ``.train()``."""
     from trl import GRPOConfig, GRPOTrainer
 
-    p = get_preset(preset)
-    seed_everything(seed)
-    torch.set_num_threads(p.threads)
-    max_steps = max_steps or p.rl_steps
-    save_steps = save_steps or p.save_steps
-    tok = build_tokenizer()
+    p, max_steps, save_steps, tok = _rl_setup(preset, seed, max_steps, save_steps)
     student = load_model(student_dir)
     args = GRPOConfig(
         **_common_args(p, Path(out_dir), seed, max_steps, save_steps, p.grpo_lr),
