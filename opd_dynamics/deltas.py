@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator, Mapping
 
 import torch
@@ -144,8 +145,10 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
             reader.close()
 
 
-def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype) -> torch.Tensor:
-    t = t.to(dtype)
+def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(out, in) layout, common rows only; upcast to ``dtype`` when given (steps stay in their stored dtype)."""
+    if dtype is not None:
+        t = t.to(dtype)
     if tp.conv1d:
         t = t.T
     if tp.rows is not None:
@@ -155,11 +158,24 @@ def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype) -> torch.Tensor
 
 @dataclass
 class StepUpdate:
-    """One step of one tensor: the trained weights and the update, both upcast and oriented (out, in)."""
+    """One step of one tensor, oriented (out, in): W_t as stored (``raw``) and, formed on first use in the
+    base's precision, W_t (``weight``) and ΔW_t (``delta``). A factored LoRA step brings its own delta.
+
+    Keeping the stored dtype until a metric needs more lets the norm-only pass read each step once.
+    """
 
     step: int
-    weight: torch.Tensor
-    delta: torch.Tensor
+    raw: torch.Tensor
+    base: torch.Tensor = field(repr=False)
+    lora_delta: torch.Tensor | None = None
+
+    @cached_property
+    def weight(self) -> torch.Tensor:
+        return self.raw if self.raw.dtype == self.base.dtype else self.raw.to(self.base.dtype)
+
+    @cached_property
+    def delta(self) -> torch.Tensor:
+        return self.lora_delta if self.lora_delta is not None else self.weight - self.base
 
 
 def read_base(reader: SeriesReader, tp: TensorPlan, dtype: torch.dtype = torch.float32,
@@ -167,32 +183,36 @@ def read_base(reader: SeriesReader, tp: TensorPlan, dtype: torch.dtype = torch.f
     return _orient(reader.base.get(tp.name), tp, dtype).to(device)
 
 
-def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor) -> StepUpdate:
-    """W_t and ΔW_t for one step; `w0` is the upcast, oriented base on the target device."""
+def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
+              materialize: bool = False) -> StepUpdate:
+    """W_t for one step (``w0`` is the upcast, oriented base on the target device); ``materialize`` forms
+    the float weight and delta now (in the reading thread, when prefetching) instead of on first use."""
     m = reader.steps[step]
     if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
         b, a, s = m.factors(tp.name, w0.dtype)
         delta = s * (b.to(w0.device) @ a.to(w0.device))
         delta = _orient(delta.T if tp.conv1d else delta, tp, w0.dtype)  # factors are (out, in) already
-        return StepUpdate(step, w0 + delta, delta)
+        return StepUpdate(step, w0 + delta, w0, delta)
     raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)
-    wt = _orient(raw, tp, w0.dtype).to(w0.device)
-    return StepUpdate(step, wt, wt - w0)
+    upd = StepUpdate(step, _orient(raw, tp).to(w0.device), w0)
+    if materialize:
+        upd.delta  # noqa: B018 - cached_property: computed here, off the caller's thread
+    return upd
 
 
 def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: Mapping[int, object] | list[int]
-                 | None = None, prefetch: bool = True) -> Iterator[StepUpdate]:
+                 | None = None, prefetch: bool = True, materialize: bool = False) -> Iterator[StepUpdate]:
     """Yield StepUpdate for each step (default: every step the tensor exists at), reading the next step in
-    a background thread while the caller works on the current one."""
+    a background thread while the caller works on the current one (``materialize``: see `read_step`)."""
     order = [s for s in (list(steps) if steps is not None else tp.steps)]
     if not prefetch or len(order) < 2:
         for s in order:
-            yield read_step(reader, tp, s, w0)
+            yield read_step(reader, tp, s, w0, materialize)
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(read_step, reader, tp, order[0], w0)
+        fut = pool.submit(read_step, reader, tp, order[0], w0, materialize)
         for nxt in order[1:] + [None]:
             cur = fut.result()
             if nxt is not None:
-                fut = pool.submit(read_step, reader, tp, nxt, w0)
+                fut = pool.submit(read_step, reader, tp, nxt, w0, materialize)
             yield cur

@@ -111,10 +111,10 @@ def _base_decomposition(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, 
 
 
 def _steps_with_ref(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, ref: StepUpdate | None,
-                    prefetch: bool) -> Iterator[StepUpdate]:
+                    prefetch: bool, materialize: bool) -> Iterator[StepUpdate]:
     """Every step's update in order, reusing the already-read reference step instead of reading it twice."""
     others = [s for s in tp.steps if ref is None or s != ref.step]
-    it = iter_updates(reader, tp, w0, others, prefetch=prefetch)
+    it = iter_updates(reader, tp, w0, others, prefetch=prefetch, materialize=materialize)
     for s in tp.steps:
         yield ref if (ref is not None and s == ref.step) else next(it)
 
@@ -149,19 +149,24 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
     shape_s = "x".join(map(str, mshape))
     numel = tp.numel // len(units)
     base_f2 = {u: fro2(part(w0, u)) for u in units}
-    for upd in _steps_with_ref(reader, tp, w0, ref_update, prefetch):
+    # beyond the norm columns (one fused pass over the stored step) only spectra and embeddings need floats
+    materialize = matrix or (group == "embedding" and len(mshape) == 2)
+    for upd in _steps_with_ref(reader, tp, w0, ref_update, prefetch, materialize):
         for u in units:
             ident = {**_ident(series, tp), "step": upd.step}
             if u is not None:
                 ident["expert"] = u
-            w0u, wtu, du = part(w0, u), part(upd.weight, u), part(upd.delta, u)
+            w0u = part(w0, u)
+            lora = None if upd.lora_delta is None else part(upd.lora_delta, u)
             out["module_allocation"].append({**ident, "shape": shape_s, "numel": numel,
-                                             **norm_metrics(w0u, wtu, du, base_f2[u]), "resized": tp.resized})
+                                             **norm_metrics(w0u, part(upd.raw, u), lora, base_f2[u]),
+                                             "resized": tp.resized})
             if group == "embedding" and len(mshape) == 2:
-                out["embedding"].append({**ident, **embedding_metrics(w0u, wtu, opts.token_ids),
+                out["embedding"].append({**ident, **embedding_metrics(w0u, part(upd.weight, u), opts.token_ids),
                                          "resized": tp.resized})
             if not matrix:
                 continue
+            wtu, du = part(upd.weight, u), part(upd.delta, u)
             is_ref = ref_update is not None and upd.step == ref_update.step
             dec = dec_ref[u] if is_ref else decompose(du, k_vectors=k_vec, mode=opts.svd)
             out["spectrum"].append({**ident, **spectrum_metrics(dec, opts.ks)})

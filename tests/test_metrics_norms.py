@@ -86,3 +86,38 @@ def test_blockwise_accumulation_matches_numpy(monkeypatch):
     assert sum_squares64(torch.tensor(a)) == pytest.approx(np.sum(a * a), rel=1e-12)
     assert dot64(torch.tensor(a, dtype=torch.float32), torch.tensor(b)) == pytest.approx(
         np.sum(a.astype(np.float32).astype(np.float64) * b), rel=1e-12)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 3 * 4096 + 11])  # around the kernel's decode block
+def test_fused_pass_matches_float64_reference(stored, n):
+    """The one-pass CPU kernel (float32 base, step as stored) against numpy float64 on the same values."""
+    from opd_dynamics.metrics.fused import fused_update_stats
+
+    g = torch.Generator().manual_seed(n)
+    w0 = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
+    wt = (w0 + 1e-4 * torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.7)).to(stored)
+    got = fused_update_stats(w0, wt)
+    assert got is not None, "the fused kernel must apply to a float32 base and a bf16/float32 step on CPU"
+    ref = ref_norms(w0.numpy(), wt.float().numpy())
+    assert math.sqrt(got[0]) == pytest.approx(ref["update_norm"], rel=1e-12)
+    assert got[1] == round(ref["changed_fraction"] * n)
+    assert 0 < got[1] < n or n == 1
+    # norm_metrics takes the fused route without a delta and the torch route with one: same answer
+    fused, eager = norm_metrics(w0, wt), norm_metrics(w0, wt, wt.float() - w0)
+    assert fused["changed_fraction"] == eager["changed_fraction"]
+    assert fused["update_norm"] == pytest.approx(eager["update_norm"], rel=1e-6)
+
+
+def test_fused_pass_flags_nan_and_inf_and_declines_other_layouts():
+    from opd_dynamics.metrics.fused import fused_update_stats
+
+    w0 = torch.zeros(5000)
+    for bad in (math.nan, math.inf):
+        wt = w0.clone().to(torch.bfloat16)
+        wt[4321] = bad
+        assert norm_metrics(w0, wt)["finite"] is False
+    assert fused_update_stats(w0.double(), w0) is None  # float64 base: torch route
+    assert fused_update_stats(w0, w0.half()) is None
+    assert fused_update_stats(w0.view(50, 100).T, w0.view(50, 100).T) is None  # not contiguous
+    assert norm_metrics(w0.double(), w0.half())["update_norm"] == 0.0

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from opd_dynamics.metrics.fused import fused_update_stats
+
 _BLOCK_ELEMS = 1 << 22  # about 32 MB of float64 per block
 
 
@@ -48,6 +50,7 @@ def all_finite(*ts: Tensor) -> bool:
 
 
 _ROW = 1024
+_WIDE = (torch.float32, torch.float64)
 
 
 def fro2(t: Tensor) -> float:
@@ -80,18 +83,37 @@ def changed_count(w0: Tensor, wt: Tensor, delta: Tensor | None = None) -> int:
     return int(torch.count_nonzero(d.abs().gt_(m)))
 
 
-def norm_metrics(w0: Tensor, wt: Tensor, delta: Tensor, base_fro2: float | None = None) -> dict:
+def update_stats(w0: Tensor, wt: Tensor, delta: Tensor | None = None) -> tuple[float, int]:
+    """(‖W_t − W_0‖F² at float64 accuracy, count of bf16-visible changes) for one tensor and step.
+
+    A given ``delta`` is taken as the update (a LoRA step's comes from its factors, not from W_t − W_0).
+    Without one: a single fused pass over the float32 base and the step in its stored dtype where the CPU
+    kernel applies, else the torch route on the delta formed here in the base's precision.
+    """
+    if delta is None:
+        fused = fused_update_stats(w0, wt)
+        if fused is not None:
+            return fused
+    dt = delta.dtype if delta is not None else (w0.dtype if w0.dtype in _WIDE else torch.float32)
+    w0, wt = w0.to(dt), wt.to(dt)
+    if delta is None:
+        delta = wt - w0
+    return fro2(delta), changed_count(w0, wt, delta)
+
+
+def norm_metrics(w0: Tensor, wt: Tensor, delta: Tensor | None = None, base_fro2: float | None = None) -> dict:
     """Norm columns of module_allocation.csv for one tensor (energy_share needs totals: not here).
 
-    ``delta`` is W_t - W_0 already formed in float32/float64 by the caller. ``base_fro2`` (‖W_0‖F²) may be
-    passed in when the caller computes it once per tensor. Returns update_norm, base_norm, relative_update
+    ``w0`` and ``wt`` in any float dtype (the fast path wants a float32 base); ``delta`` (W_t − W_0 in
+    float32/float64) may be passed when the caller already has it. ``base_fro2`` (‖W_0‖F²) may be
+    passed when the caller computes it once per tensor. Returns update_norm, base_norm, relative_update
     (NaN when the base is zero), rms_update, changed_fraction, finite (W_0 and W_t free of NaN/Inf).
     """
-    if delta.dtype not in (torch.float32, torch.float64):
+    if delta is not None and delta.dtype not in _WIDE:
         raise ValueError(f"norm_metrics: delta must be float32 or float64 (got {delta.dtype}); "
                          "upcast before subtracting")
-    numel = delta.numel()
-    f2 = fro2(delta) if numel else 0.0
+    numel = w0.numel()
+    f2, changed = update_stats(w0, wt, delta) if numel else (0.0, 0)
     b2 = (fro2(w0) if base_fro2 is None else base_fro2) if numel else 0.0
     # NaN/Inf in W_0 or W_t make ‖W_0‖² or ‖ΔW‖² non-finite (so would |w| > ~1e18, far beyond trained weights)
     finite = math.isfinite(f2) and math.isfinite(b2)
@@ -101,6 +123,6 @@ def norm_metrics(w0: Tensor, wt: Tensor, delta: Tensor, base_fro2: float | None 
         "base_norm": base,
         "relative_update": math.nan if base == 0 else f / base,
         "rms_update": f / math.sqrt(numel) if numel else math.nan,
-        "changed_fraction": changed_count(w0, wt, delta) / numel if numel else math.nan,
+        "changed_fraction": changed / numel if numel else math.nan,
         "finite": finite,
     }
