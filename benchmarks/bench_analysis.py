@@ -66,12 +66,18 @@ def naive(root: Path, steps: list[int], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def ours(root: Path, device: str, svd: str, cache: Path) -> float:
+def ours(root: Path, device: str, svd: str, cache: Path, steps: list[int] | None = None) -> float:
     t0 = time.perf_counter()
     s = CheckpointSeries.discover(root / "run", base=root / "base")
+    if steps is not None:  # a prefix of the series: the linearity check
+        s = CheckpointSeries.from_list([(t, root / "run" / f"checkpoint-{t}") for t in steps], base=root / "base")
     analyze(s, svd=svd, geometry=True, device=device, progress=False, cache_dir=cache,
             groups=("attention", "mlp"))
     return time.perf_counter() - t0
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def main() -> None:
@@ -98,11 +104,17 @@ def main() -> None:
         print(f"ours exact (geometry, cold base cache): {exact:8.2f} s  ({exact / a.steps:.2f} s per checkpoint)")
         print(f"ours exact (base decomposition cached): {exact_warm:8.2f} s")
         print(f"ours fast  (randomized top-k):          {fast:8.2f} s")
+        half = ours(root, a.device, "exact", Path(tmp) / "cache-exact", steps[: max(1, a.steps // 2)])
+        print(f"linearity (exact, cached base): {max(1, a.steps // 2)} steps {half:.2f} s, {a.steps} steps "
+              f"{exact_warm:.2f} s: {half / max(1, a.steps // 2):.2f} vs {exact_warm / a.steps:.2f} s per step")
+        largest = max(h * i, bench_io.VOCAB * h) * 4 / 1e9
+        print(f"peak RSS after ours (before the naive script): {rss_gb():.2f} GB; largest tensor in float32 "
+              f"{largest:.2f} GB")
         if not a.skip_naive:
             nv = naive(root, steps, a.device)
             print(f"naive script:                           {nv:8.2f} s  ({nv / a.steps:.2f} s per checkpoint)")
             print(f"speedup exact {nv / exact:.1f}x (cached base {nv / exact_warm:.1f}x), fast {nv / fast:.1f}x")
-        print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+        print(f"peak RSS of this process (naive included): {rss_gb():.2f} GB")
 
 
 if __name__ == "__main__":

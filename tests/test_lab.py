@@ -28,7 +28,7 @@ from opd_dynamics.lab.task import (
 from opd_dynamics.lab.train import build_opd_trainer, checkpoint_steps, splits_for
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session")  # its tests share one xdist group, so one worker builds it once
 def smoke_lab(tmp_path_factory) -> Path:
     return run_lab(tmp_path_factory.mktemp("lab") / "smoke", preset="smoke", seed=0)
 
@@ -60,6 +60,7 @@ def test_tokenizer_is_character_level_with_bos_and_left_padding(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
 def test_smoke_layout_and_lab_json(smoke_lab):
     meta = json.loads((smoke_lab / "lab.json").read_text())
     assert meta["preset"]["name"] == "smoke" and meta["seed"] == 0
@@ -82,6 +83,7 @@ def test_smoke_layout_and_lab_json(smoke_lab):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
 def test_opd_raises_accuracy_and_lowers_reverse_kl(smoke_lab):
     df = pd.read_csv(smoke_lab / "opd" / "eval.csv")
     first, last = df.iloc[0], df.iloc[-1]
@@ -92,6 +94,7 @@ def test_opd_raises_accuracy_and_lowers_reverse_kl(smoke_lab):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
 def test_series_is_readable_by_the_analysis(smoke_lab):
     from opd_dynamics.series import CheckpointSeries
 
@@ -100,6 +103,7 @@ def test_series_is_readable_by_the_analysis(smoke_lab):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
 def test_reverse_kl_of_a_model_to_itself_is_zero(smoke_lab):
     tok = build_tokenizer()
     teacher = load_model(smoke_lab / "teacher")
@@ -111,6 +115,7 @@ def test_reverse_kl_of_a_model_to_itself_is_zero(smoke_lab):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
 def test_opd_trainer_is_on_policy_reverse_kl(smoke_lab, tmp_path):
     """DistillationTrainer as configured: student samples at T=1, loss = mean per-token KL(student || teacher)."""
     tr = build_opd_trainer(smoke_lab / "student_init", smoke_lab / "teacher", tmp_path / "opd", "smoke", 0)
