@@ -156,6 +156,11 @@ def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype | None = None) -
     return t.contiguous()
 
 
+def float_dtype(t: torch.Tensor) -> torch.dtype:
+    """The precision updates of ``t`` are formed in: its own if float32/float64, else float32."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 @dataclass
 class StepUpdate:
     """One step of one tensor, oriented (out, in): W_t as stored (``raw``) and, formed on first use in the
@@ -171,15 +176,20 @@ class StepUpdate:
 
     @cached_property
     def weight(self) -> torch.Tensor:
-        return self.raw if self.raw.dtype == self.base.dtype else self.raw.to(self.base.dtype)
+        return self.raw.to(self._float)
 
     @cached_property
-    def delta(self) -> torch.Tensor:
-        return self.lora_delta if self.lora_delta is not None else self.weight - self.base
+    def delta(self) -> torch.Tensor:  # never subtracted in half precision
+        return self.lora_delta if self.lora_delta is not None else self.weight - self.base.to(self._float)
+
+    @property
+    def _float(self) -> torch.dtype:
+        return float_dtype(self.base)
 
 
-def read_base(reader: SeriesReader, tp: TensorPlan, dtype: torch.dtype = torch.float32,
+def read_base(reader: SeriesReader, tp: TensorPlan, dtype: torch.dtype | None = torch.float32,
               device: str | torch.device = "cpu") -> torch.Tensor:
+    """The base tensor, oriented; upcast to ``dtype`` (None: as stored, for the kernels that decode it)."""
     return _orient(reader.base.get(tp.name), tp, dtype).to(device)
 
 
@@ -189,10 +199,11 @@ def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
     the float weight and delta now (in the reading thread, when prefetching) instead of on first use."""
     m = reader.steps[step]
     if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
-        b, a, s = m.factors(tp.name, w0.dtype)
+        fdt = float_dtype(w0)
+        b, a, s = m.factors(tp.name, fdt)
         delta = s * (b.to(w0.device) @ a.to(w0.device))
-        delta = _orient(delta.T if tp.conv1d else delta, tp, w0.dtype)  # factors are (out, in) already
-        return StepUpdate(step, w0 + delta, w0, delta)
+        delta = _orient(delta.T if tp.conv1d else delta, tp, fdt)  # factors are (out, in) already
+        return StepUpdate(step, w0.to(fdt) + delta, w0, delta)
     raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)
     upd = StepUpdate(step, _orient(raw, tp).to(w0.device), w0)
     if materialize:

@@ -132,11 +132,12 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
     series = reader.series
     device = opts.resolved_device()
     out: dict[str, list[dict]] = {t: [] for t in TABLES}
-    w0 = read_base(reader, tp, opts.torch_dtype, device)
     group = tp.info.group
     units = _units(tp)
     mshape = tp.shape[1:] if units != [None] else tp.shape
     matrix = (len(mshape) == 2 and min(mshape) > 1 and group in opts.spectra_groups and opts.svd != "none")
+    # the norm columns and embedding cosines run on the base and steps as stored; only spectra need floats
+    w0 = read_base(reader, tp, opts.torch_dtype if matrix else None, device)
     k_vec = max(opts.k_subspace, opts.k_paired)
     part = (lambda t, u: t if u is None else t[u])  # noqa: E731
     ref_update, dec_ref = None, {}
@@ -149,9 +150,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
     shape_s = "x".join(map(str, mshape))
     numel = tp.numel // len(units)
     base_f2 = {u: fro2(part(w0, u)) for u in units}
-    # beyond the norm columns (one fused pass over the stored step) only spectra and embeddings need floats
-    materialize = matrix or (group == "embedding" and len(mshape) == 2)
-    for upd in _steps_with_ref(reader, tp, w0, ref_update, prefetch, materialize):
+    for upd in _steps_with_ref(reader, tp, w0, ref_update, prefetch, materialize=matrix):
         for u in units:
             ident = {**_ident(series, tp), "step": upd.step}
             if u is not None:
@@ -162,7 +161,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                                              **norm_metrics(w0u, part(upd.raw, u), lora, base_f2[u]),
                                              "resized": tp.resized})
             if group == "embedding" and len(mshape) == 2:
-                out["embedding"].append({**ident, **embedding_metrics(w0u, part(upd.weight, u), opts.token_ids),
+                out["embedding"].append({**ident, **embedding_metrics(w0u, part(upd.raw, u), opts.token_ids),
                                          "resized": tp.resized})
             if not matrix:
                 continue

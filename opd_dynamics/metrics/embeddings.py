@@ -1,7 +1,8 @@
 """Per-row cosine similarity between base and trained embedding (or lm_head) rows.
 
-Rows are compared over the common rows (resized vocabularies are flagged), in float64, in row blocks
-so a 150k x 3584 table never gets a whole float64 copy.
+Rows are compared over the common rows (resized vocabularies are flagged), in float64: one fused pass
+on CPU (tables as stored, float32 or bf16), else in row blocks so a 150k x 3584 table never gets a whole
+float64 copy.
 """
 
 from __future__ import annotations
@@ -13,25 +14,32 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from .fused import fused_row_stats
 
 _BLOCK_ROWS = 8192
 
 
-def row_cosines(e0: Tensor, et: Tensor) -> np.ndarray:
-    """Cosine of each row pair (float64). Both rows zero: 1 (unchanged); one zero: 0."""
-    n = e0.shape[0]
-    out = np.empty(n, dtype=np.float64)
-    for i in range(0, n, _BLOCK_ROWS):
+def _row_stats(e0: Tensor, et: Tensor) -> np.ndarray:
+    """(3, rows) float64: per-row dot product and both squared norms (fused CPU kernel, else torch blocks)."""
+    fused = fused_row_stats(e0, et)
+    if fused is not None:
+        return fused
+    out = np.empty((3, e0.shape[0]), dtype=np.float64)
+    for i in range(0, e0.shape[0], _BLOCK_ROWS):
         a = e0[i : i + _BLOCK_ROWS].to(torch.float64)
         b = et[i : i + _BLOCK_ROWS].to(a.device, torch.float64)
-        na, nb = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
-        dot = (a * b).sum(dim=1)
-        denom = na * nb
-        cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                          torch.where((na == 0) & (nb == 0), 1.0, 0.0).to(dot.dtype))
-        cos = torch.where(torch.isfinite(denom), cos, torch.full_like(cos, math.nan))
-        out[i : i + a.shape[0]] = cos.clamp(-1.0, 1.0).cpu().numpy()
+        out[:, i : i + a.shape[0]] = torch.stack([(a * b).sum(1), (a * a).sum(1), (b * b).sum(1)]).cpu().numpy()
     return out
+
+
+def row_cosines(e0: Tensor, et: Tensor) -> np.ndarray:
+    """Cosine of each row pair (float64). Both rows zero: 1 (unchanged); one zero: 0; non-finite: NaN."""
+    dot, n0, nt = _row_stats(e0, et)
+    denom = np.sqrt(n0) * np.sqrt(nt)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), np.where((n0 == 0) & (nt == 0), 1.0, 0.0))
+    cos = np.where(np.isfinite(denom), cos, np.nan)
+    return np.clip(cos, -1.0, 1.0)
 
 
 def embedding_metrics(e0: Tensor, et: Tensor, token_ids=None) -> dict:

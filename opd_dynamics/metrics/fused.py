@@ -1,83 +1,60 @@
-"""One-pass CPU kernel for the per-step norm columns: ‖W_t − W_0‖F² and the bf16-visible change count.
+"""One-pass CPU kernels for the norm-only columns, on tensors in their stored dtype.
 
 The eager torch route makes about ten memory passes per step (upcast, subtract, norm, abs, maximum,
-compare, count); on a CPU that, not the read, bounded the norm-only pass. This kernel reads the float32
-base and the step in its stored dtype (bf16 decoded from its bits, or float32) once, and accumulates
-the squares in float64. It is compiled by numba on first use (cached on disk); where numba or the
-input layout does not fit, `fused_update_stats` returns None and the caller uses the torch route.
+compare, count) and allocates a float32 copy of every step; on a CPU that, not the read, bounded the
+norm-only pass. These kernels (numba, `_kernels.py`, compiled on first use and cached on disk) read the
+base and the step once each, float32 or bf16 (decoded from its bits), and accumulate in float64. Each
+function returns None where a kernel does not apply (not CPU, other dtypes, not contiguous, numba
+missing); callers then use the torch route.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 
 CHANGE_THRESHOLD = 1e-3  # |Δ| > 1e-3 · max(|w0|, |wt|): a change bf16 can show
-_BLOCK = 4096  # elements decoded at a time: stays in L1/L2
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @lru_cache(maxsize=1)
-def _kernels():
-    """Compile (or load from numba's cache) the two kernels; None when numba is not importable."""
+def _kernels() -> ModuleType | None:
     try:
-        from numba import njit
+        from opd_dynamics.metrics import _kernels
     except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back to torch
         return None
-    # Reassociation lets the float64 sum vectorize; NaN/Inf semantics are kept (no nnan/ninf flags).
-    fm = {"reassoc", "nsz", "contract"}
+    return _kernels
 
-    @njit(cache=True, nogil=True, fastmath=fm)
-    def stats_f32(w0, wt, c):  # pragma: no cover - compiled
-        s = 0.0
-        k = 0
-        for i in range(w0.size):
-            a = w0[i]
-            t = wt[i]
-            d = t - a
-            s += np.float64(d) * np.float64(d)
-            k += abs(d) > max(abs(a), abs(t)) * c
-        return s, k
 
-    @njit(cache=True, nogil=True, fastmath=fm)
-    def stats_bf16(w0, bits, c):  # pragma: no cover - compiled
-        n = w0.size
-        buf = np.empty(_BLOCK, np.uint32)
-        f = buf.view(np.float32)
-        s = 0.0
-        k = 0
-        for lo in range(0, n, _BLOCK):
-            m = min(_BLOCK, n - lo)
-            for j in range(m):  # bf16 is the top half of a float32: decoding is exact
-                buf[j] = np.uint32(bits[lo + j]) << 16
-            for j in range(m):
-                a = w0[lo + j]
-                t = f[j]
-                d = t - a
-                s += np.float64(d) * np.float64(d)
-                k += abs(d) > max(abs(a), abs(t)) * c
-        return s, k
+def _array(t: Tensor) -> np.ndarray:
+    """A zero-copy numpy view: float32 as is, bf16 as its uint16 bits."""
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
-    return stats_f32, stats_bf16
+
+def _fits(*ts: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.is_contiguous() and t.numel() > 0
+               for t in ts) and _kernels() is not None
 
 
 def fused_update_stats(w0: Tensor, wt: Tensor) -> tuple[float, int] | None:
-    """(‖W_t − W_0‖F² in float64, count of bf16-visible changes), or None when the kernel does not apply
-    (not CPU, base not float32, step not float32/bf16, shapes differ, not contiguous, numba missing)."""
-    if (w0.device.type != "cpu" or wt.device.type != "cpu" or w0.dtype != torch.float32
-            or wt.dtype not in (torch.float32, torch.bfloat16) or w0.shape != wt.shape
-            or not w0.is_contiguous() or not wt.is_contiguous() or w0.numel() == 0):
+    """(‖W_t − W_0‖F² in float64, count of bf16-visible changes |Δ| > 1e-3·max(|w0|, |wt|)), or None."""
+    if w0.shape != wt.shape or not _fits(w0, wt):
         return None
-    kernels = _kernels()
-    if kernels is None:
-        return None
-    stats_f32, stats_bf16 = kernels
-    a = w0.reshape(-1).numpy()
-    c = np.float32(CHANGE_THRESHOLD)
-    if wt.dtype == torch.bfloat16:
-        s, k = stats_bf16(a, wt.reshape(-1).view(torch.uint16).numpy(), c)
-    else:
-        s, k = stats_f32(a, wt.reshape(-1).numpy(), c)
+    s, k = _kernels().update_stats(_array(w0).reshape(-1), _array(wt).reshape(-1), np.float32(CHANGE_THRESHOLD))
     return float(s), int(k)
+
+
+def fused_sum_squares(x: Tensor) -> float | None:
+    """‖x‖F² in float64, or None."""
+    return float(_kernels().sum_squares(_array(x).reshape(-1))) if _fits(x) else None
+
+
+def fused_row_stats(e0: Tensor, et: Tensor) -> np.ndarray | None:
+    """(3, rows) float64: per-row dot product of e0 and et, ‖e0_row‖², ‖et_row‖²; or None."""
+    if e0.dim() != 2 or e0.shape != et.shape or not _fits(e0, et):
+        return None
+    return _kernels().row_stats(_array(e0), _array(et))

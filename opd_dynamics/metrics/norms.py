@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from opd_dynamics.metrics.fused import fused_update_stats
+from opd_dynamics.metrics.fused import fused_sum_squares, fused_update_stats
 
 _BLOCK_ELEMS = 1 << 22  # about 32 MB of float64 per block
 
@@ -54,9 +54,13 @@ _WIDE = (torch.float32, torch.float64)
 
 
 def fro2(t: Tensor) -> float:
-    """‖t‖F² at float64 accuracy without a float64 copy: float32 norms of 1024-element rows (error ~1e-7
-    relative each), squared and summed in float64. NaN/Inf propagate (that is how `finite` is found)."""
-    flat = t.reshape(-1)
+    """‖t‖F² at float64 accuracy without a float64 copy: the fused CPU kernel, else float32 norms of
+    1024-element rows (error ~1e-7 relative each) squared and summed in float64. NaN/Inf propagate (that
+    is how `finite` is found)."""
+    fused = fused_sum_squares(t)
+    if fused is not None:
+        return fused
+    flat = t.reshape(-1) if t.dtype in _WIDE else t.reshape(-1).float()
     n = flat.numel()
     k = n // _ROW * _ROW
     total = 0.0
