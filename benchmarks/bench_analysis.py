@@ -15,7 +15,6 @@ and `svd='fast'`. All in one process, one run: the printed ratios compare like w
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
 import time
@@ -77,7 +76,7 @@ def ours(root: Path, device: str, svd: str, cache: Path, steps: list[int] | None
 
 
 def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return bench_io.peak_rss() / 1e9
 
 
 def main() -> None:
@@ -98,6 +97,7 @@ def main() -> None:
         print(f"{a.layers} layers of Qwen2.5-{a.model} shapes, base + {a.steps} steps, bf16, {gb:.2f} GB "
               f"(built in {time.perf_counter() - t:.0f} s); device {a.device}")
         steps = list(range(1, a.steps + 1))
+        bench_io.reset_peak_rss()  # building the series held it all in memory: not ours
         exact = ours(root, a.device, "exact", Path(tmp) / "cache-exact")
         exact_warm = ours(root, a.device, "exact", Path(tmp) / "cache-exact")
         fast = ours(root, a.device, "fast", Path(tmp) / "cache-fast")
