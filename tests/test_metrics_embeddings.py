@@ -63,3 +63,22 @@ def test_zero_and_nan_rows():
     assert got["cosine_mean"] == pytest.approx((1 + 0 + 1) / 3)
     Et[2, 0] = math.nan
     assert math.isnan(embedding_metrics(E0, Et)["cosine_mean"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_route_matches_reference_on_stored_dtypes(dtype):
+    """float32 and bf16 tables on CPU take the one-pass kernel: same answer as float64 numpy on those values."""
+    from opd_dynamics.metrics.fused import fused_row_stats
+
+    rng = np.random.default_rng(3)
+    E0 = torch.tensor(rng.standard_normal((300, 24)), dtype=dtype)
+    Et = (E0.double() + 0.2 * torch.tensor(rng.standard_normal((300, 24)))).to(dtype)
+    assert fused_row_stats(E0, Et) is not None
+    got = embedding_metrics(E0, Et, [7, 9, 11])
+    ref = ref_embedding(E0.double().numpy(), Et.double().numpy(), [7, 9, 11])
+    for key in ("cosine_mean", "cosine_p5", "cosine_min", "cosine_tokens_mean"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-12), key
+    Et[7] = 0.0  # one zero row: cosine 0
+    E0[9] = 0.0
+    Et[9] = 0.0  # both zero: cosine 1
+    assert emb.row_cosines(E0, Et)[[7, 9]].tolist() == [0.0, 1.0]
