@@ -15,6 +15,7 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -215,12 +216,33 @@ def _reader_for(series: CheckpointSeries) -> SeriesReader:
     return r
 
 
+# Below this many elements a tensor is analysed on one intra-op thread: two threads gain nothing there
+# (48x128 decompositions: 0.38 ms either way), and on a loaded machine each tiny parallel region waits
+# for a descheduled thread (the shipped lab series: 22 s with two threads vs 3.4 s with one, beside two
+# busy processes). From 128x512 up, two threads are faster (2.1 vs 2.4 ms), so larger tensors keep them.
+SINGLE_THREAD_NUMEL = 1 << 16
+
+
+@contextmanager
+def _threads_for(numel: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if numel >= SINGLE_THREAD_NUMEL or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_job(job: Job) -> JobResult:
     """Analyse one tensor; any failure is returned as a reason, never raised (one bad tensor ≠ a lost run)."""
     t0 = time.perf_counter()
     try:
-        tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
-                                Path(job.cache_root) if job.cache_root else None, job.prefetch)
+        with _threads_for(job.plan.numel):
+            tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
+                                    Path(job.cache_root) if job.cache_root else None, job.prefetch)
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0)
     except InputError as e:
         return JobResult(job.series.name, job.plan.name, {}, str(e), time.perf_counter() - t0)
