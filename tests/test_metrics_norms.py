@@ -121,3 +121,19 @@ def test_fused_pass_flags_nan_and_inf_and_declines_other_layouts():
     assert fused_update_stats(w0, w0.half()) is None
     assert fused_update_stats(w0.view(50, 100).T, w0.view(50, 100).T) is None  # not contiguous
     assert norm_metrics(w0.double(), w0.half())["update_norm"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dot_and_sum_squares_match_float64(dtype):
+    """dot64 / sum_squares64 on float32 and bf16 CPU tensors take the kernels: float64 answers on those values."""
+    from opd_dynamics.metrics.fused import fused_dot, fused_sum_squares
+
+    rng = np.random.default_rng(4)
+    a = torch.tensor(rng.standard_normal((37, 129)), dtype=dtype)
+    b = torch.tensor(rng.standard_normal((37, 129)), dtype=dtype)
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    assert fused_dot(a, b) is not None and fused_sum_squares(a) is not None
+    assert dot64(a, b) == pytest.approx(float(np.sum(a64 * b64)), rel=1e-12)
+    assert sum_squares64(a) == pytest.approx(float(np.sum(a64 * a64)), rel=1e-12)
+    a[3, 4] = math.inf
+    assert not math.isfinite(sum_squares64(a))

@@ -61,6 +61,14 @@ def sum_squares(x):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
+def dot(a, b):  # pragma: no cover - compiled
+    s = 0.0
+    for i in range(a.size):
+        s += np.float64(as_f32(a[i])) * np.float64(as_f32(b[i]))
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
 def row_stats(e0, et):  # pragma: no cover - compiled
     """Per row of two (rows, cols) arrays: float64 dot product and both squared norms."""
     n, h = e0.shape

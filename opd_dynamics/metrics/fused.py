@@ -53,6 +53,13 @@ def fused_sum_squares(x: Tensor) -> float | None:
     return float(_kernels().sum_squares(_array(x).reshape(-1))) if _fits(x) else None
 
 
+def fused_dot(a: Tensor, b: Tensor) -> float | None:
+    """Frobenius inner product <a, b> in float64, or None."""
+    if a.shape != b.shape or not _fits(a, b):
+        return None
+    return float(_kernels().dot(_array(a).reshape(-1), _array(b).reshape(-1)))
+
+
 def fused_row_stats(e0: Tensor, et: Tensor) -> np.ndarray | None:
     """(3, rows) float64: per-row dot product of e0 and et, ‖e0_row‖², ‖et_row‖²; or None."""
     if e0.dim() != 2 or e0.shape != et.shape or not _fits(e0, et):

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from opd_dynamics.metrics.fused import fused_sum_squares, fused_update_stats
+from opd_dynamics.metrics.fused import fused_dot, fused_sum_squares, fused_update_stats
 
 _BLOCK_ELEMS = 1 << 22  # about 32 MB of float64 per block
 
@@ -26,6 +26,9 @@ def _row_blocks(t: Tensor):
 
 def sum_squares64(t: Tensor) -> float:
     """Sum of squares of all entries accumulated in float64 (NaN propagates, never raises)."""
+    fused = fused_sum_squares(t)
+    if fused is not None:
+        return fused
     total = 0.0
     for _, blk in _row_blocks(t):
         total += float(torch.sum(blk.to(torch.float64).square()))
@@ -36,6 +39,9 @@ def dot64(a: Tensor, b: Tensor) -> float:
     """Frobenius inner product <a, b> accumulated in float64, block by block."""
     if a.shape != b.shape:
         raise ValueError(f"dot64: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+    fused = fused_dot(a, b)
+    if fused is not None:
+        return fused
     b2 = b.reshape(b.shape[0], -1) if b.dim() > 1 else b.reshape(1, -1)
     total = 0.0
     for i, blk in _row_blocks(a):

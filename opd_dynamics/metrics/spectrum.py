@@ -239,8 +239,10 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     M = m.to(torch.float32 if (mode == "fast" and m.dtype != torch.float64) else torch.float64)
     shape = (int(M.shape[0]), int(M.shape[1]))
     r = min(shape)
-    fro2 = sum_squares64(M) if M.numel() else 0.0
-    if not math.isfinite(fro2) or not bool(torch.isfinite(M).all()):
+    fro2 = sum_squares64(m) if m.numel() else 0.0  # on the input: the fused kernel reads float32 as is
+    # squares of finite float32/bf16 values cannot overflow a float64 sum, so a finite fro2 proves them all
+    # finite; float64 input needs the elementwise check
+    if not math.isfinite(fro2) or (m.dtype == torch.float64 and not bool(torch.isfinite(M).all())):
         n = r if mode == "exact" else min(max(k_vectors, 64), r)
         return Decomposition(torch.full((n,), math.nan, dtype=torch.float64, device=M.device),
                              None, None, math.nan, "nonfinite", False, shape, 0)
