@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from opd_dynamics.errors import InputError
 from opd_dynamics.clickutil import with_options
+from opd_dynamics.errors import InputError
 
 
 class _Main(click.Group):
@@ -75,11 +75,9 @@ def command_line() -> str:
     return " ".join(parts)
 
 
-_with = with_options
-
 
 @main.command()
-@_with(_common)
+@with_options(_common)
 def describe(run, runs, base, steps, groups, load_mode) -> None:
     """Dry run: steps found, tensors, shapes, groups, bytes to read, planned work."""
     from opd_dynamics.analysis import describe as _describe
@@ -103,7 +101,7 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
 
 
 @main.command()
-@_with(_common)
+@with_options(_common)
 @click.option("--out", required=True, type=click.Path(), help="Output directory (CSV tables + run.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--svd", type=click.Choice(["exact", "fast", "none"]), default="exact", show_default=True,

@@ -1,16 +1,13 @@
 """The one-command demo: smoke lab → analysis of OPD and GRPO → interventions → EffOPD → figures → HTML.
 
 Layout of ``out``: ``lab/`` (teacher, student_init, opd/, grpo/), ``analysis/`` (CSVs + run.json),
-``interventions/`` (when that module is installed), ``effopd/``, ``figures/`` (PNG), ``report.html`` and
+``interventions/``, ``effopd/``, ``figures/`` (PNG), ``report.html`` and
 ``demo.json`` (stage timings). ``fast=True`` shrinks every stage (a few SFT/RL steps, short EffOPD) so a
 test can run the whole chain in well under a few minutes; the numbers it produces mean nothing.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import json
 import shutil
 import time
@@ -48,29 +45,12 @@ def _prepare(out: Path, overwrite: bool) -> None:
     shutil.rmtree(out)
 
 
-def _interventions(lab: Path, dst: Path, log: Callable[[str], None], fast: bool) -> Path | None:
-    """Run the lab interventions if `opd_dynamics.interventions` is installed; None (and a log line) if not."""
-    if importlib.util.find_spec("opd_dynamics.interventions") is None:
-        log("[demo] interventions unavailable: opd_dynamics.interventions is not installed")
-        return None
-    mod = importlib.import_module("opd_dynamics.interventions")
-    fn = next((getattr(mod, n) for n in ("lab_interventions", "run_interventions")
-               if callable(getattr(mod, n, None))), None)
-    if fn is None:
-        log("[demo] interventions unavailable: opd_dynamics.interventions has no lab_interventions function")
-        return None
-    params = inspect.signature(fn).parameters
-    wanted = {"log": log, **({"n_eval": 16, "n_rescale_steps": 2} if fast else {})}
-    kwargs = {k: v for k, v in wanted.items() if k in params}
-    fn(lab, dst, **kwargs)
-    return dst
-
-
 def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False, fast: bool = False,
              seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
     """Run every stage into ``out`` and return the path of ``out/report.html``."""
     from opd_dynamics.analysis import analyze
     from opd_dynamics.html_report import render_html
+    from opd_dynamics.interventions import lab_interventions
     from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
     from opd_dynamics.lab.presets import get_preset
     from opd_dynamics.lab.run import run_lab
@@ -101,7 +81,8 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     timings["analysis"] = round(time.perf_counter() - t, 1)
 
     t = stage("interventions", 3)
-    inter = _interventions(lab, out / "interventions", log, fast)
+    inter = out / "interventions"
+    lab_interventions(lab, inter, log=log, **({"n_eval": 16, "n_rescale_steps": 2} if fast else {}))
     timings["interventions"] = round(time.perf_counter() - t, 1)
 
     t = stage("EffOPD comparison (vanilla, effopd, fixed; 1 seed)", 4)
@@ -109,7 +90,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     eff = run_effopd_lab(out / "effopd", preset=p, seeds=[seed], lab=lab, options=opt, log=log)
     timings["effopd"] = round(time.perf_counter() - t, 1)
 
-    sources = [d for d in (out / "analysis", lab, inter, eff) if d is not None]
+    sources = [out / "analysis", lab, inter, eff]
     t = stage("figures", 5)
     res = plot_all(sources, out / "figures", formats=("png",))
     log(f"[demo] {len(res)} figure files in {out / 'figures'}"
@@ -121,7 +102,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     timings["report"] = round(time.perf_counter() - t, 1)
 
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    meta.update(status="done", report=str(html), interventions=inter is not None)
+    meta.update(status="done", report=str(html))
     (out / _MARKER).write_text(json.dumps(meta, indent=2))
     log(f"[demo] done in {timings['total']:.0f} s; report: {html}")
     return html
@@ -138,8 +119,5 @@ import click  # noqa: E402
 @click.option("--fast", is_flag=True, help="Shrunken stages (for tests); the numbers mean nothing.")
 def demo_cmd(out, overwrite, preset, seed, fast) -> None:
     """Lab runs -> analysis -> interventions -> EffOPD -> figures -> HTML report, all into OUT."""
-    try:
-        html = run_demo(out, preset=preset, overwrite=overwrite, fast=fast, seed=seed)
-    except InputError as e:
-        raise click.ClickException(str(e)) from e
+    html = run_demo(out, preset=preset, overwrite=overwrite, fast=fast, seed=seed)
     click.echo(f"report: {html}")

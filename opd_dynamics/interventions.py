@@ -19,7 +19,8 @@ import torch
 
 from opd_dynamics.checkpoints import open_model
 from opd_dynamics.errors import InputError
-from opd_dynamics.naming import TensorName, parse_name
+from opd_dynamics.metrics.norms import fro2
+from opd_dynamics.naming import MATRIX_GROUPS, TensorName, parse_name
 
 __all__ = ["scale", "layer_window", "module_mask", "rank_truncate", "module_rescale", "embedding_swap",
            "transform_stream", "update_norm", "lab_interventions", "BASE", "CKPT"]
@@ -29,7 +30,6 @@ StateDict = dict[str, torch.Tensor]
 BASE, CKPT = "base", "ckpt"
 # fn(name, parsed, delta_f32) -> BASE | CKPT | new float32 delta
 Transform = Callable[[str, TensorName, torch.Tensor], Union[str, torch.Tensor]]
-MATRIX_GROUPS = ("attention", "mlp")
 
 
 def _open(stack: ExitStack, m: ModelLike):
@@ -120,15 +120,20 @@ def module_mask(base: ModelLike, ckpt: ModelLike, groups: Sequence[str] | None =
     return _run(base, ckpt, fn, write, overwrite, f"module_mask groups={groups} modules={modules}")
 
 
-def truncate_matrix(delta: torch.Tensor, pct: float, side: str = "top", rescale_to_norm: bool = False
-                    ) -> torch.Tensor:
-    """Top or bottom k = ceil(pct·r) singular components of one matrix (float64 SVD), r = min(shape)."""
+SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def truncate_matrix(delta: torch.Tensor, pct: float, side: str = "top", rescale_to_norm: bool = False,
+                    svd: SVD | None = None) -> torch.Tensor:
+    """Top or bottom k = ceil(pct·r) singular components of one matrix (float64 SVD), r = min(shape).
+
+    ``svd`` is the matrix's float64 (U, S, Vh) when the caller already has it."""
     if side not in ("top", "bottom"):
         raise InputError(None, f"rank side must be 'top' or 'bottom', not {side!r}")
     if not 0 < pct <= 1:
         raise InputError(None, f"rank fraction must be in (0, 1], not {pct}")
     d = delta.double()
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    u, s, vh = svd if svd is not None else torch.linalg.svd(d, full_matrices=False)
     r = s.numel()
     k = min(r, math.ceil(pct * r - 1e-9))
     sl = slice(0, k) if side == "top" else slice(r - k, r)
@@ -141,19 +146,22 @@ def truncate_matrix(delta: torch.Tensor, pct: float, side: str = "top", rescale_
 
 
 def rank_truncate(base: ModelLike, ckpt: ModelLike, pct: float, side: str = "top",
-                  rescale_to_norm: bool = False, *, others: str = CKPT, write: str | Path | None = None,
-                  overwrite: bool = False) -> StateDict | Path:
+                  rescale_to_norm: bool = False, *, others: str = CKPT, svd_cache: dict[str, SVD] | None = None,
+                  write: str | Path | None = None, overwrite: bool = False) -> StateDict | Path:
     """Per attention/MLP matrix keep the top or bottom ⌈pct·r⌉ singular components of ΔW.
 
     ``rescale_to_norm`` rescales each truncated ΔW to the full ‖ΔW‖F. Tensors that are not attention/MLP
-    matrices (norms, embeddings) take ``others``: the full update (CKPT, default) or none (BASE).
+    matrices (norms, embeddings) take ``others``: the full update (CKPT, default) or none (BASE). Pass the
+    same ``svd_cache`` dict to every call on one (base, ckpt) pair so each ΔW is decomposed once.
     """
     pct = float(pct)
 
-    def fn(_n, p, d):
-        if p.group in MATRIX_GROUPS and d.ndim == 2:
-            return truncate_matrix(d, pct, side, rescale_to_norm)
-        return others
+    def fn(n, p, d):
+        if not (p.group in MATRIX_GROUPS and d.ndim == 2):
+            return others
+        if svd_cache is not None and n not in svd_cache:
+            svd_cache[n] = torch.linalg.svd(d.double(), full_matrices=False)
+        return truncate_matrix(d, pct, side, rescale_to_norm, None if svd_cache is None else svd_cache[n])
 
     return _run(base, ckpt, fn, write, overwrite, f"rank_truncate {side} {pct} rescaled={rescale_to_norm}")
 
@@ -168,7 +176,7 @@ def module_rescale(base: ModelLike, mid: ModelLike, final: ModelLike, beta: floa
             _check_pair(b, f, name)
             w = f.get(name)
             if w.is_floating_point():
-                target[name] = float(torch.linalg.vector_norm((w.float() - b.get(name).float()).double()))
+                target[name] = math.sqrt(fro2(w.float() - b.get(name).float()))
 
         def fn(n, _p, d):
             if n not in target:
@@ -198,7 +206,7 @@ def update_norm(base: ModelLike, ckpt: ModelLike) -> float:
             t = c.get(name)
             if t.is_floating_point():
                 _check_pair(b, c, name)
-                total += float(((t.float() - b.get(name).float()).double() ** 2).sum())
+                total += fro2(t.float() - b.get(name).float())
     return math.sqrt(total)
 
 
@@ -285,11 +293,13 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
                             "last_layer": min(n_layers - 1, c + half_width), "group": group,
                             "accuracy": acc(layer_window(base, ck, c, half_width, (group,)))})
                 log(f"[interventions] {run}: window done ({time.time() - t0:.0f}s)")
+                svds: dict = {}  # each ΔW decomposed once for all 24 truncations
                 for side in ("top", "bottom"):
                     for pct in RANK_PCTS:
                         for resc in (False, True):
+                            sd = rank_truncate(base, ck, pct, side, resc, svd_cache=svds)
                             tables["rank"].append({"run": run, "side": side, "pct": pct, "rescaled": resc,
-                                                   "accuracy": acc(rank_truncate(base, ck, pct, side, resc))})
+                                                   "accuracy": acc(sd)})
                 log(f"[interventions] {run}: rank done ({time.time() - t0:.0f}s)")
                 for variant, sd in (("checkpoint", scale(base, ck, 1.0)), ("embedding_swap", embedding_swap(base, ck)),
                                     ("embeddings_only", module_mask(base, ck, groups=("embedding", "lm_head")))):

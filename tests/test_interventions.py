@@ -129,6 +129,13 @@ def test_rank_top100_is_delta_and_top_bottom_partition(tmp_path, dtype):
         torch.testing.assert_close((top[k].double() - base[k].double()), ref_top, atol=tol, rtol=0)
         parts = (top[k].double() - base[k].double()) + (bot[k].double() - base[k].double())
         torch.testing.assert_close(parts, d, atol=2 * tol, rtol=0)
+    # a shared SVD cache decomposes each ΔW once and changes nothing in the result
+    cache: dict = {}
+    for pct, side in ((0.25, "top"), (0.75, "bottom")):
+        cached = iv.rank_truncate(b, c, pct, side, others=iv.BASE, svd_cache=cache)
+        ref = top if side == "top" else bot
+        assert all(torch.equal(cached[k], ref[k]) for k in base)
+    assert set(cache) == {k for k in base if parse_name(k).group in ("attention", "mlp") and base[k].dim() == 2}
 
 
 def test_truncate_matrix_exact_on_planted_spectrum():

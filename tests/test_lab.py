@@ -25,7 +25,8 @@ from opd_dynamics.lab.task import (
     make_splits,
     parse_answer,
 )
-from opd_dynamics.lab.train import build_opd_trainer, checkpoint_steps, splits_for
+from opd_dynamics.lab.train import build_opd_trainer, splits_for
+from opd_dynamics.series import CheckpointSeries
 
 
 @pytest.fixture(scope="session")  # its tests share one xdist group, so one worker builds it once
@@ -69,7 +70,7 @@ def test_smoke_layout_and_lab_json(smoke_lab):
     assert 0.1 <= meta["student_init"]["accuracy"] <= 0.5
     assert not list(smoke_lab.parent.glob(".smoke.tmp-*"))
     for run in ("opd", "grpo"):
-        steps = checkpoint_steps(smoke_lab / run)
+        steps = CheckpointSeries.discover(smoke_lab / run, base=smoke_lab / "student_init").steps
         assert [s for s, _ in steps] == list(range(20, 121, 20))
         for _, path in steps:
             assert (path / "config.json").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from opd_dynamics.clickutil import with_options
-
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import GROUPS, MATRIX_GROUPS
 
@@ -49,11 +48,9 @@ _shared = [
 ]
 
 
-_with = with_options
-
 
 @click.command("extrapolate")
-@_with(_shared)
+@with_options(_shared)
 @click.option("--coef", required=True, type=float, help="c in W_B + c·(W_B − W_A) (EffOPD's candidates use 2k).")
 def extrapolate(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_mode, coef) -> None:
     """Write W_B + c·(W_B − W_A) for the selected groups (the rest copied from B) to OUT."""
@@ -70,7 +67,7 @@ def effopd() -> None:
 
 
 @effopd.command("search")
-@_with(_shared)
+@with_options(_shared)
 @click.option("--eval-cmd", required=True,
               help="Shell command scoring a model dir: '{path}' is replaced by it (else it is appended); the "
                    "score (higher is better) is the number on the last line of its stdout.")
@@ -104,14 +101,8 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def lab_effopd(preset, seeds, out, lab_dir, steps, eval_every, fixed_k, n_val, strict, overwrite) -> None:
     """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
-    import sys
-
     from opd_dynamics.lab.effopd import options_for, run_effopd_lab
 
-    try:
-        path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite,
-                              options=options_for(preset, steps, eval_every, fixed_k, n_val, strict))
-    except InputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite,
+                          options=options_for(preset, steps, eval_every, fixed_k, n_val, strict))
     click.echo(f"wrote {path}")

@@ -1,12 +1,10 @@
-"""``lab`` click group: ``opd-dynamics lab run --preset smoke|default|gpu --out DIR``."""
+"""``lab`` click group: ``opd-dynamics lab run --preset smoke|default|gpu --out DIR``.
+
+Bad input (InputError) is turned into one line and exit status 2 by the main command group."""
 
 from __future__ import annotations
 
-import sys
-
 import click
-
-from opd_dynamics.errors import InputError
 
 
 @click.group("lab")
@@ -23,11 +21,7 @@ def run_cmd(preset: str, out: str, seed: int, overwrite: bool) -> None:
     """Train teacher, student_init, OPD and GRPO runs; evaluate every checkpoint."""
     from opd_dynamics.lab.run import run_lab
 
-    try:
-        run_lab(out, preset=preset, seed=seed, overwrite=overwrite)
-    except InputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_lab(out, preset=preset, seed=seed, overwrite=overwrite)
 
 
 from opd_dynamics.effopd.cli import lab_effopd as _lab_effopd  # noqa: E402
@@ -46,8 +40,4 @@ def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int,
     """Scaling, layer-window, rank, rescale and embedding-swap interventions scored by held-out accuracy."""
     from opd_dynamics.interventions import lab_interventions
 
-    try:
-        lab_interventions(lab_dir, out, step=step, half_width=half_width, n_eval=n_eval, overwrite=overwrite)
-    except InputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    lab_interventions(lab_dir, out, step=step, half_width=half_width, n_eval=n_eval, overwrite=overwrite)

@@ -117,8 +117,6 @@ def _models(lab: Path | None, work: Path, p: LabPreset, log) -> tuple[Path, Path
 
 def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: int, p: LabPreset,
              opt: EffOPDLabOptions, work: Path, log) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    from datasets import Dataset
-
     tok = build_tokenizer()
     sp = splits_for(p, data_seed)
     held = sp.heldout[: p.n_eval]
@@ -127,8 +125,9 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
     callbacks: list = []
     eff = None
     if method != "vanilla":
-        val = sample_validation(({"prompt": q.prompt, "answer": q.answer} for q in sp.train), opt.n_val, seed)
-        probs = [q for q in sp.train if q.prompt in {r["prompt"] for r in val}]
+        val = {r["prompt"] for r in sample_validation(({"prompt": q.prompt, "answer": q.answer} for q in sp.train),
+                                                       opt.n_val, seed)}
+        probs = [q for q in sp.train if q.prompt in val]
 
         def score(model) -> float:
             return evaluate_model(model, tok, probs)["accuracy"]
@@ -140,11 +139,7 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
     callbacks.append(curve)  # after EffOPD: the curve sees the weights training continues from
     out_dir = work / f"{method}-{seed}"
     trainer = build_opd_trainer(student, teacher, out_dir, p, seed, callbacks, max_steps=steps,
-                                save_steps=steps + 1)
-    # the trainer's prompts must be the split the student and held-out set come from (data_seed), whatever the
-    # run seed: another split would put held-out problems into training
-    trainer.train_dataset = Dataset.from_dict({"prompt": [q.prompt for q in sp.train],
-                                               "answer": [q.answer for q in sp.train]})
+                                save_steps=steps + 1, data_seed=data_seed)
     from transformers.trainer_callback import ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
@@ -168,7 +163,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
                    log: Callable[[str], None] | None = None) -> Path:
     """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
     effopd.png and effopd.json (options, speedups, timings). Written under a temporary name, then renamed."""
-    from opd_dynamics.writer import replace_path
+    from opd_dynamics.writer import atomic_dir
 
     p = get_preset(preset)
     opt = options or EffOPDLabOptions()
@@ -176,14 +171,9 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     out = Path(out).resolve()
     lab_dir = Path(lab).resolve() if lab is not None else None
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; pass --overwrite to replace it")
     if lab_dir is not None and (out == lab_dir or lab_dir in out.parents or out in lab_dir.parents):
         raise InputError(out, f"overlaps the lab directory {lab_dir}; write the measurement somewhere else")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{int(time.time())}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         torch.set_num_threads(p.threads)
         t_all = time.perf_counter()
         teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)
@@ -208,10 +198,6 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         plot(curves_df, summary, tmp / "effopd.png", opt.target_fraction)
         for f in tmp.glob("*-triggers.csv"):
             f.unlink()
-        replace_path(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"[effopd] wrote {out}")
     return out
 

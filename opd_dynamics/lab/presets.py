@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.lab.models import ModelSpec
@@ -46,76 +46,47 @@ class LabPreset:
         return asdict(self)
 
 
+_DEFAULT = LabPreset(
+    name="default",
+    digits=2,
+    n_train=8000,
+    n_heldout=1000,
+    teacher=ModelSpec(hidden=96, layers=3, heads=4, intermediate=384),
+    student=ModelSpec(hidden=48, layers=8, heads=4, intermediate=128),
+    sft_batch=128,
+    teacher_lr=3e-3,
+    teacher_max_steps=3000,
+    teacher_target=0.99,
+    student_lr=1e-3,
+    student_max_steps=3000,
+    student_target=0.95,
+    sft_eval_every=25,
+    rl_steps=600,
+    save_steps=30,
+    rollouts_per_step=64,
+    grpo_generations=8,
+    opd_lr=1e-3,
+    grpo_lr=1e-4,
+    n_eval=500,
+)
+
+# The other presets say only how they differ from `default`.
 PRESETS: dict[str, LabPreset] = {
-    "smoke": LabPreset(
-        name="smoke",
-        digits=2,
-        n_train=8000,
-        n_heldout=400,
+    "smoke": replace(
+        _DEFAULT, name="smoke", n_heldout=400,
         teacher=ModelSpec(hidden=64, layers=2, heads=4, intermediate=256),
         student=ModelSpec(hidden=32, layers=6, heads=4, intermediate=64),
-        sft_batch=128,
-        teacher_lr=3e-3,
-        teacher_max_steps=1200,
-        teacher_target=0.97,
-        student_lr=1e-3,
-        student_max_steps=1500,
-        student_target=0.95,
-        sft_eval_every=25,
-        rl_steps=120,
-        save_steps=20,
-        rollouts_per_step=64,
-        grpo_generations=8,
-        opd_lr=1e-3,
-        grpo_lr=1e-4,
-        n_eval=200,
+        teacher_max_steps=1200, teacher_target=0.97, student_max_steps=1500,
+        rl_steps=120, save_steps=20, n_eval=200,
     ),
-    "default": LabPreset(
-        name="default",
-        digits=2,
-        n_train=8000,
-        n_heldout=1000,
-        teacher=ModelSpec(hidden=96, layers=3, heads=4, intermediate=384),
-        student=ModelSpec(hidden=48, layers=8, heads=4, intermediate=128),
-        sft_batch=128,
-        teacher_lr=3e-3,
-        teacher_max_steps=3000,
-        teacher_target=0.99,
-        student_lr=1e-3,
-        student_max_steps=3000,
-        student_target=0.95,
-        sft_eval_every=25,
-        rl_steps=600,
-        save_steps=30,
-        rollouts_per_step=64,
-        grpo_generations=8,
-        opd_lr=1e-3,
-        grpo_lr=1e-4,
-        n_eval=500,
-    ),
-    "gpu": LabPreset(
-        name="gpu",
-        digits=3,
-        n_train=200000,
-        n_heldout=2000,
+    "default": _DEFAULT,
+    "gpu": replace(
+        _DEFAULT, name="gpu", digits=3, n_train=200000, n_heldout=2000,
         teacher=ModelSpec(hidden=256, layers=6, heads=8, intermediate=1024),
         student=ModelSpec(hidden=128, layers=12, heads=4, intermediate=512),
-        sft_batch=512,
-        teacher_lr=1e-3,
-        teacher_max_steps=20000,
-        teacher_target=0.98,
-        student_lr=5e-4,
-        student_max_steps=20000,
-        student_target=0.95,
-        sft_eval_every=100,
-        rl_steps=500,
-        save_steps=20,
-        rollouts_per_step=256,
-        grpo_generations=8,
-        opd_lr=3e-4,
-        grpo_lr=3e-5,
-        n_eval=2000,
-        threads=8,
+        sft_batch=512, teacher_lr=1e-3, teacher_max_steps=20000, teacher_target=0.98,
+        student_lr=5e-4, student_max_steps=20000, sft_eval_every=100,
+        rl_steps=500, save_steps=20, rollouts_per_step=256, opd_lr=3e-4, grpo_lr=3e-5, n_eval=2000, threads=8,
     ),
 }
 

@@ -8,9 +8,7 @@ an interrupted run never leaves a half-written ``out``; an existing ``out`` is r
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -18,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from opd_dynamics.errors import InputError
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
+from opd_dynamics.writer import atomic_dir
 from opd_dynamics.lab.train import (
     device,
     evaluate_run,
@@ -56,18 +54,10 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
     p = get_preset(preset)
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     timings: dict[str, float] = {}
     t_all = time.time()
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         seed_everything(seed)
-        torch.set_num_threads(p.threads)
         log(f"[lab] preset {p.name}, seed {seed}, device {device()}, writing to {tmp}")
         t0 = time.time()
         sft = train_teacher_and_student(tmp, p, seed, log=log)
@@ -79,6 +69,7 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
         t_eval = evaluate_model(teacher, tok, held, sampled=True, seed=seed)
         log(f"[lab] teacher held-out accuracy {t_eval['accuracy']:.3f} (sampled {t_eval['accuracy_sampled']:.3f})")
 
+        ev = {}
         for run, fn in (("opd", lambda d: train_opd(tmp / "student_init", tmp / "teacher", d, p, seed)),
                         ("grpo", lambda d: train_grpo(tmp / "student_init", d, p, seed))):
             log(f"[lab] {run}: {p.rl_steps} steps, checkpoint every {p.save_steps}")
@@ -86,13 +77,10 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
             fn(tmp / run)
             timings[f"{run}_train_s"] = time.time() - t0
             t0 = time.time()
-            df = evaluate_run(run, tmp / run, tmp / "student_init", teacher, tok, held, seed=seed, log=log)
-            df.to_csv(tmp / run / "eval.csv", index=False)
+            ev[run] = evaluate_run(run, tmp / run, tmp / "student_init", teacher, tok, held, seed=seed, log=log)
+            ev[run].to_csv(tmp / run / "eval.csv", index=False)
             timings[f"{run}_eval_s"] = time.time() - t0
 
-        import pandas as pd
-
-        ev = {r: pd.read_csv(tmp / r / "eval.csv") for r in ("opd", "grpo")}
         s0 = ev["opd"].iloc[0]
         timings["total_s"] = time.time() - t_all
         meta = {
@@ -111,15 +99,5 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
             "versions": _versions(),
         }
         (tmp / "lab.json").write_text(json.dumps(meta, indent=2, default=float))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"[lab] done in {timings['total_s']:.0f}s → {out}")
     return out

@@ -12,32 +12,27 @@ from pathlib import Path
 import click
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.writer import atomic_dir
 
 KEEP = ("model.safetensors", "config.json")
 
 
 def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False, overwrite: bool = False) -> Path:
     """Copy student_init, the given checkpoint steps of opd and grpo, eval.csv and lab.json into ``out``."""
-    lab_dir, out = Path(lab_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; pass --overwrite to replace it")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dirs = [("student_init", "student_init")] + ([("teacher", "teacher")] if include_teacher else [])
-    dirs += [(f"{r}/checkpoint-{s}", f"{r}/checkpoint-{s}") for r in ("opd", "grpo") for s in steps]
-    for src, dst in dirs:
-        if not (lab_dir / src / "model.safetensors").exists():
-            raise InputError(lab_dir / src, "has no model.safetensors")
-        (tmp / dst).mkdir(parents=True)
-        for name in KEEP:
-            shutil.copy2(lab_dir / src / name, tmp / dst / name)
-    for r in ("opd", "grpo"):
-        shutil.copy2(lab_dir / r / "eval.csv", tmp / r / "eval.csv")
-    shutil.copy2(lab_dir / "lab.json", tmp / "lab.json")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    lab_dir = Path(lab_dir)
+    dirs = ["student_init"] + (["teacher"] if include_teacher else [])
+    dirs += [f"{r}/checkpoint-{s}" for r in ("opd", "grpo") for s in steps]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for d in dirs:
+            if not (lab_dir / d / "model.safetensors").exists():
+                raise InputError(lab_dir / d, "has no model.safetensors")
+            (tmp / d).mkdir(parents=True)
+            for name in KEEP:
+                shutil.copy2(lab_dir / d / name, tmp / d / name)
+        for r in ("opd", "grpo"):
+            shutil.copy2(lab_dir / r / "eval.csv", tmp / r / "eval.csv")
+        shutil.copy2(lab_dir / "lab.json", tmp / "lab.json")
+    return Path(out)
 
 
 @click.command()

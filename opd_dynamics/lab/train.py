@@ -151,13 +151,18 @@ def _rl_setup(preset, seed: int, max_steps: int | None, save_steps: int | None):
     """What both RL trainers start from: the preset, seeds and threads set, step budget, tokenizer."""
     p = get_preset(preset)
     seed_everything(seed)
-    torch.set_num_threads(p.threads)
+    _ensure_threads(p)
     return p, max_steps or p.rl_steps, save_steps or p.save_steps, build_tokenizer()
 
 
 def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
-                      callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None):
-    """The lab's OPD trainer (TRL DistillationTrainer, on-policy reverse KL), ready to ``.train()``."""
+                      callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
+                      data_seed: int | None = None):
+    """The lab's OPD trainer (TRL DistillationTrainer, on-policy reverse KL), ready to ``.train()``.
+
+    Its prompts are the train split of ``data_seed`` (default ``seed``): a run seed that differs from the
+    seed the student was trained with must not change the split, or held-out problems would be trained on.
+    """
     from trl import DistillationConfig, DistillationTrainer
 
     p, max_steps, save_steps, tok = _rl_setup(preset, seed, max_steps, save_steps)
@@ -169,7 +174,8 @@ def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset
         beta=1.0,  # generalized JSD with beta=1 is the reverse KL(student || teacher)
     )
     return DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=_prompt_dataset(splits_for(p, seed).train),
+        model=student, teacher_model=teacher, args=args,
+        train_dataset=_prompt_dataset(splits_for(p, seed if data_seed is None else data_seed).train),
         processing_class=tok, callbacks=list(callbacks),
     )
 
@@ -219,23 +225,16 @@ def train_grpo(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: in
     return out_dir
 
 
-def checkpoint_steps(run_dir) -> list[tuple[int, Path]]:
-    """(step, path) of every ``checkpoint-N`` under run_dir, sorted by step."""
-    out = []
-    for d in Path(run_dir).glob("checkpoint-*"):
-        suffix = d.name.split("-", 1)[1]
-        if suffix.isdigit() and (d / "model.safetensors").exists():
-            out.append((int(suffix), d))
-    return sorted(out)
-
-
 def evaluate_run(run: str, run_dir, student_init_dir, teacher, tokenizer, heldout: Sequence[Problem], *,
                  seed: int = 0, log: Callable[[str], None] = print):
     """Evaluate step 0 (student_init) and every checkpoint of a run → tidy DataFrame (eval.csv schema)."""
     import pandas as pd
 
+    from opd_dynamics.series import CheckpointSeries
+
     rows = []
-    for step, path in [(0, Path(student_init_dir)), *checkpoint_steps(run_dir)]:
+    steps = CheckpointSeries.discover(run_dir, base=student_init_dir).steps
+    for step, path in [(0, Path(student_init_dir)), *steps]:
         model = load_model(path, device())
         r = evaluate_model(model, tokenizer, heldout, teacher=teacher, greedy=True, sampled=True, seed=seed)
         rows.append({"run": run, "step": step, **r})
