@@ -219,14 +219,22 @@ def _reader_for(series: CheckpointSeries) -> SeriesReader:
 # Below this many elements a tensor is analysed on one intra-op thread: two threads gain nothing there
 # (48x128 decompositions: 0.38 ms either way), and on a loaded machine each tiny parallel region waits
 # for a descheduled thread (the shipped lab series: 22 s with two threads vs 3.4 s with one, beside two
-# busy processes). From 128x512 up, two threads are faster (2.1 vs 2.4 ms), so larger tensors keep them.
+# busy processes). From 128x512 up, two threads are faster (2.1 vs 2.4 ms), so larger tensors keep them,
+# unless they compute spectra on the CPU: those do their heavy linear algebra in scipy's BLAS, whose
+# threads and torch's would take turns spinning (2 layers x 2 steps of 0.5B shapes: 4.1 s with one
+# torch thread against 6.0 s with two).
 SINGLE_THREAD_NUMEL = 1 << 16
 
 
+def _one_torch_thread(job: Job) -> bool:
+    return job.plan.numel < SINGLE_THREAD_NUMEL or (job.opts.svd != "none"
+                                                    and job.opts.resolved_device() == "cpu")
+
+
 @contextmanager
-def _threads_for(numel: int) -> Iterator[None]:
+def _torch_threads(one: bool) -> Iterator[None]:
     before = torch.get_num_threads()
-    if numel >= SINGLE_THREAD_NUMEL or before == 1:
+    if not one or before == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -240,7 +248,7 @@ def run_job(job: Job) -> JobResult:
     """Analyse one tensor; any failure is returned as a reason, never raised (one bad tensor ≠ a lost run)."""
     t0 = time.perf_counter()
     try:
-        with _threads_for(job.plan.numel):
+        with _torch_threads(_one_torch_thread(job)):
             tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
                                     Path(job.cache_root) if job.cache_root else None, job.prefetch)
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0)

@@ -228,3 +228,33 @@ def test_subspace_route_declines_without_a_gap_and_falls_back():
     np.testing.assert_allclose((dec.U.T @ dec.U).numpy(), np.eye(20), atol=1e-10)
     with pytest.raises(ValueError, match="vectors"):
         decompose(M, vectors="lanczos")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,k", [((300, 500), 20), ((500, 300), 20), ((400, 64), 64), ((64, 400), 100),
+                                     ((256, 256), 1)])
+def test_tridiagonal_route_matches_float64_svd(shape, k, device):
+    """The syrk + dsytrd + dsterf + dstemr + dormqr route: all values and the top-k vectors of a planted
+    spectrum equal numpy's float64 SVD (k beyond the side gives every vector)."""
+    rng = np.random.default_rng(12)
+    r = min(shape)
+    s = np.sort(np.concatenate([10 * 0.8 ** np.arange(30), np.linspace(0.3, 0.02, r - 30)]))[::-1]
+    A = planted(*shape, s, rng)
+    dec = decompose(torch.tensor(A, device=device), k_vectors=k, vectors="tridiagonal")
+    assert dec.method == "exact-gram-f64" and dec.full
+    np.testing.assert_allclose(dec.singular_values.cpu().numpy(), s, rtol=1e-9, atol=1e-12 * s[0])
+    U, _, Vt = np.linalg.svd(A, full_matrices=False)
+    kk = min(k, r)
+    assert dec.U.shape == (shape[0], kk) and dec.V.shape == (shape[1], kk)
+    np.testing.assert_allclose(np.abs((dec.U.cpu().numpy() * U[:, :kk]).sum(0)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.abs((dec.V.cpu().numpy() * Vt[:kk].T).sum(0)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(dec.U.cpu().numpy().T @ dec.U.cpu().numpy(), np.eye(kk), atol=1e-10)
+
+
+def test_tridiagonal_and_eigh_routes_agree_on_values_only():
+    rng = np.random.default_rng(13)
+    M = torch.tensor(planted(700, 200, np.geomspace(5, 1e-2, 200), rng))
+    a = decompose(M, k_vectors=0, vectors="tridiagonal")
+    b = decompose(M, k_vectors=0, vectors="eigh")
+    assert a.U is None and b.U is None
+    np.testing.assert_allclose(a.singular_values.numpy(), b.singular_values.numpy(), rtol=1e-10)

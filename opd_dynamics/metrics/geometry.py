@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from scipy.linalg import blas
 from torch import Tensor
 
 from .norms import sum_squares64
@@ -81,6 +82,16 @@ def decompose_base(w0: Tensor, pcts=DEFAULT_PCTS) -> BaseDecomposition:
     return BaseDecomposition(dec.singular_values, U, V, tuple(int(p) for p in pcts), (m, n), dec.method)
 
 
+def _principal_block(base: BaseDecomposition, delta: Tensor) -> Tensor:
+    """U0^T dW V0 (k_max x k_max) in float64; on the CPU through scipy's BLAS, like the decompositions
+    around it (see engine: torch keeps one thread there)."""
+    D = delta.detach().to(base.U.device, torch.float64).contiguous()
+    if D.device.type != "cpu":
+        return base.U.T @ (D @ base.V)
+    DV = blas.dgemm(1.0, D.numpy().T, base.V.numpy().T, trans_a=1, trans_b=1)  # Fortran views: no copies
+    return torch.from_numpy(blas.dgemm(1.0, base.U.numpy().T, DV))
+
+
 def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor) -> dict:
     """geometry.csv columns for one step (definitions in DESIGN.md).
 
@@ -98,9 +109,7 @@ def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor) -> dict
     k_max = base.U.shape[1]
     f2 = sum_squares64(delta)
     if f2 > 0 and math.isfinite(f2):
-        D = delta.to(dev, torch.float64)
-        A = base.U.T @ (D @ base.V)  # (k_max, k_max)
-        del D
+        A = _principal_block(base, delta)
         for p in base.pcts:
             k = min(top_k_for(p, base.r), k_max)
             out[f"principal_energy_{p}pct"] = float(A[:k, :k].square().sum()) / f2
