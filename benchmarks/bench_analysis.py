@@ -104,6 +104,7 @@ def main() -> None:
         startup = sum(ours(tiny, a.device, m, Path(tmp) / f"cache-tiny-{m}") for m in ("exact", "fast"))
         print(f"one-time start-up (both modes on a 1-layer 64-wide series first): {startup:.2f} s")
         bench_io.reset_peak_rss()  # building the series held it all in memory: not ours
+        rss0 = (bench_io._status("VmRSS") or 0) / 1e9
         exact = ours(root, a.device, "exact", Path(tmp) / "cache-exact")
         exact_warm = ours(root, a.device, "exact", Path(tmp) / "cache-exact")
         fast = ours(root, a.device, "fast", Path(tmp) / "cache-fast")
@@ -114,8 +115,8 @@ def main() -> None:
         print(f"linearity (exact, cached base): {max(1, a.steps // 2)} steps {half:.2f} s, {a.steps} steps "
               f"{exact_warm:.2f} s: {half / max(1, a.steps // 2):.2f} vs {exact_warm / a.steps:.2f} s per step")
         largest = max(h * i, bench_io.VOCAB * h) * 4 / 1e9
-        print(f"peak RSS after ours (before the naive script): {rss_gb():.2f} GB; largest tensor in float32 "
-              f"{largest:.2f} GB")
+        print(f"peak RSS after ours (before the naive script): {rss_gb():.2f} GB, {rss_gb() - rss0:.2f} GB over the "
+              f"RSS when they started; largest tensor in float32 {largest:.2f} GB")
         if not a.skip_naive:
             nv = naive(root, steps, a.device)
             print(f"naive script:                           {nv:8.2f} s  ({nv / a.steps:.2f} s per checkpoint)")

@@ -261,7 +261,11 @@ def run_job(job: Job) -> JobResult:
 
 
 def _init_worker(threads: int) -> None:
+    """Each worker process gets its share of the cores, for torch and for scipy's BLAS alike."""
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(threads)
+    threadpool_limits(threads, user_api="blas")
 
 
 class ResultCache:

@@ -258,3 +258,15 @@ def test_tridiagonal_and_eigh_routes_agree_on_values_only():
     b = decompose(M, k_vectors=0, vectors="eigh")
     assert a.U is None and b.U is None
     np.testing.assert_allclose(a.singular_values.numpy(), b.singular_values.numpy(), rtol=1e-10)
+
+
+def test_tridiagonal_route_on_a_flat_spectrum_gives_an_orthonormal_basis():
+    """Every singular value equal (a scaled orthogonal matrix): the top-k eigenspace is not unique, but the
+    vectors returned must still be orthonormal, paired (M v_i = sigma u_i) and the values exact."""
+    rng = np.random.default_rng(14)
+    Q, _ = np.linalg.qr(rng.standard_normal((300, 300)))
+    M = torch.tensor(3.0 * Q[:, :120])  # 300 x 120, all sigma = 3
+    dec = decompose(M, k_vectors=20, vectors="tridiagonal")
+    np.testing.assert_allclose(dec.singular_values.numpy(), 3.0, rtol=1e-12)
+    np.testing.assert_allclose((dec.V.T @ dec.V).numpy(), np.eye(20), atol=1e-10)
+    np.testing.assert_allclose((M @ dec.V).numpy(), 3.0 * dec.U.numpy(), atol=1e-10)
