@@ -9,8 +9,6 @@ import datetime as _dt
 import html
 import io
 import json
-import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pandas as pd
 
 from opd_dynamics import __version__
 from opd_dynamics.errors import InputError
+from opd_dynamics.writer import atomic_write_text
 from opd_dynamics.plotting._data import Tables, as_tables, numeric
 from opd_dynamics.plotting.render import available_figures
 from opd_dynamics.plotting.style import GROUP_ORDER, order_runs
@@ -233,12 +232,5 @@ def render_html(report_dirs: str | Path | Iterable[Any] | Any, html_path: str | 
     if path.exists() and path.is_dir():
         raise InputError(path, "is a directory, not an HTML file path")
     page, _, _ = build_html(report_dirs, title=title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path, page)
     return path

@@ -58,12 +58,24 @@ def replace_path(src: Path, dst: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file under a temporary name, then rename it."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, so writers that read the format from it still
+    can); on success rename it to `path`; on failure remove it, leaving any existing `path` untouched."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file under a temporary name, then rename it."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_model(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *,

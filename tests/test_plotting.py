@@ -366,3 +366,22 @@ def test_plot_all_from_dirs_writes_atomically_and_reports_skips(tmp_path, tables
     assert [p.name for p in res2] == ["alignment.png"] and res2.skipped == skipped
     with pytest.raises(InputError, match="format"):
         P.plot_all(dirs, tmp_path / "figs3", formats=("jpg",))
+
+
+def test_a_failed_save_leaves_the_existing_figure_and_no_temporary_file(tmp_path):
+    """save_figure writes under a temporary name: when matplotlib fails mid-save (SVG opens its file, then
+    the drawing hits bad mathtext), the file already there is byte-for-byte what it was and nothing else
+    is left in the folder."""
+    import matplotlib.pyplot as plt
+
+    from opd_dynamics.plotting.render import save_figure
+
+    fig = plt.figure()
+    fig.text(0.5, 0.5, r"$\notacommand{x}$")
+    out = tmp_path / "fig.svg"
+    out.write_bytes(b"the user's file")
+    with pytest.raises(ValueError):
+        save_figure(fig, out, overwrite=True)
+    plt.close(fig)
+    assert out.read_bytes() == b"the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.svg"]

@@ -1,5 +1,5 @@
-"""Spectrum of one update matrix: an exact float64 decomposition (Gram + eigh, or SVD when the Gram
-route cannot resolve the spectrum) or a labelled randomized top-q one, and the spectrum.csv columns.
+"""Spectrum of one update matrix: an exact float64 decomposition (of the Gram matrix, or SVD when the
+Gram route cannot resolve the spectrum) or a labelled randomized top-q one, and the spectrum.csv columns.
 
 Matrices are (out, in); the caller transposes Conv1D weights. Input may be float32 or float64; all
 linear algebra is float64 on the tensor's device (CPU or CUDA).
@@ -273,7 +273,7 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
               seed: int = 0) -> Decomposition:
     """Decompose one (out, in) matrix in float64 on its device.
 
-    mode='exact': Gram + eigh on the smaller side ('exact-gram-f64'); the float64 SVD
+    mode='exact': the float64 Gram on the smaller side ('exact-gram-f64'); the float64 SVD
     ('exact-svd-f64') when min(m, n) < MIN_GRAM_DIM or the Gram route cannot resolve the spectrum
     (see _gram_route). ``exact_method`` 'gram' | 'svd' forces a route ('gram' still falls back when
     unsafe). ``vectors`` picks how the Gram route gets its eigenpairs: 'auto' is 'tridiagonal' on CPU

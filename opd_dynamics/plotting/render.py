@@ -4,8 +4,6 @@ write each file under a temporary name and rename it."""
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -16,6 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.writer import atomic_file
 from opd_dynamics.plotting._data import Tables, as_tables
 from opd_dynamics.plotting.allocation import (plot_allocation_heatmap, plot_embedding_cosine, plot_embedding_swap,
                                               plot_group_energy, plot_layer_norms)
@@ -119,14 +118,8 @@ def save_figure(fig: Figure, path: str | Path, *, overwrite: bool = False, dpi: 
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
