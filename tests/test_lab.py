@@ -152,3 +152,26 @@ def test_run_lab_refuses_an_existing_directory(tmp_path):
         run_lab(tmp_path / "x", preset="smoke")
     with pytest.raises(InputError, match="unknown lab preset"):
         run_lab(tmp_path / "y", preset="huge")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
+def test_ship_copies_the_asked_subset_byte_for_byte_and_refuses_a_missing_step(smoke_lab, tmp_path):
+    from opd_dynamics.lab.ship import export_subset
+
+    out = export_subset(smoke_lab, tmp_path / "ship", [20, 120], include_teacher=True)
+    want = {"student_init", "teacher", "opd/checkpoint-20", "opd/checkpoint-120", "grpo/checkpoint-20",
+            "grpo/checkpoint-120"}
+    got = {str(p.parent.relative_to(out)) for p in out.rglob("model.safetensors")}
+    assert got == want
+    for d in want:
+        for name in ("model.safetensors", "config.json"):
+            assert (out / d / name).read_bytes() == (smoke_lab / d / name).read_bytes()
+    assert (out / "lab.json").read_bytes() == (smoke_lab / "lab.json").read_bytes()
+    assert (out / "opd" / "eval.csv").exists() and (out / "grpo" / "eval.csv").exists()
+    s = CheckpointSeries.discover(out / "opd", base=out / "student_init")
+    assert [step for step, _ in s.steps] == [20, 120]
+    with pytest.raises(InputError, match="checkpoint-30.*has no model.safetensors"):
+        export_subset(smoke_lab, tmp_path / "bad", [30])
+    assert not (tmp_path / "bad").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ship"]  # no temporary left behind
