@@ -15,12 +15,13 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from opd_dynamics.deltas import Plan, SeriesReader, StepUpdate, TensorPlan, iter_updates, plan_series, read_base, read_step
 from opd_dynamics.errors import InputError
@@ -216,39 +217,39 @@ def _reader_for(series: CheckpointSeries) -> SeriesReader:
     return r
 
 
-# Below this many elements a tensor is analysed on one intra-op thread: two threads gain nothing there
-# (48x128 decompositions: 0.38 ms either way), and on a loaded machine each tiny parallel region waits
-# for a descheduled thread (the shipped lab series: 22 s with two threads vs 3.4 s with one, beside two
-# busy processes). From 128x512 up, two threads are faster (2.1 vs 2.4 ms), so larger tensors keep them,
-# unless they compute spectra on the CPU: those do their heavy linear algebra in scipy's BLAS, whose
-# threads and torch's would take turns spinning (2 layers x 2 steps of 0.5B shapes: 4.1 s with one
-# torch thread against 6.0 s with two).
+# Below this many elements a tensor is analysed on one thread, torch's and BLAS's alike: two threads gain
+# nothing there (48x128 decompositions: 0.38 ms either way), and on a loaded machine each tiny parallel
+# region waits for a descheduled thread (the shipped lab series: 22 s with two torch threads vs 3.4 s with
+# one, beside two busy processes), while idle OpenBLAS threads spin and slow their neighbours. From
+# 128x512 up, two threads are faster (2.1 vs 2.4 ms), so larger tensors keep them, except that torch keeps
+# one where spectra run on the CPU: those do their heavy linear algebra in scipy's BLAS, whose threads
+# and torch's would take turns spinning (2 layers x 2 steps of 0.5B shapes: 4.1 s with one torch thread
+# against 6.0 s with two).
 SINGLE_THREAD_NUMEL = 1 << 16
-
-
-def _one_torch_thread(job: Job) -> bool:
-    return job.plan.numel < SINGLE_THREAD_NUMEL or (job.opts.svd != "none"
-                                                    and job.opts.resolved_device() == "cpu")
+_BLAS: ThreadpoolController | None = None
 
 
 @contextmanager
-def _torch_threads(one: bool) -> Iterator[None]:
+def _thread_limits(job: Job) -> Iterator[None]:
+    global _BLAS
+    small = job.plan.numel < SINGLE_THREAD_NUMEL
+    one_torch = small or (job.opts.svd != "none" and job.opts.resolved_device() == "cpu")
     before = torch.get_num_threads()
-    if not one or before == 1:
+    with ExitStack() as stack:
+        if small:
+            _BLAS = _BLAS or ThreadpoolController()
+            stack.enter_context(_BLAS.limit(limits=1, user_api="blas"))
+        if one_torch and before > 1:
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, before)
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_job(job: Job) -> JobResult:
     """Analyse one tensor; any failure is returned as a reason, never raised (one bad tensor ≠ a lost run)."""
     t0 = time.perf_counter()
     try:
-        with _torch_threads(_one_torch_thread(job)):
+        with _thread_limits(job):
             tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
                                     Path(job.cache_root) if job.cache_root else None, job.prefetch)
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0)
@@ -262,8 +263,6 @@ def run_job(job: Job) -> JobResult:
 
 def _init_worker(threads: int) -> None:
     """Each worker process gets its share of the cores, for torch and for scipy's BLAS alike."""
-    from threadpoolctl import threadpool_limits
-
     torch.set_num_threads(threads)
     threadpool_limits(threads, user_api="blas")
 
