@@ -270,3 +270,19 @@ def test_tridiagonal_route_on_a_flat_spectrum_gives_an_orthonormal_basis():
     np.testing.assert_allclose(dec.singular_values.numpy(), 3.0, rtol=1e-12)
     np.testing.assert_allclose((dec.V.T @ dec.V).numpy(), np.eye(20), atol=1e-10)
     np.testing.assert_allclose((M @ dec.V).numpy(), 3.0 * dec.U.numpy(), atol=1e-10)
+
+
+def test_a_lapack_failure_on_the_tridiagonal_route_falls_back_to_eigh(monkeypatch):
+    """_tridiagonal_gram_eig returns None when LAPACK reports a failure; the Gram route then takes full eigh
+    and still gives the exact answer (the failure is injected: no real input makes dstemr fail on demand)."""
+    from opd_dynamics.metrics import spectrum
+
+    rng = np.random.default_rng(15)
+    s = np.geomspace(4, 0.05, 90)
+    M = torch.tensor(planted(90, 300, s, rng))
+    calls = []
+    monkeypatch.setattr(spectrum, "_tridiagonal_gram_eig", lambda *a: calls.append(a) or None)
+    dec = decompose(M, k_vectors=8)
+    assert calls and dec.method == "exact-gram-f64"
+    np.testing.assert_allclose(dec.singular_values.numpy(), s, rtol=1e-9)
+    np.testing.assert_allclose((M.T @ dec.U).numpy(), dec.V.numpy() * s[:8], atol=1e-9)
