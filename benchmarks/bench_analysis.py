@@ -104,7 +104,7 @@ def main() -> None:
         startup = sum(ours(tiny, a.device, m, Path(tmp) / f"cache-tiny-{m}") for m in ("exact", "fast"))
         print(f"one-time start-up (both modes on a 1-layer 64-wide series first): {startup:.2f} s")
         bench_io.reset_peak_rss()  # building the series held it all in memory: not ours
-        rss0 = (bench_io._status("VmRSS") or 0) / 1e9
+        rss0 = bench_io.current_rss() / 1e9
         exact = ours(root, a.device, "exact", Path(tmp) / "cache-exact")
         exact_warm = ours(root, a.device, "exact", Path(tmp) / "cache-exact")
         fast = ours(root, a.device, "fast", Path(tmp) / "cache-fast")

@@ -70,6 +70,11 @@ def _status(key: str) -> int | None:
     return None
 
 
+def current_rss() -> int:
+    """This process's resident set size in bytes now (0 where /proc is missing)."""
+    return _status("VmRSS") or 0
+
+
 def peak_rss() -> int:
     """This process's peak RSS in bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
     child would report its parent's peak (the process that built the series)."""
@@ -99,7 +104,7 @@ def child(mode: str, root: Path) -> None:
         tiny = torch.ones(8, 8, dtype=torch.bfloat16)  # loads the bf16 kernels from numba's cache
         fused.fused_update_stats(tiny, tiny), fused.fused_sum_squares(tiny), fused.fused_row_stats(tiny, tiny)
         startup = time.perf_counter() - t
-    rss0 = _status("VmRSS") or 0
+    rss0 = current_rss()
     t = time.perf_counter()
     if mode == "read":  # every byte of every file into memory, one file at a time (the I/O floor)
         for f in files:

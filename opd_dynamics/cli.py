@@ -75,7 +75,6 @@ def command_line() -> str:
     return " ".join(parts)
 
 
-
 @main.command()
 @with_options(_common)
 def describe(run, runs, base, steps, groups, load_mode) -> None:

@@ -179,7 +179,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                                          **alignment_metrics(dec, dec_ref[u], du, part(ref_update.delta, u),
                                                              k=opts.k_subspace, K=opts.k_paired)})
             if base_dec:
-                out["geometry"].append({**ident, **geometry_metrics(base_dec[u], wtu, du)})
+                out["geometry"].append({**ident, **geometry_metrics(base_dec[u], wtu, du, dec.fro2)})
     return out
 
 
@@ -226,18 +226,16 @@ def _reader_for(series: CheckpointSeries) -> SeriesReader:
 # and torch's would take turns spinning (2 layers x 2 steps of 0.5B shapes: 4.1 s with one torch thread
 # against 6.0 s with two).
 SINGLE_THREAD_NUMEL = 1 << 16
-_BLAS: ThreadpoolController | None = None
+_BLAS = ThreadpoolController()  # scipy's BLAS is loaded by now (metrics.spectrum imports it)
 
 
 @contextmanager
 def _thread_limits(job: Job) -> Iterator[None]:
-    global _BLAS
     small = job.plan.numel < SINGLE_THREAD_NUMEL
     one_torch = small or (job.opts.svd != "none" and job.opts.resolved_device() == "cpu")
     before = torch.get_num_threads()
     with ExitStack() as stack:
         if small:
-            _BLAS = _BLAS or ThreadpoolController()
             stack.enter_context(_BLAS.limit(limits=1, user_api="blas"))
         if one_torch and before > 1:
             torch.set_num_threads(1)

@@ -48,7 +48,6 @@ _shared = [
 ]
 
 
-
 @click.command("extrapolate")
 @with_options(_shared)
 @click.option("--coef", required=True, type=float, help="c in W_B + c·(W_B − W_A) (EffOPD's candidates use 2k).")

@@ -92,12 +92,13 @@ def _principal_block(base: BaseDecomposition, delta: Tensor) -> Tensor:
     return torch.from_numpy(blas.dgemm(1.0, base.U.numpy().T, DV))
 
 
-def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor) -> dict:
+def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor, delta_fro2: float | None = None) -> dict:
     """geometry.csv columns for one step (definitions in DESIGN.md).
 
     principal_energy_{p}pct = ||U0_k^T dW V0_k||_F^2 / ||dW||_F^2 (NaN for a zero update);
     principal_rotation_deg = mean principal angle between the top ceil(1% r) left subspaces of W_0
     and W_t; spectral_drift = ||s(W_t) - s(W_0)|| / ||s(W_0)||. W_t is decomposed exactly (Gram route).
+    ``delta_fro2`` is ||dW||_F^2 when the caller already has it (the engine's decomposition of dW holds it).
     """
     keys = [*[f"principal_energy_{p}pct" for p in base.pcts], "principal_rotation_deg", "spectral_drift"]
     out: dict = dict.fromkeys(keys, math.nan)
@@ -107,7 +108,7 @@ def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor) -> dict
         return out
     dev = base.U.device
     k_max = base.U.shape[1]
-    f2 = sum_squares64(delta)
+    f2 = sum_squares64(delta) if delta_fro2 is None else delta_fro2
     if f2 > 0 and math.isfinite(f2):
         A = _principal_block(base, delta)
         for p in base.pcts:

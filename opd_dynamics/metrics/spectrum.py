@@ -193,7 +193,7 @@ def _tridiagonal_gram_eig(M: Tensor, left: bool, k: int) -> tuple[Tensor, Tensor
     c, d, e, tau, info = lapack.dsytrd(G, lower=1, lwork=max(int(lwork), n), overwrite_a=1)
     if info != 0:
         return None
-    lam, info = lapack.dsterf(d.copy(), e.copy())
+    lam, info = lapack.dsterf(d, e)  # the wrapper copies d and e
     if info != 0:
         return None
     lam_t = torch.from_numpy(lam[::-1].copy())
