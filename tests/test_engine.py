@@ -12,6 +12,7 @@ from opd_dynamics.series import CheckpointSeries
 from reference import planted, random_orthogonal, ref_alignment, ref_geometry, ref_spectrum
 
 M, N = 48, 96
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _planted_series(tmp_path, steps=(1, 2, 4, 8), seed=0):
@@ -41,9 +42,10 @@ def _planted_series(tmp_path, steps=(1, 2, 4, 8), seed=0):
     return as32(w0), {t: as32(s) for t, s in states.items()}, series
 
 
-def test_exact_metrics_match_reference(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_metrics_match_reference(tmp_path, device):
     w0, states, series = _planted_series(tmp_path)
-    rep = analyze(series, geometry=True, progress=False, cache_dir=tmp_path / "cache")
+    rep = analyze(series, geometry=True, device=device, progress=False, cache_dir=tmp_path / "cache")
     q = "model.layers.0.self_attn.q_proj.weight"
     d_final = states[8][q] - w0[q]
     for t, st in states.items():
