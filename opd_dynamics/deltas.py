@@ -7,7 +7,6 @@ base, one step and the next step being prefetched, never a whole model.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -188,59 +187,28 @@ class StepUpdate:
         return float_dtype(self.base)
 
 
-_SIDE = threading.local()  # this thread's side CUDA stream, per device
-
-
-def _staged(device: torch.device, consumer: torch.cuda.Stream | None, fn):
-    """``fn()`` (reads, uploads, upcasts) run so that on CUDA its host-to-device copies overlap the kernels
-    of the thread that will use the result: on this thread's own side stream, waited for before returning.
-    The returned tensors are recorded as used on ``consumer`` (default: the calling thread's current
-    stream), so the caching allocator does not hand their memory out again before that stream is done."""
-    if device.type != "cuda":
-        return fn()
-    consumer = consumer or torch.cuda.current_stream(device)
-    streams = getattr(_SIDE, "streams", None) or {}
-    _SIDE.streams = streams
-    side = streams.setdefault(device, torch.cuda.Stream(device))
-    with torch.cuda.stream(side):
-        out = fn()
-    side.synchronize()
-    for t in (vars(out).values() if isinstance(out, StepUpdate) else (out,)):
-        if isinstance(t, torch.Tensor) and t.is_cuda:
-            t.record_stream(consumer)
-    return out
-
-
 def read_base(reader: SeriesReader, tp: TensorPlan, dtype: torch.dtype | None = torch.float32,
               device: str | torch.device = "cpu") -> torch.Tensor:
-    """The base tensor, oriented; upcast to ``dtype`` (None: as stored, for the kernels that decode it).
-    On CUDA it travels as stored (bf16: half the bytes) and is upcast and oriented there."""
-    dev = torch.device(device)
-    return _staged(dev, None, lambda: _orient(reader.base.get(tp.name).to(dev), tp, dtype))
+    """The base tensor, oriented; upcast to ``dtype`` (None: as stored, for the kernels that decode it)."""
+    return _orient(reader.base.get(tp.name), tp, dtype).to(device)
 
 
 def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
-              materialize: bool = False, consumer: torch.cuda.Stream | None = None) -> StepUpdate:
+              materialize: bool = False) -> StepUpdate:
     """W_t for one step (``w0`` is the upcast, oriented base on the target device); ``materialize`` forms
-    the float weight and delta now (in the reading thread, when prefetching) instead of on first use.
-    ``consumer``: the CUDA stream that will use the update, when that is not the calling thread's."""
+    the float weight and delta now (in the reading thread, when prefetching) instead of on first use."""
     m = reader.steps[step]
-    dev = w0.device
-
-    def load() -> StepUpdate:
-        if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
-            fdt = float_dtype(w0)
-            b, a, s = m.factors(tp.name, fdt)
-            delta = s * (b.to(dev) @ a.to(dev))
-            delta = _orient(delta.T if tp.conv1d else delta, tp, fdt)  # factors are (out, in) already
-            return StepUpdate(step, w0.to(fdt) + delta, w0, delta)
-        raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)
-        upd = StepUpdate(step, _orient(raw.to(dev), tp), w0)
-        if materialize:
-            upd.delta  # noqa: B018 - cached_property: computed here, off the caller's thread
-        return upd
-
-    return _staged(dev, consumer, load)
+    if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
+        fdt = float_dtype(w0)
+        b, a, s = m.factors(tp.name, fdt)
+        delta = s * (b.to(w0.device) @ a.to(w0.device))
+        delta = _orient(delta.T if tp.conv1d else delta, tp, fdt)  # factors are (out, in) already
+        return StepUpdate(step, w0.to(fdt) + delta, w0, delta)
+    raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)
+    upd = StepUpdate(step, _orient(raw, tp).to(w0.device), w0)
+    if materialize:
+        upd.delta  # noqa: B018 - cached_property: computed here, off the caller's thread
+    return upd
 
 
 def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: Mapping[int, object] | list[int]
@@ -252,11 +220,10 @@ def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: 
         for s in order:
             yield read_step(reader, tp, s, w0, materialize)
         return
-    consumer = torch.cuda.current_stream(w0.device) if w0.is_cuda else None
     with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(read_step, reader, tp, order[0], w0, materialize, consumer)
+        fut = pool.submit(read_step, reader, tp, order[0], w0, materialize)
         for nxt in order[1:] + [None]:
             cur = fut.result()
             if nxt is not None:
-                fut = pool.submit(read_step, reader, tp, nxt, w0, materialize, consumer)
+                fut = pool.submit(read_step, reader, tp, nxt, w0, materialize)
             yield cur
