@@ -111,8 +111,7 @@ def child(mode: str, root: Path) -> None:
     if mode == "read":  # every byte of every file into memory, one file at a time (the I/O floor)
         for f in files:
             with open(f, "rb") as fh:
-                data = fh.read()
-            del data
+                fh.read()
     else:
         s = CheckpointSeries.discover(root / "run", base=root / "base")
         analyze(s, svd="none", progress=False, cache_dir=root / "cache")

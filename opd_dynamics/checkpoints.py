@@ -17,11 +17,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from opd_dynamics.errors import InputError
+
+if TYPE_CHECKING:  # lora imports this module
+    from opd_dynamics.lora import LoraAdapter
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -276,7 +279,7 @@ def is_adapter_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / ADAPTER_CONFIG).exists()
 
 
-def open_model(path: str | Path, load_mode: str = "pread") -> "ModelDir | LoraAdapter":
+def open_model(path: str | Path, load_mode: str = "pread") -> ModelDir | LoraAdapter:
     """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
     if is_adapter_dir(path):
         from opd_dynamics.lora import LoraAdapter

@@ -1,7 +1,6 @@
 """Series discovery in the layouts TRL, verl and OpenRLHF leave, and its refusals."""
 
 import pytest
-import torch
 
 from builders import llama_like, perturb, write_dir
 from opd_dynamics.errors import InputError
