@@ -4,8 +4,7 @@ Routes, all on the same fp32 update matrices in one process (so the ratios are c
   naive      fp32 `torch.linalg.svdvals` (spectrum) + fp32 `torch.linalg.svd` (vectors), as the usual
              analysis scripts do per matrix;
   exact      `decompose(mode='exact')` + spectrum_metrics: float64 Gram, all values, top-20 vectors
-             (default route for the device: one tridiagonal reduction + dstemr on CPU, eigvalsh +
-             certified subspace iteration on CUDA);
+             (default route for the device: one tridiagonal reduction + dstemr on CPU, one eigh on CUDA);
   ex-eigh    the same with values and vectors from full `eigh`;  ex-subsp  with certified subspace iteration;
   values     exact spectrum only (k_vectors=0: Gram + eigvalsh);
   fast       `decompose(mode='fast')`: randomized top-64 (q=74), fp32 sketch.
