@@ -17,6 +17,7 @@ import torch
 from opd_dynamics.checkpoints import ModelDir, open_model
 from opd_dynamics.errors import InputError
 from opd_dynamics.lora import LoraAdapter
+from opd_dynamics.memory import subtract, upcast
 from opd_dynamics.naming import Override, TensorName, is_conv1d, parse_name
 from opd_dynamics.series import CheckpointSeries
 
@@ -148,7 +149,7 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
 def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(out, in) layout, common rows only; upcast to ``dtype`` when given (steps stay in their stored dtype)."""
     if dtype is not None:
-        t = t.to(dtype)
+        t = upcast(t, dtype)
     if tp.conv1d:
         t = t.T
     if tp.rows is not None:
@@ -176,11 +177,11 @@ class StepUpdate:
 
     @cached_property
     def weight(self) -> torch.Tensor:
-        return self.raw.to(self._float)
+        return upcast(self.raw, self._float)
 
     @cached_property
     def delta(self) -> torch.Tensor:  # never subtracted in half precision
-        return self.lora_delta if self.lora_delta is not None else self.weight - self.base.to(self._float)
+        return self.lora_delta if self.lora_delta is not None else subtract(self.weight, self.base.to(self._float))
 
     @property
     def _float(self) -> torch.dtype:

@@ -14,6 +14,7 @@ import torch
 from scipy.linalg import blas
 from torch import Tensor
 
+from opd_dynamics.memory import upcast
 from .norms import sum_squares64
 from .spectrum import decompose
 from .subspace import principal_angles
@@ -85,7 +86,7 @@ def decompose_base(w0: Tensor, pcts=DEFAULT_PCTS) -> BaseDecomposition:
 def _principal_block(base: BaseDecomposition, delta: Tensor) -> Tensor:
     """U0^T dW V0 (k_max x k_max) in float64; on the CPU through scipy's BLAS, like the decompositions
     around it (see engine: torch keeps one thread there)."""
-    D = delta.detach().to(base.U.device, torch.float64).contiguous()
+    D = upcast(delta.detach().to(base.U.device), torch.float64).contiguous()
     if D.device.type != "cpu":
         return base.U.T @ (D @ base.V)
     DV = blas.dgemm(1.0, D.numpy().T, base.V.numpy().T, trans_a=1, trans_b=1)  # Fortran views: no copies

@@ -15,6 +15,7 @@ import torch
 from scipy.linalg import blas, lapack
 from torch import Tensor
 
+from opd_dynamics.memory import upcast
 from .norms import sum_squares64
 
 EPS64 = float(torch.finfo(torch.float64).eps)
@@ -284,7 +285,7 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
         raise ValueError(f"decompose: exact_method must be 'auto', 'gram' or 'svd', got {exact_method!r}")
     if vectors not in VECTOR_ROUTES:
         raise ValueError(f"decompose: vectors must be one of {', '.join(VECTOR_ROUTES)}, got {vectors!r}")
-    M = m.to(torch.float32 if (mode == "fast" and m.dtype != torch.float64) else torch.float64)
+    M = upcast(m, torch.float32 if (mode == "fast" and m.dtype != torch.float64) else torch.float64)
     shape = (int(M.shape[0]), int(M.shape[1]))
     r = min(shape)
     fro2 = sum_squares64(m) if m.numel() else 0.0  # on the input: the fused kernel reads float32 as is
