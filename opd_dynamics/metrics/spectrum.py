@@ -200,7 +200,9 @@ def _tridiagonal_gram_eig(M: Tensor, left: bool, k: int) -> tuple[Tensor, Tensor
         return None
     Z = np.array(z[:, k - 1 :: -1], order="F")  # descending
     if n > 1:  # Q = H(1)...H(n-1); the reflectors are those of a QR of c[1:, :n-1]
-        cq, _, info = lapack.dormqr(b"L", b"N", c[1:, : n - 1], tau, Z[1:], k * 64, overwrite_c=1)
+        # LAPACK's blocked code needs lwork >= k*nb + (nb+1)*nb (nb = 64); with less it runs the unblocked
+        # one (20 vectors of an 896-side Gram: 7.3 ms against 3.8 ms, copies included)
+        cq, _, info = lapack.dormqr(b"L", b"N", c[1:, : n - 1], tau, Z[1:], k * 64 + 65 * 64, overwrite_c=1)
         if info != 0:
             return None
         Z[1:] = cq
