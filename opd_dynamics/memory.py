@@ -23,7 +23,7 @@ def _huge(t: Tensor, dtype: torch.dtype) -> bool:
             and t.numel() * dtype.itemsize >= HUGE_BYTES)
 
 
-def empty_like_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _empty_like_as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """An uninitialised contiguous tensor of t's shape and device in ``dtype``."""
     if _huge(t, dtype):
         return torch.from_numpy(np.empty(tuple(t.shape), dtype=_NUMPY[dtype]))
@@ -36,9 +36,9 @@ def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
         return t
     if not _huge(t, dtype):
         return t.to(dtype)
-    return empty_like_as(t, dtype).copy_(t)
+    return _empty_like_as(t, dtype).copy_(t)
 
 
 def subtract(a: Tensor, b: Tensor) -> Tensor:
     """a - b (same shape and dtype) into a fresh tensor."""
-    return torch.sub(a, b, out=empty_like_as(a, a.dtype)) if _huge(a, a.dtype) else a - b
+    return torch.sub(a, b, out=_empty_like_as(a, a.dtype)) if _huge(a, a.dtype) else a - b
