@@ -21,14 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_io  # noqa: E402
+from bench_analysis import MODELS  # noqa: E402
 from bench_kernels import sync, timed  # noqa: E402
 
 from opd_dynamics import CheckpointSeries, analyze  # noqa: E402
 from opd_dynamics.metrics.geometry import decompose_base, geometry_metrics, top_k_for  # noqa: E402
 from opd_dynamics.metrics.spectrum import decompose, spectrum_metrics  # noqa: E402
 from opd_dynamics.metrics.subspace import alignment_metrics  # noqa: E402
-
-MODELS = {"0.5b": (896, 4864, 128), "7b": (3584, 18944, 512)}
 
 
 def concurrent_eigh(G: torch.Tensor, device: str, repeat: int) -> tuple[float, float]:

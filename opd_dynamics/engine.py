@@ -31,6 +31,7 @@ from opd_dynamics.metrics.norms import fro2, norm_metrics
 from opd_dynamics.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
 from opd_dynamics.metrics.subspace import alignment_metrics
 from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.writer import atomic_file, atomic_write_text
 
 SVD_MODES = ("exact", "fast", "none")
 EXECUTORS = ("serial", "process", "ray")
@@ -105,10 +106,8 @@ def _base_decomposition(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, 
         except Exception:  # a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
     dec = decompose_base(w0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in dec.to_tensors().items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in dec.to_tensors().items()}, str(tmp))
     return dec
 
 
@@ -288,10 +287,7 @@ class ResultCache:
     def put(self, key: str, tables: dict) -> None:
         if self.root is None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.tmp"
-        tmp.write_text(json.dumps(tables))
-        os.replace(tmp, self.root / f"{key}.json")
+        atomic_write_text(self.root / f"{key}.json", json.dumps(tables))
 
 
 def _hashes(reader: SeriesReader) -> str:
