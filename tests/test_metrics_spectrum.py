@@ -149,6 +149,19 @@ def test_fast_mode_is_reproducible():
                                atol=1e-12 * float(b.singular_values[0]))  # eigvalsh vs eigh values
 
 
+@pytest.mark.parametrize("shape", [(200, 300), (300, 200)])
+def test_fast_mode_rank_deficient_update(shape):
+    """A rank-3 float32 update: three exact values, rank 3, unit vectors for them and no NaN beyond."""
+    rng = np.random.default_rng(12)
+    M = planted(*shape, np.array([3.0, 2.0, 1.0]), rng)
+    dec = decompose(torch.tensor(M, dtype=torch.float32), k_vectors=20, mode="fast")
+    np.testing.assert_allclose(dec.singular_values[:3].numpy(), [3.0, 2.0, 1.0], rtol=1e-6)
+    assert dec.rank == 3 and bool(torch.isfinite(dec.U).all() and torch.isfinite(dec.V).all())
+    np.testing.assert_allclose(torch.linalg.vector_norm(dec.V, dim=0).numpy(), [1.0] * 3 + [0.0] * 17, atol=1e-6)
+    got = spectrum_metrics(dec)
+    assert got["energy_top1"] == pytest.approx(9 / 14, abs=1e-6) and got["rank90"] == 2
+
+
 def test_k_vectors_zero_skips_vectors_and_top_values():
     rng = np.random.default_rng(8)
     M = planted(80, 50, np.linspace(3, 1, 50), rng)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import scipy.linalg as sla
 from scipy.linalg import blas, lapack
 from torch import Tensor
 
@@ -248,20 +249,60 @@ def _gram_route(M: Tensor, k_vec: int, vectors: str = "auto") -> Decomposition |
     return Decomposition(sig, U, V, 0.0, "exact-gram-f64", True, (rows, cols), rank)
 
 
+def _range_sketch_cpu(M: Tensor, q: int, niter: int, k: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Halko-Martinsson-Tropp randomized SVD of M on the CPU in scipy's BLAS: top-q values and top-k
+    vectors, float64.
+
+    The same algorithm as torch.svd_lowrank (Gaussian sketch, ``niter`` power iterations, one QR, the SVD of
+    the q x n projection), but the products run in scipy's BLAS on all its threads (torch keeps one thread
+    where spectra run: see engine), the power iterations are normalised by LU instead of QR (the span is
+    what matters; as scikit-learn does), and the projection's SVD comes from its q x q Gram in float64. On
+    the 2-core CPU, a 4864x896 float32 matrix with q = 74: 38 ms against 70 ms for torch.svd_lowrank, the
+    same top-64 energies to 1e-6.
+    """
+    A = M.detach().numpy()
+    f = "s" if A.dtype == np.float32 else "d"
+    gemm = getattr(blas, f + "gemm")
+    At = A.T  # Fortran-ordered view of M^T: BLAS reads M without a copy
+    n = At.shape[0]
+    Y = gemm(1.0, At, np.asfortranarray(np.random.default_rng(seed).standard_normal((n, q)).astype(A.dtype)),
+             trans_a=1)  # M Omega, (m, q)
+    for _ in range(niter):
+        Z = gemm(1.0, At, sla.lu(Y, permute_l=True, overwrite_a=True, check_finite=False)[0])  # M^T Y
+        Y = gemm(1.0, At, sla.lu(Z, permute_l=True, overwrite_a=True, check_finite=False)[0], trans_a=1)
+    Q = np.asfortranarray(torch.linalg.qr(torch.from_numpy(Y))[0].numpy())  # torch's QR: 3.5 vs 7.6 ms
+    Bt = gemm(1.0, At, Q).astype(np.float64, order="F")  # (Q^T M)^T, (n, q)
+    w, W, info = lapack.dsyevd(blas.dsyrk(1.0, Bt, trans=1, lower=1), lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dsyevd failed (info={info}) in the randomized SVD")
+    s = np.sqrt(np.clip(w[::-1], 0.0, None))
+    W = np.asfortranarray(W[:, ::-1][:, :k])
+    U = blas.dgemm(1.0, Q.astype(np.float64, order="F"), W)
+    V = blas.dgemm(1.0, Bt, W)  # = sigma_i v_i, normalised by the caller
+    return torch.from_numpy(s.copy()), torch.from_numpy(np.ascontiguousarray(U)), torch.from_numpy(
+        np.ascontiguousarray(V))
+
+
 def _randomized_route(M: Tensor, k_vec: int, oversample: int, niter: int, seed: int) -> Decomposition:
-    """torch.svd_lowrank in the input's precision (float32 for float32 deltas: the sketch only has to
-    meet the 1e-2 fast-mode policy), results returned in float64."""
+    """Randomized top-q decomposition in the input's precision (float32 for float32 deltas: the sketch only
+    has to meet the 1e-2 fast-mode policy), results returned in float64: torch.svd_lowrank on CUDA,
+    _range_sketch_cpu on the CPU."""
     r = min(M.shape)
     keep = min(max(k_vec, 64), r)
     q = min(max(k_vec, 64) + oversample, r)
-    devices = [M.device] if M.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
-    S, U, V = (x.to(torch.float64) for x in (S[:keep], U[:, :keep], V[:, :keep]))
-    tol = max(M.shape) * float(torch.finfo(M.dtype).eps) * float(S[0])
     k = min(k_vec, keep)
-    return Decomposition(S.contiguous(), U[:, :k].contiguous(), V[:, :k].contiguous(), 0.0,
+    tol_rel = max(M.shape) * float(torch.finfo(M.dtype).eps)
+    if M.device.type == "cpu":
+        S, U, V = _range_sketch_cpu(M, q, niter, k, seed)
+        V[:, S[:k] <= tol_rel * float(S[0])] = 0.0  # the direction of an unresolved value is not defined
+        V = _unit_columns(V)
+    else:
+        with torch.random.fork_rng(devices=[M.device]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
+    S, U, V = (x.to(torch.float64) for x in (S[:keep], U[:, :k], V[:, :k]))
+    tol = tol_rel * float(S[0])
+    return Decomposition(S.contiguous(), U.contiguous(), V.contiguous(), 0.0,
                          f"randomized-q{q}", False, tuple(M.shape), int((S > tol).sum()))
 
 
@@ -275,9 +316,9 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     (see _gram_route). ``exact_method`` 'gram' | 'svd' forces a route ('gram' still falls back when
     unsafe). ``vectors`` picks how the Gram route gets its eigenpairs: 'auto' is 'tridiagonal' on CPU
     (see _tridiagonal_gram_eig) and one eigh on CUDA; 'subspace' and 'eigh' are gram_eig's.
-    mode='fast': torch.svd_lowrank with q = max(k_vectors, 64) + oversample (seeded, so reproducible;
-    float32 for float32 input), keeping the top max(k_vectors, 64) values, full=False. k_vectors=0 skips the
-    singular vectors (eigvalsh only). A matrix with NaN/Inf gives method 'nonfinite' (all NaN,
+    mode='fast': a randomized SVD (see _randomized_route) with q = max(k_vectors, 64) + oversample
+    (seeded, so reproducible; float32 for float32 input), keeping the top max(k_vectors, 64) values,
+    full=False. k_vectors=0 skips the singular vectors (eigvalsh only in exact mode). A matrix with NaN/Inf gives method 'nonfinite' (all NaN,
     never raises); a zero matrix gives method 'zero' (all zeros, no vectors).
     """
     _check_matrix(m)
