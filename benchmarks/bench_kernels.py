@@ -50,7 +50,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeat: int) -> float:
+def timed(fn, device: str, repeat: int, threads: int) -> float:
+    torch.set_num_threads(threads)
     fn()  # warm-up (library init, workspace allocation)
     sync(device)
     ts = []
@@ -100,15 +101,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", choices=sorted(MODELS), default="0.5b")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the naive route (ours run "
+                    "as the engine runs them on the CPU: one torch thread, the heavy work in scipy's BLAS)")
     ap.add_argument("--routes", default=",".join(ROUTES), help="comma-separated subset of " + ",".join(ROUTES))
     ap.add_argument("--no-check", action="store_true", help="skip the float64 SVD accuracy check")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     dev = args.device
     routes = [r for r in args.routes.split(",") if r]
     shapes, n_layers = MODELS[args.model]
-    name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else \
+        f"CPU, naive on {args.threads} torch threads, ours on 1 (as in the engine)"
     print(f"# bench_kernels: Qwen2.5-{args.model} shapes on {dev} ({name}), torch {torch.__version__}, "
           f"median of {args.repeat} after a warm-up; seconds per matrix")
     print(f"{'matrix':<20}" + "".join(f"{r:>10}" for r in routes)
@@ -116,7 +118,8 @@ def main() -> None:
     per_layer = dict.fromkeys(routes, 0.0)
     for label, (shape, count) in shapes.items():
         d = make_update(shape, dev)
-        t = {r: timed(lambda r=r: ROUTES[r](d), dev, args.repeat) for r in routes}
+        t = {r: timed(lambda r=r: ROUTES[r](d), dev, args.repeat,
+                      args.threads if (r == "naive" or dev != "cpu") else 1) for r in routes}
         for r in routes:
             per_layer[r] += count * t[r]
         ratios = "".join(f"{t['naive'] / t[r]:15.1f}" for r in routes if r != "naive") if "naive" in t else ""
