@@ -105,7 +105,9 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--svd", type=click.Choice(["exact", "fast", "none"]), default="exact", show_default=True,
               help="exact: full float64 spectra; fast: randomized top-k (labelled); none: norms only.")
-@click.option("--geometry", is_flag=True, help="Also measure the update against the base's own singular vectors.")
+@click.option("--geometry", is_flag=True, help="Also measure the update against the base's own singular vectors. "
+              "Exact in every --svd mode (it needs W_t's whole spectrum), so it costs about as much as the "
+              "exact spectra and most of a fast run.")
 @click.option("--no-alignment", is_flag=True, help="Skip alignment to the reference step.")
 @click.option("--ref-step", type=int, default=None, help="Alignment reference step (default: last).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)

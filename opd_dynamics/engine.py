@@ -48,7 +48,7 @@ class AnalysisOptions:
     k_paired: int = 20
     ref_step: int | None = None  # alignment reference; None = last step
     alignment: bool = True
-    geometry: bool = False
+    geometry: bool = False  # geometry.csv; exact in every svd mode (needs W_t's whole spectrum)
     dtype: str = "float32"  # float32 | float64: precision of W_t − W_0
     device: str = "cpu"  # cpu | cuda | auto
     n_singular_values: int = 64
