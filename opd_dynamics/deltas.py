@@ -181,7 +181,7 @@ class StepUpdate:
 
     @cached_property
     def delta(self) -> torch.Tensor:  # never subtracted in half precision
-        return self.lora_delta if self.lora_delta is not None else subtract(self.weight, self.base.to(self._float))
+        return self.lora_delta if self.lora_delta is not None else subtract(self.weight, upcast(self.base, self._float))
 
     @property
     def _float(self) -> torch.dtype:

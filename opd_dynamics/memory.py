@@ -23,22 +23,18 @@ def _huge(t: Tensor, dtype: torch.dtype) -> bool:
             and t.numel() * dtype.itemsize >= HUGE_BYTES)
 
 
-def _empty_like_as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialised contiguous tensor of t's shape and device in ``dtype``."""
-    if _huge(t, dtype):
-        return torch.from_numpy(np.empty(tuple(t.shape), dtype=_NUMPY[dtype]))
-    return torch.empty(t.shape, dtype=dtype, device=t.device)
+def _numpy_empty(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous CPU tensor of t's shape in ``dtype``, in numpy's memory."""
+    return torch.from_numpy(np.empty(tuple(t.shape), dtype=_NUMPY[dtype]))
 
 
 def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """The values of ``t.to(dtype)``; ``t`` itself when it already has that dtype."""
     if t.dtype == dtype:
         return t
-    if not _huge(t, dtype):
-        return t.to(dtype)
-    return _empty_like_as(t, dtype).copy_(t)
+    return _numpy_empty(t, dtype).copy_(t) if _huge(t, dtype) else t.to(dtype)
 
 
 def subtract(a: Tensor, b: Tensor) -> Tensor:
     """a - b (same shape and dtype) into a fresh tensor."""
-    return torch.sub(a, b, out=_empty_like_as(a, a.dtype)) if _huge(a, a.dtype) else a - b
+    return torch.sub(a, b, out=_numpy_empty(a, a.dtype)) if _huge(a, a.dtype) else a - b

@@ -93,7 +93,8 @@ def _principal_block(base: BaseDecomposition, delta: Tensor) -> Tensor:
     return torch.from_numpy(blas.dgemm(1.0, base.U.numpy().T, DV))
 
 
-def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor, delta_fro2: float | None = None) -> dict:
+def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor,
+                     delta_fro2: float | None = None) -> dict:
     """geometry.csv columns for one step (definitions in DESIGN.md).
 
     principal_energy_{p}pct = ||U0_k^T dW V0_k||_F^2 / ||dW||_F^2 (NaN for a zero update);
