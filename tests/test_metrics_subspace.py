@@ -117,6 +117,23 @@ def test_low_rank_update_uses_k_up_to_its_rank():
     assert got["paired_cosine"] == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("m, n, r", [(96, 64, 3), (256, 1024, 8)])
+def test_float32_low_rank_update_counts_rounding_as_no_rank(m, n, r):
+    """A rank-r update formed in float32 (a LoRA B @ A): its rounding noise is not rank, so k = r and the
+    shared subspaces overlap fully."""
+    rng = np.random.default_rng(m)
+    U, V = random_orthogonal(m, r, rng), random_orthogonal(n, r, rng)
+    B, A = torch.tensor(U @ rng.standard_normal((r, r)), dtype=torch.float32), torch.tensor(V.T, dtype=torch.float32)
+    dt, dT = B @ A, (B @ torch.tensor(rng.standard_normal((r, r)), dtype=torch.float32)) @ A
+    da, dT_ = decompose(dt, k_vectors=20), decompose(dT, k_vectors=20)
+    assert da.rank == dT_.rank == r
+    got = alignment_metrics(da, dT_, dt, dT)
+    assert got["k"] == r
+    for key in ("subspace_overlap_u", "subspace_overlap_v"):
+        assert got[key] == pytest.approx(1.0, abs=1e-6), key
+    assert got["max_principal_angle_deg"] == pytest.approx(0.0, abs=0.05)
+
+
 def test_zero_and_nonfinite_updates_give_nan_not_errors():
     Qu, Qv, _ = _bases(6)
     DT = torch.tensor(_update(Qu, Qv, Qu[:, :24], Qv[:, :24]))

@@ -19,6 +19,7 @@ from opd_dynamics.memory import upcast
 from .norms import sum_squares64
 
 EPS64 = float(torch.finfo(torch.float64).eps)
+EPS32 = float(torch.finfo(torch.float32).eps)
 #: below this smaller dimension the Gram route saves nothing: use the SVD directly.
 MIN_GRAM_DIM = 32
 #: the Gram route is kept only when its worst-case error on sum(sigma) stays below this fraction
@@ -324,7 +325,9 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     (see _tridiagonal_gram_eig) and one eigh on CUDA; 'subspace' and 'eigh' are gram_eig's.
     mode='fast': a randomized SVD (see _randomized_route) with q = max(k_vectors, 64) + oversample
     (seeded, so reproducible; float32 for float32 input), keeping the top max(k_vectors, 64) values,
-    full=False. k_vectors=0 skips the singular vectors (eigvalsh only in exact mode). A matrix with
+    full=False. ``rank`` counts the values above max(m, n) * eps * sigma_1 (numpy's matrix_rank), with
+    the input's eps: float32's for anything narrower than float64, the precision updates are formed in.
+    k_vectors=0 skips the singular vectors (eigvalsh only in exact mode). A matrix with
     NaN/Inf gives method 'nonfinite' (all NaN, never raises); a zero matrix gives method 'zero' (all
     zeros, no vectors).
     """
@@ -358,6 +361,9 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
             dec = _svd_route(M, k_vectors)
             if k_vectors == 0:
                 dec.U = dec.V = None
+        if m.dtype != torch.float64:  # float32 rounding in forming m (a LoRA B @ A) is not rank
+            tol = max(shape) * EPS32 * float(dec.singular_values[0])
+            dec.rank = min(dec.rank, int((dec.singular_values > tol).sum()))
     dec.fro2 = fro2
     return dec
 
