@@ -18,7 +18,7 @@ from opd_dynamics.checkpoints import ModelDir, open_model
 from opd_dynamics.errors import InputError
 from opd_dynamics.lora import LoraAdapter
 from opd_dynamics.memory import subtract, upcast
-from opd_dynamics.naming import Override, TensorName, is_conv1d, parse_name
+from opd_dynamics.naming import Override, TensorName, parse_name, stored_transposed
 from opd_dynamics.series import CheckpointSeries
 
 _RESIZABLE = ("embedding", "lm_head")
@@ -30,9 +30,9 @@ class TensorPlan:
 
     name: str
     info: TensorName
-    shape: tuple[int, ...]  # as analysed: (out, in) after any Conv1D transpose, common rows if resized
+    shape: tuple[int, ...]  # as analysed: (out, in) after any transpose, common rows if resized
     stored_dtype: str
-    conv1d: bool
+    transposed: bool  # stored (..., in, out): Conv1D, or (E, in, out) experts
     steps: tuple[int, ...]
     rows: int | None = None  # common vocabulary rows when the vocabulary was resized
     bytes_per_step: int = 0
@@ -107,7 +107,7 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                 skipped.append({"run": series.name, "tensor": name, "reason": f"non-float dtype {entry.dtype}"})
                 continue
             shape = entry.shape
-            conv1d = is_conv1d(name, shape, model_type)
+            transposed = stored_transposed(name, shape, model_type)
             present, rows, problems = [], None, []
             for step, m in reader.steps.items():
                 if isinstance(m, LoraAdapter):
@@ -132,10 +132,11 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                                 "analysed_steps": present})
             if not present:
                 continue
-            ashape = tuple(reversed(shape)) if conv1d else tuple(shape)
+            ashape = (*shape[:-2], shape[-1], shape[-2]) if transposed else tuple(shape)
             if rows is not None:
                 ashape = (rows, *ashape[1:])
-            tensors.append(TensorPlan(name, info, ashape, entry.dtype, conv1d, tuple(present), rows, entry.nbytes))
+            tensors.append(TensorPlan(name, info, ashape, entry.dtype, transposed, tuple(present), rows,
+                                      entry.nbytes))
         if not tensors:
             raise InputError(series.base, f"shares no analysable tensor with the checkpoints of run "
                                           f"{series.name!r} ({len(skipped)} skipped, e.g. "
@@ -150,8 +151,8 @@ def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype | None = None) -
     """(out, in) layout, common rows only; upcast to ``dtype`` when given (steps stay in their stored dtype)."""
     if dtype is not None:
         t = upcast(t, dtype)
-    if tp.conv1d:
-        t = t.T
+    if tp.transposed:
+        t = t.mT
     if tp.rows is not None:
         t = t[: tp.rows]
     return t.contiguous()
@@ -203,7 +204,7 @@ def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
         fdt = float_dtype(w0)
         b, a, s = m.factors(tp.name, fdt)
         delta = s * (b.to(w0.device) @ a.to(w0.device))
-        delta = _orient(delta.T if tp.conv1d else delta, tp, fdt)  # factors are (out, in) already
+        delta = _orient(delta.mT if tp.transposed else delta, tp, fdt)  # factors are (out, in) already
         return StepUpdate(step, w0.to(fdt) + delta, w0, delta)
     raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)
     upd = StepUpdate(step, _orient(raw, tp).to(w0.device), w0)

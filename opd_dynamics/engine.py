@@ -121,7 +121,8 @@ def _steps_with_ref(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, ref:
 
 
 def _units(tp: TensorPlan) -> list[int | None]:
-    """The matrices inside one stored tensor: itself, or one per expert for stacked (E, out, in) experts."""
+    """The matrices inside one stored tensor: itself, or one per expert for stacked experts ((E, out, in)
+    as analysed: see naming.stored_transposed)."""
     if len(tp.shape) == 3 and tp.info.group == "mlp" and "experts" in tp.name:
         return list(range(tp.shape[0]))
     return [None]

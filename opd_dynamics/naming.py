@@ -148,13 +148,21 @@ def _match_override(name: str, overrides: Override | None) -> Mapping[str, objec
     return None
 
 
-def is_conv1d(name: str, shape: tuple[int, ...] | None = None, model_type: str | None = None) -> bool:
-    """True for GPT-2 style Conv1D weights stored (in, out), which analysis transposes to (out, in)."""
-    if model_type is not None and model_type not in {"gpt2", "gpt_bigcode", "imagegpt", "decision_transformer"}:
-        return False
+#: model types whose stacked experts are stored (E, in, out) and used as x @ W[e] (transformers 5.x);
+#: Mixtral, Qwen-MoE and DeepSeek stack theirs (E, out, in) like nn.Linear.
+_EXPERTS_IN_OUT = {"llama4", "llama4_text", "gpt_oss"}
+
+
+def stored_transposed(name: str, shape: tuple[int, ...], model_type: str | None = None) -> bool:
+    """True for weights stored (..., in, out), which analysis transposes to (out, in): GPT-2 style Conv1D
+    matrices and, for the model types in _EXPERTS_IN_OUT, stacked (E, in, out) experts."""
     parts = strip_prefixes(name).split(".")
     leaf, param = _leaf_and_param(parts)
-    return param == "weight" and leaf in _CONV1D_LEAVES and (shape is None or len(shape) == 2)
+    if len(shape) == 3:
+        return model_type in _EXPERTS_IN_OUT and "experts" in parts
+    if model_type is not None and model_type not in {"gpt2", "imagegpt", "decision_transformer"}:
+        return False
+    return param == "weight" and leaf in _CONV1D_LEAVES and len(shape) == 2
 
 
 def is_matrix_group(group: str) -> bool:

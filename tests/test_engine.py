@@ -15,9 +15,10 @@ M, N = 48, 96
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _planted_series(tmp_path, steps=(1, 2, 4, 8), seed=0):
+def _planted_series(tmp_path, steps=(1, 2, 4, 8), seed=0, model_type=None):
     """q_proj: ΔW_t = t·U diag(s) Vᵀ + (8−t)·0.002·noise: early steps rotate toward the final subspace.
-    Stacked experts: expert e gets a rank-(e+1) update. Returns base and per-step float64 weights."""
+    Stacked experts: expert e gets a rank-(e+1) update; stored (E, out, in), or (E, in, out) when
+    ``model_type`` is one that stores them so (llama4). Returns base and per-step float64 weights, (out, in)."""
     rng = np.random.default_rng(seed)
     w0 = {"model.layers.0.self_attn.q_proj.weight": rng.normal(size=(M, N)) * 0.1,
           "model.layers.0.mlp.experts.gate_up_proj": rng.normal(size=(3, 40, 24)) * 0.1,
@@ -33,10 +34,13 @@ def _planted_series(tmp_path, steps=(1, 2, 4, 8), seed=0):
         st["model.layers.0.mlp.experts.gate_up_proj"] += t * np.stack(experts)
         st["model.embed_tokens.weight"] += 0.01 * t * rng.normal(size=(30, 24))
         states[t] = st
-    t32 = lambda d: {k: torch.tensor(v, dtype=torch.float32) for k, v in d.items()}  # noqa: E731
-    write_dir(tmp_path / "base", t32(w0))
+    flip = model_type == "llama4"
+    t32 = lambda d: {k: torch.tensor(v.swapaxes(1, 2) if (flip and v.ndim == 3) else v, dtype=torch.float32)  # noqa: E731
+                     for k, v in d.items()}
+    cfg = {"model_type": model_type} if model_type else None
+    write_dir(tmp_path / "base", t32(w0), config=cfg)
     for t, st in states.items():
-        write_dir(tmp_path / "run" / f"checkpoint-{t}", t32(st))
+        write_dir(tmp_path / "run" / f"checkpoint-{t}", t32(st), config=cfg)
     as32 = lambda d: {k: v.astype(np.float32).astype(np.float64) for k, v in d.items()}  # noqa: E731
     series = CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base", name="opd")
     return as32(w0), {t: as32(s) for t, s in states.items()}, series
@@ -70,19 +74,24 @@ def test_exact_metrics_match_reference(tmp_path, device):
     assert sv["sigma"].to_numpy() == pytest.approx(np.linalg.svd(d_final, compute_uv=False), rel=1e-5, abs=1e-5)
 
 
-def test_stacked_experts_are_split_per_expert(tmp_path):
-    w0, states, series = _planted_series(tmp_path, steps=(1, 2))
-    rep = analyze(series, progress=False, cache_dir=tmp_path / "cache")
+@pytest.mark.parametrize("model_type", [None, "llama4"])
+def test_stacked_experts_are_split_per_expert(tmp_path, model_type):
+    """Each expert is analysed as its (out, in) matrix whichever way the architecture stacks them."""
+    w0, states, series = _planted_series(tmp_path, steps=(1, 2), model_type=model_type)
+    rep = analyze(series, geometry=True, progress=False, cache_dir=tmp_path / "cache")
     name = "model.layers.0.mlp.experts.gate_up_proj"
     s = rep.spectrum.query("tensor == @name and step == 2").set_index("expert")
     assert list(s.index) == [0, 1, 2]
     assert list(s["rank90"]) == [1, 2, 3]
     assert s.loc[0, "energy_top1"] == pytest.approx(1.0, abs=1e-9)
     a = rep.module_allocation.query("tensor == @name and step == 2").set_index("expert")
+    geo = rep.geometry.query("tensor == @name and step == 1").set_index("expert")
     for e in range(3):
         d = states[2][name][e] - w0[name][e]
         assert a.loc[e, "update_norm"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
         assert a.loc[e, "shape"] == "40x24"
+        for col, v in ref_geometry(w0[name][e], states[1][name][e]).items():  # left and right sides differ
+            assert geo.loc[e, col] == pytest.approx(v, abs=1e-4, rel=1e-4), (e, col)
 
 
 def test_fast_mode_is_labelled_and_close(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from opd_dynamics.naming import GROUPS, is_conv1d, parse_name
+from opd_dynamics.naming import GROUPS, parse_name, stored_transposed
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, vocab_size=64)
@@ -86,10 +86,21 @@ def test_override_mapping_and_callable():
         parse_name("a.b.weight", {"a": {"group": "bogus"}})
 
 
-def test_conv1d_only_for_gpt2_weights():
-    assert is_conv1d("transformer.h.0.attn.c_attn.weight", (16, 48), "gpt2")
-    assert not is_conv1d("transformer.h.0.attn.c_attn.bias", (48,), "gpt2")
-    assert not is_conv1d("model.layers.0.mlp.c_proj.weight", (16, 48), "llama")
+def test_transposed_only_for_weights_stored_in_out():
+    assert stored_transposed("transformer.h.0.attn.c_attn.weight", (16, 48), "gpt2")
+    assert not stored_transposed("transformer.h.0.attn.c_attn.bias", (48,), "gpt2")
+    assert not stored_transposed("model.layers.0.mlp.c_proj.weight", (16, 48), "llama")
+    assert not stored_transposed("transformer.h.0.attn.c_attn.weight", (48, 16), "gpt_bigcode")  # nn.Linear
+
+
+@pytest.mark.parametrize("model_type, name", [("gpt_oss", "model.layers.0.mlp.experts.gate_up_proj"),
+                                              ("llama4", "language_model.model.layers.0.feed_forward.experts.down_proj")])
+def test_stacked_experts_in_out_follow_the_architecture(model_type, name):
+    """GPT-OSS and Llama 4 stack experts (E, in, out) (their transformers modules compute x @ W[e]);
+    Mixtral and Qwen-MoE stack them (E, out, in); without a model type nothing is assumed."""
+    assert stored_transposed(name, (4, 16, 32), model_type)
+    assert not stored_transposed(name, (4, 32, 16), "qwen3_moe")
+    assert not stored_transposed(name, (4, 32, 16), None)
 
 
 _PREFIX = st.sampled_from(["", "model.", "base_model.model.model.", "model.language_model.", "transformer.",
