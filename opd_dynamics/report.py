@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.naming import MATRIX_GROUPS
 from opd_dynamics.writer import atomic_dir, atomic_write_text
 
 ID_COLUMNS = ["run", "step", "tensor", "layer", "group", "module", "expert"]
@@ -125,6 +126,19 @@ def build_tables(rows: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def table1(spectrum: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table-1 aggregates per run and step (long: run, step, metric, value): the mean of
+    TABLE1_METRICS over the attention and MLP matrices whose update is non-zero and finite, and their count
+    (n_matrices). Unchanged matrices (frozen, or outside a LoRA's targets) have no ratios, so they are left
+    out of all four means alike rather than pulling σ1 and effective rank towards 0 alone."""
+    m = spectrum[spectrum["group"].isin(MATRIX_GROUPS)]
+    vals = m[list(TABLE1_METRICS)].apply(pd.to_numeric, errors="coerce")
+    sn = vals["spectral_norm"]
+    vals = vals[(sn > 0) & np.isfinite(sn)]
+    g = vals.groupby([m.loc[vals.index, "run"], m.loc[vals.index, "step"]])
+    return g.mean().assign(n_matrices=g.size()).reset_index().melt(id_vars=["run", "step"], var_name="metric")
+
+
 def summarize(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Per run and step: the paper's Table-1 aggregates and the allocation by group and by layer (long form)."""
     parts = []
@@ -143,10 +157,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
                              var_name="metric").assign(aggregate="layer"))
     s = tables.get("spectrum")
     if s is not None and not s.empty:
-        m = s[s["group"].isin(["attention", "mlp"])]
-        t1 = m.groupby(["run", "step"], as_index=False)[list(TABLE1_METRICS)].mean()
-        parts.append(t1.melt(id_vars=["run", "step"], var_name="metric").assign(
-            aggregate="table1", group="attention+mlp", layer=pd.NA))
+        parts.append(table1(s).assign(aggregate="table1", group="attention+mlp", layer=pd.NA))
     out = pd.concat(parts, ignore_index=True)
     out["layer"] = pd.array(out["layer"], dtype="Int64")
     return out[["run", "step", "aggregate", "group", "layer", "metric", "value"]].sort_values(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import write_dir
+from builders import llama_like, perturb, write_dir
 from opd_dynamics.analysis import analyze
 from opd_dynamics.engine import AnalysisOptions
 from opd_dynamics.series import CheckpointSeries
@@ -125,10 +125,42 @@ def test_two_runs_in_one_report_and_float64_option(tmp_path):
     rep = analyze([series, other], dtype="float64", progress=False)
     assert set(rep.module_allocation["run"]) == {"opd", "rl"}
     t1 = rep.summary.query("aggregate == 'table1'")
-    assert set(t1["metric"]) == {"spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio"}
+    assert set(t1["metric"]) == {"spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio",
+                                 "n_matrices"}
     assert set(t1["run"]) == {"opd", "rl"}
     lay = rep.summary.query("aggregate == 'layer' and metric == 'energy_share'")
     assert set(lay["group"]) == {"attention", "mlp"}
+
+
+def test_summary_and_energy_share_match_reference_with_a_frozen_matrix(tmp_path):
+    """Table 1 is the mean over the updated attention/MLP matrices (a frozen k_proj is left out of every
+    metric alike); energy_share is F^2 / sum F^2 per step; the group rows sum F^2 within the group.
+    r = 200 for q_proj, so the top-1% ratio keeps 2 values (not 1, not 3)."""
+    sd = llama_like(n_layers=1, hidden=200, inter=256, kv=100, vocab=40, dtype=torch.float32)
+    step = perturb(sd, 0.01, 1)
+    frozen = "model.layers.0.self_attn.k_proj.weight"
+    step[frozen] = sd[frozen].clone()
+    write_dir(tmp_path / "base", sd)
+    write_dir(tmp_path / "run" / "checkpoint-3", step)
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    d = {k: step[k].double().numpy() - sd[k].double().numpy() for k in sd}
+    f2 = {k: float(np.sum(v * v)) for k, v in d.items()}
+    a = rep.module_allocation.set_index("tensor")
+    for k in sd:
+        assert a.loc[k, "energy_share"] == pytest.approx(f2[k] / sum(f2.values()), rel=1e-6), k
+    groups = a["group"].to_dict()
+    summ = rep.summary
+    g = summ[(summ["aggregate"] == "group") & (summ["metric"] == "update_norm")].set_index("group")["value"]
+    for grp in set(groups.values()):
+        assert g[grp] == pytest.approx(np.sqrt(sum(f2[k] for k in sd if groups[k] == grp)), rel=1e-6), grp
+    updated = [k for k in sd if groups[k] in ("attention", "mlp") and k != frozen]
+    refs = {k: ref_spectrum(d[k]) for k in updated}
+    assert refs["model.layers.0.self_attn.q_proj.weight"]["top1pct_norm_ratio"] == pytest.approx(
+        rep.spectrum.set_index("tensor").loc["model.layers.0.self_attn.q_proj.weight", "top1pct_norm_ratio"], rel=1e-6)
+    t1 = summ[summ["aggregate"] == "table1"].set_index("metric")["value"]
+    assert t1["n_matrices"] == len(updated) == 6
+    for col in ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio"):
+        assert t1[col] == pytest.approx(np.mean([refs[k][col] for k in updated]), rel=1e-4), col
 
 
 @pytest.mark.parametrize("executor", ["process", "ray"])

@@ -13,8 +13,9 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.plotting._data import _table, as_tables, at_step, numeric, steps_of
 from opd_dynamics.plotting._draw import fig_legend, grouped_bars, iqr_band, no_data, percent_axis
 from opd_dynamics.plotting.style import GROUP_MARKERS, new_figure, order_runs, run_colors, styled
+from opd_dynamics.report import TABLE1_METRICS
+from opd_dynamics.report import table1 as _table1
 
-TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
 TABLE1_LABELS = {"spectral_norm": "σ$_1$ (spectral norm)", "spectral_ratio": "σ$_1$ / ‖ΔW‖$_F$",
                  "effective_rank": "effective rank", "top1pct_norm_ratio": "top-1% norm ratio"}
 _PERCENT = {"spectral_ratio", "top1pct_norm_ratio"}
@@ -76,7 +77,7 @@ def plot_singular_value_decay(report: Any, step: int | None = None,
 
 def table1(report: Any, step: int | None = None) -> pd.DataFrame:
     """Table-1 aggregates per run at `step` (default each run's last): columns run, step, metric, value.
-    From summary.csv (aggregate == 'table1'), else the mean over attention and MLP matrices of spectrum.csv."""
+    From summary.csv (aggregate == 'table1'), else computed from spectrum.csv the same way (report.table1)."""
     t = as_tables(report).tables
     s = t.get("summary")
     if s is not None and not s.empty and {"aggregate", "metric", "value"} <= set(s.columns):
@@ -85,11 +86,10 @@ def table1(report: Any, step: int | None = None) -> pd.DataFrame:
             s = at_step(s, step)
             return s.assign(value=numeric(s["value"]))[["run", "step", "metric", "value"]].reset_index(drop=True)
     sp = _table(report, "spectrum", ["run", "step", "group", *TABLE1_METRICS])
-    sp = at_step(sp[sp["group"].isin(["attention", "mlp"])], step)
-    if sp.empty:
-        raise InputError("spectrum.csv", "has no attention or MLP rows to aggregate")
-    m = sp.groupby(["run", "step"])[list(TABLE1_METRICS)].agg(lambda c: np.nanmean(numeric(c))).reset_index()
-    return m.melt(id_vars=["run", "step"], var_name="metric", value_name="value")
+    t = _table1(at_step(sp, step))
+    if t.empty:
+        raise InputError("spectrum.csv", "has no updated attention or MLP matrix to aggregate")
+    return t[t["metric"].isin(TABLE1_METRICS)].reset_index(drop=True)
 
 
 @styled
