@@ -69,6 +69,11 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
         for p in [s.base, *(p for _, p in s.steps)]:
             if out_path is not None and (out_path.resolve() == Path(p).resolve()):
                 raise InputError(out_path, "is an input directory; choose another output")
+    if opts.ref_step is not None:
+        for s in lst:
+            if opts.ref_step not in dict(s.steps):
+                raise InputError(None, f"--ref-step {opts.ref_step} is not a step of run {s.name!r} "
+                                       f"(its steps: {', '.join(str(t) for t, _ in s.steps)})")
     t0 = time.perf_counter()
     device_used = opts.resolved_device()
     plans = make_plans(lst, names=names, groups=groups, overrides=overrides)

@@ -8,6 +8,7 @@ import torch
 from builders import llama_like, perturb, write_dir
 from opd_dynamics.analysis import analyze
 from opd_dynamics.engine import AnalysisOptions
+from opd_dynamics.errors import InputError
 from opd_dynamics.series import CheckpointSeries
 from reference import planted, random_orthogonal, ref_alignment, ref_geometry, ref_spectrum
 
@@ -130,6 +131,19 @@ def test_two_runs_in_one_report_and_float64_option(tmp_path):
     assert set(t1["run"]) == {"opd", "rl"}
     lay = rep.summary.query("aggregate == 'layer' and metric == 'energy_share'")
     assert set(lay["group"]) == {"attention", "mlp"}
+
+
+def test_ref_step_is_honoured_and_an_unknown_one_refused(tmp_path):
+    w0, states, series = _planted_series(tmp_path, steps=(1, 2, 4))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    rep = analyze(series, ref_step=2, progress=False)
+    al = rep.alignment.query("tensor == @q").set_index("step")
+    assert set(al["ref_step"]) == {2}
+    for t in (1, 4):
+        ref = ref_alignment(states[t][q] - w0[q], states[2][q] - w0[q])
+        assert al.loc[t, "subspace_overlap_u"] == pytest.approx(ref["subspace_overlap_u"], abs=1e-3)
+    with pytest.raises(InputError, match="--ref-step 7 is not a step of run 'opd'"):
+        analyze(series, ref_step=7, progress=False)
 
 
 def test_summary_and_energy_share_match_reference_with_a_frozen_matrix(tmp_path):
