@@ -120,6 +120,22 @@ def test_base_decomposition_is_cached_on_disk(tmp_path):
     assert np.allclose(first.geometry[cols].to_numpy(float), second.geometry[cols].to_numpy(float))
 
 
+def test_base_cache_tells_apart_bases_with_the_same_header(tmp_path):
+    """A Base and its Instruct share every header byte; the second must not get the first's decomposition."""
+    w0, states, series = _planted_series(tmp_path, steps=(1, 2))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    other = {k: torch.tensor(v * 1.5, dtype=torch.float32) for k, v in w0.items()}
+    write_dir(tmp_path / "base2", other)
+    cache = tmp_path / "cache"
+    analyze(series, geometry=True, progress=False, cache_dir=cache)
+    second = CheckpointSeries.from_list(series.steps, base=tmp_path / "base2")
+    rep = analyze(second, geometry=True, progress=False, cache_dir=cache)
+    geo = rep.geometry.query("tensor == @q and step == 2").iloc[0]
+    w0b = other[q].double().numpy()
+    for col, v in ref_geometry(w0b, states[2][q]).items():
+        assert geo[col] == pytest.approx(v, abs=1e-4, rel=1e-4), col
+
+
 def test_two_runs_in_one_report_and_float64_option(tmp_path):
     w0, states, series = _planted_series(tmp_path, steps=(1, 2))
     other = CheckpointSeries.from_list(list(reversed(series.steps)), base=series.base, name="rl")
