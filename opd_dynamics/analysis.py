@@ -16,9 +16,9 @@ import torch
 from opd_dynamics import __version__
 from opd_dynamics.engine import TABLES, AnalysisOptions, default_cache_root, execute, make_plans
 from opd_dynamics.errors import InputError
-from opd_dynamics.report import Report, build_tables
+from opd_dynamics.report import RUN_JSON, Report, build_tables
 from opd_dynamics.series import CheckpointSeries
-from opd_dynamics.writer import replace_path
+from opd_dynamics.writer import check_output, replace_path
 
 SeriesLike = CheckpointSeries | Sequence[CheckpointSeries]
 
@@ -62,13 +62,8 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
     """
     opts = options or AnalysisOptions(**option_kwargs)
     lst = _as_list(series)
-    out_path = Path(out) if out is not None else None
-    if out_path is not None and out_path.exists() and not overwrite:
-        raise InputError(out_path, "already exists; pass --overwrite to replace it")
-    for s in lst:
-        for p in [s.base, *(p for _, p in s.steps)]:
-            if out_path is not None and (out_path.resolve() == Path(p).resolve()):
-                raise InputError(out_path, "is an input directory; choose another output")
+    out_path = None if out is None else check_output(
+        out, (RUN_JSON,), overwrite=overwrite, inputs=[p for s in lst for p in (s.base, *(p for _, p in s.steps))])
     if opts.ref_step is not None:
         for s in lst:
             if opts.ref_step not in dict(s.steps):

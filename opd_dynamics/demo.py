@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from opd_dynamics.errors import InputError
+from opd_dynamics.writer import check_output
 
 STAGES = ("lab", "analysis", "interventions", "effopd", "figures", "report")
 _MARKER = "demo.json"
@@ -33,16 +33,8 @@ def fast_preset(preset: str = "smoke"):
 
 def _prepare(out: Path, overwrite: bool) -> None:
     """Refuse an existing ``out`` unless ``overwrite``; even then only replace an earlier demo's output."""
-    if not out.exists():
-        return
-    if not overwrite:
-        raise InputError(out, "already exists; pass overwrite=True (--overwrite) to replace it")
-    if not out.is_dir():
-        raise InputError(out, "exists and is not a directory")
-    if any(out.iterdir()) and not (out / _MARKER).exists():
-        raise InputError(out, f"is not empty and holds no {_MARKER}, so it is not a demo output; refusing to "
-                              "delete it")
-    shutil.rmtree(out)
+    if check_output(out, (_MARKER,), overwrite=overwrite).exists():
+        shutil.rmtree(out)
 
 
 def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False, fast: bool = False,

@@ -247,10 +247,11 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
     from opd_dynamics.lab.models import load_model
     from opd_dynamics.lab.task import build_tokenizer, make_splits
     from opd_dynamics.series import CheckpointSeries
-    from opd_dynamics.writer import atomic_dir
+    from opd_dynamics.writer import atomic_dir, check_output
 
     log = log or (lambda m: print(m, flush=True))
     lab = Path(lab_dir)
+    check_output(out, ("interventions.json",), overwrite=overwrite, inputs=[lab])  # before hours of evaluation
     meta_path, base_dir = lab / "lab.json", lab / "student_init"
     if not meta_path.exists():
         raise InputError(lab, "is not a lab directory: lab.json is missing")
@@ -311,7 +312,7 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
                                                       "accuracy": acc(module_rescale(base, mk, ck, beta))})
                 log(f"[interventions] {run}: rescale and embedding swap done ({time.time() - t0:.0f}s)")
     frames = {k: pd.DataFrame(v) for k, v in tables.items()}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, ("interventions.json",), overwrite=overwrite) as tmp:
         for k, df in frames.items():
             df.to_csv(tmp / f"{k}.csv", index=False)
         (tmp / "interventions.json").write_text(json.dumps({

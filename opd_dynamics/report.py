@@ -19,6 +19,7 @@ from opd_dynamics.writer import atomic_dir, atomic_write_text
 
 ID_COLUMNS = ["run", "step", "tensor", "layer", "group", "module", "expert"]
 TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
+RUN_JSON = "run.json"  # every analysis output holds it (provenance); it marks a directory as one
 _INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "rank90", "numel", "n_rows")
 
 
@@ -43,14 +44,14 @@ class Report:
 
     def to_csv(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write every table as CSV plus run.json into `out` (atomically; refuses an existing dir)."""
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        with atomic_dir(out, (RUN_JSON,), overwrite=overwrite) as tmp:
             self.write_into(tmp)
         return Path(out)
 
     def write_into(self, directory: Path) -> None:
         for name, df in self.tables.items():
             df.to_csv(directory / f"{name}.csv", index=False)
-        atomic_write_text(directory / "run.json", json.dumps(_jsonable(self.meta), indent=2))
+        atomic_write_text(directory / RUN_JSON, json.dumps(_jsonable(self.meta), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Report":
@@ -71,7 +72,7 @@ class Report:
                 if c in df.columns and pd.api.types.is_numeric_dtype(df[c]):
                     df[c] = df[c].astype("Int64")
             tables[p.stem] = df
-        meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+        meta = json.loads((d / RUN_JSON).read_text()) if (d / RUN_JSON).exists() else {}
         return cls(tables, meta)
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -25,17 +25,41 @@ from opd_dynamics.errors import InputError
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
               "chat_template.jinja", "chat_template.json")
+#: what every model directory written here holds: an existing one of these may be replaced
+MODEL_MARKERS = (SINGLE_FILE, INDEX_FILE)
+
+
+def check_output(out: str | Path, markers: Sequence[str], *, overwrite: bool = False,
+                 inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse, in one sentence naming `out`, an output path whose replacement would destroy what a user has:
+    one that is, contains or lies inside an input directory; an existing one without `overwrite`; and even with it, a file, or a non-empty directory that holds none of
+    `markers` (the files this kind of output always has), since that is not an earlier output of ours."""
+    out = Path(out)
+    o = out.resolve()
+    for i in inputs:
+        r = Path(i).resolve()
+        if o == r or o in r.parents or r in o.parents:
+            raise InputError(out, f"overlaps the input {i}; choose another output")
+    if not (out.exists() or out.is_symlink()):
+        return out
+    if not overwrite:
+        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    if not out.is_dir() or out.is_symlink():
+        raise InputError(out, "is a file or a link, not an earlier output directory; it is left as it is")
+    if any(out.iterdir()) and not any((out / m).exists() for m in markers):
+        raise InputError(out, f"holds no {' or '.join(markers)}, so it is not an earlier output; it is left as it "
+                              "is (remove it yourself or choose another output)")
+    return out
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, markers: Sequence[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success rename it to `out`.
 
-    An existing `out` is refused unless `overwrite`; then it is replaced only after the new one is complete.
+    An existing `out` is refused unless `overwrite` and it is an earlier output (see `check_output`); it is
+    replaced only after the new one is complete.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    out = check_output(out, markers, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -88,7 +112,7 @@ def write_model(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path
     config and tokenizer files are copied from `copy_files_from`.
     """
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, MODEL_MARKERS, overwrite=overwrite) as tmp:
         shards: list[dict[str, str]] = []
         weight_map: dict[str, str] = {}
         total = 0

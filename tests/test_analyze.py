@@ -82,6 +82,25 @@ def test_gpt2_conv1d_is_transposed(tmp_path):
     assert s["energy_top1"] == pytest.approx(1.0, abs=1e-9) and s["rank90"] == 1
 
 
+def test_overwrite_never_destroys_inputs_or_files(tmp_path):
+    """--overwrite replaces an earlier analysis only: never an input, a directory holding one, or a file."""
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1, 2), n_layers=1)
+    step1 = series.steps[0][1]
+    for bad in (tmp_path, tmp_path / "run", step1, series.base, step1 / "inside"):
+        with pytest.raises(InputError, match="overlaps the input"):
+            analyze(series, out=bad, overwrite=True, svd="none", progress=False)
+    assert (step1 / "model.safetensors").exists() and (series.base / "model.safetensors").exists()
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    with pytest.raises(InputError, match="is a file or a link"):
+        analyze(series, out=f, overwrite=True, svd="none", progress=False)
+    assert f.read_text() == "mine"
+    out = tmp_path / "out"
+    analyze(series, out=out, svd="none", progress=False)
+    analyze(series, out=out, overwrite=True, svd="none", progress=False)  # an earlier analysis: replaced
+    assert (out / "run.json").exists()
+
+
 def test_resized_vocabulary_uses_common_rows_and_flags_them(tmp_path):
     sd = llama_like(n_layers=1, vocab=50)
     write_dir(tmp_path / "base", sd)
@@ -147,8 +166,12 @@ def test_output_is_refused_if_it_exists_and_resumes_from_partial(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         analyze(series, out=out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    rep = analyze(series, out=out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "module_allocation.csv").exists()
+    with pytest.raises(InputError, match="holds no run.json, so it is not an earlier output"):
+        analyze(series, out=out, overwrite=True, progress=False)  # not ours to delete, even when asked
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    rep = analyze(series, out=out, overwrite=True, progress=False)  # an empty directory may be used
+    assert (out / "module_allocation.csv").exists()
     loaded = Report.load(out)
     pd.testing.assert_frame_equal(loaded.spectrum.reset_index(drop=True), rep.spectrum.reset_index(drop=True),
                                   check_dtype=False, rtol=1e-12)

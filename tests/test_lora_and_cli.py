@@ -96,7 +96,7 @@ def test_cli_analyze_single_and_multi_run(run_dirs):
 @pytest.mark.parametrize("make_bad,phrase", [
     (lambda d: ["analyze", str(d / "nope"), "--base", str(d / "base"), "--out", str(d / "o")], "does not exist"),
     (lambda d: ["analyze", str(d / "opd"), "--base", str(d / "missing"), "--out", str(d / "o")], "does not exist"),
-    (lambda d: ["analyze", str(d / "opd"), "--base", str(d / "base"), "--out", str(d / "opd")], "already exists"),
+    (lambda d: ["analyze", str(d / "opd"), "--base", str(d / "base"), "--out", str(d / "opd")], "overlaps the input"),
     (lambda d: ["analyze", str(d / "base"), "--base", str(d / "base"), "--out", str(d / "o")],
      "no recognisable checkpoints"),
     (lambda d: ["analyze", "--run", "x", "--base", str(d / "base"), "--out", str(d / "o")], "NAME=DIR"),

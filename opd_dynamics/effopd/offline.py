@@ -22,19 +22,10 @@ from opd_dynamics.checkpoints import ModelDir, is_adapter_dir
 from opd_dynamics.effopd.search import TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import MATRIX_GROUPS, parse_name
-from opd_dynamics.writer import atomic_write_text, replace_path, write_model
+from opd_dynamics.writer import MODEL_MARKERS, atomic_write_text, check_output, replace_path, write_model
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 _SPLIT = re.compile(r"[\s=:,;]+")
-
-
-def _check_out(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is, lies inside, or contains an input directory (a replace would destroy it)."""
-    o = out.resolve()
-    for i in inputs:
-        r = i.resolve()
-        if o == r or r in o.parents or o in r.parents:
-            raise InputError(out, f"overlaps the input {i}; write the extrapolated model somewhere else")
 
 
 def _open(path: str | Path, load_mode: str) -> ModelDir:
@@ -87,9 +78,7 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
     coefficient recorded in every shard's safetensors metadata; written under a temporary name, then renamed.
     """
     prev, cur, out = Path(prev), Path(cur), Path(out)
-    _check_out(out, [prev, cur])
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
     a, b = _open(prev, load_mode), _open(cur, load_mode)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
             "effopd_groups": ",".join(groups) if groups is not None else "all",
@@ -164,9 +153,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     written beside `out` under temporary names and removed once judged.
     """
     prev, cur, out = Path(prev), Path(cur), Path(out)
-    _check_out(out, [prev, cur])
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
     for p in (prev, cur):
         _open(p, load_mode).close()  # fail early, before any evaluation, on unreadable inputs
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score

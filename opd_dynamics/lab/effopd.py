@@ -163,7 +163,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
                    log: Callable[[str], None] | None = None) -> Path:
     """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
     effopd.png and effopd.json (options, speedups, timings). Written under a temporary name, then renamed."""
-    from opd_dynamics.writer import atomic_dir
+    from opd_dynamics.writer import atomic_dir, check_output
 
     p = get_preset(preset)
     opt = options or EffOPDLabOptions()
@@ -171,9 +171,8 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     out = Path(out).resolve()
     lab_dir = Path(lab).resolve() if lab is not None else None
-    if lab_dir is not None and (out == lab_dir or lab_dir in out.parents or out in lab_dir.parents):
-        raise InputError(out, f"overlaps the lab directory {lab_dir}; write the measurement somewhere else")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    check_output(out, ("effopd.json",), overwrite=overwrite, inputs=[lab_dir] if lab_dir is not None else [])
+    with atomic_dir(out, ("effopd.json",), overwrite=overwrite) as tmp:
         torch.set_num_threads(p.threads)
         t_all = time.perf_counter()
         teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)

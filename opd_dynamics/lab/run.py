@@ -56,7 +56,7 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
     out = Path(out).resolve()
     timings: dict[str, float] = {}
     t_all = time.time()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, ("lab.json",), overwrite=overwrite) as tmp:
         seed_everything(seed)
         log(f"[lab] preset {p.name}, seed {seed}, device {device()}, writing to {tmp}")
         t0 = time.time()

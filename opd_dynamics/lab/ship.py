@@ -22,7 +22,7 @@ def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False,
     lab_dir = Path(lab_dir)
     dirs = ["student_init"] + (["teacher"] if include_teacher else [])
     dirs += [f"{r}/checkpoint-{s}" for r in ("opd", "grpo") for s in steps]
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, ("lab.json",), overwrite=overwrite) as tmp:
         for d in dirs:
             if not (lab_dir / d / "model.safetensors").exists():
                 raise InputError(lab_dir / d, "has no model.safetensors")
