@@ -73,6 +73,8 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
     device_used = opts.resolved_device()
     plans = make_plans(lst, names=names, groups=groups, overrides=overrides)
     t_plan = time.perf_counter() - t0
+    if opts.token_ids:
+        _check_token_ids(opts.token_ids, plans)
     partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
     resume_dir = partial / "cache" if partial is not None else None
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
@@ -115,6 +117,18 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
             raise InputError(out_path, "appeared while the analysis ran; results left in " + str(partial))
         replace_path(partial, out_path)
     return report
+
+
+def _check_token_ids(ids: Sequence[int], plans) -> None:
+    """Token ids must index the largest embedding table of every run (before any work is done)."""
+    for plan in plans:
+        rows = [tp.shape[0] for tp in plan.tensors if tp.info.group == "embedding" and len(tp.shape) == 2]
+        if not rows:
+            raise InputError(None, f"--token-ids was given but run {plan.series.name!r} has no embedding table")
+        bad = [i for i in ids if not 0 <= i < max(rows)]
+        if bad:
+            raise InputError(None, f"token id {bad[0]} is outside the vocabulary of run {plan.series.name!r} "
+                                   f"({max(rows)} embedding rows)")
 
 
 def _series_meta(plan) -> dict:

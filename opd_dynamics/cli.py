@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import click
 
-from opd_dynamics.clickutil import with_options
+from opd_dynamics.clickutil import parse_groups, parse_ints, read_token_ids, with_options
 from opd_dynamics.errors import InputError
 
 
 class _Main(click.Group):
-    """Bad input becomes one line on stderr and exit status 2, never a traceback."""
+    """Bad input becomes one line on stderr and exit status 2, never a traceback; Ctrl-C one line and 130."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -20,6 +19,10 @@ class _Main(click.Group):
         except InputError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was half-written (outputs are renamed into place when complete); "
+                       "rerunning the same analyze command resumes from its .OUT.partial/ directory", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Main)
@@ -41,7 +44,7 @@ def _series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: s
         pairs.append((name, d))
     if not pairs:
         raise InputError(None, "give a run directory (RUN) or one or more --run NAME=DIR")
-    keep = [int(x) for x in steps.split(",")] if steps else None
+    keep = parse_ints(steps, "--steps")
     return [CheckpointSeries.discover(d, base=base, name=name, steps=keep, load_mode=load_mode) for name, d in pairs]
 
 
@@ -82,7 +85,7 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
     from opd_dynamics.analysis import describe as _describe
 
     series = _series_from_cli(run, runs, base, steps, load_mode)
-    df = _describe(series, groups=tuple(groups.split(",")) if groups else None)
+    df = _describe(series, groups=parse_groups(groups, None))
     for s in series:
         click.echo(f"run {s.name}: base {s.base}; {len(s.steps)} steps {s.step_numbers}")
     ok = df[df.get("skipped").isna()] if "skipped" in df else df
@@ -113,7 +116,7 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--executor", type=click.Choice(["serial", "process", "ray"]), default="serial", show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start a local instance).")
 @click.option("--token-ids", type=click.Path(exists=True, dir_okay=False), default=None,
               help="File of token ids (whitespace separated) for the embedding cosine over a token set.")
@@ -125,11 +128,11 @@ def analyze(run, runs, base, steps, groups, load_mode, out, overwrite, svd, geom
     from opd_dynamics.engine import AnalysisOptions
 
     series = _series_from_cli(run, runs, base, steps, load_mode)
-    ids = tuple(int(x) for x in Path(token_ids).read_text().split()) if token_ids else None
+    ids = read_token_ids(token_ids)
     opts = AnalysisOptions(svd=svd, geometry=geometry, alignment=not no_alignment, ref_step=ref_step, dtype=dtype,
                            device=device, token_ids=ids)
     rep = _analyze(series, out=out, overwrite=overwrite, options=opts,
-                   groups=tuple(groups.split(",")) if groups else None, executor=executor, workers=workers,
+                   groups=parse_groups(groups, None), executor=executor, workers=workers,
                    ray_address=ray_address, progress=not quiet,
                    command=command_line())
     m = rep.meta

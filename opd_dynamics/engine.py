@@ -32,12 +32,13 @@ from opd_dynamics.metrics.geometry import BaseDecomposition, decompose_base, geo
 from opd_dynamics.metrics.norms import fro2, norm_metrics
 from opd_dynamics.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
 from opd_dynamics.metrics.subspace import alignment_metrics
+from opd_dynamics.report import PER_TENSOR_TABLES
 from opd_dynamics.series import CheckpointSeries
 from opd_dynamics.writer import atomic_file, atomic_write_text
 
 SVD_MODES = ("exact", "fast", "none")
 EXECUTORS = ("serial", "process", "ray")
-TABLES = ("module_allocation", "spectrum", "singular_values", "alignment", "geometry", "embedding")
+TABLES = PER_TENSOR_TABLES
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,10 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                                              **norm_metrics(w0u, part(upd.raw, u), lora, base_f2[u]),
                                              "resized": tp.resized})
             if group == "embedding" and len(mshape) == 2:
-                out["embedding"].append({**ident, **embedding_metrics(w0u, part(upd.raw, u), opts.token_ids),
+                wt_raw = part(upd.raw, u)
+                ids = None if opts.token_ids is None else \
+                    [i for i in opts.token_ids if i < max(w0u.shape[0], wt_raw.shape[0])]  # a positional table: fewer rows
+                out["embedding"].append({**ident, **embedding_metrics(w0u, wt_raw, ids),
                                          "resized": tp.resized})
             if not matrix:
                 continue

@@ -64,10 +64,7 @@ class Report:
             raise InputError(d, "holds no CSV tables")
         tables = {}
         for p in csvs:
-            try:
-                df = pd.read_csv(p)
-            except pd.errors.EmptyDataError:
-                df = pd.DataFrame()
+            df = read_table(p)
             for c in _INT_COLUMNS:
                 if c in df.columns and pd.api.types.is_numeric_dtype(df[c]):
                     df[c] = df[c].astype("Int64")
@@ -78,6 +75,27 @@ class Report:
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}: {len(v)} rows" for k, v in self.tables.items())
         return f"Report({parts})"
+
+
+#: identifiers that stay text whatever they spell ('nan', 'NA', '1' are valid run names)
+_TEXT_COLUMNS = ("run", "tensor", "group", "module", "shape", "svd_method", "aggregate", "metric")
+#: the analysis tables with one row per run x step x tensor
+PER_TENSOR_TABLES = ("module_allocation", "spectrum", "singular_values", "alignment", "geometry", "embedding")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """One CSV table as this package writes them: only empty cells are missing, identifiers stay text, and
+    an analysis table without its identifying columns is refused rather than read as an empty one."""
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(_TEXT_COLUMNS, str))
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(path, f"is not a readable CSV table ({e.__class__.__name__})") from e
+    missing = sorted({"step", "tensor"} - set(df.columns)) if path.stem in PER_TENSOR_TABLES else []
+    if missing:
+        raise InputError(path, f"lacks the column(s) {', '.join(missing)} of an analysis table")
+    return df
 
 
 def _jsonable(x):

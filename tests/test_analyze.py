@@ -82,6 +82,25 @@ def test_gpt2_conv1d_is_transposed(tmp_path):
     assert s["energy_top1"] == pytest.approx(1.0, abs=1e-9) and s["rank90"] == 1
 
 
+@pytest.mark.parametrize("name", ["nan", "NA", "1"])
+def test_run_names_that_look_like_missing_values_or_numbers_come_back(tmp_path, name):
+    from opd_dynamics.plotting import load_tables
+
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1,), n_layers=1)
+    series = CheckpointSeries.from_list(series.steps, base=series.base, name=name)
+    analyze(series, out=tmp_path / "out", svd="none", progress=False)
+    for t in (Report.load(tmp_path / "out").tables, load_tables(tmp_path / "out").tables):
+        assert list(t["module_allocation"]["run"].unique()) == [name]
+
+
+def test_a_damaged_table_is_named_not_read_as_empty(tmp_path):
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1,), n_layers=1)
+    analyze(series, out=tmp_path / "out", svd="none", progress=False)
+    (tmp_path / "out" / "module_allocation.csv").write_text("garbage\n")
+    with pytest.raises(InputError, match="module_allocation.csv: lacks the column"):
+        Report.load(tmp_path / "out")
+
+
 def test_overwrite_never_destroys_inputs_or_files(tmp_path):
     """--overwrite replaces an earlier analysis only: never an input, a directory holding one, or a file."""
     _, _, series = _series(tmp_path, "single", torch.float32, steps=(1, 2), n_layers=1)

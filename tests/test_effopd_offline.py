@@ -89,6 +89,10 @@ def test_extrapolate_groups_and_refusals(tmp_path):
         with pytest.raises(InputError, match="overlaps the input"):
             extrapolate_checkpoint(pa, pb, 1.0, bad, overwrite=True)
     assert (pa / "model.safetensors.index.json").exists() and (pb / "tokenizer.json").exists()
+    for coef in (float("nan"), float("inf")):
+        with pytest.raises(InputError, match="must be a finite number"):
+            extrapolate_checkpoint(pa, pb, coef, tmp_path / "N")
+    assert not (tmp_path / "N").exists()
     small = write_dir(tmp_path / "S", {k: v[:2] if v.ndim == 2 else v for k, v in a.items()}, layout="single")
     with pytest.raises(InputError, match="has shape"):
         extrapolate_checkpoint(small, pb, 1.0, tmp_path / "X")

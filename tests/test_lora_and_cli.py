@@ -69,7 +69,7 @@ def run_dirs(tmp_path):
     write_dir(tmp_path / "base", sd, "sharded")
     for name in ("opd", "rl"):
         for s in (2, 4):
-            write_dir(tmp_path / name / f"checkpoint-{s}", perturb(sd, 0.01 * s, hash(name) % 100 + s))
+            write_dir(tmp_path / name / f"checkpoint-{s}", perturb(sd, 0.01 * s, {"opd": 0, "rl": 50}[name] + s))
     return tmp_path
 
 
@@ -93,6 +93,15 @@ def test_cli_analyze_single_and_multi_run(run_dirs):
     assert r.exit_code == 0 and "tensors to analyse" in r.output
 
 
+def _ok(d):  # a valid analyze command line, to which one bad option is added
+    return ["analyze", str(d / "opd"), "--base", str(d / "base"), "--out", str(d / "o"), "--quiet"]
+
+
+def _text(path, text):
+    path.write_text(text)
+    return str(path)
+
+
 @pytest.mark.parametrize("make_bad,phrase", [
     (lambda d: ["analyze", str(d / "nope"), "--base", str(d / "base"), "--out", str(d / "o")], "does not exist"),
     (lambda d: ["analyze", str(d / "opd"), "--base", str(d / "missing"), "--out", str(d / "o")], "does not exist"),
@@ -100,6 +109,11 @@ def test_cli_analyze_single_and_multi_run(run_dirs):
     (lambda d: ["analyze", str(d / "base"), "--base", str(d / "base"), "--out", str(d / "o")],
      "no recognisable checkpoints"),
     (lambda d: ["analyze", "--run", "x", "--base", str(d / "base"), "--out", str(d / "o")], "NAME=DIR"),
+    (lambda d: [*_ok(d), "--steps", "ten"], "--steps must hold integers"),
+    (lambda d: [*_ok(d), "--groups", "attn"], "--groups 'attn': each group must be one of"),
+    (lambda d: [*_ok(d), "--ref-step", "3"], "--ref-step 3 is not a step of run 'opd'"),
+    (lambda d: [*_ok(d), "--token-ids", _text(d / "ids.txt", "5 x")], "must hold integers"),
+    (lambda d: [*_ok(d), "--token-ids", _text(d / "ids.txt", "5 999")], "token id 999 is outside the vocabulary"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(run_dirs, make_bad, phrase):
     before = sorted(p.name for p in (run_dirs / "opd").iterdir())
@@ -108,6 +122,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(run_dirs, make_bad, phrase):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], r.output
     assert sorted(p.name for p in (run_dirs / "opd").iterdir()) == before
+
+
+def test_cli_rejects_zero_workers_without_a_traceback(run_dirs):
+    r = CliRunner().invoke(main, [*_ok(run_dirs), "--workers", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--workers'" in r.output and "Traceback" not in r.output
+    assert not (run_dirs / "o").exists()
+
+
+def test_cli_ctrl_c_is_one_line_and_status_130(run_dirs, monkeypatch):
+    import opd_dynamics.analysis
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(opd_dynamics.analysis, "analyze", interrupted)
+    r = CliRunner().invoke(main, _ok(run_dirs))
+    assert r.exit_code == 130 and "resumes" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_cli_refuses_to_overwrite_unless_asked(run_dirs):

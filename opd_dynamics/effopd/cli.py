@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import click
 
-from opd_dynamics.clickutil import with_options
+from opd_dynamics.clickutil import parse_groups, with_options
 from opd_dynamics.errors import InputError
-from opd_dynamics.naming import GROUPS, MATRIX_GROUPS
+from opd_dynamics.naming import MATRIX_GROUPS
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_groups(text: str | None) -> tuple[str, ...] | None:
-    """'attention,mlp' → ('attention', 'mlp'); 'all' → None (every group)."""
-    if text is None:
-        return MATRIX_GROUPS
-    if text.strip().lower() == "all":
-        return None
-    groups = tuple(g.strip() for g in text.split(",") if g.strip())
-    bad = [g for g in groups if g not in GROUPS]
-    if bad or not groups:
-        raise InputError(None, f"--groups {text!r}: each group must be one of {', '.join(GROUPS)} (or 'all')")
-    return groups
 
 
 def parse_size(text: str) -> int:
@@ -55,7 +42,7 @@ def extrapolate(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, l
     """Write W_B + c·(W_B − W_A) for the selected groups (the rest copied from B) to OUT."""
     from opd_dynamics.effopd.offline import extrapolate_checkpoint
 
-    path = extrapolate_checkpoint(prev, cur, coef, out, groups=parse_groups(groups), matrices_only=not all_shapes,
+    path = extrapolate_checkpoint(prev, cur, coef, out, groups=parse_groups(groups, MATRIX_GROUPS), matrices_only=not all_shapes,
                                   overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), load_mode=load_mode)
     click.echo(f"wrote {path} (coef {coef:g})")
 
@@ -80,7 +67,7 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
     from opd_dynamics.effopd.offline import search_checkpoints
 
     rec = search_checkpoints(prev, cur, out, eval_cmd, timeout=timeout, echo=click.echo, k_max=k_max, coef_step=coef_step, strict=strict,
-                             groups=parse_groups(groups), matrices_only=not all_shapes, overwrite=overwrite,
+                             groups=parse_groups(groups, MATRIX_GROUPS), matrices_only=not all_shapes, overwrite=overwrite,
                              max_shard_bytes=parse_size(max_shard_size), load_mode=load_mode)
     click.echo(f"accepted k={rec.k_accepted} (coef {rec.coef:g}); scores "
                + ", ".join(f"k{k}={s:g}" for k, s in enumerate(rec.scores)) + f"; wrote {out}")

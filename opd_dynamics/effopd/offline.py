@@ -8,6 +8,7 @@ float32 (float64 for float64 tensors) and the result is cast back to the source 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -78,6 +79,8 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
     coefficient recorded in every shard's safetensors metadata; written under a temporary name, then renamed.
     """
     prev, cur, out = Path(prev), Path(cur), Path(out)
+    if not math.isfinite(coef):
+        raise InputError(None, f"the extrapolation coefficient must be a finite number, got {coef}")
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
     a, b = _open(prev, load_mode), _open(cur, load_mode)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
@@ -153,6 +156,8 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     written beside `out` under temporary names and removed once judged.
     """
     prev, cur, out = Path(prev), Path(cur), Path(out)
+    if not (math.isfinite(coef_step) and coef_step > 0):
+        raise InputError(None, f"the coefficient step must be a positive finite number, got {coef_step}")
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
     for p in (prev, cur):
         _open(p, load_mode).close()  # fail early, before any evaluation, on unreadable inputs

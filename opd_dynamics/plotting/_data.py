@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.report import read_table
 
 # tables that carry one run per lab directory (a missing 'run' column is filled from the directory name)
 _PER_RUN_TABLES = {"eval", "module_allocation", "spectrum", "singular_values", "alignment", "geometry",
@@ -37,12 +38,9 @@ class Tables:
 def _read_dir(d: Path) -> tuple[dict[str, pd.DataFrame], list[tuple[str, dict]]]:
     tables: dict[str, pd.DataFrame] = {}
     for p in sorted(d.glob("*.csv")):
-        try:
-            df = pd.read_csv(p)
-        except pd.errors.EmptyDataError:
+        df = read_table(p)
+        if df.empty and not len(df.columns):
             continue
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise InputError(p, f"is not a readable CSV table ({e.__class__.__name__})") from e
         if "run" not in df.columns and p.stem in _PER_RUN_TABLES:
             df.insert(0, "run", d.name)
         tables[p.stem] = df
