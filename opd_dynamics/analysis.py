@@ -40,7 +40,7 @@ def describe(series: SeriesLike, groups: tuple[str, ...] | None = None, override
             rows.append({"run": plan.series.name, "tensor": tp.name, "layer": i.layer, "group": i.group,
                          "module": i.module, "expert": i.expert, "shape": "x".join(map(str, tp.shape)),
                          "dtype": tp.stored_dtype, "transposed": tp.transposed, "resized": tp.resized,
-                         "n_steps": len(tp.steps), "bytes_to_read": tp.bytes_per_step * (len(tp.steps) + 1)})
+                         "n_steps": len(tp.steps), "bytes_to_read": tp.bytes_to_read})
         for sk in plan.skipped:
             rows.append({"run": plan.series.name, "tensor": sk["tensor"], "skipped": sk["reason"]})
     df = pd.DataFrame(rows)

@@ -35,7 +35,7 @@ class TensorPlan:
     transposed: bool  # stored (..., in, out): Conv1D, or (E, in, out) experts
     steps: tuple[int, ...]
     rows: int | None = None  # common vocabulary rows when the vocabulary was resized
-    bytes_per_step: int = 0
+    bytes_to_read: int = 0  # the base's bytes plus each step's, as stored (dtypes may differ)
 
     @property
     def resized(self) -> bool:
@@ -59,7 +59,7 @@ class Plan:
 
     @property
     def bytes_to_read(self) -> int:
-        return sum(t.bytes_per_step * (len(t.steps) + 1) for t in self.tensors)
+        return sum(t.bytes_to_read for t in self.tensors)
 
 
 class SeriesReader:
@@ -108,11 +108,12 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                 continue
             shape = entry.shape
             transposed = stored_transposed(name, shape, model_type)
-            present, rows, problems = [], None, []
+            present, rows, problems, nbytes = [], None, [], entry.nbytes
             for step, m in reader.steps.items():
                 if isinstance(m, LoraAdapter):
                     if name in m.names():
                         present.append(step)
+                        nbytes += entry.nbytes  # at most: a factored step reads less
                         if not m.is_factored(name) and tuple(m._store.shape(m._full[name])) != shape:
                             problems.append(f"shape mismatch at step {step}")
                     continue
@@ -122,9 +123,11 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                 s = m.shape(name)
                 if s == shape:
                     present.append(step)
+                    nbytes += m.entries[name].nbytes
                 elif (info.group in _RESIZABLE and len(s) == 2 and len(shape) == 2 and s[1] == shape[1]):
                     rows = min(rows or shape[0], s[0], shape[0])
                     present.append(step)
+                    nbytes += m.entries[name].nbytes
                 else:
                     problems.append(f"shape mismatch: base {list(shape)} vs step {step} {list(s)}")
             if problems:
@@ -135,8 +138,16 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
             ashape = (*shape[:-2], shape[-1], shape[-2]) if transposed else tuple(shape)
             if rows is not None:
                 ashape = (rows, *ashape[1:])
-            tensors.append(TensorPlan(name, info, ashape, entry.dtype, transposed, tuple(present), rows,
-                                      entry.nbytes))
+            tensors.append(TensorPlan(name, info, ashape, entry.dtype, transposed, tuple(present), rows, nbytes))
+        if names is None:  # tensors a checkpoint has and the base lacks (added heads, renamed modules)
+            extra: dict[str, list[int]] = {}
+            for step, m in reader.steps.items():
+                if isinstance(m, ModelDir):
+                    for name in m.names():
+                        if name not in base and (groups is None or parse_name(name, overrides).group in groups):
+                            extra.setdefault(name, []).append(step)
+            skipped += [{"run": series.name, "tensor": n, "reason": f"not in base {series.base} (in steps "
+                         f"{', '.join(map(str, st))})"} for n, st in extra.items()]
         if not tensors:
             raise InputError(series.base, f"shares no analysable tensor with the checkpoints of run "
                                           f"{series.name!r} ({len(skipped)} skipped, e.g. "

@@ -160,6 +160,7 @@ def test_missing_mismatched_and_non_float_tensors_are_listed(tmp_path):
     st["model.position_ids"] = torch.arange(10)
     del st["model.layers.0.mlp.up_proj.weight"]
     st["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 70)
+    st["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 32)  # only in the checkpoint
     write_dir(tmp_path / "run" / "checkpoint-1", st)
     out = tmp_path / "out"
     rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), out=out, progress=False)
@@ -167,6 +168,7 @@ def test_missing_mismatched_and_non_float_tensors_are_listed(tmp_path):
     assert "missing at step 1" in reasons["model.layers.0.mlp.up_proj.weight"]
     assert "shape mismatch" in reasons["model.layers.0.mlp.down_proj.weight"]
     assert "non-float" in reasons["model.position_ids"]
+    assert "not in base" in reasons["model.layers.0.mlp.extra_proj.weight"]
     assert "model.layers.0.mlp.up_proj.weight" not in set(rep.module_allocation["tensor"])
 
 
@@ -223,3 +225,12 @@ def test_describe_is_a_dry_run(tmp_path):
     assert set(df["tensor"]) == set(sd)
     row = df.set_index("tensor").loc["model.layers.0.mlp.up_proj.weight"]
     assert row["bytes_to_read"] == 64 * 32 * 2 * 3 and row["n_steps"] == 2 and row["dtype"] == "BF16"
+
+
+def test_describe_counts_bytes_as_stored_when_steps_differ_in_dtype(tmp_path):
+    sd = llama_like(n_layers=1, dtype=torch.bfloat16)
+    write_dir(tmp_path / "base", sd)
+    for s in (1, 2):
+        write_dir(tmp_path / "run" / f"checkpoint-{s}", perturb({k: v.float() for k, v in sd.items()}, 0.01, s))
+    df = describe(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base")).set_index("tensor")
+    assert df.loc["model.layers.0.mlp.up_proj.weight", "bytes_to_read"] == 64 * 32 * (2 + 4 + 4)
