@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from builders import llama_like, perturb, write_dir
+from reference import ref_geometry
 from opd_dynamics.analysis import analyze, describe
 from opd_dynamics.errors import InputError
 from opd_dynamics.report import Report
@@ -75,11 +76,16 @@ def test_gpt2_conv1d_is_transposed(tmp_path):
     cfg = {"model_type": "gpt2"}
     write_dir(tmp_path / "base", base, config=cfg)
     write_dir(tmp_path / "run" / "checkpoint-1", step, config=cfg)
-    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), geometry=True,
+                  progress=False, cache_dir=tmp_path / "cache")
     a = rep.module_allocation.set_index("tensor")
     assert a.loc["transformer.h.0.attn.c_attn.weight", "shape"] == "24x8"  # (out, in)
     s = rep.spectrum.set_index("tensor").loc["transformer.h.0.attn.c_attn.weight"]
     assert s["energy_top1"] == pytest.approx(1.0, abs=1e-9) and s["rank90"] == 1
+    geo = rep.geometry.set_index("tensor").loc["transformer.h.0.mlp.c_fc.weight"]  # left and right sides differ
+    w0, wt = base["transformer.h.0.mlp.c_fc.weight"], step["transformer.h.0.mlp.c_fc.weight"]
+    for col, v in ref_geometry(w0.T.double().numpy(), wt.T.double().numpy()).items():
+        assert geo[col] == pytest.approx(v, abs=1e-4, rel=1e-4), col
 
 
 @pytest.mark.parametrize("name", ["nan", "NA", "1"])
