@@ -251,14 +251,12 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
 
     log = log or (lambda m: print(m, flush=True))
     lab = Path(lab_dir)
-    check_output(out, ("interventions.json",), overwrite=overwrite, inputs=[lab])  # before hours of evaluation
     meta_path, base_dir = lab / "lab.json", lab / "student_init"
     if not meta_path.exists():
         raise InputError(lab, "is not a lab directory: lab.json is missing")
     if not base_dir.exists():
         raise InputError(lab, "is not a lab directory: student_init/ is missing")
-    if Path(out).exists() and not overwrite:
-        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    check_output(out, ("interventions.json",), overwrite=overwrite, inputs=[lab])  # before hours of evaluation
     info = json.loads(meta_path.read_text())
     p, seed = info["preset"], int(info.get("seed", 0))
     held = make_splits(p["digits"], p["n_train"], p["n_heldout"], seed).heldout[: n_eval or p.get("n_eval", 500)]
