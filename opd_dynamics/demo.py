@@ -8,14 +8,13 @@ test can run the whole chain in well under a few minutes; the numbers it produce
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from opd_dynamics.writer import check_output
+from opd_dynamics.writer import check_output, json_text
 
 STAGES = ("lab", "analysis", "interventions", "effopd", "figures", "report")
 _MARKER = "demo.json"
@@ -56,7 +55,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     p = fast_preset(preset) if fast else get_preset(preset)
     timings: dict[str, float] = {}
     meta = {"preset": p.name, "seed": seed, "fast": fast, "status": "running", "timings_s": timings}
-    (out / _MARKER).write_text(json.dumps(meta, indent=2))
+    (out / _MARKER).write_text(json_text(meta))
     t_all = time.perf_counter()
 
     def stage(name: str, i: int) -> float:
@@ -95,7 +94,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
 
     timings["total"] = round(time.perf_counter() - t_all, 1)
     meta.update(status="done", report=str(html))
-    (out / _MARKER).write_text(json.dumps(meta, indent=2))
+    (out / _MARKER).write_text(json_text(meta))
     log(f"[demo] done in {timings['total']:.0f} s; report: {html}")
     return html
 

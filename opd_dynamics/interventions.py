@@ -247,7 +247,7 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
     from opd_dynamics.lab.models import load_model
     from opd_dynamics.lab.task import build_tokenizer, make_splits
     from opd_dynamics.series import CheckpointSeries
-    from opd_dynamics.writer import atomic_dir, check_output
+    from opd_dynamics.writer import atomic_dir, check_output, json_text
 
     log = log or (lambda m: print(m, flush=True))
     lab = Path(lab_dir)
@@ -313,7 +313,7 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
     with atomic_dir(out, ("interventions.json",), overwrite=overwrite) as tmp:
         for k, df in frames.items():
             df.to_csv(tmp / f"{k}.csv", index=False)
-        (tmp / "interventions.json").write_text(json.dumps({
+        (tmp / "interventions.json").write_text(json_text({
             "lab": str(lab.resolve()), "steps": used_steps, "half_width": half_width, "n_eval": len(held),
-            "alphas": ALPHAS, "rank_pcts": RANK_PCTS, "betas": BETAS, "wall_s": round(time.time() - t0, 2)}, indent=2))
+            "alphas": ALPHAS, "rank_pcts": RANK_PCTS, "betas": BETAS, "wall_s": round(time.time() - t0, 2)}))
     return frames

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import MATRIX_GROUPS
-from opd_dynamics.writer import atomic_dir, atomic_write_text
+from opd_dynamics.writer import atomic_dir, atomic_write_text, json_text
 
 ID_COLUMNS = ["run", "step", "tensor", "layer", "group", "module", "expert"]
 TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
@@ -51,7 +50,7 @@ class Report:
     def write_into(self, directory: Path) -> None:
         for name, df in self.tables.items():
             df.to_csv(directory / f"{name}.csv", index=False)
-        atomic_write_text(directory / RUN_JSON, json.dumps(_jsonable(self.meta), indent=2))
+        atomic_write_text(directory / RUN_JSON, json_text(self.meta))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Report":
@@ -98,18 +97,6 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return None if math.isnan(x) or math.isinf(x) else float(x)
-    return x
 
 
 def _frame(rows: list[dict], first: list[str]) -> pd.DataFrame:

@@ -8,6 +8,7 @@ so an interrupted write never leaves a half model where a user expects a whole o
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -94,6 +96,26 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(x) else float(x)
+    return x
+
+
+def json_text(obj) -> str:
+    """Strict JSON (what jq and JSON.parse accept): NaN and infinities become null, numpy scalars numbers,
+    paths and other objects their str()."""
+    return json.dumps(_plain(obj), indent=2, default=str, allow_nan=False)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

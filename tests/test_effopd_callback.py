@@ -104,6 +104,41 @@ def test_callback_in_real_distillation_trainer(tmp_path, tok):
     assert list(csv["step"]) == [1, 2, 4] and list(csv["k_accepted"]) == [r.k_accepted for r in recs]
 
 
+def test_resume_keeps_the_anchor_and_the_trigger_log(tmp_path, tok):
+    """Stop at step 3 (checkpoint-3 saved), resume to step 4: the step-4 jump is taken from the anchor set at
+    step 2's trigger, as in an uninterrupted run, and the triggers at 1 and 2 stay in the CSV."""
+    torch.manual_seed(0)
+    teacher = make_model(SPEC, tok, 1)
+    splits = make_splits(2, 64, 8, 0)
+    ds = datasets.Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in splits.train])
+
+    def run(max_steps: int, probes, resume=None):
+        cb = EffOPDCallback(None, fixed_k=1)  # always jumps: W_t + 2(W_t − anchor)
+        args = DistillationConfig(output_dir=str(tmp_path / "run"), max_steps=max_steps, save_steps=3,
+                                  per_device_train_batch_size=4, learning_rate=1e-2, max_completion_length=4,
+                                  report_to=[], logging_steps=1, bf16=False, gradient_checkpointing=False,
+                                  use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = DistillationTrainer(model=make_model(SPEC, tok, 2), teacher_model=teacher, args=args,
+                                      train_dataset=ds, processing_class=tok, callbacks=[probes[0], cb, probes[1]])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    first = (Probe(), Probe())
+    run(3, first)
+    assert (tmp_path / "run" / "checkpoint-3" / "effopd_anchor.safetensors").exists()
+    second = (Probe(), Probe())
+    cb = run(4, second, resume=str(tmp_path / "run" / "checkpoint-3"))
+    assert [r.step for r in cb.records] == [4]
+    anchor = first[1].weights[2]  # the weights accepted at step 2's trigger
+    wt, post = second[0].weights[4], second[1].weights[4]
+    for n in select_parameters(cb.effopd.model):
+        ref = wt[n].double() + 2 * (wt[n].double() - anchor[n].double())
+        torch.testing.assert_close(post[n].double(), ref, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(post[n], wt[n])  # a real jump
+    csv = pd.read_csv(tmp_path / "run" / "effopd_triggers.csv")
+    assert list(csv["step"]) == [1, 2, 4] and list(csv["k_accepted"]) == [1, 1, 1]
+
+
 def test_reverse_kl_scorer_is_zero_against_itself_and_negative_otherwise(tok):
     student = make_model(SPEC, tok, 3)
     prompts = [make_problem(a, b, 2).prompt for a, b in ((12, 34), (99, 1), (5, 50))]

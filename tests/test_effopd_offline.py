@@ -89,6 +89,8 @@ def test_extrapolate_groups_and_refusals(tmp_path):
         with pytest.raises(InputError, match="overlaps the input"):
             extrapolate_checkpoint(pa, pb, 1.0, bad, overwrite=True)
     assert (pa / "model.safetensors.index.json").exists() and (pb / "tokenizer.json").exists()
+    with pytest.raises(InputError, match="has no float matrix in groups other to extrapolate"):
+        extrapolate_checkpoint(pa, pb, 2.0, tmp_path / "N", groups=("other",))  # B has no such tensor
     for coef in (float("nan"), float("inf")):
         with pytest.raises(InputError, match="must be a finite number"):
             extrapolate_checkpoint(pa, pb, coef, tmp_path / "N")
@@ -179,3 +181,17 @@ def test_command_scorer_errors(tmp_path):
     with pytest.raises(InputError, match="failed"):
         search_checkpoints(pa, pb, tmp_path / "O", "false")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B"]
+
+
+def test_provenance_json_is_strict():
+    """effopd.json, effopd_search.json, run.json …: NaN (a method that never reached its target) is null."""
+    import json
+    import math
+
+    import numpy as np
+
+    from opd_dynamics.writer import json_text
+    text = json_text({"speedup": {"k": float("nan"), "inf": math.inf}, "n": np.int64(3), "x": np.float32(1.5),
+                      "p": Path("a/b"), "scores": [1.0, float("nan")]})
+    got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert got == {"speedup": {"k": None, "inf": None}, "n": 3, "x": 1.5, "p": "a/b", "scores": [1.0, None]}

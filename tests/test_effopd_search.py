@@ -140,7 +140,6 @@ def test_tie_accepts_with_geq_and_rejects_with_strict():
         for n in (Q, UP):
             expect = wt[n].double() + 2 * k_expected * d[n]
             assert torch.equal(dict(m.named_parameters())[n].detach().double(), expect)
-        assert w0  # W_0 was captured before the move
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -167,20 +166,72 @@ def test_rejected_candidates_restore_exact_bits(dtype):
         assert torch.equal(e.anchor[n], before[n].float())
 
 
-def test_bf16_extrapolation_in_float32_matches_float64_reference():
-    """Accept k=1 then stop at k=2: the model holds W_t + 2Δ computed in float32, then cast to bf16."""
-    m = Tiny(dtype=torch.bfloat16)
+def _randomize(m: nn.Module, seed: int, scale: float = 1.0) -> None:
+    """Arbitrary values: each parameter ← its value + scale·noise, summed in float64, rounded once."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_((p.double() + torch.randn(p.shape, generator=g, dtype=torch.float64) * scale).to(p.dtype))
+
+
+def test_bf16_extrapolation_is_formed_in_float32_and_rounded_once():
+    """Accept k=1 then stop at k=2: on arbitrary bf16 values the model holds W_t + 2Δ formed in float32 and
+    rounded to bf16 once, which here differs from the same formula evaluated in bf16."""
+    m = Tiny(h=16, dtype=torch.bfloat16)
+    _randomize(m, 11)
     w0 = params(m)
-    d = planted_direction(m, 7)
     scores = iter([0.0, 1.0, 0.5])
     e = EffOPD(m, lambda _: next(scores))
-    move(m, d)
+    _randomize(m, 12, scale=0.3)  # large enough that W_t − W_0 is not exact in bf16
     wt = params(m)
     rec = e.after_step(1)
     assert rec.k_accepted == 1 and rec.scores == [0.0, 1.0, 0.5]
     for n in (Q, UP):
-        ref = (wt[n].double() + 2 * (wt[n].double() - w0[n].double())).to(torch.bfloat16)
+        w, a = wt[n].float(), w0[n].float()
+        ref = (w + 2 * (w - a)).to(torch.bfloat16)
         assert torch.equal(dict(m.named_parameters())[n].detach(), ref)
+        in_bf16 = wt[n] + 2 * (wt[n] - w0[n])
+        assert not torch.equal(in_bf16, ref)  # the test can tell 16-bit arithmetic apart
+
+
+def test_float64_parameters_are_extrapolated_in_float64():
+    m = Tiny(dtype=torch.float64)
+    w0 = params(m)
+    e = EffOPD(m, None, fixed_k=1)
+    _randomize(m, 13, scale=1e-9)  # an update float32 could not even represent against these weights
+    wt = params(m)
+    e.after_step(1)
+    for n in (Q, UP):
+        assert torch.equal(dict(m.named_parameters())[n].detach(), wt[n] + 2 * (wt[n] - w0[n]))
+        assert not torch.equal(wt[n], w0[n])
+
+
+def test_a_failing_scorer_leaves_the_exact_w_t():
+    m = Tiny(dtype=torch.bfloat16)
+    _randomize(m, 14)
+    calls = iter([0.5])
+
+    def score(_):
+        try:
+            return next(calls)
+        except StopIteration:
+            raise RuntimeError("out of memory while scoring") from None
+    e = EffOPD(m, score)
+    _randomize(m, 15, scale=1e-2)
+    wt = params(m)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        e.after_step(1)  # W_t scored, candidate k=1 set, then its scoring raised
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach(), wt[n]), n
+    assert e.records == []
+
+
+def test_peft_models_are_refused():
+    from peft import LoraConfig, get_peft_model
+
+    m = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="PEFT"):
+        EffOPD(m, lambda _: 0.0)
 
 
 def test_fixed_k_needs_no_score_and_always_jumps():

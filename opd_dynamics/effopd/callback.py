@@ -2,11 +2,14 @@
 
 The callback runs the search at `on_step_end`, i.e. after the optimizer step, the LR-scheduler step and
 `global_step += 1`, and before the trainer logs, evaluates or saves — so a checkpoint written at a trigger
-step holds the extrapolated weights. Optimizer state and LR schedule are left as they are.
+step holds the extrapolated weights. Optimizer state and LR schedule are left as they are. Every checkpoint
+also gets the anchor (`effopd_anchor.safetensors`, in the parameters' dtype, which holds it exactly), so a
+run resumed from it continues with the same anchor and keeps the trigger log written before.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -19,6 +22,8 @@ from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord
 from opd_dynamics.naming import MATRIX_GROUPS
 
 Rows = Sequence[Mapping[str, Any]]
+ANCHOR_FILE = "effopd_anchor.safetensors"
+_log = logging.getLogger(__name__)
 
 
 def sample_validation(rows: Iterable[Mapping[str, Any]], n: int = 50, seed: int = 0) -> list[dict[str, Any]]:
@@ -147,6 +152,7 @@ class EffOPDCallback(TrainerCallback):
         self.log_prefix = log_prefix
         self.effopd: EffOPD | None = None
         self.trainer = None
+        self._earlier = None  # trigger rows logged before a resume
 
     @property
     def records(self) -> list[TriggerRecord]:
@@ -163,6 +169,38 @@ class EffOPDCallback(TrainerCallback):
         self.effopd = EffOPD(model, self.score_fn, **self.options)  # anchor = the weights training starts from
         if self.csv_path is None:
             self.csv_path = Path(args.output_dir) / "effopd_triggers.csv"
+        self._earlier = None
+        if state.global_step > 0:  # resumed: the trainer has loaded the checkpoint's weights already
+            self._resume(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+    def _resume(self, ckpt: Path, step: int) -> None:
+        """Restore the anchor saved with the checkpoint, and keep the triggers logged up to it."""
+        from safetensors.torch import load_file
+
+        if (ckpt / ANCHOR_FILE).exists():
+            saved = load_file(str(ckpt / ANCHOR_FILE))
+            self.effopd.load_anchor(saved)
+        else:
+            _log.warning("EffOPD: %s has no %s; the anchor restarts at the resumed weights (step %d), so the "
+                         "next trigger's update is shorter than in an uninterrupted run", ckpt, ANCHOR_FILE, step)
+        if Path(self.csv_path).exists():
+            import pandas as pd
+
+            earlier = pd.read_csv(self.csv_path)
+            self._earlier = earlier[earlier["step"] <= step]
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.effopd is None or not state.is_world_process_zero:
+            return control
+        from safetensors.torch import save_file
+
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            from opd_dynamics.writer import atomic_file
+
+            with atomic_file(ckpt / ANCHOR_FILE) as tmp:
+                save_file(self.effopd.anchor_state(), str(tmp))
+        return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.effopd is None:
@@ -189,6 +227,11 @@ class EffOPDCallback(TrainerCallback):
     def _write_csv(self) -> None:
         from opd_dynamics.writer import atomic_write_text
 
+        import pandas as pd
+
         path = Path(self.csv_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, self.effopd.records_frame().to_csv(index=False))
+        frame = self.effopd.records_frame()
+        if self._earlier is not None and len(self._earlier):
+            frame = pd.concat([self._earlier, frame], ignore_index=True)
+        atomic_write_text(path, frame.to_csv(index=False))

@@ -7,7 +7,6 @@ float32 (float64 for float64 tensors) and the result is cast back to the source 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shlex
@@ -23,7 +22,7 @@ from opd_dynamics.checkpoints import ModelDir, is_adapter_dir
 from opd_dynamics.effopd.search import TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import MATRIX_GROUPS, parse_name
-from opd_dynamics.writer import MODEL_MARKERS, atomic_write_text, check_output, replace_path, write_model
+from opd_dynamics.writer import MODEL_MARKERS, atomic_write_text, check_output, json_text, replace_path, write_model
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 _SPLIT = re.compile(r"[\s=:,;]+")
@@ -41,6 +40,15 @@ def _selector(groups: Sequence[str] | None, matrices_only: bool, naming_override
         return (groups is None or parse_name(name, naming_overrides).group in groups) and \
             (not matrices_only or len(shape) == 2)
     return keep
+
+
+def _check_selection(cur: ModelDir, groups: Sequence[str] | None, matrices_only: bool, naming_overrides=None) -> None:
+    """Refuse a selection that matches no float tensor of `cur`: the output would be B labelled as a jump."""
+    keep = _selector(groups, matrices_only, naming_overrides)
+    if not any(e.is_float and keep(n, tuple(e.shape)) for n, e in cur.entries.items()):
+        what = "all groups" if groups is None else "groups " + ",".join(groups)
+        raise InputError(cur.path, f"has no float {'matrix' if matrices_only else 'tensor'} in {what} to "
+                                   "extrapolate (see --groups and --all-shapes)")
 
 
 def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, *, groups: Sequence[str] | None = MATRIX_GROUPS,
@@ -83,6 +91,8 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
         raise InputError(None, f"the extrapolation coefficient must be a finite number, got {coef}")
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
     a, b = _open(prev, load_mode), _open(cur, load_mode)
+    if coef != 0:
+        _check_selection(b, groups, matrices_only, naming_overrides)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
             "effopd_groups": ",".join(groups) if groups is not None else "all",
             "effopd_matrices_only": str(bool(matrices_only)), "effopd_formula": "W_cur + coef*(W_cur - W_prev)",
@@ -159,8 +169,10 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     if not (math.isfinite(coef_step) and coef_step > 0):
         raise InputError(None, f"the coefficient step must be a positive finite number, got {coef_step}")
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
-    for p in (prev, cur):
-        _open(p, load_mode).close()  # fail early, before any evaluation, on unreadable inputs
+    for p in (prev, cur):  # fail early, before any evaluation, on unreadable inputs or an empty selection
+        with _open(p, load_mode) as m:
+            if p == cur:
+                _check_selection(m, groups, matrices_only)
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     t0 = time.perf_counter()
     val_s = 0.0
@@ -197,7 +209,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
                 "coef": coef_step * k_acc, "scores": scores, "coefs": rec.coefs, "strict": strict,
                 "groups": list(groups) if groups is not None else None, "matrices_only": matrices_only,
                 "eval_cmd": score if isinstance(score, str) else None, "validation_s": val_s}
-        atomic_write_text(keep / "effopd_search.json", json.dumps(info, indent=2))
+        atomic_write_text(keep / "effopd_search.json", json_text(info))
         replace_path(keep, out)
         return rec
     finally:

@@ -4,8 +4,9 @@ At trigger steps t (powers of two by default) the update since the anchor, Δ = 
 for the selected matrices; candidates W_t + c_k·Δ with c_k = 2k, k = 1 … K, are scored after W_t itself,
 in order; a candidate is accepted while its score is ≥ the best so far (or > with `strict=True`, as in the
 authors' code) and the search stops at the first one that is not. The model is left at the accepted
-weights, which become the new anchor. The arithmetic is float32 (whatever the parameters' dtype), and the
-exact bits of W_t are kept so that a rejected candidate restores them bit for bit.
+weights, which become the new anchor. The arithmetic is float32 (float64 for float64 parameters), never
+the parameters' 16-bit dtype, and the exact bits of W_t are kept so that a rejected candidate, or a score
+function that raises, restores them bit for bit.
 """
 
 from __future__ import annotations
@@ -75,6 +76,25 @@ def select_parameters(model: torch.nn.Module, groups: Sequence[str] | None = MAT
         if keep and p.is_floating_point():
             out[name] = p
     return out
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The precision EffOPD forms W_t + c·Δ in: float64 for float64 parameters, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _refuse_sharded_or_adapter(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> None:
+    """EffOPD moves whole local weights: refuse, naming the setup, what it would silently get wrong."""
+    if hasattr(model, "peft_config"):
+        raise ValueError("EffOPD works on full weights, not on a PEFT (LoRA) model's adapter factors; merge the "
+                         "adapter (merge_and_unload) or train without PEFT")
+    for n, p in params.items():
+        if hasattr(p, "ds_id") or p.numel() == 0:
+            raise ValueError(f"parameter {n!r} is partitioned (DeepSpeed ZeRO-3); EffOPD needs whole weights "
+                             "on each rank (ZeRO-1/2 or DDP)")
+        if type(p.data).__name__ == "DTensor":
+            raise ValueError(f"parameter {n!r} is a DTensor (FSDP or tensor parallel); EffOPD is not supported on "
+                             "sharded parameters")
 
 
 def published_search(score_k: Callable[[int], float], k_max: int, *, strict: bool = False
@@ -162,6 +182,7 @@ class EffOPD:
         self.trigger = make_trigger(self.schedule, max_step=self.max_step)
         self.params = select_parameters(self.model, self.groups, matrices_only=self.matrices_only,
                                         param_filter=self.param_filter, naming_overrides=self.naming_overrides)
+        _refuse_sharded_or_adapter(self.model, self.params)
         if not self.params:
             raise ValueError(f"no parameters selected for extrapolation (groups={self.groups})")
         self.anchor: dict[str, torch.Tensor] = {}
@@ -175,7 +196,20 @@ class EffOPD:
         """Make the model's current weights the anchor (done at construction: the anchor starts as W_0)."""
         with torch.no_grad():
             for n, p in self.params.items():
-                self.anchor[n] = p.detach().to(self._store(p), dtype=torch.float32, copy=True)
+                self.anchor[n] = p.detach().to(self._store(p), dtype=work_dtype(p), copy=True)
+
+    def anchor_state(self) -> dict[str, torch.Tensor]:
+        """The anchor in each parameter's dtype (exact: the anchor is weights the parameters held), on CPU."""
+        return {n: self.anchor[n].to("cpu", p.dtype).contiguous() for n, p in self.params.items()}
+
+    def load_anchor(self, saved: dict[str, torch.Tensor]) -> None:
+        """Restore an `anchor_state()`; its tensors must match the selected parameters."""
+        missing = sorted(set(self.params) - set(saved))
+        if missing or any(saved[n].shape != p.shape for n, p in self.params.items()):
+            raise ValueError(f"the saved EffOPD anchor does not match the model's selected parameters "
+                             f"(missing {missing[:3]} or shapes differ)")
+        for n, p in self.params.items():
+            self.anchor[n] = saved[n].to(self._store(p), work_dtype(p))
 
     def should_trigger(self, step: int) -> bool:
         return bool(self.trigger(step))
@@ -196,9 +230,9 @@ class EffOPD:
 
     @torch.no_grad()
     def _set(self, wt: dict[str, torch.Tensor], coef: float) -> None:
-        """Parameters ← W_t + coef·(W_t − anchor), in float32, cast to each parameter's dtype."""
+        """Parameters ← W_t + coef·(W_t − anchor), in float32 (float64), cast to each parameter's dtype."""
         for n, p in self.params.items():
-            w = wt[n].to(p.device, dtype=torch.float32)
+            w = wt[n].to(p.device, dtype=work_dtype(p))
             a = self.anchor[n].to(p.device, non_blocking=True)
             p.copy_((w + coef * (w - a)).to(p.dtype))
 
@@ -214,7 +248,7 @@ class EffOPD:
         wt = {n: p.detach().to(self._store(p), copy=True) for n, p in self.params.items()}  # exact bits of W_t
         sq = 0.0
         for n, p in self.params.items():
-            sq += float(torch.sum((wt[n].to(torch.float32) - self.anchor[n].to(wt[n].device)) ** 2))
+            sq += float(torch.sum((wt[n].to(work_dtype(p)) - self.anchor[n].to(wt[n].device)) ** 2))
         delta_norm = math.sqrt(sq)
         val_s = 0.0
         scores: list[float] = []
@@ -234,7 +268,11 @@ class EffOPD:
                 val_s += time.perf_counter() - v0
                 return s
 
-            k_acc, scores = published_search(score_k, self.k_max, strict=self.strict)
+            try:
+                k_acc, scores = published_search(score_k, self.k_max, strict=self.strict)
+            except BaseException:  # a failing or interrupted scorer must not leave a candidate in the model
+                self._restore(wt)
+                raise
             coefs = [self.coef_step * k for k in range(len(scores))]
             current = len(scores) - 1  # the candidate the parameters hold now
             if current != k_acc:

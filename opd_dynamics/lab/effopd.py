@@ -163,7 +163,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
                    log: Callable[[str], None] | None = None) -> Path:
     """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
     effopd.png and effopd.json (options, speedups, timings). Written under a temporary name, then renamed."""
-    from opd_dynamics.writer import atomic_dir, check_output
+    from opd_dynamics.writer import atomic_dir, check_output, json_text
 
     p = get_preset(preset)
     opt = options or EffOPDLabOptions()
@@ -193,7 +193,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
                 "options": opt.__dict__, "steps": opt.max_steps or p.rl_steps, "speedup": speedups(summary),
                 "total_s": round(time.perf_counter() - t_all, 1)}
-        (tmp / "effopd.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / "effopd.json").write_text(json_text(meta))
         plot(curves_df, summary, tmp / "effopd.png", opt.target_fraction)
         for f in tmp.glob("*-triggers.csv"):
             f.unlink()

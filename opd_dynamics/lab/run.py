@@ -7,7 +7,6 @@ an interrupted run never leaves a half-written ``out``; an existing ``out`` is r
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -20,7 +19,7 @@ from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
-from opd_dynamics.writer import atomic_dir
+from opd_dynamics.writer import atomic_dir, json_text
 from opd_dynamics.lab.train import (
     device,
     evaluate_run,
@@ -98,6 +97,6 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
             "n_heldout_eval": len(held),
             "versions": _versions(),
         }
-        (tmp / "lab.json").write_text(json.dumps(meta, indent=2, default=float))
+        (tmp / "lab.json").write_text(json_text(meta))
     log(f"[lab] done in {timings['total_s']:.0f}s → {out}")
     return out
