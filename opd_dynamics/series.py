@@ -19,14 +19,17 @@ _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)
 _VERL_SUBDIRS = ("actor/huggingface", "huggingface", "actor")
 
 
+def _has_weights(p: Path) -> bool:
+    return any(p.glob("*.safetensors")) or (p / "adapter_config.json").exists()
+
+
 def _weights_dir(d: Path) -> Path:
     """The directory inside a step directory that holds its weights (verl nests them under actor/)."""
-    has = lambda p: any(p.glob("*.safetensors")) or (p / "adapter_config.json").exists()  # noqa: E731
     nested = [d / sub for sub in _VERL_SUBDIRS if (d / sub).is_dir()]
     for cand in nested:
-        if has(cand):
+        if _has_weights(cand):
             return cand
-    return d if has(d) or not nested else nested[-1]  # actor/ alone: let the reader say what is there
+    return d if _has_weights(d) or not nested else nested[-1]  # actor/ alone: let the reader say what is there
 
 
 @dataclass
@@ -66,11 +69,16 @@ class CheckpointSeries:
             raise InputError(run, "does not exist")
         if not run.is_dir():
             raise InputError(run, "is not a directory")
-        found: list[tuple[int, Path]] = []
+        by_step: dict[int, list[Path]] = {}
         for d in sorted(run.iterdir()):
             m = _STEP_DIR.match(d.name)
             if d.is_dir() and m:
-                found.append((int(m.group(1)), _weights_dir(d)))
+                by_step.setdefault(int(m.group(1)), []).append(_weights_dir(d))
+        found: list[tuple[int, Path]] = []
+        for s, dirs in by_step.items():
+            # OpenRLHF saves global_stepN (DeepSpeed state) beside global_stepN_hf (weights): take the weights
+            with_weights = [d for d in dirs if _has_weights(d)]
+            found += [(s, d) for d in (with_weights if len(with_weights) >= 1 else dirs[:1])]
         if not found:
             entries = sorted(p.name for p in run.iterdir())
             if not entries:
@@ -79,9 +87,11 @@ class CheckpointSeries:
                                   f"step_N or iter_N directories; found {', '.join(entries[:6])})")
         if steps is not None:
             keep = set(int(s) for s in steps)
+            absent = sorted(keep - {s for s, _ in found})
+            if absent:
+                raise InputError(run, f"has no checkpoint for step(s) {', '.join(map(str, absent))} (it has "
+                                      f"{', '.join(str(s) for s in sorted(by_step))})")
             found = [x for x in found if x[0] in keep]
-            if not found:
-                raise InputError(run, f"has none of the requested steps {sorted(keep)}")
         return cls(name=name or run.name, base=Path(base), steps=found, load_mode=load_mode)
 
     @classmethod

@@ -59,3 +59,23 @@ def test_refusals(tmp_path, base):
     (verl / "model_world_size_2_rank_0.pt").write_bytes(b"x")
     with pytest.raises(InputError, match="merge them first"):
         CheckpointSeries.discover(tmp_path / "verl", base=base)
+
+
+def test_openrlhf_deepspeed_state_beside_hf_weights_is_ignored(tmp_path, base):
+    """OpenRLHF's SFT/DPO/RM trainers save ckpt/global_stepN (DeepSpeed state) beside ckpt/global_stepN_hf."""
+    run = tmp_path / "ckpt"
+    sd = llama_like(n_layers=1)
+    for s in (2, 4):
+        write_dir(run / f"global_step{s}_hf", perturb(sd, 0.01, s))
+        (run / f"global_step{s}" / "mp_rank_00_model_states.pt").parent.mkdir(parents=True)
+        (run / f"global_step{s}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    series = CheckpointSeries.discover(run, base=base)
+    assert series.steps == [(2, run / "global_step2_hf"), (4, run / "global_step4_hf")]
+
+
+def test_requested_steps_must_all_exist(tmp_path, base):
+    run = tmp_path / "run"
+    for s in (1, 2):
+        write_dir(run / f"checkpoint-{s}", llama_like(n_layers=1))
+    with pytest.raises(InputError, match=r"has no checkpoint for step\(s\) 999 \(it has 1, 2\)"):
+        CheckpointSeries.discover(run, base=base, steps=[2, 999])
