@@ -142,10 +142,9 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
         if names is None:  # tensors a checkpoint has and the base lacks (added heads, renamed modules)
             extra: dict[str, list[int]] = {}
             for step, m in reader.steps.items():
-                if isinstance(m, ModelDir):
-                    for name in m.names():
-                        if name not in base and (groups is None or parse_name(name, overrides).group in groups):
-                            extra.setdefault(name, []).append(step)
+                for name in m.names():
+                    if name not in base and (groups is None or parse_name(name, overrides).group in groups):
+                        extra.setdefault(name, []).append(step)
             skipped += [{"run": series.name, "tensor": n, "reason": f"not in base {series.base} (in steps "
                          f"{', '.join(map(str, st))})"} for n, st in extra.items()]
         if not tensors:

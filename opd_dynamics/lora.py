@@ -20,8 +20,9 @@ _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """rank_pattern / alpha_pattern lookup, matched as PEFT does (peft.utils.other.get_pattern_key)."""
     for key, value in (patterns or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
@@ -37,6 +38,13 @@ class LoraAdapter:
             self.adapter_config = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(cfg_path, f"is not a readable adapter config ({e})") from e
+        kind = self.adapter_config.get("peft_type", "LORA")
+        if str(kind).upper() != "LORA":
+            raise InputError(cfg_path, f"describes a {kind} adapter; only LoRA adapters are read (merge it into "
+                                       "full weights first)")
+        if self.adapter_config.get("use_dora"):
+            raise InputError(cfg_path, "describes a DoRA adapter (use_dora), whose update is not s·B·A; merge it "
+                                       "into full weights first")
         weights = self.path / ADAPTER_FILE
         if not weights.exists():
             raise InputError(self.path, f"is a LoRA adapter directory without {ADAPTER_FILE}")
@@ -49,6 +57,9 @@ class LoraAdapter:
         self._pairs: dict[str, dict[str, str]] = {}
         self._full: dict[str, str] = {}
         for name in self._store.names():
+            if ".lora_embedding_" in name or ".lora_magnitude_vector" in name:
+                raise InputError(weights, f"holds {name.rsplit('.', 2)[-2]} factors (embedding LoRA or DoRA), "
+                                          "which are not read; merge the adapter into full weights first")
             m = _LORA.match(name)
             if m:
                 self._pairs.setdefault(m["mod"] + ".weight", {})[m["ab"]] = name

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from builders import llama_like, perturb, write_dir
 from opd_dynamics.analysis import analyze
 from opd_dynamics.cli import main
+from opd_dynamics.errors import InputError
 from opd_dynamics.lora import LoraAdapter
 from opd_dynamics.series import CheckpointSeries
 
@@ -48,6 +49,50 @@ def test_lora_delta_is_scaled_factor_product(lora_run):
     ref = (8 / 4) * b @ a
     assert np.allclose(ad.delta(name, torch.float64).numpy(), ref, rtol=1e-12, atol=0)
     assert ad.factor_fro2(name) == pytest.approx(float((ref ** 2).sum()), rel=1e-10)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=40))
+
+
+def test_lora_scales_match_peft_merge_with_rslora_and_patterns(tmp_path):
+    """rank_pattern / alpha_pattern keys are regexes matched as PEFT matches them; the reference is PEFT's
+    own merge_and_unload."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = _tiny_llama()
+    w0 = {n: p.detach().double().clone() for n, p in base.state_dict().items()}
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                     rank_pattern={"q_proj|v_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 16})
+    pm = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "ad")
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    ad = LoraAdapter(tmp_path / "ad")
+    assert sorted(ad.names()) == sorted(f"model.layers.{i}.{m}.weight" for i in (0, 1)
+                                        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    for name in ad.names():
+        ref = merged[name].double() - w0[name]
+        torch.testing.assert_close(ad.delta(name, torch.float64), ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra", [dict(use_dora=True), dict(target_modules=["q_proj", "embed_tokens"])])
+def test_dora_and_embedding_lora_are_refused(tmp_path, extra):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(**{"r": 2, "target_modules": ["q_proj"], **extra})
+    get_peft_model(_tiny_llama(), cfg).save_pretrained(tmp_path / "ad")
+    with pytest.raises(InputError, match="DoRA|embedding LoRA"):
+        LoraAdapter(tmp_path / "ad")
 
 
 def test_lora_series_analysis(lora_run):
