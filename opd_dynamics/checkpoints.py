@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import threading
@@ -54,6 +55,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     end: int
+    ident: tuple = ()  # the file's identity when its header was read (see file_identity)
 
     @property
     def nbytes(self) -> int:
@@ -64,10 +66,17 @@ class TensorEntry:
         return self.dtype in FLOAT_DTYPES
 
 
+def file_identity(st: os.stat_result) -> tuple:
+    """What tells a file apart from one rewritten at the same path: device, inode, size, modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], bytes]:
-    """Parse one safetensors header; raise InputError naming the file if it is truncated or corrupt."""
+    """Parse one safetensors header; raise InputError naming the file if it is truncated or corrupt
+    (offsets outside the data, overlapping, or not matching a tensor's shape and dtype)."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -86,53 +95,77 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], byt
     if not isinstance(header, dict):
         raise InputError(path, "has a corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
-    base = 8 + n
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(path, "has a corrupt safetensors header (__metadata__ is not a map of strings)")
+    base, ident = 8 + n, file_identity(st)
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         try:
-            dtype, shape, (a, b) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(path, f"has a corrupt safetensors header entry for {name!r}") from e
+            dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = all(type(x) is int and x >= 0 for x in (*shape, a, b)) and a <= b
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(path, f"has a corrupt safetensors header entry for {name!r}")
+        if dtype not in DTYPES:
+            raise InputError(path, f"holds tensor {name!r} of unsupported dtype {dtype}")
         if base + b > size:
             raise InputError(path, f"is truncated: tensor {name!r} ends at byte {base + b} but the file has "
                                    f"{size} bytes")
-        if dtype not in DTYPES:
-            raise InputError(path, f"holds tensor {name!r} of unsupported dtype {dtype}")
-        entries[name] = TensorEntry(path, dtype, shape, base + a, base + b)
+        want = math.prod(shape) * DTYPES[dtype].itemsize
+        if b - a != want:
+            raise InputError(path, f"has a corrupt safetensors header: tensor {name!r} spans {b - a} bytes, but "
+                                   f"shape {list(shape)} of {dtype} needs {want}")
+        entries[name] = TensorEntry(path, dtype, shape, base + a, base + b, ident)
+    spans = sorted(entries.values(), key=lambda e: (e.start, e.end))
+    for prev, cur in zip(spans, spans[1:]):
+        if cur.start < prev.end:
+            names = {id(e): k for k, e in entries.items()}
+            raise InputError(path, f"has a corrupt safetensors header: tensors {names[id(prev)]!r} and "
+                                   f"{names[id(cur)]!r} overlap")
     return entries, meta, raw
 
 
 class _FdCache:
-    """Process-wide LRU of open read-only file descriptors (bounded; thread-safe)."""
+    """Process-wide LRU of open read-only file descriptors (bounded; thread-safe). A descriptor is used only
+    for the file whose header was read: a file rewritten at the same path since then is an error, never a
+    silent read of the old (or the new) bytes against the other's header."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
-        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._fds: OrderedDict[Path, tuple[int, tuple]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> int:
+    def get(self, path: Path, ident: tuple) -> int:
         with self._lock:
-            fd = self._fds.pop(path, None)
+            fd, fid = self._fds.pop(path, (None, None))
+            if fd is not None and fid != ident:
+                os.close(fd)
+                fd = None
             if fd is None:
                 fd = os.open(path, os.O_RDONLY)
+                fid = file_identity(os.fstat(fd))
+                if ident and fid != ident:
+                    os.close(fd)
+                    raise InputError(path, "changed on disk after its header was read; run again")
                 while len(self._fds) >= self.capacity:
-                    _, old = self._fds.popitem(last=False)
+                    _, (old, _) = self._fds.popitem(last=False)
                     os.close(old)
-            self._fds[path] = fd
+            self._fds[path] = (fd, fid)
             return fd
 
     def close(self, paths: set[Path]) -> None:
         with self._lock:
             for p in list(self._fds):
                 if p in paths:
-                    os.close(self._fds.pop(p))
+                    os.close(self._fds.pop(p)[0])
 
 
 _FDS = _FdCache()
 
 
 def _pread_tensor(entry: TensorEntry) -> torch.Tensor:
-    fd = _FDS.get(entry.file)
+    fd = _FDS.get(entry.file, entry.ident)
     buf = bytearray(entry.nbytes)
     view, got = memoryview(buf), 0
     while got < entry.nbytes:
@@ -167,7 +200,10 @@ def _find_weight_files(path: Path) -> list[Path]:
         return files
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
-    shards = sorted(p for p in path.glob("*.safetensors") if p.name != ADAPTER_FILE)
+    # shards without an index: model-*.safetensors when there are such (an optimizer.safetensors or a
+    # value_head.safetensors beside them is not weights), else every .safetensors file but an adapter's
+    shards = sorted(path.glob("model*.safetensors")) or \
+        sorted(p for p in path.glob("*.safetensors") if p.name != ADAPTER_FILE)
     if shards:
         return shards
     names = {p.name for p in path.iterdir()} if path.is_dir() else set()
@@ -209,8 +245,21 @@ class ModelDir:
                 self.entries[name] = e
         if not self.entries:
             raise InputError(self.path, "holds no tensors")
+        self._check_index()
         self.header_sha256 = digest.hexdigest()
+        self._idents = {e.file: e.ident for e in self.entries.values()}
         self._handles: dict[Path, object] = {}
+
+    def _check_index(self) -> None:
+        """Every tensor the index lists must be in the shard it names (a stale index is not trusted)."""
+        index = self.path / INDEX_FILE
+        if not (self.path.is_dir() and index.exists()):
+            return
+        for name, fname in json.loads(index.read_text())["weight_map"].items():
+            e = self.entries.get(name)
+            if e is None or e.file.name != fname:
+                where = "no shard holds it" if e is None else f"it is in {e.file.name}"
+                raise InputError(index, f"lists {name!r} in {fname}, but {where}")
 
     # -- metadata -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -239,6 +288,13 @@ class ModelDir:
             return json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise InputError(cfg, f"is not valid JSON ({e})") from e
+
+    def unchanged(self) -> bool:
+        """True while every weight file is still the one whose header was read (not rewritten or removed)."""
+        try:
+            return all(file_identity(f.stat()) == i for f, i in self._idents.items())
+        except OSError:
+            return False
 
     # -- data -----------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:

@@ -72,6 +72,10 @@ class SeriesReader:
             raise InputError(series.base, "is a LoRA adapter; the base must be full model weights")
         self.steps: dict[int, ModelDir | LoraAdapter] = {s: open_model(p, series.load_mode) for s, p in series.steps}
 
+    def unchanged(self) -> bool:
+        """True while no file of the series was rewritten since its headers were read."""
+        return self.base.unchanged() and all(m.unchanged() for m in self.steps.values())
+
     def close(self) -> None:
         self.base.close()
         for m in self.steps.values():

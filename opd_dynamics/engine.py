@@ -218,6 +218,9 @@ _READERS: dict[tuple, SeriesReader] = {}
 def _reader_for(series: CheckpointSeries) -> SeriesReader:
     key = (series.name, str(series.base), tuple((s, str(p)) for s, p in series.steps), series.load_mode)
     r = _READERS.get(key)
+    if r is not None and not r.unchanged():  # a checkpoint rewritten at the same path: read it afresh
+        r.close()
+        r = None
     if r is None:
         r = _READERS[key] = SeriesReader(series)
     return r

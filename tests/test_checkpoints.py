@@ -1,6 +1,8 @@
 """Reading real safetensors model directories in every layout, and refusing bad ones clearly."""
 
 import json
+import os
+import shutil
 import struct
 
 import pytest
@@ -42,15 +44,51 @@ def test_non_float_tensors_are_readable(tmp_path):
     assert torch.equal(ModelDir(d).get("ids"), torch.arange(5))
 
 
-def test_fd_cache_is_bounded(tmp_path):
+def test_fd_cache_is_bounded_and_closes_what_it_evicts(tmp_path):
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
     cache = _FdCache(capacity=3)
     files = []
+    before = open_fds()
     for i in range(6):
         p = tmp_path / f"{i}.bin"
         p.write_bytes(b"x")
         files.append(p)
-        cache.get(p)
+        cache.get(p, ())
     assert len(cache._fds) == 3 and list(cache._fds) == files[3:]
+    assert open_fds() - before == 3  # evicted descriptors were closed
+    cache.close(set(files))
+    assert not cache._fds and open_fds() == before
+
+
+def test_a_checkpoint_rewritten_at_the_same_path_is_read_afresh(tmp_path):
+    """A directory deleted and written again: a new reader sees the new bytes (the descriptor cache once
+    served the deleted file); an old reader refuses instead of mixing its header with the new data."""
+    sd = llama_like()
+    d = write_dir(tmp_path / "m", sd)
+    name = "model.layers.0.mlp.up_proj.weight"
+    old = ModelDir(d)
+    assert torch.equal(old.get(name), sd[name])
+    stamp = (d / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(d)
+    sd2 = {k: v + 1 for k, v in sd.items()}
+    write_dir(d, sd2)
+    t = stamp + 10**9  # written a second later, as a real rewrite is (the inode number may be reused)
+    os.utime(d / "model.safetensors", ns=(t, t))
+    assert not old.unchanged()
+    assert torch.equal(ModelDir(d).get(name), sd2[name])
+    with pytest.raises(InputError, match="changed on disk after its header was read"):
+        old.get(name)
+
+
+def test_header_hash_is_the_sha256_of_the_header_bytes(tmp_path):
+    import hashlib
+
+    d = write_dir(tmp_path / "m", llama_like())
+    raw = (d / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert ModelDir(d).header_sha256 == hashlib.sha256(raw[8:8 + n]).hexdigest()
 
 
 def _bad(tmp_path, content: bytes, name="model.safetensors"):
@@ -71,6 +109,43 @@ def test_corrupt_headers_name_the_file(tmp_path, content, phrase):
     with pytest.raises(InputError, match=phrase) as e:
         ModelDir(d)
     assert "model.safetensors" in str(e.value)
+
+
+def _raw_file(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize("header,phrase", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, "corrupt safetensors header entry for 'a'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "corrupt safetensors header entry for 'a'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, "corrupt safetensors header entry"),
+    ({"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}, "spans 8 bytes, but shape \\[4, 4\\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "tensors 'a' and 'b' overlap"),
+    ({"__metadata__": ["x"], "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, "__metadata__"),
+])
+def test_inconsistent_headers_name_the_file(tmp_path, header, phrase):
+    d = _bad(tmp_path, _raw_file(header, bytes(16)))
+    for mode in ("pread", "mmap"):
+        with pytest.raises(InputError, match=phrase) as e:
+            ModelDir(d, load_mode=mode)
+        assert "model.safetensors" in str(e.value)
+
+
+def test_a_stale_index_is_refused_and_stray_safetensors_ignored(tmp_path):
+    sd = llama_like()
+    d = write_dir(tmp_path / "m", sd, "sharded", n_shards=2)
+    index = d / "model.safetensors.index.json"
+    meta = json.loads(index.read_text())
+    meta["weight_map"]["model.layers.0.extra.weight"] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="lists 'model.layers.0.extra.weight' in model-00001-of-00002.safetensors, "
+                                         "but no shard holds it"):
+        ModelDir(d)
+    n = write_dir(tmp_path / "n", sd, "noindex", n_shards=2)
+    save_file({"exp_avg": torch.zeros(3)}, str(n / "optimizer.safetensors"))
+    assert sorted(ModelDir(n).names()) == sorted(sd)
 
 
 def test_truncated_data_is_reported(tmp_path):
