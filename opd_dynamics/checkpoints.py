@@ -43,7 +43,11 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
                      ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+#: quantised codes: a weight is these times a scale stored in another tensor, so never analysed as they are
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+#: the scale tensors of FP8 (and similar) quantised checkpoints
+QUANT_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "activation_scale")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from opd_dynamics.checkpoints import ModelDir, open_model
+from opd_dynamics.checkpoints import FLOAT_DTYPES, FP8_DTYPES, QUANT_SCALE_SUFFIXES, ModelDir, open_model
 from opd_dynamics.errors import InputError
 from opd_dynamics.lora import LoraAdapter
 from opd_dynamics.memory import subtract, upcast
@@ -88,6 +88,17 @@ class SeriesReader:
         self.close()
 
 
+def _not_analysable(name: str, dtype: str) -> str | None:
+    """Why a stored tensor cannot be read as weights, or None."""
+    if dtype in FP8_DTYPES:
+        return f"FP8 codes ({dtype}) whose scales are separate tensors; dequantise the checkpoint first"
+    if name.endswith(QUANT_SCALE_SUFFIXES):
+        return "the scale of a quantised weight, not a weight"
+    if dtype not in FLOAT_DTYPES:
+        return f"non-float dtype {dtype}"
+    return None
+
+
 def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups: tuple[str, ...] | None = None,
                 overrides: Override | None = None, reader: SeriesReader | None = None) -> Plan:
     """Decide which tensors to analyse at which steps; list everything skipped with a reason."""
@@ -107,8 +118,9 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
             if groups is not None and info.group not in groups:
                 continue
             entry = base.entries[name]
-            if not entry.is_float:
-                skipped.append({"run": series.name, "tensor": name, "reason": f"non-float dtype {entry.dtype}"})
+            reason = _not_analysable(name, entry.dtype)
+            if reason:
+                skipped.append({"run": series.name, "tensor": name, "reason": reason})
                 continue
             shape = entry.shape
             transposed = stored_transposed(name, shape, model_type)
@@ -125,7 +137,9 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                     problems.append(f"missing at step {step}")
                     continue
                 s = m.shape(name)
-                if s == shape:
+                if _not_analysable(name, m.entries[name].dtype):
+                    problems.append(f"{m.entries[name].dtype} at step {step} (the base has {entry.dtype})")
+                elif s == shape:
                     present.append(step)
                     nbytes += m.entries[name].nbytes
                 elif (info.group in _RESIZABLE and len(s) == 2 and len(shape) == 2 and s[1] == shape[1]):

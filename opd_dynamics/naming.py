@@ -49,6 +49,9 @@ _MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"
 _EMBED_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embed_positions", "embed_in",
                  "embeddings", "tok_embeddings", "position_embeddings"}
 _HEAD_LEAVES = {"lm_head", "embed_out", "output"}
+# Towers and projectors of multimodal models: their blocks are not the language model's decoder layers.
+_NON_LM_PARTS = {"visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder", "audio_tower",
+                 "audio_model", "multi_modal_projector", "mm_projector", "vision_embed_tokens"}
 # GPT-2 style Conv1D layers store (in, out); analysis wants (out, in).
 _CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "c_fc2"}
 
@@ -120,6 +123,8 @@ def parse_name(name: str, overrides: Override | None = None) -> TensorName:
     e = _EXPERT.search(bare)
     expert = int(e.group(1)) if e else None
     group = _group(parts[:-1] if param else parts, leaf)
+    if _NON_LM_PARTS & set(parts):  # a vision or audio tower: 'other', and no decoder-layer index
+        group, layer, expert = "other", None, None
     module = leaf
     if leaf == "gate" and group == "mlp":
         module = "router"

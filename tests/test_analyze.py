@@ -178,6 +178,24 @@ def test_missing_mismatched_and_non_float_tensors_are_listed(tmp_path):
     assert "model.layers.0.mlp.up_proj.weight" not in set(rep.module_allocation["tensor"])
 
 
+def test_fp8_weights_their_scales_and_integer_steps_are_skipped_with_reasons(tmp_path):
+    sd = llama_like(n_layers=1)
+    q, up = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    fp8 = dict(sd)
+    fp8[q] = sd[q].to(torch.float8_e4m3fn)
+    fp8[q + "_scale_inv"] = torch.ones(1, 1)
+    write_dir(tmp_path / "base", fp8)
+    st = {k: v.clone() for k, v in fp8.items()}
+    st[up] = (sd[up] * 100).to(torch.int8)
+    write_dir(tmp_path / "run" / "checkpoint-1", st)
+    out = tmp_path / "out"
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), out=out, progress=False)
+    reasons = {s["tensor"]: s["reason"] for s in json.loads((out / "run.json").read_text())["skipped"]}
+    assert "FP8 codes" in reasons[q] and "scale of a quantised weight" in reasons[q + "_scale_inv"]
+    assert "I8 at step 1" in reasons[up]
+    assert not {q, q + "_scale_inv", up} & set(rep.module_allocation["tensor"])
+
+
 def test_nothing_in_common_is_an_error(tmp_path):
     write_dir(tmp_path / "base", {"a.weight": torch.ones(2, 2)})
     write_dir(tmp_path / "run" / "checkpoint-1", {"b.weight": torch.ones(2, 2)})

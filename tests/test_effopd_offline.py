@@ -91,6 +91,11 @@ def test_extrapolate_groups_and_refusals(tmp_path):
     assert (pa / "model.safetensors.index.json").exists() and (pb / "tokenizer.json").exists()
     with pytest.raises(InputError, match="has no float matrix in groups other to extrapolate"):
         extrapolate_checkpoint(pa, pb, 2.0, tmp_path / "N", groups=("other",))  # B has no such tensor
+    q = "model.layers.0.self_attn.q_proj.weight"
+    fa = write_dir(tmp_path / "FA", {**a, q: a[q].to(torch.float8_e4m3fn)})
+    fb = write_dir(tmp_path / "FB", {**b, q: b[q].to(torch.float8_e4m3fn)})
+    with pytest.raises(InputError, match="holds FP8 weights"):
+        extrapolate_checkpoint(fa, fb, 2.0, tmp_path / "N")
     for coef in (float("nan"), float("inf")):
         with pytest.raises(InputError, match="must be a finite number"):
             extrapolate_checkpoint(pa, pb, coef, tmp_path / "N")

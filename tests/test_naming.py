@@ -86,6 +86,17 @@ def test_override_mapping_and_callable():
         parse_name("a.b.weight", {"a": {"group": "bogus"}})
 
 
+@pytest.mark.parametrize("name", ["model.visual.blocks.3.attn.qkv.weight",
+                                  "model.vision_tower.vision_model.encoder.layers.2.self_attn.q_proj.weight",
+                                  "model.multi_modal_projector.linear_1.weight",
+                                  "vision_model.model.layers.1.mlp.fc1.weight"])
+def test_multimodal_towers_are_not_language_model_layers(name):
+    t = parse_name(name)
+    assert (t.group, t.layer) == ("other", None)
+    lm = parse_name("model.language_model.layers.2.self_attn.q_proj.weight")
+    assert (lm.group, lm.layer) == ("attention", 2)
+
+
 def test_transposed_only_for_weights_stored_in_out():
     assert stored_transposed("transformer.h.0.attn.c_attn.weight", (16, 48), "gpt2")
     assert not stored_transposed("transformer.h.0.attn.c_attn.bias", (48,), "gpt2")

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from opd_dynamics.checkpoints import ModelDir, is_adapter_dir
+from opd_dynamics.checkpoints import FP8_DTYPES, ModelDir, is_adapter_dir
 from opd_dynamics.effopd.search import TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import MATRIX_GROUPS, parse_name
@@ -44,6 +44,10 @@ def _selector(groups: Sequence[str] | None, matrices_only: bool, naming_override
 
 def _check_selection(cur: ModelDir, groups: Sequence[str] | None, matrices_only: bool, naming_overrides=None) -> None:
     """Refuse a selection that matches no float tensor of `cur`: the output would be B labelled as a jump."""
+    fp8 = [n for n, e in cur.entries.items() if e.dtype in FP8_DTYPES]
+    if fp8:
+        raise InputError(cur.path, f"holds FP8 weights ({fp8[0]!r} …) whose scales are separate tensors; "
+                                   "dequantise the checkpoint before extrapolating it")
     keep = _selector(groups, matrices_only, naming_overrides)
     if not any(e.is_float and keep(n, tuple(e.shape)) for n, e in cur.entries.items()):
         what = "all groups" if groups is None else "groups " + ",".join(groups)
@@ -61,7 +65,7 @@ def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, *, groups: 
     counts.setdefault("copied", 0)
     for name in cur.names():
         b = cur.get(name)
-        if coef != 0 and b.is_floating_point() and keep(name, tuple(b.shape)):
+        if coef != 0 and cur.entries[name].is_float and keep(name, tuple(b.shape)):
             if name not in prev:
                 raise InputError(prev.path, f"has no tensor {name!r}, which {cur.path} has")
             if prev.shape(name) != tuple(b.shape):
