@@ -34,8 +34,9 @@ MODEL_MARKERS = (SINGLE_FILE, INDEX_FILE)
 def check_output(out: str | Path, markers: Sequence[str], *, overwrite: bool = False,
                  inputs: Iterable[str | Path] = ()) -> Path:
     """Refuse, in one sentence naming `out`, an output path whose replacement would destroy what a user has:
-    one that is, contains or lies inside an input directory; an existing one without `overwrite`; and even with it, a file, or a non-empty directory that holds none of
-    `markers` (the files this kind of output always has), since that is not an earlier output of ours."""
+    one that is, contains or lies inside an input directory; an existing one without `overwrite`; and even
+    with it, a file, or a non-empty directory that holds none of `markers` (the files this kind of output
+    always has), since that is not an earlier output of ours."""
     out = Path(out)
     o = out.resolve()
     for i in inputs:
