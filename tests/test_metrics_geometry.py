@@ -78,6 +78,22 @@ def test_unchanged_weights_and_bf16_input():
     assert got["spectral_drift"] == 0.0
 
 
+def test_zeroed_and_nonfinite_weights():
+    """W_t = 0 drifts by exactly 1 (||0 - s0|| / ||s0||) and has no top subspace; NaN in W_t gives NaN drift."""
+    rng = np.random.default_rng(5)
+    W0 = planted(40, 60, np.linspace(3, 1, 40), rng)
+    w0 = torch.tensor(W0)
+    got = geometry_metrics(decompose_base(w0), torch.zeros(40, 60), -w0)
+    assert got["spectral_drift"] == pytest.approx(1.0, abs=1e-12)
+    sv = np.linspace(3, 1, 40)  # dW = -W_0: its energy in W_0's top 8 (20% of 40) directions
+    assert got["principal_energy_20pct"] == pytest.approx(np.sum(sv[:8] ** 2) / np.sum(sv ** 2), abs=1e-9)
+    assert math.isnan(got["principal_rotation_deg"])
+    bad = w0.clone()
+    bad[0, 0] = math.nan
+    got = geometry_metrics(decompose_base(w0), bad, bad - w0)
+    assert math.isnan(got["spectral_drift"]) and math.isnan(got["principal_rotation_deg"])
+
+
 def test_nonfinite_base_gives_nan():
     w0 = torch.randn(40, 60)
     w0[0, 0] = math.inf

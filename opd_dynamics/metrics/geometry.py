@@ -118,11 +118,9 @@ def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor,
             out[f"principal_energy_{p}pct"] = float(A[:k, :k].square().sum()) / f2
     k1 = min(top_k_for(1, base.r), k_max)
     dec_t = decompose(wt.to(dev), k_vectors=k1, mode="exact")
-    if dec_t.U is None:
-        return out
-    if dec_t.rank >= k1 and int((base.singular_values > 0).sum()) >= k1:
+    s0 = base.singular_values.to(dev)  # a zero W_t drifts by 1; a non-finite one gives NaN
+    out["spectral_drift"] = float(torch.linalg.vector_norm(dec_t.singular_values - s0) / torch.linalg.vector_norm(s0))
+    if dec_t.U is not None and dec_t.rank >= k1 and int((base.singular_values > 0).sum()) >= k1:
         ang = principal_angles(base.U[:, :k1], dec_t.U[:, :k1])
         out["principal_rotation_deg"] = math.degrees(float(ang.mean()))
-    s0 = base.singular_values.to(dev)
-    out["spectral_drift"] = float(torch.linalg.vector_norm(dec_t.singular_values - s0) / torch.linalg.vector_norm(s0))
     return out
