@@ -299,3 +299,21 @@ def test_a_lapack_failure_on_the_tridiagonal_route_falls_back_to_eigh(monkeypatc
     assert calls and dec.method == "exact-gram-f64"
     np.testing.assert_allclose(dec.singular_values.numpy(), s, rtol=1e-9)
     np.testing.assert_allclose((M.T @ dec.U).numpy(), dec.V.numpy() * s[:8], atol=1e-9)
+
+
+def test_fast_mode_keeps_enough_values_for_the_top_1pct_ratio():
+    from opd_dynamics.metrics.spectrum import fast_keep
+
+    assert fast_keep(20, 896) == 64 and fast_keep(80, 896) == 80 and fast_keep(20, 40) == 40
+    assert fast_keep(20, 8192) == 82  # a 70B model's 8192-wide matrices: ceil(8192 / 100)
+
+
+def test_fast_mode_top_1pct_ratio_on_a_70b_wide_matrix():
+    """r = 6500: the top-1% ratio needs 65 values, more than the 64 fast mode keeps by default."""
+    rng = np.random.default_rng(8)
+    s = np.geomspace(1.0, 1e-3, 100)
+    U, _ = np.linalg.qr(rng.standard_normal((6500, 100)))
+    V, _ = np.linalg.qr(rng.standard_normal((6500, 100)))
+    M = torch.tensor((U * s) @ V.T, dtype=torch.float32)
+    got = spectrum_metrics(decompose(M, mode="fast"), KS)
+    assert got["top1pct_norm_ratio"] == pytest.approx(math.sqrt(np.sum(s[:65] ** 2) / np.sum(s ** 2)), abs=1e-2)

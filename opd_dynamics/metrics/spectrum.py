@@ -291,13 +291,19 @@ def _range_sketch_cpu(M: Tensor, q: int, niter: int, k: int, seed: int) -> tuple
     return torch.from_numpy(s), torch.from_numpy(np.ascontiguousarray(U)), torch.from_numpy(np.ascontiguousarray(V))
 
 
+def fast_keep(k_vec: int, r: int) -> int:
+    """How many top values fast mode keeps: 64 (energy_top64), k_vec, or ceil(r/100) when more (the top-1%
+    ratio of matrices with r > 6400, e.g. a 70B model's 8192-wide ones), at most r."""
+    return min(max(k_vec, 64, -(-r // 100)), r)
+
+
 def _randomized_route(M: Tensor, k_vec: int, oversample: int, niter: int, seed: int) -> Decomposition:
     """Randomized top-q decomposition in the input's precision (float32 for float32 deltas: the sketch only
     has to meet the 1e-2 fast-mode policy), results returned in float64: torch.svd_lowrank on CUDA,
     _range_sketch_cpu on the CPU."""
     r = min(M.shape)
-    keep = min(max(k_vec, 64), r)
-    q = min(max(k_vec, 64) + oversample, r)
+    keep = fast_keep(k_vec, r)
+    q = min(keep + oversample, r)
     k = min(k_vec, keep)
     tol_rel = max(M.shape) * float(torch.finfo(M.dtype).eps)
     if M.device.type == "cpu":
@@ -323,8 +329,8 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     (see _gram_route). ``exact_method`` 'gram' | 'svd' forces a route ('gram' still falls back when
     unsafe). ``vectors`` picks how the Gram route gets its eigenpairs: 'auto' is 'tridiagonal' on CPU
     (see _tridiagonal_gram_eig) and one eigh on CUDA; 'subspace' and 'eigh' are gram_eig's.
-    mode='fast': a randomized SVD (see _randomized_route) with q = max(k_vectors, 64) + oversample
-    (seeded, so reproducible; float32 for float32 input), keeping the top max(k_vectors, 64) values,
+    mode='fast': a randomized SVD (see _randomized_route) keeping the top fast_keep(k_vectors, r) values
+    from q = that + oversample (seeded, so reproducible; float32 for float32 input),
     full=False. ``rank`` counts the values above max(m, n) * eps * sigma_1 (numpy's matrix_rank), with
     the input's eps: float32's for anything narrower than float64, the precision updates are formed in.
     k_vectors=0 skips the singular vectors (eigvalsh only in exact mode). A matrix with
@@ -345,7 +351,7 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     # squares of finite float32/bf16 values cannot overflow a float64 sum, so a finite fro2 proves them all
     # finite; float64 input needs the elementwise check
     if not math.isfinite(fro2) or (m.dtype == torch.float64 and not bool(torch.isfinite(M).all())):
-        n = r if mode == "exact" else min(max(k_vectors, 64), r)
+        n = r if mode == "exact" else fast_keep(k_vectors, r)
         return Decomposition(torch.full((n,), math.nan, dtype=torch.float64, device=M.device),
                              None, None, math.nan, "nonfinite", False, shape, 0)
     if fro2 == 0.0:
