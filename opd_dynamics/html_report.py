@@ -227,10 +227,12 @@ def render_html(report_dirs: str | Path | Iterable[Any] | Any, html_path: str | 
     """Write one self-contained HTML page for `report_dirs` (directories, Reports or dicts of DataFrames;
     their tables are merged) to `html_path`; refuses an existing file unless `overwrite`."""
     path = Path(html_path)
+    if path.suffix.lower() not in (".html", ".htm"):  # --overwrite must never replace a table or run.json
+        raise InputError(path, "is not an .html path; the report is written only to a file named *.html")
     if path.exists() and not overwrite:
         raise InputError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
-    if path.exists() and path.is_dir():
-        raise InputError(path, "is a directory, not an HTML file path")
+    if path.exists() and (path.is_dir() or path.is_symlink()):
+        raise InputError(path, "is a directory or a link, not an HTML file path")
     page, _, _ = build_html(report_dirs, title=title)
     atomic_write_text(path, page)
     return path

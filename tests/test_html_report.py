@@ -104,6 +104,11 @@ def test_report_lists_skipped_figures_and_refuses_to_overwrite(tmp_path):
     assert out.read_bytes() == before
     render_html({"scaling": tables["scaling"]}, out, overwrite=True)
     assert _parse(out).claimed == ["scaling"]
+    prov = tmp_path / "run.json"
+    prov.write_text("{}")
+    with pytest.raises(InputError, match="is not an .html path"):
+        render_html(only, prov, overwrite=True)  # an input's run.json is never replaced by a page
+    assert prov.read_text() == "{}"
 
 
 def test_cli_plot_and_report(tmp_path):
