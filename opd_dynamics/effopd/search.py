@@ -91,7 +91,7 @@ def _refuse_sharded_or_adapter(model: torch.nn.Module, params: dict[str, torch.n
     for n, p in params.items():
         if hasattr(p, "ds_id") or p.numel() == 0:
             raise ValueError(f"parameter {n!r} is partitioned (DeepSpeed ZeRO-3); EffOPD needs whole weights "
-                             "on each rank (ZeRO-1/2 or DDP)")
+                             "on each rank (DDP or a single process; see docs/EFFOPD.md on fp32 master weights)")
         if type(p.data).__name__ == "DTensor":
             raise ValueError(f"parameter {n!r} is a DTensor (FSDP or tensor parallel); EffOPD is not supported on "
                              "sharded parameters")
