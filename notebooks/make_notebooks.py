@@ -52,7 +52,7 @@ def allocation() -> nbformat.NotebookNode:
             "**Paper's claim.** On-policy distillation (OPD) and RL spread their weight updates differently over "
             "the network: the paper reports that OPD's update concentrates in particular layers / module types "
             "(attention vs MLP) and that a window of layers carries most of the accuracy gain (its Fig. 2b).\n\n"
-            "**What this notebook shows.** The shipped lab run in `data/lab` (a small GPT-2 student trained on "
+            "**What this notebook shows.** The shipped lab run in `data/lab` (a small Qwen3-architecture student trained on "
             "2-digit addition by OPD and by GRPO from the same `student_init`) is analysed here, and the "
             "figures show where the update norm and energy went for each run. The lab is tiny and the data may "
             "or may not agree with the paper; read the figures, not the claim."),
@@ -119,7 +119,7 @@ def find_measurement():
     curves = curves or sorted((ROOT / "data").rglob("*effopd_curves.csv"))
     if not curves:
         raise FileNotFoundError("no effopd_curves.csv in docs/effopd or data/; run `opd-dynamics lab effopd` first")
-    preferred = [c for c in curves if c.name == "cpu-default_effopd_curves.csv"]
+    preferred = [c for c in curves if c.name == "cpu-default-600_effopd_curves.csv"]  # README's and EFFOPD.md's
     c = (preferred or curves)[0]
     s = c.with_name(c.name.replace("effopd_curves", "effopd_summary"))
     return c, s
@@ -141,8 +141,8 @@ def effopd() -> nbformat.NotebookNode:
             "and less wall-clock than vanilla OPD.\n\n"
             "**What this notebook shows.** A measurement made by the toolkit on the lab task (`opd-dynamics lab "
             "effopd`): held-out accuracy against optimizer steps and wall-clock for vanilla OPD, EffOPD "
-            "(adaptive k) and a fixed-k variant, plus the steps each needed to reach 95% of the best final "
-            "accuracy. The measured speed-up may be smaller than, larger than, or absent compared with the paper."),
+            "(adaptive k) and a fixed-k variant, plus the steps each needed to reach 95% of vanilla "
+            "OPD's final accuracy (same seed). The measured speed-up may be smaller than, larger than, or absent compared with the paper."),
         new_code_cell(SETUP),
         new_code_cell(EFFOPD_LOAD),
         new_code_cell("from opd_dynamics.plotting import plot_effopd_curves\n"
