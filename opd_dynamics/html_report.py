@@ -117,10 +117,14 @@ def key_tables(tables: Tables) -> list[tuple[str, pd.DataFrame]]:
         cols = [c for c in ("steps_to_target", "final_accuracy", "wall_s", "validation_s") if c in s.columns]
         for c in cols:
             s[c] = numeric(s[c])
-        m = s.groupby("method")[cols].median()
+        m = s.groupby("method")[cols].median()  # medians over the seeds that have a value
         m.insert(0, "seeds", s.groupby("method")["seed"].nunique() if "seed" in s.columns else np.nan)
-        if "vanilla" in m.index and "steps_to_target" in m.columns:
-            m["step speedup vs vanilla"] = m.loc["vanilla", "steps_to_target"] / m["steps_to_target"]
+        if "steps_to_target" in cols:
+            m.insert(1, "seeds reaching target", s.groupby("method")["steps_to_target"].count())
+        if "vanilla" in m.index and "steps_to_target" in cols and "seed" in s.columns:
+            v = s[s["method"] == "vanilla"].set_index("seed")["steps_to_target"]
+            m["step speedup vs vanilla (median of per-seed ratios)"] = [
+                (v / g.set_index("seed")["steps_to_target"]).median() for _, g in s.groupby("method")]
         m.columns = [f"median {c}" if c in cols else c for c in m.columns]
         out.append(("EffOPD summary (median over seeds)", m.reset_index()))
     return out
@@ -185,7 +189,11 @@ def build_html(source: Any, title: str = "opd-dynamics report") -> tuple[str, li
     figs: dict[str, list[str]] = {s: [] for s in SECTIONS}
     names = []
     for spec in specs:
-        b64 = _png_base64(spec.fn(tables))
+        try:
+            b64 = _png_base64(spec.fn(tables))
+        except InputError as e:  # the tables exist but cannot feed this figure: list it as skipped
+            skipped[spec.name] = str(e)
+            continue
         names.append(spec.name)
         figs.setdefault(spec.section, []).append(
             f'<figure id="fig-{spec.name}" data-figure="{spec.name}">'
@@ -199,7 +207,7 @@ def build_html(source: Any, title: str = "opd-dynamics report") -> tuple[str, li
     body.append('<nav id="contents"><h2>Figures</h2><ul>' + "".join(
         f'<li><a href="#fig-{n}" data-figure="{n}">{html.escape(n)}</a></li>' for n in names) + "</ul>")
     if skipped:
-        body.append("<p class='muted'>Not drawn (their tables are absent):</p><ul class='skipped'>" + "".join(
+        body.append("<p class='muted'>Not drawn:</p><ul class='skipped'>" + "".join(
             f"<li>{html.escape(n)}: {html.escape(r)}</li>" for n, r in skipped.items()) + "</ul>")
     body.append("</nav>")
     for section, items in figs.items():

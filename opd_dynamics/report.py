@@ -124,8 +124,9 @@ def build_tables(rows: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
     if "module_allocation" in tables:
         a = tables["module_allocation"]
         f2 = a["update_norm"].astype(float) ** 2
-        total = f2.groupby([a["run"], a["step"]]).transform("sum")
-        a["energy_share"] = f2 / total.where(total > 0)
+        fin = np.isfinite(f2)  # a non-finite tensor has no share and does not zero everyone else's
+        total = f2.where(fin, 0.0).groupby([a["run"], a["step"]]).transform("sum")
+        a["energy_share"] = (f2 / total.where(total > 0)).where(fin)
         tables["module_allocation"] = a[[c for c in alloc_first if c in a.columns] +
                                         [c for c in a.columns if c not in alloc_first]]
         tables["summary"] = summarize(tables)

@@ -203,3 +203,13 @@ def test_parallel_executors_give_identical_tables(tmp_path, executor):
         a = df.sort_values(list(df.columns[:8])).reset_index(drop=True)
         b = par.tables[name].sort_values(list(df.columns[:8])).reset_index(drop=True)
         assert a.equals(b), name
+
+
+def test_a_non_finite_tensor_has_no_energy_share_and_leaves_the_others_theirs():
+    from opd_dynamics.report import build_tables
+
+    rows = [dict(run="r", step=1, tensor=t, layer=0, group="mlp", module=t, expert=None, update_norm=v)
+            for t, v in (("a", 3.0), ("b", 4.0), ("c", float("inf")))]
+    a = build_tables({"module_allocation": rows})["module_allocation"].set_index("tensor")
+    assert a.loc["a", "energy_share"] == pytest.approx(9 / 25) and a.loc["b", "energy_share"] == pytest.approx(16 / 25)
+    assert np.isnan(a.loc["c", "energy_share"])

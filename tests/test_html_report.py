@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import base64  # noqa: E402
 from html.parser import HTMLParser  # noqa: E402
 
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from test_plotting import make_tables, write_dirs  # noqa: E402
@@ -131,3 +132,18 @@ def test_cli_plot_and_report(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["plot", str(tmp_path / "f"), "--figures", str(tmp_path / "g")])
     assert r.exit_code == 2 and "holds no CSV tables" in r.output
+
+
+def test_effopd_summary_is_the_median_of_per_seed_ratios_and_counts_misses():
+    from opd_dynamics.html_report import key_tables
+    from opd_dynamics.plotting import as_tables
+
+    rows = [dict(seed=s, method=m, steps_to_target=v, final_accuracy=0.9, wall_s=1.0, validation_s=0.0)
+            for m, vals in (("vanilla", (100, 200, 300)), ("effopd", (100, 50, 300)), ("fixed", (50, None, None)))
+            for s, v in zip((0, 1, 2), vals)]
+    out = dict(key_tables(as_tables({"effopd_summary": pd.DataFrame(rows)})))
+    t = out["EffOPD summary (median over seeds)"].set_index("method")
+    speed = t["step speedup vs vanilla (median of per-seed ratios)"]
+    assert speed["effopd"] == pytest.approx(1.0)  # ratios 1, 4, 1 (the ratio of medians would say 4)
+    assert speed["fixed"] == pytest.approx(2.0)  # only seed 0 reached the target
+    assert list(t.loc[["vanilla", "effopd", "fixed"], "seeds reaching target"]) == [3, 3, 1]

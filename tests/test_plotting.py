@@ -203,6 +203,56 @@ def test_heatmap_shape_is_layers_by_modules(tables):
     np.testing.assert_allclose(np.asarray(heat_axes[0].collections[0].get_array()).ravel(), m.to_numpy().ravel())
 
 
+def _alloc(rows):
+    return pd.DataFrame([dict(run="opd", step=1, tensor=t, layer=0, group=g, module=m, expert=None,
+                              update_norm=v, base_norm=1.0, energy_share=np.nan) for t, g, m, v in rows])
+
+
+def test_heatmap_keeps_same_named_modules_apart_and_non_finite_cells_empty():
+    """GPT-2 names both its attention and its MLP output projection c_proj; a NaN update is not 'no update'."""
+    a = _alloc([("h.0.attn.c_proj.weight", "attention", "c_proj", 3.0), ("h.0.mlp.c_proj.weight", "mlp", "c_proj", 4.0),
+                ("h.0.mlp.c_fc.weight", "mlp", "c_fc", np.nan),
+                ("h.0.mlp.experts.gate_up_proj", "mlp", "gate_up_proj", 1.0),
+                ("h.0.mlp.experts.gate_up_proj", "mlp", "gate_up_proj", 2.0)])  # two experts: quadrature
+    m = heatmap_matrix({"module_allocation": a}, "opd")
+    assert list(m.columns) == ["attention.c_proj", "mlp.c_proj", "gate_up_proj", "c_fc"]
+    row = m.loc[0]
+    assert row["attention.c_proj"] == 3.0 and row["mlp.c_proj"] == 4.0
+    assert row["gate_up_proj"] == pytest.approx(np.sqrt(5.0)) and np.isnan(row["c_fc"])
+    a.loc[0, "update_norm"] = np.inf
+    fig = P.plot_allocation_heatmap({"module_allocation": a})  # an infinite cell does not flatten the scale
+    assert fig.axes[0].collections[0].get_clim() == (0.0, 4.0)
+
+
+def test_a_figure_its_tables_cannot_feed_is_skipped_and_the_rest_drawn(tables, tmp_path):
+    t = dict(tables)
+    a = t["module_allocation"]
+    t["module_allocation"] = a[a["group"] == "norm"]  # e.g. analyze --groups norm: layers, but no matrices
+    res = P.plot_all(t, tmp_path / "figs", formats=("png",))
+    assert "allocation_heatmap" in res.skipped and "per-layer rows" in res.skipped["allocation_heatmap"]
+    assert (tmp_path / "figs" / "table1.png").exists()
+
+
+def test_runs_of_the_same_name_in_two_directories_are_not_pooled(tables, tmp_path):
+    d1 = write_dirs(tmp_path / "a", tables)[0]
+    other = {k: v.copy() for k, v in tables.items()}
+    other["module_allocation"]["update_norm"] *= 2
+    d2 = write_dirs(tmp_path / "b", other)[0]
+    with pytest.raises(InputError, match="module_allocation.csv: has different rows for run"):
+        P.load_tables([d1, d2])
+    assert len(P.load_tables([d1, d1]).tables["module_allocation"]) == len(tables["module_allocation"])
+
+
+def test_alignment_axis_names_a_reference_step_that_is_not_the_last(tables):
+    t = dict(tables)
+    al = t["alignment"].copy()
+    al["ref_step"] = 20
+    t["alignment"] = al
+    fig = P.plot_alignment(t)
+    assert "step / reference step" in fig.axes[-1].get_xlabel() and "reference steps:" in fig._suptitle.get_text()
+    assert "step / final step" in P.plot_alignment(tables).axes[-1].get_xlabel()
+
+
 def test_heatmap_energy_share_and_chosen_step(tables):
     fig = P.plot_allocation_heatmap(tables, metric="energy_share", step=10)
     assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["opd (step 10)", "grpo (step 10)"]
@@ -308,8 +358,13 @@ def test_eval_and_effopd(tables):
         labels = [ln.get_label() for ln in _labelled_lines(ax)]
         assert len(labels) == 4 and labels[-1].startswith("target")
         assert [lb.split(" ")[0] for lb in labels[:3]] == ["vanilla", "effopd", "fixed"]
-    assert "effopd (median steps to target: 24)" in _legend_texts(fig)
+    assert "effopd (median steps to target 24, 2 of 2 seeds reached it)" in _legend_texts(fig)
     assert _line_color(fig, "vanilla") == {P.OPD_COLOR.lower()}
+    missed = dict(tables)  # one seed of effopd never reaches the target: said, not hidden in the median
+    summ = tables["effopd_summary"].copy()
+    summ.loc[(summ["method"] == "effopd") & (summ["seed"] == 1), "steps_to_target"] = np.nan
+    missed["effopd_summary"] = summ
+    assert "effopd (median steps to target 24, 1 of 2 seeds reached it)" in _legend_texts(P.plot_effopd_curves(missed))
 
 
 def test_opd_and_grpo_keep_their_colours(tables):

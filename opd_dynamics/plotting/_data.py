@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.report import read_table
+from opd_dynamics.report import PER_TENSOR_TABLES, read_table
 
 # tables that carry one run per lab directory (a missing 'run' column is filled from the directory name)
 _PER_RUN_TABLES = {"eval", "module_allocation", "spectrum", "singular_values", "alignment", "geometry",
@@ -77,7 +77,26 @@ def load_tables(dirs: str | Path | Iterable[str | Path]) -> Tables:
             raise InputError(d, "holds no CSV tables (neither in it nor in its immediate subdirectories)")
     out.tables = {k: _normalise(pd.concat(v, ignore_index=True).drop_duplicates(ignore_index=True))
                   for k, v in parts.items()}
+    _refuse_pooled_runs(out.tables)
     return out
+
+
+_ROW_KEYS = {"singular_values": ["index"]}
+
+
+def _refuse_pooled_runs(tables: dict[str, pd.DataFrame]) -> None:
+    """Two directories with a run of the same name (two model sizes, exact and fast …) would be averaged
+    together without a word: refuse, naming the run."""
+    for name in PER_TENSOR_TABLES:
+        df = tables.get(name)
+        key = [c for c in ("run", "step", "tensor", "expert", *_ROW_KEYS.get(name, [])) if df is not None and c in df]
+        if df is None or df.empty or not {"run", "step", "tensor"} <= set(key):
+            continue
+        dup = df[df.duplicated(key, keep=False)]
+        if len(dup):
+            raise InputError(f"{name}.csv", f"has different rows for run {dup['run'].iloc[0]!r}, step "
+                                            f"{dup['step'].iloc[0]}, tensor {dup['tensor'].iloc[0]!r} in two of the "
+                                            "directories given; give the runs distinct names (analyze --run NAME=DIR)")
 
 
 def _normalise(df: pd.DataFrame) -> pd.DataFrame:

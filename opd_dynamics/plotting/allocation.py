@@ -30,18 +30,31 @@ def _module_key(group: str, module: str) -> tuple:
     return (g, m, module)
 
 
+def _sum(s: pd.Series) -> float:
+    """A sum that stays NaN when any part is NaN or infinite (a non-finite tensor is not 'no update')."""
+    v = s.to_numpy(dtype=float)
+    return float(v.sum()) if np.isfinite(v).all() else float("nan")
+
+
+def _finite_max(m: pd.DataFrame) -> float:
+    v = m.to_numpy(dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.max()) if v.size else 0.0
+
+
 def _aggregate(rows: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
-    """Combine matrices (experts, fused parts) into one value per `by`: norms in quadrature, shares summed."""
+    """Combine matrices (experts, fused parts) into one value per `by`: norms in quadrature, shares summed;
+    NaN where any part is non-finite."""
     r = rows.assign(_f2=numeric(rows["update_norm"]) ** 2)
     if metric == "energy_share":
-        g = r.assign(_v=numeric(r["energy_share"])).groupby(by, as_index=False)["_v"].sum()
+        g = r.assign(_v=numeric(r["energy_share"])).groupby(by, as_index=False)["_v"].agg(_sum)
         return g.rename(columns={"_v": "value"})
     if metric == "update_norm":
-        g = r.groupby(by, as_index=False)["_f2"].sum()
+        g = r.groupby(by, as_index=False)["_f2"].agg(_sum)
         return g.assign(value=np.sqrt(g["_f2"])).drop(columns="_f2")
     if metric == "relative_update":
         r = r.assign(_b2=numeric(r["base_norm"]) ** 2)
-        g = r.groupby(by, as_index=False)[["_f2", "_b2"]].sum()
+        g = r.groupby(by, as_index=False)[["_f2", "_b2"]].agg(_sum)
         return g.assign(value=np.sqrt(g["_f2"] / g["_b2"])).drop(columns=["_f2", "_b2"])
     raise InputError(None, f"metric must be update_norm, energy_share or relative_update, not {metric!r}")
 
@@ -59,8 +72,11 @@ def heatmap_matrix(report: Any, run: str, metric: str = "update_norm", step: int
     a = a.assign(layer=a["layer"].astype(int))
     g = _aggregate(a, ["layer", "group", "module"], metric)
     cols = sorted({(gr, m) for gr, m in zip(g["group"], g["module"])}, key=lambda t: _module_key(*t))
-    piv = g.pivot_table(index="layer", columns="module", values="value", aggfunc="sum")
-    return piv.reindex(columns=[m for _, m in cols]).sort_index()
+    shared = {m for _, m in cols if sum(1 for _, m2 in cols if m2 == m) > 1}  # GPT-2's c_proj: attention and MLP
+    label = {(gr, m): f"{gr}.{m}" if m in shared else m for gr, m in cols}
+    g = g.assign(column=[label[(gr, m)] for gr, m in zip(g["group"], g["module"])])
+    piv = g.pivot_table(index="layer", columns="column", values="value", aggfunc="first", dropna=False)
+    return piv.reindex(columns=[label[c] for c in cols]).sort_index()
 
 
 @styled
@@ -72,7 +88,7 @@ def plot_allocation_heatmap(report: Any, metric: str = "update_norm", step: int 
     runs = order_runs(a["run"].unique())
     mats = {r: heatmap_matrix(report, r, metric, step, groups) for r in runs}
     steps = steps_of(at_step(a, step))
-    vmax = max(float(np.nanmax(m.to_numpy())) for m in mats.values())
+    vmax = max(_finite_max(m) for m in mats.values())
     n_layers = max(len(m) for m in mats.values())
     n_mod = max(m.shape[1] for m in mats.values())
     fig, axes = new_figure(1, len(runs), width=0.55 * n_mod * len(runs) + 2.5,

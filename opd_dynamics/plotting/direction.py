@@ -104,6 +104,9 @@ def plot_table1(report: Any, step: int | None = None) -> Figure:
         series = {r: [float(t[(t["run"] == r) & (t["metric"] == m)]["value"].mean())] for r in runs}
         grouped_bars(ax, [""], series, colors, fmt="{:.1%}" if m in _PERCENT else "{:.3g}")
         ax.set_xticks([])
+        if all(np.isnan(v[0]) for v in series.values()):
+            ax.text(0.5, 0.5, "not computed\n(needs the full spectrum: --svd exact)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="0.4")
         ax.set_title(TABLE1_LABELS[m])
         if m in _PERCENT:
             percent_axis(ax)
@@ -140,6 +143,9 @@ def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subs
     d = alignment_curves(report, metrics, groups)
     runs = order_runs(d["run"].unique())
     colors = run_colors(runs)
+    refs = d.groupby("run")["ref_step"].max()
+    final = all(refs[r] == d[d["run"] == r]["step"].max() for r in runs)  # reference = each run's last step
+    ref_name = "final" if final else "reference"
     fig, axes = new_figure(len(metrics), len(groups), sharex=True, sharey="row")
     for i, m in enumerate(metrics):
         for j, g in enumerate(groups):
@@ -154,10 +160,11 @@ def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subs
             ax.set_title(f"{_group_title(g)}: {_ALIGN_TITLES.get(m, m)}")
             ax.set_ylabel(_ALIGN_LABELS.get(m, m) if j == 0 else "")
             if i == len(metrics) - 1:
-                ax.set_xlabel("training progress (step / final step)")
+                ax.set_xlabel(f"training progress (step / {ref_name} step)")
             percent_axis(ax, "x")
             if not ax.get_lines():
                 no_data(ax)
     fig_legend(fig, axes, title="run")
-    fig.suptitle("Early directions vs the final update (median over matrices, band = IQR)")
+    fig.suptitle(f"Early directions vs the {ref_name} update (median over matrices, band = IQR)"
+                 + ("" if final else " — reference steps: " + ", ".join(f"{r} {refs[r]}" for r in runs)))
     return fig

@@ -25,10 +25,13 @@ def plot_effopd_curves(report: Any, target_fraction: float = 0.95) -> Figure:
     methods = sorted(c["method"].unique(), key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else 9, m))
     colors = method_colors(methods)
     summ = as_tables(report).tables.get("effopd_summary")
-    stt = {}
+    stt: dict[str, str] = {}
     if summ is not None and {"method", "steps_to_target"} <= set(summ.columns):
-        stt = {str(m): float(np.nanmedian(numeric(g["steps_to_target"]))) if g["steps_to_target"].notna().any()
-               else np.nan for m, g in summ.groupby("method")}
+        for m, g in summ.groupby("method"):
+            v = numeric(g["steps_to_target"])
+            hit = v[~np.isnan(v)]
+            stt[str(m)] = ("target not reached" if not hit.size else
+                           f"median steps to target {np.median(hit):g}, {hit.size} of {v.size} seeds reached it")
     fig, axes = new_figure(1, 2, width=11, height=4, sharey=True)
     for ax, xcol, xlabel in zip(axes[0], ["step", "wall_s"], ["optimizer step", "wall-clock (s, incl. validation)"]):
         for m in methods:
@@ -39,7 +42,7 @@ def plot_effopd_curves(report: Any, target_fraction: float = 0.95) -> Figure:
             med = d.groupby("step")[["accuracy", "wall_s"]].median().sort_index()
             label = m
             if m in stt:
-                label += " (median steps to target: " + ("not reached" if np.isnan(stt[m]) else f"{stt[m]:g}") + ")"
+                label += f" ({stt[m]})"
             ax.plot(med[xcol] if xcol == "wall_s" else med.index, med["accuracy"], color=colors[m], lw=2.2,
                     label=label)
         if "vanilla" in methods:

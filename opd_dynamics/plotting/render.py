@@ -161,7 +161,12 @@ def plot_all(reports_or_dirs: Any, out_dir: str | Path, formats: Sequence[str] =
         log.info("figure %s skipped: %s", name, reason)
     written = PlotResult(skipped=skipped)
     for spec in ok:
-        fig = spec.fn(tables)
+        try:
+            fig = spec.fn(tables)
+        except InputError as e:  # the tables exist but cannot feed this figure: skip it, draw the others
+            written.skipped[spec.name] = str(e)
+            log.info("figure %s skipped: %s", spec.name, e)
+            continue
         try:
             for f in formats:
                 written.append(save_figure(fig, out / f"{spec.name}.{f}", overwrite=overwrite))
