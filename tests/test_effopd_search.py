@@ -129,7 +129,6 @@ def test_planted_linear_trajectory_finds_known_k_and_updates_anchor():
 def test_tie_accepts_with_geq_and_rejects_with_strict():
     for strict, k_expected in ((False, 5), (True, 0)):
         m = Tiny()
-        w0 = params(m)
         d = planted_direction(m, 3)
         e = EffOPD(m, lambda _: 1.0, strict=strict)
         move(m, d)
