@@ -74,7 +74,7 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
 
 
 @click.command("effopd")
-@click.option("--preset", type=click.Choice(["smoke", "default"]), default="smoke", show_default=True)
+@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True)
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0 … N−1 (each runs all three methods).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--lab", "lab_dir", type=click.Path(file_okay=False, exists=True), default=None,
