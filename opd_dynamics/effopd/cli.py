@@ -57,7 +57,7 @@ def effopd() -> None:
 @click.option("--eval-cmd", required=True,
               help="Shell command scoring a model dir: '{path}' is replaced by it (else it is appended); the "
                    "score (higher is better) is the number on the last line of its stdout.")
-@click.option("--k-max", type=int, default=5, show_default=True, help="Candidates B + 2k(B − A), k = 1 … K.")
+@click.option("--k-max", type=click.IntRange(min=0), default=5, show_default=True, help="Candidates B + 2k(B − A), k = 1 … K.")
 @click.option("--coef-step", type=float, default=2.0, show_default=True, help="The 2 in 2k.")
 @click.option("--strict", is_flag=True, help="Accept only strictly better scores (the authors' code).")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
@@ -81,7 +81,7 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
               help="Existing lab directory whose teacher/ and student_init/ to start from (default: build them).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps per run (default: the preset's rl_steps).")
 @click.option("--eval-every", type=int, default=None, help="Held-out evaluation interval (default 2 smoke, 10 default).")
-@click.option("--fixed-k", type=int, default=2, show_default=True, help="k of the fixed baseline (coef 2k).")
+@click.option("--fixed-k", type=click.IntRange(min=0), default=2, show_default=True, help="k of the fixed baseline (coef 2k).")
 @click.option("--n-val", type=int, default=50, show_default=True, help="EffOPD validation prompts (from training).")
 @click.option("--strict", is_flag=True, help="EffOPD accepts only strictly better validation scores.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")

@@ -170,6 +170,8 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     written beside `out` under temporary names and removed once judged.
     """
     prev, cur, out = Path(prev), Path(cur), Path(out)
+    if k_max < 0:
+        raise InputError(None, f"k_max must be >= 0, got {k_max}")
     if not (math.isfinite(coef_step) and coef_step > 0):
         raise InputError(None, f"the coefficient step must be a positive finite number, got {coef_step}")
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])

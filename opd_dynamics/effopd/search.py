@@ -175,8 +175,8 @@ class EffOPD:
     records: list[TriggerRecord] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if self.k_max < 0:
-            raise ValueError(f"k_max must be >= 0, got {self.k_max}")
+        if self.k_max < 0 or (self.fixed_k is not None and self.fixed_k < 0):
+            raise ValueError(f"k_max and fixed_k must be >= 0, got {self.k_max} and {self.fixed_k}")
         if self.fixed_k is None and self.score_fn is None:
             raise ValueError("EffOPD needs a score_fn unless fixed_k is given")
         self.trigger = make_trigger(self.schedule, max_step=self.max_step)
