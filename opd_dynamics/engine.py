@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from opd_dynamics.checkpoints import ModelDir
+from opd_dynamics.checkpoints import ModelDir, file_identity
 from opd_dynamics.deltas import Plan, SeriesReader, StepUpdate, TensorPlan, iter_updates, plan_series, read_base, read_step
 from opd_dynamics.errors import InputError
 from opd_dynamics.lora import LoraAdapter
@@ -102,7 +102,7 @@ def _base_decomposition(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, 
         return decompose_base(w0)
     from safetensors.torch import load_file, save_file
 
-    path = cache_root / "base" / _file_identity(reader.base) / f"{_sha(tp.name, tp.shape, unit)}.safetensors"
+    path = cache_root / "base" / _model_identity(reader.base) / f"{_sha(tp.name, tp.shape, unit)}.safetensors"
     if path.exists():
         try:
             return BaseDecomposition.from_tensors({k: v.to(w0.device) for k, v in load_file(str(path)).items()})
@@ -300,16 +300,16 @@ class ResultCache:
         atomic_write_text(self.root / f"{key}.json", json.dumps(tables))
 
 
-def _file_identity(m: ModelDir | LoraAdapter) -> str:
-    """What identifies a model's weights for a cache: its header plus each file's resolved path, size and
-    mtime. A header alone is shared by every model of one architecture (a Base and its Instruct)."""
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in m.files]
-    return _sha(m.header_sha256, *stats)
+def _model_identity(m: ModelDir | LoraAdapter) -> str:
+    """What identifies a model's weights for a cache: its header plus each file's resolved path and
+    checkpoints.file_identity. A header alone is shared by every model of one architecture (a Base and its
+    Instruct)."""
+    return _sha(m.header_sha256, *((str(f.resolve()), *file_identity(f.stat())) for f in m.files))
 
 
 def _hashes(reader: SeriesReader) -> str:
     """Identity of a series' inputs for the resume cache."""
-    return _sha(*(_file_identity(m) for m in (reader.base, *reader.steps.values())))
+    return _sha(*(_model_identity(m) for m in (reader.base, *reader.steps.values())))
 
 
 def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "serial", workers: int = 1,
