@@ -175,3 +175,16 @@ def test_ship_copies_the_asked_subset_byte_for_byte_and_refuses_a_missing_step(s
         export_subset(smoke_lab, tmp_path / "bad", [30])
     assert not (tmp_path / "bad").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ship"]  # no temporary left behind
+
+
+def test_rl_from_a_lab_student_keeps_the_lab_split_whatever_its_own_seed(tmp_path):
+    """Training the shipped lab's student (seed 0) with run seed 1 must not train on seed 0's held-out problems."""
+    from opd_dynamics.lab.train import build_grpo_trainer
+
+    lab = Path(__file__).resolve().parents[1] / "data" / "lab"
+    preset = json.loads((lab / "lab.json").read_text())["preset"]["name"]
+    trainer = build_grpo_trainer(lab / "student_init", tmp_path / "grpo", preset, seed=1, max_steps=1)
+    prompts = set(trainer.train_dataset["prompt"])
+    lab_split = splits_for(preset, json.loads((lab / "lab.json").read_text())["seed"])
+    assert prompts == {p.prompt for p in lab_split.train}
+    assert not prompts & {p.prompt for p in lab_split.heldout}

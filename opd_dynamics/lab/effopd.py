@@ -39,7 +39,7 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
-from opd_dynamics.lab.train import build_opd_trainer, splits_for, train_teacher_and_student
+from opd_dynamics.lab.train import build_opd_trainer, split_seed, splits_for, train_teacher_and_student
 
 METHODS = ("vanilla", "effopd", "fixed")
 SUMMARY_COLUMNS = ["seed", "method", "steps_to_target", "final_accuracy", "wall_s", "validation_s"]
@@ -105,11 +105,7 @@ def _models(lab: Path | None, work: Path, p: LabPreset, log) -> tuple[Path, Path
         for d in (t, s):
             if not (d / "config.json").exists():
                 raise InputError(lab, f"is not a lab directory: {d.name}/ with config.json is missing")
-        data_seed = 0
-        meta = lab / "lab.json"
-        if meta.exists():
-            data_seed = int(json.loads(meta.read_text()).get("seed", 0))
-        return t, s, data_seed
+        return t, s, split_seed(s, 0)
     log("[effopd] no --lab given: training teacher and student_init once (lab SFT), shared by every seed")
     train_teacher_and_student(work, p, 0, log=log)
     return work / "teacher", work / "student_init", 0

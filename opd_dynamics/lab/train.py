@@ -11,6 +11,7 @@ sampled completions per step (learning rates per method, see presets), and save 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -40,6 +41,16 @@ def seed_everything(seed: int) -> None:
 def device() -> torch.device:
     """cuda when available, else cpu."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def split_seed(student_dir, default: int) -> int:
+    """The seed of the split a lab student was trained on: its lab's `lab.json` (beside `student_init/`), else
+    `default`. RL from that student must use the same split, whatever its own run seed, or held-out problems
+    would be trained on."""
+    meta = Path(student_dir).parent / "lab.json"
+    if meta.exists():
+        return int(json.loads(meta.read_text()).get("seed", default))
+    return default
 
 
 def splits_for(preset: str | LabPreset, seed: int) -> TaskSplits:
@@ -160,8 +171,8 @@ def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset
                       data_seed: int | None = None):
     """The lab's OPD trainer (TRL DistillationTrainer, on-policy reverse KL), ready to ``.train()``.
 
-    Its prompts are the train split of ``data_seed`` (default ``seed``): a run seed that differs from the
-    seed the student was trained with must not change the split, or held-out problems would be trained on.
+    Its prompts are the train split of ``data_seed`` (default: the student's, see `split_seed`): a run seed
+    that differs from the seed the student was trained with must not change the split.
     """
     from trl import DistillationConfig, DistillationTrainer
 
@@ -175,14 +186,15 @@ def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset
     )
     return DistillationTrainer(
         model=student, teacher_model=teacher, args=args,
-        train_dataset=_prompt_dataset(splits_for(p, seed if data_seed is None else data_seed).train),
+        train_dataset=_prompt_dataset(splits_for(p, split_seed(student_dir, seed) if data_seed is None
+                                                 else data_seed).train),
         processing_class=tok, callbacks=list(callbacks),
     )
 
 
 def train_opd(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
               callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
-              *, overwrite: bool = False) -> Path:
+              *, overwrite: bool = False, data_seed: int | None = None) -> Path:
     """On-policy distillation of ``student_dir`` towards ``teacher_dir`` with TRL's DistillationTrainer.
 
     Writes ``out_dir/checkpoint-N`` every ``save_steps`` (default: the preset's) up to ``max_steps``
@@ -191,14 +203,17 @@ def train_opd(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smok
     """
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
-    trainer = build_opd_trainer(student_dir, teacher_dir, out_dir, preset, seed, callbacks, max_steps, save_steps)
+    trainer = build_opd_trainer(student_dir, teacher_dir, out_dir, preset, seed, callbacks, max_steps, save_steps,
+                                data_seed)
     trainer.train()
     return out_dir
 
 
 def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
-                       callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None):
-    """The lab's RL trainer (TRL GRPOTrainer, exact-match reward, no KL penalty), ready to ``.train()``."""
+                       callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
+                       data_seed: int | None = None):
+    """The lab's RL trainer (TRL GRPOTrainer, exact-match reward, no KL penalty), ready to ``.train()``;
+    prompts as in `build_opd_trainer`."""
     from trl import GRPOConfig, GRPOTrainer
 
     p, max_steps, save_steps, tok = _rl_setup(preset, seed, max_steps, save_steps)
@@ -211,16 +226,19 @@ def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", 
     )
     return GRPOTrainer(
         model=student, reward_funcs=[exact_match_reward], args=args,
-        train_dataset=_prompt_dataset(splits_for(p, seed).train), processing_class=tok, callbacks=list(callbacks),
+        train_dataset=_prompt_dataset(splits_for(p, split_seed(student_dir, seed) if data_seed is None
+                                                 else data_seed).train),
+        processing_class=tok, callbacks=list(callbacks),
     )
 
 
 def train_grpo(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0, callbacks: Iterable = (),
-               max_steps: int | None = None, save_steps: int | None = None, *, overwrite: bool = False) -> Path:
+               max_steps: int | None = None, save_steps: int | None = None, *, overwrite: bool = False,
+               data_seed: int | None = None) -> Path:
     """GRPO of ``student_dir`` with the exact-match reward (TRL GRPOTrainer); checkpoints as in train_opd."""
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
-    trainer = build_grpo_trainer(student_dir, out_dir, preset, seed, callbacks, max_steps, save_steps)
+    trainer = build_grpo_trainer(student_dir, out_dir, preset, seed, callbacks, max_steps, save_steps, data_seed)
     trainer.train()
     return out_dir
 
