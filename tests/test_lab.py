@@ -42,6 +42,24 @@ def test_task_problems_and_reward():
     assert not has_carry(make_problem(12, 34, 2))
     assert parse_answer("132</s>99") == "132"
     assert exact_match_reward(["132", "131", "1320"], answer=["132", "132", "132"]) == [1.0, 0.0, 0.0]
+
+
+def test_answers_must_end_with_eos_and_hold_no_other_special_token():
+    """TRL hands the reward text decoded without special tokens: '132<pad>' and '13<s>2' would read '132'."""
+    from opd_dynamics.lab.evaluate import Samples, completion_texts
+
+    tok = build_tokenizer()
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos, pad, bos = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+    ids = [enc("132") + [eos], enc("132") + [pad], enc("13") + [bos] + enc("2") + [eos], enc("132")]
+    texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+    assert texts == ["132"] * 4  # what the reward function sees
+    assert exact_match_reward(texts, answer=["132"] * 4, completion_ids=ids) == [1.0, 0.0, 0.0, 0.0]
+    width = max(map(len, ids))
+    padded = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    got = completion_texts(tok, Samples(torch.zeros(4, 1, dtype=torch.long), padded, mask))
+    assert got == ["132", None, None, None]
     a, b = make_splits(2, 500, 100, seed=3), make_splits(2, 500, 100, seed=3)
     assert a == b and len(a.train) == 500 and len(a.heldout) == 100
     assert not {q.prompt for q in a.train} & {q.prompt for q in a.heldout}

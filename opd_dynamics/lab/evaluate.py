@@ -53,12 +53,18 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int, 
     return Samples(prompt_ids.cpu(), x[:, p:].cpu(), torch.stack(mask, 1).cpu().long())
 
 
-def completion_texts(tokenizer, samples: Samples) -> list[str]:
-    """Decoded completions: the characters before the first end-of-sequence token."""
-    out = []
+def completion_texts(tokenizer, samples: Samples) -> list[str | None]:
+    """Decoded completions: the characters before the first end-of-sequence token; None (which matches no
+    answer) for a completion that never ends within its budget or holds another special token."""
+    special = set(tokenizer.all_special_ids)
+    out: list[str | None] = []
     for ids, m in zip(samples.completion_ids.tolist(), samples.mask.tolist(), strict=True):
-        kept = [i for i, keep in zip(ids, m, strict=True) if keep and i != tokenizer.eos_token_id]
-        out.append(tokenizer.decode(kept, skip_special_tokens=True))
+        kept = [i for i, keep in zip(ids, m, strict=True) if keep]
+        if tokenizer.eos_token_id not in kept:
+            out.append(None)
+            continue
+        body = kept[: kept.index(tokenizer.eos_token_id)]
+        out.append(None if special & set(body) else tokenizer.decode(body))
     return out
 
 

@@ -9,6 +9,7 @@ followed by the end-of-sequence token. Exact match of the parsed answer is the r
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, processors
@@ -77,9 +78,24 @@ def is_correct(completion: str, answer: str) -> bool:
     return parse_answer(completion) == answer
 
 
-def exact_match_reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
-    """GRPO reward function: 1.0 for an exact answer, else 0.0 (TRL passes dataset columns as kwargs)."""
-    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+def exact_match_reward(completions: list[str], answer: list[str], completion_ids: list[list[int]] | None = None,
+                       **_: object) -> list[float]:
+    """GRPO reward function: 1.0 for an exact answer, else 0.0 (TRL passes dataset columns as kwargs).
+
+    TRL decodes `completions` without special tokens, so the ids it also passes decide what the text cannot
+    show: the answer must be ended by EOS, with no other special token before it (as evaluation requires)."""
+    ok = [is_correct(c, a) for c, a in zip(completions, answer, strict=True)]
+    if completion_ids is not None:
+        eos, special = _special_ids()
+        ok = [o and eos in ids and not special & set(ids[: list(ids).index(eos)])
+              for o, ids in zip(ok, map(list, completion_ids), strict=True)]
+    return [1.0 if o else 0.0 for o in ok]
+
+
+@lru_cache(maxsize=1)
+def _special_ids() -> tuple[int, frozenset[int]]:
+    tok = build_tokenizer()
+    return tok.eos_token_id, frozenset(tok.all_special_ids)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
