@@ -6,9 +6,10 @@ import platform
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -78,45 +79,88 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
     partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
     resume_dir = partial / "cache" if partial is not None else None
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
-                      resume_dir=resume_dir, cache_root=cache_root, progress=progress)
-    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
-    failed = []
-    for r in results:
-        if r.error is not None:
-            failed.append({"run": r.run, "tensor": r.tensor, "reason": r.error})
-            continue
-        for t, rs in r.tables.items():
-            rows[t].extend(rs)
-    if not rows["module_allocation"]:
-        first = failed[0]["reason"] if failed else "nothing was analysed"
-        raise InputError(lst[0].base, f"no tensor could be analysed ({first})")
-    tables = build_tables(rows)
-    meta = {
-        "version": __version__,
-        "command": command or " ".join(sys.argv),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "inputs": [_series_meta(p) for p in plans],
-        "options": asdict(opts),
-        "dtype": {"asked": opts.dtype, "used": opts.dtype},
-        "device": {"asked": opts.device, "used": device_used,
-                   "name": torch.cuda.get_device_name() if device_used.startswith("cuda") else platform.processor()},
-        "executor": {"kind": executor, "workers": workers, "ray_address": ray_address},
-        "timings_s": {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
-                      "tensor_compute_sum": round(sum(r.seconds for r in results), 3)},
-        "skipped": [sk for p in plans for sk in p.skipped],
-        "failed": failed,
-        "tables": {k: len(v) for k, v in tables.items()},
-    }
-    report = Report(tables, meta)
-    if out_path is not None:
-        partial.mkdir(parents=True, exist_ok=True)
-        report.write_into(partial)
-        shutil.rmtree(resume_dir, ignore_errors=True)
-        if out_path.exists() and not overwrite:
-            raise InputError(out_path, "appeared while the analysis ran; results left in " + str(partial))
-        replace_path(partial, out_path)
-    return report
+    with _exclusive(out_path):  # one analyze at a time per output: they would share .OUT.partial/
+        results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
+                          resume_dir=resume_dir, cache_root=cache_root, progress=progress)
+        rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+        failed = []
+        for r in results:
+            if r.error is not None:
+                failed.append({"run": r.run, "tensor": r.tensor, "reason": r.error})
+                continue
+            for t, rs in r.tables.items():
+                rows[t].extend(rs)
+        if not rows["module_allocation"]:
+            first = failed[0]["reason"] if failed else "nothing was analysed"
+            raise InputError(lst[0].base, f"no tensor could be analysed ({first})")
+        tables = build_tables(rows)
+        meta = {
+            "version": __version__,
+            "command": command or f"opd_dynamics.analyze (Python API, in: {' '.join(sys.argv)})",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "inputs": [_series_meta(p) for p in plans],
+            "options": asdict(opts),
+            "dtype": {"asked": opts.dtype, "used": _dtype_used(opts, plans)},
+            "device": {"asked": opts.device, "used": device_used,
+                       "name": torch.cuda.get_device_name() if device_used.startswith("cuda") else _cpu_name()},
+            "executor": {"kind": executor, "workers": workers, "ray_address": ray_address},
+            "timings_s": {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
+                          "tensor_compute_sum": round(sum(r.seconds for r in results), 3)},
+            "skipped": [sk for p in plans for sk in p.skipped],
+            "failed": failed,
+            "tables": {k: len(v) for k, v in tables.items()},
+        }
+        report = Report(tables, meta)
+        if out_path is not None:
+            partial.mkdir(parents=True, exist_ok=True)
+            for f in partial.iterdir():  # tables an earlier, interrupted run left here are not this run's
+                if f.is_file():
+                    f.unlink()
+            report.write_into(partial)
+            shutil.rmtree(resume_dir, ignore_errors=True)
+            if out_path.exists() and not overwrite:
+                raise InputError(out_path, "appeared while the analysis ran; results left in " + str(partial))
+            replace_path(partial, out_path)
+        return report
+
+
+@contextmanager
+def _exclusive(out: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside `out` while this process works towards it."""
+    if out is None:
+        yield
+        return
+    import fcntl
+
+    lock = out.parent / f".{out.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(out, "is being written by another analyze right now; wait for it or choose another "
+                                  "output") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _dtype_used(opts, plans) -> str:
+    """What ΔW was formed in: the asked precision, or float64 for tensors stored in float64 (never less)."""
+    f64 = any(tp.stored_dtype == "F64" for p in plans for tp in p.tensors)
+    used = opts.dtype if not f64 or opts.dtype == "float64" else "float32, float64 for tensors stored in float64"
+    return used + "; norms and cosines summed in float64"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _check_token_ids(ids: Sequence[int], plans) -> None:

@@ -210,7 +210,10 @@ class StepUpdate:
 
     @cached_property
     def delta(self) -> torch.Tensor:  # never subtracted in half precision
-        return self.lora_delta if self.lora_delta is not None else subtract(self.weight, upcast(self.base, self._float))
+        if self.lora_delta is not None:
+            return self.lora_delta
+        w = self.__dict__.get("weight")  # the float W_t is kept only once something (geometry) asked for it
+        return subtract(upcast(self.raw, self._float) if w is None else w, upcast(self.base, self._float))
 
     @property
     def _float(self) -> torch.dtype:

@@ -142,7 +142,9 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
     mshape = tp.shape[1:] if units != [None] else tp.shape
     matrix = (len(mshape) == 2 and min(mshape) > 1 and group in opts.spectra_groups and opts.svd != "none")
     # the norm columns and embedding cosines run on the base and steps as stored; only spectra need floats
-    w0 = read_base(reader, tp, opts.torch_dtype if matrix else None, device)
+    # ΔW in the asked precision, never below the stored one (float64 checkpoints stay float64)
+    work = torch.float64 if tp.stored_dtype == "F64" else opts.torch_dtype
+    w0 = read_base(reader, tp, work if matrix else None, device)
     k_vec = max(opts.k_subspace, opts.k_paired)
     part = (lambda t, u: t if u is None else t[u])  # noqa: E731
     ref_update, dec_ref = None, {}
@@ -262,9 +264,10 @@ def run_job(job: Job) -> JobResult:
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0)
     except InputError as e:
         return JobResult(job.series.name, job.plan.name, {}, str(e), time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 — recorded with its traceback tail in run.json
-        tail = traceback.format_exc(limit=2).strip().splitlines()[-1]
-        return JobResult(job.series.name, job.plan.name, {}, f"{type(e).__name__}: {e} ({tail})",
+    except Exception as e:  # noqa: BLE001 — recorded with where it was raised in run.json
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return JobResult(job.series.name, job.plan.name, {},
+                         f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})",
                          time.perf_counter() - t0)
 
 
@@ -281,7 +284,12 @@ class ResultCache:
         self.root = root
 
     def key(self, job: Job, reader_hashes: str) -> str:
-        return _sha(job.series.name, job.plan.name, reader_hashes, json.dumps(asdict(job.opts), sort_keys=True))
+        """Everything a tensor's rows depend on: the package version, the run name, the tensor as planned (its
+        parsed name under any naming overrides, orientation, shape, steps), the inputs and the options."""
+        from opd_dynamics import __version__
+
+        return _sha(__version__, job.series.name, repr(job.plan), reader_hashes,
+                    json.dumps(asdict(job.opts), sort_keys=True))
 
     def get(self, key: str) -> dict | None:
         if self.root is None:
@@ -290,9 +298,10 @@ class ResultCache:
         if not p.exists():
             return None
         try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:
-            return None
+                got = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # a damaged entry is recomputed, never trusted
+        return got if isinstance(got, dict) else None
 
     def put(self, key: str, tables: dict) -> None:
         if self.root is None:
@@ -304,7 +313,8 @@ def _model_identity(m: ModelDir | LoraAdapter) -> str:
     """What identifies a model's weights for a cache: its header plus each file's resolved path and
     checkpoints.file_identity. A header alone is shared by every model of one architecture (a Base and its
     Instruct)."""
-    return _sha(m.header_sha256, *((str(f.resolve()), *file_identity(f.stat())) for f in m.files))
+    cfg = json.dumps(m.adapter_config, sort_keys=True) if isinstance(m, LoraAdapter) else ""  # α, r, patterns
+    return _sha(m.header_sha256, cfg, *((str(f.resolve()), *file_identity(f.stat())) for f in m.files))
 
 
 def _hashes(reader: SeriesReader) -> str:
@@ -352,11 +362,19 @@ def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "se
             import multiprocessing as mp
 
             threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(threads,)) as pool:
+            from concurrent.futures.process import BrokenProcessPool
+
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(threads,))
+            try:
                 futs = {pool.submit(run_job, jobs[i][0]): i for i in todo}
                 for f in as_completed(futs):
                     finish(futs[f], f.result())
+            except BrokenProcessPool as e:
+                raise InputError(None, f"a worker process died ({e}), e.g. killed for memory; rerun with fewer "
+                                       "--workers (with --out, the tensors already finished are not redone)") from e
+            finally:  # on Ctrl-C or a dead worker, do not run the queued tensors first
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             _run_ray(jobs, todo, finish, workers, ray_address)
     finally:
@@ -372,6 +390,8 @@ def _run_ray(jobs: list[tuple[Job, str]], todo: list[int], finish: Callable[[int
     except ImportError as e:
         raise InputError(None, "--executor ray needs Ray: pip install 'opd-dynamics[ray]'") from e
     started_here = not ray.is_initialized()
+    if started_here and address and address != "auto":
+        _check_reachable(address)
     if started_here:
         kw = {"address": address} if address else {"num_cpus": max(workers, 1), "include_dashboard": False}
         ray.init(ignore_reinit_error=True, log_to_driver=False, **kw)
@@ -385,10 +405,28 @@ def _run_ray(jobs: list[tuple[Job, str]], todo: list[int], finish: Callable[[int
                 pending[remote.remote(jobs[i][0])] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                finish(pending.pop(ref), ray.get(ref))
+                i = pending.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayError as e:  # a worker that died: the tensor is named, the run goes on
+                    res = JobResult(jobs[i][0].series.name, jobs[i][0].plan.name, {},
+                                    f"its Ray worker failed: {type(e).__name__}", 0.0)
+                finish(i, res)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One sentence instead of Ray's endless reconnection warnings when --ray-address points nowhere."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise InputError(None, f"--ray-address {address} cannot be reached ({e}); start the cluster or "
+                               "leave the option out to start a local Ray instance") from None
 
 
 def make_plans(series: Sequence[CheckpointSeries], names: list[str] | None = None,

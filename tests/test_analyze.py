@@ -258,3 +258,54 @@ def test_describe_counts_bytes_as_stored_when_steps_differ_in_dtype(tmp_path):
         write_dir(tmp_path / "run" / f"checkpoint-{s}", perturb({k: v.float() for k, v in sd.items()}, 0.01, s))
     df = describe(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base")).set_index("tensor")
     assert df.loc["model.layers.0.mlp.up_proj.weight", "bytes_to_read"] == 64 * 32 * (2 + 4 + 4)
+
+
+def test_resume_never_serves_rows_computed_under_other_naming(tmp_path):
+    """The resume cache is keyed on the tensor as planned: a naming override changes the rows, so it misses."""
+    from opd_dynamics.engine import AnalysisOptions, execute, make_plans
+
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1,), n_layers=1)
+    cache, q = tmp_path / "cache", "model.layers.0.self_attn.q_proj.weight"
+    execute(make_plans([series]), AnalysisOptions(svd="none"), resume_dir=cache, progress=False)
+    ov = {r"q_proj": {"group": "mlp", "layer": 7}}
+    res = execute(make_plans([series], overrides=ov), AnalysisOptions(svd="none"), resume_dir=cache, progress=False)
+    row = next(r for x in res if x.tensor == q for r in x.tables["module_allocation"])
+    assert (row["group"], row["layer"]) == ("mlp", 7)
+
+
+def test_an_interrupted_runs_tables_do_not_leak_into_the_next_output(tmp_path):
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1,), n_layers=1)
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / "geometry.csv").write_text("run,step,tensor\nold,1,x\n")  # left by an earlier run
+    analyze(series, out=tmp_path / "out", svd="none", progress=False)
+    assert not (tmp_path / "out" / "geometry.csv").exists() and not partial.exists()
+
+
+def test_two_analyses_of_one_output_do_not_run_at_once(tmp_path):
+    import fcntl
+
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1,), n_layers=1)
+    with open(tmp_path / ".out.lock", "w") as f:  # as another process holding the output would
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match="is being written by another analyze"):
+            analyze(series, out=tmp_path / "out", svd="none", progress=False)
+    analyze(series, out=tmp_path / "out", svd="none", progress=False)
+    assert (tmp_path / "out" / "run.json").exists() and not (tmp_path / ".out.lock").exists()
+
+
+def test_float64_checkpoints_keep_float64_updates(tmp_path):
+    """A 1e-9 update on float64 weights: rounding the base to float32 first would lose it."""
+    sd = llama_like(n_layers=1, dtype=torch.float64)
+    write_dir(tmp_path / "base", sd)
+    st = perturb(sd, 1e-9, 1)
+    write_dir(tmp_path / "run" / "checkpoint-1", st)
+    rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    a = rep.module_allocation.set_index("tensor")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
+        exact = float((st[name] - sd[name]).norm())
+        assert a.loc[name, "update_norm"] == pytest.approx(exact, rel=1e-6), name
+    s = rep.spectrum.set_index("tensor").loc["model.layers.0.mlp.up_proj.weight"]
+    assert s["spectral_norm"] == pytest.approx(float(torch.linalg.matrix_norm(st["model.layers.0.mlp.up_proj.weight"]
+                                                                               - sd["model.layers.0.mlp.up_proj.weight"], 2)), rel=1e-6)
+    assert "float64 for tensors stored in float64" in rep.meta["dtype"]["used"]

@@ -159,6 +159,7 @@ def _text(path, text):
     (lambda d: [*_ok(d), "--ref-step", "3"], "--ref-step 3 is not a step of run 'opd'"),
     (lambda d: [*_ok(d), "--token-ids", _text(d / "ids.txt", "5 x")], "must hold integers"),
     (lambda d: [*_ok(d), "--token-ids", _text(d / "ids.txt", "5 999")], "token id 999 is outside the vocabulary"),
+    (lambda d: [*_ok(d), "--executor", "ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1 cannot be"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(run_dirs, make_bad, phrase):
     before = sorted(p.name for p in (run_dirs / "opd").iterdir())
