@@ -102,7 +102,10 @@ def _base_decomposition(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, 
         return decompose_base(w0)
     from safetensors.torch import load_file, save_file
 
-    path = cache_root / "base" / _model_identity(reader.base) / f"{_sha(tp.name, tp.shape, unit)}.safetensors"
+    from opd_dynamics import __version__
+
+    key = _sha(tp.name, tp.shape, unit, w0.dtype, __version__)  # a new version may decompose differently
+    path = cache_root / "base" / _model_identity(reader.base) / f"{key}.safetensors"
     if path.exists():
         try:
             return BaseDecomposition.from_tensors({k: v.to(w0.device) for k, v in load_file(str(path)).items()})

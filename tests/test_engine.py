@@ -141,6 +141,11 @@ def test_two_runs_in_one_report_and_float64_option(tmp_path):
     other = CheckpointSeries.from_list(list(reversed(series.steps)), base=series.base, name="rl")
     rep = analyze([series, other], dtype="float64", progress=False)
     assert set(rep.module_allocation["run"]) == {"opd", "rl"}
+    assert rep.meta["dtype"] == {"asked": "float64", "used": "float64; norms and cosines summed in float64"}
+    q = "model.layers.0.self_attn.q_proj.weight"  # float32-stored weights, ΔW formed in float64: exact
+    d = states[2][q] - w0[q]
+    assert rep.spectrum.query("tensor == @q and step == 2 and run == 'opd'")["spectral_norm"].item() == \
+        pytest.approx(np.linalg.norm(d, 2), rel=1e-12)
     t1 = rep.summary.query("aggregate == 'table1'")
     assert set(t1["metric"]) == {"spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio",
                                  "n_matrices"}
