@@ -225,9 +225,9 @@ class EffOPDCallback(TrainerCallback):
             state.log_history.append({**logs, "step": state.global_step})
 
     def _write_csv(self) -> None:
-        from opd_dynamics.writer import atomic_write_text
-
         import pandas as pd
+
+        from opd_dynamics.writer import atomic_write_text
 
         path = Path(self.csv_path)
         path.parent.mkdir(parents=True, exist_ok=True)
