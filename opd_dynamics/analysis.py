@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from opd_dynamics import __version__
-from opd_dynamics.engine import TABLES, AnalysisOptions, default_cache_root, execute, make_plans
+from opd_dynamics.engine import TABLES, AnalysisOptions, default_cache_root, execute, make_plans, release_readers
 from opd_dynamics.errors import InputError
 from opd_dynamics.report import RUN_JSON, Report, build_tables
 from opd_dynamics.series import CheckpointSeries
@@ -111,6 +111,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
             "tables": {k: len(v) for k, v in tables.items()},
         }
         report = Report(tables, meta)
+        release_readers(lst)  # no descriptor or mapping of the inputs outlives the pass
         if out_path is not None:
             partial.mkdir(parents=True, exist_ok=True)
             for f in partial.iterdir():  # tables an earlier, interrupted run left here are not this run's

@@ -220,8 +220,20 @@ class JobResult:
 _READERS: dict[tuple, SeriesReader] = {}
 
 
+def _reader_key(series: CheckpointSeries) -> tuple:
+    return (series.name, str(series.base), tuple((s, str(p)) for s, p in series.steps), series.load_mode)
+
+
+def release_readers(series: Sequence[CheckpointSeries]) -> None:
+    """Close this process's readers of `series` (descriptors, mappings) once a pass over them is done."""
+    for s in series:
+        r = _READERS.pop(_reader_key(s), None)
+        if r is not None:
+            r.close()
+
+
 def _reader_for(series: CheckpointSeries) -> SeriesReader:
-    key = (series.name, str(series.base), tuple((s, str(p)) for s, p in series.steps), series.load_mode)
+    key = _reader_key(series)
     r = _READERS.get(key)
     if r is not None and not r.unchanged():  # a checkpoint rewritten at the same path: read it afresh
         r.close()

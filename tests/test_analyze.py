@@ -309,3 +309,20 @@ def test_float64_checkpoints_keep_float64_updates(tmp_path):
     assert s["spectral_norm"] == pytest.approx(float(torch.linalg.matrix_norm(st["model.layers.0.mlp.up_proj.weight"]
                                                                                - sd["model.layers.0.mlp.up_proj.weight"], 2)), rel=1e-6)
     assert "float64 for tensors stored in float64" in rep.meta["dtype"]["used"]
+
+
+@pytest.mark.parametrize("load_mode", ["pread", "mmap"])
+def test_no_descriptor_of_the_inputs_outlives_the_analysis(tmp_path, load_mode):
+    import os
+
+    _, _, series = _series(tmp_path, "sharded", torch.float32, steps=(1, 2), n_layers=1)
+    series = CheckpointSeries.from_list(series.steps, base=series.base, name="opd", load_mode=load_mode)
+
+    def open_inputs() -> int:
+        fd_dir = "/proc/self/fd"
+        targets = [os.readlink(f"{fd_dir}/{f}") for f in os.listdir(fd_dir) if os.path.islink(f"{fd_dir}/{f}")]
+        maps = open("/proc/self/maps").read().splitlines()
+        return sum(str(tmp_path) in t for t in targets) + sum(str(tmp_path) in m for m in maps)
+
+    analyze(series, progress=False)
+    assert open_inputs() == 0
