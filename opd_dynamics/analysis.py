@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from opd_dynamics import __version__
-from opd_dynamics.engine import TABLES, AnalysisOptions, default_cache_root, execute, make_plans, release_readers
+from opd_dynamics.engine import TABLES, AnalysisOptions, default_cache_root, execute, make_plans, readers_released
 from opd_dynamics.errors import InputError
 from opd_dynamics.report import RUN_JSON, Report, build_tables
 from opd_dynamics.series import CheckpointSeries
@@ -70,16 +70,16 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
             if opts.ref_step not in dict(s.steps):
                 raise InputError(None, f"--ref-step {opts.ref_step} is not a step of run {s.name!r} "
                                        f"(its steps: {', '.join(str(t) for t, _ in s.steps)})")
-    t0 = time.perf_counter()
-    device_used = opts.resolved_device()
-    plans = make_plans(lst, names=names, groups=groups, overrides=overrides)
-    t_plan = time.perf_counter() - t0
-    if opts.token_ids:
-        _check_token_ids(opts.token_ids, plans)
-    partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
-    resume_dir = partial / "cache" if partial is not None else None
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    with _exclusive(out_path):  # one analyze at a time per output: they would share .OUT.partial/
+    with _exclusive(out_path), readers_released(lst):  # one analyze per output: they would share .OUT.partial/
+        t0 = time.perf_counter()
+        device_used = opts.resolved_device()
+        plans = make_plans(lst, names=names, groups=groups, overrides=overrides)
+        t_plan = time.perf_counter() - t0
+        if opts.token_ids:
+            _check_token_ids(opts.token_ids, plans)
+        partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
+        resume_dir = partial / "cache" if partial is not None else None
+        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
         results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
                           resume_dir=resume_dir, cache_root=cache_root, progress=progress)
         rows: dict[str, list[dict]] = {t: [] for t in TABLES}
@@ -111,7 +111,6 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
             "tables": {k: len(v) for k, v in tables.items()},
         }
         report = Report(tables, meta)
-        release_readers(lst)  # no descriptor or mapping of the inputs outlives the pass
         if out_path is not None:
             partial.mkdir(parents=True, exist_ok=True)
             for f in partial.iterdir():  # tables an earlier, interrupted run left here are not this run's

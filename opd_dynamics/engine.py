@@ -224,12 +224,17 @@ def _reader_key(series: CheckpointSeries) -> tuple:
     return (series.name, str(series.base), tuple((s, str(p)) for s, p in series.steps), series.load_mode)
 
 
-def release_readers(series: Sequence[CheckpointSeries]) -> None:
-    """Close this process's readers of `series` (descriptors, mappings) once a pass over them is done."""
-    for s in series:
-        r = _READERS.pop(_reader_key(s), None)
-        if r is not None:
-            r.close()
+@contextmanager
+def readers_released(series: Sequence[CheckpointSeries]) -> Iterator[None]:
+    """On leaving (done or failed), close this process's readers of `series`: no descriptor or mapping of
+    the inputs outlives a pass over them."""
+    try:
+        yield
+    finally:
+        for s in series:
+            r = _READERS.pop(_reader_key(s), None)
+            if r is not None:
+                r.close()
 
 
 def _reader_for(series: CheckpointSeries) -> SeriesReader:
@@ -313,7 +318,7 @@ class ResultCache:
         if not p.exists():
             return None
         try:
-                got = json.loads(p.read_text())
+            got = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # a damaged entry is recomputed, never trusted
         return got if isinstance(got, dict) else None

@@ -97,8 +97,6 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
-
-
 def _frame(rows: list[dict], first: list[str]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:

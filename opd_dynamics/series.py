@@ -78,7 +78,7 @@ class CheckpointSeries:
         for s, dirs in by_step.items():
             # OpenRLHF saves global_stepN (DeepSpeed state) beside global_stepN_hf (weights): take the weights
             with_weights = [d for d in dirs if _has_weights(d)]
-            found += [(s, d) for d in (with_weights if len(with_weights) >= 1 else dirs[:1])]
+            found += [(s, d) for d in (with_weights or dirs[:1])]
         if not found:
             entries = sorted(p.name for p in run.iterdir())
             if not entries:

@@ -56,13 +56,14 @@ def check_output(out: str | Path, markers: Sequence[str], *, overwrite: bool = F
 
 
 @contextmanager
-def atomic_dir(out: str | Path, markers: Sequence[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, markers: Sequence[str], overwrite: bool = False,
+               inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success rename it to `out`.
 
-    An existing `out` is refused unless `overwrite` and it is an earlier output (see `check_output`); it is
-    replaced only after the new one is complete.
+    `out` is checked first (see `check_output`: not overlapping `inputs`; an existing one only with
+    `overwrite` and only an earlier output); it is replaced only after the new one is complete.
     """
-    out = check_output(out, markers, overwrite=overwrite)
+    out = check_output(out, markers, overwrite=overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

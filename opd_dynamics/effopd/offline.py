@@ -175,10 +175,9 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     if not (math.isfinite(coef_step) and coef_step > 0):
         raise InputError(None, f"the coefficient step must be a positive finite number, got {coef_step}")
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
-    for p in (prev, cur):  # fail early, before any evaluation, on unreadable inputs or an empty selection
-        with _open(p, load_mode) as m:
-            if p == cur:
-                _check_selection(m, groups, matrices_only)
+    _open(prev, load_mode).close()  # fail early, before any evaluation, on unreadable inputs or an empty selection
+    with _open(cur, load_mode) as b:
+        _check_selection(b, groups, matrices_only)
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     t0 = time.perf_counter()
     val_s = 0.0

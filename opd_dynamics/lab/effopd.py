@@ -159,7 +159,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
                    log: Callable[[str], None] | None = None) -> Path:
     """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
     effopd.png and effopd.json (options, speedups, timings). Written under a temporary name, then renamed."""
-    from opd_dynamics.writer import atomic_dir, check_output, json_text
+    from opd_dynamics.writer import atomic_dir, json_text
 
     p = get_preset(preset)
     opt = options or EffOPDLabOptions()
@@ -167,8 +167,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     out = Path(out).resolve()
     lab_dir = Path(lab).resolve() if lab is not None else None
-    check_output(out, ("effopd.json",), overwrite=overwrite, inputs=[lab_dir] if lab_dir is not None else [])
-    with atomic_dir(out, ("effopd.json",), overwrite=overwrite) as tmp:
+    with atomic_dir(out, ("effopd.json",), overwrite=overwrite, inputs=[lab_dir] if lab_dir else []) as tmp:
         torch.set_num_threads(p.threads)
         t_all = time.perf_counter()
         teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)

@@ -9,8 +9,8 @@ followed by the end-of-sequence token. Exact match of the parsed answer is the r
 from __future__ import annotations
 
 import random
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
@@ -87,7 +87,7 @@ def exact_match_reward(completions: list[str], answer: list[str], completion_ids
     ok = [is_correct(c, a) for c, a in zip(completions, answer, strict=True)]
     if completion_ids is not None:
         eos, special = _special_ids()
-        ok = [o and eos in ids and not special & set(ids[: list(ids).index(eos)])
+        ok = [o and eos in ids and not special & set(ids[: ids.index(eos)])
               for o, ids in zip(ok, map(list, completion_ids), strict=True)]
     return [1.0 if o else 0.0 for o in ok]
 

@@ -158,6 +158,12 @@ def _prompt_dataset(problems: Sequence[Problem]):
     return Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
 
 
+def _rl_prompts(p: LabPreset, student_dir, seed: int, data_seed: int | None):
+    """Both RL trainers' prompts: the train split the student was made from (see `split_seed`) unless
+    `data_seed` names another."""
+    return _prompt_dataset(splits_for(p, split_seed(student_dir, seed) if data_seed is None else data_seed).train)
+
+
 def _rl_setup(preset, seed: int, max_steps: int | None, save_steps: int | None):
     """What both RL trainers start from: the preset, seeds and threads set, step budget, tokenizer."""
     p = get_preset(preset)
@@ -186,9 +192,8 @@ def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset
     )
     return DistillationTrainer(
         model=student, teacher_model=teacher, args=args,
-        train_dataset=_prompt_dataset(splits_for(p, split_seed(student_dir, seed) if data_seed is None
-                                                 else data_seed).train),
-        processing_class=tok, callbacks=list(callbacks),
+        train_dataset=_rl_prompts(p, student_dir, seed, data_seed), processing_class=tok,
+        callbacks=list(callbacks),
     )
 
 
@@ -226,9 +231,8 @@ def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", 
     )
     return GRPOTrainer(
         model=student, reward_funcs=[exact_match_reward], args=args,
-        train_dataset=_prompt_dataset(splits_for(p, split_seed(student_dir, seed) if data_seed is None
-                                                 else data_seed).train),
-        processing_class=tok, callbacks=list(callbacks),
+        train_dataset=_rl_prompts(p, student_dir, seed, data_seed), processing_class=tok,
+        callbacks=list(callbacks),
     )
 
 

@@ -89,10 +89,10 @@ def _refuse_pooled_runs(tables: dict[str, pd.DataFrame]) -> None:
     together without a word: refuse, naming the run."""
     for name in PER_TENSOR_TABLES:
         df = tables.get(name)
-        key = [c for c in ("run", "step", "tensor", "expert", *_ROW_KEYS.get(name, [])) if df is not None and c in df]
-        if df is None or df.empty or not {"run", "step", "tensor"} <= set(key):
+        if df is None or df.empty or not {"run", "step", "tensor"} <= set(df.columns):
             continue
-        dup = df[df.duplicated(key, keep=False)]
+        dup = df[df.duplicated([c for c in ("run", "step", "tensor", "expert", *_ROW_KEYS.get(name, []))
+                                if c in df], keep=False)]
         if len(dup):
             raise InputError(f"{name}.csv", f"has different rows for run {dup['run'].iloc[0]!r}, step "
                                             f"{dup['step'].iloc[0]}, tensor {dup['tensor'].iloc[0]!r} in two of the "
