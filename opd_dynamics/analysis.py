@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from opd_dynamics import __version__
-from opd_dynamics.engine import TABLES, AnalysisOptions, default_cache_root, execute, make_plans, readers_released
+from opd_dynamics.engine import (TABLES, AnalysisOptions, JobResult, default_cache_root, device_name, execute,
+                                 make_plans, readers_released)
 from opd_dynamics.errors import InputError
 from opd_dynamics.report import RUN_JSON, Report, build_tables
 from opd_dynamics.series import CheckpointSeries
@@ -72,7 +73,8 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
                                        f"(its steps: {', '.join(str(t) for t, _ in s.steps)})")
     with _exclusive(out_path), readers_released(lst):  # one analyze per output: they would share .OUT.partial/
         t0 = time.perf_counter()
-        device_used = opts.resolved_device()
+        if executor != "ray":  # fail before any work; Ray tasks resolve the device against the cluster
+            opts.resolved_device()
         plans = make_plans(lst, names=names, groups=groups, overrides=overrides)
         t_plan = time.perf_counter() - t0
         if opts.token_ids:
@@ -101,8 +103,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
             "inputs": [_series_meta(p) for p in plans],
             "options": asdict(opts),
             "dtype": {"asked": opts.dtype, "used": _dtype_used(opts, plans)},
-            "device": {"asked": opts.device, "used": device_used,
-                       "name": torch.cuda.get_device_name() if device_used.startswith("cuda") else _cpu_name()},
+            "device": _device_meta(opts, executor, results),
             "executor": {"kind": executor, "workers": workers, "ray_address": ray_address},
             "timings_s": {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
                           "tensor_compute_sum": round(sum(r.seconds for r in results), 3)},
@@ -153,14 +154,14 @@ def _dtype_used(opts, plans) -> str:
     return used + "; norms and cosines summed in float64"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _device_meta(opts: AnalysisOptions, executor: str, results: Sequence[JobResult]) -> dict:
+    """run.json's device: what the workers that computed tensors used (with Ray, the cluster's cards)."""
+    used = sorted({r.device for r in results if r.device is not None})
+    if not used and executor != "ray":  # every tensor from the resume cache
+        dev = opts.resolved_device()
+        used = [(dev, device_name(dev))]
+    return {"asked": opts.device, "used": ", ".join(u for u, _ in used) or "none (every tensor came from the cache)",
+            "name": ", ".join(sorted({n for _, n in used}))}
 
 
 def _check_token_ids(ids: Sequence[int], plans) -> None:

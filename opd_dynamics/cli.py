@@ -114,7 +114,8 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
 @click.option("--no-alignment", is_flag=True, help="Skip alignment to the reference step.")
 @click.option("--ref-step", type=int, default=None, help="Alignment reference step (default: last).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or auto. With --executor ray, resolved on the cluster: each CUDA task asks Ray for one GPU.")
 @click.option("--executor", type=click.Choice(["serial", "process", "ray"]), default="serial", show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start a local instance).")

@@ -9,14 +9,16 @@ and cached on disk, shared by every run and series from that base.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import platform
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -74,8 +76,24 @@ class AnalysisOptions:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(None, "--device cuda was asked for but torch sees no CUDA device")
+            vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise InputError(None, "--device cuda was asked for but torch sees no CUDA device"
+                                   + (f" (CUDA_VISIBLE_DEVICES={vis!r})" if vis is not None else ""))
         return self.device
+
+
+@functools.cache
+def device_name(device: str) -> str:
+    """The card's or the CPU's name, for run.json."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def default_cache_root() -> Path:
@@ -215,6 +233,7 @@ class JobResult:
     tables: dict[str, list[dict]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    device: tuple[str, str] | None = None  # (device used, its name), as the worker that ran the job saw it
 
 
 _READERS: dict[tuple, SeriesReader] = {}
@@ -278,10 +297,12 @@ def run_job(job: Job) -> JobResult:
     """Analyse one tensor; any failure is returned as a reason, never raised (one bad tensor ≠ a lost run)."""
     t0 = time.perf_counter()
     try:
+        dev = job.opts.resolved_device()
         with _thread_limits(job):
             tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
                                     Path(job.cache_root) if job.cache_root else None, job.prefetch)
-        return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0)
+        return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0,
+                         (dev, device_name(dev)))
     except InputError as e:
         return JobResult(job.series.name, job.plan.name, {}, str(e), time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 — recorded with where it was raised in run.json
@@ -396,15 +417,31 @@ def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "se
             finally:  # on Ctrl-C or a dead worker, do not run the queued tensors first
                 pool.shutdown(wait=True, cancel_futures=True)
         else:
-            _run_ray(jobs, todo, finish, workers, ray_address)
+            _run_ray(jobs, todo, finish, workers, ray_address, opts.device)
     finally:
         bar.close()
     return [done[i] for i in range(len(jobs))]
 
 
+def ray_task_device(asked: str, cluster_gpus: float) -> tuple[str, int]:
+    """(device, GPUs per task) for Ray tasks. Ray hides every GPU from a task that asks for none
+    (CUDA_VISIBLE_DEVICES=''), so CUDA work must ask for one; Ray then gives each task its own card,
+    which is why 'cuda:N' has no meaning here. 'auto' means CUDA when the cluster has GPUs."""
+    if asked.startswith("cuda:"):
+        raise InputError(None, f"--device {asked} cannot be used with --executor ray: Ray gives each task its "
+                               "own GPU; use --device cuda (or auto)")
+    if asked == "cuda" and cluster_gpus < 1:
+        raise InputError(None, "--device cuda was asked for but the Ray cluster has no GPU "
+                               "(ray.cluster_resources() lists none)")
+    if asked == "cuda" or (asked == "auto" and cluster_gpus >= 1):
+        return "cuda", 1
+    return "cpu", 0
+
+
 def _run_ray(jobs: list[tuple[Job, str]], todo: list[int], finish: Callable[[int, JobResult], None],
-             workers: int, address: str | None) -> None:
-    """Each tensor as a Ray task; at most `workers` in flight so memory stays bounded on every node."""
+             workers: int, address: str | None, device: str) -> None:
+    """Each tensor as a Ray task; at most `workers` in flight so memory stays bounded on every node.
+    The device is resolved against the cluster, not the driver (which may have no GPU)."""
     try:
         import ray
     except ImportError as e:
@@ -415,14 +452,16 @@ def _run_ray(jobs: list[tuple[Job, str]], todo: list[int], finish: Callable[[int
     if started_here:
         kw = {"address": address} if address else {"num_cpus": max(workers, 1), "include_dashboard": False}
         ray.init(ignore_reinit_error=True, log_to_driver=False, **kw)
-    remote = ray.remote(num_cpus=1)(run_job)
     pending: dict = {}
     queue = list(todo)
     try:
+        task_device, gpus = ray_task_device(device, ray.cluster_resources().get("GPU", 0))
+        remote = ray.remote(num_cpus=1, num_gpus=gpus)(run_job)
         while queue or pending:
             while queue and len(pending) < max(workers, 1):
                 i = queue.pop(0)
-                pending[remote.remote(jobs[i][0])] = i
+                job = jobs[i][0]
+                pending[remote.remote(replace(job, opts=replace(job.opts, device=task_device)))] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 i = pending.pop(ref)

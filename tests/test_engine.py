@@ -208,6 +208,39 @@ def test_parallel_executors_give_identical_tables(tmp_path, executor):
         a = df.sort_values(list(df.columns[:8])).reset_index(drop=True)
         b = par.tables[name].sort_values(list(df.columns[:8])).reset_index(drop=True)
         assert a.equals(b), name
+    assert par.meta["device"]["used"] == "cpu"  # reported by the workers that computed the tensors
+
+
+@pytest.mark.parametrize("asked, gpus, want", [("cpu", 0, ("cpu", 0)), ("cpu", 4, ("cpu", 0)),
+                                               ("auto", 0, ("cpu", 0)), ("auto", 2, ("cuda", 1)),
+                                               ("cuda", 1, ("cuda", 1))])
+def test_ray_tasks_ask_for_a_gpu_exactly_when_they_run_on_cuda(asked, gpus, want):
+    from opd_dynamics.engine import ray_task_device
+
+    assert ray_task_device(asked, gpus) == want
+
+
+@pytest.mark.parametrize("asked, message", [("cuda", "the Ray cluster has no GPU"),
+                                            ("cuda:1", "cannot be used with --executor ray")])
+def test_ray_refuses_a_cuda_device_it_cannot_give(asked, message):
+    from opd_dynamics.engine import ray_task_device
+
+    with pytest.raises(InputError, match=message):
+        ray_task_device(asked, 0)
+
+
+def test_ray_tasks_on_a_cluster_with_a_gpu_run_there_not_on_the_drivers_device(tmp_path):
+    """A real local Ray instance that declares one GPU (this machine has none): with --device auto the
+    tasks ask Ray for it and try CUDA on the card Ray assigned. Before, the driver resolved auto to its own
+    CPU and the tasks, which Ray hides every GPU from unless they ask, ran there."""
+    import ray
+    _, _, series = _planted_series(tmp_path, steps=(1,))
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(InputError, match=r"torch sees no CUDA device \(CUDA_VISIBLE_DEVICES='0'\)"):
+            analyze(series, device="auto", executor="ray", workers=1, progress=False)
+    finally:
+        ray.shutdown()
 
 
 def test_a_non_finite_tensor_has_no_energy_share_and_leaves_the_others_theirs():
