@@ -19,7 +19,7 @@ from opd_dynamics.writer import atomic_dir, atomic_write_text, json_text
 ID_COLUMNS = ["run", "step", "tensor", "layer", "group", "module", "expert"]
 TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
 RUN_JSON = "run.json"  # every analysis output holds it (provenance); it marks a directory as one
-_INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "rank90", "numel", "n_rows")
+INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "paired_k", "rank90", "numel", "n_rows")
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Report:
         tables = {}
         for p in csvs:
             df = read_table(p)
-            for c in _INT_COLUMNS:
+            for c in INT_COLUMNS:
                 if c in df.columns and pd.api.types.is_numeric_dtype(df[c]):
                     df[c] = df[c].astype("Int64")
             tables[p.stem] = df
@@ -103,7 +103,7 @@ def _frame(rows: list[dict], first: list[str]) -> pd.DataFrame:
         return df
     cols = [c for c in first if c in df.columns] + [c for c in df.columns if c not in first]
     df = df[cols]
-    for c in _INT_COLUMNS:
+    for c in INT_COLUMNS:
         if c in df.columns:
             df[c] = pd.array(df[c].astype("float").round(), dtype="Int64") if df[c].isna().any() else df[c]
     return df

@@ -117,6 +117,21 @@ def test_low_rank_update_uses_k_up_to_its_rank():
     assert got["paired_cosine"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_an_update_of_rank_between_k_and_K_records_both_counts_it_used():
+    """Rank 18: the overlaps use k = 16 of them, paired_cosine all 18 (K = 20 asked); both are recorded."""
+    rng = np.random.default_rng(6)
+    Qu, Qv, _ = _bases(6)
+    s = np.linspace(4.0, 1.0, 18)
+    Dt = (Qu[:, :18] * s) @ Qv[:, :18].T
+    Rv = random_orthogonal(18, 18, rng)  # the same subspaces, the directions mixed within them
+    DT = (Qu[:, :18] @ Rv * s[::-1]) @ (Qv[:, :18] @ Rv).T
+    got = _metrics(Dt, DT)
+    assert (got["k"], got["paired_k"]) == (16, 18)
+    ref = ref_alignment(Dt, DT, k=16, K=18)
+    for key in ("subspace_overlap_u", "paired_cosine", "rank1_cosine"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-6), key
+
+
 @pytest.mark.parametrize("m, n, r", [(96, 64, 3), (256, 1024, 8)])
 def test_float32_low_rank_update_counts_rounding_as_no_rank(m, n, r):
     """A rank-r update formed in float32 (a LoRA B @ A): its rounding noise is not rank, so k = r and the

@@ -14,7 +14,7 @@ from torch import Tensor
 from .norms import dot64
 from .spectrum import Decomposition
 
-ALIGNMENT_KEYS = ("k", "subspace_overlap_u", "subspace_overlap_v", "max_principal_angle_deg",
+ALIGNMENT_KEYS = ("k", "paired_k", "subspace_overlap_u", "subspace_overlap_v", "max_principal_angle_deg",
                   "paired_cosine", "rank1_cosine", "direction_cosine")
 
 
@@ -35,12 +35,13 @@ def alignment_metrics(dec_t: Decomposition, dec_T: Decomposition, delta_t: Tenso
                       k: int = 16, K: int = 20) -> dict:
     """alignment.csv columns of step t against reference T (definitions in DESIGN.md).
 
-    k used = min(k, numerical rank at t and at T, vectors held); K likewise for paired_cosine.
+    k used = min(k, numerical rank at t and at T, vectors held), recorded as `k`; K likewise for
+    paired_cosine and rank1_cosine, recorded as `paired_k`.
     Overlaps and angles are NaN when either update has no defined directions (zero, non-finite);
     direction_cosine is NaN when either update is zero.
     """
     out: dict = {key: math.nan for key in ALIGNMENT_KEYS}
-    out["k"] = 0
+    out["k"] = out["paired_k"] = 0
     f2t, f2T = dec_t.fro2, dec_T.fro2
     if delta_t.shape != delta_T.shape:
         raise ValueError(f"alignment_metrics: update shapes differ {tuple(delta_t.shape)} vs {tuple(delta_T.shape)}")
@@ -57,7 +58,7 @@ def alignment_metrics(dec_t: Decomposition, dec_T: Decomposition, delta_t: Tenso
     KK = min(K, rank, held)
     Mu = Ut[:, :kk].T @ UT[:, :kk]
     Mv = Vt[:, :kk].T @ VT[:, :kk]
-    out["k"] = kk
+    out["k"], out["paired_k"] = kk, KK
     out["subspace_overlap_u"] = float(Mu.square().sum()) / kk
     out["subspace_overlap_v"] = float(Mv.square().sum()) / kk
     out["max_principal_angle_deg"] = math.degrees(float(principal_angles(Ut[:, :kk], UT[:, :kk]).max()))

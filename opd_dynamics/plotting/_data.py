@@ -12,15 +12,14 @@ import numpy as np
 import pandas as pd
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.report import PER_TENSOR_TABLES, read_table
+from opd_dynamics.report import INT_COLUMNS, PER_TENSOR_TABLES, read_table
 
 # tables that carry one run per lab directory (a missing 'run' column is filled from the directory name)
 _PER_RUN_TABLES = {"eval", "module_allocation", "spectrum", "singular_values", "alignment", "geometry",
                    "embedding", "summary"}
 # provenance files shown in reports (analysis, lab run, EffOPD measurement, interventions)
 PROVENANCE_FILES = ("run.json", "lab.json", "effopd.json", "interventions.json")
-_INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "numel", "n_rows", "seed", "center_layer",
-                "first_layer", "last_layer")
+_INT_COLUMNS = (*INT_COLUMNS, "seed", "center_layer", "first_layer", "last_layer")  # and the lab's
 
 
 @dataclass
