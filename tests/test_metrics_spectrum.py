@@ -247,7 +247,7 @@ def test_subspace_route_declines_without_a_gap_and_falls_back():
 @pytest.mark.parametrize("shape,k", [((300, 500), 20), ((500, 300), 20), ((400, 64), 64), ((64, 400), 100),
                                      ((256, 256), 1)])
 def test_tridiagonal_route_matches_float64_svd(shape, k, device):
-    """The syrk + dsytrd + dsterf + dstemr + dormqr route: all values and the top-k vectors of a planted
+    """The syrk + dsytrd + dsterf + dstein + dormqr route: all values and the top-k vectors of a planted
     spectrum equal numpy's float64 SVD (k beyond the side gives every vector)."""
     rng = np.random.default_rng(12)
     r = min(shape)
@@ -283,6 +283,40 @@ def test_tridiagonal_route_on_a_flat_spectrum_gives_an_orthonormal_basis():
     np.testing.assert_allclose(dec.singular_values.numpy(), 3.0, rtol=1e-12)
     np.testing.assert_allclose((dec.V.T @ dec.V).numpy(), np.eye(20), atol=1e-10)
     np.testing.assert_allclose((M @ dec.V).numpy(), 3.0 * dec.U.numpy(), atol=1e-10)
+
+
+def test_inverse_iteration_that_fails_falls_back_to_mrrr(monkeypatch):
+    """dstein reports vectors that did not converge (injected: no real input makes it fail on demand):
+    dstemr computes them instead and the answer is the float64 SVD's."""
+    from opd_dynamics.metrics import spectrum
+
+    rng = np.random.default_rng(16)
+    s = np.geomspace(6, 0.05, 120)
+    A = planted(400, 120, s, rng)
+    calls = []
+    lapack = spectrum.lapack
+
+    class FailingStein:
+        def __getattr__(self, name):
+            return getattr(lapack, name)
+
+        @staticmethod
+        def dstein(*a):
+            calls.append("dstein")
+            z, _ = lapack.dstein(*a)
+            return z, 3  # info > 0: three vectors failed to converge
+
+        @staticmethod
+        def dstemr(*a):
+            calls.append("dstemr")
+            return lapack.dstemr(*a)
+
+    monkeypatch.setattr(spectrum, "lapack", FailingStein())
+    dec = decompose(torch.tensor(A), k_vectors=24, vectors="tridiagonal")
+    assert calls == ["dstein", "dstemr"] and dec.method == "exact-gram-f64"
+    _, _, Vt = np.linalg.svd(A, full_matrices=False)
+    np.testing.assert_allclose(np.abs((dec.V.numpy() * Vt[:24].T).sum(0)), 1.0, atol=1e-9)
+    np.testing.assert_allclose((torch.tensor(A) @ dec.V).numpy(), dec.U.numpy() * s[:24], atol=1e-9)
 
 
 def test_a_lapack_failure_on_the_tridiagonal_route_falls_back_to_eigh(monkeypatch):

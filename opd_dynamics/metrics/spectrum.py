@@ -177,6 +177,28 @@ def gram_eig(G: Tensor, k: int, vectors: str = "auto") -> tuple[Tensor, Tensor |
     return lam.flip(0), Q.flip(1)[:, :k].contiguous()
 
 
+def _top_tridiagonal_vectors(d: np.ndarray, e: np.ndarray, lam: np.ndarray, k: int) -> np.ndarray | None:
+    """The eigenvectors of the top k of ``lam`` (all eigenvalues of the tridiagonal (d, e), ascending),
+    descending, Fortran-ordered; None when LAPACK fails.
+
+    Inverse iteration from the known eigenvalues (dstein, which reorthogonalises within clusters) is
+    4-5x faster than MRRR (dstemr), which finds the eigenvalues again: 11 ms against 45-60 ms for 180
+    vectors of an 896-side Gram (the base's top 20%), 1.2 against 8-10 ms for 20. dstemr stays the
+    fallback for a cluster inverse iteration cannot separate.
+    """
+    n = d.size
+    block = np.ones(n, dtype=np.int32)
+    split = np.zeros(n, dtype=np.int32)
+    split[0] = n  # one block: every eigenvalue is one of the whole matrix
+    z, info = lapack.dstein(d, e, lam[n - k :], block, split)
+    if info == 0:
+        return np.array(z[:, ::-1], order="F")
+    m, _, z, info = lapack.dstemr(d, np.append(e, 0.0), 3, 0.0, 0.0, n - k + 1, n)  # it overwrites e
+    if info != 0 or m != k:
+        return None
+    return np.array(z[:, k - 1 :: -1], order="F")
+
+
 def _tridiagonal_gram_eig(M: Tensor, left: bool, k: int) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """On CPU: the eigenvalues of M's float64 Gram on the ``left`` (M M^T) or right side (descending),
     its top-k eigenvectors Q, and M^T Q (left) or M Q (right) (None, None for k = 0); None when LAPACK
@@ -184,7 +206,7 @@ def _tridiagonal_gram_eig(M: Tensor, left: bool, k: int) -> tuple[Tensor, Tensor
 
     Only what the metrics need is computed: the Gram's lower triangle by BLAS syrk (half the flops of
     a matmul), one tridiagonal reduction (dsytrd), all eigenvalues from it (dsterf), k eigenvectors
-    (dstemr, then the Householder back-transform, dormqr). All of it, the product with M included, runs
+    (inverse iteration, then the Householder back-transform, dormqr). All of it, the product with M included, runs
     in one BLAS (scipy's) so the torch and BLAS thread pools do not take turns spinning. On the 2-core
     CPU: 0.085 s for a 4864x896 matrix against 0.16 s for matmul + full eigh, with the same eigenvalues
     (the reduction is the one eigh uses).
@@ -203,10 +225,9 @@ def _tridiagonal_gram_eig(M: Tensor, left: bool, k: int) -> tuple[Tensor, Tensor
     k = min(k, n)
     if k == 0:
         return lam_t, None, None
-    m, _, z, info = lapack.dstemr(d, np.append(e, 0.0), 3, 0.0, 0.0, n - k + 1, n)
-    if info != 0 or m != k:
+    Z = _top_tridiagonal_vectors(d, e, lam, k)
+    if Z is None:
         return None
-    Z = np.array(z[:, k - 1 :: -1], order="F")  # descending
     if n > 1:  # Q = H(1)...H(n-1); the reflectors are those of a QR of c[1:, :n-1]
         # LAPACK's blocked code needs lwork >= k*nb + (nb+1)*nb (nb = 64); with less it runs the unblocked
         # one (20 vectors of an 896-side Gram: 7.3 ms against 3.8 ms, copies included)
