@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from opd_dynamics.effopd import EffOPD, is_power_of_two, make_trigger, select_parameters
+from opd_dynamics.effopd.search import TriggerRecord, published_search
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
@@ -126,19 +129,35 @@ def test_planted_linear_trajectory_finds_known_k_and_updates_anchor():
         assert torch.equal(dict(m.named_parameters())[n].detach().double(), w2[n].double() + 4 * e2[n])
 
 
-def test_tie_accepts_with_geq_and_rejects_with_strict():
+def test_tie_accepts_with_geq_and_rejects_with_strict(caplog):
     for strict, k_expected in ((False, 5), (True, 0)):
         m = Tiny()
         d = planted_direction(m, 3)
         e = EffOPD(m, lambda _: 1.0, strict=strict)
         move(m, d)
         wt = params(m)
-        rec = e.after_step(1)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="opd_dynamics.effopd.search"):
+            rec = e.after_step(1)
         assert rec.k_accepted == k_expected
+        assert rec.tie is (not strict)  # a jump no score could justify is reported, in the log and the CSV row
+        assert ("on a tie: every score was 1" in caplog.text) is (not strict)
+        assert e.records_frame()["tie"].tolist() == [not strict]
         assert rec.scores == ([1.0] * 6 if not strict else [1.0, 1.0])
         for n in (Q, UP):
             expect = wt[n].double() + 2 * k_expected * d[n]
             assert torch.equal(dict(m.named_parameters())[n].detach().double(), expect)
+
+
+@pytest.mark.parametrize("scores, k, tie", [([0.5, 0.6, 0.6, 0.4], 2, False), ([0.0, 0.0, 0.0], 2, True),
+                                           ([0.3, 0.2], 0, False), ([0.3, 0.3, 0.2], 1, True)])
+def test_a_tie_is_a_jump_no_candidate_scored_above_w_t_for(scores, k, tie):
+    it = iter(scores)
+    k_acc, got = published_search(lambda _: next(it), len(scores) - 1)
+    rec = TriggerRecord(step=1, scores=got, coefs=[], k_accepted=k_acc, coef=2.0 * k_acc, delta_norm=1.0,
+                        validation_s=0.0, extrapolate_s=0.0)
+    assert (rec.k_accepted, rec.tie) == (k, tie)
+    assert replace(rec, mode="fixed").tie is False  # a fixed jump is not a search
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

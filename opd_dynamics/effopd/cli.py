@@ -71,6 +71,8 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
                              max_shard_bytes=parse_size(max_shard_size), load_mode=load_mode)
     click.echo(f"accepted k={rec.k_accepted} (coef {rec.coef:g}); scores "
                + ", ".join(f"k{k}={s:g}" for k, s in enumerate(rec.scores)) + f"; wrote {out}")
+    if rec.tie:
+        click.echo(f"warning: {rec.tie_note()}", err=True)
 
 
 @click.command("effopd")

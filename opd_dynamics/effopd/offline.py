@@ -211,7 +211,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
                             k_accepted=k_acc, coef=coef_step * k_acc, delta_norm=float("nan"), validation_s=val_s,
                             extrapolate_s=time.perf_counter() - t0 - val_s)
         info = {"prev": str(prev.resolve()), "cur": str(cur.resolve()), "k_accepted": k_acc,
-                "coef": coef_step * k_acc, "scores": scores, "coefs": rec.coefs, "strict": strict,
+                "coef": coef_step * k_acc, "scores": scores, "coefs": rec.coefs, "strict": strict, "tie": rec.tie,
                 "groups": list(groups) if groups is not None else None, "matrices_only": matrices_only,
                 "eval_cmd": score if isinstance(score, str) else None, "validation_s": val_s}
         atomic_write_text(keep / "effopd_search.json", json_text(info))

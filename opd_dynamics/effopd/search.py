@@ -12,6 +12,7 @@ function that raises, restores them bit for bit.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from opd_dynamics.naming import MATRIX_GROUPS, parse_name
+
+_log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[torch.nn.Module], float]
 Trigger = Callable[[int], bool]
@@ -126,9 +129,21 @@ class TriggerRecord:
     extrapolate_s: float
     mode: str = "adaptive"
 
+    @property
+    def tie(self) -> bool:
+        """A jump accepted although no candidate scored above W_t (the ≥ rule on equal scores, e.g. a
+        validation accuracy stuck at 0): the score could not tell the candidates apart."""
+        return self.mode == "adaptive" and self.k_accepted > 0 and self.scores[self.k_accepted] == self.scores[0]
+
+    def tie_note(self) -> str:
+        """One sentence for logs when `tie` holds."""
+        return (f"EffOPD accepted k={self.k_accepted} (coef {self.coef:g}) on a tie: every score was "
+                f"{self.scores[0]:g}, W_t's included, so the validation could not tell the candidates apart "
+                "(strict=True / --strict keeps W_t on ties)")
+
     def as_log(self, prefix: str = "effopd/") -> dict[str, float]:
         """Flat numbers for a trainer log (`state.log_history`, wandb …)."""
-        d = {f"{prefix}k": float(self.k_accepted), f"{prefix}coef": self.coef,
+        d = {f"{prefix}k": float(self.k_accepted), f"{prefix}coef": self.coef, f"{prefix}tie": float(self.tie),
              f"{prefix}delta_norm": self.delta_norm, f"{prefix}validation_s": self.validation_s}
         for i, s in enumerate(self.scores):
             d[f"{prefix}score_k{i}"] = s
@@ -137,6 +152,7 @@ class TriggerRecord:
     def as_row(self) -> dict[str, object]:
         """One CSV row (scores and coefficients as JSON lists)."""
         row = asdict(self)
+        row["tie"] = self.tie
         row["scores"] = json.dumps(self.scores)
         row["coefs"] = json.dumps(self.coefs)
         return row
@@ -286,6 +302,8 @@ class EffOPD:
                             coef=self.coef_step * k_acc, delta_norm=delta_norm, validation_s=val_s,
                             extrapolate_s=time.perf_counter() - t0 - val_s,
                             mode="fixed" if self.fixed_k is not None else "adaptive")
+        if rec.tie:
+            _log.warning("step %s: %s", step, rec.tie_note())
         self.records.append(rec)
         return rec
 
@@ -293,5 +311,5 @@ class EffOPD:
         """All triggers so far as a DataFrame (one row per trigger)."""
         import pandas as pd
 
-        cols = ["step", "mode", "k_accepted", "coef", "scores", "coefs", "delta_norm", "validation_s", "extrapolate_s"]
+        cols = ["step", "mode", "k_accepted", "coef", "tie", "scores", "coefs", "delta_norm", "validation_s", "extrapolate_s"]
         return pd.DataFrame([r.as_row() for r in self.records], columns=cols)

@@ -42,9 +42,9 @@ from opd_dynamics.lab.task import build_tokenizer
 from opd_dynamics.lab.train import build_opd_trainer, split_seed, splits_for, train_teacher_and_student
 
 METHODS = ("vanilla", "effopd", "fixed")
-SUMMARY_COLUMNS = ["seed", "method", "steps_to_target", "final_accuracy", "wall_s", "validation_s"]
+SUMMARY_COLUMNS = ["seed", "method", "steps_to_target", "final_accuracy", "wall_s", "validation_s", "tie_accepts"]
 CURVE_COLUMNS = ["seed", "method", "step", "accuracy", "wall_s"]
-TRIGGER_COLUMNS = ["seed", "method", "step", "k_accepted", "coef", "scores"]
+TRIGGER_COLUMNS = ["seed", "method", "step", "k_accepted", "coef", "tie", "scores"]
 
 
 @dataclass(frozen=True)
@@ -146,11 +146,14 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
     c = pd.DataFrame(curve.rows).assign(seed=seed, method=method)[CURVE_COLUMNS]
     recs = eff.records if eff is not None else []
     trig = pd.DataFrame([{"seed": seed, "method": method, "step": r.step, "k_accepted": r.k_accepted,
-                          "coef": r.coef, "scores": json.dumps(r.scores)} for r in recs], columns=TRIGGER_COLUMNS)
+                          "coef": r.coef, "tie": r.tie, "scores": json.dumps(r.scores)} for r in recs], columns=TRIGGER_COLUMNS)
+    ties = sum(r.tie for r in recs)
     info = {"wall_s": total - curve.eval_s, "validation_s": sum(r.validation_s for r in recs),
-            "final_accuracy": float(c.sort_values("step")["accuracy"].iloc[-1])}
+            "final_accuracy": float(c.sort_values("step")["accuracy"].iloc[-1]), "tie_accepts": ties}
     log(f"[effopd] seed {seed} {method}: final accuracy {info['final_accuracy']:.3f}, wall {info['wall_s']:.0f}s "
-        f"(validation {info['validation_s']:.0f}s)" + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else ""))
+        f"(validation {info['validation_s']:.0f}s)" + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
+        + (f"; {ties} of them accepted on a tie (every score equal to W_t's: the validation could not tell the "
+           "candidates apart; --strict keeps W_t on ties)" if ties else ""))
     return c, trig, info
 
 
@@ -205,7 +208,7 @@ def summarize(curves: pd.DataFrame, runs: pd.DataFrame, target_fraction: float =
         r = runs[(runs["seed"] == seed) & (runs["method"] == method)].iloc[0]
         rows.append({"seed": seed, "method": method, "steps_to_target": steps_to_target(c, target),
                      "final_accuracy": float(r["final_accuracy"]), "wall_s": float(r["wall_s"]),
-                     "validation_s": float(r["validation_s"])})
+                     "validation_s": float(r["validation_s"]), "tie_accepts": int(r.get("tie_accepts", 0))})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
