@@ -126,6 +126,8 @@ def key_tables(tables: Tables) -> list[tuple[str, pd.DataFrame]]:
             m["step speedup vs vanilla (median of per-seed ratios)"] = [
                 (v / g.set_index("seed")["steps_to_target"]).median() for _, g in s.groupby("method")]
         m.columns = [f"median {c}" if c in cols else c for c in m.columns]
+        if "tie_accepts" in s.columns:  # jumps no validation score justified (EFFOPD.md, "Ties")
+            m["jumps accepted on a tie (all seeds)"] = pd.to_numeric(s["tie_accepts"], errors="coerce").groupby(s["method"]).sum()
         out.append(("EffOPD summary (median over seeds)", m.reset_index()))
     return out
 

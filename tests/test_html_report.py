@@ -138,7 +138,8 @@ def test_effopd_summary_is_the_median_of_per_seed_ratios_and_counts_misses():
     from opd_dynamics.html_report import key_tables
     from opd_dynamics.plotting import as_tables
 
-    rows = [dict(seed=s, method=m, steps_to_target=v, final_accuracy=0.9, wall_s=1.0, validation_s=0.0)
+    rows = [dict(seed=s, method=m, steps_to_target=v, final_accuracy=0.9, wall_s=1.0, validation_s=0.0,
+                 tie_accepts=s if m == "effopd" else 0)
             for m, vals in (("vanilla", (100, 200, 300)), ("effopd", (100, 50, 300)), ("fixed", (50, None, None)))
             for s, v in zip((0, 1, 2), vals)]
     out = dict(key_tables(as_tables({"effopd_summary": pd.DataFrame(rows)})))
@@ -147,3 +148,4 @@ def test_effopd_summary_is_the_median_of_per_seed_ratios_and_counts_misses():
     assert speed["effopd"] == pytest.approx(1.0)  # ratios 1, 4, 1 (the ratio of medians would say 4)
     assert speed["fixed"] == pytest.approx(2.0)  # only seed 0 reached the target
     assert list(t.loc[["vanilla", "effopd", "fixed"], "seeds reaching target"]) == [3, 3, 1]
+    assert list(t.loc[["vanilla", "effopd", "fixed"], "jumps accepted on a tie (all seeds)"]) == [0, 3, 0]
