@@ -100,6 +100,16 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the permissions any other new file gets (0666 less the umask):
+    safetensors 0.8 creates its files 0600, unreadable to the colleagues and evaluation jobs of a shared
+    cluster."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _plain(x):
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
@@ -148,7 +158,7 @@ def write_model(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path
             if not current:
                 return
             fname = f"shard-{len(shards):05d}.safetensors"
-            save_file(current, str(tmp / fname), metadata=meta)
+            save_safetensors(current, tmp / fname, metadata=meta)
             shards.append({"file": fname, "names": list(current)})
             current, size = {}, 0
 

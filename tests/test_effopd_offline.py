@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -114,6 +116,10 @@ def test_extrapolate_cli(tmp_path):
     got = read_all(tmp_path / "O")
     n = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(got[n], (b[n].double() + 4 * (b[n].double() - a[n].double())).to(torch.bfloat16))
+    mask = os.umask(0)  # read the umask: the weights get the mode any new file gets (safetensors alone: 0600)
+    os.umask(mask)
+    shards = list((tmp_path / "O").glob("*.safetensors"))
+    assert len(shards) > 1 and {stat.S_IMODE(f.stat().st_mode) for f in shards} == {0o666 & ~mask}
     r = CliRunner().invoke(main, ["extrapolate", "--prev", str(pa), "--cur", str(pb), "--coef", "4",
                                   "--out", str(pb / "inside")])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "overlaps the input" in r.output

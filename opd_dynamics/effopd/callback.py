@@ -192,14 +192,12 @@ class EffOPDCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.effopd is None or not state.is_world_process_zero:
             return control
-        from safetensors.torch import save_file
-
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
-            from opd_dynamics.writer import atomic_file
+            from opd_dynamics.writer import atomic_file, save_safetensors
 
             with atomic_file(ckpt / ANCHOR_FILE) as tmp:
-                save_file(self.effopd.anchor_state(), str(tmp))
+                save_safetensors(self.effopd.anchor_state(), tmp)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
