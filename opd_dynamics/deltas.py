@@ -99,6 +99,15 @@ def _not_analysable(name: str, dtype: str) -> str | None:
     return None
 
 
+def steps_text(steps: list[int], most: int = 6) -> str:
+    """'step 30', 'steps 30, 60, 120' or, for a long list, 'steps 30, 60, …, 600 (10 steps)'."""
+    if len(steps) == 1:
+        return f"step {steps[0]}"
+    if len(steps) <= most:
+        return "steps " + ", ".join(map(str, steps))
+    return f"steps {steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} steps)"
+
+
 def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups: tuple[str, ...] | None = None,
                 overrides: Override | None = None, reader: SeriesReader | None = None) -> Plan:
     """Decide which tensors to analyse at which steps; list everything skipped with a reason."""
@@ -124,21 +133,22 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                 continue
             shape = entry.shape
             transposed = stored_transposed(name, shape, model_type)
-            present, rows, problems, nbytes = [], None, [], entry.nbytes
+            present, rows, nbytes = [], None, entry.nbytes
+            problems: dict[str, list[int]] = {}  # what is wrong -> the steps it is wrong at
             for step, m in reader.steps.items():
                 if isinstance(m, LoraAdapter):
                     if name in m.names():
                         present.append(step)
                         nbytes += entry.nbytes  # at most: a factored step reads less
                         if not m.is_factored(name) and tuple(m._store.shape(m._full[name])) != shape:
-                            problems.append(f"shape mismatch at step {step}")
+                            problems.setdefault("shape mismatch", []).append(step)
                     continue
                 if name not in m:
-                    problems.append(f"missing at step {step}")
+                    problems.setdefault("missing", []).append(step)
                     continue
                 s = m.shape(name)
                 if _not_analysable(name, m.entries[name].dtype):
-                    problems.append(f"{m.entries[name].dtype} at step {step} (the base has {entry.dtype})")
+                    problems.setdefault(f"{m.entries[name].dtype} (the base has {entry.dtype})", []).append(step)
                 elif s == shape:
                     present.append(step)
                     nbytes += m.entries[name].nbytes
@@ -147,9 +157,10 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                     present.append(step)
                     nbytes += m.entries[name].nbytes
                 else:
-                    problems.append(f"shape mismatch: base {list(shape)} vs step {step} {list(s)}")
+                    problems.setdefault(f"shape mismatch: base {list(shape)} vs {list(s)}", []).append(step)
             if problems:
-                skipped.append({"run": series.name, "tensor": name, "reason": "; ".join(problems),
+                skipped.append({"run": series.name, "tensor": name,
+                                "reason": "; ".join(f"{what} at {steps_text(st)}" for what, st in problems.items()),
                                 "analysed_steps": present})
             if not present:
                 continue
@@ -163,8 +174,8 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                 for name in m.names():
                     if name not in base and (groups is None or parse_name(name, overrides).group in groups):
                         extra.setdefault(name, []).append(step)
-            skipped += [{"run": series.name, "tensor": n, "reason": f"not in base {series.base} (in steps "
-                         f"{', '.join(map(str, st))})"} for n, st in extra.items()]
+            skipped += [{"run": series.name, "tensor": n, "reason": f"not in base {series.base} (in {steps_text(st)})"}
+                        for n, st in extra.items()]
         if not tensors:
             raise InputError(series.base, f"shares no analysable tensor with the checkpoints of run "
                                           f"{series.name!r} ({len(skipped)} skipped, e.g. "

@@ -192,8 +192,22 @@ def test_fp8_weights_their_scales_and_integer_steps_are_skipped_with_reasons(tmp
     rep = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), out=out, progress=False)
     reasons = {s["tensor"]: s["reason"] for s in json.loads((out / "run.json").read_text())["skipped"]}
     assert "FP8 codes" in reasons[q] and "scale of a quantised weight" in reasons[q + "_scale_inv"]
-    assert "I8 at step 1" in reasons[up]
+    assert reasons[up] == "I8 (the base has F32) at step 1"
     assert not {q, q + "_scale_inv", up} & set(rep.module_allocation["tensor"])
+
+
+def test_a_problem_at_many_steps_is_named_once_with_its_steps(tmp_path):
+    """A base of another width: one sentence per tensor, not one clause per step."""
+    from opd_dynamics.deltas import steps_text
+
+    assert steps_text([5]) == "step 5" and steps_text([1, 2, 3]) == "steps 1, 2, 3"
+    assert steps_text(list(range(10, 101, 10))) == "steps 10, 20, …, 100 (10 steps)"
+    write_dir(tmp_path / "base", {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 8)})
+    for t in range(1, 9):
+        write_dir(tmp_path / "run" / f"checkpoint-{t}", {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 6)})
+    with pytest.raises(InputError) as e:
+        analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    assert str(e.value).endswith("(1 skipped, e.g. shape mismatch: base [4, 8] vs [4, 6] at steps 1, 2, …, 8 (8 steps))")
 
 
 def test_nothing_in_common_is_an_error(tmp_path):
