@@ -418,7 +418,9 @@ def test_plot_all_from_dirs_writes_atomically_and_reports_skips(tmp_path, tables
     assert set(skipped) == {"eval_curves", "embedding_swap", "scaling", "rank_recovery", "rescale", "effopd_curves"}
     assert skipped["scaling"] == "scaling.csv is absent"
     res2 = P.plot_all(dirs[:1], tmp_path / "figs2", formats=("png",), figures=["alignment", "scaling"])
-    assert [p.name for p in res2] == ["alignment.png"] and res2.skipped == skipped
+    assert [p.name for p in res2] == ["alignment.png"] and res2.skipped == {"scaling": skipped["scaling"]}
+    with pytest.raises(InputError, match="unknown figure.s. nosuch; the figures are .*alignment"):
+        P.plot_all(dirs[:1], tmp_path / "figs4", figures=["nosuch"])
     with pytest.raises(InputError, match="format"):
         P.plot_all(dirs, tmp_path / "figs3", formats=("jpg",))
 

@@ -147,8 +147,10 @@ def plot_all(reports_or_dirs: Any, out_dir: str | Path, formats: Sequence[str] =
     if figures is not None:
         unknown = sorted(set(figures) - {s.name for s in FIGURES})
         if unknown:
-            raise InputError(None, f"unknown figure(s) {', '.join(unknown)}")
+            raise InputError(None, f"unknown figure(s) {', '.join(unknown)}; the figures are "
+                                   f"{', '.join(s.name for s in FIGURES)}")
         ok = [s for s in ok if s.name in figures]
+        skipped = {n: r for n, r in skipped.items() if n in figures}  # only what was asked for
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a directory")
