@@ -16,7 +16,7 @@ import torch
 
 from opd_dynamics import __version__
 from opd_dynamics.engine import (TABLES, AnalysisOptions, JobResult, default_cache_root, device_name, execute,
-                                 make_plans, readers_released)
+                                 make_plans, readers_released, resolve_executor)
 from opd_dynamics.errors import InputError
 from opd_dynamics.report import RUN_JSON, Report, build_tables
 from opd_dynamics.series import CheckpointSeries
@@ -53,7 +53,7 @@ def describe(series: SeriesLike, groups: tuple[str, ...] | None = None, override
 
 def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: bool = False,
             options: AnalysisOptions | None = None, names: list[str] | None = None,
-            groups: tuple[str, ...] | None = None, overrides=None, executor: str = "serial", workers: int = 1,
+            groups: tuple[str, ...] | None = None, overrides=None, executor: str | None = None, workers: int = 1,
             ray_address: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
             command: str | None = None, **option_kwargs) -> Report:
     """Analyse one or more checkpoint series (e.g. OPD and RL from one base) into a Report.
@@ -61,8 +61,10 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
     With `out`, the CSVs and run.json are written there: work goes to `.OUT.partial/` (which also holds
     per-tensor results, so rerunning the same command after an interruption resumes), renamed to OUT at
     the end. `option_kwargs` are AnalysisOptions fields (svd='fast', geometry=True, device='cuda', …).
+    `executor` defaults to 'process' when `workers` > 1, 'ray' with a `ray_address`, else 'serial'.
     """
     opts = options or AnalysisOptions(**option_kwargs)
+    executor = resolve_executor(executor, workers, ray_address)
     lst = _as_list(series)
     out_path = None if out is None else check_output(
         out, (RUN_JSON,), overwrite=overwrite, inputs=[p for s in lst for p in (s.base, *(p for _, p in s.steps))])

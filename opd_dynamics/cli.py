@@ -116,8 +116,10 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda or auto. With --executor ray, resolved on the cluster: each CUDA task asks Ray for one GPU.")
-@click.option("--executor", type=click.Choice(["serial", "process", "ray"]), default="serial", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--executor", type=click.Choice(["serial", "process", "ray"]), default=None,
+              help="Default: process with --workers > 1, ray with --ray-address, else serial.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensors analysed at once (process or Ray executor).")
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start a local instance).")
 @click.option("--token-ids", type=click.Path(exists=True, dir_okay=False), default=None,
               help="File of token ids (whitespace separated) for the embedding cosine over a token set.")

@@ -363,6 +363,21 @@ def _hashes(reader: SeriesReader) -> str:
     return _sha(*(_model_identity(m) for m in (reader.base, *reader.steps.values())))
 
 
+def resolve_executor(executor: str | None, workers: int, ray_address: str | None) -> str:
+    """The executor to use: unnamed, Ray when a cluster address is given, worker processes when more than
+    one worker is asked for, else serial. Options the named executor would ignore are refused."""
+    if executor is None:
+        executor = "ray" if ray_address else "process" if workers > 1 else "serial"
+    if executor not in EXECUTORS:
+        raise InputError(None, f"--executor must be one of {EXECUTORS}, not {executor!r}")
+    if executor == "serial" and workers > 1:
+        raise InputError(None, f"--workers {workers} needs --executor process or ray: serial analyses one tensor "
+                               "at a time")
+    if ray_address and executor != "ray":
+        raise InputError(None, f"--ray-address is for --executor ray, not {executor}")
+    return executor
+
+
 def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "serial", workers: int = 1,
             ray_address: str | None = None, resume_dir: Path | None = None, cache_root: Path | None = None,
             progress: bool = True, on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:

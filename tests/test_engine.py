@@ -211,6 +211,18 @@ def test_parallel_executors_give_identical_tables(tmp_path, executor):
     assert par.meta["device"]["used"] == "cpu"  # reported by the workers that computed the tensors
 
 
+def test_more_than_one_worker_means_worker_processes_and_serial_refuses_them(tmp_path):
+    """--workers 2 alone used to run serially (run.json: serial, 2 workers); now it picks processes, and
+    options an explicitly named executor would ignore are refused."""
+    _, _, series = _planted_series(tmp_path, steps=(1,))
+    rep = analyze(series, workers=2, progress=False)
+    assert rep.meta["executor"] == {"kind": "process", "workers": 2, "ray_address": None}
+    with pytest.raises(InputError, match="--workers 2 needs --executor process or ray"):
+        analyze(series, executor="serial", workers=2, progress=False)
+    with pytest.raises(InputError, match="--ray-address is for --executor ray, not process"):
+        analyze(series, executor="process", ray_address="127.0.0.1:1", progress=False)
+
+
 @pytest.mark.parametrize("asked, gpus, want", [("cpu", 0, ("cpu", 0)), ("cpu", 4, ("cpu", 0)),
                                                ("auto", 0, ("cpu", 0)), ("auto", 2, ("cuda", 1)),
                                                ("cuda", 1, ("cuda", 1))])
