@@ -211,6 +211,33 @@ def test_parallel_executors_give_identical_tables(tmp_path, executor):
     assert par.meta["device"]["used"] == "cpu"  # reported by the workers that computed the tensors
 
 
+def test_reading_ahead_on_a_thread_changes_no_number(tmp_path, monkeypatch):
+    """Steps are read ahead on a thread only for tensors of PREFETCH_MIN_NUMEL elements and more (a thread
+    per tiny tensor costs more than it saves). The planted tensors are smaller, so they are read on the
+    caller's thread; forcing the read-ahead for all of them moves the reads and leaves every table equal."""
+    import threading
+
+    from opd_dynamics import deltas
+
+    _, _, series = _planted_series(tmp_path)
+    readers: set[int] = set()
+    real = deltas.read_step
+
+    def spy(*a, **kw):
+        readers.add(threading.get_ident())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(deltas, "read_step", spy)
+    plain = analyze(series, geometry=True, progress=False, cache_dir=tmp_path / "cache")
+    assert readers == {threading.get_ident()}
+    readers.clear()
+    monkeypatch.setattr(deltas, "PREFETCH_MIN_NUMEL", 0)
+    ahead = analyze(series, geometry=True, progress=False, cache_dir=tmp_path / "cache")
+    assert readers and threading.get_ident() not in readers
+    for name, df in plain.tables.items():
+        assert df.equals(ahead.tables[name]), name
+
+
 def test_more_than_one_worker_means_worker_processes_and_serial_refuses_them(tmp_path):
     """--workers 2 alone used to run serially (run.json: serial, 2 workers); now it picks processes, and
     options an explicitly named executor would ignore are refused."""
