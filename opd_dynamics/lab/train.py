@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,21 @@ from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.models import load_model, make_model
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, has_carry, make_splits
+
+
+def _no_checkpointing() -> dict:
+    """TRL turns activation checkpointing on by default; the lab's tiny models do not need it. transformers
+    5.x renamed the option (the old name still works, with a FutureWarning per trainer)."""
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if new else "gradient_checkpointing": False}
+
+
+_NO_CHECKPOINTING = _no_checkpointing()
+# TRL asks the model `is_gradient_checkpointing`, which transformers 5.x deprecates with a warning per
+# trainer step that logs; it is TRL's to change, not the lab's, so the lab does not repeat it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def seed_everything(seed: int) -> None:
@@ -132,7 +148,7 @@ def _common_args(p: LabPreset, out_dir: Path, seed: int, max_steps: int, save_st
         top_k=0,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        **_NO_CHECKPOINTING,
         gradient_accumulation_steps=1,
         disable_dropout=True,
         logging_steps=max(1, save_steps),
