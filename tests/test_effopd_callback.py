@@ -166,6 +166,31 @@ def test_reward_scorer_passes_aligned_columns(tok):
     assert reward_scorer(tok, rows, reward, max_new_tokens=4, batch_size=2)(model) == pytest.approx(1.75 / 3)
 
 
+def test_reward_scorer_gives_the_reward_the_ids_so_an_unended_answer_is_wrong(tok, monkeypatch):
+    """The decoded text skips special tokens, so '003' reads the same whether the model ended it with EOS,
+    put BOS inside it, or ran out of tokens; the lab's exact-match reward decides by the ids the scorer
+    passes, as TRL passes them in training."""
+    from opd_dynamics.effopd import callback
+    from opd_dynamics.lab.task import exact_match_reward
+
+    d3, d0, eos, bos, pad = tok.convert_tokens_to_ids("3"), tok.convert_tokens_to_ids("0"), 2, 1, 0
+    comp = torch.tensor([[d0, d0, d3, eos, pad],    # ended: correct
+                         [d0, d0, d3, d3, d3],      # '00333': wrong text
+                         [d0, d0, d3, d0, d0],      # '00300': wrong text
+                         [d0, bos, d0, d3, eos],    # BOS inside: reads '003', is not an answer
+                         [d0, d0, d3, pad, pad]])   # no EOS: reads '003', did not end
+    monkeypatch.setattr(callback, "_generate", lambda *a: (None, None, comp))
+    rows = [{"prompt": make_problem(1, 2, 2).prompt, "answer": "003"}] * 5
+    seen = []
+
+    def reward(completions, completion_ids, **kw):
+        seen.extend(completion_ids)
+        return exact_match_reward(completions, completion_ids=completion_ids, **kw)
+
+    assert reward_scorer(tok, rows, reward, max_new_tokens=5)(torch.nn.Linear(1, 1)) == pytest.approx(1 / 5)
+    assert seen[0] == [d0, d0, d3, eos] and seen[4] == [d0, d0, d3, pad, pad]
+
+
 def test_completion_mask_and_validation_sample():
     comp = torch.tensor([[5, 2, 0, 0], [5, 5, 5, 5], [2, 0, 0, 0]])
     assert completion_mask(comp, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]

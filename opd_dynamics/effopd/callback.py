@@ -60,8 +60,10 @@ def reward_scorer(tokenizer, rows: Rows, reward_fn: Callable[..., list[float]], 
                   batch_size: int = 64, prompt_key: str = "prompt") -> ScoreFn:
     """Mean reward of greedy completions on held-out prompts (accuracy when the reward is exact match).
 
-    `reward_fn(completions=…, prompts=…, **columns)` follows TRL's reward-function convention: every other
-    column of `rows` is passed as a list aligned with the completions.
+    `reward_fn(completions=…, prompts=…, completion_ids=…, **columns)` follows TRL's reward-function
+    convention: every other column of `rows` is passed as a list aligned with the completions, and
+    `completion_ids` holds each completion's tokens up to and including its first end-of-sequence token,
+    so a reward can tell what the decoded text (special tokens skipped) cannot: whether the answer ended.
     """
     rows = [dict(r) for r in rows]
     if not rows:
@@ -75,8 +77,11 @@ def reward_scorer(tokenizer, rows: Rows, reward_fn: Callable[..., list[float]], 
             prompts = [r[prompt_key] for r in batch]
             _, _, comp = _generate(model, tokenizer, prompts, max_new_tokens, False, 1.0)
             texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+            keep = completion_mask(comp, tokenizer.eos_token_id).bool() if tokenizer.eos_token_id is not None \
+                else torch.ones_like(comp, dtype=torch.bool)
+            ids = [row[k].tolist() for row, k in zip(comp, keep)]
             cols = {k: [r[k] for r in batch] for k in batch[0] if k != prompt_key}
-            total += float(sum(reward_fn(completions=texts, prompts=prompts, **cols)))
+            total += float(sum(reward_fn(completions=texts, prompts=prompts, completion_ids=ids, **cols)))
         return total / len(rows)
 
     return score
