@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,7 +36,10 @@ def _as_list(series: SeriesLike) -> list[CheckpointSeries]:
 def describe(series: SeriesLike, groups: tuple[str, ...] | None = None, overrides=None) -> pd.DataFrame:
     """Dry run: one row per tensor and run with its placement, shape, dtype, steps and bytes to read."""
     rows = []
-    for plan in make_plans(_as_list(series), groups=groups, overrides=overrides):
+    lst = _as_list(series)
+    with readers_released(lst):
+        plans = make_plans(lst, groups=groups, overrides=overrides)
+    for plan in plans:
         for tp in plan.tensors:
             i = tp.info
             rows.append({"run": plan.series.name, "tensor": tp.name, "layer": i.layer, "group": i.group,
@@ -60,10 +63,11 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
 
     With `out`, the CSVs and run.json are written there: work goes to `.OUT.partial/` (which also holds
     per-tensor results, so rerunning the same command after an interruption resumes), renamed to OUT at
-    the end. `option_kwargs` are AnalysisOptions fields (svd='fast', geometry=True, device='cuda', …).
+    the end. `option_kwargs` are AnalysisOptions fields (svd='fast', geometry=True, device='cuda', …); given
+    with `options`, they replace those fields of it.
     `executor` defaults to 'process' when `workers` > 1, 'ray' with a `ray_address`, else 'serial'.
     """
-    opts = options or AnalysisOptions(**option_kwargs)
+    opts = replace(options, **option_kwargs) if options is not None else AnalysisOptions(**option_kwargs)
     executor = resolve_executor(executor, workers, ray_address)
     lst = _as_list(series)
     out_path = None if out is None else check_output(

@@ -325,6 +325,16 @@ def test_float64_checkpoints_keep_float64_updates(tmp_path):
     assert "float64 for tensors stored in float64" in rep.meta["dtype"]["used"]
 
 
+def test_keyword_options_given_with_an_options_object_replace_its_fields(tmp_path):
+    """analyze(s, options=o, svd='fast') used to drop svd='fast' silently and run o's exact mode."""
+    from opd_dynamics.engine import AnalysisOptions
+
+    _, _, series = _series(tmp_path, "single", torch.float32, steps=(1, 2), n_layers=1)
+    rep = analyze(series, options=AnalysisOptions(alignment=False), svd="fast", progress=False)
+    assert rep.spectrum["svd_method"].str.startswith("randomized").all() and "alignment" not in rep.tables
+    assert rep.meta["options"]["svd"] == "fast" and rep.meta["options"]["alignment"] is False
+
+
 @pytest.mark.parametrize("load_mode", ["pread", "mmap"])
 def test_no_descriptor_of_the_inputs_outlives_the_analysis(tmp_path, load_mode):
     import os
@@ -340,3 +350,7 @@ def test_no_descriptor_of_the_inputs_outlives_the_analysis(tmp_path, load_mode):
 
     analyze(series, progress=False)
     assert open_inputs() == 0
+    from opd_dynamics import engine
+
+    describe(series)  # a dry run keeps no reader either (it kept one per series for the whole session)
+    assert open_inputs() == 0 and engine._reader_key(series) not in engine._READERS
