@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import sys
@@ -141,16 +142,27 @@ def _exclusive(out: Path | None) -> Iterator[None]:
 
     lock = out.parent / f".{out.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as f:
+    for _ in range(5):
+        f = open(lock, "w")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise InputError(out, "is being written by another analyze right now; wait for it or choose another "
                                   "output") from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+        try:  # the holder before us removes the file on leaving: a lock on a removed file guards nothing
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    else:
+        raise InputError(out, f"could not lock {lock.name}: it was replaced five times in a row")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still holding it, then release
+        f.close()
 
 
 def _dtype_used(opts, plans) -> str:

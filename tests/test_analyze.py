@@ -308,6 +308,32 @@ def test_two_analyses_of_one_output_do_not_run_at_once(tmp_path):
     assert (tmp_path / "out" / "run.json").exists() and not (tmp_path / ".out.lock").exists()
 
 
+def test_a_lock_taken_on_a_file_its_holder_just_removed_is_taken_again(tmp_path, monkeypatch):
+    """The race: B opens the lock file, A (leaving) removes it and unlocks, B locks the removed file while
+    C creates a new one and locks that: B and C would both write .out.partial/. Simulated by removing the
+    file between B's open and B's lock; B must end up holding the file that is at the path."""
+    import fcntl
+    import os
+
+    from opd_dynamics import analysis
+
+    real, calls, held = fcntl.flock, [], []
+
+    def flock(f, op):
+        calls.append(op)
+        if len(calls) == 1:
+            os.unlink(tmp_path / ".out.lock")  # A leaves just now
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with analysis._exclusive(tmp_path / "out"):
+        held.append(os.stat(tmp_path / ".out.lock").st_ino)
+        with pytest.raises(InputError, match="is being written by another analyze"):  # C is refused
+            with analysis._exclusive(tmp_path / "out"):
+                pass
+    assert len(held) == 1 and len(calls) == 3 and not (tmp_path / ".out.lock").exists()
+
+
 def test_float64_checkpoints_keep_float64_updates(tmp_path):
     """A 1e-9 update on float64 weights: rounding the base to float32 first would lose it."""
     sd = llama_like(n_layers=1, dtype=torch.float64)
