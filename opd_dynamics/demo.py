@@ -50,9 +50,9 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
 
     log = log or (lambda m: print(m, flush=True))
     out = Path(out).resolve()
+    p = fast_preset(preset) if fast else get_preset(preset)  # a bad preset is refused before OUT is touched
     _prepare(out, overwrite)
     out.mkdir(parents=True)
-    p = fast_preset(preset) if fast else get_preset(preset)
     timings: dict[str, float] = {}
     meta = {"preset": p.name, "seed": seed, "fast": fast, "status": "running", "timings_s": timings}
     (out / _MARKER).write_text(json_text(meta))
@@ -105,7 +105,8 @@ import click  # noqa: E402
 @click.command("demo")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo output in OUT.")
-@click.option("--preset", default="smoke", show_default=True, help="Lab preset.")
+@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True,
+              help="Lab preset.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fast", is_flag=True, help="Shrunken stages (for tests); the numbers mean nothing.")
 def demo_cmd(out, overwrite, preset, seed, fast) -> None:

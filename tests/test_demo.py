@@ -27,6 +27,15 @@ def test_overwrite_refuses_a_directory_that_is_not_a_demo_output(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_a_bad_preset_leaves_the_earlier_demo_in_place(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "demo.json").write_text("{}")  # an earlier demo's output, which --overwrite may replace
+    with pytest.raises(InputError, match="unknown lab preset 'smok'"):
+        run_demo(out, preset="smok", overwrite=True)
+    assert (out / "demo.json").read_text() == "{}"
+
+
 class _Images(HTMLParser):
     def __init__(self):
         super().__init__()
