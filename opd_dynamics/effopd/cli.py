@@ -89,8 +89,8 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def lab_effopd(preset, seeds, out, lab_dir, steps, eval_every, fixed_k, n_val, strict, overwrite) -> None:
     """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
-    from opd_dynamics.lab.effopd import options_for, run_effopd_lab
+    from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
 
-    path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite,
-                          options=options_for(preset, steps, eval_every, fixed_k, n_val, strict))
+    opts = EffOPDLabOptions(max_steps=steps, eval_every=eval_every, fixed_k=fixed_k, n_val=n_val, strict=strict)
+    path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite, options=opts)
     click.echo(f"wrote {path}")

@@ -52,7 +52,7 @@ class EffOPDLabOptions:
     """What the measurement does besides the lab preset (steps default to the preset's ``rl_steps``)."""
 
     max_steps: int | None = None
-    eval_every: int = 10
+    eval_every: int | None = None  # None: every 2 steps on the smoke preset, every 10 on the others
     n_val: int = 50
     k_max: int = 5
     fixed_k: int = 2
@@ -166,6 +166,8 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
 
     p = get_preset(preset)
     opt = options or EffOPDLabOptions()
+    if opt.eval_every is None:
+        opt = replace(opt, eval_every=2 if p.name == "smoke" else 10)
     log = log or (lambda m: print(m, flush=True))
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     out = Path(out).resolve()
@@ -230,10 +232,3 @@ def plot(curves: pd.DataFrame, summary: pd.DataFrame, path: Path, target_fractio
 
     fig = plot_effopd_curves({"effopd_curves": curves, "effopd_summary": summary}, target_fraction=target_fraction)
     fig.savefig(path, dpi=130, bbox_inches="tight")
-
-
-def options_for(preset: str, max_steps: int | None, eval_every: int | None, fixed_k: int, n_val: int,
-                strict: bool) -> EffOPDLabOptions:
-    """CLI options → EffOPDLabOptions (eval every 2 steps on smoke, 10 on default unless given)."""
-    o = EffOPDLabOptions(max_steps=max_steps, fixed_k=fixed_k, n_val=n_val, strict=strict)
-    return replace(o, eval_every=eval_every or (2 if preset == "smoke" else 10))
