@@ -136,9 +136,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+#: the largest shard write_model writes by default: 2 GB (10^9 bytes, as Hugging Face counts "2GB")
+DEFAULT_SHARD_BYTES = 2 * 10**9
+
+
 def write_model(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *,
                 metadata: dict[str, str] | None = None, copy_files_from: str | Path | None = None,
-                max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Write (name, tensor) pairs as a Hugging Face safetensors model directory.
 
     One `model.safetensors` if everything fits a shard, else `model-0000i-of-0000n.safetensors` plus

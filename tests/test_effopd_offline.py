@@ -189,6 +189,20 @@ def test_search_rejecting_everything_writes_b_and_strict_tie(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B", "O", "O2", "O3"]
 
 
+def test_the_cli_and_the_api_default_to_one_shard_size():
+    """--max-shard-size 2GB (Hugging Face's decimal GB) is the Python default too; it was 2 GiB there."""
+    import inspect
+
+    from opd_dynamics.effopd.cli import extrapolate, parse_size
+    from opd_dynamics.effopd.offline import extrapolate_checkpoint, search_checkpoints
+    from opd_dynamics.writer import write_model
+
+    cli_default = parse_size(next(p.default for p in extrapolate.params if p.name == "max_shard_size"))
+    assert cli_default == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20
+    for f in (extrapolate_checkpoint, search_checkpoints, write_model):
+        assert inspect.signature(f).parameters["max_shard_bytes"].default == cli_default, f.__name__
+
+
 def test_command_scorer_errors(tmp_path):
     assert parse_score("loading\naccuracy: 0.75\n\n") == 0.75
     assert parse_score("step 3 acc=0.5") == 0.5

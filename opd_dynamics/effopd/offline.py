@@ -22,9 +22,9 @@ from opd_dynamics.checkpoints import FP8_DTYPES, ModelDir, is_adapter_dir
 from opd_dynamics.effopd.search import TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import MATRIX_GROUPS, parse_name
-from opd_dynamics.writer import MODEL_MARKERS, atomic_write_text, check_output, json_text, replace_path, write_model
+from opd_dynamics.writer import (DEFAULT_SHARD_BYTES, MODEL_MARKERS, atomic_write_text, check_output, json_text,
+                                 replace_path, write_model)
 
-DEFAULT_SHARD_BYTES = 2 * 1024**3
 _SPLIT = re.compile(r"[\s=:,;]+")
 
 
