@@ -39,7 +39,7 @@ def _open(stack: ExitStack, m: ModelLike):
 
 
 def _check_pair(base, ckpt, name: str) -> None:
-    if name not in set(base.names()):
+    if name not in (base if hasattr(base, "__contains__") else set(base.names())):  # ModelDir: no set per tensor
         raise InputError(getattr(base, "path", None), f"has no tensor {name!r}, which the checkpoint has")
     if tuple(base.shape(name)) != tuple(ckpt.shape(name)):
         raise InputError(getattr(ckpt, "path", None), f"tensor {name!r} has shape {tuple(ckpt.shape(name))} "
