@@ -16,5 +16,3 @@ from opd_dynamics.writer import write_model
 
 __all__ = ["AnalysisOptions", "CheckpointSeries", "InputError", "LoraAdapter", "ModelDir", "Report", "TensorName",
            "__version__", "analyze", "describe", "open_model", "parse_name", "write_model"]
-
-# --- public names added by feature modules (keep one import per line) ---

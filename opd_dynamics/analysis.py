@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 
 from opd_dynamics import __version__
-from opd_dynamics.engine import (TABLES, AnalysisOptions, JobResult, default_cache_root, device_name, execute,
+from opd_dynamics.engine import (AnalysisOptions, JobResult, default_cache_root, device_name, execute,
                                  make_plans, readers_released, resolve_executor)
 from opd_dynamics.errors import InputError
-from opd_dynamics.report import RUN_JSON, Report, build_tables
+from opd_dynamics.report import PER_TENSOR_TABLES, RUN_JSON, Report, build_tables
 from opd_dynamics.series import CheckpointSeries
 from opd_dynamics.writer import check_output, replace_path
 
@@ -91,7 +91,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
         cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
         results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
                           resume_dir=resume_dir, cache_root=cache_root, progress=progress)
-        rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+        rows: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
         failed = []
         for r in results:
             if r.error is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Mapping
+from typing import Iterator, Sequence
 
 import torch
 
@@ -261,12 +261,12 @@ def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
 PREFETCH_MIN_NUMEL = 1 << 16
 
 
-def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: Mapping[int, object] | list[int]
-                 | None = None, prefetch: bool = True, materialize: bool = False) -> Iterator[StepUpdate]:
+def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: Sequence[int] | None = None,
+                 materialize: bool = False) -> Iterator[StepUpdate]:
     """Yield StepUpdate for each step (default: every step the tensor exists at), reading the next step in
     a background thread while the caller works on the current one (``materialize``: see `read_step`)."""
-    order = [s for s in (list(steps) if steps is not None else tp.steps)]
-    if not prefetch or len(order) < 2 or tp.numel < PREFETCH_MIN_NUMEL:
+    order = list(steps) if steps is not None else list(tp.steps)
+    if len(order) < 2 or tp.numel < PREFETCH_MIN_NUMEL:
         for s in order:
             yield read_step(reader, tp, s, w0, materialize)
         return

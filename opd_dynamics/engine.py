@@ -40,7 +40,6 @@ from opd_dynamics.writer import atomic_file, atomic_write_text
 
 SVD_MODES = ("exact", "fast", "none")
 EXECUTORS = ("serial", "process", "ray")
-TABLES = PER_TENSOR_TABLES
 
 
 @dataclass(frozen=True)
@@ -136,10 +135,10 @@ def _base_decomposition(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, 
 
 
 def _steps_with_ref(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, ref: StepUpdate | None,
-                    prefetch: bool, materialize: bool) -> Iterator[StepUpdate]:
+                    materialize: bool) -> Iterator[StepUpdate]:
     """Every step's update in order, reusing the already-read reference step instead of reading it twice."""
     others = [s for s in tp.steps if ref is None or s != ref.step]
-    it = iter_updates(reader, tp, w0, others, prefetch=prefetch, materialize=materialize)
+    it = iter_updates(reader, tp, w0, others, materialize=materialize)
     for s in tp.steps:
         yield ref if (ref is not None and s == ref.step) else next(it)
 
@@ -153,11 +152,11 @@ def _units(tp: TensorPlan) -> list[int | None]:
 
 
 def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
-                   cache_root: Path | None = None, prefetch: bool = True) -> dict[str, list[dict]]:
+                   cache_root: Path | None = None) -> dict[str, list[dict]]:
     """All rows of every table for one stored tensor over the whole series."""
     series = reader.series
     device = opts.resolved_device()
-    out: dict[str, list[dict]] = {t: [] for t in TABLES}
+    out: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
     group = tp.info.group
     units = _units(tp)
     mshape = tp.shape[1:] if units != [None] else tp.shape
@@ -178,7 +177,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
     shape_s = "x".join(map(str, mshape))
     numel = tp.numel // len(units)
     base_f2 = {u: fro2(part(w0, u)) for u in units}
-    for upd in _steps_with_ref(reader, tp, w0, ref_update, prefetch, materialize=matrix):
+    for upd in _steps_with_ref(reader, tp, w0, ref_update, materialize=matrix):
         for u in units:
             ident = {**_ident(series, tp), "step": upd.step}
             if u is not None:
@@ -223,7 +222,6 @@ class Job:
     plan: TensorPlan
     opts: AnalysisOptions
     cache_root: str | None
-    prefetch: bool = True
 
 
 @dataclass
@@ -300,7 +298,7 @@ def run_job(job: Job) -> JobResult:
         dev = job.opts.resolved_device()
         with _thread_limits(job):
             tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
-                                    Path(job.cache_root) if job.cache_root else None, job.prefetch)
+                                    Path(job.cache_root) if job.cache_root else None)
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0,
                          (dev, device_name(dev)))
     except InputError as e:
@@ -380,10 +378,8 @@ def resolve_executor(executor: str | None, workers: int, ray_address: str | None
 
 def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "serial", workers: int = 1,
             ray_address: str | None = None, resume_dir: Path | None = None, cache_root: Path | None = None,
-            progress: bool = True, on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
-    """Run every tensor of every plan; results come back in plan order."""
-    if executor not in EXECUTORS:
-        raise InputError(None, f"--executor must be one of {EXECUTORS}, not {executor!r}")
+            progress: bool = True) -> list[JobResult]:
+    """Run every tensor of every plan (executor as `resolve_executor` chose it); results come back in plan order."""
     from tqdm.auto import tqdm
 
     cache = ResultCache(resume_dir)
@@ -406,8 +402,6 @@ def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "se
         done[i] = res
         if res.error is None:
             cache.put(jobs[i][1], res.tables)
-        if on_result:
-            on_result(res)
         bar.update(1)
 
     try:

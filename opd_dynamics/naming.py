@@ -168,8 +168,3 @@ def stored_transposed(name: str, shape: tuple[int, ...], model_type: str | None 
     if model_type is not None and model_type not in {"gpt2", "imagegpt", "decision_transformer"}:
         return False
     return param == "weight" and leaf in _CONV1D_LEAVES and len(shape) == 2
-
-
-def is_matrix_group(group: str) -> bool:
-    """Attention and MLP matrices: what the paper's spectra and alignments are about."""
-    return group in MATRIX_GROUPS

@@ -50,11 +50,6 @@ def dot64(a: Tensor, b: Tensor) -> float:
     return total
 
 
-def all_finite(*ts: Tensor) -> bool:
-    """True when every entry of every tensor is finite."""
-    return all(bool(torch.isfinite(t).all()) for t in ts)
-
-
 _ROW = 1024
 _WIDE = (torch.float32, torch.float64)
 

@@ -137,11 +137,6 @@ def as_tables(obj: Any) -> Tables:
                            "give a Report, a dict of DataFrames or a directory")
 
 
-def has_table(obj: Any, name: str) -> bool:
-    t = as_tables(obj).tables.get(name)
-    return t is not None and not t.empty
-
-
 def _table(obj: Any, name: str, columns: Iterable[str] = ()) -> pd.DataFrame:
     """The table `name` of a Report/dict/dir, checked for `columns`; one clear error when absent."""
     t = as_tables(obj).tables.get(name)
