@@ -173,7 +173,10 @@ def _pread_tensor(entry: TensorEntry) -> torch.Tensor:
     buf = bytearray(entry.nbytes)
     view, got = memoryview(buf), 0
     while got < entry.nbytes:
-        chunk = os.preadv(fd, [view[got:]], entry.start + got)
+        try:
+            chunk = os.preadv(fd, [view[got:]], entry.start + got)
+        except OSError as e:  # EIO, a vanished network mount: say which input, not where we were writing
+            raise InputError(entry.file, f"could not be read ({e.strerror or e})") from e
         if chunk == 0:
             raise InputError(entry.file, "ended before the tensor data the header promises (truncated file)")
         got += chunk

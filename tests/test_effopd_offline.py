@@ -189,6 +189,23 @@ def test_search_rejecting_everything_writes_b_and_strict_tie(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B", "O", "O2", "O3"]
 
 
+def test_an_input_that_fails_to_read_is_named_not_the_output(tmp_path, monkeypatch):
+    """An I/O error reading A or B (EIO, a network mount gone) used to be reported as 'OUT could not be
+    written'. The error is injected at the one read call: no real disk fails on demand."""
+    from opd_dynamics import checkpoints
+
+    pa, pb, _, _ = make_pair(tmp_path)
+
+    def eio(*a):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoints.os, "preadv", eio)
+    with pytest.raises(InputError, match=r"could not be read \(Input/output error\)") as e:
+        extrapolate_checkpoint(pa, pb, 2.0, tmp_path / "O")
+    assert str(e.value).startswith(str(pa)) or str(e.value).startswith(str(pb))
+    assert not (tmp_path / "O").exists()
+
+
 def test_the_cli_and_the_api_default_to_one_shard_size():
     """--max-shard-size 2GB (Hugging Face's decimal GB) is the Python default too; it was 2 GiB there."""
     import inspect
