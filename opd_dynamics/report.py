@@ -146,20 +146,19 @@ def table1(spectrum: pd.DataFrame) -> pd.DataFrame:
 
 def summarize(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Per run and step: the paper's Table-1 aggregates and the allocation by group and by layer (long form)."""
-    parts = []
     a = tables["module_allocation"].copy()
     a["f2"] = a["update_norm"].astype(float) ** 2
-    g = a.groupby(["run", "step", "group"], as_index=False).agg(f2=("f2", "sum"), energy_share=("energy_share", "sum"))
-    g["update_norm"] = np.sqrt(g["f2"])
-    parts.append(g.melt(id_vars=["run", "step", "group"], value_vars=["update_norm", "energy_share"],
-                        var_name="metric").assign(aggregate="group", layer=pd.NA))
-    lay = a[a["group"].isin(["attention", "mlp"]) & a["layer"].notna()]
+
+    def allocation(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        """update_norm (root of the summed squares) and energy_share per `keys`, long form."""
+        g = rows.groupby(keys, as_index=False).agg(f2=("f2", "sum"), energy_share=("energy_share", "sum"))
+        g["update_norm"] = np.sqrt(g["f2"])
+        return g.melt(id_vars=keys, value_vars=["update_norm", "energy_share"], var_name="metric")
+
+    parts = [allocation(a, ["run", "step", "group"]).assign(aggregate="group", layer=pd.NA)]
+    lay = a[a["group"].isin(MATRIX_GROUPS) & a["layer"].notna()]
     if not lay.empty:
-        ly = lay.groupby(["run", "step", "layer", "group"], as_index=False).agg(f2=("f2", "sum"),
-                                                                              energy_share=("energy_share", "sum"))
-        ly["update_norm"] = np.sqrt(ly["f2"])
-        parts.append(ly.melt(id_vars=["run", "step", "layer", "group"], value_vars=["update_norm", "energy_share"],
-                             var_name="metric").assign(aggregate="layer"))
+        parts.append(allocation(lay, ["run", "step", "layer", "group"]).assign(aggregate="layer"))
     s = tables.get("spectrum")
     if s is not None and not s.empty:
         parts.append(table1(s).assign(aggregate="table1", group="attention+mlp", layer=pd.NA))
