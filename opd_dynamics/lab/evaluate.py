@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_dynamics.lab.task import Problem
+from opd_dynamics.lab.task import Problem, answer_body
 
 
 @dataclass
@@ -59,12 +59,8 @@ def completion_texts(tokenizer, samples: Samples) -> list[str | None]:
     special = set(tokenizer.all_special_ids)
     out: list[str | None] = []
     for ids, m in zip(samples.completion_ids.tolist(), samples.mask.tolist(), strict=True):
-        kept = [i for i, keep in zip(ids, m, strict=True) if keep]
-        if tokenizer.eos_token_id not in kept:
-            out.append(None)
-            continue
-        body = kept[: kept.index(tokenizer.eos_token_id)]
-        out.append(None if special & set(body) else tokenizer.decode(body))
+        body = answer_body((i for i, keep in zip(ids, m, strict=True) if keep), tokenizer.eos_token_id, special)
+        out.append(None if body is None else tokenizer.decode(body))
     return out
 
 

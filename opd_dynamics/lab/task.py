@@ -9,6 +9,7 @@ followed by the end-of-sequence token. Exact match of the parsed answer is the r
 from __future__ import annotations
 
 import random
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,9 +88,18 @@ def exact_match_reward(completions: list[str], answer: list[str], completion_ids
     ok = [is_correct(c, a) for c, a in zip(completions, answer, strict=True)]
     if completion_ids is not None:
         eos, special = _special_ids()
-        ok = [o and eos in ids and not special & set(ids[: ids.index(eos)])
-              for o, ids in zip(ok, map(list, completion_ids), strict=True)]
+        ok = [o and answer_body(ids, eos, special) is not None for o, ids in zip(ok, completion_ids, strict=True)]
     return [1.0 if o else 0.0 for o in ok]
+
+
+def answer_body(ids: Iterable[int], eos: int, special: Collection[int]) -> list[int] | None:
+    """The tokens of a completion before its first end-of-sequence token; None when it never ends or holds
+    another special token there (what evaluation and the reward both count as no answer)."""
+    ids = list(ids)
+    if eos not in ids:
+        return None
+    body = ids[: ids.index(eos)]
+    return None if set(special) & set(body) else body
 
 
 @lru_cache(maxsize=1)
