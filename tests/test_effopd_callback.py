@@ -191,6 +191,15 @@ def test_reward_scorer_gives_the_reward_the_ids_so_an_unended_answer_is_wrong(to
     assert seen[0] == [d0, d0, d3, eos] and seen[4] == [d0, d0, d3, pad, pad]
 
 
+@pytest.mark.parametrize("kw, message", [({"k_max": -1}, "k_max and fixed_k must be >= 0"),
+                                         ({"schedule": "every-other"}, "schedule"),
+                                         ({"score_fn": None}, "needs a score_fn")])
+def test_a_bad_callback_option_fails_when_the_callback_is_made(kw, message):
+    """Not minutes later at on_train_begin, after the trainer and its models are built."""
+    with pytest.raises(ValueError, match=message):
+        EffOPDCallback(**{"score_fn": lambda m: 0.0, **kw})
+
+
 def test_completion_mask_and_validation_sample():
     comp = torch.tensor([[5, 2, 0, 0], [5, 5, 5, 5], [2, 0, 0, 0]])
     assert completion_mask(comp, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]

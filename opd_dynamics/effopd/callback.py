@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
-from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord
+from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord, checked_trigger
 from opd_dynamics.naming import MATRIX_GROUPS
 
 Rows = Sequence[Mapping[str, Any]]
@@ -151,8 +151,7 @@ class EffOPDCallback(TrainerCallback):
         self.options = dict(k_max=k_max, coef_step=coef_step, strict=strict, fixed_k=fixed_k, schedule=schedule,
                             max_step=max_step, groups=groups, matrices_only=matrices_only, param_filter=param_filter,
                             naming_overrides=naming_overrides, anchor_device=anchor_device)
-        if fixed_k is None and score_fn is None:
-            raise ValueError("EffOPDCallback needs a score_fn unless fixed_k is given")
+        checked_trigger(score_fn, k_max, fixed_k, schedule, max_step)
         self.csv_path = csv_path
         self.log_prefix = log_prefix
         self.effopd: EffOPD | None = None

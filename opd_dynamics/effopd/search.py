@@ -158,6 +158,16 @@ class TriggerRecord:
         return row
 
 
+def checked_trigger(score_fn: ScoreFn | None, k_max: int, fixed_k: int | None, schedule, max_step: int | None) -> Trigger:
+    """EffOPD's options checked (before a model exists, so a trainer callback fails at construction, not
+    when training starts); returns the trigger the schedule describes."""
+    if k_max < 0 or (fixed_k is not None and fixed_k < 0):
+        raise ValueError(f"k_max and fixed_k must be >= 0, got {k_max} and {fixed_k}")
+    if fixed_k is None and score_fn is None:
+        raise ValueError("EffOPD needs a score_fn unless fixed_k is given")
+    return make_trigger(schedule, max_step=max_step)
+
+
 @dataclass(eq=False)
 class EffOPD:
     """Adaptive extrapolation along the recent update direction; call `after_step(step)` after each optimizer step.
@@ -191,11 +201,7 @@ class EffOPD:
     records: list[TriggerRecord] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if self.k_max < 0 or (self.fixed_k is not None and self.fixed_k < 0):
-            raise ValueError(f"k_max and fixed_k must be >= 0, got {self.k_max} and {self.fixed_k}")
-        if self.fixed_k is None and self.score_fn is None:
-            raise ValueError("EffOPD needs a score_fn unless fixed_k is given")
-        self.trigger = make_trigger(self.schedule, max_step=self.max_step)
+        self.trigger = checked_trigger(self.score_fn, self.k_max, self.fixed_k, self.schedule, self.max_step)
         self.params = select_parameters(self.model, self.groups, matrices_only=self.matrices_only,
                                         param_filter=self.param_filter, naming_overrides=self.naming_overrides)
         _refuse_sharded_or_adapter(self.model, self.params)
