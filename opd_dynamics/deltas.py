@@ -140,7 +140,7 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
                     if name in m.names():
                         present.append(step)
                         nbytes += entry.nbytes  # at most: a factored step reads less
-                        if not m.is_factored(name) and tuple(m._store.shape(m._full[name])) != shape:
+                        if not m.is_factored(name) and m.full_shape(name) != tuple(shape):
                             problems.setdefault("shape mismatch", []).append(step)
                     continue
                 if name not in m:
@@ -244,8 +244,7 @@ def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
     m = reader.steps[step]
     if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
         fdt = float_dtype(w0)
-        b, a, s = m.factors(tp.name, fdt)
-        delta = s * (b.to(w0.device) @ a.to(w0.device))
+        delta = m.delta(tp.name, fdt, w0.device)
         delta = _orient(delta.mT if tp.transposed else delta, tp, fdt)  # factors are (out, in) already
         return StepUpdate(step, w0.to(fdt) + delta, w0, delta)
     raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)

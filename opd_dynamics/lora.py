@@ -89,15 +89,20 @@ class LoraAdapter:
         p = self._pairs[name]
         return self._store.get(p["B"]).to(dtype), self._store.get(p["A"]).to(dtype), self.scale(name)
 
-    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense ΔW for an adapted weight (formed in `dtype`, at least float32)."""
+    def delta(self, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+              ) -> torch.Tensor:
+        """Dense ΔW (out×in) for an adapted weight, formed in `dtype` (at least float32) on `device`."""
         b, a, s = self.factors(name, dtype)
-        return s * (b @ a)
+        return s * (b.to(device) @ a.to(device))
 
     def factor_fro2(self, name: str) -> float:
         """‖s·B·A‖F² from the factors alone, in float64: s²·tr((BᵀB)(AAᵀ))."""
         b, a, s = self.factors(name, torch.float64)
         return float(s * s * torch.sum((b.T @ b) * (a @ a.T)))
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of a fully saved module's weight."""
+        return tuple(self._store.shape(self._full[name]))
 
     def full(self, name: str) -> torch.Tensor:
         """A fully saved module's weight (replaces the base weight)."""
