@@ -34,8 +34,15 @@ def sample_validation(rows: Iterable[Mapping[str, Any]], n: int = 50, seed: int 
     return random.Random(seed).sample(rows, n)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's (first) parameters live."""
     return next(model.parameters()).device
+
+
+def token_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_student ‖ p_teacher) per position (the OPD loss), in the logits' dtype."""
+    ls, lt = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
+    return (ls.exp() * (ls - lt)).sum(-1)
 
 
 def _batches(rows: Rows, size: int):
@@ -46,7 +53,7 @@ def _batches(rows: Rows, size: int):
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool, temperature: float):
     """(prompt_ids with left padding, prompt mask, completion ids) for a batch of text prompts."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    dev = _device(model)
+    dev = model_device(model)
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature if do_sample else None, top_p=None, top_k=None,
@@ -111,7 +118,7 @@ def reverse_kl_scorer(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str
     def score(model: torch.nn.Module) -> float:
         model.eval()
         kl_sum, n_tok = 0.0, 0
-        dev = _device(model)
+        dev = model_device(model)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
             for batch in _batches(prompts, batch_size):
@@ -121,12 +128,10 @@ def reverse_kl_scorer(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str
                 att = torch.cat([mask, cmask], dim=1)
                 p = ids.shape[1]
                 s_logits = model(input_ids=seq, attention_mask=att).logits[:, p - 1:-1].float() / temperature
-                tdev = _device(teacher)
+                tdev = model_device(teacher)
                 t_logits = teacher(input_ids=seq.to(tdev), attention_mask=att.to(tdev)).logits[:, p - 1:-1]
                 t_logits = t_logits.to(dev).float() / temperature
-                ls, lt = torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1)
-                kl = (ls.exp() * (ls - lt)).sum(-1)
-                kl_sum += float((kl * cmask).sum())
+                kl_sum += float((token_reverse_kl(s_logits, t_logits) * cmask).sum())
                 n_tok += int(cmask.sum())
         return -kl_sum / max(n_tok, 1)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_dynamics.effopd.callback import model_device, token_reverse_kl
 from opd_dynamics.lab.task import Problem, answer_body
 
 
@@ -27,15 +28,11 @@ class Samples:
     mask: torch.Tensor  # (B, C) 1 up to and including the first eos
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int, *,
              greedy: bool, generator: torch.Generator | None = None, temperature: float = 1.0) -> Samples:
     """Batched greedy or sampled decoding of equal-length prompts (no padding, full recompute)."""
-    dev = _device(model)
+    dev = model_device(model)
     x = prompt_ids.to(dev)
     done = torch.zeros(x.size(0), dtype=torch.bool, device=dev)
     mask = []
@@ -69,11 +66,9 @@ def reverse_kl_tokens(student, teacher, samples: Samples) -> tuple[float, int]:
     """Sum over completion tokens of KL(p_student || p_teacher) in float64, and the token count."""
     seq = torch.cat([samples.prompt_ids, samples.completion_ids], dim=1)
     p, c = samples.prompt_ids.size(1), samples.completion_ids.size(1)
-    ls = student(input_ids=seq.to(_device(student)), use_cache=False).logits[:, p - 1 : p + c - 1]
-    lt = teacher(input_ids=seq.to(_device(teacher)), use_cache=False).logits[:, p - 1 : p + c - 1]
-    log_ps = torch.log_softmax(ls.double().cpu(), dim=-1)
-    log_pt = torch.log_softmax(lt.double().cpu(), dim=-1)
-    kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    ls = student(input_ids=seq.to(model_device(student)), use_cache=False).logits[:, p - 1 : p + c - 1]
+    lt = teacher(input_ids=seq.to(model_device(teacher)), use_cache=False).logits[:, p - 1 : p + c - 1]
+    kl = token_reverse_kl(ls.double().cpu(), lt.double().cpu())
     m = samples.mask.double()
     return float((kl * m).sum()), int(m.sum())
 
