@@ -74,17 +74,14 @@ def key_tables(tables: Tables) -> list[tuple[str, pd.DataFrame]]:
     t = tables.tables
     out: list[tuple[str, pd.DataFrame]] = []
 
-    def present(name: str) -> bool:
-        return name in t and not t[name].empty
-
-    if present("summary") or present("spectrum"):
+    if "summary" in tables or "spectrum" in tables:
         try:
             d = table1(tables)
             p = _flat(d.pivot_table(index=["run", "step"], columns="metric", values="value"), list(TABLE1_METRICS))
             out.append(("Table 1: mean over attention and MLP matrices (last step)", p))
         except InputError:
             pass
-    if present("summary") or present("module_allocation"):
+    if "summary" in tables or "module_allocation" in tables:
         try:
             for metric, title in (("energy_share", "Energy share by group (last step)"),
                                   ("update_norm", "Update norm by group, ‖ΔW‖_F (last step)")):
@@ -93,7 +90,7 @@ def key_tables(tables: Tables) -> list[tuple[str, pd.DataFrame]]:
                                          list(GROUP_ORDER))))
         except InputError:
             pass
-    if present("eval") and {"run", "step", "accuracy"} <= set(t["eval"].columns):
+    if "eval" in tables and {"run", "step", "accuracy"} <= set(t["eval"].columns):
         rows = []
         for run, d in t["eval"].groupby("run"):
             d = d.sort_values("step")
@@ -107,12 +104,12 @@ def key_tables(tables: Tables) -> list[tuple[str, pd.DataFrame]]:
                 row["reverse KL first"], row["reverse KL last"] = kl[0], kl[-1]
             rows.append(row)
         out.append(("Evaluation during training", _flat(pd.DataFrame(rows).set_index("run"))))
-    if present("embedding_swap"):
+    if "embedding_swap" in tables:
         e = t["embedding_swap"]
         out.append(("Embedding swap accuracy",
                     _flat(e.pivot_table(index="run", columns="variant", values="accuracy"),
                           list(dict.fromkeys(e["variant"].astype(str))))))
-    if present("effopd_summary"):
+    if "effopd_summary" in tables:
         s = t["effopd_summary"].copy()
         cols = [c for c in ("steps_to_target", "final_accuracy", "wall_s", "validation_s") if c in s.columns]
         for c in cols:

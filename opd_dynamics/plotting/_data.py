@@ -33,6 +33,10 @@ class Tables:
     def meta(self) -> dict:
         return self.metas[0][1] if self.metas else {}
 
+    def __contains__(self, name: str) -> bool:
+        """A table is there when it was read and has rows (as for `Report`)."""
+        return name in self.tables and not self.tables[name].empty
+
 
 def _read_dir(d: Path) -> tuple[dict[str, pd.DataFrame], list[tuple[str, dict]]]:
     tables: dict[str, pd.DataFrame] = {}
