@@ -25,10 +25,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from opd_dynamics.checkpoints import ModelDir, file_identity
 from opd_dynamics.deltas import Plan, SeriesReader, StepUpdate, TensorPlan, iter_updates, plan_series, read_base, read_step
 from opd_dynamics.errors import InputError
-from opd_dynamics.lora import LoraAdapter
 from opd_dynamics.metrics.embeddings import embedding_metrics
 from opd_dynamics.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics
 from opd_dynamics.metrics.norms import fro2, norm_metrics
@@ -122,7 +120,7 @@ def _base_decomposition(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, 
     from opd_dynamics import __version__
 
     key = _sha(tp.name, tp.shape, unit, w0.dtype, __version__)  # a new version may decompose differently
-    path = cache_root / "base" / _model_identity(reader.base) / f"{key}.safetensors"
+    path = cache_root / "base" / reader.base.identity / f"{key}.safetensors"
     if path.exists():
         try:
             return BaseDecomposition.from_tensors({k: v.to(w0.device) for k, v in load_file(str(path)).items()})
@@ -348,17 +346,9 @@ class ResultCache:
         atomic_write_text(self.root / f"{key}.json", json.dumps(tables))
 
 
-def _model_identity(m: ModelDir | LoraAdapter) -> str:
-    """What identifies a model's weights for a cache: its header plus each file's resolved path and
-    checkpoints.file_identity. A header alone is shared by every model of one architecture (a Base and its
-    Instruct)."""
-    cfg = json.dumps(m.adapter_config, sort_keys=True) if isinstance(m, LoraAdapter) else ""  # α, r, patterns
-    return _sha(m.header_sha256, cfg, *((str(f.resolve()), *file_identity(f.stat())) for f in m.files))
-
-
 def _hashes(reader: SeriesReader) -> str:
     """Identity of a series' inputs for the resume cache."""
-    return _sha(*(_model_identity(m) for m in (reader.base, *reader.steps.values())))
+    return _sha(*(m.identity for m in (reader.base, *reader.steps.values())))
 
 
 def resolve_executor(executor: str | None, workers: int, ray_address: str | None) -> str:

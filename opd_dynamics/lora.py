@@ -6,6 +6,7 @@ had from the factors alone (`factor_fro2`), which costs an r×r product instead 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -50,6 +51,8 @@ class LoraAdapter:
             raise InputError(self.path, f"is a LoRA adapter directory without {ADAPTER_FILE}")
         self._store = ModelDir(weights, load_mode=load_mode)
         self.header_sha256 = self._store.header_sha256
+        cfg = json.dumps(self.adapter_config, sort_keys=True)  # α, r and their patterns change ΔW too
+        self.identity = hashlib.sha256(f"{self._store.identity}\x1f{cfg}".encode()).hexdigest()[:24]
         r = self.adapter_config.get("r")
         alpha = self.adapter_config.get("lora_alpha")
         if not isinstance(r, int) or r <= 0 or alpha is None:
