@@ -257,7 +257,7 @@ class ModelDir:
         self._idents = {e.file: e.ident for e in self.entries.values()}
         # what identifies these weights for a cache: a header alone is shared by every model of one
         # architecture (a Base and its Instruct), so each file's resolved path and identity go in too, as
-        # they were when the header was read (a reader whose files change is reopened: see unchanged())
+        # they were when the header was read (the engine reopens a reader whose identity is not the run's)
         self.identity = hashlib.sha256("\x1f".join(
             [self.header_sha256, *(f"{f.resolve()}:{i}" for f, i in sorted(self._idents.items()))]).encode()
         ).hexdigest()[:24]

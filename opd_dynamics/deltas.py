@@ -7,6 +7,7 @@ base, one step and the next step being prefetched, never a whole model.
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -72,9 +73,11 @@ class SeriesReader:
             raise InputError(series.base, "is a LoRA adapter; the base must be full model weights")
         self.steps: dict[int, ModelDir | LoraAdapter] = {s: open_model(p, series.load_mode) for s, p in series.steps}
 
-    def unchanged(self) -> bool:
-        """True while no file of the series was rewritten since its headers were read."""
-        return self.base.unchanged() and all(m.unchanged() for m in self.steps.values())
+    @cached_property
+    def identity(self) -> str:
+        """Identity of the series' inputs as their headers were read (see ModelDir.identity)."""
+        ids = "\x1f".join(m.identity for m in (self.base, *self.steps.values()))
+        return hashlib.sha256(ids.encode()).hexdigest()[:24]
 
     def close(self) -> None:
         self.base.close()

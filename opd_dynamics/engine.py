@@ -220,6 +220,7 @@ class Job:
     plan: TensorPlan
     opts: AnalysisOptions
     cache_root: str | None
+    inputs: str | None = None  # the series' identity when the analysis started (SeriesReader.identity)
 
 
 @dataclass
@@ -252,14 +253,19 @@ def readers_released(series: Sequence[CheckpointSeries]) -> Iterator[None]:
                 r.close()
 
 
-def _reader_for(series: CheckpointSeries) -> SeriesReader:
+def _reader_for(series: CheckpointSeries, inputs: str | None = None) -> SeriesReader:
+    """This process's reader of `series`; with `inputs` (the identity the analysis started from), a reader
+    kept from an earlier analysis (a Ray worker's) whose files were rewritten since is opened afresh."""
     key = _reader_key(series)
     r = _READERS.get(key)
-    if r is not None and not r.unchanged():  # a checkpoint rewritten at the same path: read it afresh
+    if r is not None and inputs is not None and r.identity != inputs:
         r.close()
         r = None
     if r is None:
         r = _READERS[key] = SeriesReader(series)
+        if inputs is not None and r.identity != inputs:
+            raise InputError(None, f"the base or a checkpoint of run {series.name!r} changed on disk after the "
+                                   "analysis started; run again")
     return r
 
 
@@ -295,7 +301,7 @@ def run_job(job: Job) -> JobResult:
     try:
         dev = job.opts.resolved_device()
         with _thread_limits(job):
-            tables = analyze_tensor(_reader_for(job.series), job.plan, job.opts,
+            tables = analyze_tensor(_reader_for(job.series, job.inputs), job.plan, job.opts,
                                     Path(job.cache_root) if job.cache_root else None)
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0,
                          (dev, device_name(dev)))
@@ -315,17 +321,17 @@ def _init_worker(threads: int) -> None:
 
 
 class ResultCache:
-    """Per-tensor results on disk, keyed by the inputs' header hashes and the options."""
+    """Per-tensor results on disk, keyed by the inputs' identity and the options."""
 
     def __init__(self, root: Path | None):
         self.root = root
 
-    def key(self, job: Job, reader_hashes: str) -> str:
+    def key(self, job: Job) -> str:
         """Everything a tensor's rows depend on: the package version, the run name, the tensor as planned (its
         parsed name under any naming overrides, orientation, shape, steps), the inputs and the options."""
         from opd_dynamics import __version__
 
-        return _sha(__version__, job.series.name, repr(job.plan), reader_hashes,
+        return _sha(__version__, job.series.name, repr(job.plan), job.inputs,
                     json.dumps(asdict(job.opts), sort_keys=True))
 
     def get(self, key: str) -> dict | None:
@@ -344,11 +350,6 @@ class ResultCache:
         if self.root is None:
             return
         atomic_write_text(self.root / f"{key}.json", json.dumps(tables))
-
-
-def _hashes(reader: SeriesReader) -> str:
-    """Identity of a series' inputs for the resume cache."""
-    return _sha(*(m.identity for m in (reader.base, *reader.steps.values())))
 
 
 def resolve_executor(executor: str | None, workers: int, ray_address: str | None) -> str:
@@ -376,10 +377,10 @@ def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "se
     jobs: list[tuple[Job, str]] = []
     done: dict[int, JobResult] = {}
     for plan in plans:
-        hashes = _hashes(_reader_for(plan.series))
+        inputs = _reader_for(plan.series).identity
         for tp in plan.tensors:
-            job = Job(plan.series, tp, opts, str(cache_root) if cache_root else None)
-            key = cache.key(job, hashes)
+            job = Job(plan.series, tp, opts, str(cache_root) if cache_root else None, inputs)
+            key = cache.key(job)
             hit = cache.get(key)
             if hit is not None:
                 done[len(jobs)] = JobResult(plan.series.name, tp.name, hit, None, 0.0)

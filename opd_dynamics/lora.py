@@ -122,9 +122,6 @@ class LoraAdapter:
     def files(self) -> list[Path]:
         return self._store.files
 
-    def unchanged(self) -> bool:
-        return self._store.unchanged()
-
     def close(self) -> None:
         self._store.close()
 

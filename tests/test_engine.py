@@ -238,6 +238,35 @@ def test_reading_ahead_on_a_thread_changes_no_number(tmp_path, monkeypatch):
         assert df.equals(ahead.tables[name]), name
 
 
+def test_a_reader_kept_from_an_earlier_analysis_is_reopened_when_its_files_were_rewritten(tmp_path):
+    """A Ray worker keeps its readers between analyses. Each job carries the identity of the inputs as the
+    analysis started; a kept reader of other files is opened afresh (and a reader that still differs, a
+    checkpoint rewritten during the run, is refused), instead of stat'ing every file for every tensor."""
+    import os
+
+    from opd_dynamics import engine
+    from opd_dynamics.deltas import SeriesReader
+
+    w0, states, series = _planted_series(tmp_path, steps=(1, 2))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    kept = engine._reader_for(series)  # as a worker holds it after a first analysis
+    ckpt = tmp_path / "run" / "checkpoint-1" / "model.safetensors"
+    stamp = ckpt.stat().st_mtime_ns
+    new = {k: torch.tensor(v + 1.0, dtype=torch.float32) for k, v in states[1].items()}
+    write_dir(tmp_path / "run" / "checkpoint-1", new)
+    os.utime(ckpt, ns=(stamp + 10**9, stamp + 10**9))
+    try:
+        now = SeriesReader(series).identity  # what the next analysis starts from
+        assert now != kept.identity
+        fresh = engine._reader_for(series, now)
+        assert fresh is not kept and torch.equal(fresh.steps[1].get(q), new[q])
+        with pytest.raises(InputError, match="changed on disk after the analysis started"):
+            engine._reader_for(series, kept.identity)
+    finally:
+        with engine.readers_released([series]):  # closes what the test opened
+            pass
+
+
 def test_more_than_one_worker_means_worker_processes_and_serial_refuses_them(tmp_path):
     """--workers 2 alone used to run serially (run.json: serial, 2 workers); now it picks processes, and
     options an explicitly named executor would ignore are refused."""
