@@ -39,11 +39,13 @@ def _open(stack: ExitStack, m: ModelLike):
 
 
 def _check_pair(base, ckpt, name: str) -> None:
-    if name not in (base if hasattr(base, "__contains__") else set(base.names())):  # ModelDir: no set per tensor
-        raise InputError(getattr(base, "path", None), f"has no tensor {name!r}, which the checkpoint has")
-    if tuple(base.shape(name)) != tuple(ckpt.shape(name)):
+    try:
+        shape = tuple(base.shape(name))  # one lookup, no list of the base's names per tensor
+    except KeyError:
+        raise InputError(getattr(base, "path", None), f"has no tensor {name!r}, which the checkpoint has") from None
+    if shape != tuple(ckpt.shape(name)):
         raise InputError(getattr(ckpt, "path", None), f"tensor {name!r} has shape {tuple(ckpt.shape(name))} "
-                                                      f"but the base has {tuple(base.shape(name))}")
+                                                      f"but the base has {shape}")
 
 
 def transform_stream(base: ModelLike, ckpt: ModelLike, fn: Transform) -> Iterator[tuple[str, torch.Tensor]]:
