@@ -209,3 +209,14 @@ def test_evenly_spaced_rescale_steps():
     assert iv._evenly([30, 60, 90, 120, 150], 3) == [30, 90, 150]
     assert iv._evenly([30, 60, 90], 1) == [60]
     assert iv._evenly([30, 60], 4) == [30, 60] and iv._evenly([30], 0) == []
+
+
+def test_a_tensor_the_base_lacks_or_of_another_shape_is_named(tmp_path):
+    base, ckpt, b, _ = _pair(tmp_path, n_layers=1)
+    extra = write_dir(tmp_path / "extra", {**ckpt, "model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)})
+    with pytest.raises(InputError, match="has no tensor 'model.layers.0.mlp.extra_proj.weight'"):
+        iv.update_norm(b, extra)
+    k = "model.layers.0.mlp.up_proj.weight"
+    wide = write_dir(tmp_path / "wide", {**ckpt, k: torch.zeros(ckpt[k].shape[0], ckpt[k].shape[1] + 1)})
+    with pytest.raises(InputError, match=f"tensor '{k}' has shape .* but the base has"):
+        iv.update_norm(b, wide)
