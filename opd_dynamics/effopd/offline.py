@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from opd_dynamics.checkpoints import FP8_DTYPES, ModelDir, is_adapter_dir
+from opd_dynamics.deltas import float_dtype
 from opd_dynamics.effopd.search import TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.naming import MATRIX_GROUPS, parse_name
@@ -71,7 +72,7 @@ def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, *, groups: 
             if prev.shape(name) != tuple(b.shape):
                 raise InputError(prev.path, f"tensor {name!r} has shape {prev.shape(name)}, but {cur.path} has "
                                             f"{tuple(b.shape)}")
-            work = torch.promote_types(b.dtype, torch.float32)
+            work = float_dtype(b)
             wb = b.to(work)
             yield name, (wb + coef * (wb - prev.get(name).to(work))).to(b.dtype)
             counts["extrapolated"] += 1

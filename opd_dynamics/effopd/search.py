@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from opd_dynamics.deltas import float_dtype  # the precision W_t + c·Δ is formed in, as updates are
 from opd_dynamics.naming import MATRIX_GROUPS, parse_name
 
 _log = logging.getLogger(__name__)
@@ -79,11 +80,6 @@ def select_parameters(model: torch.nn.Module, groups: Sequence[str] | None = MAT
         if keep and p.is_floating_point():
             out[name] = p
     return out
-
-
-def work_dtype(t: torch.Tensor) -> torch.dtype:
-    """The precision EffOPD forms W_t + c·Δ in: float64 for float64 parameters, else float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _refuse_sharded_or_adapter(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> None:
@@ -218,7 +214,7 @@ class EffOPD:
         """Make the model's current weights the anchor (done at construction: the anchor starts as W_0)."""
         with torch.no_grad():
             for n, p in self.params.items():
-                self.anchor[n] = p.detach().to(self._store(p), dtype=work_dtype(p), copy=True)
+                self.anchor[n] = p.detach().to(self._store(p), dtype=float_dtype(p), copy=True)
 
     def anchor_state(self) -> dict[str, torch.Tensor]:
         """The anchor in each parameter's dtype (exact: the anchor is weights the parameters held), on CPU."""
@@ -231,7 +227,7 @@ class EffOPD:
             raise ValueError(f"the saved EffOPD anchor does not match the model's selected parameters "
                              f"(missing {missing[:3]} or shapes differ)")
         for n, p in self.params.items():
-            self.anchor[n] = saved[n].to(self._store(p), work_dtype(p))
+            self.anchor[n] = saved[n].to(self._store(p), float_dtype(p))
 
     def should_trigger(self, step: int) -> bool:
         return bool(self.trigger(step))
@@ -254,7 +250,7 @@ class EffOPD:
     def _set(self, wt: dict[str, torch.Tensor], coef: float) -> None:
         """Parameters ← W_t + coef·(W_t − anchor), in float32 (float64), cast to each parameter's dtype."""
         for n, p in self.params.items():
-            w = wt[n].to(p.device, dtype=work_dtype(p))
+            w = wt[n].to(p.device, dtype=float_dtype(p))
             a = self.anchor[n].to(p.device, non_blocking=True)
             p.copy_((w + coef * (w - a)).to(p.dtype))
 
@@ -270,7 +266,7 @@ class EffOPD:
         wt = {n: p.detach().to(self._store(p), copy=True) for n, p in self.params.items()}  # exact bits of W_t
         sq = 0.0
         for n, p in self.params.items():
-            sq += float(torch.sum((wt[n].to(work_dtype(p)) - self.anchor[n].to(wt[n].device)) ** 2))
+            sq += float(torch.sum((wt[n].to(float_dtype(p)) - self.anchor[n].to(wt[n].device)) ** 2))
         delta_norm = math.sqrt(sq)
         val_s = 0.0
         scores: list[float] = []
