@@ -152,8 +152,7 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
             "final_accuracy": float(c.sort_values("step")["accuracy"].iloc[-1]), "tie_accepts": ties}
     log(f"[effopd] seed {seed} {method}: final accuracy {info['final_accuracy']:.3f}, wall {info['wall_s']:.0f}s "
         f"(validation {info['validation_s']:.0f}s)" + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
-        + (f"; {ties} of them accepted on a tie (every score equal to W_t's: the validation could not tell the "
-           "candidates apart; --strict keeps W_t on ties)" if ties else ""))
+        + (f"; {ties} of them accepted on a tie (see the warnings above)" if ties else ""))
     return c, trig, info
 
 
