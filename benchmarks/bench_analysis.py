@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_io  # noqa: E402
 
 from opd_dynamics import CheckpointSeries, analyze  # noqa: E402
-from opd_dynamics.naming import parse_name  # noqa: E402
+from opd_dynamics.io.naming import parse_name  # noqa: E402
 
 MODELS = {"0.5b": (896, 4864, 128), "7b": (3584, 18944, 512)}
 

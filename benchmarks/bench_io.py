@@ -101,7 +101,7 @@ def child(mode: str, root: Path) -> None:
     if mode != "read":  # one-time start-up (imports, loading the compiled kernels) is reported apart
         t = time.perf_counter()
         from opd_dynamics import CheckpointSeries, analyze
-        from opd_dynamics.metrics import fused
+        from opd_dynamics.analysis.metrics import fused
 
         tiny = torch.ones(8, 8, dtype=torch.bfloat16)  # loads the bf16 kernels from numba's cache
         fused.fused_update_stats(tiny, tiny), fused.fused_sum_squares(tiny), fused.fused_row_stats(tiny, tiny)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from opd_dynamics import CheckpointSeries, analyze
-from opd_dynamics import deltas
+from opd_dynamics.analysis import deltas
 
 
 def build(root: Path, experts: int, layers: int, steps: int, shape: tuple[int, int]) -> int:

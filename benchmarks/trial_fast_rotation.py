@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from opd_dynamics.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics, top_k_for
-from opd_dynamics.metrics.subspace import principal_angles
+from opd_dynamics.analysis.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics, top_k_for
+from opd_dynamics.analysis.metrics.subspace import principal_angles
 
 
 def warm_top_left(base: BaseDecomposition, wt: torch.Tensor, k1: int, p: int, niter: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ LAB = ROOT / "data" / "lab"
 
 ANALYZE = """\
 from opd_dynamics import analyze
-from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.io.series import CheckpointSeries
 
 def every_other(run):  # half the shipped checkpoints (the last always kept): enough for the curves, twice as fast
     steps = [s for s, _ in CheckpointSeries.discover(LAB / run, base=LAB / "student_init").steps]

@@ -1,18 +1,18 @@
-"""opd-dynamics: measure how on-policy distillation changes a model's parameters, and extrapolate with EffOPD."""
+"""opd-dynamics: measure how on-policy distillation changes a model's parameters, and extrapolate with EffOPD.
+
+The packages are layers (docs/ARCHITECTURE.md): `numerics` and `io` at the bottom, `analysis` on them,
+`interventions` and `effopd` beside it, `plotting` and `lab` on top, `cli` assembling the commands.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from opd_dynamics.analysis import analyze, describe
-from opd_dynamics.checkpoints import ModelDir, open_model
-from opd_dynamics.engine import AnalysisOptions
+from opd_dynamics import _compat
+from opd_dynamics._version import __version__
+from opd_dynamics.analysis import AnalysisOptions, Report, analyze, describe
 from opd_dynamics.errors import InputError
-from opd_dynamics.lora import LoraAdapter
-from opd_dynamics.naming import TensorName, parse_name
-from opd_dynamics.report import Report
-from opd_dynamics.series import CheckpointSeries
-from opd_dynamics.writer import write_model
+from opd_dynamics.io import CheckpointSeries, LoraAdapter, ModelDir, TensorName, open_model, parse_name, write_model
+
+_compat.install()
 
 __all__ = ["AnalysisOptions", "CheckpointSeries", "InputError", "LoraAdapter", "ModelDir", "Report", "TensorName",
            "__version__", "analyze", "describe", "open_model", "parse_name", "write_model"]

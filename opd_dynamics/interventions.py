@@ -1,8 +1,8 @@
 """Marginal-utility interventions: weights = base + transform(ΔW), ΔW = W_t − W_0.
 
-Every function reads the two models tensor by tensor (paths or open ``ModelDir`` objects), forms ΔW in
-float32 (never in bf16/fp16), applies its transform, adds it back to the base in float32 and casts to the
-stored dtype. Identity and zero transforms return the checkpoint / base tensor itself, so α = 1 is the
+Every function reads the two models tensor by tensor (paths or open readers), forms ΔW in the update
+precision (`numerics.update_dtype`: float32, float64 for float64 weights; never bf16/fp16), applies its
+transform, adds it back to the base in that precision and casts to the stored dtype. Identity and zero transforms return the checkpoint / base tensor itself, so α = 1 is the
 checkpoint bit-exactly and α = 0 the base. Results come back as a state dict, or are written with
 ``write_model`` when ``write=out_dir`` is given (for external evaluation harnesses).
 """
@@ -17,18 +17,18 @@ from typing import Any, Union
 
 import torch
 
-from opd_dynamics.checkpoints import open_model
 from opd_dynamics.errors import InputError
-from opd_dynamics.metrics.norms import fro2
-from opd_dynamics.naming import MATRIX_GROUPS, TensorName, parse_name
+from opd_dynamics.io.naming import MATRIX_GROUPS, TensorName, parse_name
+from opd_dynamics.io.reader import open_model
+from opd_dynamics.numerics import fro2, update_dtype
 
 __all__ = ["scale", "layer_window", "module_mask", "rank_truncate", "module_rescale", "embedding_swap",
-           "transform_stream", "update_norm", "lab_interventions", "BASE", "CKPT"]
+           "transform_stream", "truncate_matrix", "update_norm", "BASE", "CKPT"]
 
 ModelLike = Union[str, Path, Any]
 StateDict = dict[str, torch.Tensor]
 BASE, CKPT = "base", "ckpt"
-# fn(name, parsed, delta_f32) -> BASE | CKPT | new float32 delta
+# fn(name, parsed, delta) -> BASE | CKPT | a new delta (delta in the update precision)
 Transform = Callable[[str, TensorName, torch.Tensor], Union[str, torch.Tensor]]
 
 
@@ -48,6 +48,12 @@ def _check_pair(base, ckpt, name: str) -> None:
                                                       f"but the base has {shape}")
 
 
+def _delta(wt: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """W_t − W_0 in the update precision (`numerics.update_dtype`: float64 weights stay float64)."""
+    work = update_dtype(wt)
+    return wt.to(work) - w0.to(work)
+
+
 def transform_stream(base: ModelLike, ckpt: ModelLike, fn: Transform) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, base + fn(ΔW)) for every checkpoint tensor, one tensor in memory at a time.
 
@@ -62,19 +68,20 @@ def transform_stream(base: ModelLike, ckpt: ModelLike, fn: Transform) -> Iterato
                 yield name, t
                 continue
             w0 = b.get(name)
-            delta = t.float() - w0.float()
+            work = update_dtype(t)
+            delta = _delta(t, w0)
             out = fn(name, parse_name(name), delta)
             if isinstance(out, str):
                 yield name, (t if out == CKPT else w0)
             else:
-                yield name, (w0.float() + out).to(t.dtype)
+                yield name, (w0.to(work) + out.to(work)).to(t.dtype)
 
 
 def _finish(stream: Iterable[tuple[str, torch.Tensor]], write: str | Path | None, copy_from: ModelLike,
             overwrite: bool, metadata: dict[str, str] | None) -> StateDict | Path:
     if write is None:
         return dict(stream)
-    from opd_dynamics.writer import write_model
+    from opd_dynamics.io.writer import write_model
 
     src = copy_from if isinstance(copy_from, (str, Path)) else getattr(copy_from, "path", None)
     write_model(stream, write, metadata=metadata, copy_files_from=src, overwrite=overwrite)
@@ -144,7 +151,7 @@ def truncate_matrix(delta: torch.Tensor, pct: float, side: str = "top", rescale_
         n_out = torch.linalg.vector_norm(out)
         if n_out > 0:
             out = out * (torch.linalg.vector_norm(d) / n_out)
-    return out.float()
+    return out.to(update_dtype(delta))
 
 
 def rank_truncate(base: ModelLike, ckpt: ModelLike, pct: float, side: str = "top",
@@ -178,13 +185,13 @@ def module_rescale(base: ModelLike, mid: ModelLike, final: ModelLike, beta: floa
             _check_pair(b, f, name)
             w = f.get(name)
             if w.is_floating_point():
-                target[name] = math.sqrt(fro2(w.float() - b.get(name).float()))
+                target[name] = math.sqrt(fro2(_delta(w, b.get(name))))
 
         def fn(n, _p, d):
             if n not in target:
                 raise InputError(getattr(f, "path", None), f"has no tensor {n!r}, which the mid checkpoint has")
             nm = float(torch.linalg.vector_norm(d.double()))
-            return BASE if nm == 0.0 else (d.double() * (beta * target[n] / nm)).float()
+            return BASE if nm == 0.0 else (d.double() * (beta * target[n] / nm)).to(d.dtype)
 
         return _finish(transform_stream(b, mid, fn), write, mid, overwrite, {"intervention": f"module_rescale beta={beta}"})
 
@@ -208,114 +215,5 @@ def update_norm(base: ModelLike, ckpt: ModelLike) -> float:
             t = c.get(name)
             if t.is_floating_point():
                 _check_pair(b, c, name)
-                total += fro2(t.float() - b.get(name).float())
+                total += fro2(_delta(t, b.get(name)))
     return math.sqrt(total)
-
-
-# --------------------------------------------------------------------------------------------------
-# Lab evaluation: every intervention on the lab's OPD and GRPO runs, scored by greedy held-out accuracy.
-
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-RANK_PCTS = (0.01, 0.05, 0.10, 0.25, 0.50, 1.0)
-BETAS = (0.5, 1.0, 1.5)
-
-
-def _evenly(xs: Sequence[int], n: int) -> list[int]:
-    if n <= 0:
-        return []
-    if len(xs) <= n:
-        return list(xs)
-    if n == 1:
-        return [xs[len(xs) // 2]]
-    return sorted({xs[round(i * (len(xs) - 1) / (n - 1))] for i in range(n)})
-
-
-def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None = None, half_width: int = 1,
-                      runs: Sequence[str] = ("opd", "grpo"), n_eval: int | None = None, n_rescale_steps: int = 4,
-                      overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate the intervention grid on a lab directory and write scaling/window/rank/rescale/embedding_swap CSVs.
-
-    Each intervened state dict is loaded into one in-memory student model (no checkpoints written) and scored
-    by greedy exact-match accuracy on the lab's held-out problems (the first ``n_eval``, default the lab's).
-    ``step`` picks the checkpoint (default: each run's last); rescaling uses up to ``n_rescale_steps``
-    earlier checkpoints, evenly spaced. Returns the tables as DataFrames.
-    """
-    import json
-    import time
-
-    import pandas as pd
-
-    from opd_dynamics.lab.evaluate import evaluate_model
-    from opd_dynamics.lab.models import load_model
-    from opd_dynamics.lab.task import build_tokenizer, make_splits
-    from opd_dynamics.series import CheckpointSeries
-    from opd_dynamics.writer import atomic_dir, check_output, json_text
-
-    log = log or (lambda m: print(m, flush=True))
-    lab = Path(lab_dir)
-    meta_path, base_dir = lab / "lab.json", lab / "student_init"
-    if not meta_path.exists():
-        raise InputError(lab, "is not a lab directory: lab.json is missing")
-    if not base_dir.exists():
-        raise InputError(lab, "is not a lab directory: student_init/ is missing")
-    check_output(out, ("interventions.json",), overwrite=overwrite, inputs=[lab])  # before hours of evaluation
-    info = json.loads(meta_path.read_text())
-    p, seed = info["preset"], int(info.get("seed", 0))
-    held = make_splits(p["digits"], p["n_train"], p["n_heldout"], seed).heldout[: n_eval or p.get("n_eval", 500)]
-    tok = build_tokenizer()
-    model = load_model(base_dir)
-    n_layers = int(model.config.num_hidden_layers)
-
-    def acc(sd: StateDict) -> float:
-        model.load_state_dict(sd, strict=True)
-        return float(evaluate_model(model, tok, held)["accuracy"])
-
-    tables: dict[str, list[dict]] = {k: [] for k in ("scaling", "window", "rank", "rescale", "embedding_swap")}
-    t0 = time.time()
-    used_steps: dict[str, int] = {}
-    with open_model(base_dir) as base:
-        for run in runs:
-            series = CheckpointSeries.discover(lab / run, base=base_dir, name=run)
-            steps = series.step_numbers
-            final = steps[-1] if step is None else int(step)
-            if final not in steps:
-                raise InputError(lab / run, f"has no checkpoint-{final} (steps: {steps})")
-            used_steps[run] = final
-            with series.open_step(final) as ck:
-                total = update_norm(base, ck)
-                for a in ALPHAS:
-                    tables["scaling"].append({"run": run, "alpha": a, "update_norm": a * total,
-                                              "accuracy": acc(scale(base, ck, a))})
-                log(f"[interventions] {run} step {final}: scaling done ({time.time() - t0:.0f}s)")
-                for group in ("mlp", "attention"):
-                    for c in range(n_layers):
-                        tables["window"].append({
-                            "run": run, "center_layer": c, "first_layer": max(0, c - half_width),
-                            "last_layer": min(n_layers - 1, c + half_width), "group": group,
-                            "accuracy": acc(layer_window(base, ck, c, half_width, (group,)))})
-                log(f"[interventions] {run}: window done ({time.time() - t0:.0f}s)")
-                svds: dict = {}  # each ΔW decomposed once for all 24 truncations
-                for side in ("top", "bottom"):
-                    for pct in RANK_PCTS:
-                        for resc in (False, True):
-                            sd = rank_truncate(base, ck, pct, side, resc, svd_cache=svds)
-                            tables["rank"].append({"run": run, "side": side, "pct": pct, "rescaled": resc,
-                                                   "accuracy": acc(sd)})
-                log(f"[interventions] {run}: rank done ({time.time() - t0:.0f}s)")
-                for variant, sd in (("checkpoint", scale(base, ck, 1.0)), ("embedding_swap", embedding_swap(base, ck)),
-                                    ("embeddings_only", module_mask(base, ck, groups=("embedding", "lm_head")))):
-                    tables["embedding_swap"].append({"run": run, "variant": variant, "accuracy": acc(sd)})
-                for mid in _evenly([s for s in steps if s < final], n_rescale_steps):
-                    with series.open_step(mid) as mk:
-                        for beta in BETAS:
-                            tables["rescale"].append({"run": run, "step": mid, "beta": beta,
-                                                      "accuracy": acc(module_rescale(base, mk, ck, beta))})
-                log(f"[interventions] {run}: rescale and embedding swap done ({time.time() - t0:.0f}s)")
-    frames = {k: pd.DataFrame(v) for k, v in tables.items()}
-    with atomic_dir(out, ("interventions.json",), overwrite=overwrite) as tmp:
-        for k, df in frames.items():
-            df.to_csv(tmp / f"{k}.csv", index=False)
-        (tmp / "interventions.json").write_text(json_text({
-            "lab": str(lab.resolve()), "steps": used_steps, "half_width": half_width, "n_eval": len(held),
-            "alphas": ALPHAS, "rank_pcts": RANK_PCTS, "betas": BETAS, "wall_s": round(time.time() - t0, 2)}))
-    return frames

@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+from opd_dynamics.analysis.api import analyze, describe
+from opd_dynamics.analysis.report import Report
+from opd_dynamics.errors import InputError
+from opd_dynamics.io.series import CheckpointSeries
+
 from builders import llama_like, perturb, write_dir
 from reference import ref_geometry
-from opd_dynamics.analysis import analyze, describe
-from opd_dynamics.errors import InputError
-from opd_dynamics.report import Report
-from opd_dynamics.series import CheckpointSeries
 
 
 def _ref_norms(w0: torch.Tensor, wt: torch.Tensor) -> dict:
@@ -198,7 +199,7 @@ def test_fp8_weights_their_scales_and_integer_steps_are_skipped_with_reasons(tmp
 
 def test_a_problem_at_many_steps_is_named_once_with_its_steps(tmp_path):
     """A base of another width: one sentence per tensor, not one clause per step."""
-    from opd_dynamics.deltas import steps_text
+    from opd_dynamics.analysis.deltas import steps_text
 
     assert steps_text([5]) == "step 5" and steps_text([1, 2, 3]) == "steps 1, 2, 3"
     assert steps_text(list(range(10, 101, 10))) == "steps 10, 20, …, 100 (10 steps)"
@@ -239,22 +240,23 @@ def test_output_is_refused_if_it_exists_and_resumes_from_partial(tmp_path):
     out2 = tmp_path / "out2"
     cache = tmp_path / ".out2.partial" / "cache"
     calls = []
-    from opd_dynamics import engine
-    real = engine.run_job
-    engine.run_job = lambda job: calls.append(job.plan.name) or real(job)
+    from opd_dynamics.analysis import executors
+    from opd_dynamics.analysis.options import AnalysisOptions
+    from opd_dynamics.analysis.readers import make_plans
+    real = executors.run_job
+    executors.run_job = lambda job: calls.append(job.plan.name) or real(job)
     try:
         analyze(series, out=out2, progress=False)
         n_first = len(calls)
         # seed the cache as an interrupted run would have left it, then rerun into a fresh out
         import shutil
         shutil.rmtree(out2)
-        from opd_dynamics.engine import AnalysisOptions, execute, make_plans
-        execute(make_plans([series]), AnalysisOptions(), resume_dir=cache, progress=False)
+        executors.execute(make_plans([series]), AnalysisOptions(), resume_dir=cache, progress=False)
         calls.clear()
         analyze(series, out=out2, progress=False)
         assert n_first > 0 and calls == []
     finally:
-        engine.run_job = real
+        executors.run_job = real
 
 
 def test_describe_is_a_dry_run(tmp_path):
@@ -276,7 +278,9 @@ def test_describe_counts_bytes_as_stored_when_steps_differ_in_dtype(tmp_path):
 
 def test_resume_never_serves_rows_computed_under_other_naming(tmp_path):
     """The resume cache is keyed on the tensor as planned: a naming override changes the rows, so it misses."""
-    from opd_dynamics.engine import AnalysisOptions, execute, make_plans
+    from opd_dynamics.analysis.executors import execute
+    from opd_dynamics.analysis.options import AnalysisOptions
+    from opd_dynamics.analysis.readers import make_plans
 
     _, _, series = _series(tmp_path, "single", torch.float32, steps=(1,), n_layers=1)
     cache, q = tmp_path / "cache", "model.layers.0.self_attn.q_proj.weight"
@@ -315,7 +319,7 @@ def test_a_lock_taken_on_a_file_its_holder_just_removed_is_taken_again(tmp_path,
     import fcntl
     import os
 
-    from opd_dynamics import analysis
+    from opd_dynamics.io.writer import output_lock
 
     real, calls, held = fcntl.flock, [], []
 
@@ -326,10 +330,10 @@ def test_a_lock_taken_on_a_file_its_holder_just_removed_is_taken_again(tmp_path,
         return real(f, op)
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    with analysis._exclusive(tmp_path / "out"):
+    with output_lock(tmp_path / "out"):
         held.append(os.stat(tmp_path / ".out.lock").st_ino)
         with pytest.raises(InputError, match="is being written by another analyze"):  # C is refused
-            with analysis._exclusive(tmp_path / "out"):
+            with output_lock(tmp_path / "out"):
                 pass
     assert len(held) == 1 and len(calls) == 3 and not (tmp_path / ".out.lock").exists()
 
@@ -353,7 +357,7 @@ def test_float64_checkpoints_keep_float64_updates(tmp_path):
 
 def test_keyword_options_given_with_an_options_object_replace_its_fields(tmp_path):
     """analyze(s, options=o, svd='fast') used to drop svd='fast' silently and run o's exact mode."""
-    from opd_dynamics.engine import AnalysisOptions
+    from opd_dynamics.analysis import AnalysisOptions
 
     _, _, series = _series(tmp_path, "single", torch.float32, steps=(1, 2), n_layers=1)
     rep = analyze(series, options=AnalysisOptions(alignment=False), svd="fast", progress=False)
@@ -376,7 +380,7 @@ def test_no_descriptor_of_the_inputs_outlives_the_analysis(tmp_path, load_mode):
 
     analyze(series, progress=False)
     assert open_inputs() == 0
-    from opd_dynamics import engine
+    from opd_dynamics.analysis.readers import is_open
 
     describe(series)  # a dry run keeps no reader either (it kept one per series for the whole session)
-    assert open_inputs() == 0 and engine._reader_key(series) not in engine._READERS
+    assert open_inputs() == 0 and not is_open(series)

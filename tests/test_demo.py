@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 import pandas as pd
 import pytest
 
-from opd_dynamics.demo import run_demo
 from opd_dynamics.errors import InputError
+from opd_dynamics.lab.demo import run_demo
 
 
 def test_refuses_existing_dir_without_overwrite(tmp_path):

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import copy
 
+import datasets
 import pandas as pd
 import pytest
 import torch
 from transformers import TrainerCallback
-
-import datasets
 from trl import DistillationConfig, DistillationTrainer
 
-from opd_dynamics.effopd.callback import (EffOPDCallback, completion_mask, reverse_kl_scorer,
-                                          reward_scorer, sample_validation)
+from opd_dynamics.effopd.callback import (
+    EffOPDCallback,
+    completion_mask,
+    reverse_kl_scorer,
+    reward_scorer,
+    sample_validation,
+)
 from opd_dynamics.effopd.search import select_parameters
 from opd_dynamics.lab.models import ModelSpec, make_model
 from opd_dynamics.lab.task import build_tokenizer, make_problem, make_splits
@@ -179,7 +183,7 @@ def test_reward_scorer_gives_the_reward_the_ids_so_an_unended_answer_is_wrong(to
                          [d0, d0, d3, d0, d0],      # '00300': wrong text
                          [d0, bos, d0, d3, eos],    # BOS inside: reads '003', is not an answer
                          [d0, d0, d3, pad, pad]])   # no EOS: reads '003', did not end
-    monkeypatch.setattr(callback, "_generate", lambda *a: (None, None, comp))
+    monkeypatch.setattr(callback, "generate_completions", lambda *a: (None, None, comp))
     rows = [{"prompt": make_problem(1, 2, 2).prompt, "answer": "003"}] * 5
     seen = []
 

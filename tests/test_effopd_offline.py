@@ -13,10 +13,11 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from opd_dynamics.checkpoints import ModelDir
 from opd_dynamics.cli import main
 from opd_dynamics.effopd.offline import command_scorer, extrapolate_checkpoint, parse_score, search_checkpoints
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.model_dir import ModelDir
+
 from builders import llama_like, write_dir
 
 SELECTED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -192,14 +193,14 @@ def test_search_rejecting_everything_writes_b_and_strict_tie(tmp_path):
 def test_an_input_that_fails_to_read_is_named_not_the_output(tmp_path, monkeypatch):
     """An I/O error reading A or B (EIO, a network mount gone) used to be reported as 'OUT could not be
     written'. The error is injected at the one read call: no real disk fails on demand."""
-    from opd_dynamics import checkpoints
+    from opd_dynamics.io import model_dir
 
     pa, pb, _, _ = make_pair(tmp_path)
 
     def eio(*a):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(checkpoints.os, "preadv", eio)
+    monkeypatch.setattr(model_dir.os, "preadv", eio)
     with pytest.raises(InputError, match=r"could not be read \(Input/output error\)") as e:
         extrapolate_checkpoint(pa, pb, 2.0, tmp_path / "O")
     assert str(e.value).startswith(str(pa)) or str(e.value).startswith(str(pb))
@@ -212,7 +213,7 @@ def test_the_cli_and_the_api_default_to_one_shard_size():
 
     from opd_dynamics.effopd.cli import extrapolate, parse_size
     from opd_dynamics.effopd.offline import extrapolate_checkpoint, search_checkpoints
-    from opd_dynamics.writer import write_model
+    from opd_dynamics.io.writer import write_model
 
     cli_default = parse_size(next(p.default for p in extrapolate.params if p.name == "max_shard_size"))
     assert cli_default == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20
@@ -243,7 +244,7 @@ def test_provenance_json_is_strict():
 
     import numpy as np
 
-    from opd_dynamics.writer import json_text
+    from opd_dynamics.io.writer import json_text
     text = json_text({"speedup": {"k": float("nan"), "inf": math.inf}, "n": np.int64(3), "x": np.float32(1.5),
                       "p": Path("a/b"), "scores": [1.0, float("nan")]})
     got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from builders import llama_like, perturb, write_dir
-from opd_dynamics.analysis import analyze
-from opd_dynamics.engine import AnalysisOptions
+from opd_dynamics.analysis import AnalysisOptions
+from opd_dynamics.analysis.api import analyze
 from opd_dynamics.errors import InputError
-from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.io.series import CheckpointSeries
+
+from builders import llama_like, perturb, write_dir
 from reference import planted, random_orthogonal, ref_alignment, ref_geometry, ref_spectrum
 
 M, N = 48, 96
@@ -217,7 +218,7 @@ def test_reading_ahead_on_a_thread_changes_no_number(tmp_path, monkeypatch):
     caller's thread; forcing the read-ahead for all of them moves the reads and leaves every table equal."""
     import threading
 
-    from opd_dynamics import deltas
+    from opd_dynamics.analysis import deltas
 
     _, _, series = _planted_series(tmp_path)
     readers: set[int] = set()
@@ -244,12 +245,12 @@ def test_a_reader_kept_from_an_earlier_analysis_is_reopened_when_its_files_were_
     checkpoint rewritten during the run, is refused), instead of stat'ing every file for every tensor."""
     import os
 
-    from opd_dynamics import engine
-    from opd_dynamics.deltas import SeriesReader
+    from opd_dynamics.analysis.deltas import SeriesReader
+    from opd_dynamics.analysis.readers import reader_for, readers_released
 
     w0, states, series = _planted_series(tmp_path, steps=(1, 2))
     q = "model.layers.0.self_attn.q_proj.weight"
-    kept = engine._reader_for(series)  # as a worker holds it after a first analysis
+    kept = reader_for(series)  # as a worker holds it after a first analysis
     ckpt = tmp_path / "run" / "checkpoint-1" / "model.safetensors"
     stamp = ckpt.stat().st_mtime_ns
     new = {k: torch.tensor(v + 1.0, dtype=torch.float32) for k, v in states[1].items()}
@@ -258,12 +259,12 @@ def test_a_reader_kept_from_an_earlier_analysis_is_reopened_when_its_files_were_
     try:
         now = SeriesReader(series).identity  # what the next analysis starts from
         assert now != kept.identity
-        fresh = engine._reader_for(series, now)
+        fresh = reader_for(series, now)
         assert fresh is not kept and torch.equal(fresh.steps[1].get(q), new[q])
         with pytest.raises(InputError, match="changed on disk after the analysis started"):
-            engine._reader_for(series, kept.identity)
+            reader_for(series, kept.identity)
     finally:
-        with engine.readers_released([series]):  # closes what the test opened
+        with readers_released([series]):  # closes what the test opened
             pass
 
 
@@ -283,7 +284,7 @@ def test_more_than_one_worker_means_worker_processes_and_serial_refuses_them(tmp
                                                ("auto", 0, ("cpu", 0)), ("auto", 2, ("cuda", 1)),
                                                ("cuda", 1, ("cuda", 1))])
 def test_ray_tasks_ask_for_a_gpu_exactly_when_they_run_on_cuda(asked, gpus, want):
-    from opd_dynamics.engine import ray_task_device
+    from opd_dynamics.analysis.executors import ray_task_device
 
     assert ray_task_device(asked, gpus) == want
 
@@ -291,7 +292,7 @@ def test_ray_tasks_ask_for_a_gpu_exactly_when_they_run_on_cuda(asked, gpus, want
 @pytest.mark.parametrize("asked, message", [("cuda", "the Ray cluster has no GPU"),
                                             ("cuda:1", "cannot be used with --executor ray")])
 def test_ray_refuses_a_cuda_device_it_cannot_give(asked, message):
-    from opd_dynamics.engine import ray_task_device
+    from opd_dynamics.analysis.executors import ray_task_device
 
     with pytest.raises(InputError, match=message):
         ray_task_device(asked, 0)
@@ -312,7 +313,7 @@ def test_ray_tasks_on_a_cluster_with_a_gpu_run_there_not_on_the_drivers_device(t
 
 
 def test_a_non_finite_tensor_has_no_energy_share_and_leaves_the_others_theirs():
-    from opd_dynamics.report import build_tables
+    from opd_dynamics.analysis.report import build_tables
 
     rows = [dict(run="r", step=1, tensor=t, layer=0, group="mlp", module=t, expert=None, update_norm=v)
             for t, v in (("a", 3.0), ("b", 4.0), ("c", float("inf")))]

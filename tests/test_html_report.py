@@ -17,7 +17,7 @@ from test_plotting import make_tables, write_dirs  # noqa: E402
 
 from opd_dynamics import plotting as P  # noqa: E402
 from opd_dynamics.errors import InputError  # noqa: E402
-from opd_dynamics.html_report import render_html  # noqa: E402
+from opd_dynamics.plotting.html import render_html  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -135,8 +135,8 @@ def test_cli_plot_and_report(tmp_path):
 
 
 def test_effopd_summary_is_the_median_of_per_seed_ratios_and_counts_misses():
-    from opd_dynamics.html_report import key_tables
     from opd_dynamics.plotting import as_tables
+    from opd_dynamics.plotting.html import key_tables
 
     rows = [dict(seed=s, method=m, steps_to_target=v, final_accuracy=0.9, wall_s=1.0, validation_s=0.0,
                  tie_accepts=s if m == "effopd" else 0)

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-from builders import llama_like, perturb, write_dir
 from opd_dynamics import interventions as iv
-from opd_dynamics.checkpoints import open_model
 from opd_dynamics.errors import InputError
-from opd_dynamics.naming import parse_name
+from opd_dynamics.io.naming import parse_name
+from opd_dynamics.io.reader import open_model
+from opd_dynamics.lab.interventions import evenly
+
+from builders import llama_like, perturb, write_dir
 
 
 def _pair(tmp_path, dtype=torch.float32, n_layers=4):
@@ -206,9 +208,9 @@ def test_lab_cli_refuses_a_non_lab_directory(tmp_path):
 
 
 def test_evenly_spaced_rescale_steps():
-    assert iv._evenly([30, 60, 90, 120, 150], 3) == [30, 90, 150]
-    assert iv._evenly([30, 60, 90], 1) == [60]
-    assert iv._evenly([30, 60], 4) == [30, 60] and iv._evenly([30], 0) == []
+    assert evenly([30, 60, 90, 120, 150], 3) == [30, 90, 150]
+    assert evenly([30, 60, 90], 1) == [60]
+    assert evenly([30, 60], 4) == [30, 60] and evenly([30], 0) == []
 
 
 def test_a_tensor_the_base_lacks_or_of_another_shape_is_named(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.models import load_model
 from opd_dynamics.lab.run import run_lab
@@ -26,7 +27,6 @@ from opd_dynamics.lab.task import (
     parse_answer,
 )
 from opd_dynamics.lab.train import build_opd_trainer, splits_for
-from opd_dynamics.series import CheckpointSeries
 
 
 @pytest.fixture(scope="session")  # its tests share one xdist group, so one worker builds it once
@@ -115,7 +115,7 @@ def test_opd_raises_accuracy_and_lowers_reverse_kl(smoke_lab):
 @pytest.mark.slow
 @pytest.mark.xdist_group("smoke_lab")
 def test_series_is_readable_by_the_analysis(smoke_lab):
-    from opd_dynamics.series import CheckpointSeries
+    from opd_dynamics.io.series import CheckpointSeries
 
     s = CheckpointSeries.discover(smoke_lab / "opd", base=smoke_lab / "student_init", name="opd")
     assert [step for step, _ in s.steps] == list(range(20, 121, 20))

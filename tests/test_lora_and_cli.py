@@ -8,12 +8,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from builders import llama_like, perturb, write_dir
-from opd_dynamics.analysis import analyze
+from opd_dynamics.analysis.api import analyze
 from opd_dynamics.cli import main
 from opd_dynamics.errors import InputError
-from opd_dynamics.lora import LoraAdapter
-from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.io.lora import LoraAdapter
+from opd_dynamics.io.series import CheckpointSeries
+
+from builders import llama_like, perturb, write_dir
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +178,11 @@ def test_cli_rejects_zero_workers_without_a_traceback(run_dirs):
 
 
 def test_cli_ctrl_c_is_one_line_and_status_130(run_dirs, monkeypatch):
-    import opd_dynamics.analysis
+    import opd_dynamics.analysis.api
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(opd_dynamics.analysis, "analyze", interrupted)
+    monkeypatch.setattr(opd_dynamics.analysis.api, "analyze", interrupted)
     r = CliRunner().invoke(main, _ok(run_dirs))
     assert r.exit_code == 130 and "resumes" in r.output and len(r.output.strip().splitlines()) == 1
 

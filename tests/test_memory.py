@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opd_dynamics.memory import HUGE_BYTES, subtract, upcast
+from opd_dynamics.numerics import HUGE_BYTES, subtract, upcast
 
 
 @pytest.mark.parametrize("rows", [8, 2048])  # 8x300 stays with torch; 2048x300 is over HUGE_BYTES in float32

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import opd_dynamics.metrics.embeddings as emb
+import opd_dynamics.analysis.metrics.embeddings as emb
+from opd_dynamics.analysis.metrics.embeddings import embedding_metrics
 from opd_dynamics.errors import InputError
-from opd_dynamics.metrics.embeddings import embedding_metrics
+
 from reference import ref_embedding
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -16,7 +17,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_reference_in_blocks(device, monkeypatch):
-    monkeypatch.setattr(emb, "_BLOCK_ROWS", 7)
+    monkeypatch.setattr(emb, "BLOCK_ROWS", 7)
     rng = np.random.default_rng(0)
     E0 = rng.standard_normal((100, 32))
     Et = E0 + 0.3 * rng.standard_normal((100, 32)) * rng.random((100, 1))
@@ -68,7 +69,7 @@ def test_zero_and_nan_rows():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_cpu_route_matches_reference_on_stored_dtypes(dtype):
     """float32 and bf16 tables on CPU take the one-pass kernel: same answer as float64 numpy on those values."""
-    from opd_dynamics.metrics.fused import fused_row_stats
+    from opd_dynamics.numerics.fused import fused_row_stats
 
     rng = np.random.default_rng(3)
     E0 = torch.tensor(rng.standard_normal((300, 24)), dtype=dtype)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from opd_dynamics.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics, top_k_for
+from opd_dynamics.analysis.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics, top_k_for
+
 from reference import planted, random_orthogonal, ref_geometry
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from opd_dynamics.metrics.norms import dot64, norm_metrics, sum_squares64
+from opd_dynamics.analysis.metrics.norms import norm_metrics
+from opd_dynamics.numerics import CHANGE_THRESHOLD, dot, fro2
+
 from reference import planted, ref_norms
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -78,13 +80,13 @@ def test_half_precision_delta_rejected():
 
 
 def test_blockwise_accumulation_matches_numpy(monkeypatch):
-    import opd_dynamics.metrics.norms as norms
+    import opd_dynamics.numerics as numerics
 
-    monkeypatch.setattr(norms, "_BLOCK_ELEMS", 100)  # force many blocks
+    monkeypatch.setattr(numerics, "BLOCK_ELEMS", 100)  # force many blocks
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((57, 31)), rng.standard_normal((57, 31))
-    assert sum_squares64(torch.tensor(a)) == pytest.approx(np.sum(a * a), rel=1e-12)
-    assert dot64(torch.tensor(a, dtype=torch.float32), torch.tensor(b)) == pytest.approx(
+    assert fro2(torch.tensor(a)) == pytest.approx(np.sum(a * a), rel=1e-12)
+    assert dot(torch.tensor(a, dtype=torch.float32), torch.tensor(b)) == pytest.approx(
         np.sum(a.astype(np.float32).astype(np.float64) * b), rel=1e-12)
 
 
@@ -92,12 +94,12 @@ def test_blockwise_accumulation_matches_numpy(monkeypatch):
 @pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 3 * 4096 + 11])  # around the kernel's decode block
 def test_fused_pass_matches_float64_reference(stored, n):
     """The one-pass CPU kernel (float32 base, step as stored) against numpy float64 on the same values."""
-    from opd_dynamics.metrics.fused import fused_update_stats
+    from opd_dynamics.numerics.fused import fused_update_stats
 
     g = torch.Generator().manual_seed(n)
     w0 = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
     wt = (w0 + 1e-4 * torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.7)).to(stored)
-    got = fused_update_stats(w0, wt)
+    got = fused_update_stats(w0, wt, CHANGE_THRESHOLD)
     assert got is not None, "the fused kernel must apply to a float32 base and a bf16/float32 step on CPU"
     ref = ref_norms(w0.numpy(), wt.float().numpy())
     assert math.sqrt(got[0]) == pytest.approx(ref["update_norm"], rel=1e-12)
@@ -110,30 +112,30 @@ def test_fused_pass_matches_float64_reference(stored, n):
 
 
 def test_fused_pass_flags_nan_and_inf_and_declines_other_layouts():
-    from opd_dynamics.metrics.fused import fused_update_stats
+    from opd_dynamics.numerics.fused import fused_update_stats
 
     w0 = torch.zeros(5000)
     for bad in (math.nan, math.inf):
         wt = w0.clone().to(torch.bfloat16)
         wt[4321] = bad
         assert norm_metrics(w0, wt)["finite"] is False
-    assert fused_update_stats(w0.double(), w0) is None  # float64 base: torch route
-    assert fused_update_stats(w0, w0.half()) is None
-    assert fused_update_stats(w0.view(50, 100).T, w0.view(50, 100).T) is None  # not contiguous
+    assert fused_update_stats(w0.double(), w0, CHANGE_THRESHOLD) is None  # float64 base: torch route
+    assert fused_update_stats(w0, w0.half(), CHANGE_THRESHOLD) is None
+    assert fused_update_stats(w0.view(50, 100).T, w0.view(50, 100).T, CHANGE_THRESHOLD) is None  # not contiguous
     assert norm_metrics(w0.double(), w0.half())["update_norm"] == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_dot_and_sum_squares_match_float64(dtype):
-    """dot64 / sum_squares64 on float32 and bf16 CPU tensors take the kernels: float64 answers on those values."""
-    from opd_dynamics.metrics.fused import fused_dot, fused_sum_squares
+    """dot / fro2 on float32 and bf16 CPU tensors take the kernels: float64 answers on those values."""
+    from opd_dynamics.numerics.fused import fused_dot, fused_sum_squares
 
     rng = np.random.default_rng(4)
     a = torch.tensor(rng.standard_normal((37, 129)), dtype=dtype)
     b = torch.tensor(rng.standard_normal((37, 129)), dtype=dtype)
     a64, b64 = a.double().numpy(), b.double().numpy()
     assert fused_dot(a, b) is not None and fused_sum_squares(a) is not None
-    assert dot64(a, b) == pytest.approx(float(np.sum(a64 * b64)), rel=1e-12)
-    assert sum_squares64(a) == pytest.approx(float(np.sum(a64 * a64)), rel=1e-12)
+    assert dot(a, b) == pytest.approx(float(np.sum(a64 * b64)), rel=1e-12)
+    assert fro2(a) == pytest.approx(float(np.sum(a64 * a64)), rel=1e-12)
     a[3, 4] = math.inf
-    assert not math.isfinite(sum_squares64(a))
+    assert not math.isfinite(fro2(a))

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd_dynamics.metrics.spectrum import decompose
-from opd_dynamics.metrics.subspace import alignment_metrics, principal_angles
+from opd_dynamics.analysis.metrics.spectrum import decompose
+from opd_dynamics.analysis.metrics.subspace import alignment_metrics, principal_angles
+
 from reference import random_orthogonal, ref_alignment
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

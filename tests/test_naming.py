@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from opd_dynamics.naming import GROUPS, parse_name, stored_transposed
+from opd_dynamics.io.naming import GROUPS, parse_name, stored_transposed
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, vocab_size=64)

@@ -13,8 +13,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
-from opd_dynamics.errors import InputError  # noqa: E402
 from opd_dynamics import plotting as P  # noqa: E402
+from opd_dynamics.errors import InputError  # noqa: E402
 from opd_dynamics.plotting.allocation import heatmap_matrix  # noqa: E402
 
 RUNS = ("opd", "grpo")

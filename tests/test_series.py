@@ -2,9 +2,10 @@
 
 import pytest
 
-from builders import llama_like, perturb, write_dir
 from opd_dynamics.errors import InputError
-from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.io.series import CheckpointSeries
+
+from builders import llama_like, perturb, write_dir
 
 
 @pytest.fixture()

@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
 from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord, checked_trigger
-from opd_dynamics.naming import MATRIX_GROUPS
+from opd_dynamics.io.naming import MATRIX_GROUPS
 
 Rows = Sequence[Mapping[str, Any]]
 ANCHOR_FILE = "effopd_anchor.safetensors"
@@ -50,7 +51,7 @@ def _batches(rows: Rows, size: int):
         yield rows[i:i + size]
 
 
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool, temperature: float):
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool, temperature: float):
     """(prompt_ids with left padding, prompt mask, completion ids) for a batch of text prompts."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     dev = model_device(model)
@@ -82,7 +83,7 @@ def reward_scorer(tokenizer, rows: Rows, reward_fn: Callable[..., list[float]], 
         total = 0.0
         for batch in _batches(rows, batch_size):
             prompts = [r[prompt_key] for r in batch]
-            _, _, comp = _generate(model, tokenizer, prompts, max_new_tokens, False, 1.0)
+            _, _, comp = generate_completions(model, tokenizer, prompts, max_new_tokens, False, 1.0)
             texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
             keep = completion_mask(comp, tokenizer.eos_token_id).bool() if tokenizer.eos_token_id is not None \
                 else torch.ones_like(comp, dtype=torch.bool)
@@ -122,7 +123,7 @@ def reverse_kl_scorer(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
             for batch in _batches(prompts, batch_size):
-                ids, mask, comp = _generate(model, tokenizer, list(batch), max_new_tokens, do_sample, temperature)
+                ids, mask, comp = generate_completions(model, tokenizer, list(batch), max_new_tokens, do_sample, temperature)
                 cmask = completion_mask(comp, tokenizer.eos_token_id)
                 seq = torch.cat([ids, comp], dim=1)
                 att = torch.cat([mask, cmask], dim=1)
@@ -167,7 +168,7 @@ class EffOPDCallback(TrainerCallback):
     def records(self) -> list[TriggerRecord]:
         return [] if self.effopd is None else self.effopd.records
 
-    def bind(self, trainer) -> "EffOPDCallback":
+    def bind(self, trainer) -> EffOPDCallback:
         """Log through `trainer` (its base `Trainer.log`, which leaves TRL's pending training metrics alone)."""
         self.trainer = trainer
         return self
@@ -203,7 +204,7 @@ class EffOPDCallback(TrainerCallback):
             return control
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
-            from opd_dynamics.writer import atomic_file, save_safetensors
+            from opd_dynamics.io.writer import atomic_file, save_safetensors
 
             with atomic_file(ckpt / ANCHOR_FILE) as tmp:
                 save_safetensors(self.effopd.anchor_state(), tmp)
@@ -234,7 +235,7 @@ class EffOPDCallback(TrainerCallback):
     def _write_csv(self) -> None:
         import pandas as pd
 
-        from opd_dynamics.writer import atomic_write_text
+        from opd_dynamics.io.writer import atomic_write_text
 
         path = Path(self.csv_path)
         path.parent.mkdir(parents=True, exist_ok=True)

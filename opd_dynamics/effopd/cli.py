@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from opd_dynamics.clickutil import parse_groups, with_options
 from opd_dynamics.errors import InputError
-from opd_dynamics.naming import MATRIX_GROUPS
+from opd_dynamics.io.cli import parse_groups, with_options
+from opd_dynamics.io.naming import MATRIX_GROUPS
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -73,24 +73,3 @@ def search(prev, cur, out, groups, all_shapes, overwrite, max_shard_size, load_m
                + ", ".join(f"k{k}={s:g}" for k, s in enumerate(rec.scores)) + f"; wrote {out}")
     if rec.tie:
         click.echo(f"warning: {rec.tie_note()}", err=True)
-
-
-@click.command("effopd")
-@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True)
-@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0 … N−1 (each runs all three methods).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--lab", "lab_dir", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Existing lab directory whose teacher/ and student_init/ to start from (default: build them).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps per run (default: the preset's rl_steps).")
-@click.option("--eval-every", type=int, default=None, help="Held-out evaluation interval (default 2 smoke, 10 default).")
-@click.option("--fixed-k", type=click.IntRange(min=0), default=2, show_default=True, help="k of the fixed baseline (coef 2k).")
-@click.option("--n-val", type=int, default=50, show_default=True, help="EffOPD validation prompts (from training).")
-@click.option("--strict", is_flag=True, help="EffOPD accepts only strictly better validation scores.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def lab_effopd(preset, seeds, out, lab_dir, steps, eval_every, fixed_k, n_val, strict, overwrite) -> None:
-    """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
-    from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
-
-    opts = EffOPDLabOptions(max_steps=steps, eval_every=eval_every, fixed_k=fixed_k, n_val=n_val, strict=strict)
-    path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite, options=opts)
-    click.echo(f"wrote {path}")

@@ -13,18 +13,26 @@ import shlex
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
-from opd_dynamics.checkpoints import FP8_DTYPES, ModelDir, is_adapter_dir
-from opd_dynamics.deltas import float_dtype
 from opd_dynamics.effopd.search import TriggerRecord, published_search
 from opd_dynamics.errors import InputError
-from opd_dynamics.naming import MATRIX_GROUPS, parse_name
-from opd_dynamics.writer import (DEFAULT_SHARD_BYTES, MODEL_MARKERS, atomic_write_text, check_output, json_text,
-                                 replace_path, write_model)
+from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
+from opd_dynamics.io.naming import MATRIX_GROUPS, parse_name
+from opd_dynamics.io.reader import is_adapter_dir
+from opd_dynamics.io.writer import (
+    DEFAULT_SHARD_BYTES,
+    MODEL_MARKERS,
+    atomic_write_text,
+    check_output,
+    json_text,
+    replace_path,
+    write_model,
+)
+from opd_dynamics.numerics import update_dtype
 
 _SPLIT = re.compile(r"[\s=:,;]+")
 
@@ -72,7 +80,7 @@ def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, *, groups: 
             if prev.shape(name) != tuple(b.shape):
                 raise InputError(prev.path, f"tensor {name!r} has shape {prev.shape(name)}, but {cur.path} has "
                                             f"{tuple(b.shape)}")
-            work = float_dtype(b)
+            work = update_dtype(b)
             wb = b.to(work)
             yield name, (wb + coef * (wb - prev.get(name).to(work))).to(b.dtype)
             counts["extrapolated"] += 1

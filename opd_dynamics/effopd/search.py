@@ -15,13 +15,13 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 
-from opd_dynamics.deltas import float_dtype  # the precision W_t + c·Δ is formed in, as updates are
-from opd_dynamics.naming import MATRIX_GROUPS, parse_name
+from opd_dynamics.io.naming import MATRIX_GROUPS, parse_name
+from opd_dynamics.numerics import fro2, update_dtype
 
 _log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class EffOPD:
         """Make the model's current weights the anchor (done at construction: the anchor starts as W_0)."""
         with torch.no_grad():
             for n, p in self.params.items():
-                self.anchor[n] = p.detach().to(self._store(p), dtype=float_dtype(p), copy=True)
+                self.anchor[n] = p.detach().to(self._store(p), dtype=update_dtype(p), copy=True)
 
     def anchor_state(self) -> dict[str, torch.Tensor]:
         """The anchor in each parameter's dtype (exact: the anchor is weights the parameters held), on CPU."""
@@ -227,7 +227,7 @@ class EffOPD:
             raise ValueError(f"the saved EffOPD anchor does not match the model's selected parameters "
                              f"(missing {missing[:3]} or shapes differ)")
         for n, p in self.params.items():
-            self.anchor[n] = saved[n].to(self._store(p), float_dtype(p))
+            self.anchor[n] = saved[n].to(self._store(p), update_dtype(p))
 
     def should_trigger(self, step: int) -> bool:
         return bool(self.trigger(step))
@@ -250,7 +250,7 @@ class EffOPD:
     def _set(self, wt: dict[str, torch.Tensor], coef: float) -> None:
         """Parameters ← W_t + coef·(W_t − anchor), in float32 (float64), cast to each parameter's dtype."""
         for n, p in self.params.items():
-            w = wt[n].to(p.device, dtype=float_dtype(p))
+            w = wt[n].to(p.device, dtype=update_dtype(p))
             a = self.anchor[n].to(p.device, non_blocking=True)
             p.copy_((w + coef * (w - a)).to(p.dtype))
 
@@ -266,7 +266,7 @@ class EffOPD:
         wt = {n: p.detach().to(self._store(p), copy=True) for n, p in self.params.items()}  # exact bits of W_t
         sq = 0.0
         for n, p in self.params.items():
-            sq += float(torch.sum((wt[n].to(float_dtype(p)) - self.anchor[n].to(wt[n].device)) ** 2))
+            sq += fro2(wt[n].to(update_dtype(p)) - self.anchor[n].to(wt[n].device))
         delta_norm = math.sqrt(sq)
         val_s = 0.0
         scores: list[float] = []
@@ -298,7 +298,7 @@ class EffOPD:
                     self._restore(wt)
                 else:
                     self._set(wt, self.coef_step * k_acc)
-        del wt
+        wt.clear()  # the copy of W_t is no longer needed
         self.reset_anchor()
         rec = TriggerRecord(step=step, scores=scores, coefs=coefs, k_accepted=k_acc,
                             coef=self.coef_step * k_acc, delta_norm=delta_norm, validation_s=val_s,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import click
 
+from opd_dynamics.io.cli import parse_ints
+
 
 @click.group("lab")
 def lab() -> None:
@@ -24,10 +26,6 @@ def run_cmd(preset: str, out: str, seed: int, overwrite: bool) -> None:
     run_lab(out, preset=preset, seed=seed, overwrite=overwrite)
 
 
-from opd_dynamics.effopd.cli import lab_effopd as _lab_effopd  # noqa: E402
-lab.add_command(_lab_effopd)
-
-
 @lab.command("interventions")
 @click.option("--lab", "lab_dir", type=click.Path(file_okay=False), required=True, help="Lab directory (lab run --out).")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory for the CSVs.")
@@ -38,6 +36,55 @@ lab.add_command(_lab_effopd)
 def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int, n_eval: int | None,
                       overwrite: bool) -> None:
     """Scaling, layer-window, rank, rescale and embedding-swap interventions scored by held-out accuracy."""
-    from opd_dynamics.interventions import lab_interventions
+    from opd_dynamics.lab.interventions import lab_interventions
 
     lab_interventions(lab_dir, out, step=step, half_width=half_width, n_eval=n_eval, overwrite=overwrite)
+
+
+@lab.command("effopd")
+@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True)
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0 … N−1 (each runs all three methods).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--lab", "lab_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Existing lab directory whose teacher/ and student_init/ to start from (default: build them).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps per run (default: the preset's rl_steps).")
+@click.option("--eval-every", type=int, default=None, help="Held-out evaluation interval (default 2 smoke, 10 default).")
+@click.option("--fixed-k", type=click.IntRange(min=0), default=2, show_default=True, help="k of the fixed baseline (coef 2k).")
+@click.option("--n-val", type=int, default=50, show_default=True, help="EffOPD validation prompts (from training).")
+@click.option("--strict", is_flag=True, help="EffOPD accepts only strictly better validation scores.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def lab_effopd(preset, seeds, out, lab_dir, steps, eval_every, fixed_k, n_val, strict, overwrite) -> None:
+    """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
+    from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
+
+    opts = EffOPDLabOptions(max_steps=steps, eval_every=eval_every, fixed_k=fixed_k, n_val=n_val, strict=strict)
+    path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite, options=opts)
+    click.echo(f"wrote {path}")
+
+
+@lab.command("ship")
+@click.argument("lab_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--steps", required=True, help="Comma-separated checkpoint steps to keep.")
+@click.option("--teacher", is_flag=True, help="Also copy the teacher.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier shipped subset in OUT.")
+def ship(lab_dir: str, out: str, steps: str, teacher: bool, overwrite: bool) -> None:
+    """Copy a small, git-sized subset of a lab run (weights + config of the given steps) into OUT."""
+    from opd_dynamics.lab.ship import export_subset
+
+    export_subset(lab_dir, out, list(parse_ints(steps, "--steps") or ()), teacher, overwrite)
+
+
+@click.command("demo")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo output in OUT.")
+@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True,
+              help="Lab preset.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fast", is_flag=True, help="Shrunken stages (for tests); the numbers mean nothing.")
+def demo(out, overwrite, preset, seed, fast) -> None:
+    """Lab runs -> analysis -> interventions -> EffOPD -> figures -> HTML report, all into OUT."""
+    from opd_dynamics.lab.demo import run_demo
+
+    html = run_demo(out, preset=preset, overwrite=overwrite, fast=fast, seed=seed)
+    click.echo(f"report: {html}")

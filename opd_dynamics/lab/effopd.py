@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -161,7 +161,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
                    log: Callable[[str], None] | None = None) -> Path:
     """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
     effopd.png and effopd.json (options, speedups, timings). Written under a temporary name, then renamed."""
-    from opd_dynamics.writer import atomic_dir, json_text
+    from opd_dynamics.io.writer import atomic_dir, json_text
 
     p = get_preset(preset)
     opt = options or EffOPDLabOptions()

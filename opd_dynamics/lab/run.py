@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from opd_dynamics.io.writer import atomic_dir, json_text
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
-from opd_dynamics.writer import atomic_dir, json_text
 from opd_dynamics.lab.train import (
     device,
     evaluate_run,
@@ -36,10 +36,10 @@ def _versions() -> dict:
     import transformers
     import trl
 
-    import opd_dynamics
+    from opd_dynamics._version import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "tokenizers": tokenizers.__version__, "opd_dynamics": opd_dynamics.__version__}
+            "trl": trl.__version__, "tokenizers": tokenizers.__version__, "opd_dynamics": __version__}
 
 
 def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bool = False,

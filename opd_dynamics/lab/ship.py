@@ -1,18 +1,15 @@
 """Copy a small, git-sized subset of a lab run (weights + config only) for data/lab.
 
-Usage: ``python -m opd_dynamics.lab.ship LAB_DIR OUT --steps 30,60,120 [--teacher] [--overwrite]``.
+Command: ``opd-dynamics lab ship LAB_DIR OUT --steps 30,60,120 [--teacher] [--overwrite]``.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
-import click
-
 from opd_dynamics.errors import InputError
-from opd_dynamics.writer import atomic_dir
+from opd_dynamics.io.writer import atomic_dir
 
 KEEP = ("model.safetensors", "config.json")
 
@@ -33,21 +30,3 @@ def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False,
             shutil.copy2(lab_dir / r / "eval.csv", tmp / r / "eval.csv")
         shutil.copy2(lab_dir / "lab.json", tmp / "lab.json")
     return Path(out)
-
-
-@click.command()
-@click.argument("lab_dir", type=click.Path(file_okay=False, exists=True))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--steps", required=True, help="Comma-separated checkpoint steps to keep.")
-@click.option("--teacher", is_flag=True, help="Also copy the teacher.")
-@click.option("--overwrite", is_flag=True)
-def main(lab_dir: str, out: str, steps: str, teacher: bool, overwrite: bool) -> None:
-    try:
-        export_subset(lab_dir, out, [int(s) for s in steps.split(",")], teacher, overwrite)
-    except InputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -268,7 +268,7 @@ def evaluate_run(run: str, run_dir, student_init_dir, teacher, tokenizer, heldou
     """Evaluate step 0 (student_init) and every checkpoint of a run → tidy DataFrame (eval.csv schema)."""
     import pandas as pd
 
-    from opd_dynamics.series import CheckpointSeries
+    from opd_dynamics.io.series import CheckpointSeries
 
     rows = []
     steps = CheckpointSeries.discover(run_dir, base=student_init_dir).steps

@@ -5,13 +5,18 @@ OPD and RL keep the same colours everywhere (see `style.run_colors`)."""
 
 from __future__ import annotations
 
-from opd_dynamics.plotting._data import Tables, as_tables, load_tables
-from opd_dynamics.plotting.allocation import (plot_allocation_heatmap, plot_embedding_cosine, plot_embedding_swap,
-                                              plot_group_energy, plot_layer_norms)
+from opd_dynamics.plotting.allocation import (
+                                              plot_allocation_heatmap,
+                                              plot_embedding_cosine,
+                                              plot_embedding_swap,
+                                              plot_group_energy,
+                                              plot_layer_norms,
+)
 from opd_dynamics.plotting.direction import plot_alignment, plot_singular_value_decay, plot_table1
 from opd_dynamics.plotting.effopd import plot_effopd_curves
 from opd_dynamics.plotting.render import FIGURES, FigureSpec, PlotResult, available_figures, plot_all, save_figure
 from opd_dynamics.plotting.style import OPD_COLOR, method_colors, opd_style, run_colors
+from opd_dynamics.plotting.tables import Tables, as_tables, load_tables
 from opd_dynamics.plotting.utility import plot_eval_curves, plot_rank_recovery, plot_rescale, plot_scaling
 
 __all__ = [

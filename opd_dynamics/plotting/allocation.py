@@ -12,10 +12,17 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.plotting._data import _table, as_tables, at_step, numeric, steps_of
 from opd_dynamics.plotting._draw import fig_legend, grouped_bars, integer_xticks, no_data, percent_axis, zoom_ylim
-from opd_dynamics.plotting.style import (GROUP_MARKERS, GROUP_ORDER, HEATMAP_CMAP, new_figure, order_runs,
-                                         run_colors, styled)
+from opd_dynamics.plotting.style import (
+    GROUP_MARKERS,
+    GROUP_ORDER,
+    HEATMAP_CMAP,
+    new_figure,
+    order_runs,
+    run_colors,
+    styled,
+)
+from opd_dynamics.plotting.tables import _table, as_tables, at_step, numeric, steps_of
 
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "o_proj", "c_proj",
                  "dense", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "dense_h_to_4h",

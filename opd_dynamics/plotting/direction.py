@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from opd_dynamics.analysis.report import TABLE1_METRICS
+from opd_dynamics.analysis.report import table1 as _table1
 from opd_dynamics.errors import InputError
-from opd_dynamics.plotting._data import _table, as_tables, at_step, numeric, steps_of
 from opd_dynamics.plotting._draw import fig_legend, grouped_bars, iqr_band, no_data, percent_axis
 from opd_dynamics.plotting.style import GROUP_MARKERS, new_figure, order_runs, run_colors, styled
-from opd_dynamics.report import TABLE1_METRICS
-from opd_dynamics.report import table1 as _table1
+from opd_dynamics.plotting.tables import _table, as_tables, at_step, numeric, steps_of
 
 TABLE1_LABELS = {"spectral_norm": "σ$_1$ (spectral norm)", "spectral_ratio": "σ$_1$ / ‖ΔW‖$_F$",
                  "effective_rank": "effective rank", "top1pct_norm_ratio": "top-1% norm ratio"}

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from opd_dynamics.plotting._data import _table, as_tables, numeric
 from opd_dynamics.plotting._draw import fig_legend, percent_axis
 from opd_dynamics.plotting.style import method_colors, new_figure, styled
+from opd_dynamics.plotting.tables import _table, as_tables, numeric
 
 _METHOD_ORDER = ("vanilla", "effopd", "fixed")
 

@@ -14,12 +14,17 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.writer import atomic_file
-from opd_dynamics.plotting._data import Tables, as_tables
-from opd_dynamics.plotting.allocation import (plot_allocation_heatmap, plot_embedding_cosine, plot_embedding_swap,
-                                              plot_group_energy, plot_layer_norms)
+from opd_dynamics.io.writer import atomic_file
+from opd_dynamics.plotting.allocation import (
+    plot_allocation_heatmap,
+    plot_embedding_cosine,
+    plot_embedding_swap,
+    plot_group_energy,
+    plot_layer_norms,
+)
 from opd_dynamics.plotting.direction import plot_alignment, plot_singular_value_decay, plot_table1
 from opd_dynamics.plotting.effopd import plot_effopd_curves
+from opd_dynamics.plotting.tables import Tables, as_tables
 from opd_dynamics.plotting.utility import plot_eval_curves, plot_rank_recovery, plot_rescale, plot_scaling
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from opd_dynamics.plotting._data import _table, as_bool, as_tables, numeric
 from opd_dynamics.plotting._draw import fig_legend, integer_xticks, no_data, percent_axis
 from opd_dynamics.plotting.style import new_figure, order_runs, run_colors, styled
+from opd_dynamics.plotting.tables import _table, as_bool, as_tables, numeric
 
 
 @styled

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.naming import MATRIX_GROUPS
-from opd_dynamics.writer import atomic_dir, atomic_write_text, json_text
+from opd_dynamics.io.naming import MATRIX_GROUPS
+from opd_dynamics.io.writer import atomic_dir, atomic_write_text, json_text
 
 ID_COLUMNS = ["run", "step", "tensor", "layer", "group", "module", "expert"]
 TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
@@ -53,7 +53,7 @@ class Report:
         atomic_write_text(directory / RUN_JSON, json_text(self.meta))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Report":
+    def load(cls, directory: str | Path) -> Report:
         """Read the CSVs and run.json of an output directory back (any subset of tables)."""
         d = Path(directory)
         if not d.is_dir():

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from opd_dynamics.analysis.report import INT_COLUMNS, PER_TENSOR_TABLES, read_table
 from opd_dynamics.errors import InputError
-from opd_dynamics.report import INT_COLUMNS, PER_TENSOR_TABLES, read_table
 
 # tables that carry one run per lab directory (a missing 'run' column is filled from the directory name)
 _PER_RUN_TABLES = {"eval", "module_allocation", "spectrum", "singular_values", "alignment", "geometry",

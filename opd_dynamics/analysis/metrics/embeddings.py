@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from .fused import fused_row_stats
+from opd_dynamics.errors import InputError
+from opd_dynamics.numerics.fused import fused_row_stats
 
-_BLOCK_ROWS = 8192
+BLOCK_ROWS = 8192
 
 
 def _row_stats(e0: Tensor, et: Tensor) -> np.ndarray:
@@ -25,9 +25,9 @@ def _row_stats(e0: Tensor, et: Tensor) -> np.ndarray:
     if fused is not None:
         return fused
     out = np.empty((3, e0.shape[0]), dtype=np.float64)
-    for i in range(0, e0.shape[0], _BLOCK_ROWS):
-        a = e0[i : i + _BLOCK_ROWS].to(torch.float64)
-        b = et[i : i + _BLOCK_ROWS].to(a.device, torch.float64)
+    for i in range(0, e0.shape[0], BLOCK_ROWS):
+        a = e0[i : i + BLOCK_ROWS].to(torch.float64)
+        b = et[i : i + BLOCK_ROWS].to(a.device, torch.float64)
         out[:, i : i + a.shape[0]] = torch.stack([(a * b).sum(1), (a * a).sum(1), (b * b).sum(1)]).cpu().numpy()
     return out
 

@@ -10,8 +10,8 @@ comes from the parent path (attn / mlp …) before the leaf name, because leaves
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 GROUPS = ("attention", "mlp", "embedding", "lm_head", "norm", "other")
 MATRIX_GROUPS = ("attention", "mlp")

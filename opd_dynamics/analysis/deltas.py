@@ -8,19 +8,20 @@ base, one step and the next step being prefetched, never a whole model.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Sequence
 
 import torch
 
-from opd_dynamics.checkpoints import FLOAT_DTYPES, FP8_DTYPES, QUANT_SCALE_SUFFIXES, ModelDir, open_model
 from opd_dynamics.errors import InputError
-from opd_dynamics.lora import LoraAdapter
-from opd_dynamics.memory import subtract, upcast
-from opd_dynamics.naming import Override, TensorName, parse_name, stored_transposed
-from opd_dynamics.series import CheckpointSeries
+from opd_dynamics.io.lora import LoraAdapter
+from opd_dynamics.io.model_dir import FLOAT_DTYPES, FP8_DTYPES, QUANT_SCALE_SUFFIXES, ModelDir
+from opd_dynamics.io.naming import Override, TensorName, parse_name, stored_transposed
+from opd_dynamics.io.reader import open_model
+from opd_dynamics.io.series import CheckpointSeries
+from opd_dynamics.numerics import subtract, upcast, update_dtype
 
 _RESIZABLE = ("embedding", "lm_head")
 
@@ -84,7 +85,7 @@ class SeriesReader:
         for m in self.steps.values():
             m.close()
 
-    def __enter__(self) -> "SeriesReader":
+    def __enter__(self) -> SeriesReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -200,11 +201,6 @@ def _orient(t: torch.Tensor, tp: TensorPlan, dtype: torch.dtype | None = None) -
     return t.contiguous()
 
 
-def float_dtype(t: torch.Tensor) -> torch.dtype:
-    """The precision updates of ``t`` are formed in: its own if float32/float64, else float32."""
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 @dataclass
 class StepUpdate:
     """One step of one tensor, oriented (out, in): W_t as stored (``raw``) and, formed on first use in the
@@ -231,7 +227,7 @@ class StepUpdate:
 
     @property
     def _float(self) -> torch.dtype:
-        return float_dtype(self.base)
+        return update_dtype(self.base)
 
 
 def read_base(reader: SeriesReader, tp: TensorPlan, dtype: torch.dtype | None = torch.float32,
@@ -246,7 +242,7 @@ def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
     the float weight and delta now (in the reading thread, when prefetching) instead of on first use."""
     m = reader.steps[step]
     if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
-        fdt = float_dtype(w0)
+        fdt = update_dtype(w0)
         delta = m.delta(tp.name, fdt, w0.device)
         delta = _orient(delta.mT if tp.transposed else delta, tp, fdt)  # factors are (out, in) already
         return StepUpdate(step, w0.to(fdt) + delta, w0, delta)

@@ -15,8 +15,8 @@ import torch
 from scipy.linalg import blas, lapack, lu
 from torch import Tensor
 
-from opd_dynamics.memory import upcast
-from .norms import sum_squares64
+from opd_dynamics import numerics
+from opd_dynamics.numerics import upcast
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -95,7 +95,7 @@ def _chebyshev_filter(op, X: Tensor, a: float, b: float, top: float, degree: int
     return Y
 
 
-def _subspace_top(G: Tensor, lam: Tensor, k: int, extra: int = 10, max_products: int = 300,
+def subspace_top(G: Tensor, lam: Tensor, k: int, extra: int = 10, max_products: int = 300,
                   dynamic_range: float = 1e8) -> Tensor | None:
     """Top-k eigenvectors of symmetric PSD G given its exact eigenvalues lam (descending), or None.
 
@@ -160,7 +160,7 @@ def gram_eig(G: Tensor, k: int, vectors: str = "auto") -> tuple[Tensor, Tensor |
     eigh takes 94 ms against 87.5 ms for eigvalsh alone, so the vectors cost less than any iteration
     for them: eigvalsh plus the certified subspace iteration took 119-131 ms. 'subspace' uses that
     iteration (an uncertified one falls back to eigh). (On CPU, _gram_route skips G altogether: see
-    _tridiagonal_gram_eig.)
+    tridiagonal_gram_eig.)
     """
     if vectors not in ("auto", "subspace", "eigh"):
         raise ValueError(f"vectors must be 'auto', 'subspace' or 'eigh', got {vectors!r}")
@@ -170,7 +170,7 @@ def gram_eig(G: Tensor, k: int, vectors: str = "auto") -> tuple[Tensor, Tensor |
         return torch.linalg.eigvalsh(G).flip(0), None
     if vectors == "subspace":
         lam = torch.linalg.eigvalsh(G).flip(0)
-        Q = _subspace_top(G, lam, k)
+        Q = subspace_top(G, lam, k)
         if Q is not None:
             return lam, Q
     lam, Q = torch.linalg.eigh(G)
@@ -199,7 +199,7 @@ def _top_tridiagonal_vectors(d: np.ndarray, e: np.ndarray, lam: np.ndarray, k: i
     return np.array(z[:, k - 1 :: -1], order="F")
 
 
-def _tridiagonal_gram_eig(M: Tensor, left: bool, k: int) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+def tridiagonal_gram_eig(M: Tensor, left: bool, k: int) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """On CPU: the eigenvalues of M's float64 Gram on the ``left`` (M M^T) or right side (descending),
     its top-k eigenvectors Q, and M^T Q (left) or M Q (right) (None, None for k = 0); None when LAPACK
     reports a failure.
@@ -250,7 +250,7 @@ def _gram_route(M: Tensor, k_vec: int, vectors: str = "auto") -> Decomposition |
     left = rows <= cols
     eig = None
     if vectors == "tridiagonal" or (vectors == "auto" and not M.is_cuda):
-        eig = _tridiagonal_gram_eig(M, left, k_vec)
+        eig = tridiagonal_gram_eig(M, left, k_vec)
         if eig is not None:
             eig = tuple(None if x is None else x.to(M.device) for x in eig)
     if eig is None:
@@ -349,7 +349,7 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     ('exact-svd-f64') when min(m, n) < MIN_GRAM_DIM or the Gram route cannot resolve the spectrum
     (see _gram_route). ``exact_method`` 'gram' | 'svd' forces a route ('gram' still falls back when
     unsafe). ``vectors`` picks how the Gram route gets its eigenpairs: 'auto' is 'tridiagonal' on CPU
-    (see _tridiagonal_gram_eig) and one eigh on CUDA; 'subspace' and 'eigh' are gram_eig's.
+    (see tridiagonal_gram_eig) and one eigh on CUDA; 'subspace' and 'eigh' are gram_eig's.
     mode='fast': a randomized SVD (see _randomized_route) keeping the top fast_keep(k_vectors, r) values
     from q = that + oversample (seeded, so reproducible; float32 for float32 input),
     full=False. ``rank`` counts the values above max(m, n) * eps * sigma_1 (numpy's matrix_rank), with
@@ -368,7 +368,7 @@ def decompose(m: Tensor, k_vectors: int = 20, mode: str = "exact", oversample: i
     M = upcast(m, torch.float32 if (mode == "fast" and m.dtype != torch.float64) else torch.float64)
     shape = (int(M.shape[0]), int(M.shape[1]))
     r = min(shape)
-    fro2 = sum_squares64(m) if m.numel() else 0.0  # on the input: the fused kernel reads float32 as is
+    fro2 = numerics.fro2(m) if m.numel() else 0.0  # on the input: the fused kernel reads float32 as is
     # squares of finite float32/bf16 values cannot overflow a float64 sum, so a finite fro2 proves them all
     # finite; float64 input needs the elementwise check
     if not math.isfinite(fro2) or (m.dtype == torch.float64 and not bool(torch.isfinite(M).all())):

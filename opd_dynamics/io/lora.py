@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from opd_dynamics.checkpoints import ADAPTER_CONFIG, ADAPTER_FILE, ModelDir
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.model_dir import ModelDir
+from opd_dynamics.io.reader import ADAPTER_CONFIG, ADAPTER_FILE
 
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -125,7 +126,7 @@ class LoraAdapter:
     def close(self) -> None:
         self._store.close()
 
-    def __enter__(self) -> "LoraAdapter":
+    def __enter__(self) -> LoraAdapter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from opd_dynamics import __version__
+from opd_dynamics._version import __version__
 from opd_dynamics.errors import InputError
-from opd_dynamics.writer import atomic_write_text
-from opd_dynamics.plotting._data import Tables, as_tables, numeric
+from opd_dynamics.io.writer import atomic_write_text
 from opd_dynamics.plotting.render import available_figures
 from opd_dynamics.plotting.style import GROUP_ORDER, order_runs
+from opd_dynamics.plotting.tables import Tables, as_tables, numeric
 
 SECTIONS = ("Training", "Module allocation", "Utility", "Update direction", "EffOPD")
 

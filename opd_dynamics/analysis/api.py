@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
 
-from opd_dynamics import __version__
-from opd_dynamics.engine import (AnalysisOptions, JobResult, default_cache_root, device_name, execute,
-                                 make_plans, readers_released, resolve_executor)
+from opd_dynamics._version import __version__
+from opd_dynamics.analysis.caches import default_cache_root
+from opd_dynamics.analysis.executors import JobResult, device_name, execute, resolve_executor
+from opd_dynamics.analysis.options import AnalysisOptions
+from opd_dynamics.analysis.readers import make_plans, reader_for, readers_released
+from opd_dynamics.analysis.report import PER_TENSOR_TABLES, RUN_JSON, Report, build_tables
 from opd_dynamics.errors import InputError
-from opd_dynamics.report import PER_TENSOR_TABLES, RUN_JSON, Report, build_tables
-from opd_dynamics.series import CheckpointSeries
-from opd_dynamics.writer import check_output, replace_path
+from opd_dynamics.io.model_dir import DTYPES
+from opd_dynamics.io.series import CheckpointSeries
+from opd_dynamics.io.writer import check_output, output_lock, replace_path
+from opd_dynamics.numerics import update_dtype
 
 SeriesLike = CheckpointSeries | Sequence[CheckpointSeries]
 
@@ -78,7 +80,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
             if opts.ref_step not in dict(s.steps):
                 raise InputError(None, f"--ref-step {opts.ref_step} is not a step of run {s.name!r} "
                                        f"(its steps: {', '.join(str(t) for t, _ in s.steps)})")
-    with _exclusive(out_path), readers_released(lst):  # one analyze per output: they would share .OUT.partial/
+    with output_lock(out_path), readers_released(lst):  # one analyze per output: they would share .OUT.partial/
         t0 = time.perf_counter()
         if executor != "ray":  # fail before any work; Ray tasks resolve the device against the cluster
             opts.resolved_device()
@@ -132,44 +134,11 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
         return report
 
 
-@contextmanager
-def _exclusive(out: Path | None) -> Iterator[None]:
-    """Hold an exclusive lock beside `out` while this process works towards it."""
-    if out is None:
-        yield
-        return
-    import fcntl
-
-    lock = out.parent / f".{out.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(5):
-        f = open(lock, "w")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise InputError(out, "is being written by another analyze right now; wait for it or choose another "
-                                  "output") from None
-        try:  # the holder before us removes the file on leaving: a lock on a removed file guards nothing
-            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        f.close()
-    else:
-        raise InputError(out, f"could not lock {lock.name}: it was replaced five times in a row")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # while still holding it, then release
-        f.close()
-
-
 def _dtype_used(opts, plans) -> str:
-    """What ΔW was formed in: the asked precision, or float64 for tensors stored in float64 (never less)."""
-    f64 = any(tp.stored_dtype == "F64" for p in plans for tp in p.tensors)
-    used = opts.dtype if not f64 or opts.dtype == "float64" else "float32, float64 for tensors stored in float64"
-    return used + "; norms and cosines summed in float64"
+    """What ΔW was formed in (`numerics.update_dtype`): the asked precision, float64 for tensors stored in float64."""
+    used = {update_dtype(DTYPES[tp.stored_dtype], opts.torch_dtype) for p in plans for tp in p.tensors}
+    text = opts.dtype if used <= {opts.torch_dtype} else "float32, float64 for tensors stored in float64"
+    return text + "; norms and cosines summed in float64"
 
 
 def _device_meta(opts: AnalysisOptions, executor: str, results: Sequence[JobResult]) -> dict:
@@ -195,10 +164,8 @@ def _check_token_ids(ids: Sequence[int], plans) -> None:
 
 
 def _series_meta(plan) -> dict:
-    from opd_dynamics.engine import _reader_for
-
     s = plan.series
-    r = _reader_for(s)
+    r = reader_for(s)
     return {"run": s.name, "base": str(s.base), "base_header_sha256": r.base.header_sha256,
             "base_bytes": r.base.nbytes(),
             "steps": [{"step": st, "path": str(p), "header_sha256": r.steps[st].header_sha256,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from opd_dynamics.writer import check_output, json_text
+from opd_dynamics.io.writer import check_output, json_text
 
 STAGES = ("lab", "analysis", "interventions", "effopd", "figures", "report")
 _MARKER = "demo.json"
@@ -40,13 +40,13 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
              seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
     """Run every stage into ``out`` and return the path of ``out/report.html``."""
     from opd_dynamics.analysis import analyze
-    from opd_dynamics.html_report import render_html
-    from opd_dynamics.interventions import lab_interventions
+    from opd_dynamics.io.series import CheckpointSeries
     from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
+    from opd_dynamics.lab.interventions import lab_interventions
     from opd_dynamics.lab.presets import get_preset
     from opd_dynamics.lab.run import run_lab
     from opd_dynamics.plotting import plot_all
-    from opd_dynamics.series import CheckpointSeries
+    from opd_dynamics.plotting.html import render_html
 
     log = log or (lambda m: print(m, flush=True))
     out = Path(out).resolve()
@@ -68,7 +68,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
 
     t = stage("analysis of opd and grpo against student_init", 2)
     series = [CheckpointSeries.discover(lab / r, base=lab / "student_init", name=r) for r in ("opd", "grpo")]
-    analyze(series, out=out / "analysis", progress=False, command=f"opd_dynamics.demo.run_demo({str(out)!r})")
+    analyze(series, out=out / "analysis", progress=False, command=f"opd_dynamics.lab.demo.run_demo({str(out)!r})")
     timings["analysis"] = round(time.perf_counter() - t, 1)
 
     t = stage("interventions", 3)
@@ -97,19 +97,3 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     (out / _MARKER).write_text(json_text(meta))
     log(f"[demo] done in {timings['total']:.0f} s; report: {html}")
     return html
-
-
-import click  # noqa: E402
-
-
-@click.command("demo")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier demo output in OUT.")
-@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True,
-              help="Lab preset.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--fast", is_flag=True, help="Shrunken stages (for tests); the numbers mean nothing.")
-def demo_cmd(out, overwrite, preset, seed, fast) -> None:
-    """Lab runs -> analysis -> interventions -> EffOPD -> figures -> HTML report, all into OUT."""
-    html = run_demo(out, preset=preset, overwrite=overwrite, fast=fast, seed=seed)
-    click.echo(f"report: {html}")

@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CHANGE_THRESHOLD = 1e-3  # |Δ| > 1e-3 · max(|w0|, |wt|): a change bf16 can show
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @lru_cache(maxsize=1)
 def _kernels() -> ModuleType | None:
     try:
-        from opd_dynamics.metrics import _kernels
+        from opd_dynamics.numerics import _kernels
     except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back to torch
         return None
     return _kernels
@@ -40,11 +39,11 @@ def _fits(*ts: Tensor) -> bool:
                for t in ts) and _kernels() is not None
 
 
-def fused_update_stats(w0: Tensor, wt: Tensor) -> tuple[float, int] | None:
-    """(‖W_t − W_0‖F² in float64, count of bf16-visible changes |Δ| > 1e-3·max(|w0|, |wt|)), or None."""
+def fused_update_stats(w0: Tensor, wt: Tensor, threshold: float) -> tuple[float, int] | None:
+    """(‖W_t − W_0‖F² in float64, count of changes |Δ| > threshold·max(|w0|, |wt|)), or None."""
     if w0.shape != wt.shape or not _fits(w0, wt):
         return None
-    s, k = _kernels().update_stats(_array(w0).reshape(-1), _array(wt).reshape(-1), np.float32(CHANGE_THRESHOLD))
+    s, k = _kernels().update_stats(_array(w0).reshape(-1), _array(wt).reshape(-1), np.float32(threshold))
     return float(s), int(k)
 
 

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from .norms import dot64
-from .spectrum import Decomposition
+from opd_dynamics.analysis.metrics.spectrum import Decomposition
+from opd_dynamics.numerics import dot
 
 ALIGNMENT_KEYS = ("k", "paired_k", "subspace_overlap_u", "subspace_overlap_v", "max_principal_angle_deg",
                   "paired_cosine", "rank1_cosine", "direction_cosine")
@@ -46,7 +46,7 @@ def alignment_metrics(dec_t: Decomposition, dec_T: Decomposition, delta_t: Tenso
     if delta_t.shape != delta_T.shape:
         raise ValueError(f"alignment_metrics: update shapes differ {tuple(delta_t.shape)} vs {tuple(delta_T.shape)}")
     if f2t > 0 and f2T > 0:  # False for NaN too
-        out["direction_cosine"] = dot64(delta_t, delta_T.to(delta_t.device)) / math.sqrt(f2t * f2T)
+        out["direction_cosine"] = dot(delta_t, delta_T.to(delta_t.device)) / math.sqrt(f2t * f2T)
     if not (_usable(dec_t) and _usable(dec_T)):
         return out
     dev = dec_t.U.device

@@ -1,4 +1,4 @@
-"""numba kernels behind `opd_dynamics.metrics.fused` (imported only there, lazily).
+"""numba kernels behind `opd_dynamics.numerics.fused` (imported only there, lazily).
 
 Inputs are float32 arrays or bf16 given as their uint16 bits; `as_f32` decodes either inside the loop,
 so a bf16 tensor is never copied to float32. Sums are float64. Reassociation lets the float64 sums

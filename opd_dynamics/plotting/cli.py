@@ -13,7 +13,7 @@ import click
               help="Output format (repeatable; default: png and svg).")
 @click.option("--only", multiple=True, metavar="NAME", help="Draw only these figures (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace figure files that already exist.")
-def plot_cmd(out: tuple[str, ...], figures_dir: str, formats: tuple[str, ...], only: tuple[str, ...],
+def plot(out: tuple[str, ...], figures_dir: str, formats: tuple[str, ...], only: tuple[str, ...],
              overwrite: bool) -> None:
     """Render every figure the tables in OUT... allow (analysis, lab and EffOPD directories; tables merged)."""
     from opd_dynamics.plotting import plot_all
@@ -33,9 +33,9 @@ def plot_cmd(out: tuple[str, ...], figures_dir: str, formats: tuple[str, ...], o
               help="The HTML file to write (self-contained; opens offline).")
 @click.option("--title", default="opd-dynamics report", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace the HTML file if it exists.")
-def report_cmd(out: tuple[str, ...], html_path: str, title: str, overwrite: bool) -> None:
+def report(out: tuple[str, ...], html_path: str, title: str, overwrite: bool) -> None:
     """One self-contained HTML page with the figures, key tables and provenance of OUT..."""
-    from opd_dynamics.html_report import render_html
+    from opd_dynamics.plotting.html import render_html
 
     path = render_html(list(out), html_path, overwrite=overwrite, title=title)
     click.echo(f"report written to {path}")

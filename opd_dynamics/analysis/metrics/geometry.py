@@ -14,10 +14,9 @@ import torch
 from scipy.linalg import blas
 from torch import Tensor
 
-from opd_dynamics.memory import upcast
-from .norms import sum_squares64
-from .spectrum import decompose
-from .subspace import principal_angles
+from opd_dynamics.analysis.metrics.spectrum import decompose
+from opd_dynamics.analysis.metrics.subspace import principal_angles
+from opd_dynamics.numerics import fro2, upcast
 
 DEFAULT_PCTS = (1, 5, 10, 20)
 
@@ -110,7 +109,7 @@ def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor,
         return out
     dev = base.U.device
     k_max = base.U.shape[1]
-    f2 = sum_squares64(delta) if delta_fro2 is None else delta_fro2
+    f2 = fro2(delta) if delta_fro2 is None else delta_fro2
     if f2 > 0 and math.isfinite(f2):
         A = _principal_block(base, delta)
         for p in base.pcts:

@@ -4,11 +4,11 @@ norms (update size), spectrum (exact Gram/SVD or randomized decomposition and sp
 subspace (alignment to a reference step), geometry (update vs base weights), embeddings (row cosines).
 """
 
-from .embeddings import embedding_metrics
-from .geometry import BaseDecomposition, decompose_base, geometry_metrics
-from .norms import norm_metrics
-from .spectrum import Decomposition, decompose, spectrum_metrics, top_singular_values
-from .subspace import alignment_metrics, principal_angles
+from opd_dynamics.analysis.metrics.embeddings import embedding_metrics
+from opd_dynamics.analysis.metrics.geometry import BaseDecomposition, decompose_base, geometry_metrics
+from opd_dynamics.analysis.metrics.norms import norm_metrics
+from opd_dynamics.analysis.metrics.spectrum import Decomposition, decompose, spectrum_metrics, top_singular_values
+from opd_dynamics.analysis.metrics.subspace import alignment_metrics, principal_angles
 
 __all__ = ["BaseDecomposition", "Decomposition", "alignment_metrics", "decompose", "decompose_base",
            "embedding_metrics", "geometry_metrics", "norm_metrics", "principal_angles", "spectrum_metrics",

@@ -8,19 +8,20 @@ The base is always given explicitly; it is never guessed.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from opd_dynamics.checkpoints import is_adapter_dir, open_model, _find_weight_files
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.model_dir import find_weight_files
+from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, open_model
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)(?:_hf)?$")
 _VERL_SUBDIRS = ("actor/huggingface", "huggingface", "actor")
 
 
 def _has_weights(p: Path) -> bool:
-    return any(p.glob("*.safetensors")) or (p / "adapter_config.json").exists()
+    return any(p.glob("*.safetensors")) or (p / ADAPTER_CONFIG).exists()
 
 
 def _weights_dir(d: Path) -> Path:
@@ -53,14 +54,14 @@ class CheckpointSeries:
             raise InputError(None, f"run {self.name!r} has no checkpoints")
         if is_adapter_dir(self.base):
             raise InputError(self.base, "is a LoRA adapter; the base must be full model weights")
-        _find_weight_files(self.base)  # fails early with a clear sentence
+        find_weight_files(self.base)  # fails early with a clear sentence
         for _, p in self.steps:
             if not is_adapter_dir(p):
-                _find_weight_files(p)
+                find_weight_files(p)
 
     @classmethod
     def discover(cls, run_dir: str | Path, base: str | Path, name: str | None = None,
-                 steps: Iterable[int] | None = None, load_mode: str = "pread") -> "CheckpointSeries":
+                 steps: Iterable[int] | None = None, load_mode: str = "pread") -> CheckpointSeries:
         """Find the checkpoints of a run directory; `steps` keeps only those steps."""
         run = Path(run_dir)
         if base is None:
@@ -96,16 +97,13 @@ class CheckpointSeries:
 
     @classmethod
     def from_list(cls, pairs: Sequence[tuple[int, str | Path]], base: str | Path, name: str = "run",
-                  load_mode: str = "pread") -> "CheckpointSeries":
+                  load_mode: str = "pread") -> CheckpointSeries:
         """An explicit list of (step, path)."""
         return cls(name=name, base=Path(base), steps=list(pairs), load_mode=load_mode)
 
     @property
     def step_numbers(self) -> list[int]:
         return [s for s, _ in self.steps]
-
-    def open_base(self):
-        return open_model(self.base, self.load_mode)
 
     def open_step(self, step: int):
         return open_model(dict(self.steps)[step], self.load_mode)

@@ -18,20 +18,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from opd_dynamics.errors import InputError
-
-if TYPE_CHECKING:  # lora imports this module
-    from opd_dynamics.lora import LoraAdapter
+from opd_dynamics.io.reader import ADAPTER_FILE, LOAD_MODES, TensorReader
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-LOAD_MODES = ("pread", "mmap")
 _MAX_HEADER = 100 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
@@ -130,7 +124,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], byt
     return entries, meta, raw
 
 
-class _FdCache:
+class FdCache:
     """Process-wide LRU of open read-only file descriptors (bounded; thread-safe). A descriptor is used only
     for the file whose header was read: a file rewritten at the same path since then is an error, never a
     silent read of the old (or the new) bytes against the other's header."""
@@ -165,7 +159,7 @@ class _FdCache:
                     os.close(self._fds.pop(p)[0])
 
 
-_FDS = _FdCache()
+_FDS = FdCache()
 
 
 def _pread_tensor(entry: TensorEntry) -> torch.Tensor:
@@ -186,7 +180,7 @@ def _pread_tensor(entry: TensorEntry) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
 
 
-def _find_weight_files(path: Path) -> list[Path]:
+def find_weight_files(path: Path) -> list[Path]:
     """The safetensors files holding a model's weights, or an InputError saying what is there instead."""
     if not path.exists():
         raise InputError(path, "does not exist")
@@ -228,17 +222,15 @@ def _find_weight_files(path: Path) -> list[Path]:
     raise InputError(path, "holds no safetensors weights (no model.safetensors, index or *.safetensors)")
 
 
-class ModelDir:
+class ModelDir(TensorReader):
     """Lazy reader for one model directory (single file, sharded with index, or shards without one)."""
 
     def __init__(self, path: str | Path, load_mode: str = "pread"):
-        if load_mode == "eager":
-            load_mode = "pread"
         if load_mode not in LOAD_MODES:
             raise InputError(None, f"load mode {load_mode!r} is not one of {LOAD_MODES}")
         self.path = Path(path)
         self.load_mode = load_mode
-        self.files = _find_weight_files(self.path)
+        self.files = find_weight_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self.metadata: dict[str, str] = {}
         digest = hashlib.sha256()
@@ -287,6 +279,18 @@ class ModelDir:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self.entries[name].dtype]
 
+    def stored_dtype(self, name: str) -> str:
+        return self.entries[name].dtype
+
+    def tied_names(self) -> dict[str, str]:
+        """{absent name: the tensor it shares}: with ``tie_word_embeddings`` (the default of most configs),
+        transformers saves the input embedding once and leaves ``lm_head.weight`` out of the files."""
+        cfg = self.config
+        if not cfg.get("tie_word_embeddings", True) or "lm_head.weight" in self.entries:
+            return {}
+        emb = [n for n in self.entries if n.endswith("embed_tokens.weight") or n.endswith("wte.weight")]
+        return {"lm_head.weight": emb[0]} if len(emb) == 1 and cfg else {}
+
     def nbytes(self, name: str | None = None) -> int:
         if name is not None:
             return self.entries[name].nbytes
@@ -301,13 +305,6 @@ class ModelDir:
             return json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise InputError(cfg, f"is not valid JSON ({e})") from e
-
-    def unchanged(self) -> bool:
-        """True while every weight file is still the one whose header was read (not rewritten or removed)."""
-        try:
-            return all(file_identity(f.stat()) == i for f, i in self._idents.items())
-        except OSError:
-            return False
 
     # -- data -----------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
@@ -325,41 +322,9 @@ class ModelDir:
             h = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
         return h.get_tensor(name)
 
-    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for n in names if names is not None else self.names():
-            yield n, self.get(n)
-
     def close(self) -> None:
         self._handles.clear()
         _FDS.close(set(self.files))
 
-    def __enter__(self) -> "ModelDir":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r}, {len(self.entries)} tensors, {len(self.files)} files)"
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / ADAPTER_CONFIG).exists()
-
-
-def open_model(path: str | Path, load_mode: str = "pread") -> ModelDir | LoraAdapter:
-    """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
-    if is_adapter_dir(path):
-        from opd_dynamics.lora import LoraAdapter
-
-        return LoraAdapter(path, load_mode=load_mode)
-    return ModelDir(path, load_mode=load_mode)
-
-
-def __getattr__(name: str):  # LoraAdapter lives in lora.py; keep `checkpoints.LoraAdapter` working
-    if name == "LoraAdapter":
-        from opd_dynamics.lora import LoraAdapter
-
-        return LoraAdapter
-    raise AttributeError(name)

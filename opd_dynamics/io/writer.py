@@ -12,16 +12,16 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from opd_dynamics.checkpoints import INDEX_FILE, SINGLE_FILE
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.model_dir import INDEX_FILE, SINGLE_FILE
 
 # Files a model directory carries besides weights (what from_pretrained and tokenizers need).
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -192,3 +192,37 @@ def write_model(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path
                 if (src / f).is_file():
                     shutil.copy2(src / f, tmp / f)
     return Path(out_dir)
+
+
+@contextmanager
+def output_lock(out: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside `out` while this process works towards it (two analyses writing one output
+    would share its .OUT.partial/); a second holder is refused with one sentence."""
+    if out is None:
+        yield
+        return
+    import fcntl
+
+    lock = out.parent / f".{out.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        f = open(lock, "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise InputError(out, "is being written by another analyze right now; wait for it or choose another "
+                                  "output") from None
+        try:  # the holder before us removes the file on leaving: a lock on a removed file guards nothing
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    else:
+        raise InputError(out, f"could not lock {lock.name}: it was replaced five times in a row")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still holding it, then release
+        f.close()

@@ -1,0 +1,109 @@
+"""All metrics of one stored tensor over a whole series: W_0 read once; the reference step's update (default
+the last step) read and decomposed once; then every step's W_t read once and every metric of that step computed
+from the one decomposition of its ΔW_t."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from opd_dynamics.analysis.caches import base_decomposition
+from opd_dynamics.analysis.deltas import SeriesReader, StepUpdate, TensorPlan, iter_updates, read_base, read_step
+from opd_dynamics.analysis.metrics.embeddings import embedding_metrics
+from opd_dynamics.analysis.metrics.geometry import geometry_metrics
+from opd_dynamics.analysis.metrics.norms import norm_metrics
+from opd_dynamics.analysis.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
+from opd_dynamics.analysis.metrics.subspace import alignment_metrics
+from opd_dynamics.analysis.options import AnalysisOptions
+from opd_dynamics.analysis.report import PER_TENSOR_TABLES
+from opd_dynamics.io.model_dir import DTYPES
+from opd_dynamics.io.series import CheckpointSeries
+from opd_dynamics.numerics import fro2, update_dtype
+
+
+def _ident(series: CheckpointSeries, tp: TensorPlan) -> dict:  # identifying columns of every row
+    i = tp.info
+    return {"run": series.name, "tensor": tp.name, "layer": i.layer, "group": i.group, "module": i.module,
+            "expert": i.expert}
+
+
+
+def _steps_with_ref(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, ref: StepUpdate | None,
+                    materialize: bool) -> Iterator[StepUpdate]:
+    """Every step's update in order, reusing the already-read reference step instead of reading it twice."""
+    others = [s for s in tp.steps if ref is None or s != ref.step]
+    it = iter_updates(reader, tp, w0, others, materialize=materialize)
+    for s in tp.steps:
+        yield ref if (ref is not None and s == ref.step) else next(it)
+
+
+def _units(tp: TensorPlan) -> list[int | None]:
+    """The matrices inside one stored tensor: itself, or one per expert for stacked experts ((E, out, in)
+    as analysed: see naming.stored_transposed)."""
+    if len(tp.shape) == 3 and tp.info.group == "mlp" and "experts" in tp.name:
+        return list(range(tp.shape[0]))
+    return [None]
+
+
+def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
+                   cache_root: Path | None = None) -> dict[str, list[dict]]:
+    """All rows of every table for one stored tensor over the whole series."""
+    series = reader.series
+    device = opts.resolved_device()
+    out: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
+    group = tp.info.group
+    units = _units(tp)
+    mshape = tp.shape[1:] if units != [None] else tp.shape
+    matrix = (len(mshape) == 2 and min(mshape) > 1 and group in opts.spectra_groups and opts.svd != "none")
+    # the norm columns and embedding cosines run on the base and steps as stored; only spectra need floats
+    # ΔW in the asked precision, never below the stored one (float64 checkpoints stay float64)
+    work = update_dtype(DTYPES[tp.stored_dtype], opts.torch_dtype)
+    w0 = read_base(reader, tp, work if matrix else None, device)
+    k_vec = max(opts.k_subspace, opts.k_paired)
+    part = (lambda t, u: t if u is None else t[u])  # noqa: E731
+    ref_update, dec_ref = None, {}
+    if matrix and opts.alignment:
+        ref_step = opts.ref_step if opts.ref_step in tp.steps else tp.steps[-1]
+        ref_update = read_step(reader, tp, ref_step, w0)
+        dec_ref = {u: decompose(part(ref_update.delta, u), k_vectors=k_vec, mode=opts.svd) for u in units}
+    base_dec = ({u: base_decomposition(reader, tp, part(w0, u), cache_root, u) for u in units}
+                if (matrix and opts.geometry) else {})
+    shape_s = "x".join(map(str, mshape))
+    numel = tp.numel // len(units)
+    base_f2 = {u: fro2(part(w0, u)) for u in units}
+    for upd in _steps_with_ref(reader, tp, w0, ref_update, materialize=matrix):
+        for u in units:
+            ident = {**_ident(series, tp), "step": upd.step}
+            if u is not None:
+                ident["expert"] = u
+            w0u = part(w0, u)
+            lora = None if upd.lora_delta is None else part(upd.lora_delta, u)
+            out["module_allocation"].append({**ident, "shape": shape_s, "numel": numel,
+                                             **norm_metrics(w0u, part(upd.raw, u), lora, base_f2[u]),
+                                             "resized": tp.resized})
+            if group == "embedding" and len(mshape) == 2:
+                wt_raw = part(upd.raw, u)
+                ids = None if opts.token_ids is None else \
+                    [i for i in opts.token_ids if i < max(w0u.shape[0], wt_raw.shape[0])]  # a positional table: fewer rows
+                out["embedding"].append({**ident, **embedding_metrics(w0u, wt_raw, ids),
+                                         "resized": tp.resized})
+            if not matrix:
+                continue
+            wtu, du = part(upd.weight, u), part(upd.delta, u)
+            is_ref = ref_update is not None and upd.step == ref_update.step
+            dec = dec_ref[u] if is_ref else decompose(du, k_vectors=k_vec, mode=opts.svd)
+            out["spectrum"].append({**ident, **spectrum_metrics(dec, opts.ks)})
+            fro = dec.fro2 ** 0.5 if dec.fro2 > 0 else float("nan")
+            for i, s in enumerate(top_singular_values(dec, opts.n_singular_values).tolist(), start=1):
+                out["singular_values"].append({**ident, "index": i, "sigma": s, "sigma_normalized": s / fro})
+            if ref_update is not None:
+                out["alignment"].append({**ident, "ref_step": ref_update.step,
+                                         **alignment_metrics(dec, dec_ref[u], du, part(ref_update.delta, u),
+                                                             k=opts.k_subspace, K=opts.k_paired)})
+            if base_dec:
+                out["geometry"].append({**ident, **geometry_metrics(base_dec[u], wtu, du, dec.fro2)})
+    return out
+
+

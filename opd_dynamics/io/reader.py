@@ -1,0 +1,94 @@
+"""The reader interface every checkpoint format implements, and the factory that picks one by the files present.
+
+A reader opens only headers; `get(name)` reads one tensor, so memory holds the tensors in use and never a
+whole model. Today's implementations: `ModelDir` (safetensors: single, sharded with an index, or shards
+without one) and, for updates rather than weights, `LoraAdapter` (PEFT LoRA). A new format adds one
+`TensorReader` subclass and one clause in `open_model`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # the implementations import this module
+    from opd_dynamics.io.lora import LoraAdapter
+    from opd_dynamics.io.model_dir import ModelDir
+
+#: how a reader reads a tensor: one positioned read per tensor (bounded memory, network filesystems), or mmap
+LOAD_MODES = ("pread", "mmap")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class TensorReader(ABC):
+    """One model's weights, read one tensor at a time.
+
+    Attributes every reader sets: ``path``; ``files`` (the files read); ``header_sha256`` (a digest of what
+    describes the tensors); ``identity`` (what tells these weights apart from others for a cache: the header
+    digest plus each file's path and identity as it was read).
+    """
+
+    path: Path
+    files: list[Path]
+    header_sha256: str
+    identity: str
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Every tensor's name, in file order."""
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape as stored."""
+
+    @abstractmethod
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype as stored (the dtype `get` returns)."""
+
+    @abstractmethod
+    def stored_dtype(self, name: str) -> str:
+        """The stored dtype's code (safetensors' 'BF16', 'F32', 'F8_E4M3' …)."""
+
+    @abstractmethod
+    def nbytes(self, name: str | None = None) -> int:
+        """Bytes one tensor (or, without a name, every tensor) occupies as stored."""
+
+    def tied_names(self) -> dict[str, str]:
+        """{name: the tensor it shares storage with} for weights saved once under another name."""
+        return {}
+
+    @abstractmethod
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype, on the CPU."""
+
+    def close(self) -> None:  # noqa: B027 - a hook: readers without open files need not close anything
+        """Release open files (the reader can still be used: files are reopened on demand)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A PEFT adapter directory (it holds adapter_config.json)."""
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).exists()
+
+
+def open_model(path: str | Path, load_mode: str = "pread") -> ModelDir | LoraAdapter:
+    """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
+    from opd_dynamics.io.lora import LoraAdapter
+    from opd_dynamics.io.model_dir import ModelDir
+
+    if is_adapter_dir(path):
+        return LoraAdapter(path, load_mode=load_mode)
+    return ModelDir(path, load_mode=load_mode)
