@@ -10,6 +10,7 @@ import click
 from opd_dynamics.analysis.cli import analyze, describe
 from opd_dynamics.effopd.cli import effopd, extrapolate
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.cli import cli_message
 from opd_dynamics.lab.cli import demo, lab
 from opd_dynamics.plotting.cli import plot, report
 
@@ -21,7 +22,7 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except InputError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {cli_message(e)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: no output was half-written (outputs are renamed into place when complete); "

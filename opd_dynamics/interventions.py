@@ -2,7 +2,8 @@
 
 Every function reads the two models tensor by tensor (paths or open readers), forms ΔW in the update
 precision (`numerics.update_dtype`: float32, float64 for float64 weights; never bf16/fp16), applies its
-transform, adds it back to the base in that precision and casts to the stored dtype. Identity and zero transforms return the checkpoint / base tensor itself, so α = 1 is the
+transform, adds it back to the base in that precision and casts to the stored dtype. Identity and zero
+transforms return the checkpoint / base tensor itself, so α = 1 is the
 checkpoint bit-exactly and α = 0 the base. Results come back as a state dict, or are written with
 ``write_model`` when ``write=out_dir`` is given (for external evaluation harnesses).
 """
@@ -18,7 +19,7 @@ from typing import Any, Union
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.naming import MATRIX_GROUPS, TensorName, parse_name
+from opd_dynamics.io.naming import MATRIX_GROUPS, TensorName, is_selected, parse_name
 from opd_dynamics.io.reader import open_model
 from opd_dynamics.numerics import fro2, update_dtype
 
@@ -166,7 +167,7 @@ def rank_truncate(base: ModelLike, ckpt: ModelLike, pct: float, side: str = "top
     pct = float(pct)
 
     def fn(n, p, d):
-        if not (p.group in MATRIX_GROUPS and d.ndim == 2):
+        if not is_selected(n, d.shape):  # attention and MLP matrices
             return others
         if svd_cache is not None and n not in svd_cache:
             svd_cache[n] = torch.linalg.svd(d.double(), full_matrices=False)
@@ -193,7 +194,8 @@ def module_rescale(base: ModelLike, mid: ModelLike, final: ModelLike, beta: floa
             nm = float(torch.linalg.vector_norm(d.double()))
             return BASE if nm == 0.0 else (d.double() * (beta * target[n] / nm)).to(d.dtype)
 
-        return _finish(transform_stream(b, mid, fn), write, mid, overwrite, {"intervention": f"module_rescale beta={beta}"})
+        return _finish(transform_stream(b, mid, fn), write, mid, overwrite,
+                       {"intervention": f"module_rescale beta={beta}"})
 
 
 def embedding_swap(base: ModelLike, ckpt: ModelLike, *, write: str | Path | None = None,

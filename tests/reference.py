@@ -1,4 +1,4 @@
-"""Float64 numpy reference implementations of the DESIGN.md metrics, deliberately simple.
+"""Float64 numpy reference implementations of the docs/METRICS.md metrics, deliberately simple.
 
 Straight from the formulas with np.linalg.svd; used by tests/test_metrics_*.py to check the fast kernels.
 Also the planted-matrix builders the tests share.

@@ -208,7 +208,8 @@ def test_a_problem_at_many_steps_is_named_once_with_its_steps(tmp_path):
         write_dir(tmp_path / "run" / f"checkpoint-{t}", {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 6)})
     with pytest.raises(InputError) as e:
         analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
-    assert str(e.value).endswith("(1 skipped, e.g. shape mismatch: base [4, 8] vs [4, 6] at steps 1, 2, …, 8 (8 steps))")
+    assert str(e.value).endswith(
+        "(1 skipped, e.g. shape mismatch: base [4, 8] vs [4, 6] at steps 1, 2, …, 8 (8 steps))")
 
 
 def test_nothing_in_common_is_an_error(tmp_path):
@@ -349,9 +350,9 @@ def test_float64_checkpoints_keep_float64_updates(tmp_path):
     for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
         exact = float((st[name] - sd[name]).norm())
         assert a.loc[name, "update_norm"] == pytest.approx(exact, rel=1e-6), name
-    s = rep.spectrum.set_index("tensor").loc["model.layers.0.mlp.up_proj.weight"]
-    assert s["spectral_norm"] == pytest.approx(float(torch.linalg.matrix_norm(st["model.layers.0.mlp.up_proj.weight"]
-                                                                               - sd["model.layers.0.mlp.up_proj.weight"], 2)), rel=1e-6)
+    up = "model.layers.0.mlp.up_proj.weight"
+    s = rep.spectrum.set_index("tensor").loc[up]
+    assert s["spectral_norm"] == pytest.approx(float(torch.linalg.matrix_norm(st[up] - sd[up], 2)), rel=1e-6)
     assert "float64 for tensors stored in float64" in rep.meta["dtype"]["used"]
 
 

@@ -182,3 +182,16 @@ def test_index_listing_missing_shard(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"nothing": 1}))
     with pytest.raises(InputError, match="weight_map"):
         ModelDir(d)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_names_of_a_model_transformers_saved(tmp_path, tied):
+    """transformers saves a tied lm_head once (as the input embedding); the reader says which name it shares."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    m = ModelDir(tmp_path / "m")
+    assert ("lm_head.weight" in m) is not tied
+    assert m.tied_names() == ({"lm_head.weight": "model.embed_tokens.weight"} if tied else {})

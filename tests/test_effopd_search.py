@@ -91,9 +91,10 @@ def test_after_step_only_scores_on_trigger_steps():
 def test_parameter_filter_groups_and_shapes():
     m = Tiny()
     assert list(select_parameters(m)) == [Q, UP]
-    assert sorted(select_parameters(m, ("mlp",), matrices_only=False)) == [
+    assert sorted(select_parameters(m, groups=("mlp",), matrices_only=False)) == [
         "model.layers.0.mlp.up_proj.bias", UP]
-    assert sorted(select_parameters(m, ("embedding", "lm_head"))) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert sorted(select_parameters(m, groups=("embedding", "lm_head"))) == ["lm_head.weight",
+                                                                             "model.embed_tokens.weight"]
     assert list(select_parameters(m, param_filter=lambda n, p: n.startswith("lm_head"))) == ["lm_head.weight"]
 
 

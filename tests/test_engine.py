@@ -164,7 +164,7 @@ def test_ref_step_is_honoured_and_an_unknown_one_refused(tmp_path):
     for t in (1, 4):
         ref = ref_alignment(states[t][q] - w0[q], states[2][q] - w0[q])
         assert al.loc[t, "subspace_overlap_u"] == pytest.approx(ref["subspace_overlap_u"], abs=1e-3)
-    with pytest.raises(InputError, match="--ref-step 7 is not a step of run 'opd'"):
+    with pytest.raises(InputError, match="ref_step 7 is not a step of run 'opd'"):
         analyze(series, ref_step=7, progress=False)
 
 
@@ -274,9 +274,9 @@ def test_more_than_one_worker_means_worker_processes_and_serial_refuses_them(tmp
     _, _, series = _planted_series(tmp_path, steps=(1,))
     rep = analyze(series, workers=2, progress=False)
     assert rep.meta["executor"] == {"kind": "process", "workers": 2, "ray_address": None}
-    with pytest.raises(InputError, match="--workers 2 needs --executor process or ray"):
+    with pytest.raises(InputError, match="workers 2 needs executor process or ray"):
         analyze(series, executor="serial", workers=2, progress=False)
-    with pytest.raises(InputError, match="--ray-address is for --executor ray, not process"):
+    with pytest.raises(InputError, match="ray_address is for executor ray, not process"):
         analyze(series, executor="process", ray_address="127.0.0.1:1", progress=False)
 
 
@@ -290,7 +290,7 @@ def test_ray_tasks_ask_for_a_gpu_exactly_when_they_run_on_cuda(asked, gpus, want
 
 
 @pytest.mark.parametrize("asked, message", [("cuda", "the Ray cluster has no GPU"),
-                                            ("cuda:1", "cannot be used with --executor ray")])
+                                            ("cuda:1", "cannot be used with executor ray")])
 def test_ray_refuses_a_cuda_device_it_cannot_give(asked, message):
     from opd_dynamics.analysis.executors import ray_task_device
 

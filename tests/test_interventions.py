@@ -222,3 +222,26 @@ def test_a_tensor_the_base_lacks_or_of_another_shape_is_named(tmp_path):
     wide = write_dir(tmp_path / "wide", {**ckpt, k: torch.zeros(ckpt[k].shape[0], ckpt[k].shape[1] + 1)})
     with pytest.raises(InputError, match=f"tensor '{k}' has shape .* but the base has"):
         iv.update_norm(b, wide)
+
+
+def test_float64_weights_stay_float64(tmp_path):
+    """The update precision rule (numerics.update_dtype) holds here too: float64 weights are transformed in
+    float64 (they were upcast to float32 before), so scale, rank truncation and rescaling match the float64
+    reference to rounding, and the written tensors stay float64."""
+    base, ckpt, b, c = _pair(tmp_path, torch.float64)
+    half = iv.scale(b, c, 0.5)
+    top = iv.rank_truncate(b, c, 0.25, "top", rescale_to_norm=True)
+    resc = iv.module_rescale(b, c, c, beta=2.0)
+    for k in base:
+        d = _delta64(base, ckpt, k)
+        assert half[k].dtype == torch.float64 and top[k].dtype == torch.float64
+        torch.testing.assert_close(half[k], base[k] + 0.5 * d, atol=1e-15, rtol=1e-15)
+        torch.testing.assert_close(resc[k], base[k] + 2.0 * d, atol=1e-15, rtol=1e-13)
+        if parse_name(k).group in ("attention", "mlp") and d.ndim == 2:
+            u, s, vh = torch.linalg.svd(d, full_matrices=False)
+            kk = math.ceil(0.25 * s.numel())
+            ref = (u[:, :kk] * s[:kk]) @ vh[:kk]
+            ref = ref * (torch.linalg.vector_norm(d) / torch.linalg.vector_norm(ref))
+            torch.testing.assert_close(top[k], base[k] + ref, atol=1e-14, rtol=1e-12)
+    assert iv.update_norm(b, c) == pytest.approx(math.sqrt(sum(float(_delta64(base, ckpt, k).square().sum())
+                                                                for k in base)), rel=1e-15)

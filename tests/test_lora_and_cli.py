@@ -161,6 +161,9 @@ def _text(path, text):
     (lambda d: [*_ok(d), "--token-ids", _text(d / "ids.txt", "5 x")], "must hold integers"),
     (lambda d: [*_ok(d), "--token-ids", _text(d / "ids.txt", "5 999")], "token id 999 is outside the vocabulary"),
     (lambda d: [*_ok(d), "--executor", "ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1 cannot be"),
+    (lambda d: [*_ok(d), "--workers", "2", "--executor", "serial"], "--workers 2 needs --executor process or ray"),
+    (lambda d: [*_ok(d), "--ks", "1,x"], "--ks must hold integers"),
+    (lambda d: [*_ok(d), "--spectra-groups", "attn"], "--spectra-groups 'attn': each group must be one of"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(run_dirs, make_bad, phrase):
     before = sorted(p.name for p in (run_dirs / "opd").iterdir())
@@ -197,3 +200,47 @@ def test_cli_refuses_to_overwrite_unless_asked(run_dirs):
     assert r.exit_code == 2 and "--overwrite" in r.output and (out / "run.json").read_text() == stamp
     assert CliRunner().invoke(main, args + ["--overwrite"]).exit_code == 0
     assert not list(run_dirs.glob(".out*"))  # no temporary leftovers
+
+
+def test_cli_flags_are_generated_from_the_options_dataclasses(run_dirs):
+    """Every AnalysisOptions / ExecutionOptions field is a flag of analyze (added once, in the dataclass); the
+    values reach the analysis (run.json records them) and run.json's command repeats what was typed."""
+    import dataclasses
+
+    from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions
+
+    flags = {o for p in main.commands["analyze"].params for o in (*p.opts, *p.secondary_opts)}
+    for cls in (AnalysisOptions, ExecutionOptions):
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name.replace('_', '-')}" in flags or f.name == "progress", f.name
+    assert {"--quiet", "--no-alignment", "--all-shapes"} - flags == {"--all-shapes"}
+    r = CliRunner().invoke(main, [*_ok(run_dirs), "--ks", "1,2", "--k-subspace", "3", "--spectra-groups", "mlp",
+                                  "--no-alignment"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((run_dirs / "o" / "run.json").read_text())
+    assert meta["options"]["ks"] == [1, 2] and meta["options"]["k_subspace"] == 3
+    assert meta["options"]["spectra_groups"] == ["mlp"] and meta["options"]["alignment"] is False
+    assert "--ks 1,2" in meta["command"] and "--no-alignment" in meta["command"] and "--quiet" in meta["command"]
+    cols = open(run_dirs / "o" / "spectrum.csv").readline().strip().split(",")
+    assert "energy_top2" in cols and "energy_top4" not in cols
+    assert not (run_dirs / "o" / "alignment.csv").exists()
+    spec = __import__("pandas").read_csv(run_dirs / "o" / "spectrum.csv")
+    assert set(spec["group"]) == {"mlp"}
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags():
+    """The Python API says `ref_step`, `overwrite=True`; the command line says `--ref-step`, `--overwrite`."""
+    from opd_dynamics.analysis.options import AnalysisOptions
+    from opd_dynamics.effopd.options import EffOPDOptions
+    from opd_dynamics.io.cli import cli_message
+
+    with pytest.raises(InputError) as e:
+        AnalysisOptions(svd="approx")
+    assert str(e.value).startswith("svd must be one of") and cli_message(e.value).startswith("--svd must be one of")
+    e = InputError("out", "already exists; pass overwrite=True to replace it", ("overwrite",))
+    assert cli_message(e) == "out: already exists; pass --overwrite to replace it"
+    with pytest.raises(InputError) as e:
+        EffOPDOptions(k_max=-1)
+    assert cli_message(e.value).startswith("--k-max and --fixed-k must be >= 0")
+    e = InputError(None, "nothing to extrapolate (see groups and matrices_only)", ("groups", "matrices_only"))
+    assert cli_message(e) == "nothing to extrapolate (see --groups and --all-shapes)"

@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +16,7 @@ import torch
 from opd_dynamics._version import __version__
 from opd_dynamics.analysis.caches import default_cache_root
 from opd_dynamics.analysis.executors import JobResult, device_name, execute, resolve_executor
-from opd_dynamics.analysis.options import AnalysisOptions
+from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions, resolve_options
 from opd_dynamics.analysis.readers import make_plans, reader_for, readers_released
 from opd_dynamics.analysis.report import PER_TENSOR_TABLES, RUN_JSON, Report, build_tables
 from opd_dynamics.errors import InputError
@@ -57,29 +57,29 @@ def describe(series: SeriesLike, groups: tuple[str, ...] | None = None, override
     return df
 
 
-def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: bool = False,
-            options: AnalysisOptions | None = None, names: list[str] | None = None,
-            groups: tuple[str, ...] | None = None, overrides=None, executor: str | None = None, workers: int = 1,
-            ray_address: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
-            command: str | None = None, **option_kwargs) -> Report:
+def analyze(series: SeriesLike, *, out: str | Path | None = None, options: AnalysisOptions | None = None,
+            execution: ExecutionOptions | None = None, overwrite: bool = False,
+            groups: tuple[str, ...] | None = None, names: list[str] | None = None, overrides=None,
+            command: str | None = None, **fields) -> Report:
     """Analyse one or more checkpoint series (e.g. OPD and RL from one base) into a Report.
 
     With `out`, the CSVs and run.json are written there: work goes to `.OUT.partial/` (which also holds
     per-tensor results, so rerunning the same command after an interruption resumes), renamed to OUT at
-    the end. `option_kwargs` are AnalysisOptions fields (svd='fast', geometry=True, device='cuda', …); given
-    with `options`, they replace those fields of it.
-    `executor` defaults to 'process' when `workers` > 1, 'ray' with a `ray_address`, else 'serial'.
+    the end. What is computed is `options`, how it runs `execution`; keyword `fields` of either replace
+    theirs (svd='fast', geometry=True, device='cuda', workers=4, executor='ray', progress=False, …).
+    `groups` (naming groups) and `names` (tensor names) select tensors; `overrides` adjusts the naming.
     """
-    opts = replace(options, **option_kwargs) if options is not None else AnalysisOptions(**option_kwargs)
-    executor = resolve_executor(executor, workers, ray_address)
+    opts, run = resolve_options(options, execution, fields)
+    executor = resolve_executor(run.executor, run.workers, run.ray_address)
+    workers, ray_address = run.workers, run.ray_address
     lst = _as_list(series)
     out_path = None if out is None else check_output(
         out, (RUN_JSON,), overwrite=overwrite, inputs=[p for s in lst for p in (s.base, *(p for _, p in s.steps))])
     if opts.ref_step is not None:
         for s in lst:
             if opts.ref_step not in dict(s.steps):
-                raise InputError(None, f"--ref-step {opts.ref_step} is not a step of run {s.name!r} "
-                                       f"(its steps: {', '.join(str(t) for t, _ in s.steps)})")
+                raise InputError(None, f"ref_step {opts.ref_step} is not a step of run {s.name!r} "
+                                       f"(its steps: {', '.join(str(t) for t, _ in s.steps)})", ("ref_step",))
     with output_lock(out_path), readers_released(lst):  # one analyze per output: they would share .OUT.partial/
         t0 = time.perf_counter()
         if executor != "ray":  # fail before any work; Ray tasks resolve the device against the cluster
@@ -90,9 +90,9 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, overwrite: boo
             _check_token_ids(opts.token_ids, plans)
         partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
         resume_dir = partial / "cache" if partial is not None else None
-        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+        cache_root = Path(run.cache_dir) if run.cache_dir is not None else default_cache_root()
         results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
-                          resume_dir=resume_dir, cache_root=cache_root, progress=progress)
+                          resume_dir=resume_dir, cache_root=cache_root, progress=run.progress)
         rows: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
         failed = []
         for r in results:
@@ -156,7 +156,8 @@ def _check_token_ids(ids: Sequence[int], plans) -> None:
     for plan in plans:
         rows = [tp.shape[0] for tp in plan.tensors if tp.info.group == "embedding" and len(tp.shape) == 2]
         if not rows:
-            raise InputError(None, f"--token-ids was given but run {plan.series.name!r} has no embedding table")
+            raise InputError(None, f"token_ids were given but run {plan.series.name!r} has no embedding table",
+                             ("token_ids",))
         bad = [i for i in ids if not 0 <= i < max(rows)]
         if bad:
             raise InputError(None, f"token id {bad[0]} is outside the vocabulary of run {plan.series.name!r} "

@@ -112,12 +112,12 @@ def resolve_executor(executor: str | None, workers: int, ray_address: str | None
     if executor is None:
         executor = "ray" if ray_address else "process" if workers > 1 else "serial"
     if executor not in EXECUTORS:
-        raise InputError(None, f"--executor must be one of {EXECUTORS}, not {executor!r}")
+        raise InputError(None, f"executor must be one of {EXECUTORS}, not {executor!r}", ("executor",))
     if executor == "serial" and workers > 1:
-        raise InputError(None, f"--workers {workers} needs --executor process or ray: serial analyses one tensor "
-                               "at a time")
+        raise InputError(None, f"workers {workers} needs executor process or ray: serial analyses one tensor "
+                               "at a time", ("workers", "executor"))
     if ray_address and executor != "ray":
-        raise InputError(None, f"--ray-address is for --executor ray, not {executor}")
+        raise InputError(None, f"ray_address is for executor ray, not {executor}", ("ray_address", "executor"))
     return executor
 
 
@@ -167,7 +167,8 @@ def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "se
                     finish(futs[f], f.result())
             except BrokenProcessPool as e:
                 raise InputError(None, f"a worker process died ({e}), e.g. killed for memory; rerun with fewer "
-                                       "--workers (with --out, the tensors already finished are not redone)") from e
+                                       "workers (with out, the tensors already finished are not redone)",
+                                 ("workers", "out")) from e
             finally:  # on Ctrl-C or a dead worker, do not run the queued tensors first
                 pool.shutdown(wait=True, cancel_futures=True)
         else:
@@ -182,11 +183,11 @@ def ray_task_device(asked: str, cluster_gpus: float) -> tuple[str, int]:
     (CUDA_VISIBLE_DEVICES=''), so CUDA work must ask for one; Ray then gives each task its own card,
     which is why 'cuda:N' has no meaning here. 'auto' means CUDA when the cluster has GPUs."""
     if asked.startswith("cuda:"):
-        raise InputError(None, f"--device {asked} cannot be used with --executor ray: Ray gives each task its "
-                               "own GPU; use --device cuda (or auto)")
+        raise InputError(None, f"device {asked} cannot be used with executor ray: Ray gives each task its "
+                               "own GPU; use device cuda (or auto)", ("device", "executor"))
     if asked == "cuda" and cluster_gpus < 1:
-        raise InputError(None, "--device cuda was asked for but the Ray cluster has no GPU "
-                               "(ray.cluster_resources() lists none)")
+        raise InputError(None, "device cuda was asked for but the Ray cluster has no GPU "
+                               "(ray.cluster_resources() lists none)", ("device",))
     if asked == "cuda" or (asked == "auto" and cluster_gpus >= 1):
         return "cuda", 1
     return "cpu", 0
@@ -199,7 +200,7 @@ def _run_ray(jobs: list[tuple[Job, str]], todo: list[int], finish: Callable[[int
     try:
         import ray
     except ImportError as e:
-        raise InputError(None, "--executor ray needs Ray: pip install 'opd-dynamics[ray]'") from e
+        raise InputError(None, "executor ray needs Ray: pip install 'opd-dynamics[ray]'", ("executor",)) from e
     started_here = not ray.is_initialized()
     if started_here and address and address != "auto":
         _check_reachable(address)
@@ -238,7 +239,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError) as e:
-        raise InputError(None, f"--ray-address {address} cannot be reached ({e}); start the cluster or "
-                               "leave the option out to start a local Ray instance") from None
+        raise InputError(None, f"ray_address {address} cannot be reached ({e}); start the cluster or "
+                               "leave it out to start a local Ray instance", ("ray_address",)) from None
 
 

@@ -2,42 +2,60 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.fields import option
 from opd_dynamics.io.naming import MATRIX_GROUPS
+from opd_dynamics.schema import DEFAULT_KS
 
+#: --svd: exact float64 spectra; randomized top-k (labelled per row); norms only
 SVD_MODES = ("exact", "fast", "none")
+#: --dtype: the precision ΔW is formed in (never a 16-bit type)
+DTYPES = ("float32", "float64")
+#: --device (or cuda:N)
+DEVICES = ("cpu", "cuda", "auto")
+#: --executor
 EXECUTORS = ("serial", "process", "ray")
+
 
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    """Everything that changes what a pass computes (part of the resume-cache key)."""
+    """Everything that changes what a pass computes (the resume-cache key). Each field is one CLI flag of
+    `analyze` (generated: see `opd_dynamics.io.cli.dataclass_options`)."""
 
-    svd: str = "exact"  # exact | fast (randomized top-k, labelled) | none (norms only)
-    ks: tuple[int, ...] = (1, 4, 16, 64)
-    k_subspace: int = 16
-    k_paired: int = 20
-    ref_step: int | None = None  # alignment reference; None = last step
-    alignment: bool = True
-    geometry: bool = False  # geometry.csv; exact in every svd mode (needs W_t's whole spectrum)
-    dtype: str = "float32"  # float32 | float64: precision of W_t − W_0
-    device: str = "cpu"  # cpu | cuda | auto
-    n_singular_values: int = 64
-    spectra_groups: tuple[str, ...] = MATRIX_GROUPS
-    token_ids: tuple[int, ...] | None = None
+    svd: str = option("exact", "exact: full float64 spectra; fast: randomized top-k (labelled); none: norms only.",
+                    choices=SVD_MODES)
+    geometry: bool = option(False, "Also measure the update against the base's own singular vectors. Exact in every "
+                          "--svd mode (it needs W_t's whole spectrum), so it costs about as much as the exact "
+                          "spectra and most of a fast run.", flag="--geometry")
+    alignment: bool = option(True, "Alignment to the reference step (--no-alignment skips it).")
+    ref_step: int | None = option(None, "Alignment reference step (default: last).")
+    dtype: str = option("float32", "Precision of W_t − W_0 (float64 weights always stay float64).", choices=DTYPES)
+    device: str = option("cpu", "cpu, cuda (or cuda:N) or auto. With --executor ray, resolved on the cluster: each "
+                       "CUDA task asks Ray for one GPU.")
+    ks: tuple[int, ...] = option(DEFAULT_KS, "The k of the energy_top{k} columns.", cli="ints", metavar="K,K,...")
+    k_subspace: int = option(16, "k of the subspace overlaps and principal angles.", min=1)
+    k_paired: int = option(20, "K of paired_cosine (the paper's Fig. 4b measure).", min=1)
+    n_singular_values: int = option(64, "Singular values per matrix in singular_values.csv.", min=1)
+    spectra_groups: tuple[str, ...] = option(MATRIX_GROUPS, "Groups whose matrices get spectra and alignment.",
+                                           cli="groups", metavar="GROUP,...")
+    token_ids: tuple[int, ...] | None = option(None, "File of token ids (whitespace or comma separated) for the "
+                                             "embedding cosine over a token set.", cli="token_file", metavar="FILE")
 
     def __post_init__(self) -> None:
         if self.svd not in SVD_MODES:
-            raise InputError(None, f"--svd must be one of {SVD_MODES}, not {self.svd!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise InputError(None, f"--dtype must be float32 or float64 (never a 16-bit type), not {self.dtype!r}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise InputError(None, f"--device must be cpu, cuda or auto, not {self.device!r}")
+            raise InputError(None, f"svd must be one of {SVD_MODES}, not {self.svd!r}", ("svd",))
+        if self.dtype not in DTYPES:
+            raise InputError(None, f"dtype must be float32 or float64 (never a 16-bit type), not {self.dtype!r}",
+                             ("dtype",))
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise InputError(None, f"device must be cpu, cuda or auto, not {self.device!r}", ("device",))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -48,8 +66,28 @@ class AnalysisOptions:
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-            raise InputError(None, "--device cuda was asked for but torch sees no CUDA device"
-                                   + (f" (CUDA_VISIBLE_DEVICES={vis!r})" if vis is not None else ""))
+            raise InputError(None, "device cuda was asked for but torch sees no CUDA device"
+                                   + (f" (CUDA_VISIBLE_DEVICES={vis!r})" if vis is not None else ""), ("device",))
         return self.device
 
 
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How a pass runs; none of it changes a result (so none of it is in the resume-cache key)."""
+
+    executor: str | None = option(None, "Default: process with --workers > 1, ray with --ray-address, else serial.",
+                                choices=EXECUTORS)
+    workers: int = option(1, "Tensors analysed at once (process or Ray executor).", min=1)
+    ray_address: str | None = option(None, "Ray cluster address (default: start a local instance).")
+    cache_dir: str | None = option(None, "Where base decompositions are cached (default: $OPD_DYNAMICS_CACHE or "
+                                 "~/.cache/opd-dynamics).")
+    progress: bool = option(True, "A progress bar (--quiet: none).", flag="--progress/--quiet")
+
+
+def resolve_options(options: AnalysisOptions | None, execution: ExecutionOptions | None,
+                    fields: dict) -> tuple[AnalysisOptions, ExecutionOptions]:
+    """Both option sets, with ``fields`` (keyword arguments naming fields of either) replacing theirs."""
+    own = {f.name for f in dataclasses.fields(ExecutionOptions)}
+    run = {k: v for k, v in fields.items() if k in own}
+    what = {k: v for k, v in fields.items() if k not in own}
+    return (replace(options or AnalysisOptions(), **what), replace(execution or ExecutionOptions(), **run))

@@ -15,11 +15,11 @@ import pandas as pd
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import MATRIX_GROUPS
 from opd_dynamics.io.writer import atomic_dir, atomic_write_text, json_text
+from opd_dynamics.schema import ID_COLUMNS, INT_COLUMNS, PER_TENSOR_TABLES, RUN_JSON, TABLES, TEXT_COLUMNS
 
-ID_COLUMNS = ["run", "step", "tensor", "layer", "group", "module", "expert"]
+# ID_COLUMNS, INT_COLUMNS, PER_TENSOR_TABLES and RUN_JSON live in opd_dynamics.schema; imported here, they stay
+# the names this module has always offered (analysis.api and analysis.tensor import them from here)
 TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
-RUN_JSON = "run.json"  # every analysis output holds it (provenance); it marks a directory as one
-INT_COLUMNS = ("step", "layer", "expert", "ref_step", "index", "k", "paired_k", "rank90", "numel", "n_rows")
 
 
 @dataclass
@@ -76,17 +76,11 @@ class Report:
         return f"Report({parts})"
 
 
-#: identifiers that stay text whatever they spell ('nan', 'NA', '1' are valid run names)
-_TEXT_COLUMNS = ("run", "tensor", "group", "module", "shape", "svd_method", "aggregate", "metric")
-#: the analysis tables with one row per run x step x tensor
-PER_TENSOR_TABLES = ("module_allocation", "spectrum", "singular_values", "alignment", "geometry", "embedding")
-
-
 def read_table(path: Path) -> pd.DataFrame:
     """One CSV table as this package writes them: only empty cells are missing, identifiers stay text, and
     an analysis table without its identifying columns is refused rather than read as an empty one."""
     try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(_TEXT_COLUMNS, str))
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(TEXT_COLUMNS, str))
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -97,12 +91,19 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
-def _frame(rows: list[dict], first: list[str]) -> pd.DataFrame:
+def _ordered(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """The table's columns in the schema's order (an unknown table: the identifiers first)."""
+    t = TABLES.get(name)
+    if t is not None:
+        return df[t.order(df.columns)]
+    return df[[c for c in ID_COLUMNS if c in df.columns] + [c for c in df.columns if c not in ID_COLUMNS]]
+
+
+def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    cols = [c for c in first if c in df.columns] + [c for c in df.columns if c not in first]
-    df = df[cols]
+    df = _ordered(name, df)
     for c in INT_COLUMNS:
         if c in df.columns:
             df[c] = pd.array(df[c].astype("float").round(), dtype="Int64") if df[c].isna().any() else df[c]
@@ -112,21 +113,16 @@ def _frame(rows: list[dict], first: list[str]) -> pd.DataFrame:
 def build_tables(rows: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
     """Turn per-table row lists into DataFrames; add energy_share and the summary table."""
     tables: dict[str, pd.DataFrame] = {}
-    alloc_first = ID_COLUMNS + ["shape", "numel", "update_norm", "base_norm", "relative_update", "rms_update",
-                                "energy_share", "changed_fraction", "finite"]
     for name, rs in rows.items():
-        if not rs:
-            continue
-        first = alloc_first if name == "module_allocation" else ID_COLUMNS + (["ref_step"] if name == "alignment" else [])
-        tables[name] = _frame(rs, first)
+        if rs:
+            tables[name] = _frame(name, rs)
     if "module_allocation" in tables:
         a = tables["module_allocation"]
         f2 = a["update_norm"].astype(float) ** 2
         fin = np.isfinite(f2)  # a non-finite tensor has no share and does not zero everyone else's
         total = f2.where(fin, 0.0).groupby([a["run"], a["step"]]).transform("sum")
         a["energy_share"] = (f2 / total.where(total > 0)).where(fin)
-        tables["module_allocation"] = a[[c for c in alloc_first if c in a.columns] +
-                                        [c for c in a.columns if c not in alloc_first]]
+        tables["module_allocation"] = _ordered("module_allocation", a)  # energy_share at its place
         tables["summary"] = summarize(tables)
     return tables
 
@@ -164,5 +160,5 @@ def summarize(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         parts.append(table1(s).assign(aggregate="table1", group="attention+mlp", layer=pd.NA))
     out = pd.concat(parts, ignore_index=True)
     out["layer"] = pd.array(out["layer"], dtype="Int64")
-    return out[["run", "step", "aggregate", "group", "layer", "metric", "value"]].sort_values(
+    return out[TABLES["summary"].names].sort_values(
         ["run", "step", "aggregate", "group", "layer", "metric"], kind="stable").reset_index(drop=True)

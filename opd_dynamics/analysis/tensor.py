@@ -86,7 +86,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
             if group == "embedding" and len(mshape) == 2:
                 wt_raw = part(upd.raw, u)
                 ids = None if opts.token_ids is None else \
-                    [i for i in opts.token_ids if i < max(w0u.shape[0], wt_raw.shape[0])]  # a positional table: fewer rows
+                    [i for i in opts.token_ids if i < max(w0u.shape[0], wt_raw.shape[0])]  # positional tables: fewer
                 out["embedding"].append({**ident, **embedding_metrics(w0u, wt_raw, ids),
                                          "resized": tp.resized})
             if not matrix:

@@ -9,8 +9,9 @@ from __future__ import annotations
 _LAZY = {  # imported on first use, so `opd-dynamics --help` does not pay for torch
     "EffOPD": "opd_dynamics.effopd.search",
     "TriggerRecord": "opd_dynamics.effopd.search",
-    "is_power_of_two": "opd_dynamics.effopd.search",
-    "make_trigger": "opd_dynamics.effopd.search",
+    "EffOPDOptions": "opd_dynamics.effopd.options",
+    "is_power_of_two": "opd_dynamics.effopd.options",
+    "make_trigger": "opd_dynamics.effopd.options",
     "select_parameters": "opd_dynamics.effopd.search",
     "published_search": "opd_dynamics.effopd.search",
     "EffOPDCallback": "opd_dynamics.effopd.callback",

@@ -13,14 +13,15 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
-from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord, checked_trigger
-from opd_dynamics.io.naming import MATRIX_GROUPS
+from opd_dynamics.effopd.options import EffOPDOptions
+from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord
 
 Rows = Sequence[Mapping[str, Any]]
 ANCHOR_FILE = "effopd_anchor.safetensors"
@@ -51,7 +52,8 @@ def _batches(rows: Rows, size: int):
         yield rows[i:i + size]
 
 
-def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool, temperature: float):
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool,
+                         temperature: float):
     """(prompt_ids with left padding, prompt mask, completion ids) for a batch of text prompts."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     dev = model_device(model)
@@ -123,7 +125,8 @@ def reverse_kl_scorer(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
             for batch in _batches(prompts, batch_size):
-                ids, mask, comp = generate_completions(model, tokenizer, list(batch), max_new_tokens, do_sample, temperature)
+                ids, mask, comp = generate_completions(model, tokenizer, list(batch), max_new_tokens, do_sample,
+                                                       temperature)
                 cmask = completion_mask(comp, tokenizer.eos_token_id)
                 seq = torch.cat([ids, comp], dim=1)
                 att = torch.cat([mask, cmask], dim=1)
@@ -145,19 +148,14 @@ class EffOPDCallback(TrainerCallback):
     Every trigger is appended to the trainer's `state.log_history` (keys `effopd/k`, `effopd/coef`,
     `effopd/score_k0` …, plus `step`) — through `Trainer.log` when the trainer is bound with `bind(trainer)`,
     so loggers such as wandb see it too — and to a CSV (`csv_path`, default `<output_dir>/effopd_triggers.csv`).
-    Arguments other than `score_fn`, `csv_path` and `log_prefix` are `EffOPD`'s.
+    `options` (and keyword `fields` of `EffOPDOptions`, which replace its values) say what EffOPD does.
     """
 
-    def __init__(self, score_fn: ScoreFn | None, *, k_max: int = 5, coef_step: float = 2.0, strict: bool = False,
-                 fixed_k: int | None = None, schedule=None, max_step: int | None = None,
-                 groups: Sequence[str] | None = MATRIX_GROUPS, matrices_only: bool = True,
-                 param_filter=None, naming_overrides=None, anchor_device: str | torch.device | None = None,
-                 csv_path: str | os.PathLike | None = None, log_prefix: str = "effopd/"):
+    def __init__(self, score_fn: ScoreFn | None, options: EffOPDOptions | None = None, *,
+                 csv_path: str | os.PathLike | None = None, log_prefix: str = "effopd/", **fields):
         self.score_fn = score_fn
-        self.options = dict(k_max=k_max, coef_step=coef_step, strict=strict, fixed_k=fixed_k, schedule=schedule,
-                            max_step=max_step, groups=groups, matrices_only=matrices_only, param_filter=param_filter,
-                            naming_overrides=naming_overrides, anchor_device=anchor_device)
-        checked_trigger(score_fn, k_max, fixed_k, schedule, max_step)
+        self.options = replace(options or EffOPDOptions(), **fields)  # checked now, not when training starts
+        self.options.check_scorer(score_fn)
         self.csv_path = csv_path
         self.log_prefix = log_prefix
         self.effopd: EffOPD | None = None
@@ -176,7 +174,7 @@ class EffOPDCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("EffOPDCallback: the trainer passed no model to on_train_begin")
-        self.effopd = EffOPD(model, self.score_fn, **self.options)  # anchor = the weights training starts from
+        self.effopd = EffOPD(model, self.score_fn, self.options)  # anchor = the weights training starts from
         if self.csv_path is None:
             self.csv_path = Path(args.output_dir) / "effopd_triggers.csv"
         self._earlier = None

@@ -13,15 +13,16 @@ import shlex
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.search import TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
-from opd_dynamics.io.naming import MATRIX_GROUPS, parse_name
 from opd_dynamics.io.reader import is_adapter_dir
 from opd_dynamics.io.writer import (
     DEFAULT_SHARD_BYTES,
@@ -44,37 +45,29 @@ def _open(path: str | Path, load_mode: str) -> ModelDir:
     return ModelDir(path, load_mode=load_mode)
 
 
-def _selector(groups: Sequence[str] | None, matrices_only: bool, naming_overrides=None) -> Callable[[str, tuple], bool]:
-    def keep(name: str, shape: tuple) -> bool:
-        return (groups is None or parse_name(name, naming_overrides).group in groups) and \
-            (not matrices_only or len(shape) == 2)
-    return keep
-
-
-def _check_selection(cur: ModelDir, groups: Sequence[str] | None, matrices_only: bool, naming_overrides=None) -> None:
+def _check_selection(cur: ModelDir, opts: EffOPDOptions) -> None:
     """Refuse a selection that matches no float tensor of `cur`: the output would be B labelled as a jump."""
     fp8 = [n for n, e in cur.entries.items() if e.dtype in FP8_DTYPES]
     if fp8:
         raise InputError(cur.path, f"holds FP8 weights ({fp8[0]!r} …) whose scales are separate tensors; "
                                    "dequantise the checkpoint before extrapolating it")
-    keep = _selector(groups, matrices_only, naming_overrides)
-    if not any(e.is_float and keep(n, tuple(e.shape)) for n, e in cur.entries.items()):
-        what = "all groups" if groups is None else "groups " + ",".join(groups)
-        raise InputError(cur.path, f"has no float {'matrix' if matrices_only else 'tensor'} in {what} to "
-                                   "extrapolate (see --groups and --all-shapes)")
+    if not any(e.is_float and opts.selects(n, e.shape) for n, e in cur.entries.items()):
+        what = "all groups" if opts.groups is None else "groups " + ",".join(opts.groups)
+        raise InputError(cur.path, f"has no float {'matrix' if opts.matrices_only else 'tensor'} in {what} to "
+                                   "extrapolate (see groups and matrices_only)", ("groups", "matrices_only"))
 
 
-def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, *, groups: Sequence[str] | None = MATRIX_GROUPS,
-                         matrices_only: bool = True, naming_overrides=None,
+def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, options: EffOPDOptions | None = None, *,
                          counts: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of `cur`: W_B + coef·(W_B − W_A) for the selected float tensors, else W_B."""
-    keep = _selector(groups, matrices_only, naming_overrides)
+    """(name, tensor) for every tensor of `cur`: W_B + coef·(W_B − W_A) for the float tensors `options` selects,
+    else W_B."""
+    opts = options or EffOPDOptions()
     counts = counts if counts is not None else {}
     counts.setdefault("extrapolated", 0)
     counts.setdefault("copied", 0)
     for name in cur.names():
         b = cur.get(name)
-        if coef != 0 and cur.entries[name].is_float and keep(name, tuple(b.shape)):
+        if coef != 0 and cur.entries[name].is_float and opts.selects(name, b.shape):
             if name not in prev:
                 raise InputError(prev.path, f"has no tensor {name!r}, which {cur.path} has")
             if prev.shape(name) != tuple(b.shape):
@@ -89,31 +82,32 @@ def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, *, groups: 
             counts["copied"] += 1
 
 
-def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: str | Path, *,
-                           groups: Sequence[str] | None = MATRIX_GROUPS, matrices_only: bool = True,
-                           overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                           load_mode: str = "pread", naming_overrides=None,
-                           metadata: dict[str, str] | None = None) -> Path:
-    """Write W_B + coef·(W_B − W_A) (selected groups; everything else copied from B) as a model directory `out`.
+def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: str | Path,
+                           options: EffOPDOptions | None = None, *, overwrite: bool = False,
+                           max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
+                           metadata: dict[str, str] | None = None, **fields) -> Path:
+    """Write W_B + coef·(W_B − W_A) (the tensors `options` selects, by default attention and MLP matrices;
+    everything else copied from B) as a model directory `out`. Keyword ``fields`` of `EffOPDOptions` (groups,
+    matrices_only, naming_overrides) replace its values.
 
     Shards and index as the writer makes them, config and tokenizer files copied from B, the sources and the
     coefficient recorded in every shard's safetensors metadata; written under a temporary name, then renamed.
     """
     prev, cur, out = Path(prev), Path(cur), Path(out)
+    opts = replace(options or EffOPDOptions(), **fields)
     if not math.isfinite(coef):
-        raise InputError(None, f"the extrapolation coefficient must be a finite number, got {coef}")
+        raise InputError(None, f"the extrapolation coefficient coef must be a finite number, got {coef}", ("coef",))
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
     a, b = _open(prev, load_mode), _open(cur, load_mode)
     if coef != 0:
-        _check_selection(b, groups, matrices_only, naming_overrides)
+        _check_selection(b, opts)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
-            "effopd_groups": ",".join(groups) if groups is not None else "all",
-            "effopd_matrices_only": str(bool(matrices_only)), "effopd_formula": "W_cur + coef*(W_cur - W_prev)",
+            "effopd_groups": ",".join(opts.groups) if opts.groups is not None else "all",
+            "effopd_matrices_only": str(bool(opts.matrices_only)), "effopd_formula": "W_cur + coef*(W_cur - W_prev)",
             **(metadata or {})}
     try:
         with a, b:
-            return write_model(extrapolated_tensors(a, b, coef, groups=groups, matrices_only=matrices_only,
-                                                    naming_overrides=naming_overrides),
+            return write_model(extrapolated_tensors(a, b, coef, opts),
                                out, metadata=meta, copy_files_from=cur, max_shard_bytes=max_shard_bytes,
                                overwrite=overwrite)
     except InputError:
@@ -140,7 +134,7 @@ def command_scorer(eval_cmd: str, *, timeout: float | None = None, echo: Callabl
     """A scorer that runs `eval_cmd` (a shell command) on a model directory: `{path}` is replaced by the
     directory, or the directory is appended; the score is the number on the last line of its stdout."""
     if not eval_cmd.strip():
-        raise InputError(None, "--eval-cmd is empty")
+        raise InputError(None, "eval_cmd is empty", ("eval_cmd",))
 
     def score(path: Path) -> float:
         q = shlex.quote(str(path))
@@ -165,28 +159,26 @@ def command_scorer(eval_cmd: str, *, timeout: float | None = None, echo: Callabl
     return score
 
 
-def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score: Callable[[Path], float] | str, *,
-                       k_max: int = 5, coef_step: float = 2.0, strict: bool = False,
-                       groups: Sequence[str] | None = MATRIX_GROUPS, matrices_only: bool = True,
-                       overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
-                       step: int | None = None, timeout: float | None = None,
-                       echo: Callable[[str], None] | None = None) -> TriggerRecord:
+def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score: Callable[[Path], float] | str,
+                       options: EffOPDOptions | None = None, *, overwrite: bool = False,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread", step: int | None = None,
+                       timeout: float | None = None, echo: Callable[[str], None] | None = None,
+                       **fields) -> TriggerRecord:
     """The published search on saved checkpoints: score B itself, then candidates B + 2k(B − A), k = 1 … K, in
     order, keeping the last one whose score is ≥ the best so far (> with `strict`); the kept model is written to
     `out` (a copy of B when no candidate is accepted) with `effopd_search.json` describing every score.
 
-    `score` is a callable on a model directory, or a shell command (see `command_scorer`). Candidates are
-    written beside `out` under temporary names and removed once judged.
+    `score` is a callable on a model directory, or a shell command (see `command_scorer`). `options` (or its
+    keyword ``fields``: k_max, coef_step, strict, groups, matrices_only, naming_overrides) say what is searched.
+    Candidates are written beside `out` under temporary names and removed once judged.
     """
     prev, cur, out = Path(prev), Path(cur), Path(out)
-    if k_max < 0:
-        raise InputError(None, f"k_max must be >= 0, got {k_max}")
-    if not (math.isfinite(coef_step) and coef_step > 0):
-        raise InputError(None, f"the coefficient step must be a positive finite number, got {coef_step}")
+    opts = replace(options or EffOPDOptions(), **fields)
+    k_max, coef_step, strict = opts.k_max, opts.coef_step, opts.strict
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
     _open(prev, load_mode).close()  # fail early, before any evaluation, on unreadable inputs or an empty selection
     with _open(cur, load_mode) as b:
-        _check_selection(b, groups, matrices_only)
+        _check_selection(b, opts)
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     t0 = time.perf_counter()
     val_s = 0.0
@@ -195,8 +187,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
 
     def make(k: int) -> Path:
         p = out.parent / f".{out.name}.effopd-k{k}-{tag}"
-        extrapolate_checkpoint(prev, cur, coef_step * k, p, groups=groups, matrices_only=matrices_only,
-                               max_shard_bytes=max_shard_bytes, load_mode=load_mode,
+        extrapolate_checkpoint(prev, cur, coef_step * k, p, opts, max_shard_bytes=max_shard_bytes, load_mode=load_mode,
                                metadata={"effopd_k": str(k)})
         cands[k] = p
         return p
@@ -221,7 +212,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
                             extrapolate_s=time.perf_counter() - t0 - val_s)
         info = {"prev": str(prev.resolve()), "cur": str(cur.resolve()), "k_accepted": k_acc,
                 "coef": coef_step * k_acc, "scores": scores, "coefs": rec.coefs, "strict": strict, "tie": rec.tie,
-                "groups": list(groups) if groups is not None else None, "matrices_only": matrices_only,
+                "groups": list(opts.groups) if opts.groups is not None else None, "matrices_only": opts.matrices_only,
                 "eval_cmd": score if isinstance(score, str) else None, "validation_s": val_s}
         atomic_write_text(keep / "effopd_search.json", json_text(info))
         replace_path(keep, out)

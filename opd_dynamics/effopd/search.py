@@ -15,68 +15,30 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from opd_dynamics.io.naming import MATRIX_GROUPS, parse_name
+from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.numerics import fro2, update_dtype
 
 _log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[torch.nn.Module], float]
-Trigger = Callable[[int], bool]
 
 
-def is_power_of_two(step: int) -> bool:
-    """The published schedule: 1, 2, 4, 8, …"""
-    return step >= 1 and (step & (step - 1)) == 0
-
-
-def make_trigger(schedule: Trigger | Iterable[int] | str | None = None, *, max_step: int | None = None) -> Trigger:
-    """A trigger predicate from `None`/'pow2' (powers of two), 'powN' (powers of N), an explicit set of
-    steps, or a predicate; `max_step` stops triggering after that step."""
-    if schedule is None or schedule == "pow2":
-        base: Trigger = is_power_of_two
-    elif isinstance(schedule, str) and schedule.startswith("pow") and schedule[3:].isdigit():
-        b = int(schedule[3:])
-        if b < 2:
-            raise ValueError(f"trigger schedule {schedule!r}: the base must be at least 2")
-
-        def base(step: int, b: int = b) -> bool:
-            if step < 1:
-                return False
-            while step % b == 0:
-                step //= b
-            return step == 1
-    elif callable(schedule):
-        base = schedule
-    elif isinstance(schedule, str):
-        raise ValueError(f"trigger schedule {schedule!r} is not 'pow2', 'powN', a set of steps or a predicate")
-    else:
-        steps = frozenset(int(s) for s in schedule)
-        base = steps.__contains__
-    if max_step is None:
-        return base
-    return lambda step: step <= max_step and base(step)
-
-
-def select_parameters(model: torch.nn.Module, groups: Sequence[str] | None = MATRIX_GROUPS, *,
-                      matrices_only: bool = True, trainable_only: bool = True,
-                      param_filter: Callable[[str, torch.Tensor], bool] | None = None,
-                      naming_overrides=None) -> dict[str, torch.nn.Parameter]:
-    """The parameters EffOPD extrapolates: by naming group (default attention and MLP), 2-D weights only by
-    default, trainable ones only; `param_filter(name, param)` replaces the group/shape rule when given."""
+def select_parameters(model: torch.nn.Module, options: EffOPDOptions | None = None, *, trainable_only: bool = True,
+                      **fields) -> dict[str, torch.nn.Parameter]:
+    """The parameters EffOPD extrapolates: trainable float parameters that `EffOPDOptions.selects` (default:
+    attention and MLP matrices), or that ``param_filter(name, param)`` keeps when one is given. ``fields`` are
+    EffOPDOptions fields (groups, matrices_only, naming_overrides, param_filter)."""
+    opts = replace(options or EffOPDOptions(), **fields)
     out: dict[str, torch.nn.Parameter] = {}
     for name, p in model.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        if param_filter is not None:
-            keep = param_filter(name, p)
-        else:
-            keep = (groups is None or parse_name(name, naming_overrides).group in groups) and \
-                (not matrices_only or p.ndim == 2)
+        keep = opts.param_filter(name, p) if opts.param_filter is not None else opts.selects(name, p.shape)
         if keep and p.is_floating_point():
             out[name] = p
     return out
@@ -146,25 +108,17 @@ class TriggerRecord:
         return d
 
     def as_row(self) -> dict[str, object]:
-        """One CSV row (scores and coefficients as JSON lists)."""
+        """One row of the callback's trigger CSV, in its schema's column order (scores and coefficients as
+        JSON lists)."""
+        from opd_dynamics.schema import TABLES
+
         row = asdict(self)
         row["tie"] = self.tie
         row["scores"] = json.dumps(self.scores)
         row["coefs"] = json.dumps(self.coefs)
-        return row
+        return {c: row[c] for c in TABLES["callback_triggers"].names}
 
 
-def checked_trigger(score_fn: ScoreFn | None, k_max: int, fixed_k: int | None, schedule, max_step: int | None) -> Trigger:
-    """EffOPD's options checked (before a model exists, so a trainer callback fails at construction, not
-    when training starts); returns the trigger the schedule describes."""
-    if k_max < 0 or (fixed_k is not None and fixed_k < 0):
-        raise ValueError(f"k_max and fixed_k must be >= 0, got {k_max} and {fixed_k}")
-    if fixed_k is None and score_fn is None:
-        raise ValueError("EffOPD needs a score_fn unless fixed_k is given")
-    return make_trigger(schedule, max_step=max_step)
-
-
-@dataclass(eq=False)
 class EffOPD:
     """Adaptive extrapolation along the recent update direction; call `after_step(step)` after each optimizer step.
 
@@ -172,43 +126,27 @@ class EffOPD:
         model: any module; its selected parameters are changed in place.
         score_fn: `score_fn(model) -> float`, higher is better (held-out accuracy, −reverse KL …). Called
             under `torch.no_grad()`; the module's train/eval mode is restored afterwards.
-        k_max: K, the number of candidates (coefficients `coef_step·k`, k = 1 … K).
-        coef_step: 2 in the paper (candidates W_t + 2kΔ).
-        strict: accept only strictly better scores (the authors' code) instead of ≥ (the paper's text).
-        fixed_k: skip the search and always jump with k = fixed_k (a fixed-coefficient baseline; no scoring).
-        schedule: trigger steps (see `make_trigger`); `max_step` stops triggering after that step.
-        groups / matrices_only / param_filter / naming_overrides: which parameters move (see `select_parameters`).
-        anchor_device: where the float32 anchor and the copy of W_t live ('cpu' keeps accelerator memory flat).
+        options: what the search does (`EffOPDOptions`); keyword ``fields`` of it replace its values
+            (``EffOPD(model, score, k_max=3, strict=True)``).
     """
 
-    model: torch.nn.Module = field(repr=False)
-    score_fn: ScoreFn | None = field(repr=False)
-    k_max: int = 5
-    coef_step: float = 2.0
-    strict: bool = False
-    fixed_k: int | None = None
-    schedule: Trigger | Iterable[int] | str | None = None
-    max_step: int | None = None
-    groups: Sequence[str] | None = MATRIX_GROUPS
-    matrices_only: bool = True
-    param_filter: Callable[[str, torch.Tensor], bool] | None = None
-    naming_overrides: object = None
-    anchor_device: str | torch.device | None = None
-    records: list[TriggerRecord] = field(default_factory=list, init=False)
-
-    def __post_init__(self) -> None:
-        self.trigger = checked_trigger(self.score_fn, self.k_max, self.fixed_k, self.schedule, self.max_step)
-        self.params = select_parameters(self.model, self.groups, matrices_only=self.matrices_only,
-                                        param_filter=self.param_filter, naming_overrides=self.naming_overrides)
+    def __init__(self, model: torch.nn.Module, score_fn: ScoreFn | None, options: EffOPDOptions | None = None,
+                 **fields) -> None:
+        self.model, self.score_fn = model, score_fn
+        self.options = replace(options or EffOPDOptions(), **fields)
+        self.options.check_scorer(score_fn)
+        self.trigger = self.options.trigger()
+        self.params = select_parameters(model, self.options)
         _refuse_sharded_or_adapter(self.model, self.params)
         if not self.params:
-            raise ValueError(f"no parameters selected for extrapolation (groups={self.groups})")
+            raise ValueError(f"no parameters selected for extrapolation (groups={self.options.groups})")
+        self.records: list[TriggerRecord] = []
         self.anchor: dict[str, torch.Tensor] = {}
         self.reset_anchor()
 
     # -- state ----------------------------------------------------------------------------------
     def _store(self, p: torch.Tensor) -> torch.device:
-        return torch.device(self.anchor_device) if self.anchor_device is not None else p.device
+        return torch.device(self.options.anchor_device) if self.options.anchor_device is not None else p.device
 
     def reset_anchor(self) -> None:
         """Make the model's current weights the anchor (done at construction: the anchor starts as W_0)."""
@@ -271,47 +209,48 @@ class EffOPD:
         val_s = 0.0
         scores: list[float] = []
         coefs: list[float] = [0.0]
-        if self.fixed_k is not None:
-            k_acc = self.fixed_k
-            coefs = [0.0, self.coef_step * k_acc]
+        if self.options.fixed_k is not None:
+            k_acc = self.options.fixed_k
+            coefs = [0.0, self.options.coef_step * k_acc]
             if k_acc:
-                self._set(wt, self.coef_step * k_acc)
+                self._set(wt, self.options.coef_step * k_acc)
         else:
             def score_k(k: int) -> float:
                 nonlocal val_s
                 if k:
-                    self._set(wt, self.coef_step * k)
+                    self._set(wt, self.options.coef_step * k)
                 v0 = time.perf_counter()
                 s = self._score()
                 val_s += time.perf_counter() - v0
                 return s
 
             try:
-                k_acc, scores = published_search(score_k, self.k_max, strict=self.strict)
+                k_acc, scores = published_search(score_k, self.options.k_max, strict=self.options.strict)
             except BaseException:  # a failing or interrupted scorer must not leave a candidate in the model
                 self._restore(wt)
                 raise
-            coefs = [self.coef_step * k for k in range(len(scores))]
+            coefs = [self.options.coef_step * k for k in range(len(scores))]
             current = len(scores) - 1  # the candidate the parameters hold now
             if current != k_acc:
                 if k_acc == 0:
                     self._restore(wt)
                 else:
-                    self._set(wt, self.coef_step * k_acc)
+                    self._set(wt, self.options.coef_step * k_acc)
         wt.clear()  # the copy of W_t is no longer needed
         self.reset_anchor()
         rec = TriggerRecord(step=step, scores=scores, coefs=coefs, k_accepted=k_acc,
-                            coef=self.coef_step * k_acc, delta_norm=delta_norm, validation_s=val_s,
+                            coef=self.options.coef_step * k_acc, delta_norm=delta_norm, validation_s=val_s,
                             extrapolate_s=time.perf_counter() - t0 - val_s,
-                            mode="fixed" if self.fixed_k is not None else "adaptive")
+                            mode="fixed" if self.options.fixed_k is not None else "adaptive")
         if rec.tie:
             _log.warning("step %s: %s", step, rec.tie_note())
         self.records.append(rec)
         return rec
 
     def records_frame(self):
-        """All triggers so far as a DataFrame (one row per trigger)."""
+        """All triggers so far as a DataFrame (one row per trigger; the callback writes it as CSV)."""
         import pandas as pd
 
-        cols = ["step", "mode", "k_accepted", "coef", "tie", "scores", "coefs", "delta_norm", "validation_s", "extrapolate_s"]
-        return pd.DataFrame([r.as_row() for r in self.records], columns=cols)
+        from opd_dynamics.schema import TABLES
+
+        return pd.DataFrame([r.as_row() for r in self.records], columns=TABLES["callback_triggers"].names)

@@ -1,16 +1,109 @@
 """The command-line side of the I/O layer: the options that name a series (run, base, steps, groups, load
-mode), their parsing, and the small click helpers every package's `cli.py` builds its commands with."""
+mode), their parsing, and what every package's `cli.py` builds its commands with: click options generated
+from an options dataclass (`dataclass_options`, so a new option is added once, in the dataclass), and the
+mapping of a library error's parameter names to flags (`cli_message`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shlex
+import typing
 from pathlib import Path
+from typing import Any
 
 import click
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import GROUPS
 from opd_dynamics.io.reader import LOAD_MODES
+
+
+def flag_for(param: str) -> str:
+    """The flag of a parameter: ``ref_step`` → ``--ref-step`` (the rule `dataclass_options` generates flags by)."""
+    return "--" + param.replace("_", "-")
+
+
+#: parameters whose flag does not follow `flag_for` (filled by `dataclass_options` from a field's ``flag``: the
+#: flag that changes the default, e.g. matrices_only → --all-shapes, progress → --quiet)
+FLAGS: dict[str, str] = {}
+
+
+def cli_message(e: InputError) -> str:
+    """An InputError as the command line says it: each parameter it names (``params``) shown as its flag, and
+    ``name=True`` as the bare flag."""
+    text = str(e)
+    for p in e.params:
+        flag = FLAGS.get(p, flag_for(p))
+        text = re.sub(rf"(?<![\w-]){re.escape(p)}=True\b", flag, text)
+        text = re.sub(rf"(?<![\w-]){re.escape(p)}(?![\w-])", flag, text)
+    return text
+
+
+_RAW = "opd_dynamics.raw_text"  # ctx.meta key: what the user typed for options parsed by a callback
+
+
+def _parse_field(kind: str, text: str | None, param: str, default: Any) -> Any:
+    """Text given on the command line → the field's value (``kind`` is the field's ``cli`` metadata)."""
+    if text is not None:
+        click.get_current_context().meta.setdefault(_RAW, {})[param] = text
+    if text is None:
+        return default
+    if kind == "ints":
+        return parse_ints(text, flag_for(param))
+    if kind == "groups":
+        return parse_groups(text, default, flag_for(param))
+    if kind == "token_file":
+        return read_token_ids(text)
+    raise ValueError(f"unknown cli kind {kind!r} for {param}")
+
+
+def dataclass_options(cls: type, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list:
+    """click options for the fields of an options dataclass: the flag is `flag_for(name)` (or the field's
+    ``flag`` metadata, e.g. ``--progress/--quiet``), the help its ``help`` metadata, the choices its ``choices``
+    metadata; bools become on/off flags, ``int | None`` an optional int, and fields with ``cli`` metadata
+    ('ints', 'groups', 'token_file') are parsed from text. Fields with ``cli=False`` are left out."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        if md.get("cli", True) is False or f.name in exclude or (only is not None and f.name not in only):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        hint = hints[f.name]
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kw: dict[str, Any] = {"help": md.get("help"), "show_default": True}
+        decl = md.get("flag", flag_for(f.name))
+        if "/" in decl:
+            FLAGS[f.name] = decl.split("/")[1 if default is True else 0]
+        if "cli" in md:
+            kind = md["cli"]
+            kw.update(default=None, show_default=False, metavar=md.get("metavar", "TEXT"),
+                      callback=lambda ctx, p, v, kind=kind, name=f.name, d=default: _parse_field(kind, v, name, d))
+            if kind == "token_file":
+                kw["type"] = click.Path(exists=True, dir_okay=False)
+        elif bool in base:
+            decl = md.get("flag", f"{flag_for(f.name)}/--no-{f.name.replace('_', '-')}")
+            kw.update(default=default, is_flag=True)
+        elif "choices" in md:
+            kw.update(type=click.Choice(list(md["choices"])), default=default)
+        elif int in base:
+            kw.update(type=click.IntRange(min=md["min"]) if "min" in md else int, default=default)
+        elif float in base:
+            kw.update(type=float, default=default)
+        else:
+            kw.update(type=str, default=default)
+        if kw.get("default") is None:
+            kw["show_default"] = False
+        out.append(click.option(decl, f.name, **kw))
+    return out
+
+
+def options_from(cls: type, params: dict[str, Any]):
+    """An instance of the options dataclass ``cls`` from a command's parameters (its own fields only; the
+    others are left in ``params``)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: params.pop(k) for k in list(params) if k in names})
 
 
 def with_options(options):
@@ -22,7 +115,7 @@ def with_options(options):
     return deco
 
 
-def parse_groups(text: str | None, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
+def parse_groups(text: str | None, default: tuple[str, ...] | None, flag: str = "--groups") -> tuple[str, ...] | None:
     """'attention,mlp' → ('attention', 'mlp'); 'all' → None (every group); no option → ``default``."""
     if text is None:
         return default
@@ -31,7 +124,7 @@ def parse_groups(text: str | None, default: tuple[str, ...] | None) -> tuple[str
     groups = tuple(g.strip() for g in text.split(",") if g.strip())
     bad = [g for g in groups if g not in GROUPS]
     if bad or not groups:
-        raise InputError(None, f"--groups {text!r}: each group must be one of {', '.join(GROUPS)} (or 'all')")
+        raise InputError(None, f"{flag} {text!r}: each group must be one of {', '.join(GROUPS)} (or 'all')")
     return groups
 
 
@@ -85,19 +178,22 @@ SERIES_OPTIONS = [
 
 
 def command_line() -> str:
-    """The invoked command, rebuilt from the parsed parameters (for run.json provenance)."""
+    """The invoked command as the user could retype it, from the parameters given on the command line (for
+    run.json provenance); text parsed by a callback is repeated as it was typed."""
     ctx = click.get_current_context()
+    raw = ctx.meta.get(_RAW, {})
     parts = ["opd-dynamics", *ctx.command_path.split()[1:]]
-    for k, v in ctx.params.items():
-        flag = "--" + k.replace("_", "-")
-        if v is None or v is False or v == ():
+    for p in ctx.command.params:
+        src = ctx.get_parameter_source(p.name)
+        v = raw.get(p.name, ctx.params.get(p.name))
+        if src is not click.core.ParameterSource.COMMANDLINE or v is None:
             continue
-        if k == "run":
+        if isinstance(p, click.Argument):
             parts.append(shlex.quote(str(v)))
-        elif v is True:
-            parts.append(flag)
+        elif isinstance(p, click.Option) and p.is_flag:
+            parts.append(p.opts[0] if v else (p.secondary_opts or p.opts)[0])
         elif isinstance(v, tuple):
-            parts.extend(x for item in v for x in ("--run" if k == "runs" else flag, shlex.quote(str(item))))
+            parts.extend(x for item in v for x in (p.opts[0], shlex.quote(str(item))))
         else:
-            parts.extend([flag, shlex.quote(str(v))])
+            parts.extend([p.opts[0], shlex.quote(str(v))])
     return " ".join(parts)

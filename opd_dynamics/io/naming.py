@@ -1,6 +1,6 @@
 """Parameter name → (layer, group, module, expert) for the architectures researchers post-train.
 
-Grouping follows DESIGN.md: attention, mlp, embedding, lm_head, norm, other. The parser works on the
+Grouping (docs/METRICS.md): attention, mlp, embedding, lm_head, norm, other. The parser works on the
 dotted path: wrapper prefixes are dropped, the decoder-block index is the number after a block container
 (`layers`, `h`, `blocks`, `layer`, `block`), the expert index the number after `experts`, and the group
 comes from the parent path (attn / mlp …) before the leaf name, because leaves such as `c_proj` or
@@ -10,7 +10,7 @@ comes from the parent path (attn / mlp …) before the leaf name, because leaves
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 GROUPS = ("attention", "mlp", "embedding", "lm_head", "norm", "other")
@@ -151,6 +151,13 @@ def _match_override(name: str, overrides: Override | None) -> Mapping[str, objec
         if re.search(pattern, name):
             return fields
     return None
+
+
+def is_selected(name: str, shape: Sequence[int], groups: Sequence[str] | None = MATRIX_GROUPS,
+                matrices_only: bool = True, overrides: Override | None = None) -> bool:
+    """The one parameter-selection rule (EffOPD, offline extrapolation, interventions): the tensor's naming group
+    is one of ``groups`` (None: any) and, with ``matrices_only``, it is 2-D."""
+    return (groups is None or parse_name(name, overrides).group in groups) and (not matrices_only or len(shape) == 2)
 
 
 #: model types whose stacked experts are stored (E, in, out) and used as x @ W[e] (transformers 5.x);

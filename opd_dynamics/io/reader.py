@@ -3,7 +3,7 @@
 A reader opens only headers; `get(name)` reads one tensor, so memory holds the tensors in use and never a
 whole model. Today's implementations: `ModelDir` (safetensors: single, sharded with an index, or shards
 without one) and, for updates rather than weights, `LoraAdapter` (PEFT LoRA). A new format adds one
-`TensorReader` subclass and one clause in `open_model`.
+`TensorReader` subclass and one clause in `reader_class`.
 """
 
 from __future__ import annotations
@@ -84,11 +84,18 @@ def is_adapter_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / ADAPTER_CONFIG).exists()
 
 
-def open_model(path: str | Path, load_mode: str = "pread") -> ModelDir | LoraAdapter:
-    """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
+def reader_class(path: str | Path) -> type[ModelDir] | type[LoraAdapter]:
+    """The reader for what is at ``path``, chosen by the files present; an InputError naming the path and what
+    is there instead when no reader fits (checked without reading any header)."""
     from opd_dynamics.io.lora import LoraAdapter
-    from opd_dynamics.io.model_dir import ModelDir
+    from opd_dynamics.io.model_dir import ModelDir, find_weight_files
 
     if is_adapter_dir(path):
-        return LoraAdapter(path, load_mode=load_mode)
-    return ModelDir(path, load_mode=load_mode)
+        return LoraAdapter
+    find_weight_files(Path(path))
+    return ModelDir
+
+
+def open_model(path: str | Path, load_mode: str = "pread") -> ModelDir | LoraAdapter:
+    """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
+    return reader_class(path)(path, load_mode=load_mode)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import find_weight_files
-from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, open_model
+from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, open_model, reader_class
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)(?:_hf)?$")
 _VERL_SUBDIRS = ("actor/huggingface", "huggingface", "actor")
@@ -54,10 +53,8 @@ class CheckpointSeries:
             raise InputError(None, f"run {self.name!r} has no checkpoints")
         if is_adapter_dir(self.base):
             raise InputError(self.base, "is a LoRA adapter; the base must be full model weights")
-        find_weight_files(self.base)  # fails early with a clear sentence
-        for _, p in self.steps:
-            if not is_adapter_dir(p):
-                find_weight_files(p)
+        for p in (self.base, *(p for _, p in self.steps)):  # fails early with a clear sentence
+            reader_class(p)
 
     @classmethod
     def discover(cls, run_dir: str | Path, base: str | Path, name: str | None = None,

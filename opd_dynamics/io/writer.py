@@ -100,7 +100,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, with the permissions any other new file gets (0666 less the umask):
     safetensors 0.8 creates its files 0600, unreadable to the colleagues and evaluation jobs of a shared
     cluster."""

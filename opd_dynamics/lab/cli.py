@@ -4,9 +4,13 @@ Bad input (InputError) is turned into one line and exit status 2 by the main com
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
-from opd_dynamics.io.cli import parse_ints
+from opd_dynamics.effopd.options import EffOPDOptions
+from opd_dynamics.io.cli import dataclass_options, options_from, parse_ints, with_options
+from opd_dynamics.lab.presets import PRESETS, EffOPDLabOptions
 
 
 @click.group("lab")
@@ -15,7 +19,7 @@ def lab() -> None:
 
 
 @lab.command("run")
-@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="smoke", show_default=True)
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
@@ -27,7 +31,8 @@ def run_cmd(preset: str, out: str, seed: int, overwrite: bool) -> None:
 
 
 @lab.command("interventions")
-@click.option("--lab", "lab_dir", type=click.Path(file_okay=False), required=True, help="Lab directory (lab run --out).")
+@click.option("--lab", "lab_dir", type=click.Path(file_okay=False), required=True,
+              help="Lab directory (lab run --out).")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory for the CSVs.")
 @click.option("--step", type=int, default=None, help="Checkpoint step to intervene on (default: each run's last).")
 @click.option("--half-width", type=int, default=1, show_default=True, help="Layer window half width.")
@@ -42,22 +47,21 @@ def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int,
 
 
 @lab.command("effopd")
-@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True)
-@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0 … N−1 (each runs all three methods).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="smoke", show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds 0 … N−1 (each runs all three methods).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--lab", "lab_dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="Existing lab directory whose teacher/ and student_init/ to start from (default: build them).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps per run (default: the preset's rl_steps).")
-@click.option("--eval-every", type=int, default=None, help="Held-out evaluation interval (default 2 smoke, 10 default).")
-@click.option("--fixed-k", type=click.IntRange(min=0), default=2, show_default=True, help="k of the fixed baseline (coef 2k).")
-@click.option("--n-val", type=int, default=50, show_default=True, help="EffOPD validation prompts (from training).")
-@click.option("--strict", is_flag=True, help="EffOPD accepts only strictly better validation scores.")
+@with_options(dataclass_options(EffOPDLabOptions))
+@with_options(dataclass_options(EffOPDOptions, only=("k_max", "coef_step", "strict")))
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def lab_effopd(preset, seeds, out, lab_dir, steps, eval_every, fixed_k, n_val, strict, overwrite) -> None:
+def lab_effopd(preset, seeds, out, lab_dir, overwrite, **fields) -> None:
     """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
-    from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
+    from opd_dynamics.lab.effopd import run_effopd_lab
 
-    opts = EffOPDLabOptions(max_steps=steps, eval_every=eval_every, fixed_k=fixed_k, n_val=n_val, strict=strict)
+    search = options_from(EffOPDOptions, fields)
+    opts = replace(options_from(EffOPDLabOptions, fields), effopd=search)
     path = run_effopd_lab(out, preset, seeds, lab=lab_dir, overwrite=overwrite, options=opts)
     click.echo(f"wrote {path}")
 
@@ -78,7 +82,7 @@ def ship(lab_dir: str, out: str, steps: str, teacher: bool, overwrite: bool) -> 
 @click.command("demo")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo output in OUT.")
-@click.option("--preset", type=click.Choice(["smoke", "default", "gpu"]), default="smoke", show_default=True,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="smoke", show_default=True,
               help="Lab preset.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fast", is_flag=True, help="Shrunken stages (for tests); the numbers mean nothing.")

@@ -40,9 +40,9 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
              seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
     """Run every stage into ``out`` and return the path of ``out/report.html``."""
     from opd_dynamics.analysis import analyze
-    from opd_dynamics.io.series import CheckpointSeries
     from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
     from opd_dynamics.lab.interventions import lab_interventions
+    from opd_dynamics.lab.layout import RUNS, LabDir
     from opd_dynamics.lab.presets import get_preset
     from opd_dynamics.lab.run import run_lab
     from opd_dynamics.plotting import plot_all
@@ -67,7 +67,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     timings["lab"] = round(time.perf_counter() - t, 1)
 
     t = stage("analysis of opd and grpo against student_init", 2)
-    series = [CheckpointSeries.discover(lab / r, base=lab / "student_init", name=r) for r in ("opd", "grpo")]
+    series = [LabDir(lab).series(r) for r in RUNS]
     analyze(series, out=out / "analysis", progress=False, command=f"opd_dynamics.lab.demo.run_demo({str(out)!r})")
     timings["analysis"] = round(time.perf_counter() - t, 1)
 

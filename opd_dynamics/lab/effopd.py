@@ -26,7 +26,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -34,30 +34,19 @@ import torch
 from transformers import TrainerCallback
 
 from opd_dynamics.effopd.callback import EffOPDCallback, sample_validation
-from opd_dynamics.effopd.search import is_power_of_two
-from opd_dynamics.errors import InputError
+from opd_dynamics.effopd.options import is_power_of_two
+from opd_dynamics.effopd.summary import per_seed_speedups
 from opd_dynamics.lab.evaluate import evaluate_model
-from opd_dynamics.lab.presets import LabPreset, get_preset
+from opd_dynamics.lab.layout import LabDir
+from opd_dynamics.lab.presets import EffOPDLabOptions, LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
-from opd_dynamics.lab.train import build_opd_trainer, split_seed, splits_for, train_teacher_and_student
+from opd_dynamics.lab.train import build_opd_trainer, splits_for, train_teacher_and_student
+from opd_dynamics.schema import EFFOPD_JSON, TABLES
 
 METHODS = ("vanilla", "effopd", "fixed")
-SUMMARY_COLUMNS = ["seed", "method", "steps_to_target", "final_accuracy", "wall_s", "validation_s", "tie_accepts"]
-CURVE_COLUMNS = ["seed", "method", "step", "accuracy", "wall_s"]
-TRIGGER_COLUMNS = ["seed", "method", "step", "k_accepted", "coef", "tie", "scores"]
-
-
-@dataclass(frozen=True)
-class EffOPDLabOptions:
-    """What the measurement does besides the lab preset (steps default to the preset's ``rl_steps``)."""
-
-    max_steps: int | None = None
-    eval_every: int | None = None  # None: every 2 steps on the smoke preset, every 10 on the others
-    n_val: int = 50
-    k_max: int = 5
-    fixed_k: int = 2
-    strict: bool = False
-    target_fraction: float = 0.95
+# the columns of effopd_summary.csv, effopd_curves.csv and effopd_triggers.csv: opd_dynamics.schema.TABLES
+# (the summary's also under their old name)
+SUMMARY_COLUMNS = TABLES["effopd_summary"].names
 
 
 class _Curve(TrainerCallback):
@@ -101,14 +90,11 @@ def steps_to_target(curve: pd.DataFrame, target: float) -> float:
 def _models(lab: Path | None, work: Path, p: LabPreset, log) -> tuple[Path, Path, int]:
     """(teacher dir, student_init dir, data seed)."""
     if lab is not None:
-        t, s = lab / "teacher", lab / "student_init"
-        for d in (t, s):
-            if not (d / "config.json").exists():
-                raise InputError(lab, f"is not a lab directory: {d.name}/ with config.json is missing")
-        return t, s, split_seed(s, 0)
-    log("[effopd] no --lab given: training teacher and student_init once (lab SFT), shared by every seed")
+        d = LabDir(lab).require(teacher=True)
+        return d.teacher, d.student_init, d.split_seed(0)
+    log("[effopd] no lab given: training teacher and student_init once (lab SFT), shared by every seed")
     train_teacher_and_student(work, p, 0, log=log)
-    return work / "teacher", work / "student_init", 0
+    return LabDir(work).teacher, LabDir(work).student_init, 0
 
 
 def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: int, p: LabPreset,
@@ -128,7 +114,7 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
         def score(model) -> float:
             return evaluate_model(model, tok, probs)["accuracy"]
 
-        eff = EffOPDCallback(score if method == "effopd" else None, k_max=opt.k_max, strict=opt.strict,
+        eff = EffOPDCallback(score if method == "effopd" else None, opt.effopd,
                              fixed_k=opt.fixed_k if method == "fixed" else None, max_step=steps,
                              csv_path=work / f"{method}-{seed}-triggers.csv")
         callbacks.append(eff)
@@ -143,15 +129,17 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
     trainer.train()
     total = time.perf_counter() - t0
     shutil.rmtree(out_dir, ignore_errors=True)
-    c = pd.DataFrame(curve.rows).assign(seed=seed, method=method)[CURVE_COLUMNS]
+    c = pd.DataFrame(curve.rows).assign(seed=seed, method=method)[TABLES["effopd_curves"].names]
     recs = eff.records if eff is not None else []
     trig = pd.DataFrame([{"seed": seed, "method": method, "step": r.step, "k_accepted": r.k_accepted,
-                          "coef": r.coef, "tie": r.tie, "scores": json.dumps(r.scores)} for r in recs], columns=TRIGGER_COLUMNS)
+                          "coef": r.coef, "tie": r.tie, "scores": json.dumps(r.scores)} for r in recs],
+                        columns=TABLES["effopd_triggers"].names)
     ties = sum(r.tie for r in recs)
     info = {"wall_s": total - curve.eval_s, "validation_s": sum(r.validation_s for r in recs),
             "final_accuracy": float(c.sort_values("step")["accuracy"].iloc[-1]), "tie_accepts": ties}
     log(f"[effopd] seed {seed} {method}: final accuracy {info['final_accuracy']:.3f}, wall {info['wall_s']:.0f}s "
-        f"(validation {info['validation_s']:.0f}s)" + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
+        f"(validation {info['validation_s']:.0f}s)"
+        + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
         + (f"; {ties} of them accepted on a tie (see the warnings above)" if ties else ""))
     return c, trig, info
 
@@ -171,7 +159,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     out = Path(out).resolve()
     lab_dir = Path(lab).resolve() if lab is not None else None
-    with atomic_dir(out, ("effopd.json",), overwrite=overwrite, inputs=[lab_dir] if lab_dir else []) as tmp:
+    with atomic_dir(out, (EFFOPD_JSON,), overwrite=overwrite, inputs=[lab_dir] if lab_dir else []) as tmp:
         torch.set_num_threads(p.threads)
         t_all = time.perf_counter()
         teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)
@@ -190,9 +178,9 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         curves_df.to_csv(tmp / "effopd_curves.csv", index=False)
         trig_df.to_csv(tmp / "effopd_triggers.csv", index=False)
         meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
-                "options": opt.__dict__, "steps": opt.max_steps or p.rl_steps, "speedup": speedups(summary),
+                "options": asdict(opt), "steps": opt.max_steps or p.rl_steps, "speedup": speedups(summary),
                 "total_s": round(time.perf_counter() - t_all, 1)}
-        (tmp / "effopd.json").write_text(json_text(meta))
+        (tmp / EFFOPD_JSON).write_text(json_text(meta))
         plot(curves_df, summary, tmp / "effopd.png", opt.target_fraction)
         for f in tmp.glob("*-triggers.csv"):
             f.unlink()
@@ -210,18 +198,18 @@ def summarize(curves: pd.DataFrame, runs: pd.DataFrame, target_fraction: float =
         rows.append({"seed": seed, "method": method, "steps_to_target": steps_to_target(c, target),
                      "final_accuracy": float(r["final_accuracy"]), "wall_s": float(r["wall_s"]),
                      "validation_s": float(r["validation_s"]), "tie_accepts": int(r.get("tie_accepts", 0))})
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return pd.DataFrame(rows, columns=TABLES["effopd_summary"].names)
 
 
 def speedups(summary: pd.DataFrame) -> dict:
-    """Median over seeds of vanilla's steps to target divided by each method's, and per-seed values."""
+    """Median over seeds of vanilla's steps to target divided by each method's, and per-seed values, for
+    effopd.json (the rule: opd_dynamics.effopd.summary, which the HTML report uses too)."""
     out: dict = {}
-    v = summary[summary["method"] == "vanilla"].set_index("seed")["steps_to_target"]
     for m in METHODS[1:]:
-        s = summary[summary["method"] == m].set_index("seed")["steps_to_target"]
-        ratio = (v / s).dropna()
-        out[m] = {"per_seed": {int(k): float(x) for k, x in (v / s).items()},
-                  "median": float(ratio.median()) if len(ratio) else None}
+        ratio = per_seed_speedups(summary, m)
+        median = ratio.median()  # over the seeds with a ratio
+        out[m] = {"per_seed": {int(k): float(x) for k, x in ratio.items()},
+                  "median": None if pd.isna(median) else float(median)}
     return out
 
 

@@ -3,7 +3,6 @@ and GRPO runs, each scored by greedy held-out accuracy, into scaling/window/rank
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,11 +22,12 @@ from opd_dynamics.interventions import (
     update_norm,
 )
 from opd_dynamics.io.reader import open_model
-from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.io.writer import atomic_dir, check_output, json_text
 from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.layout import RUNS, LabDir
 from opd_dynamics.lab.models import load_model
 from opd_dynamics.lab.task import build_tokenizer, make_splits
+from opd_dynamics.schema import INTERVENTIONS_JSON, TABLES
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RANK_PCTS = (0.01, 0.05, 0.10, 0.25, 0.50, 1.0)
@@ -45,7 +45,7 @@ def evenly(xs: Sequence[int], n: int) -> list[int]:
 
 
 def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None = None, half_width: int = 1,
-                      runs: Sequence[str] = ("opd", "grpo"), n_eval: int | None = None, n_rescale_steps: int = 4,
+                      runs: Sequence[str] = RUNS, n_eval: int | None = None, n_rescale_steps: int = 4,
                       overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate the intervention grid on a lab directory and write scaling/window/rank/rescale/embedding_swap CSVs.
 
@@ -55,14 +55,10 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
     earlier checkpoints, evenly spaced. Returns the tables as DataFrames.
     """
     log = log or (lambda m: print(m, flush=True))
-    lab = Path(lab_dir)
-    meta_path, base_dir = lab / "lab.json", lab / "student_init"
-    if not meta_path.exists():
-        raise InputError(lab, "is not a lab directory: lab.json is missing")
-    if not base_dir.exists():
-        raise InputError(lab, "is not a lab directory: student_init/ is missing")
-    check_output(out, ("interventions.json",), overwrite=overwrite, inputs=[lab])  # before hours of evaluation
-    info = json.loads(meta_path.read_text())
+    lab = LabDir(lab_dir).require(meta=True)
+    base_dir = lab.student_init
+    check_output(out, (INTERVENTIONS_JSON,), overwrite=overwrite, inputs=[lab.root])  # before hours of evaluation
+    info = lab.meta()
     p, seed = info["preset"], int(info.get("seed", 0))
     held = make_splits(p["digits"], p["n_train"], p["n_heldout"], seed).heldout[: n_eval or p.get("n_eval", 500)]
     tok = build_tokenizer()
@@ -78,11 +74,11 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
     used_steps: dict[str, int] = {}
     with open_model(base_dir) as base:
         for run in runs:
-            series = CheckpointSeries.discover(lab / run, base=base_dir, name=run)
+            series = lab.series(run)
             steps = series.step_numbers
             final = steps[-1] if step is None else int(step)
             if final not in steps:
-                raise InputError(lab / run, f"has no checkpoint-{final} (steps: {steps})")
+                raise InputError(lab.run(run), f"has no checkpoint-{final} (steps: {steps})")
             used_steps[run] = final
             with series.open_step(final) as ck:
                 total = update_norm(base, ck)
@@ -114,11 +110,12 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
                             tables["rescale"].append({"run": run, "step": mid, "beta": beta,
                                                       "accuracy": acc(module_rescale(base, mk, ck, beta))})
                 log(f"[interventions] {run}: rescale and embedding swap done ({time.time() - t0:.0f}s)")
-    frames = {k: pd.DataFrame(v) for k, v in tables.items()}
-    with atomic_dir(out, ("interventions.json",), overwrite=overwrite) as tmp:
+    # columns in the schema's order; an empty table (no earlier checkpoint to rescale) stays a bare file
+    frames = {k: pd.DataFrame(v, columns=TABLES[k].names if v else None) for k, v in tables.items()}
+    with atomic_dir(out, (INTERVENTIONS_JSON,), overwrite=overwrite) as tmp:
         for k, df in frames.items():
             df.to_csv(tmp / f"{k}.csv", index=False)
-        (tmp / "interventions.json").write_text(json_text({
-            "lab": str(lab.resolve()), "steps": used_steps, "half_width": half_width, "n_eval": len(held),
+        (tmp / INTERVENTIONS_JSON).write_text(json_text({
+            "lab": str(lab.root.resolve()), "steps": used_steps, "half_width": half_width, "n_eval": len(held),
             "alphas": ALPHAS, "rank_pcts": RANK_PCTS, "betas": BETAS, "wall_s": round(time.time() - t0, 2)}))
     return frames

@@ -6,22 +6,11 @@ parameter analysis; float32 everywhere (updates are small, and the analysis subt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config
 
+from opd_dynamics.lab.presets import ModelSpec
 from opd_dynamics.lab.task import VOCAB
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Size of one tiny model."""
-
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
 
 
 def make_config(spec: ModelSpec, tokenizer) -> Qwen3Config:

@@ -1,11 +1,23 @@
-"""Lab presets: every size, step count and learning rate of a lab run, in one frozen place."""
+"""The lab's options: presets (every size, step count and learning rate of a lab run, in one frozen place) and
+the EffOPD measurement's options. No heavy imports: the command line reads these to make its flags."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.errors import InputError
-from opd_dynamics.lab.models import ModelSpec
+from opd_dynamics.fields import nested, option
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Size of one tiny model."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
 
 
 @dataclass(frozen=True)
@@ -99,3 +111,18 @@ def get_preset(preset: str | LabPreset) -> LabPreset:
         return PRESETS[preset]
     except KeyError:
         raise InputError(None, f"unknown lab preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class EffOPDLabOptions:
+    """What the measurement does besides the lab preset; each field is a flag of `lab effopd` (generated), and
+    `effopd` (the search's own options: k_max, strict …) adds its flags too."""
+
+    max_steps: int | None = option(None, "Optimizer steps per run (default: the preset's rl_steps).", flag="--steps")
+    eval_every: int | None = option(None, "Held-out evaluation interval (default: every 2 steps on the smoke "
+                                    "preset, every 10 on the others).")
+    n_val: int = option(50, "EffOPD validation prompts (sampled from the training prompts).", min=1)
+    fixed_k: int = option(2, "k of the fixed baseline (W_t + coef_step·k·Δ at every trigger, no validation).", min=0)
+    target_fraction: float = option(0.95, "Steps to target: the first step with held-out accuracy ≥ this fraction "
+                                    "of vanilla's final accuracy.")
+    effopd: EffOPDOptions = nested(EffOPDOptions, "The search itself (k_max, coef_step, strict …).")

@@ -17,6 +17,7 @@ import torch
 
 from opd_dynamics.io.writer import atomic_dir, json_text
 from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.layout import RUNS, LabDir
 from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
@@ -29,6 +30,7 @@ from opd_dynamics.lab.train import (
     train_opd,
     train_teacher_and_student,
 )
+from opd_dynamics.schema import LAB_JSON
 
 
 def _versions() -> dict:
@@ -46,16 +48,16 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
             log: Callable[[str], None] | None = None) -> Path:
     """Run the whole lab into ``out`` and return its path.
 
-    Layout: ``out/teacher``, ``out/student_init``, ``out/{opd,grpo}/checkpoint-N``,
-    ``out/{opd,grpo}/eval.csv`` (run, step, accuracy, accuracy_sampled, reverse_kl; step 0 is
-    student_init) and ``out/lab.json`` (preset, seed, timings, accuracies, versions).
+    Layout: `opd_dynamics.lab.layout` (teacher/, student_init/, opd/ and grpo/ with checkpoint-N/ and
+    eval.csv, whose step 0 is student_init; lab.json with preset, seed, timings, accuracies, versions).
     """
     p = get_preset(preset)
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out).resolve()
     timings: dict[str, float] = {}
     t_all = time.time()
-    with atomic_dir(out, ("lab.json",), overwrite=overwrite) as tmp:
+    with atomic_dir(out, (LAB_JSON,), overwrite=overwrite) as tmp:
+        lab = LabDir(tmp)
         seed_everything(seed)
         log(f"[lab] preset {p.name}, seed {seed}, device {device()}, writing to {tmp}")
         t0 = time.time()
@@ -64,23 +66,24 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
 
         tok = build_tokenizer()
         held = splits_for(p, seed).heldout[: p.n_eval]
-        teacher = load_model(tmp / "teacher", device())
+        teacher = load_model(lab.teacher, device())
         t_eval = evaluate_model(teacher, tok, held, sampled=True, seed=seed)
         log(f"[lab] teacher held-out accuracy {t_eval['accuracy']:.3f} (sampled {t_eval['accuracy_sampled']:.3f})")
 
         ev = {}
-        for run, fn in (("opd", lambda d: train_opd(tmp / "student_init", tmp / "teacher", d, p, seed)),
-                        ("grpo", lambda d: train_grpo(tmp / "student_init", d, p, seed))):
+        train = {"opd": lambda d: train_opd(lab.student_init, lab.teacher, d, p, seed),
+                 "grpo": lambda d: train_grpo(lab.student_init, d, p, seed)}
+        for run in RUNS:
             log(f"[lab] {run}: {p.rl_steps} steps, checkpoint every {p.save_steps}")
             t0 = time.time()
-            fn(tmp / run)
+            train[run](lab.run(run))
             timings[f"{run}_train_s"] = time.time() - t0
             t0 = time.time()
-            ev[run] = evaluate_run(run, tmp / run, tmp / "student_init", teacher, tok, held, seed=seed, log=log)
-            ev[run].to_csv(tmp / run / "eval.csv", index=False)
+            ev[run] = evaluate_run(run, lab.run(run), lab.student_init, teacher, tok, held, seed=seed, log=log)
+            ev[run].to_csv(lab.eval_csv(run), index=False)
             timings[f"{run}_eval_s"] = time.time() - t0
 
-        s0 = ev["opd"].iloc[0]
+        s0 = ev[RUNS[0]].iloc[0]
         timings["total_s"] = time.time() - t_all
         meta = {
             "preset": p.to_dict(),
@@ -92,11 +95,11 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
                         "n_params": n_params(teacher), **sft["teacher_sft"]},
             "student_init": {"accuracy": float(s0["accuracy"]), "accuracy_sampled": float(s0["accuracy_sampled"]),
                              "reverse_kl": float(s0["reverse_kl"]),
-                             "n_params": n_params(load_model(tmp / "student_init")), **sft["student_sft"]},
+                             "n_params": n_params(load_model(lab.student_init)), **sft["student_sft"]},
             "final": {r: ev[r].iloc[-1].drop("run").to_dict() for r in ev},
             "n_heldout_eval": len(held),
             "versions": _versions(),
         }
-        (tmp / "lab.json").write_text(json_text(meta))
+        lab.meta_path.write_text(json_text(meta))
     log(f"[lab] done in {timings['total_s']:.0f}s → {out}")
     return out

@@ -10,23 +10,27 @@ from pathlib import Path
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.writer import atomic_dir
+from opd_dynamics.lab.layout import RUNS, LabDir
+from opd_dynamics.schema import LAB_JSON
 
 KEEP = ("model.safetensors", "config.json")
 
 
 def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False, overwrite: bool = False) -> Path:
-    """Copy student_init, the given checkpoint steps of opd and grpo, eval.csv and lab.json into ``out``."""
-    lab_dir = Path(lab_dir)
-    dirs = ["student_init"] + (["teacher"] if include_teacher else [])
-    dirs += [f"{r}/checkpoint-{s}" for r in ("opd", "grpo") for s in steps]
-    with atomic_dir(out, ("lab.json",), overwrite=overwrite) as tmp:
-        for d in dirs:
-            if not (lab_dir / d / "model.safetensors").exists():
-                raise InputError(lab_dir / d, "has no model.safetensors")
-            (tmp / d).mkdir(parents=True)
+    """Copy student_init, the given checkpoint steps of each run, their eval.csv and lab.json into ``out``."""
+    src = LabDir(lab_dir)
+    models = [src.student_init] + ([src.teacher] if include_teacher else [])
+    models += [src.run(r) / f"checkpoint-{s}" for r in RUNS for s in steps]
+    with atomic_dir(out, (LAB_JSON,), overwrite=overwrite) as tmp:
+        dst = LabDir(tmp)
+        for d in models:
+            if not (d / KEEP[0]).exists():
+                raise InputError(d, f"has no {KEEP[0]}")
+            rel = d.relative_to(src.root)
+            (tmp / rel).mkdir(parents=True)
             for name in KEEP:
-                shutil.copy2(lab_dir / d / name, tmp / d / name)
-        for r in ("opd", "grpo"):
-            shutil.copy2(lab_dir / r / "eval.csv", tmp / r / "eval.csv")
-        shutil.copy2(lab_dir / "lab.json", tmp / "lab.json")
+                shutil.copy2(d / name, tmp / rel / name)
+        for r in RUNS:
+            shutil.copy2(src.eval_csv(r), dst.eval_csv(r))
+        shutil.copy2(src.meta_path, dst.meta_path)
     return Path(out)

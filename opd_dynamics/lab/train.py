@@ -11,7 +11,6 @@ sampled completions per step (learning rates per method, see presets), and save 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -25,6 +24,7 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.layout import LabDir
 from opd_dynamics.lab.models import load_model, make_model
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, has_carry, make_splits
@@ -60,13 +60,10 @@ def device() -> torch.device:
 
 
 def split_seed(student_dir, default: int) -> int:
-    """The seed of the split a lab student was trained on: its lab's `lab.json` (beside `student_init/`), else
-    `default`. RL from that student must use the same split, whatever its own run seed, or held-out problems
-    would be trained on."""
-    meta = Path(student_dir).parent / "lab.json"
-    if meta.exists():
-        return int(json.loads(meta.read_text()).get("seed", default))
-    return default
+    """The seed of the split a lab student was trained on: its lab's (see `LabDir.split_seed`), else `default`.
+    RL from that student must use the same split, whatever its own run seed, or held-out problems would be
+    trained on."""
+    return LabDir.of_student(student_dir).split_seed(default)
 
 
 def splits_for(preset: str | LabPreset, seed: int) -> TaskSplits:
@@ -269,6 +266,7 @@ def evaluate_run(run: str, run_dir, student_init_dir, teacher, tokenizer, heldou
     import pandas as pd
 
     from opd_dynamics.io.series import CheckpointSeries
+    from opd_dynamics.schema import TABLES
 
     rows = []
     steps = CheckpointSeries.discover(run_dir, base=student_init_dir).steps
@@ -279,7 +277,7 @@ def evaluate_run(run: str, run_dir, student_init_dir, teacher, tokenizer, heldou
         log(f"  {run} step {step}: accuracy {r['accuracy']:.3f} sampled {r['accuracy_sampled']:.3f} "
             f"reverse KL {r['reverse_kl']:.4f}")
         del model
-    return pd.DataFrame(rows, columns=["run", "step", "accuracy", "accuracy_sampled", "reverse_kl"])
+    return pd.DataFrame(rows, columns=TABLES["eval"].names)
 
 
 def _ensure_threads(p: LabPreset) -> None:
@@ -301,7 +299,7 @@ def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[
     info["teacher_sft"] = train_sft(teacher, tok, sp.train, held, steps=p.teacher_max_steps, lr=p.teacher_lr,
                                     batch=p.sft_batch, seed=seed, target=p.teacher_target,
                                     eval_every=p.sft_eval_every, log=log)
-    save_model_dir(teacher, tok, out / "teacher")
+    save_model_dir(teacher, tok, LabDir(out).teacher)
     info["teacher_sft"]["seconds"] = time.time() - t0
     t0 = time.time()
     # Weak start: the student sees only carry-free problems, so it becomes a confident adder that never
@@ -314,6 +312,6 @@ def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[
                                     batch=p.sft_batch, seed=seed + 1, target=p.student_target,
                                     eval_every=p.sft_eval_every, log=log)
     info["student_sft"]["accuracy_carry_free"] = info["student_sft"].pop("accuracy")
-    save_model_dir(student, tok, out / "student_init")
+    save_model_dir(student, tok, LabDir(out).student_init)
     info["student_sft"]["seconds"] = time.time() - t0
     return info

@@ -12,6 +12,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.naming import MATRIX_GROUPS
 from opd_dynamics.plotting._draw import fig_legend, grouped_bars, integer_xticks, no_data, percent_axis, zoom_ylim
 from opd_dynamics.plotting.style import (
     GROUP_MARKERS,
@@ -67,7 +68,7 @@ def _aggregate(rows: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
 
 
 def heatmap_matrix(report: Any, run: str, metric: str = "update_norm", step: int | None = None,
-                   groups: Sequence[str] | None = ("attention", "mlp")) -> pd.DataFrame:
+                   groups: Sequence[str] | None = MATRIX_GROUPS) -> pd.DataFrame:
     """Layer × module table (rows: layers ascending; columns: modules in attention-then-MLP order) of one run."""
     a = _table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
     a = at_step(a[a["run"] == run], step)
@@ -88,7 +89,7 @@ def heatmap_matrix(report: Any, run: str, metric: str = "update_norm", step: int
 
 @styled
 def plot_allocation_heatmap(report: Any, metric: str = "update_norm", step: int | None = None,
-                            groups: Sequence[str] | None = ("attention", "mlp")) -> Figure:
+                            groups: Sequence[str] | None = MATRIX_GROUPS) -> Figure:
     """Layer × module heatmap of `metric` (update_norm, energy_share or relative_update) at `step`
     (default: each run's last), one panel per run on a shared colour scale."""
     a = _table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
@@ -118,11 +119,11 @@ def layer_norms(report: Any, step: int | None = None) -> pd.DataFrame:
     t = as_tables(report).tables
     if "module_allocation" in t and not t["module_allocation"].empty:
         a = _table(report, "module_allocation", ["run", "step", "layer", "group", "update_norm"])
-        a = at_step(a[a["layer"].notna() & a["group"].isin(["attention", "mlp"])], step)
+        a = at_step(a[a["layer"].notna() & a["group"].isin(list(MATRIX_GROUPS))], step)
         g = _aggregate(a.assign(layer=a["layer"].astype(int)), ["run", "step", "layer", "group"], "update_norm")
     else:
         s = _table(report, "summary", ["run", "step", "aggregate", "group", "layer", "metric", "value"])
-        s = s[(s["aggregate"] == "layer") & (s["metric"] == "update_norm") & s["group"].isin(["attention", "mlp"])]
+        s = s[(s["aggregate"] == "layer") & (s["metric"] == "update_norm") & s["group"].isin(list(MATRIX_GROUPS))]
         if s.empty:
             raise InputError("summary.csv", "has no per-layer update_norm rows")
         s = at_step(s, step)
@@ -144,7 +145,7 @@ def plot_layer_norms(report: Any, step: int | None = None, window: bool = True) 
     colors = run_colors(runs)
     steps = steps_of(g)
     fig, axes = new_figure(1, 2, width=11, height=3.8, sharey=False)
-    for ax, group in zip(axes[0], ["attention", "mlp"]):
+    for ax, group in zip(axes[0], list(MATRIX_GROUPS)):
         sub = g[g["group"] == group]
         for r in runs:
             d = sub[sub["run"] == r]

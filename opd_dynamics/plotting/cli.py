@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
+from opd_dynamics.plotting.render import FORMATS
+
 
 @click.command("plot")
 @click.argument("out", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--figures", "figures_dir", required=True, type=click.Path(file_okay=False),
               help="Directory to write the figures into.")
-@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "svg", "pdf"]),
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
               help="Output format (repeatable; default: png and svg).")
 @click.option("--only", multiple=True, metavar="NAME", help="Draw only these figures (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace figure files that already exist.")

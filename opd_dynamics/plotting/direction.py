@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from opd_dynamics.analysis.report import TABLE1_METRICS
 from opd_dynamics.analysis.report import table1 as _table1
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.naming import MATRIX_GROUPS
 from opd_dynamics.plotting._draw import fig_legend, grouped_bars, iqr_band, no_data, percent_axis
 from opd_dynamics.plotting.style import GROUP_MARKERS, new_figure, order_runs, run_colors, styled
 from opd_dynamics.plotting.tables import _table, as_tables, at_step, numeric, steps_of
@@ -33,7 +34,7 @@ def _group_title(g: str) -> str:
     return {"attention": "Attention", "mlp": "MLP"}.get(g, g)
 
 
-def sv_decay(report: Any, step: int | None = None, groups: Sequence[str] = ("attention", "mlp")) -> pd.DataFrame:
+def sv_decay(report: Any, step: int | None = None, groups: Sequence[str] = MATRIX_GROUPS) -> pd.DataFrame:
     """Per run, group and index: median and quartiles over matrices of σ_i / ‖ΔW‖_F."""
     s = _table(report, "singular_values", ["run", "step", "group", "index", "sigma_normalized"])
     s = at_step(s[s["group"].isin(groups)], step)
@@ -46,7 +47,7 @@ def sv_decay(report: Any, step: int | None = None, groups: Sequence[str] = ("att
 
 @styled
 def plot_singular_value_decay(report: Any, step: int | None = None,
-                              groups: Sequence[str] = ("attention", "mlp"), log: bool = True) -> Figure:
+                              groups: Sequence[str] = MATRIX_GROUPS, log: bool = True) -> Figure:
     """σ_i / ‖ΔW‖_F against i (median over matrices, band = interquartile range), one panel per group,
     one line per run, at `step` (default: each run's last)."""
     d = sv_decay(report, step, groups)
@@ -120,7 +121,7 @@ def plot_table1(report: Any, step: int | None = None) -> Figure:
 
 
 def alignment_curves(report: Any, metrics: Sequence[str] = ("paired_cosine", "subspace_overlap_u"),
-                     groups: Sequence[str] = ("attention", "mlp")) -> pd.DataFrame:
+                     groups: Sequence[str] = MATRIX_GROUPS) -> pd.DataFrame:
     """Per run, group, step and metric: median and quartiles over matrices; progress = step / ref_step."""
     a = _table(report, "alignment", ["run", "step", "ref_step", "group", *metrics])
     a = a[a["group"].isin(groups)]
@@ -137,7 +138,7 @@ def alignment_curves(report: Any, metrics: Sequence[str] = ("paired_cosine", "su
 
 @styled
 def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subspace_overlap_u"),
-                   groups: Sequence[str] = ("attention", "mlp")) -> Figure:
+                   groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
     """Alignment of each step's top singular directions to the final update's, against training progress
     (step / reference step), OPD vs RL (the paper's Fig. 4b); rows: metrics, columns: groups; band = IQR."""
     d = alignment_curves(report, metrics, groups)

@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 
 from opd_dynamics._version import __version__
+from opd_dynamics.effopd.summary import BASELINE, median_speedup
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.writer import atomic_write_text
 from opd_dynamics.plotting.render import available_figures
 from opd_dynamics.plotting.style import GROUP_ORDER, order_runs
 from opd_dynamics.plotting.tables import Tables, as_tables, numeric
+from opd_dynamics.schema import TABLES
 
 SECTIONS = ("Training", "Module allocation", "Utility", "Update direction", "EffOPD")
 
@@ -111,20 +113,22 @@ def key_tables(tables: Tables) -> list[tuple[str, pd.DataFrame]]:
                           list(dict.fromkeys(e["variant"].astype(str))))))
     if "effopd_summary" in tables:
         s = t["effopd_summary"].copy()
-        cols = [c for c in ("steps_to_target", "final_accuracy", "wall_s", "validation_s") if c in s.columns]
+        # the measured values (the summary's float columns: steps to target, accuracy, seconds) get medians
+        measured = [c.name for c in TABLES["effopd_summary"].columns if c.dtype == "float"]
+        cols = [c for c in measured if c in s.columns]
         for c in cols:
             s[c] = numeric(s[c])
         m = s.groupby("method")[cols].median()  # medians over the seeds that have a value
         m.insert(0, "seeds", s.groupby("method")["seed"].nunique() if "seed" in s.columns else np.nan)
         if "steps_to_target" in cols:
             m.insert(1, "seeds reaching target", s.groupby("method")["steps_to_target"].count())
-        if "vanilla" in m.index and "steps_to_target" in cols and "seed" in s.columns:
-            v = s[s["method"] == "vanilla"].set_index("seed")["steps_to_target"]
-            m["step speedup vs vanilla (median of per-seed ratios)"] = [
-                (v / g.set_index("seed")["steps_to_target"]).median() for _, g in s.groupby("method")]
+        if BASELINE in m.index and "steps_to_target" in cols and "seed" in s.columns:
+            m[f"step speedup vs {BASELINE} (median of per-seed ratios)"] = [median_speedup(s, method)
+                                                                           for method in m.index]
         m.columns = [f"median {c}" if c in cols else c for c in m.columns]
         if "tie_accepts" in s.columns:  # jumps no validation score justified (EFFOPD.md, "Ties")
-            m["jumps accepted on a tie (all seeds)"] = pd.to_numeric(s["tie_accepts"], errors="coerce").groupby(s["method"]).sum()
+            ties = pd.to_numeric(s["tie_accepts"], errors="coerce")
+            m["jumps accepted on a tie (all seeds)"] = ties.groupby(s["method"]).sum()
         out.append(("EffOPD summary (median over seeds)", m.reset_index()))
     return out
 

@@ -29,6 +29,9 @@ from opd_dynamics.plotting.utility import plot_eval_curves, plot_rank_recovery, 
 
 log = logging.getLogger(__name__)
 
+#: the file formats a figure is written in (`plot --format`)
+FORMATS = ("png", "svg", "pdf")
+
 
 @dataclass(frozen=True)
 class FigureSpec:
@@ -145,7 +148,7 @@ def plot_all(reports_or_dirs: Any, out_dir: str | Path, formats: Sequence[str] =
     Existing files are refused (before anything is drawn) unless `overwrite`."""
     tables = as_tables(reports_or_dirs)
     formats = [f.lower().lstrip(".") for f in formats]
-    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise InputError(None, f"figure format(s) {', '.join(bad)} not supported; use png, svg or pdf")
     ok, skipped = available_figures(tables)

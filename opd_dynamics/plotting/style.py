@@ -17,11 +17,13 @@ import matplotlib
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from opd_dynamics.io.naming import GROUPS
+
 # Okabe-Ito (colour-blind safe)
 OPD_COLOR = "#0072B2"
 OTHER_RUN_COLORS = ("#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 METHOD_COLORS = {"vanilla": OPD_COLOR, "effopd": "#009E73", "fixed": "#E69F00"}
-GROUP_ORDER = ("attention", "mlp", "embedding", "lm_head", "norm", "other")
+GROUP_ORDER = GROUPS  # the naming order
 GROUP_MARKERS = {"attention": "o", "mlp": "s"}
 HEATMAP_CMAP = "viridis"
 

@@ -11,15 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from opd_dynamics.analysis.report import INT_COLUMNS, PER_TENSOR_TABLES, read_table
+from opd_dynamics.analysis.report import read_table
 from opd_dynamics.errors import InputError
-
-# tables that carry one run per lab directory (a missing 'run' column is filled from the directory name)
-_PER_RUN_TABLES = {"eval", "module_allocation", "spectrum", "singular_values", "alignment", "geometry",
-                   "embedding", "summary"}
-# provenance files shown in reports (analysis, lab run, EffOPD measurement, interventions)
-PROVENANCE_FILES = ("run.json", "lab.json", "effopd.json", "interventions.json")
-_INT_COLUMNS = (*INT_COLUMNS, "seed", "center_layer", "first_layer", "last_layer")  # and the lab's
+from opd_dynamics.schema import ALL_INT_COLUMNS, PER_RUN_TABLES, PER_TENSOR_TABLES, PROVENANCE_FILES
 
 
 @dataclass
@@ -44,7 +38,7 @@ def _read_dir(d: Path) -> tuple[dict[str, pd.DataFrame], list[tuple[str, dict]]]
         df = read_table(p)
         if df.empty and not len(df.columns):
             continue
-        if "run" not in df.columns and p.stem in _PER_RUN_TABLES:
+        if "run" not in df.columns and p.stem in PER_RUN_TABLES:
             df.insert(0, "run", d.name)
         tables[p.stem] = df
     metas = []
@@ -104,7 +98,7 @@ def _refuse_pooled_runs(tables: dict[str, pd.DataFrame]) -> None:
 
 def _normalise(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
-    for c in _INT_COLUMNS:
+    for c in ALL_INT_COLUMNS:
         if c in df.columns and pd.api.types.is_numeric_dtype(df[c]):
             df[c] = pd.array(df[c].astype("float").round(), dtype="Int64")
     if "run" in df.columns:

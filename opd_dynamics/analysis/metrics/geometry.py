@@ -17,8 +17,7 @@ from torch import Tensor
 from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.analysis.metrics.subspace import principal_angles
 from opd_dynamics.numerics import fro2, upcast
-
-DEFAULT_PCTS = (1, 5, 10, 20)
+from opd_dynamics.schema import DEFAULT_PCTS
 
 
 def top_k_for(pct: float, r: int) -> int:
@@ -94,7 +93,7 @@ def _principal_block(base: BaseDecomposition, delta: Tensor) -> Tensor:
 
 def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor,
                      delta_fro2: float | None = None) -> dict:
-    """geometry.csv columns for one step (definitions in DESIGN.md).
+    """geometry.csv columns for one step (definitions in docs/METRICS.md).
 
     principal_energy_{p}pct = ||U0_k^T dW V0_k||_F^2 / ||dW||_F^2 (NaN for a zero update);
     principal_rotation_deg = mean principal angle between the top ceil(1% r) left subspaces of W_0
@@ -104,7 +103,8 @@ def geometry_metrics(base: BaseDecomposition, wt: Tensor, delta: Tensor,
     keys = [*[f"principal_energy_{p}pct" for p in base.pcts], "principal_rotation_deg", "spectral_drift"]
     out: dict = dict.fromkeys(keys, math.nan)
     if tuple(wt.shape) != base.shape or tuple(delta.shape) != base.shape:
-        raise ValueError(f"geometry_metrics: shapes {tuple(wt.shape)}/{tuple(delta.shape)} do not match the base {base.shape}")
+        raise ValueError(f"geometry_metrics: shapes {tuple(wt.shape)}/{tuple(delta.shape)} do not match the base "
+                         f"{base.shape}")
     if not base.finite:
         return out
     dev = base.U.device

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from opd_dynamics import numerics
 from opd_dynamics.numerics import upcast
+from opd_dynamics.schema import DEFAULT_KS
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -25,7 +26,7 @@ MIN_GRAM_DIM = 32
 #: the Gram route is kept only when its worst-case error on sum(sigma) stays below this fraction
 #: (this bounds the effective-rank error to about 40x that, far inside the 1e-3 policy).
 GRAM_L1_TOL = 1e-6
-DEFAULT_KS = (1, 4, 16, 64)
+
 #: a Ritz pair is accepted when its residual and its distance to the exact eigenvalue are below this x lambda_1
 RITZ_TOL = 1e-10
 
@@ -400,7 +401,7 @@ def _energy_cum(s: np.ndarray, fro2: float) -> np.ndarray:
 
 
 def spectrum_metrics(dec: Decomposition, ks=DEFAULT_KS) -> dict:
-    """spectrum.csv columns for one decomposition (definitions in DESIGN.md).
+    """spectrum.csv columns for one decomposition (definitions in docs/METRICS.md).
 
     Energies divide by the exact ||M||_F^2 and are capped at 1; energy_top{k} is 1 when k >= r and NaN
     when k exceeds the values a fast decomposition holds. effective_rank needs the full spectrum (NaN

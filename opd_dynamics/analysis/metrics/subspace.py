@@ -33,7 +33,7 @@ def _usable(dec: Decomposition) -> bool:
 
 def alignment_metrics(dec_t: Decomposition, dec_T: Decomposition, delta_t: Tensor, delta_T: Tensor,
                       k: int = 16, K: int = 20) -> dict:
-    """alignment.csv columns of step t against reference T (definitions in DESIGN.md).
+    """alignment.csv columns of step t against reference T (definitions in docs/METRICS.md).
 
     k used = min(k, numerical rank at t and at T, vectors held), recorded as `k`; K likewise for
     paired_cosine and rank1_cosine, recorded as `paired_k`.

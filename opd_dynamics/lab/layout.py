@@ -1,0 +1,82 @@
+"""The layout of a lab directory, in one place: what `lab run` writes and every other lab command reads.
+
+::
+
+    LAB/teacher/            the teacher (a model directory)
+    LAB/student_init/       the start of both runs, and the base their updates are measured against
+    LAB/opd/checkpoint-N/   the OPD run's checkpoints, and LAB/opd/eval.csv their evaluation
+    LAB/grpo/checkpoint-N/  the GRPO run's, and LAB/grpo/eval.csv
+    LAB/lab.json            preset, seed (the train/held-out split), timings, accuracies, versions
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.io.series import CheckpointSeries
+from opd_dynamics.schema import LAB_JSON
+
+#: the lab's two runs, both from student_init: on-policy distillation and RL (GRPO)
+RUNS = ("opd", "grpo")
+TEACHER, STUDENT_INIT, EVAL_CSV = "teacher", "student_init", "eval.csv"
+
+
+@dataclass(frozen=True)
+class LabDir:
+    """A lab directory (see the module docstring); paths only, nothing is read until asked."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of_student(cls, student_dir: str | Path) -> LabDir:
+        """The lab a `student_init/` directory belongs to (its parent)."""
+        return cls(Path(student_dir).parent)
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / TEACHER
+
+    @property
+    def student_init(self) -> Path:
+        return self.root / STUDENT_INIT
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / LAB_JSON
+
+    def run(self, name: str) -> Path:
+        """A run's directory (its checkpoint-N/ and eval.csv)."""
+        return self.root / name
+
+    def eval_csv(self, name: str) -> Path:
+        return self.run(name) / EVAL_CSV
+
+    def series(self, name: str) -> CheckpointSeries:
+        """A run's checkpoints against student_init."""
+        return CheckpointSeries.discover(self.run(name), base=self.student_init, name=name)
+
+    def meta(self) -> dict:
+        """lab.json."""
+        return json.loads(self.meta_path.read_text())
+
+    def split_seed(self, default: int) -> int:
+        """The seed of the train/held-out split the lab's student was made from (lab.json), else ``default``."""
+        return int(self.meta().get("seed", default)) if self.meta_path.exists() else default
+
+    def require(self, *, meta: bool = False, teacher: bool = False) -> LabDir:
+        """Refuse, naming what is missing, a directory that lacks student_init/ (and lab.json or teacher/ when
+        asked for): one sentence instead of a traceback hours into an evaluation."""
+        need = [(LAB_JSON, self.meta_path)] if meta else []
+        need.append((STUDENT_INIT + "/", self.student_init / "config.json"))
+        if teacher:
+            need.append((TEACHER + "/", self.teacher / "config.json"))
+        for what, path in need:
+            if not path.exists():
+                raise InputError(self.root, f"is not a lab directory: {what} is missing")
+        return self
