@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast lint demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# ruff (in the test extra) with the settings of pyproject.toml's [tool.ruff]
+lint: venv
+	$(BIN)/ruff check opd_dynamics tests benchmarks
 
 demo: venv
 	$(BIN)/opd-dynamics demo --out demo-out --overwrite

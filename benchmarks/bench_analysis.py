@@ -141,7 +141,8 @@ def main() -> None:
                   f"with the start-up counted: exact {nv / (exact + startup):.1f}x{fast_su}")
             nv_plain = naive(root, steps, a.device, geometry=False)
             print(f"naive script without its geometry (spectra + alignment): {nv_plain:.2f} s; against ours without "
-                  f"geometry: exact {nv_plain / plain:.1f}x" + ("" if a.exact_only else f", fast {nv_plain / fast_plain:.1f}x"))
+                  f"geometry: exact {nv_plain / plain:.1f}x"
+                  + ("" if a.exact_only else f", fast {nv_plain / fast_plain:.1f}x"))
         print(f"peak RSS of this process (naive included): {rss_gb():.2f} GB")
 
 

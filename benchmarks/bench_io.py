@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-H, I, KV, VOCAB = 896, 4864, 128, 8192
+H, INTER, KV, VOCAB = 896, 4864, 128, 8192
 
 
 def layer_shapes(i: int, hidden: int, inter: int) -> dict[str, tuple[int, int]]:
@@ -38,7 +38,7 @@ def layer_shapes(i: int, hidden: int, inter: int) -> dict[str, tuple[int, int]]:
             p + "mlp.down_proj.weight": (hidden, inter)}
 
 
-def build_series(root: Path, layers: int, steps: int, hidden: int = H, inter: int = I,
+def build_series(root: Path, layers: int, steps: int, hidden: int = H, inter: int = INTER,
                  device: str = "cpu") -> None:
     """Base + `steps` checkpoints, one safetensors file per 2 layers (sharded, with an index). The random
     numbers are drawn on ``device`` (a GPU draws 7B-sized series in seconds, a CPU core in minutes)."""
@@ -159,8 +159,8 @@ def main() -> None:
     print("\npeak RSS of the norm-only pass (MB): the whole child, and its growth over the RSS after start-up;"
           "\nlargest tensor (the embedding or gate/up) as stored in bf16")
     print("layers steps hidden inter  series_GB  largest_MB  peak_rss_MB  growth_MB")
-    for layers, steps, hidden, inter in [(6, 2, H, I), (6, 8, H, I), (6, 16, H, I), (3, 4, H, I), (12, 4, H, I),
-                                         (6, 4, 2 * H, 2 * I)]:
+    for layers, steps, hidden, inter in [(6, 2, H, INTER), (6, 8, H, INTER), (6, 16, H, INTER), (3, 4, H, INTER),
+                                         (12, 4, H, INTER), (6, 4, 2 * H, 2 * INTER)]:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "series"
             build_series(root, layers, steps, hidden, inter)

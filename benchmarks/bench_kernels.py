@@ -118,7 +118,7 @@ def main() -> None:
     per_layer = dict.fromkeys(routes, 0.0)
     for label, (shape, count) in shapes.items():
         d = make_update(shape, dev)
-        t = {r: timed(lambda r=r: ROUTES[r](d), dev, args.repeat,
+        t = {r: timed(lambda r=r, d=d: ROUTES[r](d), dev, args.repeat,
                       args.threads if (r == "naive" or dev != "cpu") else 1) for r in routes}
         for r in routes:
             per_layer[r] += count * t[r]

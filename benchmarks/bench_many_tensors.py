@@ -25,16 +25,16 @@ from opd_dynamics.analysis import deltas
 
 def build(root: Path, experts: int, layers: int, steps: int, shape: tuple[int, int]) -> int:
     g = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{l}.mlp.experts.{e}.{m}.weight": (torch.randn(*(shape if m != "down_proj" else shape[::-1]),
-                                                                        generator=g) * 0.02).to(torch.bfloat16)
-            for l in range(layers) for e in range(experts) for m in ("gate_proj", "up_proj", "down_proj")}
+    base = {f"model.layers.{layer}.mlp.experts.{e}.{m}.weight":
+            (torch.randn(*(shape if m != "down_proj" else shape[::-1]), generator=g) * 0.02).to(torch.bfloat16)
+            for layer in range(layers) for e in range(experts) for m in ("gate_proj", "up_proj", "down_proj")}
     (root / "base").mkdir(parents=True)
     save_file(base, str(root / "base" / "model.safetensors"))
     for t in range(1, steps + 1):
         d = root / "run" / f"checkpoint-{t}"
         d.mkdir(parents=True)
-        save_file({k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()},
-                  str(d / "model.safetensors"))
+        save_file({k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+                   for k, v in base.items()}, str(d / "model.safetensors"))
     return len(base)
 
 

@@ -6,7 +6,9 @@ Run: python benchmarks/check_effopd_cuda.py   (needs a CUDA device; on CPU it sa
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -40,7 +42,8 @@ def main() -> int:
         failures += not ok
         print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
 
-    # 1. a ~120M-parameter (on cuda) bf16 model: anchor on CPU keeps accelerator memory flat; exact restore; float32 math
+    # 1. a ~120M-parameter (on cuda) bf16 model: anchor on CPU keeps accelerator memory flat;
+    #    exact restore; float32 math
     big = cuda  # the dry run on CPU uses a small model
     vocab = 32000 if big else 1000
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=1024 if big else 128, intermediate_size=2816 if big else 256,
@@ -51,7 +54,7 @@ def main() -> int:
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     ids = torch.randint(0, vocab, (4, 64), device=dev)
 
-    def train_step() -> None:
+    def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:  # arguments: both are freed below
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -74,7 +77,7 @@ def main() -> int:
         del e
 
     e = EffOPD(model, lambda m: 0.0, anchor_device="cpu")
-    train_step()
+    train_step(model, opt)
     wt = {n: p.detach().clone() for n, p in e.params.items()}
     anchor = {n: a.clone() for n, a in e.anchor.items()}
     scores = iter([1.0, 0.5])  # k=1 rejected
@@ -86,9 +89,10 @@ def main() -> int:
     peak = peak() - before_peak
     check("rejected candidate restores bf16 weights bit for bit on cuda",
           rec.k_accepted == 0 and all(torch.equal(p.detach(), wt[n]) for n, p in e.params.items()),
-          f"(peak extra accelerator memory during the trigger {peak / 2**20:.1f} MiB, extrapolate {rec.extrapolate_s:.3f}s)")
+          f"(peak extra accelerator memory during the trigger {peak / 2**20:.1f} MiB, "
+          f"extrapolate {rec.extrapolate_s:.3f}s)")
 
-    train_step()
+    train_step(model, opt)
     wt = {n: p.detach().clone() for n, p in e.params.items()}
     anchor = {n: a.clone() for n, a in e.anchor.items()}
     scores = iter([0.0, 1.0, 2.0, 1.0])  # k=2 accepted, k=3 rejected
@@ -107,7 +111,8 @@ def main() -> int:
         max_ulp = max(max_ulp, int(diff.max()))
     check("accepted k=2: W_t + 4Δ in float32 on cuda vs float64 reference (bf16)", rec.k_accepted == 2 and max_ulp <= 1,
           f"{n_bad}/{n_tot} elements differ, max {max_ulp} ulp (double rounding); trigger wall {dt:.3f}s")
-    check("anchor = accepted weights", all(torch.equal(e.anchor[n], p.detach().float().cpu()) for n, p in e.params.items()))
+    check("anchor = accepted weights",
+          all(torch.equal(e.anchor[n], p.detach().float().cpu()) for n, p in e.params.items()))
     del model, opt, e
     if cuda:
         torch.cuda.empty_cache()
@@ -127,7 +132,8 @@ def main() -> int:
     ds = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in sp.train])
     cb = EffOPDCallback(reverse_kl_scorer(teacher, tok, sample_validation(ds, 50, 0), max_new_tokens=4),
                         anchor_device="cpu")
-    args = DistillationConfig(output_dir="/tmp/effopd-cuda-run", max_steps=9, per_device_train_batch_size=16,
+    run_dir = tempfile.mkdtemp(prefix="effopd-cuda-run-")
+    args = DistillationConfig(output_dir=run_dir, max_steps=9, per_device_train_batch_size=16,
                               learning_rate=1e-3, max_completion_length=4, report_to=[], logging_steps=1,
                               save_strategy="no", bf16=False, gradient_checkpointing=False, disable_tqdm=True)
     tr = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok,
@@ -143,6 +149,7 @@ def main() -> int:
           f"k={[r.k_accepted for r in recs]} validation {sum(r.validation_s for r in recs):.2f}s of {dt:.1f}s train")
     logged = [h["step"] for h in tr.state.log_history if "effopd/k" in h]
     check("triggers in trainer log_history", logged == [1, 2, 4, 8])
+    shutil.rmtree(run_dir, ignore_errors=True)
     print("failures", failures)
     return 1 if failures else 0
 

@@ -23,7 +23,8 @@ def llama_like(n_layers: int = 2, hidden: int = 32, inter: int = 64, vocab: int 
         sd |= {p + "self_attn.q_proj.weight": r(hidden, hidden), p + "self_attn.k_proj.weight": r(kv, hidden),
                p + "self_attn.v_proj.weight": r(kv, hidden), p + "self_attn.o_proj.weight": r(hidden, hidden),
                p + "mlp.gate_proj.weight": r(inter, hidden), p + "mlp.up_proj.weight": r(inter, hidden),
-               p + "mlp.down_proj.weight": r(hidden, inter), p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
+               p + "mlp.down_proj.weight": r(hidden, inter),
+               p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype)}
     return sd
 

@@ -32,7 +32,8 @@ def make_pair(tmp: Path, dtype=torch.bfloat16) -> tuple[Path, Path, dict, dict]:
     a = llama_like(seed=0, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     # B = A + a small update everywhere (norms and embeddings too), computed in float64 and cast
-    b = {k: (v.double() + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(dtype) for k, v in a.items()}
+    b = {k: (v.double() + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(dtype)
+         for k, v in a.items()}
     pa = write_dir(tmp / "A", a, layout="sharded", n_shards=2)
     pb = write_dir(tmp / "B", b, layout="sharded", n_shards=3)
     (pb / "tokenizer.json").write_text('{"version": "1.0"}')

@@ -105,8 +105,10 @@ def test_transposed_only_for_weights_stored_in_out():
     assert not stored_transposed("transformer.h.0.attn.c_attn.weight", (48, 16), "gpt_bigcode")  # nn.Linear
 
 
-@pytest.mark.parametrize("model_type, name", [("gpt_oss", "model.layers.0.mlp.experts.gate_up_proj"),
-                                              ("llama4", "language_model.model.layers.0.feed_forward.experts.down_proj")])
+@pytest.mark.parametrize("model_type, name", [
+    ("gpt_oss", "model.layers.0.mlp.experts.gate_up_proj"),
+    ("llama4", "language_model.model.layers.0.feed_forward.experts.down_proj"),
+])
 def test_stacked_experts_in_out_follow_the_architecture(model_type, name):
     """GPT-OSS and Llama 4 stack experts (E, in, out) (their transformers modules compute x @ W[e]);
     Mixtral and Qwen-MoE stack them (E, out, in); without a model type nothing is assumed."""

@@ -66,11 +66,13 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
                 p = s / s.sum()
                 idn = {k: r[k] for k in ID}
                 spec.append(dict(**idn, spectral_norm=s[0], spectral_ratio=s[0] / r["update_norm"],
-                                 stable_rank=(r["update_norm"] / s[0]) ** 2, effective_rank=float(np.exp(-(p * np.log(p)).sum())),
+                                 stable_rank=(r["update_norm"] / s[0]) ** 2,
+                                 effective_rank=float(np.exp(-(p * np.log(p)).sum())),
                                  top1pct_norm_ratio=float(np.sqrt(e[0])), energy_top1=e[0], energy_top4=e[3],
                                  energy_top16=e[15], energy_top64=e[63], rank90=int(np.searchsorted(e, 0.9) + 1),
                                  svd_method="exact-gram-f64"))
-                sv += [dict(**idn, index=i + 1, sigma=s[i], sigma_normalized=s[i] / r["update_norm"]) for i in range(64)]
+                sv += [dict(**idn, index=i + 1, sigma=s[i], sigma_normalized=s[i] / r["update_norm"])
+                       for i in range(64)]
                 base = 0.9 if run == "opd" else 0.5
                 prog = step / STEPS[-1]
                 align.append(dict(run=run, step=step, ref_step=STEPS[-1], **{k: r[k] for k in ID[2:]}, k=16,
@@ -97,7 +99,8 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
             summary.append(dict(run=run, step=step, aggregate="table1", group="attention+mlp", layer=None,
                                 metric=m, value=float(d[m].mean())))
     ev = pd.DataFrame([dict(run=r, step=s, accuracy=(0.3 + 0.5 * s / 40) if r == "opd" else 0.3 + 0.3 * s / 40,
-                            accuracy_sampled=0.2 + 0.4 * s / 40, reverse_kl=1.0 / (s + 5)) for r in RUNS for s in (0,) + STEPS])
+                            accuracy_sampled=0.2 + 0.4 * s / 40, reverse_kl=1.0 / (s + 5))
+                       for r in RUNS for s in (0,) + STEPS])
     scaling = pd.DataFrame([dict(run=r, alpha=al, update_norm=al * (10.0 if r == "opd" else 20.0),
                                  accuracy=0.3 + al * (0.5 if r == "opd" else 0.3)) for r in RUNS
                             for al in (0.0, 0.25, 0.5, 0.75, 1.0)])
@@ -105,14 +108,16 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
                                 group=g, accuracy=0.3 + 0.1 * c) for r in RUNS for g in ("attention", "mlp")
                            for c in range(LAYERS)])
     rank = pd.DataFrame([dict(run=r, side=side, pct=p, rescaled=resc, accuracy=0.3 + 0.004 * p)
-                         for r in RUNS for side in ("top", "bottom") for resc in (False, True) for p in (1, 10, 50, 100)])
+                         for r in RUNS for side in ("top", "bottom") for resc in (False, True)
+                         for p in (1, 10, 50, 100)])
     rescale = pd.DataFrame([dict(run=r, step=s, beta=b, accuracy=0.3 + 0.1 * b + s / 200) for r in RUNS
                             for s in STEPS[:-1] for b in (0.0, 0.5, 1.0)])
     swap = pd.DataFrame([dict(run=r, variant=v, accuracy=0.7 if v == "trained" else 0.68) for r in RUNS
                          for v in ("trained", "embeddings_at_base")])
-    curves = pd.DataFrame([dict(seed=seed_, method=m, step=s, accuracy=min(0.9, 0.3 + s * (0.03 if m != "vanilla" else 0.01)),
-                                wall_s=s * 2.0 + (5 if m != "vanilla" else 0)) for seed_ in (0, 1) for m in ("vanilla", "effopd", "fixed")
-                           for s in range(0, 65, 8)])
+    curves = pd.DataFrame([dict(seed=seed_, method=m, step=s,
+                                accuracy=min(0.9, 0.3 + s * (0.03 if m != "vanilla" else 0.01)),
+                                wall_s=s * 2.0 + (5 if m != "vanilla" else 0))
+                           for seed_ in (0, 1) for m in ("vanilla", "effopd", "fixed") for s in range(0, 65, 8)])
     summ = pd.DataFrame([dict(seed=seed_, method=m, steps_to_target=64 if m == "vanilla" else 24,
                               final_accuracy=0.9, wall_s=130.0, validation_s=0.0 if m == "vanilla" else 5.0)
                          for seed_ in (0, 1) for m in ("vanilla", "effopd", "fixed")])
@@ -316,7 +321,8 @@ def test_scaling_rank_rescale(tables):
         assert sorted(ln.get_label() for ln in _labelled_lines(ax)) == ["grpo", "grpo (rescaled)", "opd",
                                                                         "opd (rescaled)"]
     frac = tables["rank"].assign(pct=tables["rank"]["pct"] / 100)  # pct given as fractions reads the same
-    np.testing.assert_allclose(P.plot_rank_recovery({"rank": frac}).axes[0].get_lines()[0].get_xdata(), [1, 10, 50, 100])
+    xs = P.plot_rank_recovery({"rank": frac}).axes[0].get_lines()[0].get_xdata()
+    np.testing.assert_allclose(xs, [1, 10, 50, 100])
     fig = P.plot_rescale(tables)
     left, right = fig.axes
     assert len(_labelled_lines(left)) == 4  # rescaled + as-trained, per run
