@@ -23,7 +23,7 @@ from opd_dynamics.plotting.style import (
     run_colors,
     styled,
 )
-from opd_dynamics.plotting.tables import _table, as_tables, at_step, numeric, steps_of
+from opd_dynamics.plotting.tables import as_tables, at_step, numeric, require_table, steps_of
 
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "o_proj", "c_proj",
                  "dense", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "dense_h_to_4h",
@@ -70,7 +70,7 @@ def _aggregate(rows: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
 def heatmap_matrix(report: Any, run: str, metric: str = "update_norm", step: int | None = None,
                    groups: Sequence[str] | None = MATRIX_GROUPS) -> pd.DataFrame:
     """Layer × module table (rows: layers ascending; columns: modules in attention-then-MLP order) of one run."""
-    a = _table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
+    a = require_table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
     a = at_step(a[a["run"] == run], step)
     a = a[a["layer"].notna()]
     if groups is not None:
@@ -92,7 +92,7 @@ def plot_allocation_heatmap(report: Any, metric: str = "update_norm", step: int 
                             groups: Sequence[str] | None = MATRIX_GROUPS) -> Figure:
     """Layer × module heatmap of `metric` (update_norm, energy_share or relative_update) at `step`
     (default: each run's last), one panel per run on a shared colour scale."""
-    a = _table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
+    a = require_table(report, "module_allocation", ["run", "step", "layer", "group", "module", "update_norm"])
     runs = order_runs(a["run"].unique())
     mats = {r: heatmap_matrix(report, r, metric, step, groups) for r in runs}
     steps = steps_of(at_step(a, step))
@@ -118,11 +118,11 @@ def layer_norms(report: Any, step: int | None = None) -> pd.DataFrame:
     """Per run, layer and group (attention|mlp): update norm (quadrature sum over the group's matrices)."""
     t = as_tables(report).tables
     if "module_allocation" in t and not t["module_allocation"].empty:
-        a = _table(report, "module_allocation", ["run", "step", "layer", "group", "update_norm"])
+        a = require_table(report, "module_allocation", ["run", "step", "layer", "group", "update_norm"])
         a = at_step(a[a["layer"].notna() & a["group"].isin(list(MATRIX_GROUPS))], step)
         g = _aggregate(a.assign(layer=a["layer"].astype(int)), ["run", "step", "layer", "group"], "update_norm")
     else:
-        s = _table(report, "summary", ["run", "step", "aggregate", "group", "layer", "metric", "value"])
+        s = require_table(report, "summary", ["run", "step", "aggregate", "group", "layer", "metric", "value"])
         s = s[(s["aggregate"] == "layer") & (s["metric"] == "update_norm") & s["group"].isin(list(MATRIX_GROUPS))]
         if s.empty:
             raise InputError("summary.csv", "has no per-layer update_norm rows")
@@ -187,7 +187,7 @@ def group_values(report: Any, metric: str = "energy_share", step: int | None = N
         if not s.empty:
             s = at_step(s, step)
             return s.assign(value=numeric(s["value"]))[["run", "step", "group", "value"]].reset_index(drop=True)
-    a = at_step(_table(report, "module_allocation", ["run", "step", "group", "update_norm"]), step)
+    a = at_step(require_table(report, "module_allocation", ["run", "step", "group", "update_norm"]), step)
     return _aggregate(a, ["run", "step", "group"], metric)
 
 
@@ -216,7 +216,7 @@ def plot_group_energy(report: Any, step: int | None = None, metric: str = "energ
 @styled
 def plot_embedding_swap(report: Any) -> Figure:
     """Accuracy of each embedding-swap variant (e.g. trained vs embeddings put back to base), per run."""
-    e = _table(report, "embedding_swap", ["run", "variant", "accuracy"])
+    e = require_table(report, "embedding_swap", ["run", "variant", "accuracy"])
     runs = order_runs(e["run"].unique())
     variants = list(dict.fromkeys(e["variant"].astype(str)))
     colors = run_colors(runs)
@@ -239,7 +239,7 @@ def plot_embedding_swap(report: Any) -> Figure:
 def plot_embedding_cosine(report: Any, step: int | None = None) -> Figure:
     """Row cosine between base and trained embedding rows (mean and 5th percentile), per run; one panel per
     tensor. The y axis is zoomed around the values (they sit near 1), which the panel's label says."""
-    e = at_step(_table(report, "embedding", ["run", "step", "tensor", "cosine_mean", "cosine_p5"]), step)
+    e = at_step(require_table(report, "embedding", ["run", "step", "tensor", "cosine_mean", "cosine_p5"]), step)
     runs = order_runs(e["run"].unique())
     colors = run_colors(runs)
     tensors = list(dict.fromkeys(e["tensor"].astype(str)))

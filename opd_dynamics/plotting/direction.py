@@ -9,13 +9,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from opd_dynamics.analysis.report import TABLE1_METRICS
-from opd_dynamics.analysis.report import table1 as _table1
+from opd_dynamics.analysis.report import TABLE1_METRICS, table1
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import MATRIX_GROUPS
 from opd_dynamics.plotting._draw import fig_legend, grouped_bars, iqr_band, no_data, percent_axis
 from opd_dynamics.plotting.style import GROUP_MARKERS, new_figure, order_runs, run_colors, styled
-from opd_dynamics.plotting.tables import _table, as_tables, at_step, numeric, steps_of
+from opd_dynamics.plotting.tables import as_tables, at_step, numeric, require_table, steps_of
 
 TABLE1_LABELS = {"spectral_norm": "σ$_1$ (spectral norm)", "spectral_ratio": "σ$_1$ / ‖ΔW‖$_F$",
                  "effective_rank": "effective rank", "top1pct_norm_ratio": "top-1% norm ratio"}
@@ -36,7 +35,7 @@ def _group_title(g: str) -> str:
 
 def sv_decay(report: Any, step: int | None = None, groups: Sequence[str] = MATRIX_GROUPS) -> pd.DataFrame:
     """Per run, group and index: median and quartiles over matrices of σ_i / ‖ΔW‖_F."""
-    s = _table(report, "singular_values", ["run", "step", "group", "index", "sigma_normalized"])
+    s = require_table(report, "singular_values", ["run", "step", "group", "index", "sigma_normalized"])
     s = at_step(s[s["group"].isin(groups)], step)
     s = s.assign(v=numeric(s["sigma_normalized"]), index=s["index"].astype(int))
     q = s.groupby(["run", "step", "group", "index"])["v"]
@@ -76,7 +75,7 @@ def plot_singular_value_decay(report: Any, step: int | None = None,
     return fig
 
 
-def table1(report: Any, step: int | None = None) -> pd.DataFrame:
+def table1_rows(report: Any, step: int | None = None) -> pd.DataFrame:
     """Table-1 aggregates per run at `step` (default each run's last): columns run, step, metric, value.
     From summary.csv (aggregate == 'table1'), else computed from spectrum.csv the same way (report.table1)."""
     t = as_tables(report).tables
@@ -86,8 +85,8 @@ def table1(report: Any, step: int | None = None) -> pd.DataFrame:
         if not s.empty:
             s = at_step(s, step)
             return s.assign(value=numeric(s["value"]))[["run", "step", "metric", "value"]].reset_index(drop=True)
-    sp = _table(report, "spectrum", ["run", "step", "group", *TABLE1_METRICS])
-    t = _table1(at_step(sp, step))
+    sp = require_table(report, "spectrum", ["run", "step", "group", *TABLE1_METRICS])
+    t = table1(at_step(sp, step))
     if t.empty:
         raise InputError("spectrum.csv", "has no updated attention or MLP matrix to aggregate")
     return t[t["metric"].isin(TABLE1_METRICS)].reset_index(drop=True)
@@ -96,7 +95,7 @@ def table1(report: Any, step: int | None = None) -> pd.DataFrame:
 @styled
 def plot_table1(report: Any, step: int | None = None) -> Figure:
     """The paper's Table-1 aggregates (mean over attention and MLP matrices), one panel per metric, a bar per run."""
-    t = table1(report, step)
+    t = table1_rows(report, step)
     runs = order_runs(t["run"].unique())
     colors = run_colors(runs)
     metrics = [m for m in TABLE1_METRICS if m in set(t["metric"])]
@@ -123,7 +122,7 @@ def plot_table1(report: Any, step: int | None = None) -> Figure:
 def alignment_curves(report: Any, metrics: Sequence[str] = ("paired_cosine", "subspace_overlap_u"),
                      groups: Sequence[str] = MATRIX_GROUPS) -> pd.DataFrame:
     """Per run, group, step and metric: median and quartiles over matrices; progress = step / ref_step."""
-    a = _table(report, "alignment", ["run", "step", "ref_step", "group", *metrics])
+    a = require_table(report, "alignment", ["run", "step", "ref_step", "group", *metrics])
     a = a[a["group"].isin(groups)]
     rows = []
     for m in metrics:

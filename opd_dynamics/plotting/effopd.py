@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from opd_dynamics.plotting._draw import fig_legend, percent_axis
 from opd_dynamics.plotting.style import method_colors, new_figure, styled
-from opd_dynamics.plotting.tables import _table, as_tables, numeric
+from opd_dynamics.plotting.tables import as_tables, numeric, require_table
 
 _METHOD_ORDER = ("vanilla", "effopd", "fixed")
 
@@ -19,7 +19,7 @@ def plot_effopd_curves(report: Any, target_fraction: float = 0.95) -> Figure:
     """Held-out accuracy against optimizer steps (left) and wall-clock seconds (right) for each method:
     faint lines are seeds, bold the median over seeds; dotted: the target (`target_fraction` of vanilla's
     final accuracy, median over seeds). Legend entries carry the median steps to target from effopd_summary."""
-    c = _table(report, "effopd_curves", ["seed", "method", "step", "accuracy", "wall_s"])
+    c = require_table(report, "effopd_curves", ["seed", "method", "step", "accuracy", "wall_s"])
     c = c.assign(method=c["method"].astype(str), accuracy=numeric(c["accuracy"]), wall_s=numeric(c["wall_s"]),
                  step=c["step"].astype(int))
     methods = sorted(c["method"].unique(), key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else 9, m))

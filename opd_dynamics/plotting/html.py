@@ -71,14 +71,14 @@ def _flat(p: pd.DataFrame, column_order=None) -> pd.DataFrame:
 def key_tables(tables: Tables) -> list[tuple[str, pd.DataFrame]]:
     """The summary tables shown on the page (title, DataFrame), each only when its source table exists."""
     from opd_dynamics.plotting.allocation import group_values
-    from opd_dynamics.plotting.direction import TABLE1_METRICS, table1
+    from opd_dynamics.plotting.direction import TABLE1_METRICS, table1_rows
 
     t = tables.tables
     out: list[tuple[str, pd.DataFrame]] = []
 
     if "summary" in tables or "spectrum" in tables:
         try:
-            d = table1(tables)
+            d = table1_rows(tables)
             p = _flat(d.pivot_table(index=["run", "step"], columns="metric", values="value"), list(TABLE1_METRICS))
             out.append(("Table 1: mean over attention and MLP matrices (last step)", p))
         except InputError:

@@ -135,7 +135,7 @@ def as_tables(obj: Any) -> Tables:
                            "give a Report, a dict of DataFrames or a directory")
 
 
-def _table(obj: Any, name: str, columns: Iterable[str] = ()) -> pd.DataFrame:
+def require_table(obj: Any, name: str, columns: Iterable[str] = ()) -> pd.DataFrame:
     """The table `name` of a Report/dict/dir, checked for `columns`; one clear error when absent."""
     t = as_tables(obj).tables.get(name)
     if t is None or t.empty:

@@ -9,14 +9,14 @@ from matplotlib.figure import Figure
 
 from opd_dynamics.plotting._draw import fig_legend, integer_xticks, no_data, percent_axis
 from opd_dynamics.plotting.style import new_figure, order_runs, run_colors, styled
-from opd_dynamics.plotting.tables import _table, as_bool, as_tables, numeric
+from opd_dynamics.plotting.tables import as_bool, as_tables, numeric, require_table
 
 
 @styled
 def plot_scaling(report: Any) -> Figure:
     """Held-out accuracy against the norm of the α-scaled update W0 + αΔW, OPD vs RL (the paper's Fig. 1):
     the run that reaches higher accuracy at a smaller norm spends its update better."""
-    s = _table(report, "scaling", ["run", "alpha", "update_norm", "accuracy"])
+    s = require_table(report, "scaling", ["run", "alpha", "update_norm", "accuracy"])
     runs = order_runs(s["run"].unique())
     colors = run_colors(runs)
     fig, axes = new_figure(1, 1, width=6, height=4.2)
@@ -40,7 +40,7 @@ def plot_scaling(report: Any) -> Figure:
 def plot_rank_recovery(report: Any) -> Figure:
     """Accuracy when each matrix's update keeps only its top-k% (left) or bottom-k% (right) singular
     components; dashed: rescaled to the full update's Frobenius norm."""
-    d = _table(report, "rank", ["run", "side", "pct", "rescaled", "accuracy"])
+    d = require_table(report, "rank", ["run", "side", "pct", "rescaled", "accuracy"])
     d = d.assign(rescaled=as_bool(d["rescaled"]), pct=numeric(d["pct"]), accuracy=numeric(d["accuracy"]))
     if np.nanmax(d["pct"]) <= 1.0:  # given as fractions (0.01 = 1%)
         d["pct"] = d["pct"] * 100
@@ -72,7 +72,7 @@ def plot_rescale(report: Any) -> Figure:
     """Module-wise rescaling of an intermediate step's update to the final step's norms: recovered accuracy
     per step at the best β (left; dotted: the unmodified checkpoint from eval.csv when present) and the
     β sweep (right; lighter = earlier step)."""
-    d = _table(report, "rescale", ["run", "step", "beta", "accuracy"])
+    d = require_table(report, "rescale", ["run", "step", "beta", "accuracy"])
     d = d.assign(beta=numeric(d["beta"]), accuracy=numeric(d["accuracy"]), step=d["step"].astype(int))
     ev = as_tables(report).tables.get("eval")
     runs = order_runs(d["run"].unique())
@@ -117,7 +117,7 @@ def plot_rescale(report: Any) -> Figure:
 @styled
 def plot_eval_curves(report: Any) -> Figure:
     """Held-out accuracy (greedy solid, sampled dashed) and reverse KL to the teacher against training step."""
-    e = _table(report, "eval", ["run", "step", "accuracy"])
+    e = require_table(report, "eval", ["run", "step", "accuracy"])
     runs = order_runs(e["run"].unique())
     colors = run_colors(runs)
     has_kl = "reverse_kl" in e.columns and e["reverse_kl"].notna().any()
