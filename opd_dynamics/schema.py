@@ -136,6 +136,7 @@ IDENTIFIERS = (
 ID_COLUMNS = tuple(c.name for c in IDENTIFIERS)
 DEFAULT_KS = (1, 4, 16, 64)  # the k of energy_top{k} (AnalysisOptions.ks defaults to these)
 DEFAULT_PCTS = (1, 5, 10, 20)  # the p of principal_energy_{p}pct
+RANK_SHARE_KS = (1, 2, 3, 4, 5)  # the k of rank{k}_share
 _REPORT = "opd_dynamics.analysis.report.Report.to_csv"
 
 _ANALYSIS = (
@@ -203,6 +204,27 @@ _ANALYSIS = (
         _c("cosine_tokens_mean", "float", "mean cosine over the given token ids (empty when none were given)"),
     ), "per-row cosine of base and trained embedding (and lm_head) rows", per_tensor=True, per_run=True,
         writer=_REPORT),
+    Table("trajectory", "trajectory.csv", (
+        *IDENTIFIERS,
+        _c("n_steps", "int", "steps in the trajectory (the base at step 0 besides them); step is the last"),
+        _c("linear_r2", "float", "pooled R² of the per-entry least-squares lines w(t) = a + b·t through the base "
+                                  "and every step: 1 − ΣSS_res / ΣSS_tot over the entries that moved"),
+        _c("linear_r2_median", "float", "median over the entries that moved of each entry's R²"),
+        _c("rank{k}_share", "float", "Σ_{i≤k} λ_i / Σ λ, λ the eigenvalues of G = M Mᵀ, M the stacked vec(D_t) "
+                                      "(1 when every D_t is a multiple of one matrix)", RANK_SHARE_KS),
+        _c("lockin_step", "int", "first step with direction_cosine ≥ the threshold (0.5) and ≥ null_cosine + the "
+                                 "margin (0.2); empty if none"),
+    ), "per matrix over the whole series: how straight and how low-rank its trajectory is, and when its "
+       "direction locks in", per_tensor=True, per_run=True, writer=_REPORT),
+    Table("segments", "segments.csv", (
+        *IDENTIFIERS,
+        _c("segment_cosine", "float", "⟨δ_i, δ_{i+1}⟩ / (‖δ_i‖F ‖δ_{i+1}‖F), δ_i = W_{t_i} − W_{t_{i−1}}: the segment "
+                                       "ending at this step against the next (empty at the last step)"),
+        _c("direction_cosine", "float", "⟨ΔW_t, ΔW_T⟩ / (‖ΔW_t‖F ‖ΔW_T‖F), T the last step"),
+        _c("null_cosine", "float", "√(t/T): direction_cosine's expectation for a random walk"),
+        _c("direction_excess", "float", "direction_cosine − null_cosine"),
+    ), "per matrix and step: straightness of the path and alignment to the final update against the random-walk "
+       "null", per_tensor=True, per_run=True, writer=_REPORT),
     Table("summary", "summary.csv", (
         _c("run", "str", "name of the checkpoint series"),
         _c("step", "int", "the checkpoint's training step t"),

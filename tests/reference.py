@@ -105,3 +105,31 @@ def ref_embedding(E0: np.ndarray, Et: np.ndarray, token_ids=None) -> dict:
         ids = [i for i in token_ids if i < n]
         out["cosine_tokens_mean"] = cos[ids].mean()
     return out
+
+
+def ref_trajectory(deltas: list[np.ndarray], steps: list[int]) -> tuple[dict, list[dict]]:
+    """Trajectory metrics of one matrix from its whole updates D_t (float64, in memory), as docs/METRICS.md
+    defines them: the straightforward computation the streamed one must equal."""
+    D = np.stack([d.reshape(-1) for d in deltas])  # (n, numel)
+    t = np.asarray(steps, dtype=np.float64)
+    inc = np.diff(np.vstack([np.zeros((1, D.shape[1])), D]), axis=0)
+    seg = [float(inc[i] @ inc[i + 1] / np.linalg.norm(inc[i]) / np.linalg.norm(inc[i + 1]))
+           for i in range(len(t) - 1)] + [np.nan]
+    cos = [float(D[i] @ D[-1] / np.linalg.norm(D[i]) / np.linalg.norm(D[-1])) for i in range(len(t))]
+    null = list(np.sqrt(t / t[-1]))
+    # per entry: least-squares line through (0, 0) and (t_i, D_i)
+    ts = np.concatenate([[0.0], t])
+    Y = np.vstack([np.zeros((1, D.shape[1])), D])
+    X = np.stack([np.ones_like(ts), ts], axis=1)
+    coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    res = ((Y - X @ coef) ** 2).sum(0)
+    tot = ((Y - Y.mean(0)) ** 2).sum(0)
+    moved = tot > 0
+    lam = np.sort(np.linalg.svd(D, compute_uv=False) ** 2)[::-1]
+    summary = {"n_steps": len(t), "linear_r2": 1 - res[moved].sum() / tot[moved].sum(),
+               "linear_r2_median": float(np.median(1 - res[moved] / tot[moved]))}
+    for k in range(1, 6):
+        summary[f"rank{k}_share"] = lam[:k].sum() / lam.sum()
+    rows = [{"step": int(s), "segment_cosine": g, "direction_cosine": c, "null_cosine": z,
+             "direction_excess": c - z} for s, g, c, z in zip(steps, seg, cos, null)]
+    return summary, rows

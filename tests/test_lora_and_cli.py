@@ -109,6 +109,26 @@ def test_lora_series_analysis(lora_run):
                                                rel=1e-5)
 
 
+def test_lora_trajectory_from_factor_rows_matches_the_dense_reference(lora_run, monkeypatch):
+    """Trajectory metrics of a LoRA series, streamed a row at a time from the factors (s·B[rows]·A), equal the
+    float64 reference on the dense ΔW = s·B·A of each step."""
+    from opd_dynamics.analysis import deltas
+
+    from reference import ref_trajectory
+
+    monkeypatch.setattr(deltas, "TRAJECTORY_BLOCK_BYTES", 1)
+    series = CheckpointSeries.discover(lora_run / "run", base=lora_run / "base", name="lora")
+    rep = analyze(series, progress=False, svd="none")
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+        dense = [LoraAdapter(lora_run / "run" / f"checkpoint-{s}").delta(name, torch.float64).numpy() for s in (1, 2)]
+        summary, rows = ref_trajectory(dense, [1, 2])
+        got = rep.trajectory[rep.trajectory.tensor == name].iloc[0]
+        assert got["rank1_share"] == pytest.approx(summary["rank1_share"], rel=1e-6)
+        assert got["linear_r2"] == pytest.approx(summary["linear_r2"], rel=1e-6)
+        seg = rep.segments[rep.segments.tensor == name].sort_values("step")
+        assert seg["segment_cosine"].iloc[0] == pytest.approx(rows[0]["segment_cosine"], rel=1e-6)
+
+
 @pytest.fixture()
 def run_dirs(tmp_path):
     sd = llama_like(n_layers=2, dtype=torch.bfloat16)

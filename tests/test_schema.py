@@ -94,11 +94,11 @@ def test_md_parser_reads_escaped_pipes_and_several_names():
 
 def test_shared_constants_keep_their_sets():
     assert set(INT_COLUMNS) == {"step", "layer", "expert", "ref_step", "index", "k", "paired_k", "rank90", "numel",
-                                "n_rows"}
+                                "n_rows", "n_steps", "lockin_step"}
     assert set(TEXT_COLUMNS) == {"run", "tensor", "group", "module", "shape", "svd_method", "aggregate", "metric"}
     assert ID_COLUMNS == ("run", "step", "tensor", "layer", "group", "module", "expert")
     assert PER_TENSOR_TABLES == ("module_allocation", "spectrum", "singular_values", "alignment", "geometry",
-                                 "embedding")
+                                 "embedding", "trajectory", "segments")
     assert PER_RUN_TABLES == {"eval", *PER_TENSOR_TABLES, "summary"}
     assert {"seed", "center_layer", "first_layer", "last_layer"} | set(INT_COLUMNS) <= set(ALL_INT_COLUMNS)
     assert TABLES["callback_triggers"].file == TABLES["effopd_triggers"].file == "effopd_triggers.csv"

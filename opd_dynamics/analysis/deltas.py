@@ -8,6 +8,7 @@ base, one step and the next step being prefetched, never a whole model.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -275,3 +276,38 @@ def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: 
             if nxt is not None:
                 fut = pool.submit(read_step, reader, tp, nxt, w0, materialize)
             yield cur
+
+
+#: memory a trajectory block may take: (steps × rows × row size) float64 values
+TRAJECTORY_BLOCK_BYTES = 64 << 20
+
+
+def _rows_delta(reader: SeriesReader, tp: TensorPlan, step: int, lo: int, hi: int, w0: torch.Tensor) -> torch.Tensor:
+    """Rows lo:hi (stored first dimension) of W_t − W_0 in float64, as stored (no transpose)."""
+    m = reader.steps[step]
+    if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
+        return m.delta_rows(tp.name, lo, hi, torch.float64, tp.transposed)
+    rows = m.full(tp.name)[lo:hi] if isinstance(m, LoraAdapter) else m.get_rows(tp.name, lo, hi)
+    return rows.to(torch.float64) - w0
+
+
+def iter_delta_blocks(reader: SeriesReader, tp: TensorPlan, units: Sequence[int | None],
+                      budget: int | None = None) -> Iterator[tuple[int | None, torch.Tensor]]:
+    """(unit, block) over a tensor: block is (n_steps, m) float64, row i the entries of D_{t_i} in a range of
+    the stored first dimension. A unit is the whole matrix (None; its rows come in blocks that fit
+    ``budget`` bytes, default TRAJECTORY_BLOCK_BYTES) or one stacked expert (its own block). Each step's bytes
+    are read once in all, a block at a time, so memory does not grow with the number of steps."""
+    budget = TRAJECTORY_BLOCK_BYTES if budget is None else budget
+    stored = reader.base.shape(tp.name)
+    n_rows = tp.rows if tp.rows is not None else stored[0]
+    row_numel = math.prod(stored[1:])
+    for u in units:
+        if u is None:
+            step = max(1, budget // max(1, len(tp.steps) * row_numel * 8))
+            ranges = [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
+        else:
+            ranges = [(u, u + 1)]
+        for lo, hi in ranges:
+            w0 = reader.base.get_rows(tp.name, lo, hi).to(torch.float64)
+            block = torch.stack([_rows_delta(reader, tp, s, lo, hi, w0).reshape(-1) for s in tp.steps])
+            yield u, block

@@ -43,6 +43,12 @@ class AnalysisOptions:
     k_subspace: int = option(16, "k of the subspace overlaps and principal angles.", min=1)
     k_paired: int = option(20, "K of paired_cosine (the paper's Fig. 4b measure).", min=1)
     n_singular_values: int = option(64, "Singular values per matrix in singular_values.csv.", min=1)
+    trajectory: bool = option(True, "Trajectory metrics (trajectory.csv, segments.csv): segment cosines, the linear "
+                              "fit in time, rank-1…5 shares, lock-in. They read every step once more, a row "
+                              "block at a time (--no-trajectory skips them).")
+    lockin_threshold: float = option(0.5, "Lock-in: the first step whose direction_cosine to the final update "
+                                     "is at least this …")
+    lockin_margin: float = option(0.2, "… and exceeds the random-walk null √(t/T) by at least this.")
     spectra_groups: tuple[str, ...] = option(MATRIX_GROUPS, "Groups whose matrices get spectra and alignment.",
                                            cli="groups", metavar="GROUP,...")
     token_ids: tuple[int, ...] | None = option(None, "File of token ids (whitespace or comma separated) for the "

@@ -10,12 +10,21 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.analysis.caches import base_decomposition
-from opd_dynamics.analysis.deltas import SeriesReader, StepUpdate, TensorPlan, iter_updates, read_base, read_step
+from opd_dynamics.analysis.deltas import (
+    SeriesReader,
+    StepUpdate,
+    TensorPlan,
+    iter_delta_blocks,
+    iter_updates,
+    read_base,
+    read_step,
+)
 from opd_dynamics.analysis.metrics.embeddings import embedding_metrics
 from opd_dynamics.analysis.metrics.geometry import geometry_metrics
 from opd_dynamics.analysis.metrics.norms import norm_metrics
 from opd_dynamics.analysis.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
 from opd_dynamics.analysis.metrics.subspace import alignment_metrics
+from opd_dynamics.analysis.metrics.trajectory import TrajectoryAccumulator
 from opd_dynamics.analysis.options import AnalysisOptions
 from opd_dynamics.analysis.report import PER_TENSOR_TABLES
 from opd_dynamics.io.model_dir import DTYPES
@@ -104,6 +113,23 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                                                              k=opts.k_subspace, K=opts.k_paired)})
             if base_dec:
                 out["geometry"].append({**ident, **geometry_metrics(base_dec[u], wtu, du, dec.fro2)})
+    if opts.trajectory and len(mshape) == 2 and min(mshape) > 1 and group in opts.spectra_groups \
+            and len(tp.steps) >= 2:
+        _trajectory_rows(reader, tp, units, opts, out)
     return out
+
+
+def _trajectory_rows(reader: SeriesReader, tp: TensorPlan, units: list[int | None], opts: AnalysisOptions,
+                     out: dict[str, list[dict]]) -> None:
+    """trajectory.csv (one row per matrix) and segments.csv (one per matrix and step), from the updates read
+    again a row block at a time (see deltas.iter_delta_blocks)."""
+    acc = {u: TrajectoryAccumulator(tp.steps) for u in units}
+    for u, block in iter_delta_blocks(reader, tp, units):
+        acc[u].add(block.numpy())
+    for u, a in acc.items():
+        ident = {**_ident(reader.series, tp), **({} if u is None else {"expert": u})}
+        summary, rows = a.result(opts.lockin_threshold, opts.lockin_margin)
+        out["trajectory"].append({**ident, "step": tp.steps[-1], **summary})
+        out["segments"].extend({**ident, **r} for r in rows)
 
 

@@ -99,6 +99,13 @@ class LoraAdapter:
         b, a, s = self.factors(name, dtype)
         return s * (b.to(device) @ a.to(device))
 
+    def delta_rows(self, name: str, start: int, stop: int, dtype: torch.dtype = torch.float32,
+                   transposed: bool = False) -> torch.Tensor:
+        """Rows ``start:stop`` of ΔW as the base stores it: of s·B·A, or of (s·B·A)ᵀ for a base stored (in, out)
+        (``transposed``), formed from the factors' matching rows (or columns) only."""
+        b, a, s = self.factors(name, dtype)
+        return (s * (b @ a[:, start:stop])).T if transposed else s * (b[start:stop] @ a)
+
     def factor_fro2(self, name: str) -> float:
         """‖s·B·A‖F² from the factors alone, in float64: s²·tr((BᵀB)(AAᵀ))."""
         b, a, s = self.factors(name, torch.float64)

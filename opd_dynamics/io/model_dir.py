@@ -162,22 +162,28 @@ class FdCache:
 _FDS = FdCache()
 
 
-def _pread_tensor(entry: TensorEntry) -> torch.Tensor:
+def _pread_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor (or rows ``start:stop`` of its first dimension) with one positioned read of its bytes."""
+    shape, start, nbytes = entry.shape, entry.start, entry.nbytes
+    if rows is not None:
+        row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+        shape = (rows[1] - rows[0], *shape[1:])
+        start, nbytes = entry.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
     fd = _FDS.get(entry.file, entry.ident)
-    buf = bytearray(entry.nbytes)
+    buf = bytearray(nbytes)
     view, got = memoryview(buf), 0
-    while got < entry.nbytes:
+    while got < nbytes:
         try:
-            chunk = os.preadv(fd, [view[got:]], entry.start + got)
+            chunk = os.preadv(fd, [view[got:]], start + got)
         except OSError as e:  # EIO, a vanished network mount: say which input, not where we were writing
             raise InputError(entry.file, f"could not be read ({e.strerror or e})") from e
         if chunk == 0:
             raise InputError(entry.file, "ended before the tensor data the header promises (truncated file)")
         got += chunk
     dtype = DTYPES[entry.dtype]
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def find_weight_files(path: Path) -> list[Path]:
@@ -309,18 +315,28 @@ class ModelDir(TensorReader):
     # -- data -----------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
         """One tensor in its stored dtype, on CPU."""
+        return self.get_rows(name)
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor's first dimension (the whole tensor without them), reading only
+        their bytes: safetensors stores tensors row-major, so a row range is one contiguous byte range."""
         try:
             entry = self.entries[name]
         except KeyError:
             raise InputError(self.path, f"has no tensor {name!r}") from None
+        rows = None
+        if start is not None or stop is not None:
+            n = entry.shape[0] if entry.shape else 0
+            lo, hi, _ = slice(start, stop).indices(n)
+            rows = (lo, max(lo, hi))
         if self.load_mode == "pread":
-            return _pread_tensor(entry)
+            return _pread_tensor(entry, rows)
         from safetensors import safe_open
 
         h = self._handles.get(entry.file)
         if h is None:
             h = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
-        return h.get_tensor(name)
+        return h.get_tensor(name) if rows is None else h.get_slice(name)[rows[0]:rows[1]]
 
     def close(self) -> None:
         self._handles.clear()

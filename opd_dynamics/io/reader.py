@@ -68,6 +68,11 @@ class TensorReader(ABC):
     def get(self, name: str) -> torch.Tensor:
         """One tensor in its stored dtype, on the CPU."""
 
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor's first dimension. A format that can read a row range alone
+        overrides this (memory then holds only those rows); this fallback reads the whole tensor."""
+        return self.get(name)[start:stop]
+
     def close(self) -> None:  # noqa: B027 - a hook: readers without open files need not close anything
         """Release open files (the reader can still be used: files are reopened on demand)."""
 

@@ -1,0 +1,84 @@
+"""The shape of a training trajectory, per matrix: how straight (segment cosines, a per-entry linear fit in
+time), how low-rank (the share of the stacked updates' energy in their top 1 … 5 directions, RELEX's rank-1
+trajectory), and when its direction locks in (alignment to the final update above the random-walk null).
+
+Steps t_0 = 0 (the base) < t_1 < … < t_n; D_i = W_{t_i} − W_0; increments δ_i = D_i − D_{i−1}. A
+`TrajectoryAccumulator` takes the updates a row block at a time, as an (n, block) float64 array, so memory
+holds one block of every step and the n × n Gram G_ij = ⟨D_i, D_j⟩, never the whole stacked trajectory.
+Definitions: docs/METRICS.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from opd_dynamics.schema import RANK_SHARE_KS
+
+
+class TrajectoryAccumulator:
+    """Sums over row blocks of one matrix's updates at steps ``steps`` (all > 0, increasing)."""
+
+    def __init__(self, steps: Sequence[int]):
+        self.t = np.asarray(steps, dtype=np.float64)
+        if len(self.t) < 1 or self.t[0] <= 0 or np.any(np.diff(self.t) <= 0):
+            raise ValueError(f"trajectory steps must be positive and increasing, got {list(steps)}")
+        n = len(self.t)
+        self.gram = np.zeros((n, n))
+        self.seg_dot = np.zeros(max(n - 1, 0))  # ⟨δ_i, δ_{i+1}⟩
+        self.seg_sq = np.zeros(n)  # ‖δ_i‖²
+        self.ss_tot = 0.0
+        self.ss_res = 0.0
+        self.r2_entries: list[np.ndarray] = []
+        # the per-entry line w(t) = a + b·t through (0, 0), (t_1, D_1), … (t_n, D_n)
+        ts = np.concatenate([[0.0], self.t])
+        self._c = ts - ts.mean()
+        self._sxx = float(self._c @ self._c)
+
+    def add(self, block: np.ndarray) -> None:
+        """One row block: (n, m) float64, row i the entries of D_i in this block."""
+        d = np.asarray(block, dtype=np.float64)
+        if d.ndim != 2 or d.shape[0] != len(self.t):
+            raise ValueError(f"expected an (n={len(self.t)}, m) block, got shape {d.shape}")
+        self.gram += d @ d.T
+        inc = np.diff(d, axis=0, prepend=np.zeros((1, d.shape[1])))  # δ_1 … δ_n
+        self.seg_sq += np.einsum("ij,ij->i", inc, inc)
+        if len(inc) > 1:
+            self.seg_dot += np.einsum("ij,ij->i", inc[:-1], inc[1:])
+        pts = np.concatenate([np.zeros((1, d.shape[1])), d])  # the base's point is D_0 = 0
+        centred = pts - pts.mean(axis=0)
+        ss_tot = np.einsum("ij,ij->j", centred, centred)
+        sxy = self._c @ centred
+        ss_res = np.maximum(ss_tot - sxy * sxy / self._sxx, 0.0)
+        self.ss_tot += float(ss_tot.sum())
+        self.ss_res += float(ss_res.sum())
+        moved = ss_tot > 0
+        self.r2_entries.append((1.0 - ss_res[moved] / ss_tot[moved]).astype(np.float32))
+
+    def result(self, lockin_threshold: float = 0.5, lockin_margin: float = 0.2) -> tuple[dict, list[dict]]:
+        """(the matrix's row of trajectory.csv, its rows of segments.csv, one per step)."""
+        n, g = len(self.t), self.gram
+        lam = np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None)
+        total = float(lam.sum())
+        r2 = np.concatenate(self.r2_entries) if self.r2_entries else np.zeros(0, np.float32)
+        summary: dict = {"n_steps": n,
+                         "linear_r2": 1.0 - self.ss_res / self.ss_tot if self.ss_tot > 0 else math.nan,
+                         "linear_r2_median": float(np.median(r2)) if r2.size else math.nan}
+        for k in RANK_SHARE_KS:
+            summary[f"rank{k}_share"] = float(lam[:k].sum()) / total if total > 0 else math.nan
+        final = g[-1, -1]
+        rows, lockin = [], None
+        for i in range(n):
+            cos = g[i, -1] / math.sqrt(g[i, i] * final) if g[i, i] > 0 and final > 0 else math.nan
+            null = math.sqrt(self.t[i] / self.t[-1])
+            seg = math.nan
+            if i < n - 1 and self.seg_sq[i] > 0 and self.seg_sq[i + 1] > 0:
+                seg = self.seg_dot[i] / math.sqrt(self.seg_sq[i] * self.seg_sq[i + 1])
+            rows.append({"step": int(self.t[i]), "segment_cosine": seg, "direction_cosine": cos,
+                         "null_cosine": null, "direction_excess": cos - null})
+            if lockin is None and cos >= lockin_threshold and cos - null >= lockin_margin:
+                lockin = int(self.t[i])
+        summary["lockin_step"] = lockin
+        return summary, rows
