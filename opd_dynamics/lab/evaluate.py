@@ -1,4 +1,4 @@
-"""Evaluation of lab models: greedy and sampled exact-match accuracy, reverse KL to the teacher.
+"""Evaluation of lab models: greedy and sampled exact-match accuracy, pass@k, reverse KL to the teacher.
 
 Generation is a plain batched loop (prompts grouped by token length, so no padding is needed;
 the lab's prompts all have one length) because the completions are a handful of tokens and
@@ -128,3 +128,33 @@ def evaluate_model(model, tokenizer, problems: Sequence[Problem], teacher=None, 
     if teacher is not None:
         out["reverse_kl"] = kl_sum / max(kl_n, 1)
     return out
+
+
+@torch.no_grad()
+def pass_at_k(model, tokenizer, problems: Sequence[Problem], k: int, *, seed: int = 0, temperature: float = 1.0,
+              batch_size: int = 1024) -> float:
+    """pass@k: the share of ``problems`` with at least one exact answer among ``k`` samples at ``temperature``
+    (seeded CPU generator, reproducible). With n = k samples per prompt this is the plain "any correct" count,
+    which is what RL with ``k`` samples per group sees: the share of groups that hold a reward at all."""
+    if k < 1:
+        raise ValueError(f"pass_at_k: k must be >= 1, got {k}")
+    if not problems:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    gen = torch.Generator().manual_seed(seed)
+    hit = n = 0
+    per = max(1, batch_size // k)  # prompts per generation call
+    for prompt_ids, answers in _groups(tokenizer, problems):
+        max_new = max(len(a) for a in answers) + 1
+        for start in range(0, len(answers), per):
+            ids, ans = prompt_ids[start : start + per], answers[start : start + per]
+            s = generate(model, ids.repeat_interleave(k, 0), max_new, eos, greedy=False, generator=gen,
+                         temperature=temperature)
+            texts = completion_texts(tokenizer, s)
+            hit += sum(any(t == a for t in texts[i * k : (i + 1) * k]) for i, a in enumerate(ans))
+            n += len(ans)
+    if was_training:
+        model.train()
+    return hit / n

@@ -2,10 +2,11 @@
 
 ::
 
-    LAB/teacher/            the teacher (a model directory)
+    LAB/teacher/            the teacher (a model directory; the student's architecture, trained from student_init)
     LAB/student_init/       the start of both runs, and the base their updates are measured against
     LAB/opd/checkpoint-N/   the OPD run's checkpoints, and LAB/opd/eval.csv their evaluation
     LAB/grpo/checkpoint-N/  the GRPO run's, and LAB/grpo/eval.csv
+    LAB/grpo/grpo_groups.csv  per GRPO step, the share of sample groups with non-zero reward variance
     LAB/lab.json            preset, seed (the train/held-out split), timings, accuracies, versions
 """
 

@@ -24,34 +24,38 @@ class ModelSpec:
 class LabPreset:
     """Everything that defines a lab run except the seed.
 
-    OPD and GRPO share the student init, the train prompts, ``rl_steps``, ``save_steps``,
-    ``rollouts_per_step`` sampled completions per optimizer step (OPD: that many prompts, one
-    sample each; GRPO: ``rollouts_per_step / grpo_generations`` prompts, ``grpo_generations``
-    samples each); learning rates differ per method (``opd_lr``, ``grpo_lr``).
+    The teacher has the student's architecture (``student``) and is trained from ``student_init``, as the
+    paper's teacher is the RL-tuned version of the student's own base. OPD and GRPO share the student init, the
+    train prompts, ``rl_steps``, ``save_steps``, ``rollouts_per_step`` sampled completions per optimizer step
+    (OPD: that many prompts, one sample each; GRPO: ``rollouts_per_step / grpo_generations`` prompts,
+    ``grpo_generations`` samples each); learning rates per method (``opd_lr``, ``grpo_lr``), chosen by the
+    recorded sweep in docs/lab-regime/.
     """
 
     name: str
     digits: int
     n_train: int
     n_heldout: int
-    teacher: ModelSpec
-    student: ModelSpec
+    student: ModelSpec  # the teacher's architecture too
     sft_batch: int
-    teacher_lr: float
-    teacher_max_steps: int
-    teacher_target: float  # teacher SFT stops early once held-out greedy accuracy reaches this
     student_lr: float
     student_max_steps: int
-    student_target: float  # student SFT (carry-free problems only) stops once carry-free held-out accuracy >= this
+    student_target: float  # student SFT (all problems) stops early once held-out greedy accuracy >= this
+    teacher_lr: float
+    teacher_max_steps: int
+    teacher_target: float  # teacher SFT (continued from student_init) stops once held-out accuracy >= this
     sft_eval_every: int
     rl_steps: int
     save_steps: int
     rollouts_per_step: int
     grpo_generations: int
     opd_lr: float
-    grpo_lr: float  # smaller: at the OPD rate GRPO collapsed on this task (see docs/LAB.md)
+    grpo_lr: float
     n_eval: int  # held-out prompts used to evaluate checkpoints
-    threads: int = 2
+    pass_k: int = 8  # lab.json records pass@k (all and carry problems) of student_init, teacher and final steps
+    # torch threads. 1 on the shared 2-core machine: with another process on one core, 2 threads made an SFT
+    # step 30× slower (5.6 s against 0.18 s, hidden 128); on an idle machine 1 thread costs at most 2×.
+    threads: int = 1
 
     def to_dict(self) -> dict:
         """Plain-dict form for lab.json."""
@@ -63,21 +67,20 @@ _DEFAULT = LabPreset(
     digits=2,
     n_train=8000,
     n_heldout=1000,
-    teacher=ModelSpec(hidden=96, layers=3, heads=4, intermediate=384),
-    student=ModelSpec(hidden=48, layers=8, heads=4, intermediate=128),
+    student=ModelSpec(hidden=128, layers=6, heads=4, intermediate=256),
     sft_batch=128,
-    teacher_lr=3e-3,
-    teacher_max_steps=3000,
-    teacher_target=0.99,
     student_lr=1e-3,
     student_max_steps=3000,
-    student_target=0.95,
+    student_target=0.45,
+    teacher_lr=1e-3,
+    teacher_max_steps=3000,
+    teacher_target=0.97,
     sft_eval_every=25,
-    rl_steps=600,
-    save_steps=30,
-    rollouts_per_step=64,
+    rl_steps=150,
+    save_steps=10,
+    rollouts_per_step=256,
     grpo_generations=8,
-    opd_lr=1e-3,
+    opd_lr=1e-4,
     grpo_lr=1e-4,
     n_eval=500,
 )
@@ -86,19 +89,16 @@ _DEFAULT = LabPreset(
 PRESETS: dict[str, LabPreset] = {
     "smoke": replace(
         _DEFAULT, name="smoke", n_heldout=400,
-        teacher=ModelSpec(hidden=64, layers=2, heads=4, intermediate=256),
         student=ModelSpec(hidden=32, layers=6, heads=4, intermediate=64),
-        teacher_max_steps=1200, teacher_target=0.97, student_max_steps=1500,
-        rl_steps=120, save_steps=20, n_eval=200,
+        rl_steps=120, save_steps=20, rollouts_per_step=64, n_eval=200,
     ),
     "default": _DEFAULT,
     "gpu": replace(
         _DEFAULT, name="gpu", digits=3, n_train=200000, n_heldout=2000,
-        teacher=ModelSpec(hidden=256, layers=6, heads=8, intermediate=1024),
-        student=ModelSpec(hidden=128, layers=12, heads=4, intermediate=512),
-        sft_batch=512, teacher_lr=1e-3, teacher_max_steps=20000, teacher_target=0.98,
-        student_lr=5e-4, student_max_steps=20000, sft_eval_every=100,
-        rl_steps=500, save_steps=20, rollouts_per_step=256, opd_lr=3e-4, grpo_lr=3e-5, n_eval=2000, threads=8,
+        student=ModelSpec(hidden=256, layers=12, heads=8, intermediate=1024),
+        sft_batch=512, student_lr=5e-4, student_max_steps=20000, teacher_lr=5e-4, teacher_max_steps=20000,
+        teacher_target=0.98, sft_eval_every=100,
+        rl_steps=300, save_steps=10, rollouts_per_step=1024, opd_lr=3e-5, grpo_lr=3e-5, n_eval=2000, threads=8,
     ),
 }
 

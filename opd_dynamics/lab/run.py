@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.io.writer import atomic_dir, json_text
-from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.evaluate import evaluate_model, pass_at_k
 from opd_dynamics.lab.layout import RUNS, LabDir
 from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
-from opd_dynamics.lab.task import build_tokenizer
+from opd_dynamics.lab.task import Problem, build_tokenizer, has_carry
 from opd_dynamics.lab.train import (
+    GRPO_GROUPS_CSV,
     device,
     evaluate_run,
     seed_everything,
@@ -44,12 +45,32 @@ def _versions() -> dict:
             "trl": trl.__version__, "tokenizers": tokenizers.__version__, "opd_dynamics": __version__}
 
 
+def pass_rates(model, tokenizer, held: list[Problem], k: int, seed: int) -> dict[str, float]:
+    """pass@k on all held-out problems and on the carry ("hard") ones, for lab.json."""
+    hard = [q for q in held if has_carry(q)]
+    return {f"pass_at_{k}": pass_at_k(model, tokenizer, held, k, seed=seed),
+            f"pass_at_{k}_carry": pass_at_k(model, tokenizer, hard, k, seed=seed),
+            "accuracy_carry": evaluate_model(model, tokenizer, hard)["accuracy"], "n_carry": len(hard)}
+
+
+def group_summary(csv: Path) -> dict[str, float]:
+    """GRPO's share of groups with non-zero reward variance over its steps (grpo_groups.csv), for lab.json."""
+    import pandas as pd
+
+    g = pd.read_csv(csv)
+    v = g["nonzero_var_groups"]
+    return {"nonzero_var_groups_mean": float(v.mean()), "nonzero_var_groups_min": float(v.min()),
+            "nonzero_var_groups_first": float(v.iloc[0]), "nonzero_var_groups_last": float(v.iloc[-1]),
+            "steps_below_0.3": int((v < 0.3).sum()), "steps": len(g)}
+
+
 def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bool = False,
             log: Callable[[str], None] | None = None) -> Path:
     """Run the whole lab into ``out`` and return its path.
 
     Layout: `opd_dynamics.lab.layout` (teacher/, student_init/, opd/ and grpo/ with checkpoint-N/ and
-    eval.csv, whose step 0 is student_init; lab.json with preset, seed, timings, accuracies, versions).
+    eval.csv, whose step 0 is student_init, grpo/grpo_groups.csv; lab.json with preset, seed, timings,
+    accuracies, pass@k of teacher and student_init, GRPO's share of informative groups, versions).
     """
     p = get_preset(preset)
     log = log or (lambda msg: print(msg, flush=True))
@@ -67,8 +88,13 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
         tok = build_tokenizer()
         held = splits_for(p, seed).heldout[: p.n_eval]
         teacher = load_model(lab.teacher, device())
-        t_eval = evaluate_model(teacher, tok, held, sampled=True, seed=seed)
-        log(f"[lab] teacher held-out accuracy {t_eval['accuracy']:.3f} (sampled {t_eval['accuracy_sampled']:.3f})")
+        t0 = time.time()
+        t_eval = evaluate_model(teacher, tok, held, sampled=True, seed=seed) | pass_rates(teacher, tok, held,
+                                                                                          p.pass_k, seed)
+        s_pass = pass_rates(load_model(lab.student_init, device()), tok, held, p.pass_k, seed)
+        timings["pass_at_k_s"] = time.time() - t0
+        log(f"[lab] teacher held-out accuracy {t_eval['accuracy']:.3f} (sampled {t_eval['accuracy_sampled']:.3f}); "
+            f"student_init pass@{p.pass_k} on carry problems {s_pass[f'pass_at_{p.pass_k}_carry']:.3f}")
 
         ev = {}
         train = {"opd": lambda d: train_opd(lab.student_init, lab.teacher, d, p, seed),
@@ -95,8 +121,9 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
                         "n_params": n_params(teacher), **sft["teacher_sft"]},
             "student_init": {"accuracy": float(s0["accuracy"]), "accuracy_sampled": float(s0["accuracy_sampled"]),
                              "reverse_kl": float(s0["reverse_kl"]),
-                             "n_params": n_params(load_model(lab.student_init)), **sft["student_sft"]},
+                             "n_params": n_params(load_model(lab.student_init)), **s_pass, **sft["student_sft"]},
             "final": {r: ev[r].iloc[-1].drop("run").to_dict() for r in ev},
+            "grpo_groups": group_summary(lab.run("grpo") / GRPO_GROUPS_CSV),
             "n_heldout_eval": len(held),
             "versions": _versions(),
         }

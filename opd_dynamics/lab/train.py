@@ -27,7 +27,7 @@ from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.layout import LabDir
 from opd_dynamics.lab.models import load_model, make_model
 from opd_dynamics.lab.presets import LabPreset, get_preset
-from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, has_carry, make_splits
+from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, make_splits
 
 
 def _no_checkpointing() -> dict:
@@ -187,11 +187,12 @@ def _rl_setup(preset, seed: int, max_steps: int | None, save_steps: int | None):
 
 def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
                       callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
-                      data_seed: int | None = None):
+                      data_seed: int | None = None, lr: float | None = None):
     """The lab's OPD trainer (TRL DistillationTrainer, on-policy reverse KL), ready to ``.train()``.
 
     Its prompts are the train split of ``data_seed`` (default: the student's, see `split_seed`): a run seed
-    that differs from the seed the student was trained with must not change the split.
+    that differs from the seed the student was trained with must not change the split. ``lr`` overrides the
+    preset's ``opd_lr`` (the sweep).
     """
     from trl import DistillationConfig, DistillationTrainer
 
@@ -199,7 +200,7 @@ def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset
     student = load_model(student_dir)
     teacher = load_model(teacher_dir)
     args = DistillationConfig(
-        **_common_args(p, Path(out_dir), seed, max_steps, save_steps, p.opd_lr),
+        **_common_args(p, Path(out_dir), seed, max_steps, save_steps, lr or p.opd_lr),
         per_device_train_batch_size=p.rollouts_per_step,
         beta=1.0,  # generalized JSD with beta=1 is the reverse KL(student || teacher)
     )
@@ -212,7 +213,7 @@ def build_opd_trainer(student_dir, teacher_dir, out_dir, preset: str | LabPreset
 
 def train_opd(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
               callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
-              *, overwrite: bool = False, data_seed: int | None = None) -> Path:
+              *, overwrite: bool = False, data_seed: int | None = None, lr: float | None = None) -> Path:
     """On-policy distillation of ``student_dir`` towards ``teacher_dir`` with TRL's DistillationTrainer.
 
     Writes ``out_dir/checkpoint-N`` every ``save_steps`` (default: the preset's) up to ``max_steps``
@@ -222,41 +223,93 @@ def train_opd(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smok
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
     trainer = build_opd_trainer(student_dir, teacher_dir, out_dir, preset, seed, callbacks, max_steps, save_steps,
-                                data_seed)
+                                data_seed, lr)
     trainer.train()
     return out_dir
 
 
+#: TRL's GRPOTrainer metric (trl/trainer/grpo_trainer.py, TRL 1.16): the share of completions whose group of
+#: `num_generations` samples has zero reward std. Groups are equal-sized, so it is also the share of groups.
+ZERO_STD_KEY = "frac_reward_zero_std"
+GRPO_GROUPS_CSV = "grpo_groups.csv"
+
+
+def _group_stats_callback():
+    """A TrainerCallback that keeps, per logged step, the share of GRPO groups with non-zero reward variance
+    (1 − TRL's `frac_reward_zero_std`) and the mean reward; `rows` holds them. GRPO logs every step in the
+    lab (logging_steps=1), so each row is one optimizer step's generation batch."""
+    from transformers import TrainerCallback
+
+    class GroupStats(TrainerCallback):
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and logs.get(ZERO_STD_KEY) is not None:
+                self.rows.append({"step": state.global_step, "nonzero_var_groups": 1.0 - float(logs[ZERO_STD_KEY]),
+                                  "reward": float(logs.get("reward", float("nan")))})
+
+    return GroupStats()
+
+
+def _quiet_progress(every: int):
+    """TRL's progress bar, printing the logged metrics only every ``every`` steps (GRPO logs every step so that
+    its group statistics are per step; printing each would flood the log). A ProgressCallback subclass, so
+    ``remove_callback(ProgressCallback)`` still removes it."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step % every == 0 or state.global_step >= state.max_steps:
+                super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return QuietProgress()
+
+
 def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0,
                        callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
-                       data_seed: int | None = None):
+                       data_seed: int | None = None, lr: float | None = None):
     """The lab's RL trainer (TRL GRPOTrainer, exact-match reward, no KL penalty), ready to ``.train()``;
-    prompts as in `build_opd_trainer`."""
+    prompts as in `build_opd_trainer`. It logs every step (see `_group_stats_callback`); ``lr`` overrides the
+    preset's ``grpo_lr`` (the sweep)."""
+    from transformers.trainer_callback import ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     p, max_steps, save_steps, tok = _rl_setup(preset, seed, max_steps, save_steps)
     student = load_model(student_dir)
     args = GRPOConfig(
-        **_common_args(p, Path(out_dir), seed, max_steps, save_steps, p.grpo_lr),
+        **{**_common_args(p, Path(out_dir), seed, max_steps, save_steps, lr or p.grpo_lr), "logging_steps": 1},
         per_device_train_batch_size=p.rollouts_per_step,
         num_generations=p.grpo_generations,
         beta=0.0,
     )
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         model=student, reward_funcs=[exact_match_reward], args=args,
         train_dataset=_rl_prompts(p, student_dir, seed, data_seed), processing_class=tok,
         callbacks=list(callbacks),
     )
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_quiet_progress(save_steps))
+    return trainer
 
 
 def train_grpo(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: int = 0, callbacks: Iterable = (),
                max_steps: int | None = None, save_steps: int | None = None, *, overwrite: bool = False,
-               data_seed: int | None = None) -> Path:
-    """GRPO of ``student_dir`` with the exact-match reward (TRL GRPOTrainer); checkpoints as in train_opd."""
+               data_seed: int | None = None, lr: float | None = None) -> Path:
+    """GRPO of ``student_dir`` with the exact-match reward (TRL GRPOTrainer); checkpoints as in train_opd, and
+    ``out_dir/grpo_groups.csv``: per step, the share of groups with non-zero reward variance and the mean
+    reward (from TRL's logged metrics)."""
+    import pandas as pd
+
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
-    trainer = build_grpo_trainer(student_dir, out_dir, preset, seed, callbacks, max_steps, save_steps, data_seed)
+    stats = _group_stats_callback()
+    trainer = build_grpo_trainer(student_dir, out_dir, preset, seed, [*callbacks, stats], max_steps, save_steps,
+                                 data_seed, lr)
     trainer.train()
+    pd.DataFrame(stats.rows, columns=["step", "nonzero_var_groups", "reward"]).to_csv(out_dir / GRPO_GROUPS_CSV,
+                                                                                      index=False)
     return out_dir
 
 
@@ -286,7 +339,14 @@ def _ensure_threads(p: LabPreset) -> None:
 
 
 def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[[str], None] = print) -> dict:
-    """SFT the teacher (to ``teacher_target``) and the weak student init; save both under ``out``."""
+    """SFT the weak student init, then the teacher *from it*; save both under ``out``.
+
+    Student init: SFT on all training problems, stopped early once held-out greedy accuracy reaches
+    ``student_target`` (it has learnt the format and some carrying, so RL's samples hold rewards). Teacher: the
+    same architecture, SFT continued from ``student_init`` until ``teacher_target`` — the stand-in for the
+    paper's teacher, the RL-tuned version of the student's own base ("pattern-aligned"), which the lab makes by
+    SFT rather than by GRPO.
+    """
     _ensure_threads(p)
     tok = build_tokenizer()
     sp = splits_for(p, seed)
@@ -294,24 +354,22 @@ def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[
     info: dict = {}
     seed_everything(seed)
     t0 = time.time()
-    log(f"[lab] teacher SFT ({p.teacher})")
-    teacher = make_model(p.teacher, tok, seed)
-    info["teacher_sft"] = train_sft(teacher, tok, sp.train, held, steps=p.teacher_max_steps, lr=p.teacher_lr,
-                                    batch=p.sft_batch, seed=seed, target=p.teacher_target,
-                                    eval_every=p.sft_eval_every, log=log)
-    save_model_dir(teacher, tok, LabDir(out).teacher)
-    info["teacher_sft"]["seconds"] = time.time() - t0
-    t0 = time.time()
-    # Weak start: the student sees only carry-free problems, so it becomes a confident adder that never
-    # carries (about 30% of 2-digit held-out problems are carry-free); OPD and RL must teach carrying.
-    log(f"[lab] student SFT on carry-free problems to a weak start ({p.student})")
+    log(f"[lab] student SFT on all problems, stopped at held-out accuracy {p.student_target} ({p.student})")
     student = make_model(p.student, tok, seed + 1)
-    no_carry = [q for q in sp.train if not has_carry(q)]
-    held_nc = [q for q in held if not has_carry(q)]
-    info["student_sft"] = train_sft(student, tok, no_carry, held_nc, steps=p.student_max_steps, lr=p.student_lr,
+    info["student_sft"] = train_sft(student, tok, sp.train, held, steps=p.student_max_steps, lr=p.student_lr,
                                     batch=p.sft_batch, seed=seed + 1, target=p.student_target,
                                     eval_every=p.sft_eval_every, log=log)
-    info["student_sft"]["accuracy_carry_free"] = info["student_sft"].pop("accuracy")
+    info["student_sft"]["stop_accuracy"] = info["student_sft"].pop("accuracy")
     save_model_dir(student, tok, LabDir(out).student_init)
     info["student_sft"]["seconds"] = time.time() - t0
+    t0 = time.time()
+    log(f"[lab] teacher: SFT continued from student_init to held-out accuracy {p.teacher_target}")
+    teacher = load_model(LabDir(out).student_init)
+    info["teacher_sft"] = train_sft(teacher, tok, sp.train, held, steps=p.teacher_max_steps, lr=p.teacher_lr,
+                                    batch=p.sft_batch, seed=seed + 2, target=p.teacher_target,
+                                    eval_every=p.sft_eval_every, log=log)
+    info["teacher_sft"]["stop_accuracy"] = info["teacher_sft"].pop("accuracy")
+    info["teacher_sft"]["method"] = "sft_from_student_init"
+    save_model_dir(teacher, tok, LabDir(out).teacher)
+    info["teacher_sft"]["seconds"] = time.time() - t0
     return info
