@@ -228,10 +228,12 @@ _ANALYSIS = (
     Table("summary", "summary.csv", (
         _c("run", "str", "name of the checkpoint series"),
         _c("step", "int", "the checkpoint's training step t"),
-        _c("aggregate", "str", "group (per group), layer (per layer and group) or table1 (the paper's Table 1)"),
+        _c("aggregate", "str", "group (per group), layer (per layer and group), table1 (the paper's Table 1) or "
+                              "trajectory (per group: means of the trajectory columns)"),
         _c("group", "str", "the group aggregated (attention+mlp for table1)"),
         _c("layer", "int", "decoder-block index (layer rows only)"),
-        _c("metric", "str", "update_norm, energy_share, or a Table-1 metric and n_matrices"),
+        _c("metric", "str", "update_norm, energy_share, a Table-1 metric and n_matrices, or a trajectory "
+                           "column and locked_in"),
         _c("value", "float", "the aggregate's value"),
     ), "per run and step: allocation by group and by layer, and the Table-1 aggregates (long form)",
         per_run=True, writer=_REPORT),

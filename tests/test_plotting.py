@@ -121,9 +121,23 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
     summ = pd.DataFrame([dict(seed=seed_, method=m, steps_to_target=64 if m == "vanilla" else 24,
                               final_accuracy=0.9, wall_s=130.0, validation_s=0.0 if m == "vanilla" else 5.0)
                          for seed_ in (0, 1) for m in ("vanilla", "effopd", "fixed")])
+    mats = a[a["group"].isin(["attention", "mlp"])]
+    seg = pd.DataFrame([dict(**{k: r[k] for k in ID}, segment_cosine=np.nan if r["step"] == STEPS[-1] else
+                             (0.8 if r["run"] == "opd" else 0.05),
+                             direction_cosine=(0.9 if r["run"] == "opd" else 0.55) ** (1 - r["step"] / STEPS[-1]),
+                             null_cosine=np.sqrt(r["step"] / STEPS[-1]), direction_excess=0.0)
+                        for _, r in mats.iterrows()])
+    seg["direction_excess"] = seg["direction_cosine"] - seg["null_cosine"]
+    last = mats[mats["step"] == STEPS[-1]]
+    traj = pd.DataFrame([dict(**{k: r[k] for k in ID}, n_steps=len(STEPS),
+                              linear_r2=0.9 if r["run"] == "opd" else 0.5, linear_r2_median=0.85,
+                              rank1_share=0.95 if r["run"] == "opd" else 0.7, rank2_share=0.98, rank3_share=0.99,
+                              rank4_share=1.0, rank5_share=1.0, lockin_step=STEPS[0] if r["run"] == "opd" else None)
+                         for _, r in last.iterrows()])
     return dict(module_allocation=a, spectrum=sp, singular_values=pd.DataFrame(sv), alignment=pd.DataFrame(align),
                 embedding=pd.DataFrame(emb), summary=pd.DataFrame(summary), eval=ev, scaling=scaling, window=window,
-                rank=rank, rescale=rescale, embedding_swap=swap, effopd_curves=curves, effopd_summary=summ)
+                rank=rank, rescale=rescale, embedding_swap=swap, effopd_curves=curves, effopd_summary=summ,
+                trajectory=traj, segments=seg)
 
 
 def write_dirs(tmp_path, tables=None):
@@ -132,7 +146,8 @@ def write_dirs(tmp_path, tables=None):
     analysis, lab, eff = tmp_path / "analysis", tmp_path / "lab", tmp_path / "effopd"
     for d in (analysis, lab / "opd", lab / "grpo", eff):
         d.mkdir(parents=True)
-    for n in ("module_allocation", "spectrum", "singular_values", "alignment", "embedding", "summary"):
+    for n in ("module_allocation", "spectrum", "singular_values", "alignment", "embedding", "summary", "trajectory",
+              "segments"):
         tables[n].to_csv(analysis / f"{n}.csv", index=False)
     (analysis / "run.json").write_text(json.dumps({
         "version": "0.1.0", "command": "opd-dynamics analyze --run opd=a --run grpo=b --base s --out x",

@@ -91,6 +91,15 @@ def test_a_straight_line_is_straight_rank_one_and_linear(tmp_path):
     assert np.allclose(s["segment_cosine"].dropna(), 1.0, atol=1e-9)
     assert s.groupby("tensor")["segment_cosine"].apply(lambda x: x.isna().sum()).eq(1).all()  # none at T
     _check_against_reference(rep, truth)
+    agg = rep.summary[rep.summary["aggregate"] == "trajectory"]
+    last = agg[agg.step == STEPS[-1]].set_index(["group", "metric"])["value"]
+    for g in ("attention", "mlp"):
+        assert last[(g, "rank1_share")] == pytest.approx(1.0, abs=1e-9) and last[(g, "locked_in")] == 1.0
+        assert last[(g, "lockin_step")] == 1.0
+    seg_mean = agg[(agg.metric == "segment_cosine") & (agg.step < STEPS[-1])]["value"]
+    assert np.allclose(seg_mean, 1.0, atol=1e-9)
+    layer = rep.summary[(rep.summary["aggregate"] == "layer") & (rep.summary["metric"] == "linear_r2")]
+    assert set(layer["group"]) == {"attention", "mlp"} and np.allclose(layer["value"], 1.0, atol=1e-9)
 
 
 def test_a_random_walk_matches_the_reference_and_its_null(tmp_path):

@@ -158,7 +158,39 @@ def summarize(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     s = tables.get("spectrum")
     if s is not None and not s.empty:
         parts.append(table1(s).assign(aggregate="table1", group="attention+mlp", layer=pd.NA))
+    parts += trajectory_aggregates(tables)
     out = pd.concat(parts, ignore_index=True)
     out["layer"] = pd.array(out["layer"], dtype="Int64")
     return out[TABLES["summary"].names].sort_values(
         ["run", "step", "aggregate", "group", "layer", "metric"], kind="stable").reset_index(drop=True)
+
+
+#: the trajectory columns averaged per group (and, for trajectory.csv's, per layer) in summary.csv
+SEGMENT_METRICS = ("segment_cosine", "direction_cosine", "null_cosine", "direction_excess")
+TRAJECTORY_METRICS = ("linear_r2", "rank1_share", "lockin_step")
+
+
+def trajectory_aggregates(tables: dict[str, pd.DataFrame]) -> list[pd.DataFrame]:
+    """summary.csv's `trajectory` rows: per run, step and group the mean of the segments' columns over the
+    matrices that have a value; per run and group (at the last step), and per layer and group, the mean of
+    linear_r2, rank1_share and lockin_step over the matrices (lockin over those that locked in) and the
+    fraction of matrices that locked in (`locked_in`)."""
+    out = []
+    seg = tables.get("segments")
+    if seg is not None and not seg.empty:
+        g = seg.groupby(["run", "step", "group"], as_index=False)[list(SEGMENT_METRICS)].mean()
+        out.append(g.melt(id_vars=["run", "step", "group"], var_name="metric").assign(aggregate="trajectory",
+                                                                                        layer=pd.NA))
+    tr = tables.get("trajectory")
+    if tr is not None and not tr.empty:
+        tr = tr.assign(locked_in=tr["lockin_step"].notna().astype(float),
+                       step=tr.groupby("run")["step"].transform("max"))
+        cols = [*TRAJECTORY_METRICS, "locked_in"]
+        for keys, agg in ((["run", "step", "group"], "trajectory"), (["run", "step", "layer", "group"], "layer")):
+            rows = tr if "layer" not in keys else tr[tr["layer"].notna()]
+            if rows.empty:
+                continue
+            g = rows.groupby(keys, as_index=False)[cols].mean()
+            g = g.melt(id_vars=keys, var_name="metric").assign(aggregate=agg)
+            out.append(g if "layer" in keys else g.assign(layer=pd.NA))
+    return out

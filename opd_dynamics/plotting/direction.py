@@ -168,3 +168,86 @@ def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subs
     fig.suptitle(f"Early directions vs the {ref_name} update (median over matrices, band = IQR)"
                  + ("" if final else " — reference steps: " + ", ".join(f"{r} {refs[r]}" for r in runs)))
     return fig
+
+
+def segment_curves(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> pd.DataFrame:
+    """Per run, group, step and metric (segments.csv's columns): median and quartiles over matrices, and
+    progress = step / the run's last step."""
+    cols = ["segment_cosine", "direction_cosine", "null_cosine"]
+    s = require_table(report, "segments", ["run", "step", "group", *cols])
+    s = s[s["group"].isin(groups)]
+    rows = []
+    for m in cols:
+        q = s.assign(v=numeric(s[m])).groupby(["run", "group", "step"])["v"]
+        df = pd.concat({"median": q.median(), "q25": q.quantile(0.25), "q75": q.quantile(0.75)}, axis=1)
+        rows.append(df.reset_index().assign(metric=m))
+    out = pd.concat(rows, ignore_index=True)
+    out["progress"] = out["step"].astype(float) / out.groupby("run")["step"].transform("max").astype(float)
+    return out
+
+
+@styled
+def plot_foresight(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
+    """Does the update find its final direction early? Top: cos(ΔW_t, ΔW_T) against the random-walk null √(t/T)
+    (dashed); above the null is foresight, on it a random walk. Bottom: the cosine between consecutive update
+    segments (1 on a straight path, about 0 for a random walk). Median over matrices, band = IQR."""
+    d = segment_curves(report, groups)
+    runs = order_runs(d["run"].unique())
+    colors = run_colors(runs)
+    fig, axes = new_figure(2, len(groups), sharex=True, sharey="row")
+    for j, g in enumerate(groups):
+        for i, m in enumerate(("direction_cosine", "segment_cosine")):
+            ax = axes[i, j]
+            for r in runs:
+                x = d[(d["metric"] == m) & (d["group"] == g) & (d["run"] == r)].dropna(subset=["median"])
+                x = x.sort_values("progress")
+                if x.empty:
+                    continue
+                iqr_band(ax, x["progress"], x["q25"], x["q75"], colors[r])
+                ax.plot(x["progress"], x["median"], color=colors[r], marker=GROUP_MARKERS.get(g, "o"), label=r)
+                if m == "direction_cosine":
+                    z = d[(d["metric"] == "null_cosine") & (d["group"] == g) & (d["run"] == r)].sort_values("progress")
+                    ax.plot(z["progress"], z["median"], color=colors[r], ls="--", lw=1, alpha=0.8)
+            ax.set_title(f"{_group_title(g)}: " + ("to the final update (dashed: √(t/T))"
+                                                    if m == "direction_cosine" else "consecutive segments"))
+            ax.set_ylabel("cos(ΔW$_t$, ΔW$_T$)" if m == "direction_cosine" else "cos(δ$_i$, δ$_{i+1}$)")
+            if i == 1:
+                ax.set_xlabel("training progress (step / last step)")
+            percent_axis(ax, "x")
+            if not ax.get_lines():
+                no_data(ax)
+    fig_legend(fig, axes, title="run")
+    fig.suptitle("Foresight: alignment to the final update vs a random walk, and straightness of the path")
+    return fig
+
+
+@styled
+def plot_trajectory_shape(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
+    """Per layer (x) and group (columns): the per-entry linear fit's pooled R² (RLVR-Linearity) and the rank-1
+    share of the stacked updates (RELEX), mean over the layer's matrices, one line per run."""
+    t = require_table(report, "trajectory", ["run", "layer", "group", "linear_r2", "rank1_share"])
+    t = t[t["group"].isin(groups) & t["layer"].notna()]
+    runs = order_runs(t["run"].unique())
+    colors = run_colors(runs)
+    metrics = {"linear_r2": "linear-fit R² (pooled)", "rank1_share": "rank-1 share of the trajectory"}
+    fig, axes = new_figure(len(metrics), len(groups), sharex=True, sharey="row")
+    for i, (m, label) in enumerate(metrics.items()):
+        for j, g in enumerate(groups):
+            ax = axes[i, j]
+            for r in runs:
+                x = t[(t["group"] == g) & (t["run"] == r)]
+                x = x.assign(v=numeric(x[m]))
+                x = x.groupby("layer")["v"].mean()
+                if len(x):
+                    ax.plot(x.index.astype(int), x.to_numpy(), color=colors[r], marker=GROUP_MARKERS.get(g, "o"),
+                            label=r)
+            ax.set_title(f"{_group_title(g)}: {label}")
+            ax.set_ylabel(label if j == 0 else "")
+            ax.set_ylim(-0.02, 1.02)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("layer")
+            if not ax.get_lines():
+                no_data(ax)
+    fig_legend(fig, axes, title="run")
+    fig.suptitle("How straight and how low-rank each layer's trajectory is")
+    return fig

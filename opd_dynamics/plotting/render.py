@@ -22,7 +22,13 @@ from opd_dynamics.plotting.allocation import (
     plot_group_energy,
     plot_layer_norms,
 )
-from opd_dynamics.plotting.direction import plot_alignment, plot_singular_value_decay, plot_table1
+from opd_dynamics.plotting.direction import (
+    plot_alignment,
+    plot_foresight,
+    plot_singular_value_decay,
+    plot_table1,
+    plot_trajectory_shape,
+)
 from opd_dynamics.plotting.effopd import plot_effopd_curves
 from opd_dynamics.plotting.tables import Tables, as_tables
 from opd_dynamics.plotting.utility import plot_eval_curves, plot_rank_recovery, plot_rescale, plot_scaling
@@ -95,6 +101,10 @@ FIGURES: tuple[FigureSpec, ...] = (
                "The paper's Table-1 aggregates over attention and MLP matrices.", _table1_check),
     FigureSpec("alignment", plot_alignment, (("alignment",),), "Update direction",
                "Alignment of early top singular directions with the final update's (Fig. 4b)."),
+    FigureSpec("foresight", plot_foresight, (("segments",),), "Update direction",
+               "Alignment to the final update against the random-walk null √(t/T), and consecutive-segment cosines."),
+    FigureSpec("trajectory_shape", plot_trajectory_shape, (("trajectory",),), "Update direction",
+               "Per layer: the per-entry linear fit's R² and the rank-1 share of the stacked updates."),
     FigureSpec("effopd_curves", plot_effopd_curves, (("effopd_curves",),), "EffOPD",
                "Accuracy against optimizer steps and wall-clock: vanilla OPD, EffOPD, fixed coefficient."),
 )
