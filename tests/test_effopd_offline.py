@@ -171,7 +171,7 @@ def test_search_with_external_command_finds_planted_k(tmp_path):
 def test_search_command_warns_when_it_jumps_on_a_tie(tmp_path):
     pa, pb, _, _ = make_pair(tmp_path)
     r = CliRunner().invoke(main, ["effopd", "search", "--prev", str(pa), "--cur", str(pb), "--out",
-                                  str(tmp_path / "O"), "--eval-cmd", "echo 0.5 #", "--k-max", "2"])
+                                  str(tmp_path / "O"), "--eval-cmd", "echo 0.5 #", "--k-max", "2", "--accept-ties"])
     assert r.exit_code == 0, r.output
     assert "accepted k=2 (coef 4)" in r.output
     assert "warning: EffOPD accepted k=2 (coef 4) on a tie: every score was 0.5" in r.output
@@ -183,9 +183,9 @@ def test_search_rejecting_everything_writes_b_and_strict_tie(tmp_path):
     rec = search_checkpoints(pa, pb, tmp_path / "O", lambda p: next(scores))
     assert (rec.k_accepted, rec.scores) == (0, [1.0, 0.5])
     assert all(torch.equal(t, b[n]) for n, t in read_all(tmp_path / "O").items())
-    rec = search_checkpoints(pa, pb, tmp_path / "O2", lambda p: 1.0, strict=True)
+    rec = search_checkpoints(pa, pb, tmp_path / "O2", lambda p: 1.0)  # strict by default, as published
     assert (rec.k_accepted, rec.scores) == (0, [1.0, 1.0])
-    rec = search_checkpoints(pa, pb, tmp_path / "O3", lambda p: 1.0, k_max=2)
+    rec = search_checkpoints(pa, pb, tmp_path / "O3", lambda p: 1.0, k_max=2, strict=False)
     assert (rec.k_accepted, rec.coef) == (2, 4.0)
     assert json.loads((tmp_path / "O3" / "effopd_search.json").read_text())["tie"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B", "O", "O2", "O3"]

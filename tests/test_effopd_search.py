@@ -80,7 +80,7 @@ def test_trigger_schedule():
 def test_after_step_only_scores_on_trigger_steps():
     m = Tiny()
     calls = []
-    e = EffOPD(m, lambda _: calls.append(1) or 0.0)
+    e = EffOPD(m, lambda _: calls.append(1) or 0.0, strict=False)
     assert [e.after_step(t) is not None for t in range(1, 9)] == [True, True, False, True, False, False, False, True]
     # each trigger scores W_t, then candidates until the first that does not improve: a constant score with '>='
     # accepts all five, so 6 evaluations per trigger
@@ -154,7 +154,7 @@ def test_tie_accepts_with_geq_and_rejects_with_strict(caplog):
                                            ([0.3, 0.2], 0, False), ([0.3, 0.3, 0.2], 1, True)])
 def test_a_tie_is_a_jump_no_candidate_scored_above_w_t_for(scores, k, tie):
     it = iter(scores)
-    k_acc, got = published_search(lambda _: next(it), len(scores) - 1)
+    k_acc, got = published_search(lambda _: next(it), len(scores) - 1, strict=False)
     rec = TriggerRecord(step=1, scores=got, coefs=[], k_accepted=k_acc, coef=2.0 * k_acc, delta_norm=1.0,
                         validation_s=0.0, extrapolate_s=0.0)
     assert (rec.k_accepted, rec.tie) == (k, tie)
@@ -282,3 +282,21 @@ def test_score_fn_runs_without_grad_and_mode_is_restored():
     assert seen == [False, False] and m.training
     frame = e.records_frame()
     assert list(frame["step"]) == [1] and frame.loc[0, "scores"] == "[0.0, 0.0]"
+
+
+def test_the_published_rule_is_the_default_and_a_tuple_score_breaks_ties():
+    """Strict > by default (the authors' code); a score (accuracy, −reverse KL) compares its second element only
+    when the first ties, so an accuracy stuck at one value can still rank candidates by their KL."""
+    from opd_dynamics.effopd import EffOPDOptions
+
+    assert EffOPDOptions().strict is True
+    it = iter([0.5, 0.5, 0.5])
+    assert published_search(lambda _: next(it), 2)[0] == 0
+    it = iter([(0.5, -3.0), (0.5, -2.0), (0.6, -9.0), (0.6, -9.5)])
+    k, got = published_search(lambda _: next(it), 3)
+    assert (k, got) == (2, [(0.5, -3.0), (0.5, -2.0), (0.6, -9.0), (0.6, -9.5)])
+    it = iter([(0.5, -1.0), (float("nan"), 0.0)])
+    assert published_search(lambda _: next(it), 1)[0] == 0
+    rec = TriggerRecord(step=1, scores=got, coefs=[], k_accepted=k, coef=4.0, delta_norm=1.0, validation_s=0.0,
+                        extrapolate_s=0.0)
+    assert rec.as_log()["effopd/score_k1"] == 0.5 and rec.tie is False

@@ -58,8 +58,9 @@ class EffOPDOptions:
 
     k_max: int = option(5, "K: candidates W + coef_step·k·(W − W_anchor), k = 1 … K.", min=0)
     coef_step: float = option(2.0, "The 2 in 2k (the paper's candidates W_t + 2kΔ).")
-    strict: bool = option(False, "Accept only strictly better scores (the authors' code) instead of ≥ (the paper's "
-                        "text).", flag="--strict")
+    strict: bool = option(True, "Accept only strictly better scores, as the authors' code does (--accept-ties: ≥, "
+                          "the paper's text; a score stuck at one value then accepts every jump).",
+                          flag="--strict/--accept-ties")
     fixed_k: int | None = option(None, "Skip the search and always jump with this k (a fixed-coefficient baseline; "
                                "no scoring).", cli=False)
     schedule: Trigger | Iterable[int] | str | None = option(None, "Trigger steps: 'pow2' (default), 'powN', a set of "

@@ -2,8 +2,8 @@
 
 At trigger steps t (powers of two by default) the update since the anchor, Δ = W_t − W_anchor, is taken
 for the selected matrices; candidates W_t + c_k·Δ with c_k = 2k, k = 1 … K, are scored after W_t itself,
-in order; a candidate is accepted while its score is ≥ the best so far (or > with `strict=True`, as in the
-authors' code) and the search stops at the first one that is not. The model is left at the accepted
+in order; a candidate is accepted while its score is > the best so far (as in the authors' code; ≥ with
+`strict=False`, the paper's text) and the search stops at the first one that is not. The model is left at the accepted
 weights, which become the new anchor. The arithmetic is float32 (float64 for float64 parameters), never
 the parameters' 16-bit dtype, and the exact bits of W_t are kept so that a rejected candidate, or a score
 function that raises, restores them bit for bit.
@@ -25,7 +25,9 @@ from opd_dynamics.numerics import fro2, update_dtype
 
 _log = logging.getLogger(__name__)
 
-ScoreFn = Callable[[torch.nn.Module], float]
+#: a validation score, higher is better: a number, or a tuple compared in order (later elements break ties)
+Score = float | tuple[float, ...]
+ScoreFn = Callable[[torch.nn.Module], Score]
 
 
 def select_parameters(model: torch.nn.Module, options: EffOPDOptions | None = None, *, trainable_only: bool = True,
@@ -58,16 +60,21 @@ def _refuse_sharded_or_adapter(model: torch.nn.Module, params: dict[str, torch.n
                              "sharded parameters")
 
 
-def published_search(score_k: Callable[[int], float], k_max: int, *, strict: bool = False
-                     ) -> tuple[int, list[float]]:
-    """The acceptance rule: score k = 0 (W_t), then k = 1 … k_max in order; accept k while its score is ≥ the
-    best so far (> when `strict`), stop at the first that is not (or is NaN). Returns (accepted k, scores)."""
+def _primary(score) -> float:
+    """A score's first element: scores are numbers, or tuples compared in order (a tie-break after the first)."""
+    return float(score[0] if isinstance(score, (tuple, list)) else score)
+
+
+def published_search(score_k: Callable[[int], Score], k_max: int, *, strict: bool = True) -> tuple[int, list[Score]]:
+    """The acceptance rule: score k = 0 (W_t), then k = 1 … k_max in order; accept k while its score is > the
+    best so far (≥ when not `strict`), stop at the first that is not (or is NaN). A tuple score is compared in
+    order, so its later elements break ties of the first. Returns (accepted k, scores)."""
     best = score_k(0)
     scores, k_acc = [best], 0
     for k in range(1, k_max + 1):
         s = score_k(k)
         scores.append(s)
-        if math.isnan(s) or not (s > best if strict else s >= best):
+        if math.isnan(_primary(s)) or not (s > best if strict else s >= best):
             break
         best, k_acc = s, k
     return k_acc, scores
@@ -78,7 +85,7 @@ class TriggerRecord:
     """What one trigger did: scores[0] is W_t's, scores[k] candidate k's (only those evaluated)."""
 
     step: int | None
-    scores: list[float]
+    scores: list[Score]
     coefs: list[float]
     k_accepted: int
     coef: float
@@ -96,15 +103,15 @@ class TriggerRecord:
     def tie_note(self) -> str:
         """One sentence for logs when `tie` holds."""
         return (f"EffOPD accepted k={self.k_accepted} (coef {self.coef:g}) on a tie: every score was "
-                f"{self.scores[0]:g}, W_t's included, so the validation could not tell the candidates apart "
-                "(strict=True / --strict keeps W_t on ties)")
+                f"{self.scores[0]}, W_t's included, so the validation could not tell the candidates apart "
+                "(strict=True keeps W_t on ties)")
 
     def as_log(self, prefix: str = "effopd/") -> dict[str, float]:
         """Flat numbers for a trainer log (`state.log_history`, wandb …)."""
         d = {f"{prefix}k": float(self.k_accepted), f"{prefix}coef": self.coef, f"{prefix}tie": float(self.tie),
              f"{prefix}delta_norm": self.delta_norm, f"{prefix}validation_s": self.validation_s}
         for i, s in enumerate(self.scores):
-            d[f"{prefix}score_k{i}"] = s
+            d[f"{prefix}score_k{i}"] = _primary(s)
         return d
 
     def as_row(self) -> dict[str, object]:
@@ -175,11 +182,12 @@ class EffOPD:
         return self.search(step) if self.should_trigger(step) else None
 
     # -- the search -----------------------------------------------------------------------------
-    def _score(self) -> float:
+    def _score(self) -> Score:
         was_training = self.model.training
         try:
             with torch.no_grad():
-                s = float(self.score_fn(self.model))  # type: ignore[misc]
+                s = self.score_fn(self.model)  # type: ignore[misc]
+                s = tuple(map(float, s)) if isinstance(s, (tuple, list)) else float(s)
         finally:
             self.model.train(was_training)
         return s
@@ -207,7 +215,7 @@ class EffOPD:
             sq += fro2(wt[n].to(update_dtype(p)) - self.anchor[n].to(wt[n].device))
         delta_norm = math.sqrt(sq)
         val_s = 0.0
-        scores: list[float] = []
+        scores: list[Score] = []
         coefs: list[float] = [0.0]
         if self.options.fixed_k is not None:
             k_acc = self.options.fixed_k
