@@ -211,3 +211,26 @@ def test_completion_mask_and_validation_sample():
     a, b = sample_validation(rows, 50, seed=1), sample_validation(rows, 50, seed=1)
     assert a == b and len({r["prompt"] for r in a}) == 50
     assert sample_validation(rows[:10], 50) == rows[:10]
+
+
+def test_reward_scorer_samples_afresh_per_candidate_reproducibly_and_greedy_on_request(tok):
+    """As the authors validate: one sample at T = 1 per prompt, drawn afresh for every candidate (call), yet
+    the same sequence of draws in a rerun, and the training RNG untouched; greedy when asked."""
+    model = make_model(SPEC, tok, 6)
+    rows = [{"prompt": make_problem(a, b, 2).prompt} for a, b in ((1, 2), (30, 40), (7, 70), (12, 21))] * 4
+    seen: list[list[str]] = []
+
+    def reward(completions, **_):
+        seen.append(list(completions))
+        return [0.0] * len(completions)
+
+    state = torch.random.get_rng_state()
+    sampled = reward_scorer(tok, rows, reward, max_new_tokens=4)
+    sampled(model), sampled(model)
+    again = reward_scorer(tok, rows, reward, max_new_tokens=4)
+    again(model)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert seen[0] != seen[1] and seen[2] == seen[0]
+    greedy = reward_scorer(tok, rows, reward, max_new_tokens=4, do_sample=False)
+    greedy(model), greedy(model)
+    assert seen[3] == seen[4] and seen[3][:4] * 4 == seen[3]  # one answer per prompt, whatever the call

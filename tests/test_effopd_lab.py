@@ -40,3 +40,31 @@ def test_summary_and_speedup():
     assert got.loc["effopd", "validation_s"] == 2.0
     sp = speedups(s)
     assert sp["effopd"]["median"] == 2.0 and sp["fixed"]["median"] is None
+
+
+def test_validation_scores_sampled_afresh_greedy_and_kl_tie_break(tmp_path):
+    """The lab's EffOPD validation: sampled (as published) draws afresh per candidate and reproducibly across
+    reruns; greedy is deterministic; greedy+kl is (accuracy, −reverse KL) so the KL breaks accuracy ties."""
+    import pytest
+
+    from opd_dynamics.errors import InputError
+    from opd_dynamics.lab.effopd import validation_score
+    from opd_dynamics.lab.models import make_model
+    from opd_dynamics.lab.presets import ModelSpec
+    from opd_dynamics.lab.task import build_tokenizer, make_splits
+
+    tok = build_tokenizer()
+    spec = ModelSpec(hidden=16, layers=1, heads=2, intermediate=32)
+    student, teacher = make_model(spec, tok, 0), make_model(spec, tok, 1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    probs = make_splits(2, 64, 8, 0).train[:64]
+    s1, s2 = validation_score("sampled", tok, probs, tmp_path / "teacher", 3), \
+        validation_score("sampled", tok, probs, tmp_path / "teacher", 3)
+    first = [s1(student) for _ in range(3)]
+    assert first == [s2(student) for _ in range(3)]  # reproducible
+    g = validation_score("greedy", tok, probs, tmp_path / "teacher", 3)
+    assert g(student) == g(student)
+    kl = validation_score("greedy+kl", tok, probs, tmp_path / "teacher", 3)(student)
+    assert isinstance(kl, tuple) and len(kl) == 2 and kl[1] < 0
+    with pytest.raises(InputError, match="validation must be one of"):
+        validation_score("best", tok, probs, tmp_path / "teacher", 3)

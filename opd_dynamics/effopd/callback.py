@@ -67,9 +67,13 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
 
 
 def reward_scorer(tokenizer, rows: Rows, reward_fn: Callable[..., list[float]], *, max_new_tokens: int,
-                  batch_size: int = 64, prompt_key: str = "prompt") -> ScoreFn:
-    """Mean reward of greedy completions on held-out prompts (accuracy when the reward is exact match).
+                  batch_size: int = 64, prompt_key: str = "prompt", do_sample: bool = True,
+                  temperature: float = 1.0, seed: int | None = 0) -> ScoreFn:
+    """Mean reward of one completion per held-out prompt (accuracy when the reward is exact match).
 
+    As the authors' code validates: one completion *sampled* at temperature 1 per prompt, drawn afresh for every
+    candidate (call i samples from seed + i, in a forked RNG, so training randomness is untouched and a run is
+    reproducible; ``seed=None`` draws from the global RNG). ``do_sample=False`` scores greedy completions.
     `reward_fn(completions=…, prompts=…, completion_ids=…, **columns)` follows TRL's reward-function
     convention: every other column of `rows` is passed as a list aligned with the completions, and
     `completion_ids` holds each completion's tokens up to and including its first end-of-sequence token,
@@ -78,20 +82,25 @@ def reward_scorer(tokenizer, rows: Rows, reward_fn: Callable[..., list[float]], 
     rows = [dict(r) for r in rows]
     if not rows:
         raise ValueError("reward_scorer needs at least one validation row")
+    calls = iter(range(1 << 62))
 
     @torch.no_grad()
     def score(model: torch.nn.Module) -> float:
         model.eval()
         total = 0.0
-        for batch in _batches(rows, batch_size):
-            prompts = [r[prompt_key] for r in batch]
-            _, _, comp = generate_completions(model, tokenizer, prompts, max_new_tokens, False, 1.0)
-            texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
-            keep = completion_mask(comp, tokenizer.eos_token_id).bool() if tokenizer.eos_token_id is not None \
-                else torch.ones_like(comp, dtype=torch.bool)
-            ids = [row[k].tolist() for row, k in zip(comp, keep)]
-            cols = {k: [r[k] for r in batch] for k in batch[0] if k != prompt_key}
-            total += float(sum(reward_fn(completions=texts, prompts=prompts, completion_ids=ids, **cols)))
+        dev = model_device(model)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed + next(calls))
+            for batch in _batches(rows, batch_size):
+                prompts = [r[prompt_key] for r in batch]
+                _, _, comp = generate_completions(model, tokenizer, prompts, max_new_tokens, do_sample, temperature)
+                texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+                keep = completion_mask(comp, tokenizer.eos_token_id).bool() if tokenizer.eos_token_id is not None \
+                    else torch.ones_like(comp, dtype=torch.bool)
+                ids = [row[k].tolist() for row, k in zip(comp, keep)]
+                cols = {k: [r[k] for r in batch] for k in batch[0] if k != prompt_key}
+                total += float(sum(reward_fn(completions=texts, prompts=prompts, completion_ids=ids, **cols)))
         return total / len(rows)
 
     return score

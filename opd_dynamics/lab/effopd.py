@@ -36,9 +36,11 @@ from transformers import TrainerCallback
 from opd_dynamics.effopd.callback import EffOPDCallback, sample_validation
 from opd_dynamics.effopd.options import is_power_of_two
 from opd_dynamics.effopd.summary import per_seed_speedups
+from opd_dynamics.errors import InputError
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.layout import LabDir
-from opd_dynamics.lab.presets import EffOPDLabOptions, LabPreset, get_preset
+from opd_dynamics.lab.models import load_model
+from opd_dynamics.lab.presets import VALIDATIONS, EffOPDLabOptions, LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
 from opd_dynamics.lab.train import build_opd_trainer, splits_for, train_teacher_and_student
 from opd_dynamics.schema import EFFOPD_JSON, TABLES
@@ -97,6 +99,24 @@ def _models(lab: Path | None, work: Path, p: LabPreset, log) -> tuple[Path, Path
     return LabDir(work).teacher, LabDir(work).student_init, 0
 
 
+def validation_score(kind: str, tok, probs, teacher_dir: Path, seed: int):
+    """EffOPD's score function on the validation problems (see EffOPDLabOptions.validation)."""
+    calls = iter(range(1 << 62))
+    if kind == "sampled":  # a fresh draw for every candidate, reproducible across reruns
+        return lambda model: evaluate_model(model, tok, probs, greedy=False, sampled=True,
+                                            seed=1_000_003 * seed + next(calls))["accuracy_sampled"]
+    if kind == "greedy":
+        return lambda model: evaluate_model(model, tok, probs)["accuracy"]
+    if kind == "greedy+kl":
+        teacher = load_model(teacher_dir)
+
+        def score(model) -> tuple[float, float]:
+            r = evaluate_model(model, tok, probs, teacher=teacher, seed=seed)
+            return r["accuracy"], -r["reverse_kl"]
+        return score
+    raise InputError(None, f"validation must be one of {VALIDATIONS}, not {kind!r}", ("validation",))
+
+
 def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: int, p: LabPreset,
              opt: EffOPDLabOptions, work: Path, log) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     tok = build_tokenizer()
@@ -111,8 +131,7 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
                                                        opt.n_val, seed)}
         probs = [q for q in sp.train if q.prompt in val]
 
-        def score(model) -> float:
-            return evaluate_model(model, tok, probs)["accuracy"]
+        score = validation_score(opt.validation, tok, probs, teacher, seed)
 
         eff = EffOPDCallback(score if method == "effopd" else None, opt.effopd,
                              fixed_k=opt.fixed_k if method == "fixed" else None, max_step=steps,

@@ -113,6 +113,10 @@ def get_preset(preset: str | LabPreset) -> LabPreset:
         raise InputError(None, f"unknown lab preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+#: the lab's EffOPD validation scores (EffOPDLabOptions.validation)
+VALIDATIONS = ("sampled", "greedy", "greedy+kl")
+
+
 @dataclass(frozen=True)
 class EffOPDLabOptions:
     """What the measurement does besides the lab preset; each field is a flag of `lab effopd` (generated), and
@@ -125,4 +129,8 @@ class EffOPDLabOptions:
     fixed_k: int = option(2, "k of the fixed baseline (W_t + coef_step·k·Δ at every trigger, no validation).", min=0)
     target_fraction: float = option(0.95, "Steps to target: the first step with held-out accuracy ≥ this fraction "
                                     "of vanilla's final accuracy.")
+    validation: str = option("sampled", "EffOPD's validation score on the n_val prompts: sampled (one sample at T = 1 "
+                             "per prompt, drawn afresh for every candidate, as the authors' code), greedy, or "
+                             "greedy+kl (greedy accuracy, ties broken by −reverse KL to the teacher).",
+                             choices=VALIDATIONS)
     effopd: EffOPDOptions = nested(EffOPDOptions, "The search itself (k_max, coef_step, strict …).")
