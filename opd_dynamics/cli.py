@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from opd_dynamics.analysis.cli import analyze, describe
-from opd_dynamics.effopd.cli import effopd, extrapolate
+from opd_dynamics.effopd.cli import effopd, extrapolate, probe
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.cli import cli_message
 from opd_dynamics.lab.cli import demo, lab
@@ -36,5 +36,5 @@ def main() -> None:
     """Measure how on-policy distillation (and RL) change a model's parameters; extrapolate with EffOPD."""
 
 
-for _command in (describe, analyze, extrapolate, effopd, plot, report, lab, demo):
+for _command in (describe, analyze, extrapolate, effopd, probe, plot, report, lab, demo):
     main.add_command(_command)

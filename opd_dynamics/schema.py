@@ -23,7 +23,8 @@ RUN_JSON = "run.json"  # every analysis output holds it; it marks a directory as
 LAB_JSON = "lab.json"
 EFFOPD_JSON = "effopd.json"
 INTERVENTIONS_JSON = "interventions.json"
-PROVENANCE_FILES = (RUN_JSON, LAB_JSON, EFFOPD_JSON, INTERVENTIONS_JSON)
+PROBE_JSON = "probe.json"
+PROVENANCE_FILES = (RUN_JSON, LAB_JSON, EFFOPD_JSON, INTERVENTIONS_JSON, PROBE_JSON)
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -333,6 +334,14 @@ _EFFOPD = (
         _c("extrapolate_s", "float", "seconds spent forming the candidates"),
     ), "what each trigger did, in a trainer's output_dir (its own columns: not the lab's effopd_triggers)",
         writer="opd_dynamics.effopd.callback.EffOPDCallback"),
+    Table("probe", "probe.csv", (
+        _c("run", "str", "name of the checkpoint series"),
+        _c("step_from", "int", "s: the earlier step of the pair (0: the base)"),
+        _c("step", "int", "t: the later step of the pair"),
+        _c("coef", "float", "c in W_t + c·(W_t − W_s) (0: W_t itself; < 0 back towards W_s)"),
+        _c("score", "float", "the evaluation's score of those weights (higher is better)"),
+    ), "the line probe: scores along the last segment of a trajectory, before and beyond W_t",
+        writer="opd_dynamics.effopd.probe.line_probe"),
 )
 
 #: every table the toolkit writes, by registry name (the file stem, except callback_triggers)

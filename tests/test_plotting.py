@@ -121,6 +121,8 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
     summ = pd.DataFrame([dict(seed=seed_, method=m, steps_to_target=64 if m == "vanilla" else 24,
                               final_accuracy=0.9, wall_s=130.0, validation_s=0.0 if m == "vanilla" else 5.0)
                          for seed_ in (0, 1) for m in ("vanilla", "effopd", "fixed")])
+    probe = pd.DataFrame([dict(run=r, step_from=s_, step=t, coef=c, score=0.5 + (0.05 if r == "opd" else -0.05) * c)
+                          for r in RUNS for s_, t in ((4, 8), (8, 16)) for c in (-0.5, 0.0, 0.5, 1.0, 2.0)])
     mats = a[a["group"].isin(["attention", "mlp"])]
     seg = pd.DataFrame([dict(**{k: r[k] for k in ID}, segment_cosine=np.nan if r["step"] == STEPS[-1] else
                              (0.8 if r["run"] == "opd" else 0.05),
@@ -137,7 +139,7 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
     return dict(module_allocation=a, spectrum=sp, singular_values=pd.DataFrame(sv), alignment=pd.DataFrame(align),
                 embedding=pd.DataFrame(emb), summary=pd.DataFrame(summary), eval=ev, scaling=scaling, window=window,
                 rank=rank, rescale=rescale, embedding_swap=swap, effopd_curves=curves, effopd_summary=summ,
-                trajectory=traj, segments=seg)
+                trajectory=traj, segments=seg, probe=probe)
 
 
 def write_dirs(tmp_path, tables=None):
@@ -165,7 +167,7 @@ def write_dirs(tmp_path, tables=None):
         ev[ev["run"] == r].to_csv(lab / r / "eval.csv", index=False)
     for n in ("scaling", "window", "rank", "rescale", "embedding_swap"):
         tables[n].to_csv(lab / f"{n}.csv", index=False)
-    for n in ("effopd_curves", "effopd_summary"):
+    for n in ("effopd_curves", "effopd_summary", "probe"):
         tables[n].to_csv(eff / f"{n}.csv", index=False)
     return [analysis, lab, eff]
 
@@ -436,7 +438,8 @@ def test_plot_all_from_dirs_writes_atomically_and_reports_skips(tmp_path, tables
     assert b"<svg" in (out / "table1.svg").read_bytes()[:2000]
     # only the analysis dir: the lab and effopd figures are skipped, each with its reason
     ok, skipped = P.available_figures(dirs[:1])
-    assert set(skipped) == {"eval_curves", "embedding_swap", "scaling", "rank_recovery", "rescale", "effopd_curves"}
+    assert set(skipped) == {"eval_curves", "embedding_swap", "scaling", "rank_recovery", "rescale", "effopd_curves",
+                            "probe"}
     assert skipped["scaling"] == "scaling.csv is absent"
     res2 = P.plot_all(dirs[:1], tmp_path / "figs2", formats=("png",), figures=["alignment", "scaling"])
     assert [p.name for p in res2] == ["alignment.png"] and res2.skipped == {"scaling": skipped["scaling"]}

@@ -1,13 +1,14 @@
-"""`opd-dynamics extrapolate` and `opd-dynamics effopd search`: EffOPD on saved checkpoints (flags generated from
-`EffOPDOptions`)."""
+"""`opd-dynamics extrapolate`, `opd-dynamics effopd search` and `opd-dynamics probe`: EffOPD and the line probe
+on saved checkpoints (flags generated from `EffOPDOptions`)."""
 
 from __future__ import annotations
 
 import click
 
 from opd_dynamics.effopd.options import EffOPDOptions
+from opd_dynamics.effopd.probe import DEFAULT_COEFS
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.cli import dataclass_options, options_from, with_options
+from opd_dynamics.io.cli import dataclass_options, options_from, parse_floats, with_options
 from opd_dynamics.io.reader import LOAD_MODES
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -70,3 +71,42 @@ def search(prev, cur, out, overwrite, max_shard_size, load_mode, eval_cmd, timeo
                + ", ".join(f"k{k}={s:g}" for k, s in enumerate(rec.scores)) + f"; wrote {out}")
     if rec.tie:
         click.echo(f"warning: {rec.tie_note()}", err=True)
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    """'8:16,16:32' → [(8, 16), (16, 32)]."""
+    try:
+        return [(int(a), int(b)) for a, b in (p.split(":") for p in text.replace(" ", "").split(",") if p)]
+    except ValueError:
+        raise InputError(None, f"--pairs {text!r} must be pairs of steps s:t separated by commas (e.g. 8:16,16:32)"
+                         ) from None
+
+
+@click.command("probe")
+@click.argument("run", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The weights every step is compared with (step 0).")
+@click.option("--pairs", required=True, help="Pairs of steps s:t (comma separated, s may be 0 for the base).")
+@click.option("--coefs", default=",".join(f"{c:g}" for c in DEFAULT_COEFS), show_default=True,
+              help="The grid of c in W_t + c·(W_t − W_s).")
+@click.option("--eval-cmd", required=True,
+              help="Shell command scoring a model dir: '{path}' is replaced by it (else it is appended); the "
+                   "score (higher is better) is the number on the last line of its stdout.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory (probe.csv + probe.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier probe output.")
+@click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
+@click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True)
+@with_options(dataclass_options(EffOPDOptions, only=("groups", "matrices_only")))
+def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, load_mode, **fields) -> None:
+    """Score W_t + c·(W_t − W_s) over a grid of c for pairs (s, t) of RUN's steps: can extrapolation help here?"""
+    from opd_dynamics.effopd.probe import line_probe, verdict
+    from opd_dynamics.io.series import CheckpointSeries
+
+    series = CheckpointSeries.discover(run, base=base, load_mode=load_mode)
+    grid = parse_floats(coefs, "--coefs")
+    df = line_probe(series, _pairs(pairs), eval_cmd, coefs=grid, out=out, overwrite=overwrite,
+                    options=options_from(EffOPDOptions, fields), timeout=timeout, echo=click.echo)
+    click.echo(df.to_string(index=False))
+    for pair, ok in verdict(df).items():
+        click.echo(f"{pair}: " + ("some c in [0.5, 2] scores above W_t" if ok else
+                                  "no c in [0.5, 2] scores above W_t: no foresight to use along this segment"))
+    click.echo(f"wrote {out}")

@@ -60,7 +60,7 @@ def _refuse_sharded_or_adapter(model: torch.nn.Module, params: dict[str, torch.n
                              "sharded parameters")
 
 
-def _primary(score) -> float:
+def primary(score) -> float:
     """A score's first element: scores are numbers, or tuples compared in order (a tie-break after the first)."""
     return float(score[0] if isinstance(score, (tuple, list)) else score)
 
@@ -74,7 +74,7 @@ def published_search(score_k: Callable[[int], Score], k_max: int, *, strict: boo
     for k in range(1, k_max + 1):
         s = score_k(k)
         scores.append(s)
-        if math.isnan(_primary(s)) or not (s > best if strict else s >= best):
+        if math.isnan(primary(s)) or not (s > best if strict else s >= best):
             break
         best, k_acc = s, k
     return k_acc, scores
@@ -111,7 +111,7 @@ class TriggerRecord:
         d = {f"{prefix}k": float(self.k_accepted), f"{prefix}coef": self.coef, f"{prefix}tie": float(self.tie),
              f"{prefix}delta_norm": self.delta_norm, f"{prefix}validation_s": self.validation_s}
         for i, s in enumerate(self.scores):
-            d[f"{prefix}score_k{i}"] = _primary(s)
+            d[f"{prefix}score_k{i}"] = primary(s)
         return d
 
     def as_row(self) -> dict[str, object]:

@@ -139,6 +139,15 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
             from None
 
 
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    """'-0.5,0,2' (or whitespace separated) → (-0.5, 0.0, 2.0); ``what`` names the option in the error."""
+    try:
+        return tuple(float(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise InputError(None, f"{what} must hold numbers separated by commas or spaces, got {text.strip()[:60]!r}") \
+            from None
+
+
 def read_token_ids(path: str | None) -> tuple[int, ...] | None:
     """The token ids in a text file (whitespace or comma separated)."""
     if path is None:

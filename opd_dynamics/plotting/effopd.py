@@ -1,4 +1,5 @@
-"""EffOPD against vanilla OPD and a fixed coefficient: accuracy per optimizer step and per second."""
+"""EffOPD against vanilla OPD and a fixed coefficient (accuracy per optimizer step and per second), and the line
+probe that says beforehand whether jumping ahead can help."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from opd_dynamics.plotting._draw import fig_legend, percent_axis
-from opd_dynamics.plotting.style import method_colors, new_figure, styled
+from opd_dynamics.plotting.style import method_colors, new_figure, order_runs, styled
 from opd_dynamics.plotting.tables import as_tables, numeric, require_table
 
 _METHOD_ORDER = ("vanilla", "effopd", "fixed")
@@ -58,4 +59,29 @@ def plot_effopd_curves(report: Any, target_fraction: float = 0.95) -> Figure:
     fig_legend(fig, axes[0, :1], ncol=2)
     n_seeds = c["seed"].nunique()
     fig.suptitle(f"EffOPD vs vanilla OPD vs fixed extrapolation ({n_seeds} seed{'s' if n_seeds != 1 else ''})")
+    return fig
+
+
+@styled
+def plot_probe(report: Any) -> Figure:
+    """The line probe: score of W_t + c·(W_t − W_s) against c, one line per pair (s → t), one panel per run;
+    the shaded band is [0.5, 2], where EffOPD's first candidates lie, and c = 0 (W_t) is marked."""
+    from opd_dynamics.effopd.probe import GATE_RANGE
+
+    p = require_table(report, "probe", ["run", "step_from", "step", "coef", "score"])
+    runs = order_runs(p["run"].unique())
+    fig, axes = new_figure(1, len(runs), sharey=True)
+    for ax, r in zip(axes[0], runs):
+        d = p[p["run"] == r]
+        pairs = d[["step_from", "step"]].drop_duplicates().sort_values(["step", "step_from"])
+        ax.axvspan(*GATE_RANGE, color="0.9", zorder=0)
+        ax.axvline(0.0, color="0.5", lw=1, ls=":")
+        for s, t in pairs.itertuples(index=False):
+            x = d[(d["step_from"] == s) & (d["step"] == t)].sort_values("coef")
+            ax.plot(numeric(x["coef"]), numeric(x["score"]), marker="o", label=f"{int(s)} → {int(t)}")
+        ax.set_title(f"{r}: W_t + c·(W_t − W_s)")
+        ax.set_xlabel("c (0 = W_t; shaded: EffOPD's first candidates)")
+        ax.set_ylabel("score" if ax is axes[0][0] else "")
+        ax.legend(title="s → t", fontsize=8)
+    fig.suptitle("Line probe: does jumping ahead along the last segment help?")
     return fig

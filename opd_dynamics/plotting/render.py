@@ -29,7 +29,7 @@ from opd_dynamics.plotting.direction import (
     plot_table1,
     plot_trajectory_shape,
 )
-from opd_dynamics.plotting.effopd import plot_effopd_curves
+from opd_dynamics.plotting.effopd import plot_effopd_curves, plot_probe
 from opd_dynamics.plotting.tables import Tables, as_tables
 from opd_dynamics.plotting.utility import plot_eval_curves, plot_rank_recovery, plot_rescale, plot_scaling
 
@@ -105,6 +105,8 @@ FIGURES: tuple[FigureSpec, ...] = (
                "Alignment to the final update against the random-walk null √(t/T), and consecutive-segment cosines."),
     FigureSpec("trajectory_shape", plot_trajectory_shape, (("trajectory",),), "Update direction",
                "Per layer: the per-entry linear fit's R² and the rank-1 share of the stacked updates."),
+    FigureSpec("probe", plot_probe, (("probe",),), "EffOPD",
+               "Line probe: score of W_t + c·(W_t − W_s) against c for early pairs (s, t)."),
     FigureSpec("effopd_curves", plot_effopd_curves, (("effopd_curves",),), "EffOPD",
                "Accuracy against optimizer steps and wall-clock: vanilla OPD, EffOPD, fixed coefficient."),
 )

@@ -1,0 +1,100 @@
+"""The line probe on planted trajectories written as real checkpoints: a straight path gives a monotone probe
+with known scores; bad pairs and existing outputs are refused in one sentence; the command line works."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from opd_dynamics.cli import main
+from opd_dynamics.effopd.probe import line_probe, verdict
+from opd_dynamics.errors import InputError
+from opd_dynamics.io.model_dir import ModelDir
+from opd_dynamics.io.series import CheckpointSeries
+
+from builders import write_dir
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+NORM = "model.layers.0.input_layernorm.weight"
+STEPS = (4, 8, 16)
+TARGET = 64.0
+
+
+def _line(tmp_path):
+    """W_t = W_0 + t·M for q_proj (float64, so the arithmetic is exact to rounding); the norm never moves."""
+    rng = np.random.default_rng(0)
+    w0, m = rng.normal(size=(16, 24)), rng.normal(size=(16, 24)) * 1e-2
+    base = {Q: torch.tensor(w0), NORM: torch.ones(24, dtype=torch.float64)}
+    write_dir(tmp_path / "base", base)
+    for t in STEPS:
+        write_dir(tmp_path / "run" / f"checkpoint-{t}", {Q: torch.tensor(w0 + t * m), NORM: base[NORM]})
+    series = CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base", name="opd")
+    return series, w0, m
+
+
+def _distance_score(w0, m):
+    """−‖W − (W_0 + 64·M)‖F: higher the closer to a point further along the line."""
+    target = w0 + TARGET * m
+
+    def score(path):
+        with ModelDir(path) as d:
+            return -float(np.linalg.norm(d.get(Q).numpy() - target))
+    return score
+
+
+def test_a_straight_line_gives_a_monotone_probe_with_known_scores(tmp_path):
+    series, w0, m = _line(tmp_path)
+    coefs = (-0.5, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    df = line_probe(series, [(8, 16), (0, 4)], _distance_score(w0, m), coefs=coefs, out=tmp_path / "probe")
+    norm = np.linalg.norm(m)
+    for (s, t), d in df.groupby(["step_from", "step"]):
+        d = d.sort_values("coef")
+        assert list(d["coef"]) == sorted(coefs)
+        expect = [-abs(TARGET - (t + c * (t - s))) * norm for c in d["coef"]]
+        np.testing.assert_allclose(d["score"], expect, rtol=1e-9)
+        assert np.all(np.diff(d["score"].to_numpy()) > 0)  # monotone: every step ahead is closer to the target
+    assert verdict(df) == {"0:4": True, "8:16": True}
+    meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert meta["verdict"] == {"0:4": True, "8:16": True} and meta["pairs"] == [[8, 16], [0, 4]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "probe", "run"]  # no candidate left behind
+
+
+def test_going_back_is_better_when_the_target_lies_behind(tmp_path):
+    series, w0, m = _line(tmp_path)
+    target = w0 + 6.0 * m  # between steps 4 and 8: every c > 0 from (4, 8) moves away
+
+    def score(path):
+        with ModelDir(path) as d:
+            return -float(np.linalg.norm(d.get(Q).numpy() - target))
+    df = line_probe(series, [(4, 8)], score)
+    assert verdict(df) == {"4:8": False}
+    best = df.loc[df["score"].idxmax(), "coef"]
+    assert best == -0.5
+
+
+@pytest.mark.parametrize("pairs, phrase", [([(8, 4)], "first step before its second"), ([(4, 5)], "step 5 is not"),
+                                           ([], "pairs is empty")])
+def test_bad_pairs_are_refused_before_any_evaluation(tmp_path, pairs, phrase):
+    series, w0, m = _line(tmp_path)
+    calls = []
+    with pytest.raises(InputError, match=phrase):
+        line_probe(series, pairs, lambda p: calls.append(p) or 0.0)
+    assert calls == []
+
+
+def test_probe_command(tmp_path):
+    series, w0, m = _line(tmp_path)
+    r = CliRunner().invoke(main, ["probe", str(tmp_path / "run"), "--base", str(tmp_path / "base"), "--pairs",
+                                  "8:16", "--coefs", "0,1", "--eval-cmd", "echo 0.5 #", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "no c in [0.5, 2] scores above W_t" in r.output
+    again = CliRunner().invoke(main, ["probe", str(tmp_path / "run"), "--base", str(tmp_path / "base"), "--pairs",
+                                      "8:16", "--eval-cmd", "echo 1", "--out", str(tmp_path / "o")])
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
+    bad = CliRunner().invoke(main, ["probe", str(tmp_path / "run"), "--base", str(tmp_path / "base"), "--pairs",
+                                    "8-16", "--eval-cmd", "echo 1", "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "--pairs '8-16' must be pairs of steps" in bad.output
