@@ -58,7 +58,17 @@ def test_fast_demo_runs_every_stage(tmp_path):
     assert meta["status"] == "done" and meta["fast"] is True
     alloc = pd.read_csv(out / "analysis" / "module_allocation.csv")
     assert set(alloc["run"]) == {"opd", "grpo"}
-    assert set(pd.read_csv(out / "effopd" / "effopd_summary.csv")["method"]) == {"vanilla", "effopd", "fixed"}
+    # the line probe of the vanilla run at (4, 8) gates the EffOPD and fixed runs: they ran iff it found foresight
+    eff = json.loads((out / "effopd" / "effopd.json").read_text())
+    probe = pd.read_csv(out / "effopd" / "probe.csv")
+    assert set(zip(probe["step_from"], probe["step"])) == {(4, 8)} and eff["probe_pairs"] == [[4, 8]]
+    passed = eff["probe_verdict"]["0"]["4:8"]
+    w_t = probe.loc[probe["coef"] == 0.0, "score"].iloc[0]
+    ahead = probe.loc[probe["coef"].between(0.5, 2.0), "score"]
+    assert passed == bool((ahead > w_t).any())
+    methods = set(pd.read_csv(out / "effopd" / "effopd_summary.csv")["method"])
+    assert methods == ({"vanilla", "effopd", "fixed"} if passed else {"vanilla"})
+    assert eff["gated_out_seeds"] == ([] if passed else [0])
     pngs = sorted((out / "figures").glob("*.png"))
     assert pngs
     p = _Images()

@@ -35,8 +35,10 @@ from transformers import TrainerCallback
 
 from opd_dynamics.effopd.callback import EffOPDCallback, sample_validation
 from opd_dynamics.effopd.options import is_power_of_two
+from opd_dynamics.effopd.probe import line_probe, verdict
 from opd_dynamics.effopd.summary import per_seed_speedups
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.layout import LabDir
 from opd_dynamics.lab.models import load_model
@@ -83,6 +85,25 @@ class _Curve(TrainerCallback):
         return control
 
 
+class _Snapshots(TrainerCallback):
+    """Saves the model at the probe steps (and their halves), for the line probe after the run."""
+
+    def __init__(self, steps: set[int], root: Path):
+        self.steps, self.root, self.saved = steps, root, {}
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step in self.steps:
+            d = self.root / f"checkpoint-{state.global_step}"
+            model.save_pretrained(d)
+            self.saved[state.global_step] = d
+        return control
+
+
+def probe_pairs(probe_steps, max_steps: int) -> list[tuple[int, int]]:
+    """(t/2, t) for each probe step t within the run (t ≥ 2)."""
+    return [(t // 2, t) for t in sorted(set(probe_steps)) if 2 <= t <= max_steps]
+
+
 def steps_to_target(curve: pd.DataFrame, target: float) -> float:
     """First measured step with accuracy ≥ target (NaN if never)."""
     hit = curve[curve["accuracy"] >= target - 1e-12].sort_values("step")
@@ -118,7 +139,8 @@ def validation_score(kind: str, tok, probs, teacher_dir: Path, seed: int):
 
 
 def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: int, p: LabPreset,
-             opt: EffOPDLabOptions, work: Path, log) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+             opt: EffOPDLabOptions, work: Path, log, pairs: Sequence[tuple[int, int]] = ()
+             ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     tok = build_tokenizer()
     sp = splits_for(p, data_seed)
     held = sp.heldout[: p.n_eval]
@@ -138,6 +160,10 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
                              csv_path=work / f"{method}-{seed}-triggers.csv")
         callbacks.append(eff)
     callbacks.append(curve)  # after EffOPD: the curve sees the weights training continues from
+    snaps = None
+    if method == "vanilla" and pairs:
+        snaps = _Snapshots({x for pair in pairs for x in pair if x > 0}, work / f"probe-{seed}")
+        callbacks.append(snaps)
     out_dir = work / f"{method}-{seed}"
     trainer = build_opd_trainer(student, teacher, out_dir, p, seed, callbacks, max_steps=steps,
                                 save_steps=steps + 1, data_seed=data_seed)
@@ -160,7 +186,24 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
         f"(validation {info['validation_s']:.0f}s)"
         + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
         + (f"; {ties} of them accepted on a tie (see the warnings above)" if ties else ""))
+    if snaps is not None:
+        info["probe"] = _probe(seed, student, snaps.saved, pairs, tok, held, log)
     return c, trig, info
+
+
+def _probe(seed: int, student: Path, saved: dict[int, Path], pairs, tok, held, log) -> pd.DataFrame:
+    """The line probe of a vanilla run at its early pairs, scored by held-out greedy accuracy."""
+    series = CheckpointSeries.from_list(sorted(saved.items()), base=student, name=f"seed{seed}")
+
+    def score(path: Path) -> float:
+        return evaluate_model(load_model(path), tok, held)["accuracy"]
+
+    df = line_probe(series, pairs, score)
+    for pair, ok in verdict(df).items():
+        d = df[df["step"] == int(pair.split(":")[1])].set_index("coef")["score"]
+        log(f"[effopd] seed {seed} probe {pair}: " + ", ".join(f"c={c:g} {v:.3f}" for c, v in d.items())
+            + ("" if ok else "  (no c in [0.5, 2] above W_t)"))
+    return df
 
 
 def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: int | Sequence[int] = 3, *,
@@ -182,11 +225,20 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         torch.set_num_threads(p.threads)
         t_all = time.perf_counter()
         teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)
-        curves, trigs, rows = [], [], []
+        curves, trigs, rows, probes, gate = [], [], [], [], {}
+        pairs = probe_pairs(opt.probe_steps, opt.max_steps or p.rl_steps)
         for seed in seed_list:
             for method in METHODS:
+                if method != "vanilla" and opt.gate and pairs and not any(gate[seed].values()):
+                    log(f"[effopd] seed {seed}: {method} not run: no foresight in this regime (the line probe at "
+                        f"{', '.join(gate[seed])} improves for no c in [0.5, 2]; see probe.csv)")
+                    continue
                 log(f"[effopd] seed {seed}: {method} ({opt.max_steps or p.rl_steps} steps, preset {p.name})")
-                c, t, info = _one_run(method, seed, teacher, student, data_seed, p, opt, tmp, log)
+                c, t, info = _one_run(method, seed, teacher, student, data_seed, p, opt, tmp, log, pairs)
+                if "probe" in info:
+                    pr = info.pop("probe")
+                    probes.append(pr)
+                    gate[seed] = verdict(pr)
                 curves.append(c)
                 trigs.append(t)
                 rows.append({"seed": seed, "method": method, **info})
@@ -196,13 +248,19 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         summary.to_csv(tmp / "effopd_summary.csv", index=False)
         curves_df.to_csv(tmp / "effopd_curves.csv", index=False)
         trig_df.to_csv(tmp / "effopd_triggers.csv", index=False)
+        if probes:
+            pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
         meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
                 "options": asdict(opt), "steps": opt.max_steps or p.rl_steps, "speedup": speedups(summary),
+                "probe_pairs": pairs, "probe_verdict": {str(k): v for k, v in gate.items()},
+                "gated_out_seeds": [k for k, v in gate.items() if opt.gate and not any(v.values())],
                 "total_s": round(time.perf_counter() - t_all, 1)}
         (tmp / EFFOPD_JSON).write_text(json_text(meta))
         plot(curves_df, summary, tmp / "effopd.png", opt.target_fraction)
         for f in tmp.glob("*-triggers.csv"):
             f.unlink()
+        for d in tmp.glob("probe-*"):
+            shutil.rmtree(d)
     log(f"[effopd] wrote {out}")
     return out
 

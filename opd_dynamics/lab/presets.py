@@ -133,4 +133,9 @@ class EffOPDLabOptions:
                              "per prompt, drawn afresh for every candidate, as the authors' code), greedy, or "
                              "greedy+kl (greedy accuracy, ties broken by −reverse KL to the teacher).",
                              choices=VALIDATIONS)
+    probe_steps: tuple[int, ...] = option((8, 16, 32), "Early trigger steps t whose line probe, W_t + c·(W_t − "
+                                          "W_{t/2}) on the held-out problems, gates the measurement.", cli="ints",
+                                          metavar="T,T,...")
+    gate: bool = option(True, "Run EffOPD and the fixed baseline for a seed only where its vanilla run's line probe "
+                        "improves for some c in [0.5, 2] at an early trigger (--no-gate: always).")
     effopd: EffOPDOptions = nested(EffOPDOptions, "The search itself (k_max, coef_step, strict …).")
