@@ -1,5 +1,5 @@
-"""`opd-dynamics extrapolate`, `opd-dynamics effopd search` and `opd-dynamics probe`: EffOPD and the line probe
-on saved checkpoints (flags generated from `EffOPDOptions`)."""
+"""`opd-dynamics effopd search` and `opd-dynamics probe`: EffOPD's search and the line probe on saved
+checkpoints (flags generated from `EffOPDOptions`)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,8 @@ import click
 from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.probe import DEFAULT_COEFS
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.cli import dataclass_options, options_from, parse_floats, with_options
+from opd_dynamics.io.cli import dataclass_options, options_from, parse_floats, parse_size, with_options
 from opd_dynamics.io.reader import LOAD_MODES
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MiB', '1000000' → bytes."""
-    t = text.strip().upper().replace(" ", "")
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    try:
-        return int(float(num) * _SIZE_UNITS[unit])
-    except (KeyError, ValueError):
-        raise InputError(None, f"--max-shard-size {text!r} is not a size such as 2GB or 500MiB") from None
-
 
 _shared = [
     click.option("--prev", required=True, type=click.Path(), help="Earlier checkpoint A (the anchor)."),
@@ -34,18 +20,6 @@ _shared = [
     click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
     click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True),
 ]
-
-
-@click.command("extrapolate")
-@with_options(_shared)
-@click.option("--coef", required=True, type=float, help="c in W_B + c·(W_B − W_A) (EffOPD's candidates use 2k).")
-def extrapolate(prev, cur, out, overwrite, max_shard_size, load_mode, coef, **fields) -> None:
-    """Write W_B + c·(W_B − W_A) for the selected groups (the rest copied from B) to OUT."""
-    from opd_dynamics.effopd.offline import extrapolate_checkpoint
-
-    path = extrapolate_checkpoint(prev, cur, coef, out, options_from(EffOPDOptions, fields), overwrite=overwrite,
-                                  max_shard_bytes=parse_size(max_shard_size), load_mode=load_mode)
-    click.echo(f"wrote {path} (coef {coef:g})")
 
 
 @click.group("effopd")

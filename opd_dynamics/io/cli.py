@@ -139,6 +139,21 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
             from None
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MiB', '1000000' → bytes."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        return int(float(num) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise InputError(None, f"--max-shard-size {text!r} is not a size such as 2GB or 500MiB") from None
+
+
+
 def parse_floats(text: str, what: str) -> tuple[float, ...]:
     """'-0.5,0,2' (or whitespace separated) → (-0.5, 0.0, 2.0); ``what`` names the option in the error."""
     try:

@@ -1,0 +1,57 @@
+"""`opd-dynamics extrapolate`: the weights a method predicts at a later step, from a run's observed checkpoints
+(RUN --base B --target T --method …), or one jump W_B + c·(W_B − W_A) between two checkpoints (--prev A
+--cur B --coef c, EffOPD's and ExPO's candidate)."""
+
+from __future__ import annotations
+
+import click
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.extrapolate.methods import ExtrapolationOptions
+from opd_dynamics.io.cli import dataclass_options, options_from, parse_ints, parse_size, with_options
+from opd_dynamics.io.reader import LOAD_MODES
+
+
+@click.command("extrapolate")
+@click.argument("run", required=False, type=click.Path())
+@click.option("--base", type=click.Path(), help="The run's base weights (step 0).")
+@click.option("--target", type=int, help="The step to predict the weights at (after the last observed step).")
+@click.option("--steps", default=None, help="Observed steps to fit on (comma separated; default: all).")
+@click.option("--prev", type=click.Path(), help="Two-checkpoint form: the earlier checkpoint A.")
+@click.option("--cur", type=click.Path(), help="Two-checkpoint form: the later checkpoint B.")
+@click.option("--coef", type=float, help="Two-checkpoint form: c in W_B + c·(W_B − W_A) (EffOPD's candidates: 2k).")
+@with_options(dataclass_options(ExtrapolationOptions))
+@click.option("--out", required=True, type=click.Path(), help="Output model directory (not inside an input).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output directory.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True)
+def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_shard_size, load_mode,
+                **fields) -> None:
+    """Predict the weights at step --target from RUN's checkpoints (--method expo|effopd|linear|relex|alpharl),
+    or write W_B + c·(W_B − W_A) for --prev A --cur B --coef c; the selected groups move, the rest is copied."""
+    opts = options_from(ExtrapolationOptions, fields)
+    shard = parse_size(max_shard_size)
+    if prev or cur or coef is not None:
+        if not (prev and cur and coef is not None) or run or target is not None:
+            raise InputError(None, "the two-checkpoint form takes --prev, --cur and --coef together, without RUN "
+                                   "or --target")
+        from opd_dynamics.effopd.offline import extrapolate_checkpoint
+        from opd_dynamics.effopd.options import EffOPDOptions
+
+        sel = EffOPDOptions(groups=opts.groups, matrices_only=opts.matrices_only)
+        path = extrapolate_checkpoint(prev, cur, coef, out, sel, overwrite=overwrite, max_shard_bytes=shard,
+                                      load_mode=load_mode)
+        click.echo(f"wrote {path} (coef {coef:g})")
+        return
+    if not (run and base and target is not None):
+        raise InputError(None, "give RUN, --base and --target (or --prev, --cur and --coef for one jump)")
+    from opd_dynamics.extrapolate.methods import extrapolate as predict
+    from opd_dynamics.extrapolate.methods import observed
+    from opd_dynamics.io.series import CheckpointSeries
+
+    series = CheckpointSeries.discover(run, base=base, load_mode=load_mode)
+    keep = parse_ints(steps, "--steps")
+    if keep is not None:
+        series = observed(series, keep)
+    path = predict(series, target, out, opts, overwrite=overwrite, max_shard_bytes=shard)
+    click.echo(f"wrote {path} ({opts.method} from steps {', '.join(map(str, series.step_numbers))} to {target})")

@@ -1,0 +1,231 @@
+"""What each extrapolator computes, per tensor, from the observed steps t_1 < … < t_n of a series (base W_0 at
+step 0, D_i = W_{t_i} − W_0), for a target step t* > t_n, as the authors' code does (docs/EXTRAPOLATION.md
+says where this differs):
+
+- ``expo`` (ExPO): W_B + α(W_B − W_A), A and B the last two observed steps; α fixed (``alpha``), by default
+  (t* − t_B)/(t_B − t_A), the α that continues the last segment's pace to t*.
+- ``effopd``: W_B + coef_step·k·(W_B − W_A) with a fixed k (EffOPD's candidate k without the search).
+- ``linear`` (RLVR-Linearity): ``fit='two-point'`` (their code): W_0 + ((t* − 0)/(t_n − 0))·D_n, the line through
+  the base and the last step; ``fit='lstsq'``: per entry, the least-squares line through the base and every
+  observed step, evaluated at t*.
+- ``relex`` (RELEX): the stacked deltas M (n × numel, not centred) have Gram G = M Mᵀ; its top ``rank``
+  eigenpairs give coefficients c_j(t_i) = σ_j u_ij and directions v_j = Mᵀu_j / σ_j; each c_j is fitted
+  linearly (or by a polynomial of ``degree``) in the step number and the prediction is W_0 + Σ_j ĉ_j(t*) v_j.
+  (RELEX fits against positions 0 … n−1; with evenly spaced checkpoints that is the same line.)
+- ``alpharl`` (AlphaRL's rank-1 model): W_0 + α·‖D_n‖F·u_1 v_1ᵀ, u_1, v_1 the top singular vectors of D_n, with
+  α = t*/t_n (the rank-1 update, norm-matched as in their upd_rank.py, grown linearly in time). Their
+  accuracy-regression step (PLS against benchmark scores) needs evaluations and is not reproduced.
+
+Tensors outside the selection (default: attention and MLP matrices, as EffOPD) are copied from the last
+observed step. Deltas are formed in float64; results are cast to the last step's stored dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opd_dynamics.analysis.metrics.spectrum import decompose
+from opd_dynamics.errors import InputError
+from opd_dynamics.fields import option
+from opd_dynamics.io.model_dir import FLOAT_DTYPES, ModelDir
+from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, stored_transposed
+from opd_dynamics.io.reader import is_adapter_dir
+from opd_dynamics.io.series import CheckpointSeries
+from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL_MARKERS, check_output, write_model
+
+METHODS = ("expo", "effopd", "linear", "relex", "alpharl")
+FITS = ("two-point", "lstsq", "linear", "polynomial")
+#: the observed steps each method needs at least (besides the base)
+MIN_STEPS = {"expo": 2, "effopd": 2, "linear": 1, "relex": 2, "alpharl": 1}
+BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ExtrapolationOptions:
+    """Which method, its parameters, and which tensors move (each field a flag of `extrapolate`)."""
+
+    method: str = option("relex", "expo | effopd | linear | relex | alpharl.", choices=METHODS)
+    alpha: float | None = option(None, "expo's α (default: (t* − t_B)/(t_B − t_A), continuing the last segment).")
+    k: int = option(1, "effopd's fixed k (coef = coef_step·k).", min=0)
+    coef_step: float = option(2.0, "effopd's 2 in 2k.")
+    fit: str | None = option(None, "linear: two-point (default, their code) or lstsq; relex: linear (default) or "
+                             "polynomial.", choices=FITS)
+    rank: int = option(1, "relex's number of temporal components r.", min=1)
+    degree: int = option(2, "relex's polynomial degree (fit polynomial).", min=1)
+    groups: tuple[str, ...] | None = option(MATRIX_GROUPS, "Naming groups that move ('all': every group).",
+                                            cli="groups", metavar="GROUP,...")
+    matrices_only: bool = option(True, "Only 2-D weights move (--all-shapes: biases, norms … of those groups too).",
+                                 flag="--matrices-only/--all-shapes")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(None, f"method must be one of {METHODS}, not {self.method!r}", ("method",))
+        ok = {"linear": (None, "two-point", "lstsq"), "relex": (None, "linear", "polynomial")}.get(self.method, (None,))
+        if self.fit not in ok:
+            raise InputError(None, f"fit {self.fit!r} does not apply to method {self.method} (it takes "
+                                   f"{', '.join(x for x in ok if x)})" if len(ok) > 1 else
+                             f"fit does not apply to method {self.method}", ("fit", "method"))
+
+
+def _row_ranges(n_rows: int, row_numel: int, n_steps: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_BYTES // max(1, (n_steps + 2) * row_numel * 8))
+    return [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)] or [(0, 0)]
+
+
+def _fit_predict(t: np.ndarray, y: np.ndarray, target: float, degree: int) -> np.ndarray:
+    """Least-squares polynomial of ``degree`` through (t, y) per column of y (n × m), evaluated at target."""
+    X = np.vander(t, degree + 1)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    return np.vander(np.array([target], dtype=np.float64), degree + 1) @ coef
+
+
+class _Tensor:
+    """One tensor across the base and the observed steps, read in row blocks (float64)."""
+
+    def __init__(self, base: ModelDir, steps: list[ModelDir], name: str):
+        self.base, self.steps, self.name = base, steps, name
+        self.shape = tuple(steps[-1].shape(name))
+        self.n_rows = self.shape[0] if self.shape else 1
+        self.row_numel = math.prod(self.shape[1:]) if self.shape else 1
+
+    def rows(self, m: ModelDir, lo: int, hi: int) -> torch.Tensor:
+        return (m.get_rows(self.name, lo, hi) if self.shape else m.get(self.name).reshape(1)).to(torch.float64)
+
+    def blocks(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(lo, hi, W_0 rows, D rows stacked (n, rows, …))."""
+        for lo, hi in _row_ranges(self.n_rows, self.row_numel, len(self.steps)):
+            w0 = self.rows(self.base, lo, hi)
+            yield lo, hi, w0, torch.stack([self.rows(m, lo, hi) - w0 for m in self.steps])
+
+
+def _predict(opts: ExtrapolationOptions, x: _Tensor, t: np.ndarray, target: float, model_type: str | None
+             ) -> torch.Tensor:
+    """The predicted tensor at ``target`` in float64, stored orientation."""
+    out = torch.empty(x.shape or (1,), dtype=torch.float64)
+    m = opts.method
+    if m in ("expo", "effopd"):
+        alpha = (opts.coef_step * opts.k if m == "effopd" else
+                 opts.alpha if opts.alpha is not None else (target - t[-1]) / (t[-1] - t[-2]))
+        for lo, hi, w0, d in x.blocks():
+            wb, wa = w0 + d[-1], w0 + d[-2]
+            out[lo:hi] = wb + alpha * (wb - wa)
+        return out
+    if m == "linear" and opts.fit in (None, "two-point"):
+        for lo, hi, w0, d in x.blocks():
+            out[lo:hi] = w0 + (target / t[-1]) * d[-1]
+        return out
+    if m == "linear":  # lstsq through the base and every step
+        ts = np.concatenate([[0.0], t])
+        for lo, hi, w0, d in x.blocks():
+            y = np.concatenate([np.zeros((1, d[0].numel())), d.reshape(len(t), -1).numpy()])
+            out[lo:hi] = w0 + torch.from_numpy(_fit_predict(ts, y, target, 1)).reshape(w0.shape)
+        return out
+    if m == "relex":
+        g = np.zeros((len(t), len(t)))
+        for _, _, _, d in x.blocks():
+            flat = d.reshape(len(t), -1).numpy()
+            g += flat @ flat.T
+        lam, u = np.linalg.eigh(g)
+        lam, u = lam[::-1], u[:, ::-1]
+        r = min(opts.rank, len(t))
+        sig = np.sqrt(np.clip(lam[:r], 0.0, None))
+        keep = sig > 1e-6 * max(sig[0], 1e-300)
+        coefs = u[:, :r] * sig  # c_j(t_i) = σ_j u_ij
+        degree = 1 if opts.fit in (None, "linear") else opts.degree
+        c_hat = _fit_predict(t, coefs, target, degree)[0]
+        for lo, hi, w0, d in x.blocks():
+            flat = d.reshape(len(t), -1).numpy()
+            pred = np.zeros(flat.shape[1])
+            for j in range(r):
+                if keep[j]:
+                    pred += c_hat[j] * (flat.T @ u[:, j]) / sig[j]
+            out[lo:hi] = w0 + torch.from_numpy(pred).reshape(w0.shape)
+        return out
+    # alpharl: the rank-1 part of D_n, norm-matched, grown linearly in time
+    w0 = x.rows(x.base, 0, x.n_rows)
+    dn = x.rows(x.steps[-1], 0, x.n_rows) - w0
+    mat = dn.mT if stored_transposed(x.name, x.shape, model_type) else dn
+    dec = decompose(mat, k_vectors=1, mode="exact")
+    if dec.U is None:
+        return w0 + dn
+    r1 = math.sqrt(dec.fro2) * (dec.U[:, :1] @ dec.V[:, :1].T)
+    return w0 + (target / t[-1]) * (r1.mT if mat is not dn else r1)
+
+
+def _open(path: Path) -> ModelDir:
+    if is_adapter_dir(path):
+        raise InputError(path, "is a LoRA adapter; merge it into its base model first (extrapolation works on full "
+                               "weights)")
+    return ModelDir(path)
+
+
+def predicted_tensors(series: CheckpointSeries, target: int, opts: ExtrapolationOptions,
+                      counts: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the last observed step: predicted at ``target`` where selected."""
+    steps = [s for s, _ in series.steps]
+    t = np.asarray(steps, dtype=np.float64)
+    base, readers = _open(series.base), [_open(p) for _, p in series.steps]
+    last = readers[-1]
+    model_type = last.config.get("model_type")
+    counts = counts if counts is not None else {}
+    counts.setdefault("extrapolated", 0)
+    counts.setdefault("copied", 0)
+    try:
+        for name in last.names():
+            e = last.entries[name]
+            move = e.dtype in FLOAT_DTYPES and is_selected(name, e.shape, opts.groups, opts.matrices_only) and \
+                all(name in r and r.shape(name) == e.shape for r in (base, *readers))
+            if not move:
+                yield name, last.get(name)
+                counts["copied"] += 1
+                continue
+            pred = _predict(opts, _Tensor(base, readers, name), t, float(target), model_type)
+            yield name, pred.reshape(e.shape).to(last.dtype(name))
+            counts["extrapolated"] += 1
+    finally:
+        for r in (base, *readers):
+            r.close()
+
+
+def extrapolate(series: CheckpointSeries, target: int, out: str | Path, options: ExtrapolationOptions | None = None,
+                *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, **fields) -> Path:
+    """Write the weights ``options.method`` predicts at step ``target`` from the observed steps of ``series``
+    (its base is step 0) to the model directory ``out``: sharded safetensors with the sources, the method and
+    its parameters in the metadata, written under a temporary name, never into an input."""
+    from dataclasses import replace
+
+    opts = replace(options or ExtrapolationOptions(), **fields)
+    steps = [s for s, _ in series.steps]
+    need = max(MIN_STEPS[opts.method], opts.degree + 1 if opts.method == "relex" and opts.fit == "polynomial" else 0)
+    if len(steps) < need:
+        raise InputError(None, f"method {opts.method} needs at least {need} observed steps besides the base, run "
+                               f"{series.name!r} has {len(steps)}", ("method",))
+    if steps[0] <= 0:
+        raise InputError(series.steps[0][1], f"is step {steps[0]}; observed steps must be after the base (step 0)")
+    if target <= steps[-1]:
+        raise InputError(None, f"target step {target} must lie after the last observed step {steps[-1]}",
+                         ("target",))
+    check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[series.base, *(p for _, p in series.steps)])
+    meta = {"extrapolation_method": opts.method, "extrapolation_target": str(target),
+            "extrapolation_steps": ",".join(map(str, steps)), "extrapolation_base": str(Path(series.base).resolve()),
+            "extrapolation_sources": ",".join(str(Path(p).resolve()) for _, p in series.steps),
+            "extrapolation_options": repr({k: v for k, v in asdict(opts).items()})}
+    return write_model(predicted_tensors(series, target, opts), out, metadata=meta,
+                       copy_files_from=series.steps[-1][1], max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def observed(series: CheckpointSeries, keep: Sequence[int]) -> CheckpointSeries:
+    """The series restricted to the steps ``keep`` (a subset the methods fit on)."""
+    found = dict(series.steps)
+    missing = sorted(set(keep) - set(found))
+    if missing:
+        raise InputError(None, f"run {series.name!r} has no step {missing[0]} (its steps: "
+                               f"{', '.join(map(str, found))})", ("steps",))
+    return CheckpointSeries.from_list([(s, found[s]) for s in sorted(set(keep))], base=series.base,
+                                      name=series.name, load_mode=series.load_mode)
