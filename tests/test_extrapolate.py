@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.extrapolate import ExtrapolationOptions, extrapolate
+from opd_dynamics.extrapolate import extrapolate
 from opd_dynamics.extrapolate import methods as xm
 from opd_dynamics.io.model_dir import ModelDir
 from opd_dynamics.io.series import CheckpointSeries
