@@ -37,9 +37,9 @@ from opd_dynamics.lab.models import load_model
 from opd_dynamics.lab.presets import get_preset
 from opd_dynamics.lab.task import build_tokenizer
 from opd_dynamics.lab.train import (
-    _group_stats_callback,
     build_grpo_trainer,
     build_opd_trainer,
+    group_stats_callback,
     splits_for,
     train_teacher_and_student,
 )
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         log(f"[sweep] {method} lr {lr:g}: {a.steps} steps, {p.rollouts_per_step} completions per step, "
             f"eval every {a.eval_every} on {len(held)} held-out prompts")
         curve = Curve(tok, held, teacher, a.eval_every, a.steps, log)
-        stats = _group_stats_callback()
+        stats = group_stats_callback()
         out_dir = a.out / f".run-{method}-{lr:g}"
         kw = dict(callbacks=[curve, stats], max_steps=a.steps, save_steps=a.steps + 1, data_seed=data_seed, lr=lr)
         if method == "opd":

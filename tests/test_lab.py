@@ -246,3 +246,26 @@ def test_rl_from_a_lab_student_keeps_the_lab_split_whatever_its_own_seed(tmp_pat
     lab_split = splits_for(preset, json.loads((lab / "lab.json").read_text())["seed"])
     assert prompts == {p.prompt for p in lab_split.train}
     assert not prompts & {p.prompt for p in lab_split.heldout}
+
+
+def test_teacher_by_grpo_from_student_init_and_a_bad_teacher_method(tmp_path):
+    """teacher_method='grpo' trains the teacher from student_init with the lab's GRPO (as the paper's teacher is),
+    stopping at teacher_target or teacher_grpo_max_steps; a bad method is refused before anything is trained."""
+    from dataclasses import replace
+
+    from opd_dynamics.lab.presets import ModelSpec, get_preset
+    from opd_dynamics.lab.train import train_teacher_and_student
+
+    tiny = replace(get_preset("smoke"), name="tiny", n_train=400, n_heldout=40, n_eval=16,
+                   student=ModelSpec(hidden=16, layers=1, heads=2, intermediate=32), student_max_steps=4,
+                   student_target=1.1, sft_eval_every=2, teacher_method="grpo", teacher_grpo_max_steps=2,
+                   teacher_target=1.1, rollouts_per_step=16, grpo_generations=4)
+    info = train_teacher_and_student(tmp_path / "lab", tiny, 0, log=lambda m: None)
+    assert info["teacher_sft"]["method"] == "grpo_from_student_init" and info["teacher_sft"]["steps"] == 2
+    t = json.loads((tmp_path / "lab" / "teacher" / "config.json").read_text())
+    s = json.loads((tmp_path / "lab" / "student_init" / "config.json").read_text())
+    assert (t["hidden_size"], t["num_hidden_layers"]) == (s["hidden_size"], s["num_hidden_layers"]) == (16, 1)
+    assert not (tmp_path / "lab" / ".teacher-grpo").exists()
+    with pytest.raises(InputError, match="teacher_method"):
+        train_teacher_and_student(tmp_path / "bad", replace(tiny, teacher_method="ppo"), 0, log=lambda m: None)
+    assert not (tmp_path / "bad").exists()

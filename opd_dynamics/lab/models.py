@@ -1,4 +1,5 @@
-"""Tiny Qwen3-style causal LMs for the lab (teacher wider, student narrower but deeper).
+"""Tiny Qwen3-style causal LMs for the lab (teacher and student share one shape; the teacher is trained from
+the student init).
 
 Untied embeddings so that the embedding and the LM head show up as separate tensors in the
 parameter analysis; float32 everywhere (updates are small, and the analysis subtracts weights).

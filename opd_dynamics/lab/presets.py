@@ -43,7 +43,7 @@ class LabPreset:
     student_target: float  # student SFT (all problems) stops early once held-out greedy accuracy >= this
     teacher_lr: float
     teacher_max_steps: int
-    teacher_target: float  # teacher SFT (continued from student_init) stops once held-out accuracy >= this
+    teacher_target: float  # teacher training (from student_init) stops once held-out accuracy >= this
     sft_eval_every: int
     rl_steps: int
     save_steps: int
@@ -52,6 +52,11 @@ class LabPreset:
     opd_lr: float
     grpo_lr: float
     n_eval: int  # held-out prompts used to evaluate checkpoints
+    # the teacher is trained from student_init by "sft" (teacher_lr, teacher_max_steps: the stand-in) or by "grpo"
+    # (as the paper's: the preset's GRPO batch at teacher_grpo_lr, at most teacher_grpo_max_steps steps)
+    teacher_method: str = "sft"
+    teacher_grpo_lr: float = 1e-4
+    teacher_grpo_max_steps: int = 600
     pass_k: int = 8  # lab.json records pass@k (all and carry problems) of student_init, teacher and final steps
     # torch threads. 1 on the shared 2-core machine: with another process on one core, 2 threads made an SFT
     # step 30× slower (5.6 s against 0.18 s, hidden 128); on an idle machine 1 thread costs at most 2×.

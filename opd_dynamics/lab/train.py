@@ -1,9 +1,12 @@
-"""Lab training: SFT (plain torch loop) for teacher and student init; OPD and GRPO with TRL.
+"""Lab training: SFT (plain torch loop) for the student init and the teacher; OPD and GRPO with TRL.
 
+The student init is SFT on all problems stopped early (weak but reachable); the teacher has the same
+architecture and continues SFT from it (the stand-in for the paper's RL-tuned teacher of the same base).
 OPD is TRL's ``DistillationTrainer`` with ``beta=1.0`` (per-token reverse KL(student || teacher)
 over the full vocabulary) at ``temperature=1.0`` on completions the student samples itself
 (the trainer always generates on-policy). GRPO is TRL's ``GRPOTrainer`` with the exact-match
-reward and no reference-model KL (``beta=0.0``). Both start from the same student directory,
+reward and no reference-model KL (``beta=0.0``); it logs every step, and the share of its sample groups with
+non-zero reward variance goes to ``grpo_groups.csv``. Both start from the same student directory,
 read the same train prompts, run the same number of optimizer steps with the same number of
 sampled completions per step (learning rates per method, see presets), and save weights-only float32 checkpoints
 (``checkpoint-N/model.safetensors`` + ``config.json``).
@@ -234,7 +237,7 @@ ZERO_STD_KEY = "frac_reward_zero_std"
 GRPO_GROUPS_CSV = "grpo_groups.csv"
 
 
-def _group_stats_callback():
+def group_stats_callback():
     """A TrainerCallback that keeps, per logged step, the share of GRPO groups with non-zero reward variance
     (1 − TRL's `frac_reward_zero_std`) and the mean reward; `rows` holds them. GRPO logs every step in the
     lab (logging_steps=1), so each row is one optimizer step's generation batch."""
@@ -270,7 +273,7 @@ def build_grpo_trainer(student_dir, out_dir, preset: str | LabPreset = "smoke", 
                        callbacks: Iterable = (), max_steps: int | None = None, save_steps: int | None = None,
                        data_seed: int | None = None, lr: float | None = None):
     """The lab's RL trainer (TRL GRPOTrainer, exact-match reward, no KL penalty), ready to ``.train()``;
-    prompts as in `build_opd_trainer`. It logs every step (see `_group_stats_callback`); ``lr`` overrides the
+    prompts as in `build_opd_trainer`. It logs every step (see `group_stats_callback`); ``lr`` overrides the
     preset's ``grpo_lr`` (the sweep)."""
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -304,7 +307,7 @@ def train_grpo(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: in
 
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
-    stats = _group_stats_callback()
+    stats = group_stats_callback()
     trainer = build_grpo_trainer(student_dir, out_dir, preset, seed, [*callbacks, stats], max_steps, save_steps,
                                  data_seed, lr)
     trainer.train()
@@ -338,15 +341,57 @@ def _ensure_threads(p: LabPreset) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _stop_at_callback(tokenizer, held: Sequence[Problem], target: float, every: int, log: Callable[[str], None]):
+    """A TrainerCallback that evaluates held-out greedy accuracy every ``every`` steps and stops training once it
+    reaches ``target`` (the RL teacher's counterpart of `train_sft`'s early stop); ``result`` holds the last."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def __init__(self) -> None:
+            self.result = {"steps": 0, "accuracy": float("nan")}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0 or state.global_step >= state.max_steps:
+                acc = evaluate_model(model, tokenizer, held)["accuracy"]
+                self.result = {"steps": state.global_step, "accuracy": acc}
+                if acc >= target or state.global_step % (every * 8) == 0:
+                    log(f"  grpo teacher step {state.global_step}: held-out accuracy {acc:.3f}")
+                if acc >= target:
+                    control.should_training_stop = True
+            return control
+
+    return StopAt()
+
+
+def _teacher_by_grpo(out: Path, p: LabPreset, seed: int, held: Sequence[Problem], log: Callable[[str], None]) -> dict:
+    """GRPO from student_init (the preset's GRPO batch, ``teacher_grpo_lr``) until held-out greedy accuracy
+    reaches ``teacher_target`` or ``teacher_grpo_max_steps``; the model is saved as the teacher."""
+    from transformers.trainer_callback import ProgressCallback
+
+    tok = build_tokenizer()
+    lab = LabDir(out)
+    work = lab.root / ".teacher-grpo"
+    stop = _stop_at_callback(tok, held, p.teacher_target, p.sft_eval_every, log)
+    trainer = build_grpo_trainer(lab.student_init, work, p, seed, [stop], max_steps=p.teacher_grpo_max_steps,
+                                 save_steps=p.teacher_grpo_max_steps + 1, data_seed=seed, lr=p.teacher_grpo_lr)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train()
+    save_model_dir(trainer.model, tok, lab.teacher)
+    shutil.rmtree(work, ignore_errors=True)
+    return dict(stop.result)
+
+
 def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[[str], None] = print) -> dict:
-    """SFT the weak student init, then the teacher *from it*; save both under ``out``.
+    """Train the weak student init, then the teacher *from it*; save both under ``out``.
 
     Student init: SFT on all training problems, stopped early once held-out greedy accuracy reaches
     ``student_target`` (it has learnt the format and some carrying, so RL's samples hold rewards). Teacher: the
-    same architecture, SFT continued from ``student_init`` until ``teacher_target`` — the stand-in for the
-    paper's teacher, the RL-tuned version of the student's own base ("pattern-aligned"), which the lab makes by
-    SFT rather than by GRPO.
+    same architecture, trained from ``student_init`` until ``teacher_target``: by SFT (``teacher_method="sft"``,
+    the default: the stand-in for the paper's teacher, the RL-tuned version of the student's own base,
+    "pattern-aligned") or by GRPO (``"grpo"``, as in the paper).
     """
+    if p.teacher_method not in ("sft", "grpo"):
+        raise InputError(None, f"teacher_method must be 'sft' or 'grpo', got {p.teacher_method!r}")
     _ensure_threads(p)
     tok = build_tokenizer()
     sp = splits_for(p, seed)
@@ -363,13 +408,16 @@ def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[
     save_model_dir(student, tok, LabDir(out).student_init)
     info["student_sft"]["seconds"] = time.time() - t0
     t0 = time.time()
-    log(f"[lab] teacher: SFT continued from student_init to held-out accuracy {p.teacher_target}")
-    teacher = load_model(LabDir(out).student_init)
-    info["teacher_sft"] = train_sft(teacher, tok, sp.train, held, steps=p.teacher_max_steps, lr=p.teacher_lr,
-                                    batch=p.sft_batch, seed=seed + 2, target=p.teacher_target,
-                                    eval_every=p.sft_eval_every, log=log)
+    log(f"[lab] teacher: {p.teacher_method.upper()} from student_init to held-out accuracy {p.teacher_target}")
+    if p.teacher_method == "grpo":
+        info["teacher_sft"] = _teacher_by_grpo(out, p, seed, held, log)
+    else:
+        teacher = load_model(LabDir(out).student_init)
+        info["teacher_sft"] = train_sft(teacher, tok, sp.train, held, steps=p.teacher_max_steps, lr=p.teacher_lr,
+                                        batch=p.sft_batch, seed=seed + 2, target=p.teacher_target,
+                                        eval_every=p.sft_eval_every, log=log)
+        save_model_dir(teacher, tok, LabDir(out).teacher)
     info["teacher_sft"]["stop_accuracy"] = info["teacher_sft"].pop("accuracy")
-    info["teacher_sft"]["method"] = "sft_from_student_init"
-    save_model_dir(teacher, tok, LabDir(out).teacher)
+    info["teacher_sft"]["method"] = f"{p.teacher_method}_from_student_init"
     info["teacher_sft"]["seconds"] = time.time() - t0
     return info
