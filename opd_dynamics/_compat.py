@@ -31,8 +31,18 @@ MOVED: dict[str, tuple[str, ...]] = {
     "demo": ("opd_dynamics.lab.demo",),
     "metrics": ("opd_dynamics.analysis.metrics",),
 }
-#: old packages whose submodules moved with them
+#: old packages whose submodules moved with them (one moved elsewhere: MOVED above wins)
 MOVED_PACKAGES = {"metrics": "opd_dynamics.analysis.metrics"}
+MOVED.update({"metrics.fused": ("opd_dynamics.numerics.fused",),
+              "metrics._kernels": ("opd_dynamics.numerics._kernels",)})
+#: names that were renamed as they moved: old module → {old name: (module, new name)}
+RENAMED: dict[str, dict[str, tuple[str, str]]] = {
+    "deltas": {"float_dtype": ("opd_dynamics.numerics", "update_dtype")},
+    "metrics.norms": {"dot64": ("opd_dynamics.numerics", "dot"), "sum_squares64": ("opd_dynamics.numerics", "fro2")},
+    "plotting_cli": {"plot_cmd": ("opd_dynamics.plotting.cli", "plot"),
+                     "report_cmd": ("opd_dynamics.plotting.cli", "report")},
+    "demo": {"demo_cmd": ("opd_dynamics.lab.cli", "demo")},
+}
 _PREFIX = "opd_dynamics."
 
 
@@ -62,7 +72,12 @@ class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         mods = [importlib.import_module(m) for m in new]
         proxy = types.ModuleType(spec.name, f"Moved to {', '.join(new)}.")
 
+        renamed = RENAMED.get(spec.name[len(_PREFIX):], {})
+
         def __getattr__(name: str):
+            if name in renamed:
+                module, new_name = renamed[name]
+                return getattr(importlib.import_module(module), new_name)
             for m in mods:
                 if hasattr(m, name):
                     return getattr(m, name)

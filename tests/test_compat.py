@@ -22,7 +22,22 @@ OLD_TO_NEW = [
     ("opd_dynamics.metrics.spectrum", "decompose", "opd_dynamics.analysis.metrics.spectrum"),
     ("opd_dynamics.html_report", "render_html", "opd_dynamics.plotting.html"),
     ("opd_dynamics.demo", "run_demo", "opd_dynamics.lab.demo"),
+    ("opd_dynamics.metrics.fused", "fused_dot", "opd_dynamics.numerics.fused"),
 ]
+RENAMED = [("opd_dynamics.deltas", "float_dtype", "opd_dynamics.numerics", "update_dtype"),
+           ("opd_dynamics.metrics.norms", "dot64", "opd_dynamics.numerics", "dot"),
+           ("opd_dynamics.plotting_cli", "plot_cmd", "opd_dynamics.plotting.cli", "plot"),
+           ("opd_dynamics.demo", "demo_cmd", "opd_dynamics.lab.cli", "demo")]
+
+
+@pytest.mark.parametrize("old, name, new, new_name", RENAMED)
+def test_renamed_names_are_served_under_their_old_names(old, name, new, new_name):
+    import opd_dynamics  # noqa: F401
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning):
+        mod = importlib.import_module(old)
+    assert getattr(mod, name) is getattr(importlib.import_module(new), new_name)
 
 
 @pytest.mark.parametrize("old, name, new", OLD_TO_NEW)

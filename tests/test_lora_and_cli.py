@@ -264,3 +264,9 @@ def test_library_errors_name_parameters_and_the_cli_names_flags():
     assert cli_message(e.value).startswith("--k-max and --fixed-k must be >= 0")
     e = InputError(None, "nothing to extrapolate (see groups and matrices_only)", ("groups", "matrices_only"))
     assert cli_message(e) == "nothing to extrapolate (see --groups and --all-shapes)"
+    e = InputError(None, "strict=True keeps W_t; strict=False accepts ties; progress=True draws a bar",
+                   ("strict", "progress"))
+    assert cli_message(e) == "--strict keeps W_t; --accept-ties accepts ties; --progress draws a bar"
+    import opd_dynamics.lab.cli  # noqa: F401  (makes the lab's flags)
+    e = InputError(None, "max_steps must be positive; gate=False skips the probe", ("max_steps", "gate"))
+    assert cli_message(e) == "--steps must be positive; --no-gate skips the probe"

@@ -161,3 +161,10 @@ def test_lockin_waits_for_alignment_above_the_null():
     assert summary["lockin_step"] == expect and expect is not None and expect > 1
     ref, _ = ref_trajectory(ds, steps)
     assert summary["rank1_share"] == pytest.approx(ref["rank1_share"], rel=1e-12)
+
+
+def test_spectra_groups_none_means_every_group(tmp_path):
+    """spectra_groups=None (--spectra-groups all) reaches every matrix; it used to fail every tensor."""
+    series, _ = _series(tmp_path, "line")
+    rep = analyze(series, progress=False, svd="none", spectra_groups=None)
+    assert rep.meta["failed"] == [] and set(rep.trajectory["tensor"]) >= {Q, UP}

@@ -4,8 +4,8 @@ composition per tensor (`tensor`), the executors and caches that run a pass, and
 `analyze()` is the one call (CSV tables + run.json); `describe()` its dry run.
 """
 
-from opd_dynamics.analysis.api import analyze, describe
+from opd_dynamics.analysis.api import SeriesLike, analyze, describe
 from opd_dynamics.analysis.options import AnalysisOptions
 from opd_dynamics.analysis.report import Report
 
-__all__ = ["AnalysisOptions", "Report", "analyze", "describe"]
+__all__ = ["AnalysisOptions", "Report", "SeriesLike", "analyze", "describe"]

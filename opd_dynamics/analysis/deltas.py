@@ -287,7 +287,7 @@ def _rows_delta(reader: SeriesReader, tp: TensorPlan, step: int, lo: int, hi: in
     m = reader.steps[step]
     if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
         return m.delta_rows(tp.name, lo, hi, torch.float64, tp.transposed)
-    rows = m.full(tp.name)[lo:hi] if isinstance(m, LoraAdapter) else m.get_rows(tp.name, lo, hi)
+    rows = m.full_rows(tp.name, lo, hi) if isinstance(m, LoraAdapter) else m.get_rows(tp.name, lo, hi)
     return rows.to(torch.float64) - w0
 
 

@@ -62,6 +62,14 @@ class JobResult:
     device: tuple[str, str] | None = None  # (device used, its name), as the worker that ran the job saw it
 
 
+# Below this many elements a tensor is analysed on one thread, torch's and BLAS's alike: two threads gain
+# nothing there (48x128 decompositions: 0.38 ms either way), and on a loaded machine each tiny parallel
+# region waits for a descheduled thread (the shipped lab series: 22 s with two torch threads vs 3.4 s with
+# one, beside two busy processes), while idle OpenBLAS threads spin and slow their neighbours. From
+# 128x512 up, two threads are faster (2.1 vs 2.4 ms), so larger tensors keep them, except that torch keeps
+# one where spectra run on the CPU: those do their heavy linear algebra in scipy's BLAS, whose threads
+# and torch's would take turns spinning (2 layers x 2 steps of 0.5B shapes: 4.1 s with one torch thread
+# against 6.0 s with two).
 SINGLE_THREAD_NUMEL = 1 << 16
 _BLAS = ThreadpoolController()  # scipy's BLAS is loaded by now (metrics.spectrum imports it)
 

@@ -29,8 +29,8 @@ class AnalysisOptions:
     """Everything that changes what a pass computes (the resume-cache key). Each field is one CLI flag of
     `analyze` (generated: see `opd_dynamics.io.cli.dataclass_options`)."""
 
-    svd: str = option("exact", "exact: full float64 spectra; fast: randomized top-k (labelled); none: norms only.",
-                    choices=SVD_MODES)
+    svd: str = option("exact", "exact: full float64 spectra; fast: randomized top-k (labelled); none: no spectra "
+                      "(norms, and the trajectory unless --no-trajectory).", choices=SVD_MODES)
     geometry: bool = option(False, "Also measure the update against the base's own singular vectors. Exact in every "
                           "--svd mode (it needs W_t's whole spectrum), so it costs about as much as the exact "
                           "spectra and most of a fast run.", flag="--geometry")
@@ -62,6 +62,10 @@ class AnalysisOptions:
                              ("dtype",))
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise InputError(None, f"device must be cpu, cuda or auto, not {self.device!r}", ("device",))
+
+    def spectra_groups_include(self, group: str) -> bool:
+        """Whether a matrix of this naming group gets spectra, alignment and trajectory (None: every group)."""
+        return self.spectra_groups is None or group in self.spectra_groups
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -65,7 +65,8 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
     group = tp.info.group
     units = _units(tp)
     mshape = tp.shape[1:] if units != [None] else tp.shape
-    matrix = (len(mshape) == 2 and min(mshape) > 1 and group in opts.spectra_groups and opts.svd != "none")
+    spectral = len(mshape) == 2 and min(mshape) > 1 and opts.spectra_groups_include(group)  # a matrix of the groups
+    matrix = spectral and opts.svd != "none"
     # the norm columns and embedding cosines run on the base and steps as stored; only spectra need floats
     # ΔW in the asked precision, never below the stored one (float64 checkpoints stay float64)
     work = update_dtype(DTYPES[tp.stored_dtype], opts.torch_dtype)
@@ -113,8 +114,7 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                                                              k=opts.k_subspace, K=opts.k_paired)})
             if base_dec:
                 out["geometry"].append({**ident, **geometry_metrics(base_dec[u], wtu, du, dec.fro2)})
-    if opts.trajectory and len(mshape) == 2 and min(mshape) > 1 and group in opts.spectra_groups \
-            and len(tp.steps) >= 2:
+    if opts.trajectory and spectral and len(tp.steps) >= 2:  # norm-based: in every svd mode
         _trajectory_rows(reader, tp, units, opts, out)
     return out
 
@@ -123,13 +123,20 @@ def _trajectory_rows(reader: SeriesReader, tp: TensorPlan, units: list[int | Non
                      out: dict[str, list[dict]]) -> None:
     """trajectory.csv (one row per matrix) and segments.csv (one per matrix and step), from the updates read
     again a row block at a time (see deltas.iter_delta_blocks)."""
-    acc = {u: TrajectoryAccumulator(tp.steps) for u in units}
-    for u, block in iter_delta_blocks(reader, tp, units):
-        acc[u].add(block.numpy())
-    for u, a in acc.items():
+    def finish(u: int | None, acc: TrajectoryAccumulator) -> None:
         ident = {**_ident(reader.series, tp), **({} if u is None else {"expert": u})}
-        summary, rows = a.result(opts.lockin_threshold, opts.lockin_margin)
+        summary, rows = acc.result(opts.lockin_threshold, opts.lockin_margin)
         out["trajectory"].append({**ident, "step": tp.steps[-1], **summary})
         out["segments"].extend({**ident, **r} for r in rows)
+
+    unit, acc = None, None  # the units come one after another: one accumulator alive at a time
+    for u, block in iter_delta_blocks(reader, tp, units):
+        if acc is None or u != unit:
+            if acc is not None:
+                finish(unit, acc)
+            unit, acc = u, TrajectoryAccumulator(tp.steps)
+        acc.add(block.numpy())
+    if acc is not None:
+        finish(unit, acc)
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from opd_dynamics.effopd.options import EffOPDOptions
+from opd_dynamics.effopd.options import EffOPDOptions, is_power_of_two, make_trigger  # noqa: F401 (0.1's home)
 from opd_dynamics.numerics import fro2, update_dtype
 
 _log = logging.getLogger(__name__)

@@ -24,19 +24,22 @@ def flag_for(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
-#: parameters whose flag does not follow `flag_for` (filled by `dataclass_options` from a field's ``flag``: the
-#: flag that changes the default, e.g. matrices_only → --all-shapes, progress → --quiet)
-FLAGS: dict[str, str] = {}
+#: flags of the options `dataclass_options` made: parameter → (flag that sets True or takes the value, flag that
+#: sets False or None, flag that changes the default). matrices_only → ('--matrices-only', '--all-shapes',
+#: '--all-shapes'); max_steps → ('--steps', None, '--steps')
+FLAGS: dict[str, tuple[str, str | None, str]] = {}
 
 
 def cli_message(e: InputError) -> str:
     """An InputError as the command line says it: each parameter it names (``params``) shown as its flag, and
-    ``name=True`` as the bare flag."""
+    ``name=True`` / ``name=False`` as the flag that sets it so."""
     text = str(e)
     for p in e.params:
-        flag = FLAGS.get(p, flag_for(p))
-        text = re.sub(rf"(?<![\w-]){re.escape(p)}=True\b", flag, text)
-        text = re.sub(rf"(?<![\w-]){re.escape(p)}(?![\w-])", flag, text)
+        on, off, change = FLAGS.get(p, (flag_for(p), None, flag_for(p)))
+        text = re.sub(rf"(?<![\w-]){re.escape(p)}=True\b", on, text)
+        if off is not None:
+            text = re.sub(rf"(?<![\w-]){re.escape(p)}=False\b", off, text)
+        text = re.sub(rf"(?<![\w-]){re.escape(p)}(?![\w-])", change, text)
     return text
 
 
@@ -74,8 +77,6 @@ def dataclass_options(cls: type, *, only: tuple[str, ...] | None = None, exclude
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         kw: dict[str, Any] = {"help": md.get("help"), "show_default": True}
         decl = md.get("flag", flag_for(f.name))
-        if "/" in decl:
-            FLAGS[f.name] = decl.split("/")[1 if default is True else 0]
         if "cli" in md:
             kind = md["cli"]
             kw.update(default=None, show_default=False, metavar=md.get("metavar", "TEXT"),
@@ -85,6 +86,8 @@ def dataclass_options(cls: type, *, only: tuple[str, ...] | None = None, exclude
         elif bool in base:
             decl = md.get("flag", f"{flag_for(f.name)}/--no-{f.name.replace('_', '-')}")
             kw.update(default=default, is_flag=True)
+            on, _, off = decl.partition("/")
+            FLAGS[f.name] = (on, off or None, (off or on) if default is True else on)
         elif "choices" in md:
             kw.update(type=click.Choice(list(md["choices"])), default=default)
         elif int in base:
@@ -95,6 +98,8 @@ def dataclass_options(cls: type, *, only: tuple[str, ...] | None = None, exclude
             kw.update(type=str, default=default)
         if kw.get("default") is None:
             kw["show_default"] = False
+        if "flag" in md and bool not in base:
+            FLAGS[f.name] = (decl, None, decl)
         out.append(click.option(decl, f.name, **kw))
     return out
 

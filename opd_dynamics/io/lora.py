@@ -119,6 +119,10 @@ class LoraAdapter:
         """A fully saved module's weight (replaces the base weight)."""
         return self._store.get(self._full[name])
 
+    def full_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a fully saved module's weight, reading only their bytes."""
+        return self._store.get_rows(self._full[name], start, stop)
+
     def nbytes(self, name: str | None = None) -> int:
         if name is None:
             return self._store.nbytes()
