@@ -314,7 +314,7 @@ _LAB = (
         _c("k_accepted", "int", "the k accepted (0: W_t kept)"),
         _c("coef", "float", "the coefficient applied, 2k"),
         _c("tie", "bool", "k > 0 accepted while its score equals W_t's"),
-        _c("scores", "str", "validation scores as a JSON list, W_t's first"),
+        _c("scores", "str", "validation scores as a JSON list, W_t's first (a list per score for tuple scores)"),
     ), "what each EffOPD trigger of the measurement did", writer="opd_dynamics.lab.effopd.run_effopd_lab"),
 )
 
@@ -327,7 +327,7 @@ _EFFOPD = (
         _c("k_accepted", "int", "the k accepted (0: W_t kept)"),
         _c("coef", "float", "the coefficient applied, 2k"),
         _c("tie", "bool", "k > 0 accepted while its score equals W_t's"),
-        _c("scores", "str", "validation scores as a JSON list, W_t's first"),
+        _c("scores", "str", "validation scores as a JSON list, W_t's first (a list per score for tuple scores)"),
         _c("coefs", "str", "the candidates' coefficients as a JSON list"),
         _c("delta_norm", "float", "‖Δ‖F of the selected parameters, Δ = W_t − W_anchor"),
         _c("validation_s", "float", "seconds spent scoring"),

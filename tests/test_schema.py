@@ -225,8 +225,9 @@ def test_speedup_is_one_rule_for_the_lab_and_the_html_report():
     assert median_speedup(summary, "effopd") == 1.0  # the ratio of the medians would say 4/3
     assert math.isnan(median_speedup(summary.assign(steps_to_target=float("nan")), "effopd"))
     lab = speedups(summary)
-    assert lab["effopd"] == {"per_seed": {0: 1.0, 1: 4.0, 2: 1.0}, "median": 1.0}
+    assert lab["effopd"] == {"per_seed": {0: 1.0, 1: 4.0, 2: 1.0}, "median": 1.0, "seeds_with_a_ratio": 3}
     assert lab["fixed"]["median"] == 2.0 and math.isnan(lab["fixed"]["per_seed"][1])
+    assert lab["fixed"]["seeds_with_a_ratio"] == sum(not math.isnan(v) for v in lab["fixed"]["per_seed"].values())
     html = dict(key_tables(as_tables({"effopd_summary": summary})))["EffOPD summary (median over seeds)"]
     col = html.set_index("method")["step speedup vs vanilla (median of per-seed ratios)"]
     assert {m: col[m] for m in ("effopd", "fixed", "vanilla")} == {"effopd": 1.0, "fixed": 2.0, "vanilla": 1.0}

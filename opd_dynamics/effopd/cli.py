@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from opd_dynamics.effopd.options import EffOPDOptions
-from opd_dynamics.effopd.probe import DEFAULT_COEFS
+from opd_dynamics.effopd.probe import DEFAULT_COEFS, GATE_TEXT
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.cli import dataclass_options, options_from, parse_floats, parse_size, with_options
 from opd_dynamics.io.reader import LOAD_MODES
@@ -35,7 +35,8 @@ def effopd() -> None:
 @with_options(dataclass_options(EffOPDOptions, only=("k_max", "coef_step", "strict")))
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
 def search(prev, cur, out, overwrite, max_shard_size, load_mode, eval_cmd, timeout, **fields) -> None:
-    """Score B, then B + 2k(B − A) for k = 1 … K in order; keep the last that does not score worse; write it to OUT."""
+    """Score B, then B + 2k(B − A) for k = 1 … K in order; keep the last that scores better (--accept-ties: not
+    worse); write it to OUT."""
     from opd_dynamics.effopd.offline import search_checkpoints
 
     rec = search_checkpoints(prev, cur, out, eval_cmd, options_from(EffOPDOptions, fields), timeout=timeout,
@@ -81,6 +82,6 @@ def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, load_mode,
                     options=options_from(EffOPDOptions, fields), timeout=timeout, echo=click.echo)
     click.echo(df.to_string(index=False))
     for pair, ok in verdict(df).items():
-        click.echo(f"{pair}: " + ("some c in [0.5, 2] scores above W_t" if ok else
-                                  "no c in [0.5, 2] scores above W_t: no foresight to use along this segment"))
+        click.echo(f"{pair}: " + (f"some {GATE_TEXT} scores above W_t" if ok else
+                                  f"no {GATE_TEXT} scores above W_t: no foresight to use along this segment"))
     click.echo(f"wrote {out}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.effopd.options import EffOPDOptions
-from opd_dynamics.effopd.search import TriggerRecord, published_search
+from opd_dynamics.effopd.search import Score, TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
 from opd_dynamics.io.reader import is_adapter_dir
@@ -165,7 +165,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
                        timeout: float | None = None, echo: Callable[[str], None] | None = None,
                        **fields) -> TriggerRecord:
     """The published search on saved checkpoints: score B itself, then candidates B + 2k(B − A), k = 1 … K, in
-    order, keeping the last one whose score is ≥ the best so far (> with `strict`); the kept model is written to
+    order, keeping the last one whose score is > the best so far (≥ with `strict=False`); the kept model is written to
     `out` (a copy of B when no candidate is accepted) with `effopd_search.json` describing every score.
 
     `score` is a callable on a model directory, or a shell command (see `command_scorer`). `options` (or its
@@ -192,7 +192,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
         cands[k] = p
         return p
 
-    def score_k(k: int) -> float:
+    def score_k(k: int) -> Score:
         nonlocal val_s
         path = cur if k == 0 else make(k)
         v0 = time.perf_counter()

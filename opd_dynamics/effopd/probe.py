@@ -11,6 +11,7 @@ a time.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -30,6 +31,7 @@ from opd_dynamics.schema import PROBE_JSON, TABLES
 DEFAULT_COEFS = (-0.5, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: the range of c where EffOPD's first candidates lie: a probe that improves there is worth a search
 GATE_RANGE = (0.5, 2.0)
+GATE_TEXT = f"c in [{GATE_RANGE[0]:g}, {GATE_RANGE[1]:g}]"
 
 
 def step_path(series: CheckpointSeries, step: int) -> Path:
@@ -57,18 +59,21 @@ def check_pairs(series: CheckpointSeries, pairs: Sequence[tuple[int, int]]) -> l
 def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score: Callable[[Path], Score] | str, *,
                coefs: Sequence[float] = DEFAULT_COEFS, out: str | Path | None = None, overwrite: bool = False,
                options: EffOPDOptions | None = None, timeout: float | None = None,
-               echo: Callable[[str], None] | None = None, **fields) -> pd.DataFrame:
+               echo: Callable[[str], None] | None = None, work: str | Path | None = None, **fields) -> pd.DataFrame:
     """probe.csv's rows: score of W_t + c·(W_t − W_s) for each pair (s, t) and each c in ``coefs``. ``options``
     (or its keyword ``fields``: groups, matrices_only, naming_overrides) say which tensors move, as for EffOPD.
-    With ``out``, probe.csv and probe.json are written there (atomically; candidates live beside it)."""
+    With ``out``, probe.csv and probe.json are written there (atomically). Candidates are written in ``work``
+    (default: beside ``out``, else a temporary directory), never among the inputs. c = 0 (W_t) is always
+    scored: the verdict compares with it."""
     pairs = check_pairs(series, pairs)
-    coefs = sorted({float(c) for c in coefs})
+    coefs = sorted({0.0, *(float(c) for c in coefs)})
     opts = replace(options or EffOPDOptions(), **fields)
     if out is not None:
         check_output(out, (PROBE_JSON,), overwrite=overwrite,
                      inputs=[series.base, *(p for _, p in series.steps)])
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
-    work = Path(out).parent if out is not None else Path(series.base).parent
+    own = work is None and out is None
+    work = Path(tempfile.mkdtemp(prefix="opd-probe-")) if own else Path(work if work is not None else Path(out).parent)
     rows = []
     for s, t in pairs:
         ws, wt = step_path(series, s), step_path(series, t)
@@ -83,6 +88,8 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
                 finally:
                     shutil.rmtree(cand, ignore_errors=True)
             rows.append({"run": series.name, "step_from": s, "step": t, "coef": c, "score": primary(got)})
+    if own:
+        shutil.rmtree(work, ignore_errors=True)
     df = pd.DataFrame(rows, columns=TABLES["probe"].names)
     if out is not None:
         with atomic_dir(out, (PROBE_JSON,), overwrite=overwrite) as tmp:
@@ -94,11 +101,16 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
     return df
 
 
+def pair_label(s: int, t: int) -> str:
+    """How a pair is named in verdicts and logs: 's:t'."""
+    return f"{int(s)}:{int(t)}"
+
+
 def verdict(probe: pd.DataFrame, lo: float = GATE_RANGE[0], hi: float = GATE_RANGE[1]) -> dict[str, bool]:
     """Per pair 's:t': whether some c in [lo, hi] scores above c = 0 (W_t) — the gate before EffOPD."""
     out = {}
     for (s, t), d in probe.groupby(["step_from", "step"]):
         base = d.loc[d["coef"] == 0.0, "score"]
         ahead = d.loc[(d["coef"] >= lo) & (d["coef"] <= hi), "score"]
-        out[f"{int(s)}:{int(t)}"] = bool(len(base) and len(ahead) and (ahead > float(base.iloc[0])).any())
+        out[pair_label(s, t)] = bool(len(base) and len(ahead) and (ahead > float(base.iloc[0])).any())
     return out

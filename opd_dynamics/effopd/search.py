@@ -104,7 +104,7 @@ class TriggerRecord:
         """One sentence for logs when `tie` holds."""
         return (f"EffOPD accepted k={self.k_accepted} (coef {self.coef:g}) on a tie: every score was "
                 f"{self.scores[0]}, W_t's included, so the validation could not tell the candidates apart "
-                "(strict=True keeps W_t on ties)")
+                "(the default strict rule keeps W_t on ties)")
 
     def as_log(self, prefix: str = "effopd/") -> dict[str, float]:
         """Flat numbers for a trainer log (`state.log_history`, wandb …)."""
@@ -223,7 +223,7 @@ class EffOPD:
             if k_acc:
                 self._set(wt, self.options.coef_step * k_acc)
         else:
-            def score_k(k: int) -> float:
+            def score_k(k: int) -> Score:
                 nonlocal val_s
                 if k:
                     self._set(wt, self.options.coef_step * k)

@@ -5,8 +5,9 @@ the same teacher, train prompts, optimizer steps and run seed; they differ only 
 steps 1, 2, 4, 8, …:
 
 - ``vanilla``: nothing;
-- ``effopd``: the published adaptive search (K = 5 candidates W_t + 2kΔ, accept while the validation accuracy
-  — greedy exact match on 50 prompts sampled from the training prompts — is ≥ the best so far);
+- ``effopd``: the published adaptive search (K = 5 candidates W_t + 2kΔ, accept while the validation score —
+  by default sampled accuracy on 50 prompts sampled from the training prompts, drawn afresh per candidate —
+  is strictly above the best so far);
 - ``fixed``: always jump with a fixed k (default 2, i.e. W_t + 4Δ, the middle of the published range), no
   validation — what the adaptive choice adds over a blind jump.
 
@@ -14,6 +15,10 @@ Held-out greedy accuracy is measured at step 0, at every trigger step and every 
 the end; that measurement is excluded from ``wall_s`` (training wall-clock, EffOPD's own validation included,
 reported separately as ``validation_s``). ``steps_to_target`` is the first measured step whose held-out accuracy
 is ≥ 95 % of vanilla's final held-out accuracy for that seed.
+
+Before EffOPD and fixed run for a seed, its vanilla run is probed at the early probe steps (W_t + c·(W_t − W_{t/2})
+on the held-out problems, `opd_dynamics.effopd.probe`); where no c in the gate's range beats W_t, they are not
+run ("no foresight in this regime"; `gate=False` runs them anyway).
 
 Teacher and student come from an existing lab directory (``--lab DIR``: ``DIR/teacher``, ``DIR/student_init``;
 its train/held-out split, from ``DIR/lab.json``'s seed, is reused so held-out prompts stay unseen) or are
@@ -35,7 +40,7 @@ from transformers import TrainerCallback
 
 from opd_dynamics.effopd.callback import EffOPDCallback, sample_validation
 from opd_dynamics.effopd.options import is_power_of_two
-from opd_dynamics.effopd.probe import line_probe, verdict
+from opd_dynamics.effopd.probe import GATE_TEXT, line_probe, pair_label, verdict
 from opd_dynamics.effopd.summary import per_seed_speedups
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.series import CheckpointSeries
@@ -88,14 +93,16 @@ class _Curve(TrainerCallback):
 class _Snapshots(TrainerCallback):
     """Saves the model at the probe steps (and their halves), for the line probe after the run."""
 
-    def __init__(self, steps: set[int], root: Path):
-        self.steps, self.root, self.saved = steps, root, {}
+    def __init__(self, steps: set[int], root: Path, curve: _Curve):
+        self.steps, self.root, self.saved, self.curve = steps, root, {}, curve
 
     def on_step_end(self, args, state, control, model=None, **kw):
         if state.global_step in self.steps:
+            t = time.perf_counter()
             d = self.root / f"checkpoint-{state.global_step}"
             model.save_pretrained(d)
             self.saved[state.global_step] = d
+            self.curve.eval_s += time.perf_counter() - t  # kept out of the training wall-clock, as evaluation is
         return control
 
 
@@ -144,7 +151,7 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
     tok = build_tokenizer()
     sp = splits_for(p, data_seed)
     held = sp.heldout[: p.n_eval]
-    steps = opt.max_steps or p.rl_steps
+    steps = run_steps(opt, p)
     curve = _Curve(tok, held, opt.eval_every, steps, log, f"seed {seed} {method}")
     callbacks: list = []
     eff = None
@@ -153,16 +160,16 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
                                                        opt.n_val, seed)}
         probs = [q for q in sp.train if q.prompt in val]
 
-        score = validation_score(opt.validation, tok, probs, teacher, seed)
+        score = validation_score(opt.validation, tok, probs, teacher, seed) if method == "effopd" else None
 
-        eff = EffOPDCallback(score if method == "effopd" else None, opt.effopd,
+        eff = EffOPDCallback(score, opt.effopd,
                              fixed_k=opt.fixed_k if method == "fixed" else None, max_step=steps,
                              csv_path=work / f"{method}-{seed}-triggers.csv")
         callbacks.append(eff)
     callbacks.append(curve)  # after EffOPD: the curve sees the weights training continues from
     snaps = None
     if method == "vanilla" and pairs:
-        snaps = _Snapshots({x for pair in pairs for x in pair if x > 0}, work / f"probe-{seed}")
+        snaps = _Snapshots({x for pair in pairs for x in pair if x > 0}, work / f"probe-{seed}", curve)
         callbacks.append(snaps)
     out_dir = work / f"{method}-{seed}"
     trainer = build_opd_trainer(student, teacher, out_dir, p, seed, callbacks, max_steps=steps,
@@ -187,22 +194,28 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
         + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
         + (f"; {ties} of them accepted on a tie (see the warnings above)" if ties else ""))
     if snaps is not None:
-        info["probe"] = _probe(seed, student, snaps.saved, pairs, tok, held, log)
+        info["probe"] = _probe(seed, student, snaps.saved, pairs, tok, held, log, work)
     return c, trig, info
 
 
-def _probe(seed: int, student: Path, saved: dict[int, Path], pairs, tok, held, log) -> pd.DataFrame:
+def run_steps(opt: EffOPDLabOptions, p: LabPreset) -> int:
+    """Optimizer steps per run: the option, else the preset's rl_steps."""
+    return opt.max_steps or p.rl_steps
+
+
+def _probe(seed: int, student: Path, saved: dict[int, Path], pairs, tok, held, log, work: Path) -> pd.DataFrame:
     """The line probe of a vanilla run at its early pairs, scored by held-out greedy accuracy."""
     series = CheckpointSeries.from_list(sorted(saved.items()), base=student, name=f"seed{seed}")
 
     def score(path: Path) -> float:
         return evaluate_model(load_model(path), tok, held)["accuracy"]
 
-    df = line_probe(series, pairs, score)
+    df = line_probe(series, pairs, score, work=work)
     for pair, ok in verdict(df).items():
-        d = df[df["step"] == int(pair.split(":")[1])].set_index("coef")["score"]
+        s_, t_ = next((s_, t_) for s_, t_ in pairs if pair_label(s_, t_) == pair)
+        d = df[(df["step_from"] == s_) & (df["step"] == t_)].set_index("coef")["score"]
         log(f"[effopd] seed {seed} probe {pair}: " + ", ".join(f"c={c:g} {v:.3f}" for c, v in d.items())
-            + ("" if ok else "  (no c in [0.5, 2] above W_t)"))
+            + ("" if ok else f"  (no {GATE_TEXT} above W_t)"))
     return df
 
 
@@ -226,14 +239,17 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         t_all = time.perf_counter()
         teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)
         curves, trigs, rows, probes, gate = [], [], [], [], {}
-        pairs = probe_pairs(opt.probe_steps, opt.max_steps or p.rl_steps)
+        pairs = probe_pairs(opt.probe_steps, run_steps(opt, p))
+        if opt.gate and not pairs:
+            log(f"[effopd] no probe step of {list(opt.probe_steps)} lies within the {run_steps(opt, p)}-step runs: "
+                "the gate is not applied")
         for seed in seed_list:
             for method in METHODS:
                 if method != "vanilla" and opt.gate and pairs and not any(gate[seed].values()):
                     log(f"[effopd] seed {seed}: {method} not run: no foresight in this regime (the line probe at "
-                        f"{', '.join(gate[seed])} improves for no c in [0.5, 2]; see probe.csv)")
+                        f"{', '.join(gate[seed])} improves for no {GATE_TEXT}; see probe.csv)")
                     continue
-                log(f"[effopd] seed {seed}: {method} ({opt.max_steps or p.rl_steps} steps, preset {p.name})")
+                log(f"[effopd] seed {seed}: {method} ({run_steps(opt, p)} steps, preset {p.name})")
                 c, t, info = _one_run(method, seed, teacher, student, data_seed, p, opt, tmp, log, pairs)
                 if "probe" in info:
                     pr = info.pop("probe")
@@ -251,7 +267,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         if probes:
             pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
         meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
-                "options": asdict(opt), "steps": opt.max_steps or p.rl_steps, "speedup": speedups(summary),
+                "options": asdict(opt), "steps": run_steps(opt, p), "speedup": speedups(summary),
                 "probe_pairs": pairs, "probe_verdict": {str(k): v for k, v in gate.items()},
                 "gated_out_seeds": [k for k, v in gate.items() if opt.gate and not any(v.values())],
                 "total_s": round(time.perf_counter() - t_all, 1)}
@@ -286,7 +302,8 @@ def speedups(summary: pd.DataFrame) -> dict:
         ratio = per_seed_speedups(summary, m)
         median = ratio.median()  # over the seeds with a ratio
         out[m] = {"per_seed": {int(k): float(x) for k, x in ratio.items()},
-                  "median": None if pd.isna(median) else float(median)}
+                  "median": None if pd.isna(median) else float(median),
+                  "seeds_with_a_ratio": int(ratio.notna().sum())}  # gated-out seeds and missed targets have none
     return out
 
 
