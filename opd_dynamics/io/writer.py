@@ -46,7 +46,7 @@ def check_output(out: str | Path, markers: Sequence[str], *, overwrite: bool = F
     if not (out.exists() or out.is_symlink()):
         return out
     if not overwrite:
-        raise InputError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+        raise InputError(out, "already exists; pass overwrite=True to replace it", ("overwrite",))
     if not out.is_dir() or out.is_symlink():
         raise InputError(out, "is a file or a link, not an earlier output directory; it is left as it is")
     if any(out.iterdir()) and not any((out / m).exists() for m in markers):

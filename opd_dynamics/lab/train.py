@@ -164,7 +164,8 @@ def _common_args(p: LabPreset, out_dir: Path, seed: int, max_steps: int, save_st
 def _check_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise InputError(out_dir, "already exists and is not empty; pass overwrite=True to replace it")
+            raise InputError(out_dir, "already exists and is not empty; pass overwrite=True to replace it",
+                             ("overwrite",))
         shutil.rmtree(out_dir)
 
 

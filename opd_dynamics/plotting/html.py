@@ -241,7 +241,7 @@ def render_html(report_dirs: str | Path | Iterable[Any] | Any, html_path: str | 
     if path.suffix.lower() not in (".html", ".htm"):  # --overwrite must never replace a table or run.json
         raise InputError(path, "is not an .html path; the report is written only to a file named *.html")
     if path.exists() and not overwrite:
-        raise InputError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
+        raise InputError(path, "already exists; pass overwrite=True to replace it", ("overwrite",))
     if path.exists() and (path.is_dir() or path.is_symlink()):
         raise InputError(path, "is a directory or a link, not an HTML file path")
     page, _, _ = build_html(report_dirs, title=title)

@@ -137,7 +137,7 @@ def save_figure(fig: Figure, path: str | Path, *, overwrite: bool = False, dpi: 
     """Write `fig` to `path` (format from the suffix) under a temporary name, then rename."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise InputError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
+        raise InputError(path, "already exists; pass overwrite=True to replace it", ("overwrite",))
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=dpi)
     return path
@@ -178,7 +178,7 @@ def plot_all(reports_or_dirs: Any, out_dir: str | Path, formats: Sequence[str] =
     existing = [p for p in targets if p.exists()]
     if existing and not overwrite:
         raise InputError(existing[0], f"already exists ({len(existing)} figure file(s) would be replaced); "
-                                      "pass overwrite=True (--overwrite)")
+                                      "pass overwrite=True", ("overwrite",))
     for name, reason in skipped.items():
         log.info("figure %s skipped: %s", name, reason)
     written = PlotResult(skipped=skipped)
