@@ -85,8 +85,9 @@ _DEFAULT = LabPreset(
     save_steps=10,
     rollouts_per_step=256,  # OPD: 256 prompts × 1 sample; GRPO: 32 prompts × 8 samples
     grpo_generations=8,
-    # both from docs/lab-regime/sweep_summary.csv: the largest rate whose run improves without an early dip and
-    # plateaus within ~60–150 steps is 1e-4 for each method (OPD 3e-4 plateaus at step 40; GRPO 3e-4 collapses)
+    # from docs/lab-regime/sweep_*summary.csv (the rule: the largest rate whose run improves without an early dip
+    # and plateaus within ~60–150 steps): GRPO 1e-4 (2e-4 dips, 3e-4 collapses); OPD 2e-4 also qualifies (3e-4
+    # plateaus at step 40), but OPD stays at 1e-4 so that both methods run at the same rate (docs/LAB.md)
     opd_lr=1e-4,
     grpo_lr=1e-4,
     n_eval=500,
