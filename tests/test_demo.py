@@ -47,8 +47,8 @@ class _Images(HTMLParser):
 
 
 @pytest.mark.slow
-# on the smoke lab's worker: both train with torch on two threads, and side by side on CI's two cores each
-# took 3-4x as long (demo 20 s alone, 69-136 s beside the lab)
+# on the smoke lab's worker: both train with torch, and side by side on CI's two cores each took 3-4x as long
+# (demo 20 s alone, 69-136 s beside the lab, measured when the lab trained on two threads)
 @pytest.mark.xdist_group("smoke_lab")
 def test_fast_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
