@@ -12,7 +12,6 @@ import re
 import shlex
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from opd_dynamics.io.writer import (
     MODEL_MARKERS,
     atomic_write_text,
     check_output,
+    hidden_sibling,
     json_text,
     replace_path,
     write_model,
@@ -182,11 +182,10 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     t0 = time.perf_counter()
     val_s = 0.0
-    tag = uuid.uuid4().hex[:8]
     cands: dict[int, Path] = {}
 
     def make(k: int) -> Path:
-        p = out.parent / f".{out.name}.effopd-k{k}-{tag}"
+        p = hidden_sibling(out, f"effopd-k{k}")
         extrapolate_checkpoint(prev, cur, coef_step * k, p, opts, max_shard_bytes=max_shard_bytes, load_mode=load_mode,
                                metadata={"effopd_k": str(k)})
         cands[k] = p

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.search import Score, primary
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.series import CheckpointSeries
-from opd_dynamics.io.writer import atomic_dir, check_output, json_text
+from opd_dynamics.io.writer import atomic_dir, check_output, hidden_sibling, json_text
 from opd_dynamics.schema import PROBE_JSON, TABLES
 
 #: the grid of c the design notes give (c = 0 is W_t)
@@ -81,7 +80,7 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
             if c == 0.0:
                 got = scorer(wt)
             else:
-                cand = work / f".probe-{s}-{t}-{uuid.uuid4().hex[:8]}"
+                cand = hidden_sibling(work / "probe", f"{s}-{t}")
                 try:
                     extrapolate_checkpoint(ws, wt, c, cand, opts, metadata={"probe_pair": f"{s}:{t}"})
                     got = scorer(cand)

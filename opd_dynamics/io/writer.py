@@ -55,6 +55,15 @@ def check_output(out: str | Path, markers: Sequence[str], *, overwrite: bool = F
     return out
 
 
+def hidden_sibling(path: Path, kind: str, keep_suffix: bool = False) -> Path:
+    """A fresh hidden path beside ``path`` for work in progress, ``.NAME.KIND-<random>`` (with ``keep_suffix``,
+    ``.STEM.KIND-<random>.SUFFIX``, for writers that read the format from the suffix)."""
+    tag = uuid.uuid4().hex[:8]
+    if keep_suffix:
+        return path.parent / f".{path.stem}.{kind}-{tag}{path.suffix}"
+    return path.parent / f".{path.name}.{kind}-{tag}"
+
+
 @contextmanager
 def atomic_dir(out: str | Path, markers: Sequence[str], overwrite: bool = False,
                inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
@@ -65,7 +74,7 @@ def atomic_dir(out: str | Path, markers: Sequence[str], overwrite: bool = False,
     """
     out = check_output(out, markers, overwrite=overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = hidden_sibling(out, "tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -79,7 +88,7 @@ def replace_path(src: Path, dst: Path) -> None:
     """Move `src` to `dst`; an existing `dst` is set aside first and removed only once `src` is in place."""
     old = None
     if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        old = hidden_sibling(dst, "old")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:
@@ -92,7 +101,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     can); on success rename it to `path`; on failure remove it, leaving any existing `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    tmp = hidden_sibling(path, "tmp", keep_suffix=True)
     try:
         yield tmp
         os.replace(tmp, path)
