@@ -70,7 +70,7 @@ def plot_probe(report: Any) -> Figure:
 
     p = require_table(report, "probe", ["run", "step_from", "step", "coef", "score"])
     runs = order_runs(p["run"].unique())
-    fig, axes = new_figure(1, len(runs), sharey=True)
+    fig, axes = new_figure(1, len(runs), sharey=True, width=max(6.5, 4.6 * len(runs) + 0.6))
     for ax, r in zip(axes[0], runs):
         d = p[p["run"] == r]
         pairs = d[["step_from", "step"]].drop_duplicates().sort_values(["step", "step_from"])
@@ -83,5 +83,5 @@ def plot_probe(report: Any) -> Figure:
         ax.set_xlabel("c (0 = W_t; shaded: EffOPD's first candidates)")
         ax.set_ylabel("score" if ax is axes[0][0] else "")
         ax.legend(title="s → t", fontsize=8)
-    fig.suptitle("Line probe: does jumping ahead along the last segment help?")
+    fig.suptitle("Line probe: does a jump along the last segment help?")
     return fig
