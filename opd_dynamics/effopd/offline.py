@@ -22,7 +22,7 @@ from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.search import Score, TriggerRecord, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
-from opd_dynamics.io.reader import is_adapter_dir
+from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.writer import (
     DEFAULT_SHARD_BYTES,
     MODEL_MARKERS,
@@ -36,13 +36,6 @@ from opd_dynamics.io.writer import (
 from opd_dynamics.numerics import update_dtype
 
 _SPLIT = re.compile(r"[\s=:,;]+")
-
-
-def _open(path: str | Path, load_mode: str) -> ModelDir:
-    if is_adapter_dir(path):
-        raise InputError(path, "is a LoRA adapter; merge it into its base model first (extrapolation works on "
-                               "full weights)")
-    return ModelDir(path, load_mode=load_mode)
 
 
 def _check_selection(cur: ModelDir, opts: EffOPDOptions) -> None:
@@ -98,7 +91,7 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
     if not math.isfinite(coef):
         raise InputError(None, f"the extrapolation coefficient coef must be a finite number, got {coef}", ("coef",))
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
-    a, b = _open(prev, load_mode), _open(cur, load_mode)
+    a, b = open_full_weights(prev, load_mode), open_full_weights(cur, load_mode)
     if coef != 0:
         _check_selection(b, opts)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
@@ -176,8 +169,8 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     opts = replace(options or EffOPDOptions(), **fields)
     k_max, coef_step, strict = opts.k_max, opts.coef_step, opts.strict
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
-    _open(prev, load_mode).close()  # fail early, before any evaluation, on unreadable inputs or an empty selection
-    with _open(cur, load_mode) as b:
+    open_full_weights(prev, load_mode).close()  # fail early, before any evaluation: unreadable inputs, or …
+    with open_full_weights(cur, load_mode) as b:  # … an empty selection
         _check_selection(b, opts)
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.fields import option
 from opd_dynamics.io.model_dir import FLOAT_DTYPES, ModelDir
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, stored_transposed
-from opd_dynamics.io.reader import is_adapter_dir
+from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL_MARKERS, check_output, write_model
 
@@ -97,11 +97,12 @@ class _Tensor:
     def rows(self, m: ModelDir, lo: int, hi: int) -> torch.Tensor:
         return (m.get_rows(self.name, lo, hi) if self.shape else m.get(self.name).reshape(1)).to(torch.float64)
 
-    def blocks(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """(lo, hi, W_0 rows, D rows stacked (n, rows, …))."""
-        for lo, hi in _row_ranges(self.n_rows, self.row_numel, len(self.steps)):
+    def blocks(self, which: slice = slice(None)) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(lo, hi, W_0 rows, D rows of the steps ``which`` selects, stacked (n, rows, …)): only those are read."""
+        steps = self.steps[which]
+        for lo, hi in _row_ranges(self.n_rows, self.row_numel, len(steps)):
             w0 = self.rows(self.base, lo, hi)
-            yield lo, hi, w0, torch.stack([self.rows(m, lo, hi) - w0 for m in self.steps])
+            yield lo, hi, w0, torch.stack([self.rows(m, lo, hi) - w0 for m in steps])
 
 
 def _predict(opts: ExtrapolationOptions, x: _Tensor, t: np.ndarray, target: float, model_type: str | None
@@ -112,12 +113,12 @@ def _predict(opts: ExtrapolationOptions, x: _Tensor, t: np.ndarray, target: floa
     if m in ("expo", "effopd"):
         alpha = (opts.coef_step * opts.k if m == "effopd" else
                  opts.alpha if opts.alpha is not None else (target - t[-1]) / (t[-1] - t[-2]))
-        for lo, hi, w0, d in x.blocks():
+        for lo, hi, w0, d in x.blocks(slice(-2, None)):  # A and B only
             wb, wa = w0 + d[-1], w0 + d[-2]
             out[lo:hi] = wb + alpha * (wb - wa)
         return out
     if m == "linear" and opts.fit in (None, "two-point"):
-        for lo, hi, w0, d in x.blocks():
+        for lo, hi, w0, d in x.blocks(slice(-1, None)):  # the last step only
             out[lo:hi] = w0 + (target / t[-1]) * d[-1]
         return out
     if m == "linear":  # lstsq through the base and every step
@@ -158,24 +159,14 @@ def _predict(opts: ExtrapolationOptions, x: _Tensor, t: np.ndarray, target: floa
     return w0 + (target / t[-1]) * (r1.mT if mat is not dn else r1)
 
 
-def _open(path: Path) -> ModelDir:
-    if is_adapter_dir(path):
-        raise InputError(path, "is a LoRA adapter; merge it into its base model first (extrapolation works on full "
-                               "weights)")
-    return ModelDir(path)
-
-
-def predicted_tensors(series: CheckpointSeries, target: int, opts: ExtrapolationOptions,
-                      counts: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def predicted_tensors(series: CheckpointSeries, target: int, opts: ExtrapolationOptions
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the last observed step: predicted at ``target`` where selected."""
-    steps = [s for s, _ in series.steps]
-    t = np.asarray(steps, dtype=np.float64)
-    base, readers = _open(series.base), [_open(p) for _, p in series.steps]
+    t = np.asarray(series.step_numbers, dtype=np.float64)
+    base = open_full_weights(series.base, series.load_mode)
+    readers = [open_full_weights(p, series.load_mode) for _, p in series.steps]
     last = readers[-1]
     model_type = last.config.get("model_type")
-    counts = counts if counts is not None else {}
-    counts.setdefault("extrapolated", 0)
-    counts.setdefault("copied", 0)
     try:
         for name in last.names():
             e = last.entries[name]
@@ -183,11 +174,9 @@ def predicted_tensors(series: CheckpointSeries, target: int, opts: Extrapolation
                 all(name in r and r.shape(name) == e.shape for r in (base, *readers))
             if not move:
                 yield name, last.get(name)
-                counts["copied"] += 1
                 continue
             pred = _predict(opts, _Tensor(base, readers, name), t, float(target), model_type)
             yield name, pred.reshape(e.shape).to(last.dtype(name))
-            counts["extrapolated"] += 1
     finally:
         for r in (base, *readers):
             r.close()
@@ -201,7 +190,7 @@ def extrapolate(series: CheckpointSeries, target: int, out: str | Path, options:
     from dataclasses import replace
 
     opts = replace(options or ExtrapolationOptions(), **fields)
-    steps = [s for s, _ in series.steps]
+    steps = series.step_numbers
     need = max(MIN_STEPS[opts.method], opts.degree + 1 if opts.method == "relex" and opts.fit == "polynomial" else 0)
     if len(steps) < need:
         raise InputError(None, f"method {opts.method} needs at least {need} observed steps besides the base, run "

@@ -101,6 +101,18 @@ def reader_class(path: str | Path) -> type[ModelDir] | type[LoraAdapter]:
     return ModelDir
 
 
+def open_full_weights(path: str | Path, load_mode: str = "pread") -> ModelDir:
+    """A model directory of full weights; an adapter is refused in one sentence (extrapolation, unlike analysis,
+    needs the weights themselves, not an update)."""
+    from opd_dynamics.errors import InputError
+    from opd_dynamics.io.model_dir import ModelDir
+
+    if is_adapter_dir(path):
+        raise InputError(path, "is a LoRA adapter; merge it into its base model first (extrapolation works on "
+                               "full weights)")
+    return ModelDir(path, load_mode=load_mode)
+
+
 def open_model(path: str | Path, load_mode: str = "pread") -> ModelDir | LoraAdapter:
     """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
     return reader_class(path)(path, load_mode=load_mode)
