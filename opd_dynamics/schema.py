@@ -252,6 +252,13 @@ _LAB = (
         _c("reverse_kl", "float", "mean per-token KL(student ‖ teacher) on those samples"),
     ), "held-out evaluation of step 0 and every checkpoint of a lab run ({opd,grpo}/eval.csv)", per_run=True,
         writer="opd_dynamics.lab.train.evaluate_run"),
+    Table("grpo_groups", "grpo_groups.csv", (
+        _c("step", "int", "the GRPO optimizer step"),
+        _c("nonzero_var_groups", "float", "share of the step's sample groups whose rewards differ (1 − TRL's "
+                                          "frac_reward_zero_std): the groups that carry an advantage"),
+        _c("reward", "float", "mean reward of the step's samples"),
+    ), "per GRPO step, how much of the batch carries a learning signal (grpo/grpo_groups.csv)",
+        writer="opd_dynamics.lab.train.train_grpo"),
     Table("scaling", "scaling.csv", (
         _c("run", "str", "opd or grpo"),
         _c("alpha", "float", "α in W_0 + α·ΔW"),

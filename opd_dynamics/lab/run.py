@@ -22,7 +22,6 @@ from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, build_tokenizer, has_carry
 from opd_dynamics.lab.train import (
-    GRPO_GROUPS_CSV,
     device,
     evaluate_run,
     seed_everything,
@@ -31,7 +30,7 @@ from opd_dynamics.lab.train import (
     train_opd,
     train_teacher_and_student,
 )
-from opd_dynamics.schema import LAB_JSON
+from opd_dynamics.schema import LAB_JSON, TABLES
 
 
 def _versions() -> dict:
@@ -122,7 +121,7 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
                              "reverse_kl": float(s0["reverse_kl"]),
                              "n_params": n_params(load_model(lab.student_init)), **s_pass, **sft["student_sft"]},
             "final": {r: ev[r].iloc[-1].drop("run").to_dict() for r in ev},
-            "grpo_groups": group_summary(lab.run("grpo") / GRPO_GROUPS_CSV),
+            "grpo_groups": group_summary(lab.run("grpo") / TABLES["grpo_groups"].file),
             "n_heldout_eval": len(held),
             "versions": _versions(),
         }

@@ -31,6 +31,7 @@ from opd_dynamics.lab.layout import LabDir
 from opd_dynamics.lab.models import load_model, make_model
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, make_splits
+from opd_dynamics.schema import TABLES
 
 
 def _no_checkpointing() -> dict:
@@ -235,7 +236,6 @@ def train_opd(student_dir, teacher_dir, out_dir, preset: str | LabPreset = "smok
 #: TRL's GRPOTrainer metric (trl/trainer/grpo_trainer.py, TRL 1.16): the share of completions whose group of
 #: `num_generations` samples has zero reward std. Groups are equal-sized, so it is also the share of groups.
 ZERO_STD_KEY = "frac_reward_zero_std"
-GRPO_GROUPS_CSV = "grpo_groups.csv"
 
 
 def group_stats_callback():
@@ -312,8 +312,8 @@ def train_grpo(student_dir, out_dir, preset: str | LabPreset = "smoke", seed: in
     trainer = build_grpo_trainer(student_dir, out_dir, preset, seed, [*callbacks, stats], max_steps, save_steps,
                                  data_seed, lr)
     trainer.train()
-    pd.DataFrame(stats.rows, columns=["step", "nonzero_var_groups", "reward"]).to_csv(out_dir / GRPO_GROUPS_CSV,
-                                                                                      index=False)
+    groups = TABLES["grpo_groups"]
+    pd.DataFrame(stats.rows, columns=groups.names).to_csv(out_dir / groups.file, index=False)
     return out_dir
 
 
@@ -323,7 +323,6 @@ def evaluate_run(run: str, run_dir, student_init_dir, teacher, tokenizer, heldou
     import pandas as pd
 
     from opd_dynamics.io.series import CheckpointSeries
-    from opd_dynamics.schema import TABLES
 
     rows = []
     steps = CheckpointSeries.discover(run_dir, base=student_init_dir).steps
