@@ -119,17 +119,21 @@ def plot_table1(report: Any, step: int | None = None) -> Figure:
     return fig
 
 
+def _quartiles(df: pd.DataFrame, metrics: Sequence[str], keys: list[str]) -> pd.DataFrame:
+    """Long form: per ``keys`` and metric, the median and quartiles over matrices (columns median, q25, q75)."""
+    rows = []
+    for m in metrics:
+        q = df.assign(v=numeric(df[m])).groupby(keys)["v"]
+        rows.append(pd.concat({"median": q.median(), "q25": q.quantile(0.25), "q75": q.quantile(0.75)}, axis=1)
+                    .reset_index().assign(metric=m))
+    return pd.concat(rows, ignore_index=True)
+
+
 def alignment_curves(report: Any, metrics: Sequence[str] = ("paired_cosine", "subspace_overlap_u"),
                      groups: Sequence[str] = MATRIX_GROUPS) -> pd.DataFrame:
     """Per run, group, step and metric: median and quartiles over matrices; progress = step / ref_step."""
     a = require_table(report, "alignment", ["run", "step", "ref_step", "group", *metrics])
-    a = a[a["group"].isin(groups)]
-    rows = []
-    for m in metrics:
-        q = a.assign(v=numeric(a[m])).groupby(["run", "group", "step", "ref_step"])["v"]
-        df = pd.concat({"median": q.median(), "q25": q.quantile(0.25), "q75": q.quantile(0.75)}, axis=1)
-        rows.append(df.reset_index().assign(metric=m))
-    out = pd.concat(rows, ignore_index=True)
+    out = _quartiles(a[a["group"].isin(groups)], metrics, ["run", "group", "step", "ref_step"])
     ref = out["ref_step"].astype(float).replace(0, np.nan)
     out["progress"] = out["step"].astype(float) / ref
     return out
@@ -175,13 +179,7 @@ def segment_curves(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> pd.Dat
     progress = step / the run's last step."""
     cols = ["segment_cosine", "direction_cosine", "null_cosine"]
     s = require_table(report, "segments", ["run", "step", "group", *cols])
-    s = s[s["group"].isin(groups)]
-    rows = []
-    for m in cols:
-        q = s.assign(v=numeric(s[m])).groupby(["run", "group", "step"])["v"]
-        df = pd.concat({"median": q.median(), "q25": q.quantile(0.25), "q75": q.quantile(0.75)}, axis=1)
-        rows.append(df.reset_index().assign(metric=m))
-    out = pd.concat(rows, ignore_index=True)
+    out = _quartiles(s[s["group"].isin(groups)], cols, ["run", "group", "step"])
     out["progress"] = out["step"].astype(float) / out.groupby("run")["step"].transform("max").astype(float)
     return out
 
