@@ -211,11 +211,11 @@ def _probe(seed: int, student: Path, saved: dict[int, Path], pairs, tok, held, l
         return evaluate_model(load_model(path), tok, held)["accuracy"]
 
     df = line_probe(series, pairs, score, work=work)
-    for pair, ok in verdict(df).items():
-        s_, t_ = next((s_, t_) for s_, t_ in pairs if pair_label(s_, t_) == pair)
-        d = df[(df["step_from"] == s_) & (df["step"] == t_)].set_index("coef")["score"]
-        log(f"[effopd] seed {seed} probe {pair}: " + ", ".join(f"c={c:g} {v:.3f}" for c, v in d.items())
-            + ("" if ok else f"  (no {GATE_TEXT} above W_t)"))
+    ok = verdict(df)
+    for (s_, t_), d in df.groupby(["step_from", "step"]):
+        pair = pair_label(s_, t_)
+        scores = ", ".join(f"c={c:g} {v:.3f}" for c, v in zip(d["coef"], d["score"]))
+        log(f"[effopd] seed {seed} probe {pair}: {scores}" + ("" if ok[pair] else f"  (no {GATE_TEXT} above W_t)"))
     return df
 
 
