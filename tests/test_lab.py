@@ -269,3 +269,53 @@ def test_teacher_by_grpo_from_student_init_and_a_bad_teacher_method(tmp_path):
     with pytest.raises(InputError, match="teacher_method"):
         train_teacher_and_student(tmp_path / "bad", replace(tiny, teacher_method="ppo"), 0, log=lambda m: None)
     assert not (tmp_path / "bad").exists()
+
+
+def _tiny_preset(**kw):
+    from dataclasses import replace
+
+    from opd_dynamics.lab.presets import ModelSpec, get_preset
+
+    return replace(get_preset("smoke"), name="tiny", n_train=400, n_heldout=40, n_eval=16,
+                   student=ModelSpec(hidden=16, layers=1, heads=2, intermediate=32), student_max_steps=4,
+                   student_target=1.1, sft_eval_every=2, teacher_max_steps=2, teacher_target=1.1, rl_steps=2,
+                   save_steps=1, rollouts_per_step=16, grpo_generations=4, **kw)
+
+
+def test_student_sft_stops_on_the_sampled_accuracy_it_was_asked_for():
+    """stop_on='sampled' checks one T = 1 sample per held-out prompt (generator seed 0): with target 0 it stops at
+    the first check and reports exactly that sampled accuracy; an unknown rule is refused before training."""
+    from opd_dynamics.lab.models import make_model
+    from opd_dynamics.lab.train import train_sft
+
+    p = _tiny_preset()
+    tok = build_tokenizer()
+    sp = splits_for(p, 0)
+    held = sp.heldout[:16]
+    m = make_model(p.student, tok, 1)
+    r = train_sft(m, tok, sp.train, held, steps=6, lr=1e-3, batch=8, seed=1, target=0.0, eval_every=2,
+                  stop_on="sampled", log=lambda s: None)
+    assert r["steps"] == 2
+    assert r["accuracy"] == evaluate_model(m, tok, held, greedy=False, sampled=True, seed=0)["accuracy_sampled"]
+    with pytest.raises(InputError, match="stop_on must be one of"):
+        train_sft(m, tok, sp.train, held, steps=2, lr=1e-3, batch=8, seed=1, target=0.0, eval_every=2,
+                  stop_on="beam")
+
+
+def test_lab_run_seeds_writes_one_lab_per_seed_and_keeps_finished_ones(tmp_path):
+    from opd_dynamics.lab.layout import seed_dirs
+    from opd_dynamics.lab.run import run_lab_seeds
+
+    p = _tiny_preset()
+    quiet = dict(log=lambda m: None)
+    dirs = run_lab_seeds(tmp_path / "runs", preset=p, seeds=2, **quiet)
+    assert [d.name for d in dirs] == ["seed-0", "seed-1"]
+    found = seed_dirs(tmp_path / "runs")
+    assert list(found) == [0, 1] and all(found[s].meta()["seed"] == s for s in found)
+    stamp = (dirs[0] / "lab.json").stat().st_mtime_ns
+    dirs2 = run_lab_seeds(tmp_path / "runs", preset=p, seeds=3, **quiet)  # seeds 0, 1 kept; seed 2 run
+    assert [d.name for d in dirs2] == ["seed-0", "seed-1", "seed-2"]
+    assert (dirs[0] / "lab.json").stat().st_mtime_ns == stamp
+    assert list(seed_dirs(dirs[1])) == [1]  # a lab directory itself is its own seed
+    with pytest.raises(InputError, match="holds no lab run"):
+        seed_dirs(tmp_path)

@@ -21,13 +21,20 @@ def lab() -> None:
 @lab.command("run")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="smoke", show_default=True)
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="The one seed to run into OUT  [default: 0].")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="Run seeds 0 … N−1, each into OUT/seed-K (finished seeds are kept, so a stopped run resumes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def run_cmd(preset: str, out: str, seed: int, overwrite: bool) -> None:
+def run_cmd(preset: str, out: str, seed: int | None, seeds: int | None, overwrite: bool) -> None:
     """Train teacher, student_init, OPD and GRPO runs; evaluate every checkpoint."""
-    from opd_dynamics.lab.run import run_lab
+    from opd_dynamics.lab.run import run_lab, run_lab_seeds
 
-    run_lab(out, preset=preset, seed=seed, overwrite=overwrite)
+    if seeds is not None:
+        if seed is not None:
+            raise click.UsageError("give --seed (one run into OUT) or --seeds (OUT/seed-K), not both")
+        run_lab_seeds(out, preset=preset, seeds=seeds, overwrite=overwrite)
+    else:
+        run_lab(out, preset=preset, seed=seed or 0, overwrite=overwrite)
 
 
 @lab.command("interventions")

@@ -8,6 +8,8 @@
     LAB/grpo/checkpoint-N/  the GRPO run's, and LAB/grpo/eval.csv
     LAB/grpo/grpo_groups.csv  per GRPO step, the share of sample groups with non-zero reward variance
     LAB/lab.json            preset, seed (the train/held-out split), timings, accuracies, versions
+
+`lab run --seeds N` writes one such directory per seed, ``OUT/seed-K/`` (`seed_dirs` finds them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ from opd_dynamics.schema import LAB_JSON
 #: the lab's two runs, both from student_init: on-policy distillation and RL (GRPO)
 RUNS = ("opd", "grpo")
 TEACHER, STUDENT_INIT, EVAL_CSV = "teacher", "student_init", "eval.csv"
+
+
+SEED_DIR = "seed-{}"
+
+
+def seed_dir(root: str | Path, seed: int) -> Path:
+    """Where `lab run --seeds N` puts seed ``seed``'s lab directory."""
+    return Path(root) / SEED_DIR.format(seed)
+
+
+def seed_dirs(root: str | Path) -> dict[int, LabDir]:
+    """The finished lab directories of a multi-seed root (``seed-K/`` with lab.json), by seed; a lab directory
+    itself counts as its lab.json's seed."""
+    root = Path(root)
+    if (root / LAB_JSON).exists():
+        return {LabDir(root).split_seed(0): LabDir(root)}
+    found = {}
+    for d in sorted(root.glob(SEED_DIR.format("*"))):
+        tail = d.name.split("-", 1)[1]
+        if tail.isdigit() and (d / LAB_JSON).exists():
+            found[int(tail)] = LabDir(d)
+    if not found:
+        raise InputError(root, "holds no lab run: neither lab.json nor seed-K/lab.json directories")
+    return dict(sorted(found.items()))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 
 from opd_dynamics.io.writer import atomic_dir, json_text
 from opd_dynamics.lab.evaluate import evaluate_model, pass_at_k
-from opd_dynamics.lab.layout import RUNS, LabDir
+from opd_dynamics.lab.layout import RUNS, LabDir, seed_dir
 from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, build_tokenizer, has_carry
@@ -128,3 +128,20 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
         lab.meta_path.write_text(json_text(meta))
     log(f"[lab] done in {timings['total_s']:.0f}s → {out}")
     return out
+
+
+def run_lab_seeds(out, preset: str | LabPreset = "smoke", seeds: int = 3, overwrite: bool = False,
+                  log: Callable[[str], None] | None = None) -> list[Path]:
+    """Seeds 0 … seeds−1, each a whole lab run into ``out/seed-K`` (`run_lab`). A seed whose directory already
+    holds a finished run (its lab.json) is kept, not rerun, unless ``overwrite``: an interrupted multi-seed run
+    resumes, and seeds run by separate ``lab run --seed K --out OUT/seed-K`` processes join the same root."""
+    log = log or (lambda msg: print(msg, flush=True))
+    done = []
+    for seed in range(seeds):
+        d = seed_dir(out, seed)
+        if LabDir(d).meta_path.exists() and not overwrite:
+            log(f"[lab] seed {seed}: kept the finished run in {d}")
+        else:
+            run_lab(d, preset=preset, seed=seed, overwrite=overwrite, log=log)
+        done.append(Path(d).resolve())
+    return done

@@ -29,7 +29,7 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.layout import LabDir
 from opd_dynamics.lab.models import load_model, make_model
-from opd_dynamics.lab.presets import LabPreset, get_preset
+from opd_dynamics.lab.presets import STOP_RULES, LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, TaskSplits, build_tokenizer, exact_match_reward, make_splits
 from opd_dynamics.schema import TABLES
 
@@ -85,13 +85,22 @@ def _encode(tokenizer, problems: Sequence[Problem]) -> tuple[torch.Tensor, int]:
     return torch.tensor([r + [tokenizer.eos_token_id] for r in ids]), plen
 
 
-def train_sft(model, tokenizer, train: Sequence[Problem], heldout: Sequence[Problem], *, steps: int, lr: float,
-              batch: int, seed: int, target: float, eval_every: int, warmup_frac: float = 0.05,
-              log: Callable[[str], None] = print) -> dict:
-    """Supervised fine-tuning on answer tokens (+eos), stopping early once held-out greedy accuracy >= target.
+def _held_out_accuracy(model, tokenizer, heldout: Sequence[Problem], kind: str) -> float:
+    if kind == "sampled":
+        return evaluate_model(model, tokenizer, heldout, greedy=False, sampled=True, seed=0)["accuracy_sampled"]
+    return evaluate_model(model, tokenizer, heldout)["accuracy"]
 
-    Cosine schedule with warmup over ``steps``; returns {'steps', 'accuracy'} at stop.
+
+def train_sft(model, tokenizer, train: Sequence[Problem], heldout: Sequence[Problem], *, steps: int, lr: float,
+              batch: int, seed: int, target: float, eval_every: int, stop_on: str = "greedy",
+              warmup_frac: float = 0.05, log: Callable[[str], None] = print) -> dict:
+    """Supervised fine-tuning on answer tokens (+eos), stopping early once held-out accuracy >= target.
+
+    ``stop_on``: the accuracy checked, "greedy" or "sampled" (one sample per prompt at T = 1, generator seed 0,
+    so the check is reproducible). Cosine schedule with warmup over ``steps``; returns {'steps', 'accuracy'} at stop.
     """
+    if stop_on not in STOP_RULES:
+        raise InputError(None, f"stop_on must be one of {STOP_RULES}, not {stop_on!r}")
     dev = device()
     model.to(dev).train()
     x_all, plen = _encode(tokenizer, train)
@@ -113,10 +122,11 @@ def train_sft(model, tokenizer, train: Sequence[Problem], heldout: Sequence[Prob
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            acc = evaluate_model(model, tokenizer, heldout)["accuracy"]
+            acc = _held_out_accuracy(model, tokenizer, heldout, stop_on)
             model.train()
             if step % (eval_every * 8) == 0 or acc >= target:
-                log(f"  sft step {step}: loss {loss.item():.4f} held-out accuracy {acc:.3f} ({time.time() - t0:.0f}s)")
+                log(f"  sft step {step}: loss {loss.item():.4f} held-out {stop_on} accuracy {acc:.3f} "
+                    f"({time.time() - t0:.0f}s)")
             if acc >= target:
                 break
     model.eval()
@@ -384,11 +394,11 @@ def _teacher_by_grpo(out: Path, p: LabPreset, seed: int, held: Sequence[Problem]
 def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[[str], None] = print) -> dict:
     """Train the weak student init, then the teacher *from it*; save both under ``out``.
 
-    Student init: SFT on all training problems, stopped early once held-out greedy accuracy reaches
-    ``student_target`` (it has learnt the format and some carrying, so RL's samples hold rewards). Teacher: the
-    same architecture, trained from ``student_init`` until ``teacher_target``: by SFT (``teacher_method="sft"``,
-    the default: the stand-in for the paper's teacher, the RL-tuned version of the student's own base,
-    "pattern-aligned") or by GRPO (``"grpo"``, as in the paper).
+    Student init: SFT on all training problems, stopped early once held-out accuracy (``student_stop``: greedy
+    or sampled) reaches ``student_target`` (it has learnt the format and some carrying, so RL's samples hold
+    rewards). Teacher: the same architecture, trained from ``student_init`` until ``teacher_target``: by SFT
+    (``teacher_method="sft"``, the default: the stand-in for the paper's teacher, the RL-tuned version of the
+    student's own base, "pattern-aligned") or by GRPO (``"grpo"``, as in the paper).
     """
     if p.teacher_method not in ("sft", "grpo"):
         raise InputError(None, f"teacher_method must be 'sft' or 'grpo', got {p.teacher_method!r}")
@@ -399,11 +409,12 @@ def train_teacher_and_student(out: Path, p: LabPreset, seed: int, log: Callable[
     info: dict = {}
     seed_everything(seed)
     t0 = time.time()
-    log(f"[lab] student SFT on all problems, stopped at held-out accuracy {p.student_target} ({p.student})")
+    log(f"[lab] student SFT on all problems, stopped at held-out {p.student_stop} accuracy {p.student_target} "
+        f"({p.student})")
     student = make_model(p.student, tok, seed + 1)
     info["student_sft"] = train_sft(student, tok, sp.train, held, steps=p.student_max_steps, lr=p.student_lr,
                                     batch=p.sft_batch, seed=seed + 1, target=p.student_target,
-                                    eval_every=p.sft_eval_every, log=log)
+                                    eval_every=p.sft_eval_every, stop_on=p.student_stop, log=log)
     info["student_sft"]["stop_accuracy"] = info["student_sft"].pop("accuracy")
     save_model_dir(student, tok, LabDir(out).student_init)
     info["student_sft"]["seconds"] = time.time() - t0
