@@ -319,3 +319,52 @@ def test_lab_run_seeds_writes_one_lab_per_seed_and_keeps_finished_ones(tmp_path)
     assert list(seed_dirs(dirs[1])) == [1]  # a lab directory itself is its own seed
     with pytest.raises(InputError, match="holds no lab run"):
         seed_dirs(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
+def test_lab_claims_values_are_the_analysis_numbers(smoke_lab, tmp_path):
+    """Every claims_seeds value recomputed in float64 from the analysis CSVs and eval.csv it came from; one seed
+    gives no verdict; bad input is refused before anything is written."""
+    import numpy as np
+
+    from opd_dynamics.lab.claims import CLAIMS, lab_claims
+
+    out = lab_claims(smoke_lab, tmp_path / "claims", log=lambda m: None)
+    v = pd.read_csv(out / "claims_seeds.csv").set_index(["claim", "run"])["value"]
+    name = {c.key: c.name for c in CLAIMS}
+    an = out / "analysis" / "seed-0"
+    a = pd.read_csv(an / "module_allocation.csv")
+    sp = pd.read_csv(an / "spectrum.csv")
+    seg = pd.read_csv(an / "segments.csv")
+    meta = json.loads((smoke_lab / "lab.json").read_text())
+    assert v[(name["teacher"], "teacher")] == meta["teacher"]["accuracy"]
+    for run in ("opd", "grpo"):
+        e = pd.read_csv(smoke_lab / run / "eval.csv").sort_values("step")
+        assert v[(name["grpo_gain"], run)] == pytest.approx(e["accuracy"].iloc[-1] - e["accuracy"].iloc[0], abs=1e-12)
+        early = e[e["step"] <= 20]  # smoke: steps 20, 40, 60; 20 % of 60 is 12, so the early step is 20
+        assert v[(name["opd_dip"], run)] == pytest.approx(early["accuracy"].min() - e["accuracy"].iloc[0], abs=1e-12)
+        last = a[(a["run"] == run) & (a["step"] == 60)]
+        f2 = last["update_norm"].to_numpy(np.float64) ** 2
+        grp = last["group"].to_numpy()
+        mat = np.isin(grp, ["attention", "mlp"])
+        mid = mat & np.isin(last["layer"].to_numpy(), [1, 2])  # 4 layers: the middle third is 1, 2
+        assert v[(name["low_utility"], run)] == pytest.approx(f2[np.isin(grp, ["embedding", "lm_head", "norm"])].sum()
+                                                              / f2.sum(), rel=1e-9)
+        assert v[(name["mlp_share"], run)] == pytest.approx(f2[grp == "mlp"].sum() / f2[mat].sum(), rel=1e-9)
+        assert v[(name["middle_share"], run)] == pytest.approx(f2[mid].sum() / f2[mat].sum(), rel=1e-9)
+        s = sp[(sp["run"] == run) & (sp["step"] == 60) & sp["group"].isin(["attention", "mlp"])]
+        assert v[(name["spectral_ratio"], run)] == pytest.approx(s["spectral_ratio"].mean(), rel=1e-9)
+        assert v[(name["effective_rank"], run)] == pytest.approx(s["effective_rank"].mean(), rel=1e-9)
+        g = seg[(seg["run"] == run) & (seg["step"] == 20) & seg["group"].isin(["attention", "mlp"])]
+        want = (g["direction_cosine"] - np.sqrt(20 / 60)).mean()
+        assert v[(name[f"{run}_above_null"], run)] == pytest.approx(want, rel=1e-9)
+    t = pd.read_csv(out / "claims.csv")
+    assert set(t["verdict"]) <= {"inconclusive", "not testable", "confirmed", "refuted"}
+    assert (t.loc[~t["claim"].str.startswith("precondition"), "verdict"] != "confirmed").all()  # one seed
+    assert (out / "claims.md").read_text().startswith("| claim |")
+    with pytest.raises(InputError, match="holds no lab run"):
+        lab_claims(tmp_path, tmp_path / "bad")
+    with pytest.raises(InputError, match="is not an EffOPD measurement"):
+        lab_claims(smoke_lab, tmp_path / "bad", effopd=smoke_lab)
+    assert not (tmp_path / "bad").exists()

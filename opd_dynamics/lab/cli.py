@@ -73,6 +73,22 @@ def lab_effopd(preset, seeds, out, lab_dir, overwrite, **fields) -> None:
     click.echo(f"wrote {path}")
 
 
+@lab.command("claims")
+@click.argument("lab_root", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--effopd", "effopd_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A `lab effopd` output whose paired seeds give the EffOPD row.")
+@click.option("--early-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="The early step of the alignment claims: the first at or after this fraction.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier claims output in OUT.")
+def claims_cmd(lab_root: str, out: str, effopd_dir: str | None, early_fraction: float, overwrite: bool) -> None:
+    """The paper's claims over every seed of LAB_ROOT (lab run --seeds N): claims.csv, claims.md, verdicts."""
+    from opd_dynamics.lab.claims import lab_claims
+
+    path = lab_claims(lab_root, out, effopd=effopd_dir, early_fraction=early_fraction, overwrite=overwrite)
+    click.echo((path / "claims.md").read_text(), nl=False)
+
+
 @lab.command("ship")
 @click.argument("lab_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("out", type=click.Path(file_okay=False))
