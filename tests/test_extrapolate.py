@@ -61,6 +61,13 @@ def test_effopd_k_and_expo_alpha_are_the_jump_they_name(tmp_path):
     np.testing.assert_allclose(got, w0 + 8 * m + 6 * (4 * m), atol=1e-13)  # W_B + 2k(W_B − W_A), k = 3
     got = _read(extrapolate(series, 100, tmp_path / "x", method="expo", alpha=0.5))[Q]
     np.testing.assert_allclose(got, w0 + 8 * m + 0.5 * (4 * m), atol=1e-13)
+    one = xm.observed(series, [8])  # one observed step: A is the base (ExPO's θ_B + α(θ_B − θ_start))
+    got = _read(extrapolate(one, 100, tmp_path / "x1", method="expo", alpha=0.5))[Q]
+    np.testing.assert_allclose(got, w0 + 8 * m + 0.5 * (8 * m), atol=1e-13)
+    got = _read(extrapolate(one, 20, tmp_path / "x2", method="expo"))[Q]  # default α continues to the target
+    np.testing.assert_allclose(got, w0 + 20 * m, atol=1e-13)
+    got = _read(extrapolate(one, 100, tmp_path / "e1", method="effopd", k=1))[Q]
+    np.testing.assert_allclose(got, w0 + 8 * m + 2 * (8 * m), atol=1e-13)
 
 
 def test_a_random_walk_matches_the_float64_reference(tmp_path):

@@ -2,9 +2,10 @@
 step 0, D_i = W_{t_i} − W_0), for a target step t* > t_n, as the authors' code does (docs/EXTRAPOLATION.md
 says where this differs):
 
-- ``expo`` (ExPO): W_B + α(W_B − W_A), A and B the last two observed steps; α fixed (``alpha``), by default
-  (t* − t_B)/(t_B − t_A), the α that continues the last segment's pace to t*.
-- ``effopd``: W_B + coef_step·k·(W_B − W_A) with a fixed k (EffOPD's candidate k without the search).
+- ``expo`` (ExPO): W_B + α(W_B − W_A), A and B the last two observed steps (with one observed step, A is the
+  base: ExPO's published θ_B + α(θ_B − θ_start)); α fixed (``alpha``), by default (t* − t_B)/(t_B − t_A), the α
+  that continues the last segment's pace to t*.
+- ``effopd``: W_B + coef_step·k·(W_B − W_A) with a fixed k (EffOPD's candidate k without the search; A as expo's).
 - ``linear`` (RLVR-Linearity): ``fit='two-point'`` (their code): W_0 + ((t* − 0)/(t_n − 0))·D_n, the line through
   the base and the last step; ``fit='lstsq'``: per entry, the least-squares line through the base and every
   observed step, evaluated at t*.
@@ -41,8 +42,9 @@ from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL_MARKERS, check_out
 
 METHODS = ("expo", "effopd", "linear", "relex", "alpharl")
 FITS = ("two-point", "lstsq", "linear", "polynomial")
-#: the observed steps each method needs at least (besides the base)
-MIN_STEPS = {"expo": 2, "effopd": 2, "linear": 1, "relex": 2, "alpharl": 1}
+#: the observed steps each method needs at least (besides the base); expo and effopd with one step jump from the
+#: base: A = W_0, B = the step (ExPO's published form: θ_B + α(θ_B − θ_start))
+MIN_STEPS = {"expo": 1, "effopd": 1, "linear": 1, "relex": 2, "alpharl": 1}
 BLOCK_BYTES = 64 << 20
 
 
@@ -111,10 +113,12 @@ def _predict(opts: ExtrapolationOptions, x: _Tensor, t: np.ndarray, target: floa
     out = torch.empty(x.shape or (1,), dtype=torch.float64)
     m = opts.method
     if m in ("expo", "effopd"):
+        t_a = t[-2] if len(t) > 1 else 0.0  # one observed step: A is the base
         alpha = (opts.coef_step * opts.k if m == "effopd" else
-                 opts.alpha if opts.alpha is not None else (target - t[-1]) / (t[-1] - t[-2]))
+                 opts.alpha if opts.alpha is not None else (target - t[-1]) / (t[-1] - t_a))
         for lo, hi, w0, d in x.blocks(slice(-2, None)):  # A and B only
-            wb, wa = w0 + d[-1], w0 + d[-2]
+            wb = w0 + d[-1]
+            wa = w0 + d[-2] if len(d) > 1 else w0
             out[lo:hi] = wb + alpha * (wb - wa)
         return out
     if m == "linear" and opts.fit in (None, "two-point"):
