@@ -315,6 +315,26 @@ _LAB = (
         _c("verdict", "str", "confirmed, refuted, inconclusive or not testable"),
         _c("note", "str", "the rule applied, or why the claim is not testable"),
     ), "each of the paper's claims over a lab's seeds with a verdict", writer="opd_dynamics.lab.claims.lab_claims"),
+    Table("extrapolation", "extrapolation.csv", (
+        _c("seed", "int", "the lab seed"),
+        _c("run", "str", "opd or grpo"),
+        _c("fraction", "float", "f: the checkpoints at steps ≤ f·T were observed (T the run's last step)"),
+        _c("last_observed", "int", "t_B, the last observed step"),
+        _c("n_observed", "int", "observed checkpoints (the base besides them)"),
+        _c("method", "str", "linear, relex, alpharl (predict step T), expo or effopd (a jump from t_B)"),
+        _c("nominal_step", "float", "the step the prediction stands for: T, (1 + α)·t_B for expo, "
+                                    "t_B + 2k(t_B − t_A) for effopd"),
+        _c("k", "int", "EffOPD's accepted k (empty for the other methods)"),
+        _c("accuracy", "float", "held-out greedy accuracy of the predicted weights (empty when not run)"),
+        _c("observed_accuracy", "float", "the run's held-out accuracy at t_B (vanilla training when predicting)"),
+        _c("final_accuracy", "float", "the run's held-out accuracy at T (the true final checkpoint)"),
+        _c("init_accuracy", "float", "student_init's held-out accuracy"),
+        _c("weight_error", "float", "‖W_pred − W_T‖F / ‖W_T − W_{t_B}‖F over the attention and MLP matrices"),
+        _c("note", "str", "why a method was not run (too few observed steps)"),
+        _c("gain_recovered", "float", "(accuracy − init) / (final − init): 1 is the true final checkpoint"),
+        _c("observed_gain", "float", "(observed_accuracy − init) / (final − init)"),
+    ), "each extrapolator from the first fraction of each lab run, against the true final checkpoint and the run "
+       "at its last observed step", writer="opd_dynamics.lab.extrapolation.lab_extrapolation"),
     Table("effopd_summary", "effopd_summary.csv", (
         _c("seed", "int", "run seed"),
         _c("method", "str", "vanilla, effopd or fixed"),

@@ -368,3 +368,51 @@ def test_lab_claims_values_are_the_analysis_numbers(smoke_lab, tmp_path):
     with pytest.raises(InputError, match="is not an EffOPD measurement"):
         lab_claims(smoke_lab, tmp_path / "bad", effopd=smoke_lab)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
+def test_lab_extrapolation_rows_against_float64_and_the_eval_tables(smoke_lab, tmp_path):
+    """Each method from the first 40 % and 70 % of the smoke runs (steps 20; 20, 40 of 60): the linear
+    prediction's weight error against a float64 numpy prediction, accuracies tied to eval.csv, EffOPD's nominal
+    step from its accepted k and anchor, RELEX refused with one observed step; bad input writes nothing."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
+    from opd_dynamics.lab.extrapolation import lab_extrapolation
+
+    out = lab_extrapolation(smoke_lab, tmp_path / "x", fractions=(0.4, 0.7), n_eval=32, log=lambda m: None)
+    df = pd.read_csv(out / "extrapolation.csv")
+    assert len(df) == 2 * 2 * 5 and (out / "extrapolation.png").stat().st_size > 0
+    w = {s: load_file(smoke_lab / "opd" / f"checkpoint-{s}" / "model.safetensors") for s in (20, 60)}
+    w0 = load_file(smoke_lab / "student_init" / "model.safetensors")
+    names = [n for n in w0 if is_selected(n, w0[n].shape, MATRIX_GROUPS, True)]
+    num = sum(((w0[n].astype(np.float64) + 3 * (w[20][n].astype(np.float64) - w0[n]) - w[60][n]) ** 2).sum()
+              for n in names)
+    den = sum(((w[60][n].astype(np.float64) - w[20][n]) ** 2).sum() for n in names)
+    row = df[(df["run"] == "opd") & (df["fraction"] == 0.4) & (df["method"] == "linear")].iloc[0]
+    assert row["weight_error"] == pytest.approx(np.sqrt(num / den), rel=1e-6)  # float32 weights written
+    for run in ("opd", "grpo"):
+        e = pd.read_csv(smoke_lab / run / "eval.csv").set_index("step")["accuracy"]
+        r = df[df["run"] == run]
+        assert (r["init_accuracy"] == e[0]).all() and (r["final_accuracy"] == e[60]).all()
+        assert (r.loc[r["fraction"] == 0.7, "observed_accuracy"] == e[40]).all()
+    ok = df["accuracy"].notna()
+    np.testing.assert_allclose(df.loc[ok, "gain_recovered"], (df["accuracy"] - df["init_accuracy"])[ok]
+                               / (df["final_accuracy"] - df["init_accuracy"])[ok], rtol=1e-12)
+    relex = df[df["method"] == "relex"].set_index(["run", "fraction"])
+    assert relex["accuracy"].isna()[("opd", 0.4)] and "needs 2 observed steps" in relex.loc[("opd", 0.4), "note"]
+    assert relex["accuracy"].notna()[("opd", 0.7)]
+    eff = df[df["method"] == "effopd"].set_index(["run", "fraction"])
+    k = eff["k"].astype(int)
+    assert ((k >= 0) & (k <= 5)).all()
+    assert eff.loc[("opd", 0.4), "nominal_step"] == 20 + 2 * k[("opd", 0.4)] * 20  # anchor: the base
+    assert eff.loc[("opd", 0.7), "nominal_step"] == 40 + 2 * k[("opd", 0.7)] * 20  # anchor: step 20
+    expo = df[df["method"] == "expo"]
+    assert (expo["nominal_step"] == 1.5 * expo["last_observed"]).all()
+    with pytest.raises(InputError, match="leaves no observed step"):
+        lab_extrapolation(smoke_lab, tmp_path / "bad", fractions=(0.1,), log=lambda m: None)
+    with pytest.raises(InputError, match="is not one of"):
+        lab_extrapolation(smoke_lab, tmp_path / "bad", methods=("ties",), log=lambda m: None)
+    assert not (tmp_path / "bad").exists()

@@ -268,3 +268,11 @@ def test_architecture_doc_describes_the_tree(direction):
     else:
         stale = sorted(described - tree)
         assert not stale, f"docs/ARCHITECTURE.md's '## Modules' describes modules that do not exist: {stale}"
+
+
+def test_the_lab_package_exports_what_it_lazily_resolves():
+    import opd_dynamics.lab as lab
+
+    assert lab.__all__ == list(lab._WHERE)
+    for name in lab.__all__:
+        assert getattr(lab, name) is not None

@@ -123,6 +123,9 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
                          for seed_ in (0, 1) for m in ("vanilla", "effopd", "fixed")])
     probe = pd.DataFrame([dict(run=r, step_from=s_, step=t, coef=c, score=0.5 + (0.05 if r == "opd" else -0.05) * c)
                           for r in RUNS for s_, t in ((4, 8), (8, 16)) for c in (-0.5, 0.0, 0.5, 1.0, 2.0)])
+    extrap = pd.DataFrame([dict(seed=seed_, run=r, fraction=f, method=m,
+                                gain_recovered=(f if m == "relex" else -f) * (1 + seed_), observed_gain=2 * f)
+                           for seed_ in (0, 1) for r in RUNS for f in (0.1, 0.2, 0.4) for m in ("linear", "relex")])
     mats = a[a["group"].isin(["attention", "mlp"])]
     seg = pd.DataFrame([dict(**{k: r[k] for k in ID}, segment_cosine=np.nan if r["step"] == STEPS[-1] else
                              (0.8 if r["run"] == "opd" else 0.05),
@@ -139,7 +142,7 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
     return dict(module_allocation=a, spectrum=sp, singular_values=pd.DataFrame(sv), alignment=pd.DataFrame(align),
                 embedding=pd.DataFrame(emb), summary=pd.DataFrame(summary), eval=ev, scaling=scaling, window=window,
                 rank=rank, rescale=rescale, embedding_swap=swap, effopd_curves=curves, effopd_summary=summ,
-                trajectory=traj, segments=seg, probe=probe)
+                trajectory=traj, segments=seg, probe=probe, extrapolation=extrap)
 
 
 def write_dirs(tmp_path, tables=None):
@@ -167,7 +170,7 @@ def write_dirs(tmp_path, tables=None):
         ev[ev["run"] == r].to_csv(lab / r / "eval.csv", index=False)
     for n in ("scaling", "window", "rank", "rescale", "embedding_swap"):
         tables[n].to_csv(lab / f"{n}.csv", index=False)
-    for n in ("effopd_curves", "effopd_summary", "probe"):
+    for n in ("effopd_curves", "effopd_summary", "probe", "extrapolation"):
         tables[n].to_csv(eff / f"{n}.csv", index=False)
     return [analysis, lab, eff]
 
@@ -439,7 +442,7 @@ def test_plot_all_from_dirs_writes_atomically_and_reports_skips(tmp_path, tables
     # only the analysis dir: the lab and effopd figures are skipped, each with its reason
     ok, skipped = P.available_figures(dirs[:1])
     assert set(skipped) == {"eval_curves", "embedding_swap", "scaling", "rank_recovery", "rescale", "effopd_curves",
-                            "probe"}
+                            "probe", "extrapolation"}
     assert skipped["scaling"] == "scaling.csv is absent"
     res2 = P.plot_all(dirs[:1], tmp_path / "figs2", formats=("png",), figures=["alignment", "scaling"])
     assert [p.name for p in res2] == ["alignment.png"] and res2.skipped == {"scaling": skipped["scaling"]}
@@ -466,3 +469,16 @@ def test_a_failed_save_leaves_the_existing_figure_and_no_temporary_file(tmp_path
     plt.close(fig)
     assert out.read_bytes() == b"the user's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.svg"]
+
+
+def test_extrapolation_figure_plots_the_mean_over_seeds_per_method(tables):
+    fig = P.plot_extrapolation(tables)
+    ax = fig.axes[0]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar containers: label and data line
+    assert {"linear", "relex", "the run at its last observed step"} <= set(lines)
+    def y(label):
+        return np.asarray(lines[label].get_ydata(), float)
+
+    np.testing.assert_allclose(y("relex"), [0.15, 0.3, 0.6])  # the mean of f·1 and f·2 over the seeds
+    np.testing.assert_allclose(y("the run at its last observed step"), [0.2, 0.4, 0.8])
+    assert ax.get_title() == "opd (2 seeds)"

@@ -5,32 +5,26 @@ Heavy imports (transformers, TRL) are deferred to the functions that need them.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["run_lab", "train_opd", "train_grpo", "evaluate_model", "PRESETS", "LabPreset"]
+#: public name → the lab module that holds it (imported on first use)
+_WHERE = {"run_lab": "run", "run_lab_seeds": "run", "train_opd": "train", "train_grpo": "train",
+          "evaluate_model": "evaluate", "PRESETS": "presets", "LabPreset": "presets", "lab_claims": "claims",
+          "lab_extrapolation": "extrapolation"}
+__all__ = ["run_lab", "run_lab_seeds", "train_opd", "train_grpo", "evaluate_model", "PRESETS", "LabPreset",
+           "lab_claims", "lab_extrapolation"]  # = _WHERE's keys (tests/test_layers.py)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from opd_dynamics.lab.claims import lab_claims
     from opd_dynamics.lab.evaluate import evaluate_model
+    from opd_dynamics.lab.extrapolation import lab_extrapolation
     from opd_dynamics.lab.presets import PRESETS, LabPreset
-    from opd_dynamics.lab.run import run_lab
+    from opd_dynamics.lab.run import run_lab, run_lab_seeds
     from opd_dynamics.lab.train import train_grpo, train_opd
 
 
 def __getattr__(name: str) -> Any:
-    if name == "run_lab":
-        from opd_dynamics.lab.run import run_lab
-
-        return run_lab
-    if name in ("train_opd", "train_grpo"):
-        from opd_dynamics.lab import train
-
-        return getattr(train, name)
-    if name == "evaluate_model":
-        from opd_dynamics.lab.evaluate import evaluate_model
-
-        return evaluate_model
-    if name in ("PRESETS", "LabPreset"):
-        from opd_dynamics.lab import presets
-
-        return getattr(presets, name)
-    raise AttributeError(name)
+    if name not in _WHERE:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f"opd_dynamics.lab.{_WHERE[name]}"), name)

@@ -26,7 +26,7 @@ from opd_dynamics.io.writer import atomic_dir, check_output, json_text
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.layout import RUNS, LabDir
 from opd_dynamics.lab.models import load_model
-from opd_dynamics.lab.task import build_tokenizer, make_splits
+from opd_dynamics.lab.task import build_tokenizer
 from opd_dynamics.schema import INTERVENTIONS_JSON, TABLES
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -58,9 +58,7 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
     lab = LabDir(lab_dir).require(meta=True)
     base_dir = lab.student_init
     check_output(out, (INTERVENTIONS_JSON,), overwrite=overwrite, inputs=[lab.root])  # before hours of evaluation
-    info = lab.meta()
-    p, seed = info["preset"], int(info.get("seed", 0))
-    held = make_splits(p["digits"], p["n_train"], p["n_heldout"], seed).heldout[: n_eval or p.get("n_eval", 500)]
+    held = lab.heldout(n_eval)
     tok = build_tokenizer()
     model = load_model(base_dir)
     n_layers = int(model.config.num_hidden_layers)

@@ -92,6 +92,19 @@ class LabDir:
         """lab.json."""
         return json.loads(self.meta_path.read_text())
 
+    def splits(self):
+        """The lab's train and held-out problems (`TaskSplits`), from the preset and seed its lab.json records
+        (not today's preset of that name)."""
+        from opd_dynamics.lab.task import make_splits
+
+        info = self.meta()
+        p = info["preset"]
+        return make_splits(p["digits"], p["n_train"], p["n_heldout"], int(info.get("seed", 0)))
+
+    def heldout(self, n_eval: int | None = None) -> tuple:
+        """The first ``n_eval`` held-out problems (default: as many as the lab evaluated its checkpoints on)."""
+        return self.splits().heldout[: n_eval or self.meta()["preset"].get("n_eval", 500)]
+
     def split_seed(self, default: int) -> int:
         """The seed of the train/held-out split the lab's student was made from (lab.json), else ``default``."""
         return int(self.meta().get("seed", default)) if self.meta_path.exists() else default

@@ -25,7 +25,7 @@ from opd_dynamics.plotting.style import GROUP_ORDER, order_runs
 from opd_dynamics.plotting.tables import Tables, as_tables, numeric
 from opd_dynamics.schema import TABLES
 
-SECTIONS = ("Training", "Module allocation", "Utility", "Update direction", "EffOPD")
+SECTIONS = ("Training", "Module allocation", "Utility", "Update direction", "EffOPD", "Extrapolation")
 
 _CSS = """
 body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,sans-serif;margin:0 auto;

@@ -30,6 +30,7 @@ from opd_dynamics.plotting.direction import (
     plot_trajectory_shape,
 )
 from opd_dynamics.plotting.effopd import plot_effopd_curves, plot_probe
+from opd_dynamics.plotting.extrapolation import plot_extrapolation
 from opd_dynamics.plotting.tables import Tables, as_tables
 from opd_dynamics.plotting.utility import plot_eval_curves, plot_rank_recovery, plot_rescale, plot_scaling
 
@@ -109,6 +110,8 @@ FIGURES: tuple[FigureSpec, ...] = (
                "Line probe: score of W_t + c·(W_t − W_s) against c for early pairs (s, t)."),
     FigureSpec("effopd_curves", plot_effopd_curves, (("effopd_curves",),), "EffOPD",
                "Accuracy against optimizer steps and wall-clock: vanilla OPD, EffOPD, fixed coefficient."),
+    FigureSpec("extrapolation", plot_extrapolation, (("extrapolation",),), "Extrapolation",
+               "Share of the run's accuracy gain each extrapolator recovers from the first 10/20/40 % of training."),
 )
 
 
