@@ -143,3 +143,28 @@ def test_the_extrapolate_command_predicts_from_a_run_and_refuses_mixed_forms(tmp
     bad = CliRunner().invoke(main, ["extrapolate", str(tmp_path / "run"), "--base", str(tmp_path / "base"),
                                     "--target", "8", "--out", str(tmp_path / "q")])
     assert bad.exit_code == 2 and "--target step 8 must lie after the last observed step 8" in bad.output
+
+
+def test_steps_of_another_model_or_base_are_refused_naming_the_step(tmp_path):
+    """Another architecture (config.json), a moved tensor of another shape, or weights as far from the base as an
+    independent model (√2 of its norm) cannot be steps of a run from this base: one sentence, nothing written."""
+    from builders import LLAMA_CONFIG
+
+    series, w0, m = _line(tmp_path)
+    rng = np.random.default_rng(9)
+    bad = tmp_path / "other" / "checkpoint-12"
+    cases = [
+        ({Q: torch.tensor(w0 + 12 * m), NORM: torch.ones(20, dtype=torch.float64)},
+         {**LLAMA_CONFIG, "model_type": "mistral"}, "another architecture than the base.*model_type mistral"),
+        ({Q: torch.tensor(np.zeros((12, 21))), NORM: torch.ones(20, dtype=torch.float64)}, None,
+         r"shape \(12, 21\), the base \(12, 20\)"),
+        ({Q: torch.tensor(rng.normal(size=(12, 20))), NORM: torch.ones(20, dtype=torch.float64)}, None,
+         "1.[0-9][0-9]× the base's norm away from the base"),
+    ]
+    for sd, config, phrase in cases:
+        write_dir(bad, sd, config=config)
+        mixed = CheckpointSeries.from_list([*series.steps, (12, bad)], base=series.base, name="opd")
+        with pytest.raises(InputError, match=phrase) as e:
+            extrapolate(mixed, 20, tmp_path / "out", method="linear")
+        assert str(bad) in str(e.value)
+        assert not (tmp_path / "out").exists()

@@ -39,6 +39,7 @@ from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, stored_transposed
 from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL_MARKERS, check_output, write_model
+from opd_dynamics.numerics import fro2
 
 METHODS = ("expo", "effopd", "linear", "relex", "alpharl")
 FITS = ("two-point", "lstsq", "linear", "polynomial")
@@ -186,6 +187,44 @@ def predicted_tensors(series: CheckpointSeries, target: int, opts: Extrapolation
             r.close()
 
 
+#: config.json keys that fix a model's architecture: steps of one run share them with their base
+ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "vocab_size", "head_dim", "num_experts", "num_local_experts")
+#: ‖W_t − W_0‖F / ‖W_0‖F above which a step is taken for another model than the base (two independent
+#: initialisations give about √2; fine-tuning updates are orders of magnitude smaller)
+FOREIGN_RATIO = 1.0
+
+
+def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> None:
+    """Refuse steps that cannot belong to one run from ``series.base``: another architecture (config.json), a
+    selected tensor of another shape, or weights further from the base than FOREIGN_RATIO of its norm (read on the
+    base's largest selected matrix, one tensor per step)."""
+    base = open_full_weights(series.base, series.load_mode)
+    try:
+        sel = [n for n in base.names() if base.entries[n].dtype in FLOAT_DTYPES and
+               is_selected(n, base.shape(n), opts.groups, opts.matrices_only)]
+        probe = max(sel, key=lambda n: math.prod(base.shape(n)), default=None)
+        w0 = base.get(probe).to(torch.float64) if probe else None
+        for _, path in series.steps:
+            with open_full_weights(path, series.load_mode) as m:
+                for key in ARCH_KEYS:
+                    a, b = base.config.get(key), m.config.get(key)
+                    if a != b and a is not None and b is not None:
+                        raise InputError(path, f"is another architecture than the base {series.base}: config {key} "
+                                               f"{b} against {a}")
+                for n in sel:
+                    if n in m and tuple(m.shape(n)) != tuple(base.shape(n)):
+                        raise InputError(path, f"holds {n} of shape {tuple(m.shape(n))}, the base "
+                                               f"{tuple(base.shape(n))}: not a checkpoint of a run from this base")
+                if probe and probe in m:
+                    ratio = math.sqrt(fro2(m.get(probe).to(torch.float64) - w0) / max(fro2(w0), 1e-300))
+                    if ratio > FOREIGN_RATIO:
+                        raise InputError(path, f"is {ratio:.2f}× the base's norm away from the base {series.base} on "
+                                               f"{probe}: not a checkpoint of a run from this base")
+    finally:
+        base.close()
+
+
 def extrapolate(series: CheckpointSeries, target: int, out: str | Path, options: ExtrapolationOptions | None = None,
                 *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, **fields) -> Path:
     """Write the weights ``options.method`` predicts at step ``target`` from the observed steps of ``series``
@@ -205,6 +244,7 @@ def extrapolate(series: CheckpointSeries, target: int, out: str | Path, options:
         raise InputError(None, f"target step {target} must lie after the last observed step {steps[-1]}",
                          ("target",))
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[series.base, *(p for _, p in series.steps)])
+    check_same_model(series, opts)
     meta = {"extrapolation_method": opts.method, "extrapolation_target": str(target),
             "extrapolation_steps": ",".join(map(str, steps)), "extrapolation_base": str(Path(series.base).resolve()),
             "extrapolation_sources": ",".join(str(Path(p).resolve()) for _, p in series.steps),
