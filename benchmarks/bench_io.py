@@ -39,15 +39,16 @@ def layer_shapes(i: int, hidden: int, inter: int) -> dict[str, tuple[int, int]]:
 
 
 def build_series(root: Path, layers: int, steps: int, hidden: int = H, inter: int = INTER,
-                 device: str = "cpu") -> None:
-    """Base + `steps` checkpoints, one safetensors file per 2 layers (sharded, with an index). The random
-    numbers are drawn on ``device`` (a GPU draws 7B-sized series in seconds, a CPU core in minutes)."""
+                 device: str = "cpu", scale: float = 1e-3) -> None:
+    """Base (entries of sd 0.02) + `steps` checkpoints (step t adds noise of sd ``scale``·t), one safetensors file
+    per 2 layers (sharded, with an index). The random numbers are drawn on ``device`` (a GPU draws 7B-sized
+    series in seconds, a CPU core in minutes)."""
     g = torch.Generator(device=device).manual_seed(0)
     shapes = {"model.embed_tokens.weight": (VOCAB, hidden)}
     for i in range(layers):
         shapes |= layer_shapes(i, hidden, inter)
     base = {n: (torch.randn(s, generator=g, device=device) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
-    for d, scale in [("base", 0.0)] + [(f"run/checkpoint-{t}", 1e-3 * t) for t in range(1, steps + 1)]:
+    for d, sd in [("base", 0.0)] + [(f"run/checkpoint-{t}", scale * t) for t in range(1, steps + 1)]:
         out = root / d
         out.mkdir(parents=True)
         names = list(shapes)
@@ -55,7 +56,7 @@ def build_series(root: Path, layers: int, steps: int, hidden: int = H, inter: in
         wm = {}
         for k, chunk in enumerate(chunks):
             f = f"model-{k + 1:05d}-of-{len(chunks):05d}.safetensors"
-            save_file({n: (base[n].float() + scale * torch.randn(shapes[n], generator=g, device=device))
+            save_file({n: (base[n].float() + sd * torch.randn(shapes[n], generator=g, device=device))
                        .to(torch.bfloat16).cpu() for n in chunk}, str(out / f))
             wm |= {n: f for n in chunk}
         (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
