@@ -23,12 +23,7 @@ ANALYZE = """\
 from opd_dynamics import analyze
 from opd_dynamics.io.series import CheckpointSeries
 
-def every_other(run):  # half the shipped checkpoints (the last always kept): enough for the curves, twice as fast
-    steps = [s for s, _ in CheckpointSeries.discover(LAB / run, base=LAB / "student_init").steps]
-    return sorted(set(steps[::-2]))
-
-series = [CheckpointSeries.discover(LAB / run, base=LAB / "student_init", name=run, steps=every_other(run))
-          for run in ("opd", "grpo")]
+series = [CheckpointSeries.discover(LAB / run, base=LAB / "student_init", name=run) for run in ("opd", "grpo")]
 report = analyze(series, progress=False, **OPTIONS)  # in memory
 tables = dict(report.tables)
 # the lab's held-out accuracy per checkpoint (for the sliding-window / accuracy overlays)
