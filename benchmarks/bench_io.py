@@ -121,8 +121,9 @@ def child(mode: str, root: Path) -> None:
     print(json.dumps({"seconds": dt, "bytes": nbytes, "peak_rss": rss, "rss_before": rss0, "startup": startup}))
 
 
-def measure(mode: str, root: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(root)], capture_output=True, text=True,
+def measure(mode: str, root: Path, script: str = __file__) -> dict:
+    """Run ``script --child MODE ROOT`` in a fresh process and return the JSON line it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", mode, str(root)], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

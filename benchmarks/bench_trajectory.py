@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,12 +51,6 @@ def child(mode: str, root: Path) -> None:
     print(json.dumps({"seconds": dt, "growth": bench_io.peak_rss() - rss0, "rss_before": rss0}))
 
 
-def measure(mode: str, root: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(root)], capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
@@ -75,7 +68,7 @@ def main() -> None:
             root = Path(tmp) / "series"
             bench_io.build_series(root, a.layers, steps, scale=1e-4)  # step 32 is 16 % of the base's norm away
             gb = sum(f.stat().st_size for f in root.rglob("*.safetensors")) / 1e9
-            rows = [measure(m, root) for m in MODES]
+            rows = [bench_io.measure(m, root, __file__) for m in MODES]
             print(f"{steps:5d}  {gb:9.2f}  " + "  ".join(f"{r['growth'] / 1e6:14.0f} {r['seconds']:7.1f}"
                                                            for r in rows), flush=True)
 
