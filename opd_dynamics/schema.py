@@ -331,7 +331,8 @@ _LAB = (
         _c("init_accuracy", "float", "student_init's held-out accuracy"),
         _c("weight_error", "float", "‖W_pred − W_T‖F / ‖W_T − W_{t_B}‖F over the attention and MLP matrices"),
         _c("note", "str", "why a method was not run (too few observed steps)"),
-        _c("gain_recovered", "float", "(accuracy − init) / (final − init): 1 is the true final checkpoint"),
+        _c("gain_recovered", "float", "(accuracy − init) / (final − init): 1 is the true final checkpoint (empty when "
+                                      "final = init)"),
         _c("observed_gain", "float", "(observed_accuracy − init) / (final − init)"),
     ), "each extrapolator from the first fraction of each lab run, against the true final checkpoint and the run "
        "at its last observed step", writer="opd_dynamics.lab.extrapolation.lab_extrapolation"),

@@ -69,8 +69,10 @@ def test_fast_demo_runs_every_stage(tmp_path):
     methods = set(pd.read_csv(out / "effopd" / "effopd_summary.csv")["method"])
     assert methods == ({"vanilla", "effopd", "fixed"} if passed else {"vanilla"})
     assert eff["gated_out_seeds"] == ([] if passed else [0])
+    ex = pd.read_csv(out / "extrapolation" / "extrapolation.csv")  # fast: steps 5 and 10, so 5 is observed
+    assert set(ex["last_observed"]) == {5} and len(ex) == 2 * 5
     pngs = sorted((out / "figures").glob("*.png"))
-    assert pngs
+    assert pngs and (out / "figures" / "extrapolation.png").exists()
     p = _Images()
     p.feed(html.read_text())
     assert len(p.srcs) >= 1 and all(s.startswith("data:image/png;base64,") for s in p.srcs)

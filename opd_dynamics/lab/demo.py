@@ -1,7 +1,8 @@
 """The one-command demo: smoke lab → analysis of OPD and GRPO → interventions → EffOPD → figures → HTML.
 
 Layout of ``out``: ``lab/`` (teacher, student_init, opd/, grpo/), ``analysis/`` (CSVs + run.json),
-``interventions/``, ``effopd/``, ``figures/`` (PNG), ``report.html`` and
+``interventions/``, ``effopd/``, ``extrapolation/`` (every extrapolator from each saved step but the last),
+``figures/`` (PNG), ``report.html`` and
 ``demo.json`` (stage timings). ``fast=True`` shrinks every stage (a few SFT/RL steps, short EffOPD) so a
 test can run the whole chain in well under a few minutes; the numbers it produces mean nothing.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from opd_dynamics.io.writer import check_output, json_text
 
-STAGES = ("lab", "analysis", "interventions", "effopd", "figures", "report")
+STAGES = ("lab", "analysis", "interventions", "effopd", "extrapolation", "figures", "report")
 _MARKER = "demo.json"
 
 
@@ -41,6 +42,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     """Run every stage into ``out`` and return the path of ``out/report.html``."""
     from opd_dynamics.analysis import analyze
     from opd_dynamics.lab.effopd import EffOPDLabOptions, run_effopd_lab
+    from opd_dynamics.lab.extrapolation import lab_extrapolation
     from opd_dynamics.lab.interventions import lab_interventions
     from opd_dynamics.lab.layout import RUNS, LabDir
     from opd_dynamics.lab.presets import get_preset
@@ -81,14 +83,20 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     eff = run_effopd_lab(out / "effopd", preset=p, seeds=[seed], lab=lab, options=opt, log=log)
     timings["effopd"] = round(time.perf_counter() - t, 1)
 
-    sources = [out / "analysis", lab, inter, eff]
-    t = stage("figures", 5)
+    t = stage("extrapolators from each saved step but the last", 5)
+    steps = series[0].step_numbers
+    extrap = lab_extrapolation(lab, out / "extrapolation", fractions=[s / steps[-1] for s in steps[:-1]],
+                               log=log, **({"n_eval": 16} if fast else {}))
+    timings["extrapolation"] = round(time.perf_counter() - t, 1)
+
+    sources = [out / "analysis", lab, inter, eff, extrap]
+    t = stage("figures", 6)
     res = plot_all(sources, out / "figures", formats=("png",))
     log(f"[demo] {len(res)} figure files in {out / 'figures'}"
         + (f"; not drawn: {', '.join(sorted(res.skipped))}" if getattr(res, "skipped", None) else ""))
     timings["figures"] = round(time.perf_counter() - t, 1)
 
-    t = stage("HTML report", 6)
+    t = stage("HTML report", 7)
     html = render_html(sources, out / "report.html", title="opd-dynamics demo")
     timings["report"] = round(time.perf_counter() - t, 1)
 

@@ -168,7 +168,7 @@ def lab_extrapolation(root: str | Path, out: str | Path, *, fractions: Sequence[
         rows = [r for seed, lab in labs.items()
                 for r in _seed_rows(seed, lab, runs, fractions, methods, n_eval, tmp, log)]
         df = pd.DataFrame(rows)
-        gain = df["final_accuracy"] - df["init_accuracy"]
+        gain = (df["final_accuracy"] - df["init_accuracy"]).where(lambda g: g != 0)  # a run that gained nothing: NaN
         df["gain_recovered"] = (df["accuracy"] - df["init_accuracy"]) / gain
         df["observed_gain"] = (df["observed_accuracy"] - df["init_accuracy"]) / gain
         df = df[TABLES["extrapolation"].names]

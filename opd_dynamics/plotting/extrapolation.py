@@ -49,7 +49,8 @@ def plot_extrapolation(report: Any) -> Figure:
         ax.set_xlabel("fraction of training observed")
         ax.set_title(f"{run} ({n_seeds} seed{'s' if n_seeds != 1 else ''})")
         vals = np.r_[r["gain_recovered"].to_numpy(), r["observed_gain"].to_numpy(), 0.0, 1.0]
-        lo, hi = np.nanmin(vals), np.nanmax(vals)
+        vals = vals[np.isfinite(vals)]
+        lo, hi = vals.min(), vals.max()
         ax.set_ylim(max(lo, FLOOR) - 0.1, hi + 0.1)
         if lo < FLOOR:
             ax.text(0.02, 0.02, f"values below {FLOOR:g} not shown", transform=ax.transAxes, fontsize=8, color="0.4")
