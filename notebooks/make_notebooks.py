@@ -114,7 +114,7 @@ def find_measurement():
     curves = curves or sorted((ROOT / "data").rglob("*effopd_curves.csv"))
     if not curves:
         raise FileNotFoundError("no effopd_curves.csv in docs/effopd or data/; run `opd-dynamics lab effopd` first")
-    preferred = [c for c in curves if c.name == "cpu-default-600_effopd_curves.csv"]  # README's and EFFOPD.md's
+    preferred = [c for c in curves if c.name == "cpu-default-5seeds_effopd_curves.csv"]  # README's and EFFOPD.md's
     c = (preferred or curves)[0]
     s = c.with_name(c.name.replace("effopd_curves", "effopd_summary"))
     return c, s
