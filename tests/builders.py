@@ -54,3 +54,90 @@ def perturb(sd: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, t
     g = torch.Generator().manual_seed(seed)
     return {k: (v.double() + scale * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(v.dtype)
             for k, v in sd.items()}
+
+
+# ---- the formats real training stacks leave (written by the real libraries: torch.save, FSDP2, DCP) ----
+
+TINY_LLAMA = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def tiny_llama(step: int):
+    """A transformers Llama (67-token vocabulary: FSDP's row split over 2 ranks is uneven) whose weights are the
+    seed-0 init plus step × 0.001 × fixed noise: step 0 is the base, every rank of every process builds the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(step * 1e-3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def save_bin(model, out: Path, shards: int = 1) -> Path:
+    """transformers 4's `save_pretrained(safe_serialization=False)` layout: torch.save of the state dict as
+    pytorch_model.bin, or `shards` pytorch_model-0000k-of-0000n.bin with pytorch_model.bin.index.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(out / "config.json")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(sd, out / "pytorch_model.bin")
+        return out
+    names = list(sd)
+    weight_map = {}
+    for i in range(shards):
+        f = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: sd[k] for k in names[i::shards]}
+        torch.save(part, out / f)
+        weight_map |= {k: f for k in part}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def fsdp_worker(rank: int, world: int, step: int, actor: str, dcp_dir: str, store: str) -> None:
+    """One of `world` gloo ranks: FSDP2 `fully_shard` of tiny_llama(step), then what verl writes
+    (`torch.save(model.state_dict())` per rank + fsdp_config.json) and what accelerate writes
+    (`dcp.save({"model": state_dict})`)."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    m = tiny_llama(step)
+    for blk in m.model.layers:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    torch.save(m.state_dict(), os.path.join(actor, f"model_world_size_{world}_rank_{rank}.pt"))
+    if rank == 0:
+        Path(actor, "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}))
+    dcp.save({"model": m.state_dict()}, storage_writer=dcp.FileSystemWriter(dcp_dir))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def write_fsdp_step(root: Path, step: int, world: int = 2) -> tuple[Path, Path]:
+    """verl's global_step_N/actor/ (rank files, fsdp_config.json, huggingface/config.json) and accelerate's
+    checkpoint-N/pytorch_model_fsdp_0/ (with checkpoint-N/config.json) for tiny_llama(step), written by `world`
+    spawned gloo processes. Returns (the actor dir, the checkpoint dir)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    actor = root / "verl" / f"global_step_{step}" / "actor"
+    ckpt = root / "accelerate" / f"checkpoint-{step}"
+    (actor / "huggingface").mkdir(parents=True)
+    ckpt.mkdir(parents=True)
+    cfg = tiny_llama(0).config
+    cfg.to_json_file(actor / "huggingface" / "config.json")
+    cfg.to_json_file(ckpt / "config.json")
+    with tempfile.TemporaryDirectory() as t:
+        mp.spawn(fsdp_worker, args=(world, step, str(actor), str(ckpt / "pytorch_model_fsdp_0"), f"{t}/store"),
+                 nprocs=world)
+    return actor, ckpt

@@ -165,13 +165,18 @@ def test_missing_empty_bin_and_fsdp_dirs(tmp_path):
     with pytest.raises(InputError, match="is empty"):
         ModelDir(tmp_path / "empty")
     d = _bad(tmp_path, b"\x80", "pytorch_model.bin")
-    with pytest.raises(InputError, match="convert them to safetensors"):
-        ModelDir(d)
+    with pytest.raises(InputError, match="legacy .pre-1.6, non-zip. torch file"):
+        open_model(d)
     f = tmp_path / "fsdp"
     f.mkdir()
     (f / "model_world_size_2_rank_0.pt").write_bytes(b"x")
-    with pytest.raises(InputError, match="merge them first"):
-        ModelDir(f)
+    with pytest.raises(InputError, match="lacks rank file.s. model_world_size_2_rank_1.pt"):
+        open_model(f)
+    z = tmp_path / "zero"
+    z.mkdir()
+    (z / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    with pytest.raises(InputError, match="DeepSpeed ZeRO shards, which are not read yet"):
+        open_model(z)
 
 
 def test_index_listing_missing_shard(tmp_path):

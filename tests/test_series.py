@@ -58,7 +58,7 @@ def test_refusals(tmp_path, base):
     verl = tmp_path / "verl" / "global_step_4" / "actor"
     verl.mkdir(parents=True)
     (verl / "model_world_size_2_rank_0.pt").write_bytes(b"x")
-    with pytest.raises(InputError, match="merge them first"):
+    with pytest.raises(InputError, match="lacks rank file.s. model_world_size_2_rank_1.pt"):
         CheckpointSeries.discover(tmp_path / "verl", base=base)
 
 

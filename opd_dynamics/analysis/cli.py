@@ -24,8 +24,12 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
 
     series = series_from_cli(run, runs, base, steps, load_mode)
     df = _describe(series, groups=parse_groups(groups, None))
+    from opd_dynamics.io.reader import reader_format
+
     for s in series:
-        click.echo(f"run {s.name}: base {s.base}; {len(s.steps)} steps {s.step_numbers}")
+        click.echo(f"run {s.name}: base {s.base} ({reader_format(s.base)}); {len(s.steps)} steps {s.step_numbers}")
+        for step, path in s.steps:
+            click.echo(f"  step {step}: {path} ({reader_format(path)})")
     ok = df[df.get("skipped").isna()] if "skipped" in df else df
     click.echo(f"{len(ok)} tensors to analyse, {ok['bytes_to_read'].sum() / 1e6:.1f} MB to read")
     with_group = ok.groupby(["run", "group"]).agg(tensors=("tensor", "size"), MB=("bytes_to_read", "sum"))

@@ -186,6 +186,14 @@ def _pread_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> to
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def has_safetensors(path: Path) -> bool:
+    """A .safetensors file, or a directory holding safetensors weights (not only an adapter's)."""
+    if path.is_file():
+        return path.suffix == ".safetensors"
+    return path.is_dir() and ((path / INDEX_FILE).exists() or
+                              any(p.name != ADAPTER_FILE for p in path.glob("*.safetensors")))
+
+
 def find_weight_files(path: Path) -> list[Path]:
     """The safetensors files holding a model's weights, or an InputError saying what is there instead."""
     if not path.exists():
@@ -217,62 +225,31 @@ def find_weight_files(path: Path) -> list[Path]:
     if not names:
         raise InputError(path, "is empty: no model weights found")
     if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
-        raise InputError(path, "holds only pytorch_model*.bin weights; convert them to safetensors first, e.g. "
-                               "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
-                               "safe_serialization=True)`")
-    if any(n.startswith("model_world_size_") or n.endswith("_rank_0.pt") or n.startswith("mp_rank_")
+        raise InputError(path, "holds pytorch_model*.bin shards without pytorch_model.bin.index.json, so their "
+                               "order is unknown; restore the index")
+    if any(n.endswith("_model_states.pt") or n.startswith("mp_rank_") or n.endswith("_optim_states.pt")
            for n in names):
-        raise InputError(path, "holds raw FSDP/DeepSpeed shards, not merged weights; merge them first, e.g. "
-                               "`python -m verl.model_merger merge --backend fsdp --local_dir <actor dir> "
-                               "--target_dir <out>` (verl) or DeepSpeed's zero_to_fp32.py")
-    raise InputError(path, "holds no safetensors weights (no model.safetensors, index or *.safetensors)")
+        raise InputError(path, "holds DeepSpeed ZeRO shards, which are not read yet; convert them with the "
+                               "zero_to_fp32.py script DeepSpeed saves beside them")
+    raise InputError(path, "holds no model weights (no safetensors, pytorch_model.bin, FSDP rank files or DCP "
+                           ".metadata)")
 
 
-class ModelDir(TensorReader):
-    """Lazy reader for one model directory (single file, sharded with index, or shards without one)."""
+#: torch dtype → safetensors dtype code (the code every reader's TensorEntry carries)
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+CONFIG_FILE = "config.json"
 
-    def __init__(self, path: str | Path, load_mode: str = "pread"):
-        if load_mode not in LOAD_MODES:
-            raise InputError(None, f"load mode {load_mode!r} is not one of {LOAD_MODES}")
-        self.path = Path(path)
-        self.load_mode = load_mode
-        self.files = find_weight_files(self.path)
-        self.entries: dict[str, TensorEntry] = {}
-        self.metadata: dict[str, str] = {}
-        digest = hashlib.sha256()
-        for f in self.files:
-            entries, meta, raw = read_header(f)
-            digest.update(raw)
-            self.metadata.update(meta)
-            for name, e in entries.items():
-                if name in self.entries:
-                    raise InputError(f, f"repeats tensor {name!r} already in {self.entries[name].file.name}")
-                self.entries[name] = e
-        if not self.entries:
-            raise InputError(self.path, "holds no tensors")
-        self._check_index()
-        self.header_sha256 = digest.hexdigest()
-        self._idents = {e.file: e.ident for e in self.entries.values()}
-        # what identifies these weights for a cache: a header alone is shared by every model of one
-        # architecture (a Base and its Instruct), so each file's resolved path and identity go in too, as
-        # they were when the header was read (the engine reopens a reader whose identity is not the run's)
-        self.identity = hashlib.sha256("\x1f".join(
-            [self.header_sha256, *(f"{f.resolve()}:{i}" for f, i in sorted(self._idents.items()))]).encode()
-        ).hexdigest()[:24]
-        self._handles: dict[Path, object] = {}
 
-    def _check_index(self) -> None:
-        """Every tensor the index lists must be in the shard it names (a stale index is not trusted)."""
-        index = self.path / INDEX_FILE
-        if not (self.path.is_dir() and index.exists()):
-            return
-        for name, fname in json.loads(index.read_text())["weight_map"].items():
-            e = self.entries.get(name)
-            if e is None or e.file.name != fname:
-                where = "no shard holds it" if e is None else f"it is in {e.file.name}"
-                raise InputError(index, f"lists {name!r} in {fname}, but {where}")
+class EntryReader(TensorReader):
+    """A reader whose tensors are listed in ``entries`` (name → TensorEntry): what every format shares. A
+    subclass sets ``path``, ``files``, ``entries``, ``header_sha256`` and ``identity`` and implements ``get``.
+    The model's config.json is looked for in the directory, its ``huggingface/`` (verl) and its parent
+    (a DCP folder inside ``checkpoint-N/``)."""
 
-    # -- metadata -------------------------------------------------------------------------------
+    FORMAT = "?"
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str] = {}
+
     def names(self) -> list[str]:
         return list(self.entries)
 
@@ -304,13 +281,64 @@ class ModelDir(TensorReader):
 
     @property
     def config(self) -> dict:
-        cfg = self.path / "config.json" if self.path.is_dir() else None
-        if cfg is None or not cfg.exists():
+        if not self.path.is_dir():
             return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(cfg, f"is not valid JSON ({e})") from e
+        for cfg in (self.path / CONFIG_FILE, self.path / "huggingface" / CONFIG_FILE, self.path.parent / CONFIG_FILE):
+            if cfg.exists():
+                try:
+                    return json.loads(cfg.read_text())
+                except json.JSONDecodeError as e:
+                    raise InputError(cfg, f"is not valid JSON ({e})") from e
+        return {}
+
+    def _set_identity(self, digest: str) -> None:
+        """header_sha256 and identity from a digest of what describes the tensors and each file's identity."""
+        self.header_sha256 = digest
+        idents = {e.file: e.ident for e in self.entries.values()}
+        # a header alone is shared by every model of one architecture (a Base and its Instruct), so each file's
+        # resolved path and identity go in too, as they were when the header was read
+        self.identity = hashlib.sha256("\x1f".join(
+            [digest, *(f"{f.resolve()}:{i}" for f, i in sorted(idents.items()))]).encode()).hexdigest()[:24]
+
+
+class ModelDir(EntryReader):
+    """Lazy reader for one model directory (single file, sharded with index, or shards without one)."""
+
+    FORMAT = "safetensors"
+
+    def __init__(self, path: str | Path, load_mode: str = "pread"):
+        if load_mode not in LOAD_MODES:
+            raise InputError(None, f"load mode {load_mode!r} is not one of {LOAD_MODES}")
+        self.path = Path(path)
+        self.load_mode = load_mode
+        self.files = find_weight_files(self.path)
+        self.entries: dict[str, TensorEntry] = {}
+        self.metadata: dict[str, str] = {}
+        digest = hashlib.sha256()
+        for f in self.files:
+            entries, meta, raw = read_header(f)
+            digest.update(raw)
+            self.metadata.update(meta)
+            for name, e in entries.items():
+                if name in self.entries:
+                    raise InputError(f, f"repeats tensor {name!r} already in {self.entries[name].file.name}")
+                self.entries[name] = e
+        if not self.entries:
+            raise InputError(self.path, "holds no tensors")
+        self._check_index()
+        self._set_identity(digest.hexdigest())  # the engine reopens a reader whose identity is not the run's
+        self._handles: dict[Path, object] = {}
+
+    def _check_index(self) -> None:
+        """Every tensor the index lists must be in the shard it names (a stale index is not trusted)."""
+        index = self.path / INDEX_FILE
+        if not (self.path.is_dir() and index.exists()):
+            return
+        for name, fname in json.loads(index.read_text())["weight_map"].items():
+            e = self.entries.get(name)
+            if e is None or e.file.name != fname:
+                where = "no shard holds it" if e is None else f"it is in {e.file.name}"
+                raise InputError(index, f"lists {name!r} in {fname}, but {where}")
 
     # -- data -----------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:

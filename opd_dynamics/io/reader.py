@@ -1,8 +1,10 @@
 """The reader interface every checkpoint format implements, and the factory that picks one by the files present.
 
 A reader opens only headers; `get(name)` reads one tensor, so memory holds the tensors in use and never a
-whole model. Today's implementations: `ModelDir` (safetensors: single, sharded with an index, or shards
-without one) and, for updates rather than weights, `LoraAdapter` (PEFT LoRA). A new format adds one
+whole model. Implementations, each in its own module: `ModelDir` (safetensors: single, sharded with an index, or
+shards without one), `BinDir` (`pytorch_model.bin`, single or index-sharded), `FSDPShards` (verl's
+``model_world_size_W_rank_R.pt`` rank files), `DCPDir` (torch Distributed Checkpoint, as accelerate and the Trainer
+write it under FSDP) and, for updates rather than weights, `LoraAdapter` (PEFT LoRA). A new format adds one
 `TensorReader` subclass and one clause in `reader_class`.
 """
 
@@ -16,7 +18,7 @@ import torch
 
 if TYPE_CHECKING:  # the implementations import this module
     from opd_dynamics.io.lora import LoraAdapter
-    from opd_dynamics.io.model_dir import ModelDir
+    from opd_dynamics.io.model_dir import EntryReader
 
 #: how a reader reads a tensor: one positioned read per tensor (bounded memory, network filesystems), or mmap
 LOAD_MODES = ("pread", "mmap")
@@ -89,30 +91,49 @@ def is_adapter_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / ADAPTER_CONFIG).exists()
 
 
-def reader_class(path: str | Path) -> type[ModelDir] | type[LoraAdapter]:
-    """The reader for what is at ``path``, chosen by the files present; an InputError naming the path and what
-    is there instead when no reader fits (checked without reading any header)."""
+def reader_class(path: str | Path) -> type[EntryReader] | type[LoraAdapter]:
+    """The reader for what is at ``path``, chosen by the files present (safetensors first: a directory holding
+    both a merged export and raw shards is read from the export); an InputError naming the path and what is
+    there instead when no reader fits (checked without reading any header)."""
+    from opd_dynamics.io.dcp import DCPDir, is_dcp_dir
+    from opd_dynamics.io.fsdp_shards import FSDPShards, has_rank_files, rank_files
     from opd_dynamics.io.lora import LoraAdapter
-    from opd_dynamics.io.model_dir import ModelDir, find_weight_files
+    from opd_dynamics.io.model_dir import ModelDir, find_weight_files, has_safetensors
+    from opd_dynamics.io.torch_files import BinDir, has_bin
 
-    if is_adapter_dir(path):
+    p = Path(path)
+    if is_adapter_dir(p):
         return LoraAdapter
-    find_weight_files(Path(path))
+    if has_safetensors(p):
+        return ModelDir
+    if has_bin(p):
+        return BinDir
+    if is_dcp_dir(p):
+        return DCPDir
+    if p.is_dir() and has_rank_files(p):
+        rank_files(p)  # a missing rank or mixed world sizes: said now, before any step is read
+        return FSDPShards
+    find_weight_files(p)  # says what is there instead
     return ModelDir
 
 
-def open_full_weights(path: str | Path, load_mode: str = "pread") -> ModelDir:
-    """A model directory of full weights; an adapter is refused in one sentence (extrapolation, unlike analysis,
-    needs the weights themselves, not an update)."""
+def open_full_weights(path: str | Path, load_mode: str = "pread") -> EntryReader:
+    """A model's full weights in any format; an adapter is refused in one sentence (extrapolation, unlike
+    analysis, needs the weights themselves, not an update)."""
     from opd_dynamics.errors import InputError
-    from opd_dynamics.io.model_dir import ModelDir
 
     if is_adapter_dir(path):
         raise InputError(path, "is a LoRA adapter; merge it into its base model first (extrapolation works on "
                                "full weights)")
-    return ModelDir(path, load_mode=load_mode)
+    return reader_class(path)(path, load_mode=load_mode)
 
 
-def open_model(path: str | Path, load_mode: str = "pread") -> ModelDir | LoraAdapter:
+def reader_format(path: str | Path) -> str:
+    """The format `reader_class` detects at ``path`` (safetensors, pytorch-bin, fsdp-shards, dcp, lora)."""
+    cls = reader_class(path)
+    return getattr(cls, "FORMAT", cls.__name__)
+
+
+def open_model(path: str | Path, load_mode: str = "pread") -> EntryReader | LoraAdapter:
     """Open a model directory, a single .safetensors file, or a PEFT LoRA adapter directory."""
     return reader_class(path)(path, load_mode=load_mode)

@@ -1,7 +1,9 @@
 """A run's checkpoint series: the base weights plus (step, directory) pairs, sorted by step.
 
-Recognised step directories: TRL/Trainer `checkpoint-N`, verl `global_step_N/actor/huggingface`
-(merged weights), OpenRLHF `global_stepN_hf`, `step_N` / `step-N` / `stepN`, `iter_N` / `iter-N`.
+Recognised step directories: TRL/Trainer `checkpoint-N` (its weights, or its FSDP DCP folder
+`pytorch_model_fsdp_0/`), verl `global_step_N/actor/huggingface` (merged weights) or `global_step_N/actor/` (the
+raw FSDP rank files), OpenRLHF `global_stepN_hf`, `step_N` / `step-N` / `stepN`, `iter_N` / `iter-N`. Each step
+may be in any format `io.reader` reads, and the base in another.
 The base is always given explicitly; it is never guessed.
 """
 
@@ -16,16 +18,22 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, open_model, reader_class
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)(?:_hf)?$")
-_VERL_SUBDIRS = ("actor/huggingface", "huggingface", "actor")
+#: where a step directory nests its weights: verl's merged export or raw rank files, accelerate's DCP folder
+_NESTED = ("actor/huggingface", "huggingface", "actor", "pytorch_model_fsdp_0")
 
 
 def _has_weights(p: Path) -> bool:
-    return any(p.glob("*.safetensors")) or (p / ADAPTER_CONFIG).exists()
+    try:
+        reader_class(p)
+        return True
+    except InputError:
+        return (p / ADAPTER_CONFIG).exists()
 
 
 def _weights_dir(d: Path) -> Path:
-    """The directory inside a step directory that holds its weights (verl nests them under actor/)."""
-    nested = [d / sub for sub in _VERL_SUBDIRS if (d / sub).is_dir()]
+    """The directory inside a step directory that holds its weights (verl nests them under actor/, accelerate's
+    FSDP checkpoints under pytorch_model_fsdp_0/)."""
+    nested = [d / sub for sub in _NESTED if (d / sub).is_dir()]
     for cand in nested:
         if _has_weights(cand):
             return cand

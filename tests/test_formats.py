@@ -1,0 +1,177 @@
+"""Checkpoint formats real runs leave, read in place: pytorch_model.bin (single and index-sharded, torch.save as
+transformers 4 wrote it), verl's FSDP2 rank files and accelerate's DCP folder (written by torch FSDP2 over two
+spawned gloo processes). Every tensor equals the safetensors reading of the same weights bit for bit; a series
+mixing formats against a safetensors base analyses to the same tables; bad input is one sentence."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pandas as pd
+import pytest
+import torch
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.io.reader import open_model, reader_format
+from opd_dynamics.io.series import CheckpointSeries
+
+from builders import save_bin, tiny_llama, write_fsdp_step
+
+pytestmark = pytest.mark.xdist_group("formats")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same two steps of one run in every format, and its base in safetensors."""
+    root = tmp_path_factory.mktemp("formats")
+    tiny_llama(0).save_pretrained(root / "base")
+    for step in (3, 6):
+        m = tiny_llama(step)
+        m.save_pretrained(root / "st" / f"checkpoint-{step}")
+        save_bin(m, root / "bin" / f"checkpoint-{step}", shards=1 if step == 3 else 3)
+        write_fsdp_step(root, step)
+    return root
+
+
+def _equal_to_safetensors(reader_dir, st_dir):
+    with open_model(st_dir) as ref, open_model(reader_dir) as r:
+        assert sorted(r.names()) == sorted(ref.names())
+        for n in ref.names():
+            a, b = ref.get(n), r.get(n)
+            assert a.dtype == b.dtype and torch.equal(a, b), n
+            assert r.shape(n) == ref.shape(n) and r.stored_dtype(n) == ref.stored_dtype(n)
+        assert r.config["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("fmt, where, step", [
+    ("pytorch-bin", "bin/checkpoint-3", 3), ("pytorch-bin", "bin/checkpoint-6", 6),  # single; 3 shards + index
+    ("fsdp-shards", "verl/global_step_6/actor", 6), ("dcp", "accelerate/checkpoint-6/pytorch_model_fsdp_0", 6)])
+def test_every_tensor_equals_the_safetensors_reading(runs, fmt, where, step):
+    assert reader_format(runs / where) == fmt
+    _equal_to_safetensors(runs / where, runs / "st" / f"checkpoint-{step}")
+
+
+def test_discovery_finds_verl_and_accelerate_layouts(runs):
+    verl = CheckpointSeries.discover(runs / "verl", base=runs / "base")
+    assert [(s, p.name) for s, p in verl.steps] == [(3, "actor"), (6, "actor")]
+    acc = CheckpointSeries.discover(runs / "accelerate", base=runs / "base")
+    assert [(s, p.name) for s, p in acc.steps] == [(3, "pytorch_model_fsdp_0"), (6, "pytorch_model_fsdp_0")]
+
+
+def test_a_mixed_format_series_analyses_like_safetensors(runs):
+    """Base in safetensors; step 3 a pytorch_model.bin, step 6 verl rank files; norms and spectra equal the
+    all-safetensors series' to float rounding."""
+    from opd_dynamics import analyze
+
+    st = CheckpointSeries.discover(runs / "st", base=runs / "base", name="r")
+    mixed = CheckpointSeries.from_list([(3, runs / "bin" / "checkpoint-3"), (6, runs / "verl" / "global_step_6" /
+                                                                            "actor")], base=runs / "base", name="r")
+    dcp = CheckpointSeries.discover(runs / "accelerate", base=runs / "base", name="r")
+    ref = analyze(st, progress=False)
+    for other in (mixed, dcp):
+        rep = analyze(other, progress=False)
+        for table, cols in (("module_allocation", ["update_norm", "base_norm", "energy_share"]),
+                            ("spectrum", ["spectral_norm", "effective_rank", "energy_top1"])):
+            a = ref[table].sort_values(["step", "tensor"]).reset_index(drop=True)
+            b = rep[table].sort_values(["step", "tensor"]).reset_index(drop=True)
+            assert list(a["tensor"]) == list(b["tensor"])
+            pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-12, atol=0)
+
+
+def test_describe_prints_each_checkpoints_format(runs):
+    from click.testing import CliRunner
+
+    from opd_dynamics.cli import main
+
+    r = CliRunner().invoke(main, ["describe", str(runs / "verl"), "--base", str(runs / "base")])
+    assert r.exit_code == 0, r.output
+    assert "(safetensors)" in r.output and "step 6: " in r.output and "(fsdp-shards)" in r.output
+
+
+def test_bad_rank_files_are_one_sentence(runs, tmp_path):
+    import shutil
+
+    actor = runs / "verl" / "global_step_6" / "actor"
+    one = tmp_path / "one"
+    shutil.copytree(actor, one)
+    (one / "model_world_size_2_rank_1.pt").unlink()
+    with pytest.raises(InputError, match="lacks rank file.s. model_world_size_2_rank_1.pt of world size 2"):
+        open_model(one)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(actor, mixed)
+    shutil.copy(actor / "model_world_size_2_rank_0.pt", mixed / "model_world_size_4_rank_0.pt")
+    with pytest.raises(InputError, match="mixes rank files of world sizes 2, 4"):
+        open_model(mixed)
+    other = tmp_path / "other"
+    shutil.copytree(actor, other)
+    sd = torch.load(actor / "model_world_size_2_rank_1.pt", mmap=True, weights_only=True)
+    sd.pop("lm_head.weight")
+    torch.save(sd, other / "model_world_size_2_rank_1.pt")
+    with pytest.raises(InputError, match="holds other tensors than model_world_size_2_rank_0.pt"):
+        open_model(other)
+
+
+def test_a_dcp_folder_missing_a_data_file_is_refused(runs, tmp_path):
+    import shutil
+
+    d = tmp_path / "dcp"
+    shutil.copytree(runs / "accelerate" / "checkpoint-6" / "pytorch_model_fsdp_0", d)
+    (d / "__1_0.distcp").unlink()
+    with pytest.raises(InputError, match=r"names data files that are absent: __1_0.distcp"):
+        open_model(d)
+
+
+class Payload:  # not a weight: torch.save pickles it by reference
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickles_that_are_not_weights_are_refused_unrun(tmp_path, capsys):
+    d = tmp_path / "evil"
+    d.mkdir()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "x": Payload()}, d / "pytorch_model.bin")
+    with pytest.raises(InputError, match="is not a weights file: its pickle holds objects other than tensors"):
+        open_model(d)
+    assert "must never run" not in capsys.readouterr().out
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save({"w": torch.zeros(2)}, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match="legacy .pre-1.6, non-zip. torch file"):
+        open_model(legacy)
+    dcp = tmp_path / "dcp"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(InputError, match="is not DCP checkpoint metadata .builtins.print is not part of DCP"):
+        open_model(dcp)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_old_torch_is_refused_before_unpickling(tmp_path, monkeypatch):
+    from opd_dynamics.io import torch_files
+
+    d = save_bin(tiny_llama(0), tmp_path / "b")
+    monkeypatch.setattr(torch_files, "_torch_version", lambda: (2, 5))
+    with pytest.raises(InputError, match="reading one safely needs torch >= 2.6"):
+        open_model(d)
+    assert json.loads((d / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_extrapolate_and_effopd_read_any_format_and_write_safetensors(runs, tmp_path):
+    """From verl rank files and from DCP: the same predicted weights, bit for bit, as from safetensors."""
+    from opd_dynamics.effopd.offline import extrapolate_checkpoint
+    from opd_dynamics.extrapolate import extrapolate
+
+    outs = {}
+    for name, run in (("st", runs / "st"), ("verl", runs / "verl"), ("dcp", runs / "accelerate")):
+        s = CheckpointSeries.discover(run, base=runs / "base", name=name)
+        outs[name] = extrapolate(s, 12, tmp_path / f"x-{name}", method="linear")
+        steps = dict(s.steps)
+        extrapolate_checkpoint(steps[3], steps[6], 2.0, tmp_path / f"e-{name}")
+    for prefix in ("x", "e"):
+        with open_model(tmp_path / f"{prefix}-st") as ref:
+            assert reader_format(tmp_path / f"{prefix}-verl") == "safetensors"
+            for other in ("verl", "dcp"):
+                with open_model(tmp_path / f"{prefix}-{other}") as r:
+                    assert sorted(r.names()) == sorted(ref.names())
+                    assert all(torch.equal(r.get(n), ref.get(n)) for n in ref.names())
