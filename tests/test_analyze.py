@@ -385,3 +385,52 @@ def test_no_descriptor_of_the_inputs_outlives_the_analysis(tmp_path, load_mode):
 
     describe(series)  # a dry run keeps no reader either (it kept one per series for the whole session)
     assert open_inputs() == 0 and not is_open(series)
+
+
+def test_a_base_of_another_model_is_refused_or_flagged(tmp_path):
+    """A Qwen2 base for a Llama run (same shapes): one sentence naming the step unless forced; forced, or when the
+    configs agree but the weights are another model's, run.json and a warning say the base looks wrong."""
+    from builders import LLAMA_CONFIG
+
+    sd = llama_like(n_layers=1)
+    write_dir(tmp_path / "base", sd, config={**LLAMA_CONFIG, "model_type": "qwen2"})
+    write_dir(tmp_path / "run" / "checkpoint-1", perturb(sd, 0.01, 1))
+    s = CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base")
+    with pytest.raises(InputError, match=r"checkpoint-1: is another model than the base .*its config model_type is "
+                                         r"llama, the base's qwen2 \(pass --force-base"):
+        analyze(s, progress=False)
+    rep = analyze(s, progress=False, force_base=True)
+    assert rep.meta["warnings"] == []  # forced, and the weights are a fine-tune of the base: nothing to flag
+    write_dir(tmp_path / "other", llama_like(n_layers=1, seed=7))  # same config, independent weights
+    wrong = CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "other")
+    with pytest.warns(UserWarning, match=r"median relative update .* at its first step \(1\) is 1\.\d\d; is the base"):
+        rep = analyze(wrong, progress=False)
+    assert len(rep.meta["warnings"]) == 1
+
+
+def test_output_side_os_errors_are_one_sentence_and_keep_the_partial(tmp_path, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    from opd_dynamics.analysis.report import Report
+    from opd_dynamics.cli import main
+
+    sd = llama_like(n_layers=1)
+    write_dir(tmp_path / "base", sd)
+    write_dir(tmp_path / "run" / "checkpoint-1", perturb(sd, 0.01, 1))
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(main, ["analyze", str(tmp_path / "run"), "--base", str(tmp_path / "base"), "--out",
+                                  str(tmp_path / "afile" / "out"), "--quiet"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "afile/out: cannot be written: " in r.output and "Traceback" not in r.output
+
+    def full(self, directory):  # the disk fills up while the tables are written
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "spectrum.csv"))
+
+    monkeypatch.setattr(Report, "write_into", full)
+    s = CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base")
+    with pytest.raises(InputError, match=r"out: cannot be written: No space left on device .*spectrum.csv.*; what "
+                                         r"was computed is kept in .*\.out\.partial, and rerunning"):
+        analyze(s, out=tmp_path / "out", progress=False)
+    assert (tmp_path / ".out.partial").is_dir() and not (tmp_path / "out").exists()

@@ -155,7 +155,8 @@ def test_steps_of_another_model_or_base_are_refused_naming_the_step(tmp_path):
     bad = tmp_path / "other" / "checkpoint-12"
     cases = [
         ({Q: torch.tensor(w0 + 12 * m), NORM: torch.ones(20, dtype=torch.float64)},
-         {**LLAMA_CONFIG, "model_type": "mistral"}, "another architecture than the base.*model_type mistral"),
+         {**LLAMA_CONFIG, "model_type": "mistral"},
+         "is another model than the base.*its config model_type is mistral, the base's llama"),
         ({Q: torch.tensor(np.zeros((12, 21))), NORM: torch.ones(20, dtype=torch.float64)}, None,
          r"shape \(12, 21\), the base \(12, 20\)"),
         ({Q: torch.tensor(rng.normal(size=(12, 20))), NORM: torch.ones(20, dtype=torch.float64)}, None,

@@ -6,6 +6,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +22,8 @@ from opd_dynamics.analysis.readers import make_plans, reader_for, readers_releas
 from opd_dynamics.analysis.report import PER_TENSOR_TABLES, RUN_JSON, Report, build_tables
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import DTYPES
-from opd_dynamics.io.series import CheckpointSeries
-from opd_dynamics.io.writer import check_output, output_lock, replace_path
+from opd_dynamics.io.series import CheckpointSeries, check_same_architecture
+from opd_dynamics.io.writer import check_output, output_errors, output_lock, replace_path
 from opd_dynamics.numerics import update_dtype
 
 SeriesLike = CheckpointSeries | Sequence[CheckpointSeries]
@@ -80,15 +81,18 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
             if opts.ref_step not in dict(s.steps):
                 raise InputError(None, f"ref_step {opts.ref_step} is not a step of run {s.name!r} "
                                        f"(its steps: {', '.join(str(t) for t, _ in s.steps)})", ("ref_step",))
-    with output_lock(out_path), readers_released(lst):  # one analyze per output: they would share .OUT.partial/
+    partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
+    with output_errors(out_path, partial), output_lock(out_path), readers_released(lst):  # one analyze per output
         t0 = time.perf_counter()
         if executor != "ray":  # fail before any work; Ray tasks resolve the device against the cluster
             opts.resolved_device()
+        if not opts.force_base:
+            for s in lst:
+                check_same_architecture(s, "pass --force-base to analyse it anyway")
         plans = make_plans(lst, names=names, groups=groups, overrides=overrides)
         t_plan = time.perf_counter() - t0
         if opts.token_ids:
             _check_token_ids(opts.token_ids, plans)
-        partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
         resume_dir = partial / "cache" if partial is not None else None
         cache_root = Path(run.cache_dir) if run.cache_dir is not None else default_cache_root()
         results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
@@ -105,6 +109,9 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
             first = failed[0]["reason"] if failed else "nothing was analysed"
             raise InputError(lst[0].base, f"no tensor could be analysed ({first})")
         tables = build_tables(rows)
+        notes = wrong_base_warnings(tables["module_allocation"])
+        for n in notes:
+            warnings.warn(n, UserWarning, stacklevel=2)
         meta = {
             "version": __version__,
             "command": command or f"opd_dynamics.analyze (Python API, in: {' '.join(sys.argv)})",
@@ -118,6 +125,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
                           "tensor_compute_sum": round(sum(r.seconds for r in results), 3)},
             "skipped": [sk for p in plans for sk in p.skipped],
             "failed": failed,
+            "warnings": notes,
             "tables": {k: len(v) for k, v in tables.items()},
         }
         report = Report(tables, meta)
@@ -132,6 +140,24 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
                 raise InputError(out_path, "appeared while the analysis ran; results left in " + str(partial))
             replace_path(partial, out_path)
         return report
+
+
+#: the median relative update of a run's first step at or above which the base is probably not the run's start
+WRONG_BASE_MEDIAN = 0.5
+
+
+def wrong_base_warnings(alloc: pd.DataFrame) -> list[str]:
+    """One sentence per run whose first step moved its median tensor by ≥ WRONG_BASE_MEDIAN of the base's norm:
+    the signature of a wrong base (fine-tuning moves weights by a few percent; another model by about √2)."""
+    out = []
+    for run, a in alloc.groupby("run", sort=False):
+        first = a[a["step"] == a["step"].min()]
+        med = float(pd.to_numeric(first["relative_update"], errors="coerce").median())
+        if med >= WRONG_BASE_MEDIAN:
+            step = int(first["step"].iloc[0])
+            out.append(f"run {run!r}: the median relative update ‖ΔW‖/‖W0‖ at its first step ({step}) is {med:.2f}; "
+                       "is the base the run's start? (another model gives about 1.4)")
+    return out
 
 
 def _dtype_used(opts, plans) -> str:

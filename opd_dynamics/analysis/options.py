@@ -53,6 +53,8 @@ class AnalysisOptions:
                                            cli="groups", metavar="GROUP,...")
     token_ids: tuple[int, ...] | None = option(None, "File of token ids (whitespace or comma separated) for the "
                                              "embedding cosine over a token set.", cli="token_file", metavar="FILE")
+    force_base: bool = option(False, "Analyse even when a step's config.json declares another architecture than the "
+                              "base's (model_type, hidden size, layers, vocabulary …).")
 
     def __post_init__(self) -> None:
         if self.svd not in SVD_MODES:

@@ -37,7 +37,7 @@ from opd_dynamics.fields import option
 from opd_dynamics.io.model_dir import FLOAT_DTYPES, ModelDir
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, stored_transposed
 from opd_dynamics.io.reader import open_full_weights
-from opd_dynamics.io.series import CheckpointSeries
+from opd_dynamics.io.series import CheckpointSeries, check_same_architecture
 from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL_MARKERS, check_output, write_model
 from opd_dynamics.numerics import fro2
 
@@ -187,9 +187,6 @@ def predicted_tensors(series: CheckpointSeries, target: int, opts: Extrapolation
             r.close()
 
 
-#: config.json keys that fix a model's architecture: steps of one run share them with their base
-ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "intermediate_size", "vocab_size", "head_dim", "num_experts", "num_local_experts")
 #: ‖W_t − W_0‖F / ‖W_0‖F above which a step is taken for another model than the base (two independent
 #: initialisations give about √2; fine-tuning updates are orders of magnitude smaller)
 FOREIGN_RATIO = 1.0
@@ -199,6 +196,7 @@ def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> No
     """Refuse steps that cannot belong to one run from ``series.base``: another architecture (config.json), a
     selected tensor of another shape, or weights further from the base than FOREIGN_RATIO of its norm (read on the
     base's largest selected matrix, one tensor per step)."""
+    check_same_architecture(series)
     base = open_full_weights(series.base, series.load_mode)
     try:
         sel = [n for n in base.names() if base.entries[n].dtype in FLOAT_DTYPES and
@@ -207,11 +205,6 @@ def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> No
         w0 = base.get(probe).to(torch.float64) if probe else None
         for _, path in series.steps:
             with open_full_weights(path, series.load_mode) as m:
-                for key in ARCH_KEYS:
-                    a, b = base.config.get(key), m.config.get(key)
-                    if a != b and a is not None and b is not None:
-                        raise InputError(path, f"is another architecture than the base {series.base}: config {key} "
-                                               f"{b} against {a}")
                 for n in sel:
                     if n in m and tuple(m.shape(n)) != tuple(base.shape(n)):
                         raise InputError(path, f"holds {n} of shape {tuple(m.shape(n))}, the base "

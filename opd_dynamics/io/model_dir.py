@@ -240,6 +240,21 @@ DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 CONFIG_FILE = "config.json"
 
 
+def find_config(path: str | Path) -> dict:
+    """A model's config.json: in its directory, its ``huggingface/`` (verl) or its parent (a DCP folder inside
+    ``checkpoint-N/``); {} for a single file or when there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        return {}
+    for cfg in (path / CONFIG_FILE, path / "huggingface" / CONFIG_FILE, path.parent / CONFIG_FILE):
+        if cfg.exists():
+            try:
+                return json.loads(cfg.read_text())
+            except json.JSONDecodeError as e:
+                raise InputError(cfg, f"is not valid JSON ({e})") from e
+    return {}
+
+
 class EntryReader(TensorReader):
     """A reader whose tensors are listed in ``entries`` (name → TensorEntry): what every format shares. A
     subclass sets ``path``, ``files``, ``entries``, ``header_sha256`` and ``identity`` and implements ``get``.
@@ -281,15 +296,7 @@ class EntryReader(TensorReader):
 
     @property
     def config(self) -> dict:
-        if not self.path.is_dir():
-            return {}
-        for cfg in (self.path / CONFIG_FILE, self.path / "huggingface" / CONFIG_FILE, self.path.parent / CONFIG_FILE):
-            if cfg.exists():
-                try:
-                    return json.loads(cfg.read_text())
-                except json.JSONDecodeError as e:
-                    raise InputError(cfg, f"is not valid JSON ({e})") from e
-        return {}
+        return find_config(self.path)
 
     def _set_identity(self, digest: str) -> None:
         """header_sha256 and identity from a digest of what describes the tensors and each file's identity."""

@@ -40,6 +40,30 @@ def _weights_dir(d: Path) -> Path:
     return d if _has_weights(d) or not nested else nested[-1]  # actor/ alone: let the reader say what is there
 
 
+#: config.json keys that fix an architecture: the steps of one run share them with their base
+ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "vocab_size", "head_dim", "num_experts", "num_local_experts")
+
+
+def check_same_architecture(series: CheckpointSeries, force_hint: str = "") -> None:
+    """Refuse a step whose config.json declares another architecture than the base's (a key of ARCH_KEYS both
+    state and differ on), naming the step: a Qwen2 base for a Llama run is analysed silently otherwise."""
+    from opd_dynamics.io.model_dir import find_config
+
+    base = find_config(series.base) if not is_adapter_dir(series.base) else {}
+    if not base:
+        return
+    for _, path in series.steps:
+        if is_adapter_dir(path):
+            continue
+        cfg = find_config(path)
+        for key in ARCH_KEYS:
+            a, b = base.get(key), cfg.get(key)
+            if a is not None and b is not None and a != b:
+                raise InputError(path, f"is another model than the base {series.base}: its config {key} is {b}, the "
+                                       f"base's {a}" + (f" ({force_hint})" if force_hint else ""))
+
+
 @dataclass
 class CheckpointSeries:
     """Base weights plus the checkpoints of one run, sorted by step."""

@@ -65,23 +65,43 @@ def hidden_sibling(path: Path, kind: str, keep_suffix: bool = False) -> Path:
 
 
 @contextmanager
+def output_errors(out: Path | None, partial: Path | None = None) -> Iterator[None]:
+    """An OS error while writing towards `out` (a read-only file system, no space left, permission denied, a file
+    where a folder must go) becomes one sentence naming the output instead of a traceback; when `partial` holds
+    what was computed, the sentence says it is kept and that a rerun resumes from it. Readers turn their own OS
+    errors into sentences naming the input, so what arrives here is the output's."""
+    try:
+        yield
+    except OSError as e:
+        if out is None:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        kept = (f"; what was computed is kept in {partial}, and rerunning the same command resumes from it"
+                if partial is not None and partial.exists() else "")
+        raise InputError(out, f"cannot be written: {e.strerror or e}{where}{kept}") from None
+
+
+@contextmanager
 def atomic_dir(out: str | Path, markers: Sequence[str], overwrite: bool = False,
                inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success rename it to `out`.
 
     `out` is checked first (see `check_output`: not overlapping `inputs`; an existing one only with
-    `overwrite` and only an earlier output); it is replaced only after the new one is complete.
+    `overwrite` and only an earlier output); it is replaced only after the new one is complete. An OS error on
+    the output side is one sentence (`output_errors`).
     """
     out = check_output(out, markers, overwrite=overwrite, inputs=inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = hidden_sibling(out, "tmp")
-    tmp.mkdir()
+    with output_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = hidden_sibling(out, "tmp")
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_path(tmp, out)
+    with output_errors(out):
+        replace_path(tmp, out)
 
 
 def replace_path(src: Path, dst: Path) -> None:
