@@ -175,3 +175,58 @@ def test_extrapolate_and_effopd_read_any_format_and_write_safetensors(runs, tmp_
                 with open_model(tmp_path / f"{prefix}-{other}") as r:
                     assert sorted(r.names()) == sorted(ref.names())
                     assert all(torch.equal(r.get(n), ref.get(n)) for n in ref.names())
+
+
+DS = __import__("pathlib").Path(__file__).parent / "data" / "deepspeed"  # written by DeepSpeed: data/make_deepspeed.py
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_masters_equal_deepspeeds_own_reconstruction(stage):
+    """ZeRO-2 and ZeRO-3 checkpoints saved by DeepSpeed 0.19.8 on 2 CPU ranks: the fp32 masters rebuilt one
+    tensor at a time equal `get_fp32_state_dict_from_zero_checkpoint`'s bit for bit; ZeRO-2's model-states
+    weights equal the engine's bf16 module."""
+    from safetensors.torch import load_file
+
+    step = DS / f"zero{stage}" / "global_step1"
+    assert reader_format(step) == "deepspeed-zero"
+    ref = load_file(DS / f"zero{stage}" / "fp32_reference.safetensors")
+    with open_model(step, "masters") as r:
+        assert sorted(r.names()) == sorted(ref) and r.stored_dtype("lm_head.weight") == "F32"
+        assert all(torch.equal(r.get(n), ref[n]) for n in ref)
+    if stage == 2:
+        module = load_file(DS / "zero2" / "module_reference.safetensors")
+        with open_model(step) as r:
+            assert r.stored_dtype("lm_head.weight") == "BF16"
+            assert all(torch.equal(r.get(n), module[n]) for n in module)
+
+
+def test_a_deepspeed_step_analyses_against_a_safetensors_base():
+    from opd_dynamics import analyze
+
+    s = CheckpointSeries.discover(DS / "zero3", base=DS / "base", load_mode="masters")
+    assert s.steps == [(1, DS / "zero3" / "global_step1")]
+    rep = analyze(s, progress=False)
+    from safetensors.torch import load_file
+
+    ref, base = load_file(DS / "zero3" / "fp32_reference.safetensors"), load_file(DS / "base" / "model.safetensors")
+    a = rep.module_allocation.set_index("tensor")["update_norm"]
+    for n in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert a[n] == pytest.approx(float(torch.linalg.norm(ref[n].double() - base[n].double())), rel=1e-6)
+
+
+def test_deepspeed_without_its_optimizer_files_cannot_give_masters(tmp_path):
+    import shutil
+
+    z = tmp_path / "global_step1"
+    shutil.copytree(DS / "zero2" / "global_step1", z)
+    for f in z.glob("*_optim_states.pt"):
+        f.unlink()
+    with pytest.raises(InputError, match="has no \\*_optim_states.pt files, which hold the fp32 master weights"):
+        open_model(z, "masters")
+    with open_model(z) as r:  # the model-states weights need no optimizer file
+        assert r.stored_dtype("lm_head.weight") == "BF16"
+    evil = tmp_path / "evil"
+    shutil.copytree(DS / "zero2" / "global_step1", evil)
+    torch.save({"optimizer_state_dict": Payload()}, evil / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(InputError, match="is not a DeepSpeed optimizer state .builtins.print is not part of"):
+        open_model(evil, "masters")

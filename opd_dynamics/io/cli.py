@@ -202,7 +202,8 @@ SERIES_OPTIONS = [
     click.option("--steps", default=None, help="Comma-separated steps to keep (default: all)."),
     click.option("--groups", default=None, help="Comma-separated groups to analyse (default: all)."),
     click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True,
-                 help="pread reads each tensor with one positioned read (bounded memory, network filesystems)."),
+                 help="pread reads each tensor with one positioned read (bounded memory, network filesystems); "
+                      "masters reads DeepSpeed ZeRO checkpoints' fp32 master weights (others as pread)."),
 ]
 
 

@@ -116,13 +116,13 @@ class FSDPShards(EntryReader):
             raise InputError(self.path, f"has no tensor {name!r}") from None
         t0 = self._sds[0][key]
         if not hasattr(t0, "placements"):  # a plain tensor (not sharded)
-            return t0.clone()
+            return t0.detach().clone()
         try:
             dim = _shard_dim(t0)
         except ValueError as e:
             raise InputError(self.files[0], f"holds {key!r} with {e}") from None
         if dim is None:
-            return t0._local_tensor.clone()
+            return t0._local_tensor.detach().clone()
         # ranks in order until their shards tile the dim: all of them, or HSDP's first replica (ranks are
         # replica-major), without touching the pickled device mesh (its attributes change across torch versions)
         want, parts, have = self.entries[name].shape[dim], [], 0
@@ -132,7 +132,7 @@ class FSDPShards(EntryReader):
             local = sd[key]._local_tensor
             parts.append(local)
             have += local.shape[dim]
-        out = torch.cat(parts, dim=dim)
+        out = torch.cat(parts, dim=dim).detach()
         if tuple(out.shape) != self.entries[name].shape:
             raise InputError(self.path, f"holds shards of {key!r} that join to {tuple(out.shape)}, not its global "
                                         f"shape {self.entries[name].shape}")

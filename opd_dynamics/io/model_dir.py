@@ -227,10 +227,8 @@ def find_weight_files(path: Path) -> list[Path]:
     if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
         raise InputError(path, "holds pytorch_model*.bin shards without pytorch_model.bin.index.json, so their "
                                "order is unknown; restore the index")
-    if any(n.endswith("_model_states.pt") or n.startswith("mp_rank_") or n.endswith("_optim_states.pt")
-           for n in names):
-        raise InputError(path, "holds DeepSpeed ZeRO shards, which are not read yet; convert them with the "
-                               "zero_to_fp32.py script DeepSpeed saves beside them")
+    if any(n.endswith("_optim_states.pt") for n in names):
+        raise InputError(path, "holds DeepSpeed optimizer states without their *_model_states.pt file")
     raise InputError(path, "holds no model weights (no safetensors, pytorch_model.bin, FSDP rank files or DCP "
                            ".metadata)")
 
@@ -317,7 +315,7 @@ class ModelDir(EntryReader):
         if load_mode not in LOAD_MODES:
             raise InputError(None, f"load mode {load_mode!r} is not one of {LOAD_MODES}")
         self.path = Path(path)
-        self.load_mode = load_mode
+        self.load_mode = "pread" if load_mode == "masters" else load_mode  # masters: a ZeRO reader's choice
         self.files = find_weight_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self.metadata: dict[str, str] = {}

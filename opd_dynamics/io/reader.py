@@ -5,7 +5,8 @@ whole model. Implementations, each in its own module: `ModelDir` (safetensors: s
 shards without one), `BinDir` (`pytorch_model.bin`, single or index-sharded), `FSDPShards` (verl's
 ``model_world_size_W_rank_R.pt`` rank files), `DCPDir` (torch Distributed Checkpoint, as accelerate and the Trainer
 write it under FSDP) and, for updates rather than weights, `LoraAdapter` (PEFT LoRA). A new format adds one
-`TensorReader` subclass and one clause in `reader_class`.
+`TensorReader` subclass and one clause in `reader_class`. `ZeroCheckpoint` reads DeepSpeed ZeRO-1/2/3
+``global_stepN/`` directories (model-states weights, or with load mode "masters" the fp32 master weights).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ if TYPE_CHECKING:  # the implementations import this module
     from opd_dynamics.io.lora import LoraAdapter
     from opd_dynamics.io.model_dir import EntryReader
 
-#: how a reader reads a tensor: one positioned read per tensor (bounded memory, network filesystems), or mmap
-LOAD_MODES = ("pread", "mmap")
+#: how a reader reads a tensor: one positioned read per tensor (bounded memory, network filesystems), or mmap;
+#: "masters" reads DeepSpeed ZeRO checkpoints' fp32 master weights instead of their model-states weights (every
+#: other format reads as with pread)
+LOAD_MODES = ("pread", "mmap", "masters")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -96,6 +99,7 @@ def reader_class(path: str | Path) -> type[EntryReader] | type[LoraAdapter]:
     both a merged export and raw shards is read from the export); an InputError naming the path and what is
     there instead when no reader fits (checked without reading any header)."""
     from opd_dynamics.io.dcp import DCPDir, is_dcp_dir
+    from opd_dynamics.io.deepspeed import ZeroCheckpoint, is_zero_dir
     from opd_dynamics.io.fsdp_shards import FSDPShards, has_rank_files, rank_files
     from opd_dynamics.io.lora import LoraAdapter
     from opd_dynamics.io.model_dir import ModelDir, find_weight_files, has_safetensors
@@ -113,6 +117,8 @@ def reader_class(path: str | Path) -> type[EntryReader] | type[LoraAdapter]:
     if p.is_dir() and has_rank_files(p):
         rank_files(p)  # a missing rank or mixed world sizes: said now, before any step is read
         return FSDPShards
+    if is_zero_dir(p):
+        return ZeroCheckpoint
     find_weight_files(p)  # says what is there instead
     return ModelDir
 
@@ -129,7 +135,8 @@ def open_full_weights(path: str | Path, load_mode: str = "pread") -> EntryReader
 
 
 def reader_format(path: str | Path) -> str:
-    """The format `reader_class` detects at ``path`` (safetensors, pytorch-bin, fsdp-shards, dcp, lora)."""
+    """The format `reader_class` detects at ``path`` (safetensors, pytorch-bin, fsdp-shards, dcp,
+    deepspeed-zero, lora)."""
     cls = reader_class(path)
     return getattr(cls, "FORMAT", cls.__name__)
 

@@ -128,7 +128,7 @@ class BinDir(EntryReader):
         sd = self._loaded.get(f)
         if sd is None:
             sd = self._loaded[f] = load_weights_file(f)
-        return sd[name].clone()
+        return sd[name].detach().clone()
 
     def close(self) -> None:
         self._loaded.clear()

@@ -1,0 +1,197 @@
+"""DeepSpeed ZeRO checkpoints (``global_stepN/`` as OpenRLHF and the transformers Trainer save them), read in
+place one tensor at a time: ``mp_rank_00_model_states.pt`` (ZeRO-1/2) or ``zero_pp_rank_R_mp_rank_00_model_states.pt``
+(ZeRO-3) and the ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`` partitions.
+
+Two precisions. ``masters=False`` (ZeRO-1/2 only): the model-states ``module`` weights, in the training dtype (bf16
+for OpenRLHF), exactly what the model computed with. ``masters=True`` (always for ZeRO-3, whose module holds only
+placeholders): the fp32 master weights, rebuilt as DeepSpeed's own ``zero_to_fp32`` does but one tensor at a time
+from the mapped partitions (only the pages of that tensor are read). The masters are the truer update when the
+base is the same run's start: bf16 weights lose updates smaller than their rounding.
+
+The optimizer files pickle two DeepSpeed objects (its loss scaler and a ZeRO stage enum) besides tensors; they are
+loaded with an unpickler that admits torch's tensor rebuilders and plain containers, and turns exactly those two
+DeepSpeed classes into inert placeholders (their code is never imported or run); anything else is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.io.model_dir import EntryReader, TensorEntry, file_identity
+from opd_dynamics.io.torch_files import MIN_TORCH, _torch_version, dtype_code, load_weights_file
+
+MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
+OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+_STUBBED = {("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+            ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+            ("deepspeed.runtime.zero.config", "ZeroStageEnum"), ("deepspeed.utils.tensor_fragment", "fragment_address")}
+_TORCH_NAMES = {"Size", "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+                "device"}
+
+
+class _Inert:
+    """Stands in for a DeepSpeed object in an optimizer file: keeps what it was given, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _ZeroUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        module = "builtins" if module == "__builtin__" else module  # torch.save pickles with protocol 2
+        if (module, name) in _STUBBED:
+            return type(name, (_Inert,), {})
+        if (module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter")) or \
+                (module == "torch" and name in _TORCH_NAMES) or (module, name) in (
+                    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                    ("copyreg", "_reconstructor"), ("builtins", "object"), ("torch._tensor", "_rebuild_from_type_v2"),
+                    ("torch", "Tensor")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DeepSpeed optimizer state")
+
+
+class _ZeroPickle:  # the pickle_module torch.load is given
+    Unpickler = _ZeroUnpickler
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def load(f, **kw):
+        return _ZeroUnpickler(f, **kw).load()
+
+
+def load_optim_states(path: Path) -> dict:
+    """An optim_states file, mapped, with the restricted unpickler (module docstring)."""
+    if _torch_version() < MIN_TORCH:
+        raise InputError(path, f"needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} to be read safely")
+    if not zipfile.is_zipfile(path):
+        raise InputError(path, "is a legacy (non-zip) torch file, which cannot be mapped")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_ZeroPickle)
+    except pickle.UnpicklingError as e:
+        raise InputError(path, f"is not a DeepSpeed optimizer state ({e}); refused unread") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise InputError(path, f"is not a readable DeepSpeed optimizer state ({str(e).splitlines()[0][:160]})") \
+            from None
+
+
+def is_zero_dir(path: Path) -> bool:
+    return path.is_dir() and any(MODEL_STATES.match(p.name) for p in path.iterdir())
+
+
+def _ranked(path: Path, pattern: re.Pattern, what: str) -> list[Path]:
+    files = {int(m.group(1)): p for p in path.iterdir() if (m := pattern.match(p.name)) and m.group(1) is not None}
+    missing = sorted(set(range(len(files) and max(files) + 1)) - set(files))
+    if missing:
+        raise InputError(path, f"lacks the {what} of rank(s) {', '.join(map(str, missing[:4]))}")
+    return [files[r] for r in sorted(files)]
+
+
+class ZeroCheckpoint(EntryReader):
+    """One DeepSpeed ``global_stepN/`` directory (module docstring)."""
+
+    FORMAT = "deepspeed-zero"
+
+    def __init__(self, path: str | Path, load_mode: str = "mmap", masters: bool = False):
+        self.path = Path(path)
+        masters = masters or load_mode == "masters"
+        self.load_mode = load_mode
+        stage3 = _ranked(self.path, MODEL_STATES, "model states")
+        states_file = stage3[0] if stage3 else self.path / "mp_rank_00_model_states.pt"
+        states = load_weights_file(states_file)
+        world = int(states.get("dp_world_size", 1))
+        shapes: dict[str, torch.Size] = {}
+        self._group_of: dict[str, int] = {}
+        for g, group in enumerate(states["param_shapes"]):
+            shapes.update(group)
+            self._group_of.update(dict.fromkeys(group, g))
+        self.stage3 = bool(stage3)
+        self.masters = masters or self.stage3
+        self.files = [states_file]
+        self._groups: list[list[torch.Tensor]] = []
+        if self.masters:
+            optim = _ranked(self.path, OPTIM_STATES, "optimizer states")
+            if not optim:
+                raise InputError(self.path, "has no *_optim_states.pt files, which hold the fp32 master weights"
+                                            + (" (ZeRO-3 keeps its weights only there)" if self.stage3 else ""))
+            if len(optim) != world:
+                raise InputError(self.path, f"holds {len(optim)} optimizer-state files for a world size of {world}")
+            for f in optim:
+                osd = load_optim_states(f)["optimizer_state_dict"]
+                key = "fp32_flat_groups" if self.stage3 else "single_partition_of_fp32_groups"
+                self._groups.append(list(osd[key]))
+            self.files += optim
+        self._states = states
+        self._shapes = shapes
+        self._layout = self._plan(shapes, world) if self.masters else {}
+        self.entries: dict[str, TensorEntry] = {}
+        ident = file_identity(states_file.stat())
+        digest = hashlib.sha256(f"masters={self.masters};".encode())
+        module = states["module"]
+        for name, shape in shapes.items():
+            dtype = torch.float32 if self.masters else module[name].dtype
+            code = dtype_code(states_file, name, dtype)
+            self.entries[name] = TensorEntry(states_file, code, tuple(shape), 0, math.prod(shape) * dtype.itemsize,
+                                             ident)
+            digest.update(f"{name}:{code}:{tuple(shape)};".encode())
+        if not self.entries:
+            raise InputError(states_file, "lists no parameters")
+        self._set_identity(digest.hexdigest())
+
+    def _plan(self, shapes: dict[str, torch.Size], world: int) -> dict[str, tuple[int, int]]:
+        """name → (offset, length): ZeRO-1/2, where the tensor lies in its param group's concatenation of every
+        rank's partition (params of a group back to back, in param_shapes order); ZeRO-3, where its piece of
+        ceil(numel/W) lies in each rank's flat buffer (every group's params in order)."""
+        layout, offset = {}, {}
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            g = 0 if self.stage3 else self._group_of[name]
+            at = offset.get(g, 0)
+            layout[name] = (at, math.ceil(numel / world) if self.stage3 else numel)
+            offset[g] = at + layout[name][1]
+        for g, need in offset.items():
+            avail = sum(t.numel() for t in self._groups[0]) if self.stage3 else \
+                sum(groups[g].numel() for groups in self._groups)
+            if need > avail:
+                raise InputError(self.path, f"holds {avail} master weights in param group {g}, fewer than the {need} "
+                                            "its parameter shapes need")
+        return layout
+
+    @staticmethod
+    def _span(flats: list[torch.Tensor], lo: int, n: int) -> torch.Tensor:
+        """Elements lo … lo+n of the concatenation of ``flats``, reading only the pieces that hold them."""
+        parts, start = [], 0
+        for f in flats:
+            end = start + f.numel()
+            if end > lo and start < lo + n:
+                a, b = max(lo, start) - start, min(lo + n, end) - start
+                parts.append(f[a:b])
+            start = end
+        return (torch.cat(parts) if len(parts) != 1 else parts[0].clone()).detach()  # saved as Parameters
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise InputError(self.path, f"has no tensor {name!r}")
+        shape = self.entries[name].shape
+        if not self.masters:
+            return self._states["module"][name].detach().clone()
+        offset, n = self._layout[name]
+        if self.stage3:
+            pieces = [self._span(groups, offset, n) for groups in self._groups]
+            return torch.cat(pieces)[: math.prod(shape)].reshape(shape)
+        g = self._group_of[name]
+        return self._span([groups[g] for groups in self._groups], offset, n).reshape(shape)  # rank-major
+
+    def __repr__(self) -> str:
+        kind = "fp32 masters" if self.masters else "model states"
+        return f"ZeroCheckpoint({str(self.path)!r}, ZeRO-{3 if self.stage3 else '1/2'}, {kind})"
