@@ -102,10 +102,10 @@ def child(mode: str, root: Path) -> None:
     if mode != "read":  # one-time start-up (imports, loading the compiled kernels) is reported apart
         t = time.perf_counter()
         from opd_dynamics import CheckpointSeries, analyze
-        from opd_dynamics.analysis.metrics import fused
+        from opd_dynamics.numerics import fused
 
         tiny = torch.ones(8, 8, dtype=torch.bfloat16)  # loads the bf16 kernels from numba's cache
-        fused.fused_update_stats(tiny, tiny), fused.fused_sum_squares(tiny), fused.fused_row_stats(tiny, tiny)
+        fused.fused_update_stats(tiny, tiny, 1e-3), fused.fused_sum_squares(tiny), fused.fused_row_stats(tiny, tiny)
         startup = time.perf_counter() - t
     rss0 = current_rss()
     t = time.perf_counter()
@@ -115,7 +115,7 @@ def child(mode: str, root: Path) -> None:
                 fh.read()
     else:
         s = CheckpointSeries.discover(root / "run", base=root / "base")
-        analyze(s, svd="none", progress=False, cache_dir=root / "cache")
+        analyze(s, svd="none", trajectory=False, progress=False, cache_dir=root / "cache")  # the norm-only pass
     dt = time.perf_counter() - t
     rss = peak_rss()
     print(json.dumps({"seconds": dt, "bytes": nbytes, "peak_rss": rss, "rss_before": rss0, "startup": startup}))

@@ -230,3 +230,14 @@ def test_deepspeed_without_its_optimizer_files_cannot_give_masters(tmp_path):
     torch.save({"optimizer_state_dict": Payload()}, evil / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(InputError, match="is not a DeepSpeed optimizer state .builtins.print is not part of"):
         open_model(evil, "masters")
+
+
+@pytest.mark.parametrize("where", ["bin/checkpoint-6", "verl/global_step_6/actor",
+                                   "accelerate/checkpoint-6/pytorch_model_fsdp_0"])
+def test_row_blocks_equal_the_safetensors_rows(runs, where):
+    """The analysis reads big tensors in row blocks: every format serves them (the 67-row embedding in blocks of
+    5, across FSDP's uneven 34/33 split)."""
+    with open_model(runs / "st" / "checkpoint-6") as ref, open_model(runs / where) as r:
+        for lo in range(0, 67, 5):
+            assert torch.equal(r.get_rows("model.embed_tokens.weight", lo, lo + 5),
+                               ref.get_rows("model.embed_tokens.weight", lo, lo + 5))

@@ -138,8 +138,5 @@ class FSDPShards(EntryReader):
                                         f"shape {self.entries[name].shape}")
         return out
 
-    def close(self) -> None:
-        """Nothing to release between reads: the rank files stay mapped (cheap) while the reader lives."""
-
     def __repr__(self) -> str:
         return f"FSDPShards({str(self.path)!r}, {len(self.entries)} tensors, world size {len(self.files)})"

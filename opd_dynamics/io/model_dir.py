@@ -296,6 +296,18 @@ class EntryReader(TensorReader):
     def config(self) -> dict:
         return find_config(self.path)
 
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows of a tensor: formats that cannot read a row range alone assemble the tensor once and serve its row
+        blocks from that one copy (the analysis reads big tensors block by block; reassembling per block made the
+        pass quadratic in the blocks). Memory: one tensor beside the blocks."""
+        cached = getattr(self, "_rows_cache", None)
+        if cached is None or cached[0] != name:
+            cached = self._rows_cache = (name, self.get(name))
+        return cached[1][start:stop]
+
+    def close(self) -> None:
+        self._rows_cache = None
+
     def _set_identity(self, digest: str) -> None:
         """header_sha256 and identity from a digest of what describes the tensors and each file's identity."""
         self.header_sha256 = digest

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, open_model, reader_class
+from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, open_model, reader_class, reader_format
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)(?:_hf)?$")
 #: where a step directory nests its weights: verl's merged export or raw rank files, accelerate's DCP folder
@@ -106,8 +106,13 @@ class CheckpointSeries:
                 by_step.setdefault(int(m.group(1)), []).append(_weights_dir(d))
         found: list[tuple[int, Path]] = []
         for s, dirs in by_step.items():
-            # OpenRLHF saves global_stepN (DeepSpeed state) beside global_stepN_hf (weights): take the weights
+            # OpenRLHF saves global_stepN (DeepSpeed ZeRO) beside global_stepN_hf (an HF export): take the export,
+            # unless the fp32 masters were asked for (load mode "masters"), which only the ZeRO state holds
             with_weights = [d for d in dirs if _has_weights(d)]
+            formats = [reader_format(d) for d in with_weights]
+            if len(with_weights) > 1 and "deepspeed-zero" in formats and len(set(formats)) == len(formats):
+                pref = "deepspeed-zero" if load_mode == "masters" else "safetensors"
+                with_weights = [d for d, f in zip(with_weights, formats) if f == pref] or with_weights
             found += [(s, d) for d in (with_weights or dirs[:1])]
         if not found:
             entries = sorted(p.name for p in run.iterdir())

@@ -121,14 +121,23 @@ class BinDir(EntryReader):
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the mapping (a tensor of its own, like the other readers')."""
-        try:
-            f = self._where[name]
-        except KeyError:
-            raise InputError(self.path, f"has no tensor {name!r}") from None
+        self._check(name)
+        return self._loaded_file(self._where[name])[name].detach().clone()
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows of a tensor, copied from the mapping: only their pages are read."""
+        self._check(name)
+        return self._loaded_file(self._where[name])[name][start:stop].detach().clone()
+
+    def _check(self, name: str) -> None:
+        if name not in self._where:
+            raise InputError(self.path, f"has no tensor {name!r}")
+
+    def _loaded_file(self, f: Path) -> dict:
         sd = self._loaded.get(f)
         if sd is None:
             sd = self._loaded[f] = load_weights_file(f)
-        return sd[name].detach().clone()
+        return sd
 
     def close(self) -> None:
         self._loaded.clear()
