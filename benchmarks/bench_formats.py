@@ -102,12 +102,17 @@ def child(mode: str, root: Path) -> None:
     files = [f for f in sorted(run.rglob("*")) if f.is_file() and not f.name.endswith(".json")]
     files += sorted((root / "base").glob("*.safetensors"))
     nbytes = sum(f.stat().st_size for f in files)
-    if kind == "norms":
+    startup = 0.0
+    if kind == "norms":  # one-time start-up, reported apart: imports (torch.distributed.tensor, which every torch
+        t = time.perf_counter()  # pickle reader imports to load DTensors safely, takes about half a second)
+        import torch.distributed.tensor as _dtensor  # noqa: F401
+
         from opd_dynamics import CheckpointSeries, analyze
         from opd_dynamics.numerics import fused
 
         tiny = torch.ones(8, 8, dtype=torch.bfloat16)
         fused.fused_update_stats(tiny, tiny, 1e-3), fused.fused_sum_squares(tiny)
+        startup = time.perf_counter() - t
     bench_io.reset_peak_rss()
     rss0 = bench_io.current_rss()
     t = time.perf_counter()
@@ -119,7 +124,7 @@ def child(mode: str, root: Path) -> None:
         s = CheckpointSeries.discover(run, base=root / "base")
         analyze(s, svd="none", trajectory=False, progress=False, cache_dir=root / "cache")  # the norm-only pass
     dt = time.perf_counter() - t
-    print(json.dumps({"seconds": dt, "bytes": nbytes, "growth": bench_io.peak_rss() - rss0}))
+    print(json.dumps({"seconds": dt, "bytes": nbytes, "growth": bench_io.peak_rss() - rss0, "startup": startup}))
 
 
 def main() -> None:
@@ -138,7 +143,7 @@ def main() -> None:
         largest = bench_io.INTER * bench_io.H
         print(f"{a.layers} Qwen2.5-0.5B-shaped layers + 8192-row embedding, base (bf16 safetensors) + {a.steps} steps; "
               f"largest matrix {largest * 2 / 1e6:.1f} MB in bf16, {largest * 4 / 1e6:.1f} MB in float32")
-        print("format       series_GB  read_s  read_GB/s  norms_s  norms_GB/s  ratio  norms_RSS_growth_MB")
+        print("format       series_GB  read_s  read_GB/s  norms_s  norms_GB/s  ratio  norms_RSS_growth_MB  startup_s")
         for fmt in FORMATS:
             bench_io.measure(f"read:{fmt}", root, __file__)  # warm the page cache
             rows = [(bench_io.measure(f"read:{fmt}", root, __file__), bench_io.measure(f"norms:{fmt}", root, __file__))
@@ -147,8 +152,9 @@ def main() -> None:
             norms = min(r[1]["seconds"] for r in rows)
             gb = rows[0][0]["bytes"] / 1e9
             growth = max(r[1]["growth"] for r in rows) / 1e6
+            start = min(r[1]["startup"] for r in rows)
             print(f"{fmt:11s}  {gb:9.2f}  {read:6.2f}  {gb / read:9.2f}  {norms:7.2f}  {gb / norms:10.2f}  "
-                  f"{read / norms:5.2f}  {growth:19.0f}", flush=True)
+                  f"{read / norms:5.2f}  {growth:19.0f}  {start:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

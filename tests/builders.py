@@ -141,3 +141,24 @@ def write_fsdp_step(root: Path, step: int, world: int = 2) -> tuple[Path, Path]:
         mp.spawn(fsdp_worker, args=(world, step, str(actor), str(ckpt / "pytorch_model_fsdp_0"), f"{t}/store"),
                  nprocs=world)
     return actor, ckpt
+
+
+def hsdp_worker(rank: int, world: int, step: int, actor: str, store: str) -> None:
+    """One of 4 gloo ranks: HSDP (2 replicas × 2 shards, verl's ("ddp", "fsdp") mesh) of tiny_llama(step) held
+    under `_orig_mod` (the attribute torch.compile's wrapper keeps the model in, so keys carry that prefix), then
+    verl's per-rank `torch.save(model.state_dict())`."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ddp", "fsdp"))
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = tiny_llama(step)
+    fully_shard(wrapper, mesh=mesh)
+    torch.save(wrapper.state_dict(), os.path.join(actor, f"model_world_size_{world}_rank_{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

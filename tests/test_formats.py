@@ -241,3 +241,23 @@ def test_row_blocks_equal_the_safetensors_rows(runs, where):
         for lo in range(0, 67, 5):
             assert torch.equal(r.get_rows("model.embed_tokens.weight", lo, lo + 5),
                                ref.get_rows("model.embed_tokens.weight", lo, lo + 5))
+
+
+def test_hsdp_rank_files_with_a_compiled_prefix_read_one_replica(runs, tmp_path):
+    """4 ranks as 2 replicas × 2 shards, keys under `_orig_mod.`: names lose the prefix, each tensor is the first
+    replica's shards joined, equal to the safetensors reading."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from builders import hsdp_worker
+
+    actor = tmp_path / "global_step_6" / "actor"
+    (actor / "huggingface").mkdir(parents=True)
+    tiny_llama(0).config.to_json_file(actor / "huggingface" / "config.json")
+    with tempfile.TemporaryDirectory() as t:
+        mp.spawn(hsdp_worker, args=(4, 6, str(actor), f"{t}/store"), nprocs=4)
+    sd = torch.load(actor / "model_world_size_4_rank_0.pt", mmap=True, weights_only=True)
+    key = "_orig_mod.model.embed_tokens.weight"
+    assert len(sd[key].placements) == 2 and sd[key]._local_tensor.shape[0] == 34  # (Replicate, Shard(0)), 34 of 67
+    _equal_to_safetensors(actor, runs / "st" / "checkpoint-6")
