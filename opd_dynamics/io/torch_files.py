@@ -100,10 +100,10 @@ class BinDir(EntryReader):
         self.files = bin_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self._where: dict[str, Path] = {}
-        self._loaded: dict[Path, dict] = {}
+        self._loaded: dict = {}
         digest = hashlib.sha256()
         for f in self.files:
-            sd = self._loaded[f] = load_weights_file(f)
+            sd = load_weights_file(f)
             ident = file_identity(f.stat())
             for name, t in sd.items():
                 if not isinstance(t, torch.Tensor):
@@ -122,22 +122,24 @@ class BinDir(EntryReader):
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the mapping (a tensor of its own, like the other readers')."""
         self._check(name)
-        return self._loaded_file(self._where[name])[name].detach().clone()
+        return self._mapped(name)[name].detach().clone()
 
     def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Rows of a tensor, copied from the mapping: only their pages are read."""
         self._check(name)
-        return self._loaded_file(self._where[name])[name][start:stop].detach().clone()
+        return self._mapped(name)[name][start:stop].detach().clone()
 
     def _check(self, name: str) -> None:
         if name not in self._where:
             raise InputError(self.path, f"has no tensor {name!r}")
 
-    def _loaded_file(self, f: Path) -> dict:
-        sd = self._loaded.get(f)
-        if sd is None:
-            sd = self._loaded[f] = load_weights_file(f)
-        return sd
+    def _mapped(self, name: str) -> dict:
+        """The mapping of the file holding ``name``, kept while that tensor is read (its row blocks): moving on
+        to the next tensor unmaps the file, so the pages read stay page cache and never pile up in this
+        process's memory (parsing a file's pickle again costs milliseconds)."""
+        if self._loaded.get("name") != name:
+            self._loaded = {"name": name, "sd": load_weights_file(self._where[name])}
+        return self._loaded["sd"]
 
     def close(self) -> None:
         self._loaded.clear()
