@@ -75,7 +75,7 @@ def load_optim_states(path: Path) -> dict:
     if _torch_version() < MIN_TORCH:
         raise InputError(path, f"needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} to be read safely")
     if not zipfile.is_zipfile(path):
-        raise InputError(path, "is a legacy (non-zip) torch file, which cannot be mapped")
+        raise InputError(path, "is not a zip-format torch file (a legacy pre-1.6 file, or damaged)")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_ZeroPickle)
     except pickle.UnpicklingError as e:

@@ -41,7 +41,8 @@ def load_weights_file(path: Path) -> dict:
                                f"(its weights_only loader), this is torch {torch.__version__}")
     try:
         if not zipfile.is_zipfile(path):
-            raise InputError(path, "is a legacy (pre-1.6, non-zip) torch file, which cannot be mapped; re-save it "
+            raise InputError(path, "is not a zip-format torch file (a legacy pre-1.6 file, or damaged), so it cannot "
+                                   "be mapped; re-save it "
                                    "with torch.save (zip format) or as safetensors")
     except OSError as e:
         raise InputError(path, f"cannot be read: {e.strerror or e}") from e
