@@ -21,7 +21,7 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import EntryReader, TensorEntry, file_identity
-from opd_dynamics.io.torch_files import MIN_TORCH, _torch_version, dtype_code
+from opd_dynamics.io.torch_files import dtype_code, require_safe_torch
 
 METADATA = ".metadata"
 _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
@@ -54,8 +54,7 @@ def is_dcp_dir(path: Path) -> bool:
 def read_metadata(path: Path):
     """The Metadata object of a DCP directory, unpickled with the restricted unpickler."""
     f = path / METADATA
-    if _torch_version() < MIN_TORCH:
-        raise InputError(f, f"needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} to be read safely")
+    require_safe_torch(f)
     import torch.distributed.checkpoint.metadata  # noqa: F401 - the classes the unpickler admits
 
     try:

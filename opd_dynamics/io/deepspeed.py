@@ -19,14 +19,13 @@ import hashlib
 import math
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import EntryReader, TensorEntry, file_identity
-from opd_dynamics.io.torch_files import MIN_TORCH, _torch_version, dtype_code, load_weights_file
+from opd_dynamics.io.torch_files import check_torch_file, dtype_code, load_weights_file
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -72,10 +71,7 @@ class _ZeroPickle:  # the pickle_module torch.load is given
 
 def load_optim_states(path: Path) -> dict:
     """An optim_states file, mapped, with the restricted unpickler (module docstring)."""
-    if _torch_version() < MIN_TORCH:
-        raise InputError(path, f"needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} to be read safely")
-    if not zipfile.is_zipfile(path):
-        raise InputError(path, "is not a zip-format torch file (a legacy pre-1.6 file, or damaged)")
+    check_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_ZeroPickle)
     except pickle.UnpicklingError as e:

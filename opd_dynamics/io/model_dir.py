@@ -186,6 +186,19 @@ def _pread_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> to
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def index_files(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` (safetensors' or pytorch_model.bin's) lists, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(index, "is not a valid shard index (no 'weight_map')") from e
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise InputError(index, f"lists shards that are missing: {', '.join(missing[:5])}")
+    return files
+
+
 def has_safetensors(path: Path) -> bool:
     """A .safetensors file, or a directory holding safetensors weights (not only an adapter's)."""
     if path.is_file():
@@ -204,15 +217,7 @@ def find_weight_files(path: Path) -> list[Path]:
         raise InputError(path, "is a file, not a model directory or a .safetensors file")
     index = path / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(index, "is not a valid safetensors index (no 'weight_map')") from e
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise InputError(index, f"lists shards that are missing: {', '.join(missing[:5])}")
-        return files
+        return index_files(index)
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
     # shards without an index: model-*.safetensors when there are such (an optimizer.safetensors or a

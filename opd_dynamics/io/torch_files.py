@@ -13,7 +13,6 @@ hub models hold): the stored dtype is analysed as it is.
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import DTYPE_CODES, EntryReader, TensorEntry, file_identity
+from opd_dynamics.io.model_dir import DTYPE_CODES, EntryReader, TensorEntry, file_identity, index_files
 
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -34,18 +33,27 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def load_weights_file(path: Path) -> dict:
-    """The mapping a `torch.save` weights file holds, its tensors mapped from the file (module docstring)."""
+def require_safe_torch(path: Path) -> None:
+    """Refuse to unpickle anything with a torch whose weights_only loader had a known bypass."""
     if _torch_version() < MIN_TORCH:
         raise InputError(path, f"is a torch pickle; reading one safely needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
                                f"(its weights_only loader), this is torch {torch.__version__}")
+
+
+def check_torch_file(path: Path) -> None:
+    """A `torch.save` file that can be mapped (zip format), read by a torch that loads it safely."""
+    require_safe_torch(path)
     try:
         if not zipfile.is_zipfile(path):
             raise InputError(path, "is not a zip-format torch file (a legacy pre-1.6 file, or damaged), so it cannot "
-                                   "be mapped; re-save it "
-                                   "with torch.save (zip format) or as safetensors")
+                                   "be mapped; re-save it with torch.save (zip format) or as safetensors")
     except OSError as e:
         raise InputError(path, f"cannot be read: {e.strerror or e}") from e
+
+
+def load_weights_file(path: Path) -> dict:
+    """The mapping a `torch.save` weights file holds, its tensors mapped from the file (module docstring)."""
+    check_torch_file(path)
     import torch.distributed.tensor as _dtensor  # noqa: F401 - registers DTensor and its placements as safe to load
 
     try:
@@ -70,17 +78,8 @@ def dtype_code(path: Path, name: str, dtype: torch.dtype) -> str:
 
 def bin_files(path: Path) -> list[Path]:
     """The .bin files of a model directory (an index's shards, or the single file)."""
-    index = path / BIN_INDEX
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(index, "is not a valid index (no 'weight_map')") from e
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise InputError(index, f"lists shards that are missing: {', '.join(missing[:5])}")
-        return files
+    if (path / BIN_INDEX).exists():
+        return index_files(path / BIN_INDEX)
     if (path / BIN_FILE).exists():
         return [path / BIN_FILE]
     raise InputError(path, f"holds no {BIN_FILE} and no {BIN_INDEX}")
