@@ -366,6 +366,23 @@ _LAB = (
     ), "what each EffOPD trigger of the measurement did", writer="opd_dynamics.lab.effopd.run_effopd_lab"),
 )
 
+# ---- the recorder (opd_dynamics.record) ----
+
+_RECORD = (
+    Table("sketch", "sketch.csv", (
+        _c("step", "int", "the recorded optimizer step t"),
+        _c("tensor", "str", "the parameter's name"),
+        _c("k", "int", "singular triplets kept in step-t.safetensors (k, or fewer at a lower rank)"),
+        _c("update_norm", "float", "‖ΔW_t‖F, ΔW_t = W_t − W_0 formed in float64"),
+        _c("base_norm", "float", "‖W_0‖F"),
+        _c("changed_fraction", "float", "fraction of entries with |w_t − w_0| > 1e-3 · max(|w_0|, |w_t|)"),
+        _c("segment_norm", "float", "‖W_t − W_prev‖F, W_prev the previous recorded step's weights"),
+        _c("spectral_norm", "float", "σ1 of ΔW_t"),
+        _c("energy_topk", "float", "Σ_{i ≤ k} σ_i² / ‖ΔW_t‖F² (exact: the denominator is the exact energy)"),
+    ), "per recorded step and matrix, the update's size and top-k spectrum, recorded during training",
+        writer="opd_dynamics.record.recorder.DynamicsRecorder"),
+)
+
 # ---- EffOPD in a trainer (opd_dynamics.effopd) ----
 
 _EFFOPD = (
@@ -393,7 +410,7 @@ _EFFOPD = (
 )
 
 #: every table the toolkit writes, by registry name (the file stem, except callback_triggers)
-TABLES: dict[str, Table] = {t.name: t for t in (*_ANALYSIS, *_LAB, *_EFFOPD)}
+TABLES: dict[str, Table] = {t.name: t for t in (*_ANALYSIS, *_LAB, *_RECORD, *_EFFOPD)}
 
 #: the analysis tables with one row per run × step × tensor
 PER_TENSOR_TABLES = tuple(t.name for t in _ANALYSIS if t.per_tensor)

@@ -34,7 +34,7 @@ LAYERS: tuple[Layer, ...] = (
               "opd_dynamics.numerics")),
     Layer(1, ("opd_dynamics.io",)),
     Layer(2, ("opd_dynamics.analysis",)),
-    Layer(3, ("opd_dynamics.interventions", "opd_dynamics.effopd"), independent=True),
+    Layer(3, ("opd_dynamics.interventions", "opd_dynamics.effopd", "opd_dynamics.record"), independent=True),
     Layer(4, ("opd_dynamics.extrapolate", "opd_dynamics.plotting"), independent=True),
     Layer(5, ("opd_dynamics.lab",)),
     Layer(6, ("opd_dynamics.cli", "opd_dynamics._compat", "opd_dynamics")),

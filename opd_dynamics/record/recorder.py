@@ -1,0 +1,120 @@
+"""`DynamicsRecorder`: the update's geometry recorded inside training, step by step, without checkpoints.
+
+    rec = DynamicsRecorder("sketches", k=16)
+    rec.record(model, 0)              # the start weights W_0 (kept, for the selected matrices)
+    ... optimizer.step(); rec.record(model, step)
+    rec.close()
+
+Per recorded step and selected matrix (attention and MLP by default, through the project's naming): ‖ΔW_t‖F,
+‖W_0‖F, the bf16-visible changed fraction (`numerics.CHANGE_THRESHOLD`), the segment ‖W_t − W_prev‖F since the
+previous recorded step, the exact ‖ΔW_t‖F² and the top-k singular triplets of ΔW_t = W_t − W_0 (float64 exact
+decomposition, `analysis.metrics.spectrum.decompose`), so that the energy of the kept k, σ1/‖ΔW‖F and alignments
+of the stored vectors are exact. Output, each file written under a temporary name and renamed:
+``step-NNNNNNNN.safetensors`` (per matrix ``<name>::U`` (out × k), ``::S`` (k), ``::V`` (in × k), float32) and
+``sketch.csv`` (one row per step and matrix, the columns of `schema.TABLES["sketch"]`), rewritten after every step.
+
+Memory: two float32 copies of the selected matrices (W_0 and the previous recorded weights) on ``device`` and one
+matrix's decomposition at a time. Not yet: the TrainerCallback, FSDP gathering, PEFT adapters, reading a sketch
+series back in `analyze` (issue 21).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from opd_dynamics.analysis.metrics.spectrum import decompose
+from opd_dynamics.errors import InputError
+from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
+from opd_dynamics.io.writer import atomic_file, save_safetensors
+from opd_dynamics.numerics import CHANGE_THRESHOLD, fro2
+from opd_dynamics.schema import TABLES
+
+SKETCH_CSV = TABLES["sketch"].file
+
+
+def _step_file(out: Path, step: int) -> Path:
+    return out / f"step-{step:08d}.safetensors"
+
+
+class DynamicsRecorder:
+    """Records the update of a model's selected matrices at chosen steps (module docstring).
+
+    ``every``: record when ``step % every == 0``, or a callable ``step -> bool`` (dense early, sparse later …).
+    ``groups``: naming groups whose 2-D weights are recorded. ``device``: where W_0 and the previous weights are
+    kept ("cpu" frees the accelerator). An existing ``out_dir`` holding a sketch.csv is refused unless
+    ``overwrite`` (nothing a user had is replaced silently).
+    """
+
+    def __init__(self, out_dir: str | Path, k: int = 16, every: int | Callable[[int], bool] = 1,
+                 groups: tuple[str, ...] = MATRIX_GROUPS, device: str | torch.device = "cpu",
+                 overwrite: bool = False):
+        if k < 1:
+            raise InputError(None, f"k must be at least 1, not {k}", ("k",))
+        self.out = Path(out_dir)
+        if (self.out / SKETCH_CSV).exists() and not overwrite:
+            raise InputError(self.out, f"already holds a sketch series ({SKETCH_CSV}); pass overwrite=True to "
+                                       "replace it")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.k, self.groups, self.device = k, groups, torch.device(device)
+        self.every = every if callable(every) else (lambda s, n=int(every): s % n == 0)
+        self.w0: dict[str, torch.Tensor] = {}
+        self.prev: dict[str, torch.Tensor] = {}
+        self.rows: list[dict] = []
+
+    def _selected(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in model.named_parameters()
+                if p.dim() == 2 and p.is_floating_point() and is_selected(n, tuple(p.shape), self.groups, True)}
+
+    @torch.no_grad()
+    def record(self, model: torch.nn.Module, step: int) -> bool:
+        """Record ``step`` (the first call keeps the start weights, step 0 by convention); False when the schedule
+        skips it."""
+        params = self._selected(model)
+        if not self.w0:
+            if not params:
+                raise InputError(None, f"the model has no 2-D weights in the groups {', '.join(self.groups)}")
+            self.w0 = {n: p.detach().to(self.device, torch.float32, copy=True) for n, p in params.items()}
+            self.prev = {n: t.clone() for n, t in self.w0.items()}
+            self.start = step
+            return True
+        if not self.every(step):
+            return False
+        tensors: dict[str, torch.Tensor] = {}
+        for name, p in params.items():
+            w0 = self.w0[name]
+            wt = p.detach().to(self.device, torch.float32)
+            delta = wt.double() - w0.double()  # float64: never a bf16 subtraction, exact norms
+            changed = (delta.abs() > CHANGE_THRESHOLD * torch.maximum(w0.abs(), wt.abs()).double()).double().mean()
+            seg = fro2(wt.double() - self.prev[name].double())
+            dec = decompose(delta, k_vectors=self.k, mode="exact")
+            kk = 0 if dec.U is None else min(self.k, dec.U.shape[1], dec.rank)  # no triplet of a zero value
+            sv = dec.singular_values[:kk]
+            f2 = dec.fro2
+            self.rows.append({"step": step, "tensor": name, "k": kk, "update_norm": f2 ** 0.5,
+                              "base_norm": fro2(w0) ** 0.5, "changed_fraction": float(changed),
+                              "segment_norm": seg ** 0.5, "spectral_norm": float(sv[0]) if kk else 0.0,
+                              "energy_topk": float((sv ** 2).sum() / f2) if kk and f2 > 0 else float("nan")})
+            if kk:
+                tensors[f"{name}::U"] = dec.U[:, :kk].float().cpu().contiguous()
+                tensors[f"{name}::S"] = sv.float().cpu().contiguous()
+                tensors[f"{name}::V"] = dec.V[:, :kk].float().cpu().contiguous()
+            self.prev[name] = wt.clone()
+        with atomic_file(_step_file(self.out, step)) as tmp:
+            save_safetensors(tensors, tmp, metadata={"step": str(step), "start_step": str(self.start),
+                                                     "k": str(self.k)})
+        self._write_csv()
+        return True
+
+    def _write_csv(self) -> None:
+        df = pd.DataFrame(self.rows, columns=TABLES["sketch"].names)
+        with atomic_file(self.out / SKETCH_CSV) as tmp:
+            df.to_csv(tmp, index=False)
+
+    def close(self) -> None:
+        """Release the kept weights."""
+        self.w0.clear()
+        self.prev.clear()
