@@ -84,3 +84,36 @@ def test_schedule_and_refusals(tmp_path):
         DynamicsRecorder(tmp_path / "other", k=0)
     with pytest.raises(InputError, match="no 2-D weights in the groups embedding"):
         DynamicsRecorder(tmp_path / "none", groups=("embedding",)).record(m, 0)
+
+
+def test_the_callback_records_inside_a_real_trainer_and_logs_through_it(tmp_path):
+    """A transformers Trainer (4 optimizer steps on a tiny Llama): the callback records steps 0 … 4, writes a
+    sketch per step, and its scalars reach the trainer's log history (what every report_to backend receives)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from opd_dynamics.record import DynamicsCallback
+
+    from builders import tiny_llama
+
+    model = tiny_llama(0)
+    ids = torch.randint(0, 67, (8, 6), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=4,
+                             learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    rec = DynamicsRecorder(tmp_path / "sk", k=3)
+    cb = DynamicsCallback(rec)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    cb.bind(trainer)
+    trainer.train()
+    df = pd.read_csv(tmp_path / "sk" / "sketch.csv")
+    assert sorted(set(df["step"])) == [1, 2, 3, 4]
+    assert len(set(df["tensor"])) == 14 and (df["update_norm"] > 0).all()  # 2 layers × 7 matrices, all moved
+    logged = [h for h in trainer.state.log_history if "dynamics/segment_norm" in h]
+    assert [h["step"] for h in logged] == [1, 2, 3, 4]
+    last = df[df["step"] == 4]
+    mlp = float(np.sqrt((last.loc[last["tensor"].str.contains("mlp"), "update_norm"] ** 2).sum()))
+    assert logged[-1]["dynamics/update_norm/mlp"] == pytest.approx(mlp, rel=1e-9)
+    assert -1 <= logged[-1]["dynamics/cosine_to_previous"] <= 1
+    assert any("loss" in h for h in trainer.state.log_history)  # the trainer's own logs are kept

@@ -22,6 +22,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord
+from opd_dynamics.io.trainer_log import log_metrics
 
 Rows = Sequence[Mapping[str, Any]]
 ANCHOR_FILE = "effopd_anchor.safetensors"
@@ -228,16 +229,7 @@ class EffOPDCallback(TrainerCallback):
         return control
 
     def _log(self, rec: TriggerRecord, state, control) -> None:
-        logs = rec.as_log(self.log_prefix)
-        if self.trainer is not None:
-            from transformers import Trainer
-
-            # the handler's on_log clears should_log, which would drop the trainer's own log at this step
-            pending = control.should_log
-            Trainer.log(self.trainer, logs)
-            control.should_log = self.trainer.control.should_log = pending
-        else:
-            state.log_history.append({**logs, "step": state.global_step})
+        log_metrics(self.trainer, state, control, rec.as_log(self.log_prefix))
 
     def _write_csv(self) -> None:
         import pandas as pd

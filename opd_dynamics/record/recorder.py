@@ -14,8 +14,9 @@ of the stored vectors are exact. Output, each file written under a temporary nam
 ``sketch.csv`` (one row per step and matrix, the columns of `schema.TABLES["sketch"]`), rewritten after every step.
 
 Memory: two float32 copies of the selected matrices (W_0 and the previous recorded weights) on ``device`` and one
-matrix's decomposition at a time. Not yet: the TrainerCallback, FSDP gathering, PEFT adapters, reading a sketch
-series back in `analyze` (issue 21).
+matrix's decomposition at a time. `record.callback.DynamicsCallback` drops it into any transformers/TRL Trainer and
+logs its scalars through the trainer. Not yet: FSDP gathering, PEFT adapters, the consecutive-segment cosine and lock-in
+scalars, reading a sketch series back in `analyze` (issue 21).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
+from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, parse_name
 from opd_dynamics.io.writer import atomic_file, save_safetensors
 from opd_dynamics.numerics import CHANGE_THRESHOLD, fro2
 from opd_dynamics.schema import TABLES
@@ -64,6 +65,10 @@ class DynamicsRecorder:
         self.w0: dict[str, torch.Tensor] = {}
         self.prev: dict[str, torch.Tensor] = {}
         self.rows: list[dict] = []
+        #: the last recorded step's scalars (what `DynamicsCallback` logs): update norm by group, the segment norm
+        #: since the previous recorded step, and the cosine between ΔW_t and the previous recorded ΔW (all
+        #: selected matrices together)
+        self.scalars: dict[str, float] = {}
 
     def _selected(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p for n, p in model.named_parameters()
@@ -84,6 +89,8 @@ class DynamicsRecorder:
         if not self.every(step):
             return False
         tensors: dict[str, torch.Tensor] = {}
+        by_group: dict[str, float] = {}
+        dot_prev = norm_prev = 0.0
         for name, p in params.items():
             w0 = self.w0[name]
             wt = p.detach().to(self.device, torch.float32)
@@ -94,6 +101,10 @@ class DynamicsRecorder:
             kk = 0 if dec.U is None else min(self.k, dec.U.shape[1], dec.rank)  # no triplet of a zero value
             sv = dec.singular_values[:kk]
             f2 = dec.fro2
+            by_group[parse_name(name).group] = by_group.get(parse_name(name).group, 0.0) + f2
+            before = self.prev[name].double() - w0.double()
+            dot_prev += float((delta * before).sum())
+            norm_prev += fro2(before)
             self.rows.append({"step": step, "tensor": name, "k": kk, "update_norm": f2 ** 0.5,
                               "base_norm": fro2(w0) ** 0.5, "changed_fraction": float(changed),
                               "segment_norm": seg ** 0.5, "spectral_norm": float(sv[0]) if kk else 0.0,
@@ -103,6 +114,12 @@ class DynamicsRecorder:
                 tensors[f"{name}::S"] = sv.float().cpu().contiguous()
                 tensors[f"{name}::V"] = dec.V[:, :kk].float().cpu().contiguous()
             self.prev[name] = wt.clone()
+        total = sum(by_group.values())
+        self.scalars = {**{f"dynamics/update_norm/{g}": v ** 0.5 for g, v in sorted(by_group.items())},
+                        "dynamics/segment_norm": sum(r["segment_norm"] ** 2 for r in self.rows
+                                                     if r["step"] == step) ** 0.5,
+                        "dynamics/cosine_to_previous": dot_prev / (total * norm_prev) ** 0.5
+                        if total > 0 and norm_prev > 0 else float("nan")}
         with atomic_file(_step_file(self.out, step)) as tmp:
             save_safetensors(tensors, tmp, metadata={"step": str(step), "start_step": str(self.start),
                                                      "k": str(self.k)})
@@ -118,3 +135,4 @@ class DynamicsRecorder:
         """Release the kept weights."""
         self.w0.clear()
         self.prev.clear()
+

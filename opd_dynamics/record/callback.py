@@ -1,0 +1,41 @@
+"""`DynamicsCallback`: the recorder inside any transformers or TRL Trainer."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from opd_dynamics.io.trainer_log import log_metrics
+from opd_dynamics.record.recorder import DynamicsRecorder
+
+
+class DynamicsCallback(TrainerCallback):
+    """A transformers `TrainerCallback` around a `DynamicsRecorder`: records step 0 at the start of training and
+    every scheduled step after an optimizer step, and logs the recorder's scalars through the trainer (so
+    TensorBoard, W&B or whatever `report_to` names shows them), once `bind(trainer)` has been called; unbound, into
+    `state.log_history`.
+
+        rec = DynamicsRecorder("sketches", k=16)
+        trainer = GRPOTrainer(..., callbacks=[cb := DynamicsCallback(rec)]); cb.bind(trainer)
+        trainer.train()
+    """
+
+    def __init__(self, recorder: DynamicsRecorder):
+        self.recorder, self.trainer = recorder, None
+
+    def bind(self, trainer) -> DynamicsCallback:
+        self.trainer = trainer
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            self.recorder.record(model, state.global_step)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and self.recorder.record(model, state.global_step):
+            log_metrics(self.trainer, state, control, self.recorder.scalars)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.recorder.close()
+        return control
