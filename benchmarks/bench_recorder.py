@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("lab", type=Path)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--svd", default="exact", choices=("exact", "fast"))
     a = ap.parse_args()
     lab = LabDir(a.lab).require(meta=True, teacher=True)
     preset = lab.meta()["preset"]["name"]
@@ -60,7 +61,7 @@ def main() -> None:
             timer = _Timer()
             cbs: list = [timer]
             if with_rec:  # the step timer stops before the recorder runs (callbacks in order): timed apart below
-                cb = DynamicsCallback(DynamicsRecorder(tmp / "sketch", k=a.k))
+                cb = DynamicsCallback(DynamicsRecorder(tmp / "sketch", k=a.k, svd=a.svd))
                 cbs = [timer, cb]
             trainer = build_opd_trainer(lab.student_init, lab.teacher, tmp / f"run-{with_rec}", preset, 0, cbs,
                                         max_steps=a.steps, save_steps=1 if with_rec else a.steps + 1,
@@ -69,11 +70,11 @@ def main() -> None:
                 cb.bind(trainer)
             trainer.train()
             times[with_rec] = timer.total
-        print(f"lab {a.lab} (preset {preset}), {a.steps} OPD steps, k = {a.k}, 1 torch thread")
+        print(f"lab {a.lab} (preset {preset}), {a.steps} OPD steps, k = {a.k}, svd {a.svd}, 1 torch thread")
         print(f"training steps without the recorder: {times[False]:.1f} s ({times[False] / a.steps * 1e3:.0f} ms/step)")
         rec = pd.read_csv(tmp / "sketch" / "sketch.csv")
         # the recorder's time, measured directly: a fresh recorder over the saved steps, less loading them
-        rec2 = DynamicsRecorder(tmp / "sketch-timing", k=a.k)
+        rec2 = DynamicsRecorder(tmp / "sketch-timing", k=a.k, svd=a.svd)
         from opd_dynamics.lab.models import load_model
 
         rec2.record(load_model(lab.student_init), 0)

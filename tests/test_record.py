@@ -117,3 +117,20 @@ def test_the_callback_records_inside_a_real_trainer_and_logs_through_it(tmp_path
     assert logged[-1]["dynamics/update_norm/mlp"] == pytest.approx(mlp, rel=1e-9)
     assert -1 <= logged[-1]["dynamics/cosine_to_previous"] <= 1
     assert any("loss" in h for h in trainer.state.log_history)  # the trainer's own logs are kept
+
+
+def test_fast_mode_keeps_exact_energies_and_refuses_other_modes(tmp_path):
+    m = Tiny()
+    q = m.model.layers[0].self_attn.q_proj.weight
+    rec = DynamicsRecorder(tmp_path / "sk", k=3, svd="fast")
+    rec.record(m, 0)
+    with torch.no_grad():
+        q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(3)) * 1e-2)
+    rec.record(m, 1)
+    r = pd.read_csv(tmp_path / "sk" / "sketch.csv").set_index("tensor").loc["model.layers.0.self_attn.q_proj.weight"]
+    d = q.detach().double().numpy() - Tiny().model.layers[0].self_attn.q_proj.weight.detach().double().numpy()
+    s = np.linalg.svd(d, compute_uv=False)
+    assert r["update_norm"] == pytest.approx(np.linalg.norm(d), rel=1e-9)
+    assert r["energy_topk"] == pytest.approx((s[:3] ** 2).sum() / (s ** 2).sum(), rel=1e-3)
+    with pytest.raises(InputError, match="svd must be exact or fast"):
+        DynamicsRecorder(tmp_path / "x", svd="lanczos")

@@ -46,13 +46,16 @@ class DynamicsRecorder:
 
     ``every``: record when ``step % every == 0``, or a callable ``step -> bool`` (dense early, sparse later …).
     ``groups``: naming groups whose 2-D weights are recorded. ``device``: where W_0 and the previous weights are
-    kept ("cpu" frees the accelerator). An existing ``out_dir`` holding a sketch.csv is refused unless
+    kept ("cpu" frees the accelerator). ``svd``: "exact" (float64) or "fast" (the analysis' seeded randomized
+    top-k; energies still divide by the exact ‖ΔW‖F²). An existing ``out_dir`` holding a sketch.csv is refused unless
     ``overwrite`` (nothing a user had is replaced silently).
     """
 
     def __init__(self, out_dir: str | Path, k: int = 16, every: int | Callable[[int], bool] = 1,
                  groups: tuple[str, ...] = MATRIX_GROUPS, device: str | torch.device = "cpu",
-                 overwrite: bool = False):
+                 overwrite: bool = False, svd: str = "exact"):
+        if svd not in ("exact", "fast"):
+            raise InputError(None, f"svd must be exact or fast, not {svd!r}", ("svd",))
         if k < 1:
             raise InputError(None, f"k must be at least 1, not {k}", ("k",))
         self.out = Path(out_dir)
@@ -60,7 +63,7 @@ class DynamicsRecorder:
             raise InputError(self.out, f"already holds a sketch series ({SKETCH_CSV}); pass overwrite=True to "
                                        "replace it")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.k, self.groups, self.device = k, groups, torch.device(device)
+        self.k, self.groups, self.device, self.svd = k, groups, torch.device(device), svd
         self.every = every if callable(every) else (lambda s, n=int(every): s % n == 0)
         self.w0: dict[str, torch.Tensor] = {}
         self.prev: dict[str, torch.Tensor] = {}
@@ -97,7 +100,7 @@ class DynamicsRecorder:
             delta = wt.double() - w0.double()  # float64: never a bf16 subtraction, exact norms
             changed = (delta.abs() > CHANGE_THRESHOLD * torch.maximum(w0.abs(), wt.abs()).double()).double().mean()
             seg = fro2(wt.double() - self.prev[name].double())
-            dec = decompose(delta, k_vectors=self.k, mode="exact")
+            dec = decompose(delta, k_vectors=self.k, mode=self.svd)
             kk = 0 if dec.U is None else min(self.k, dec.U.shape[1], dec.rank)  # no triplet of a zero value
             sv = dec.singular_values[:kk]
             f2 = dec.fro2
