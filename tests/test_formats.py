@@ -261,3 +261,21 @@ def test_hsdp_rank_files_with_a_compiled_prefix_read_one_replica(runs, tmp_path)
     key = "_orig_mod.model.embed_tokens.weight"
     assert len(sd[key].placements) == 2 and sd[key]._local_tensor.shape[0] == 34  # (Replicate, Shard(0)), 34 of 67
     _equal_to_safetensors(actor, runs / "st" / "checkpoint-6")
+
+
+def test_a_bin_whose_tensors_are_not_plain_is_read_through_the_mapping(tmp_path):
+    """transformers saves contiguous tensors, read by byte range; a transposed view (strided) makes the whole file
+    go through the mapped weights_only load, with the same values."""
+    from opd_dynamics.io.torch_files import tensor_layout
+
+    d = tmp_path / "m"
+    d.mkdir()
+    w = torch.arange(12.0).reshape(3, 4)
+    torch.save({"a.weight": w, "b.weight": w.t()}, d / "pytorch_model.bin")
+    assert tensor_layout(d / "pytorch_model.bin") is None
+    with open_model(d) as r:
+        assert torch.equal(r.get("b.weight"), w.t()) and torch.equal(r.get_rows("b.weight", 1, 3), w.t()[1:3])
+    torch.save({"a.weight": w}, d / "pytorch_model.bin")
+    assert set(tensor_layout(d / "pytorch_model.bin")) == {"a.weight"}
+    with open_model(d) as r:
+        assert torch.equal(r.get_rows("a.weight", 1, 2), w[1:2])

@@ -13,14 +13,25 @@ hub models hold): the stored dtype is analysed as it is.
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import DTYPE_CODES, EntryReader, TensorEntry, file_identity, index_files
+from opd_dynamics.io.model_dir import (
+    _FDS,
+    DTYPE_CODES,
+    EntryReader,
+    TensorEntry,
+    _pread_tensor,
+    file_identity,
+    index_files,
+)
 
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -68,6 +79,82 @@ def load_weights_file(path: Path) -> dict:
     return obj
 
 
+_STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _Storage:
+    def __init__(self, dtype: torch.dtype, key: str):
+        self.dtype, self.key = dtype, key
+
+
+class _TensorRef:
+    """Where a plain tensor of a `torch.save` archive lives: its storage and its view (nothing is read)."""
+
+    def __init__(self, storage: _Storage, offset: int, size, stride, *rest):
+        self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
+
+    @property
+    def contiguous(self) -> bool:
+        want, expected = 1, []
+        for n in reversed(self.size):
+            expected.append(want)
+            want *= n
+        return tuple(reversed(expected)) == self.stride or math.prod(self.size) <= 1
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """Reads a state dict's data.pkl into _TensorRefs: storage types, the tensor rebuilder and plain containers
+    only; anything else (a DTensor, an object) makes the caller fall back to the mapped load."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _TensorRef
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, _numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError("not a storage")
+        return _Storage(dtype, str(key))
+
+
+def tensor_layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]] | None:
+    """{name: (dtype, shape, absolute byte offset)} of a `torch.save` state dict whose tensors are plain,
+    contiguous and stored uncompressed, so each can be read with one positioned read like a safetensors tensor;
+    None when the file holds anything else (it is then read through the mapped load)."""
+    with zipfile.ZipFile(path) as z:
+        pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            return None
+        prefix = pkl[0][: -len("data.pkl")]
+        try:
+            sd = _LayoutUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError):
+            return None
+        if not isinstance(sd, dict):
+            return None
+        out = {}
+        with open(path, "rb") as fh:
+            for name, ref in sd.items():
+                if not isinstance(ref, _TensorRef) or not ref.contiguous:
+                    return None
+                info = z.getinfo(f"{prefix}data/{ref.storage.key}")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return None
+                fh.seek(info.header_offset + 26)
+                n_name, n_extra = struct.unpack("<HH", fh.read(4))
+                start = info.header_offset + 30 + n_name + n_extra + ref.offset * ref.storage.dtype.itemsize
+                out[name] = (ref.storage.dtype, ref.size, start)
+        return out
+
+
 def dtype_code(path: Path, name: str, dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype (the readers' common currency), or an InputError."""
     try:
@@ -90,59 +177,67 @@ def has_bin(path: Path) -> bool:
 
 
 class BinDir(EntryReader):
-    """`pytorch_model.bin`, single or index-sharded, one tensor at a time (each file mapped, never read whole)."""
+    """`pytorch_model.bin`, single or index-sharded, one tensor at a time: plain contiguous tensors (what
+    transformers saves) by one positioned read of their bytes in the zip archive, as safetensors are read, so
+    memory holds the tensor in use; a file holding anything else through the mapped `weights_only` load."""
 
     FORMAT = "pytorch-bin"
 
-    def __init__(self, path: str | Path, load_mode: str = "mmap"):
+    def __init__(self, path: str | Path, load_mode: str = "pread"):
         self.path = Path(path)
-        self.load_mode = "mmap"  # a pickled file is mapped whatever the caller asked: no byte range to pread
+        self.load_mode = "pread"
         self.files = bin_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
-        self._where: dict[str, Path] = {}
+        self._mapped_files: set[Path] = set()
         self._loaded: dict = {}
         digest = hashlib.sha256()
         for f in self.files:
-            sd = load_weights_file(f)
+            check_torch_file(f)
             ident = file_identity(f.stat())
-            for name, t in sd.items():
-                if not isinstance(t, torch.Tensor):
-                    continue  # e.g. a stray integer: not a weight
+            layout = tensor_layout(f)  # only storages, the tensor rebuilder and dicts: weights by construction
+            if layout is None:
+                sd = load_weights_file(f)
+                layout = {n: (t.dtype, tuple(t.shape), None) for n, t in sd.items() if isinstance(t, torch.Tensor)}
+                self._mapped_files.add(f)
+            for name, (dtype, shape, at) in layout.items():
                 if name in self.entries:
-                    raise InputError(f, f"repeats tensor {name!r} already in {self._where[name].name}")
-                code = dtype_code(f, name, t.dtype)
-                nbytes = t.numel() * t.element_size()
-                self.entries[name] = TensorEntry(f, code, tuple(t.shape), 0, nbytes, ident)
-                self._where[name] = f
-                digest.update(f"{name}:{code}:{tuple(t.shape)};".encode())
+                    raise InputError(f, f"repeats tensor {name!r} already in {self.entries[name].file.name}")
+                code = dtype_code(f, name, dtype)
+                nbytes = math.prod(shape) * dtype.itemsize
+                start = 0 if at is None else at
+                self.entries[name] = TensorEntry(f, code, tuple(shape), start, start + nbytes, ident)
+                digest.update(f"{name}:{code}:{tuple(shape)};".encode())
         if not self.entries:
             raise InputError(self.path, "holds no tensors")
         self._set_identity(digest.hexdigest())
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, copied out of the mapping (a tensor of its own, like the other readers')."""
-        self._check(name)
-        return self._mapped(name)[name].detach().clone()
+        return self.get_rows(name)
 
     def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Rows of a tensor, copied from the mapping: only their pages are read."""
-        self._check(name)
-        return self._mapped(name)[name][start:stop].detach().clone()
-
-    def _check(self, name: str) -> None:
-        if name not in self._where:
+        """Rows of a tensor (the whole tensor without them), reading only their bytes."""
+        entry = self.entries.get(name)
+        if entry is None:
             raise InputError(self.path, f"has no tensor {name!r}")
+        if entry.file in self._mapped_files:
+            return self._mapped(name)[name][start:stop].detach().clone()
+        rows = None
+        if start is not None or stop is not None:
+            lo, hi, _ = slice(start, stop).indices(entry.shape[0] if entry.shape else 0)
+            rows = (lo, max(lo, hi))
+        return _pread_tensor(entry, rows)
 
     def _mapped(self, name: str) -> dict:
         """The mapping of the file holding ``name``, kept while that tensor is read (its row blocks): moving on
         to the next tensor unmaps the file, so the pages read stay page cache and never pile up in this
         process's memory (parsing a file's pickle again costs milliseconds)."""
         if self._loaded.get("name") != name:
-            self._loaded = {"name": name, "sd": load_weights_file(self._where[name])}
+            self._loaded = {"name": name, "sd": load_weights_file(self.entries[name].file)}
         return self._loaded["sd"]
 
     def close(self) -> None:
         self._loaded.clear()
+        _FDS.close(set(self.files))
 
     def __repr__(self) -> str:
         return f"BinDir({str(self.path)!r}, {len(self.entries)} tensors, {len(self.files)} files)"
