@@ -159,8 +159,9 @@ def lab_extrapolation(root: str | Path, out: str | Path, *, fractions: Sequence[
     for lab in labs.values():
         lab.require(meta=True)
         for run in runs:
+            series = lab.series(run)
             for f in fractions:  # a fraction that observes nothing is refused before any work
-                observed_steps(lab.series(run), f)
+                observed_steps(series, f)
     out = Path(out).resolve()
     with atomic_dir(out, (EXTRAPOLATION_JSON,), overwrite=overwrite, inputs=[Path(root).resolve()]) as tmp:
         torch.set_num_threads(1)

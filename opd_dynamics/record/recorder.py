@@ -27,11 +27,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from opd_dynamics.analysis.metrics.norms import changed_count
 from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, parse_name
 from opd_dynamics.io.writer import atomic_file, save_safetensors
-from opd_dynamics.numerics import CHANGE_THRESHOLD, fro2
+from opd_dynamics.numerics import fro2
 from opd_dynamics.schema import TABLES
 
 SKETCH_CSV = TABLES["sketch"].file
@@ -87,29 +88,33 @@ class DynamicsRecorder:
                 raise InputError(None, f"the model has no 2-D weights in the groups {', '.join(self.groups)}")
             self.w0 = {n: p.detach().to(self.device, torch.float32, copy=True) for n, p in params.items()}
             self.prev = {n: t.clone() for n, t in self.w0.items()}
+            self.base_norm = {n: fro2(t) ** 0.5 for n, t in self.w0.items()}  # fixed for the whole run
+            self.group = {n: parse_name(n).group for n in self.w0}
             self.start = step
             return True
         if not self.every(step):
             return False
         tensors: dict[str, torch.Tensor] = {}
         by_group: dict[str, float] = {}
-        dot_prev = norm_prev = 0.0
+        dot_prev = norm_prev = seg_total = 0.0
         for name, p in params.items():
             w0 = self.w0[name]
             wt = p.detach().to(self.device, torch.float32)
-            delta = wt.double() - w0.double()  # float64: never a bf16 subtraction, exact norms
-            changed = (delta.abs() > CHANGE_THRESHOLD * torch.maximum(w0.abs(), wt.abs()).double()).double().mean()
-            seg = fro2(wt.double() - self.prev[name].double())
+            w0d = w0.double()
+            delta = wt.double() - w0d  # float64: never a bf16 subtraction, exact norms
+            before = self.prev[name].double() - w0d  # the previous recorded update
+            seg = fro2(delta - before)
             dec = decompose(delta, k_vectors=self.k, mode=self.svd)
             kk = 0 if dec.U is None else min(self.k, dec.U.shape[1], dec.rank)  # no triplet of a zero value
             sv = dec.singular_values[:kk]
             f2 = dec.fro2
-            by_group[parse_name(name).group] = by_group.get(parse_name(name).group, 0.0) + f2
-            before = self.prev[name].double() - w0.double()
+            by_group[self.group[name]] = by_group.get(self.group[name], 0.0) + f2
             dot_prev += float((delta * before).sum())
             norm_prev += fro2(before)
+            seg_total += seg
             self.rows.append({"step": step, "tensor": name, "k": kk, "update_norm": f2 ** 0.5,
-                              "base_norm": fro2(w0) ** 0.5, "changed_fraction": float(changed),
+                              "base_norm": self.base_norm[name],
+                              "changed_fraction": changed_count(w0, wt, delta) / delta.numel(),
                               "segment_norm": seg ** 0.5, "spectral_norm": float(sv[0]) if kk else 0.0,
                               "energy_topk": float((sv ** 2).sum() / f2) if kk and f2 > 0 else float("nan")})
             if kk:
@@ -119,8 +124,7 @@ class DynamicsRecorder:
             self.prev[name] = wt.clone()
         total = sum(by_group.values())
         self.scalars = {**{f"dynamics/update_norm/{g}": v ** 0.5 for g, v in sorted(by_group.items())},
-                        "dynamics/segment_norm": sum(r["segment_norm"] ** 2 for r in self.rows
-                                                     if r["step"] == step) ** 0.5,
+                        "dynamics/segment_norm": seg_total ** 0.5,
                         "dynamics/cosine_to_previous": dot_prev / (total * norm_prev) ** 0.5
                         if total > 0 and norm_prev > 0 else float("nan")}
         with atomic_file(_step_file(self.out, step)) as tmp:
