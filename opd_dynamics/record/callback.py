@@ -9,10 +9,11 @@ from opd_dynamics.record.recorder import DynamicsRecorder
 
 
 class DynamicsCallback(TrainerCallback):
-    """A transformers `TrainerCallback` around a `DynamicsRecorder`: records step 0 at the start of training and
-    every scheduled step after an optimizer step, and logs the recorder's scalars through the trainer (so
-    TensorBoard, W&B or whatever `report_to` names shows them), once `bind(trainer)` has been called; unbound, into
-    `state.log_history`.
+    """A transformers `TrainerCallback` around a `DynamicsRecorder`: keeps the start weights before the first
+    optimizer step (step 0; on a run resumed from a checkpoint, the step it resumes at, which needs
+    ``DynamicsRecorder(..., resume=True)``), records every scheduled step after an optimizer step, and logs the
+    recorder's scalars through the trainer (so TensorBoard, W&B or whatever `report_to` names shows them) once
+    `bind(trainer)` has been called; unbound, into `state.log_history`.
 
         rec = DynamicsRecorder("sketches", k=16)
         trainer = GRPOTrainer(..., callbacks=[cb := DynamicsCallback(rec)]); cb.bind(trainer)
@@ -26,13 +27,15 @@ class DynamicsCallback(TrainerCallback):
         self.trainer = trainer
         return self
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        # not on_train_begin: a resumed Trainer restores global_step and the weights after that event
+        if not self.recorder.started:
             self.recorder.record(model, state.global_step)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and self.recorder.record(model, state.global_step):
+        # every rank calls the recorder (under FSDP the matrices are gathered collectively); rank 0 writes and logs
+        if self.recorder.record(model, state.global_step) and state.is_world_process_zero:
             log_metrics(self.trainer, state, control, self.recorder.scalars)
         return control
 

@@ -20,6 +20,10 @@ from opd_dynamics.schema import RANK_SHARE_KS
 
 #: bins of the per-entry R² histogram: its median is exact to half a bin, 2^-21 < 5e-7, in constant memory
 R2_BINS = 1 << 20
+#: lockin_step: the first step whose direction_cosine to the final update is at least LOCKIN_THRESHOLD and above
+#: the random walk's √(t/T) by LOCKIN_MARGIN
+LOCKIN_THRESHOLD = 0.5
+LOCKIN_MARGIN = 0.2
 
 
 def _hist_median(hist: np.ndarray) -> float:
@@ -73,7 +77,8 @@ class TrajectoryAccumulator:
         r2 = np.clip(1.0 - ss_res[moved] / ss_tot[moved], 0.0, 1.0)
         self.r2_hist += np.bincount(np.minimum((r2 * R2_BINS).astype(np.int64), R2_BINS - 1), minlength=R2_BINS)
 
-    def result(self, lockin_threshold: float = 0.5, lockin_margin: float = 0.2) -> tuple[dict, list[dict]]:
+    def result(self, lockin_threshold: float = LOCKIN_THRESHOLD,
+               lockin_margin: float = LOCKIN_MARGIN) -> tuple[dict, list[dict]]:
         """(the matrix's row of trajectory.csv, its rows of segments.csv, one per step)."""
         n, g = len(self.t), self.gram
         lam = np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None)

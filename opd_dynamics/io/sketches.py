@@ -1,0 +1,130 @@
+"""A sketch series on disk: what `record.DynamicsRecorder` writes during training, read back like a checkpoint series.
+
+Layout of one sketch directory (every file written under a temporary name and renamed):
+
+- ``sketch.json``: the recording's settings (k, groups, start step) and each recorded matrix's shape and group;
+- ``base.safetensors``: the start weights W_0 of the recorded matrices in their stored dtype (what lets a
+  crashed or resumed run continue, and a check against a base checkpoint);
+- ``step-NNNNNNNN.safetensors``: per recorded step and matrix ``<name>::U`` (out × k), ``::S`` (k), ``::V``
+  (in × k) in float32, and in its metadata the step's rows of the ``sketch`` table (JSON) and the previous
+  recorded step (so a missing step file is found);
+- ``sketch.csv``: the ``sketch`` table (`schema.TABLES["sketch"]`), appended after each step and rewritten at the
+  end. The step files are the record; the CSV is for reading with pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.schema import TABLES
+
+SKETCH_JSON = "sketch.json"
+BASE_FILE = "base.safetensors"
+SKETCH_CSV = TABLES["sketch"].file
+STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
+#: the format of sketch.json and the step files' metadata
+SKETCH_VERSION = 1
+
+
+def step_file(path: Path, step: int) -> Path:
+    return path / f"step-{step:08d}.safetensors"
+
+
+def is_sketch_dir(path: str | Path) -> bool:
+    return (Path(path) / SKETCH_JSON).is_file()
+
+
+def step_files(path: Path) -> dict[int, Path]:
+    """{step: file} of the step files at the top of a sketch directory."""
+    return dict(sorted((int(m.group(1)), p) for p in path.iterdir() if (m := STEP_FILE.match(p.name))))
+
+
+def read_meta(path: Path) -> dict:
+    f = path / SKETCH_JSON
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f, f"is not a readable sketch series description ({e})") from None
+    if not isinstance(meta, dict) or meta.get("version") != SKETCH_VERSION or "tensors" not in meta:
+        raise InputError(f, f"is not a sketch series description of version {SKETCH_VERSION}")
+    return meta
+
+
+def step_metadata(f: Path) -> dict[str, str]:
+    try:
+        with safe_open(f, "pt") as fh:
+            return fh.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise InputError(f, f"is not a readable sketch step file ({str(e)[:160]})") from None
+
+
+class SketchSeries:
+    """One recorded run: its steps, the ``sketch`` table and each step's stored triplets.
+
+    A step the chain of step files or ``sketch.csv`` names but whose file is absent is refused in one sentence
+    naming it (a series with a hole would give wrong segment and alignment figures silently).
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        if not is_sketch_dir(self.path):
+            raise InputError(self.path, f"is not a sketch series (no {SKETCH_JSON})")
+        self.name = name or self.path.name
+        self.meta = read_meta(self.path)
+        self.k = int(self.meta["k"])
+        self.start_step = int(self.meta["start_step"])
+        self.tensors: dict[str, dict] = self.meta["tensors"]
+        self.files = step_files(self.path)
+        rows = []
+        for step, f in self.files.items():
+            md = step_metadata(f)
+            prev = int(md.get("prev_step", self.start_step))
+            if prev != self.start_step and prev not in self.files:
+                raise InputError(step_file(self.path, prev), f"is missing: step {step} was recorded after step {prev}, "
+                                                              "whose sketch is absent")
+            rows.extend(json.loads(md.get("rows", "[]")))
+        listed = self._csv_steps()
+        gone = sorted(listed - set(self.files))
+        if gone:
+            raise InputError(step_file(self.path, gone[0]), f"is missing: {SKETCH_CSV} lists step {gone[0]}")
+        if not self.files:
+            raise InputError(self.path, "holds no recorded step (step-NNNNNNNN.safetensors)")
+        self.table = pd.DataFrame(rows, columns=TABLES["sketch"].names)
+
+    def _csv_steps(self) -> set[int]:
+        """The steps sketch.csv lists, less a last line a crash cut short (the step files are the record)."""
+        f = self.path / SKETCH_CSV
+        if not f.exists():
+            return set()
+        lines = f.read_text().split("\n")[1:]
+        complete = lines[:-1]  # the text after the last newline is empty, or a line cut short
+        steps = {line.split(",", 1)[0] for line in complete if line}
+        return {int(s) for s in steps if s.isdigit()}
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.files)
+
+    def triplets(self, step: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(U, S, V) of ``name`` at ``step`` in float64; None when nothing was kept (an unchanged matrix)."""
+        f = self.files[step]
+        with safe_open(f, "pt") as fh:
+            if f"{name}::S" not in fh.keys():
+                return None
+            return tuple(fh.get_tensor(f"{name}::{x}").double() for x in "USV")
+
+    def base(self) -> dict[str, torch.Tensor]:
+        """W_0 of the recorded matrices, as stored."""
+        from safetensors.torch import load_file
+
+        return load_file(self.path / BASE_FILE)
+
+    def __repr__(self) -> str:
+        return f"SketchSeries({str(self.path)!r}, {len(self.files)} steps, {len(self.tensors)} matrices, k={self.k})"
