@@ -162,28 +162,36 @@ class FdCache:
 _FDS = FdCache()
 
 
-def _pread_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """The tensor (or rows ``start:stop`` of its first dimension) with one positioned read of its bytes."""
-    shape, start, nbytes = entry.shape, entry.start, entry.nbytes
-    if rows is not None:
-        row_bytes = nbytes // shape[0] if shape and shape[0] else 0
-        shape = (rows[1] - rows[0], *shape[1:])
-        start, nbytes = entry.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-    fd = _FDS.get(entry.file, entry.ident)
-    buf = bytearray(nbytes)
-    view, got = memoryview(buf), 0
+def pread_into(file: Path, ident: tuple, start: int, dest: torch.Tensor) -> None:
+    """Fill the contiguous tensor ``dest`` with the bytes of ``file`` from ``start`` on, by positioned reads straight
+    into its memory (no intermediate buffer); ``ident``: the file's identity when its layout was read."""
+    nbytes = dest.numel() * dest.element_size()
+    if nbytes == 0:
+        return
+    if not dest.is_contiguous():
+        raise ValueError("pread_into needs a contiguous destination")
+    view, got = memoryview(dest.reshape(-1).view(torch.uint8).numpy()), 0
+    fd = _FDS.get(file, ident)
     while got < nbytes:
         try:
             chunk = os.preadv(fd, [view[got:]], start + got)
         except OSError as e:  # EIO, a vanished network mount: say which input, not where we were writing
-            raise InputError(entry.file, f"could not be read ({e.strerror or e})") from e
+            raise InputError(file, f"could not be read ({e.strerror or e})") from e
         if chunk == 0:
-            raise InputError(entry.file, "ended before the tensor data the header promises (truncated file)")
+            raise InputError(file, "ended before the tensor data the header promises (truncated file)")
         got += chunk
-    dtype = DTYPES[entry.dtype]
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _pread_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor (or rows ``start:stop`` of its first dimension) with one positioned read of its bytes."""
+    shape, start = entry.shape, entry.start
+    if rows is not None:
+        row_bytes = entry.nbytes // shape[0] if shape and shape[0] else 0
+        shape = (rows[1] - rows[0], *shape[1:])
+        start = entry.start + rows[0] * row_bytes
+    out = torch.empty(shape, dtype=DTYPES[entry.dtype])
+    pread_into(entry.file, entry.ident, start, out)
+    return out
 
 
 def index_files(index: Path) -> list[Path]:
