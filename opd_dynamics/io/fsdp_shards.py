@@ -1,10 +1,14 @@
 """verl's raw FSDP checkpoints: ``model_world_size_W_rank_R.pt``, one per rank, each `torch.save` of the sharded
 state dict (DTensor values; FSDP1 with a device mesh and FSDP2 alike), read in place one tensor at a time.
 
-Every rank file is mapped (`torch_files.load_weights_file`), never read whole; a tensor is the concatenation of
-its local shards along its `Shard` dim over the ranks of one replica (HSDP's leading `Replicate` dim: the first
-replica), so memory holds one full tensor. Names lose FSDP's ``_fsdp_wrapped_module.`` and torch.compile's
-``_orig_mod.``. The config comes from ``huggingface/config.json`` beside the rank files. verl's actor keeps its
+No rank file is mapped or read whole: each one's ``data.pkl`` is read once by the restricted layout unpickler
+(`torch_files.archive_layout`, which records a DTensor's local tensor, global shape and placements through inert
+stand-ins and builds nothing), and a tensor is its local shards over the ranks of one replica (HSDP's leading
+`Replicate` dim: the first replica), each read with one positioned read straight into its rows of the output
+(`Shard(0)`, what FSDP writes; another shard dim reads each shard and concatenates), so memory holds that tensor
+and nothing stays mapped; a row range reads only the ranks' rows it covers. A rank file whose pickle names anything
+else is read as before, through the mapped `weights_only` load (`torch_files.load_weights_file`). Names lose
+FSDP's ``_fsdp_wrapped_module.`` and torch.compile's ``_orig_mod.``. The config comes from ``huggingface/config.json`` beside the rank files. verl's actor keeps its
 master weights in float32, so these files are the fp32 masters: a truer update than a bf16 export of the same
 step (verl's model_merger casts to bf16).
 """
@@ -13,14 +17,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import EntryReader, TensorEntry, file_identity
-from opd_dynamics.io.torch_files import dtype_code, load_weights_file
+from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, file_identity, pread_into
+from opd_dynamics.io.torch_files import (
+    StoredDTensor,
+    StoredTensor,
+    check_torch_file,
+    dtype_code,
+    load_weights_file,
+    tensor_layout,
+)
 
 RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 FSDP_CONFIG = "fsdp_config.json"
@@ -79,41 +91,124 @@ class FSDPShards(EntryReader):
 
     FORMAT = "fsdp-shards"
 
-    def __init__(self, path: str | Path, load_mode: str = "mmap"):
+    def __init__(self, path: str | Path, load_mode: str = "pread"):
         self.path = Path(path)
-        self.load_mode = "mmap"
         ranks = rank_files(self.path)
         self.files = list(ranks.values())
-        self._sds = [load_weights_file(f) for f in self.files]
+        for f in self.files:
+            check_torch_file(f)
+        self._idents = [file_identity(f.stat()) for f in self.files]
+        # each rank's tensors located in its file by the restricted layout unpickler (DTensors recorded, not built);
+        # a rank file holding anything else sends the directory through the mapped weights_only load
+        layouts = [tensor_layout(f, dtensors=True) for f in self.files]
+        self._layouts: list[dict] | None = None if any(x is None for x in layouts) else layouts
+        self._sds = [load_weights_file(f) for f in self.files] if self._layouts is None else []
+        self.load_mode = "mmap" if self._layouts is None else "pread"
+        sds = self._layouts if self._layouts is not None else self._sds
         self.entries: dict[str, TensorEntry] = {}
         self._keys: dict[str, str] = {}
         digest = hashlib.sha256()
-        first = self._sds[0]
-        for f, sd in zip(self.files[1:], self._sds[1:]):
+        first = sds[0]
+        for f, sd in zip(self.files[1:], sds[1:]):
             if set(sd) != set(first):
                 diff = sorted(set(sd) ^ set(first))[:3]
                 raise InputError(f, f"holds other tensors than {self.files[0].name} ({', '.join(diff)}): rank files "
                                     "of different runs or steps mixed in one directory")
-        ident = file_identity(self.files[0].stat())
         for key, t in first.items():
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, (torch.Tensor, StoredTensor, StoredDTensor)):
                 continue
             name = _clean(key)
             code = dtype_code(self.files[0], key, t.dtype)
             shape = tuple(t.shape)  # a DTensor's shape is the global one
-            self.entries[name] = TensorEntry(self.files[0], code, shape, 0, t.numel() * t.element_size(), ident)
+            for f, sd in zip(self.files[1:], sds[1:]):
+                other = sd[key]
+                if getattr(other, "dtype", None) != t.dtype or tuple(getattr(other, "shape", ())) != shape:
+                    raise InputError(f, f"holds {key!r} unlike {self.files[0].name} (another dtype or global shape): "
+                                        "rank files of different runs mixed in one directory")
+            self.entries[name] = TensorEntry(self.files[0], code, shape, 0, math.prod(shape) * t.dtype.itemsize,
+                                             self._idents[0])
             self._keys[name] = key
             digest.update(f"{name}:{code}:{shape};".encode())
         if not self.entries:
             raise InputError(self.path, "holds no tensors")
         self._set_identity(digest.hexdigest())
 
-    def get(self, name: str) -> torch.Tensor:
-        """The full tensor: the local shards of one replica concatenated along their shard dim."""
+    def _key(self, name: str) -> str:
         try:
-            key = self._keys[name]
+            return self._keys[name]
         except KeyError:
             raise InputError(self.path, f"has no tensor {name!r}") from None
+
+    def _pieces(self, name: str) -> tuple[int | None, list[tuple[int, StoredTensor, int]]]:
+        """(dim, [(rank, its local tensor, its offset along dim)]): the shards that tile the tensor along its shard
+        dim over the last mesh dim (dim None: one rank's copy holds it all). Ranks in order until their shards tile
+        the dim: all of them, or HSDP's first replica (ranks are replica-major), without the pickled device mesh
+        (its attributes change across torch versions)."""
+        key = self._key(name)
+        t0 = self._layouts[0][key]
+        if isinstance(t0, StoredTensor):  # a plain tensor (not sharded)
+            return None, [(0, t0, 0)]
+        if any(p is not None for p in t0.placements[:-1]):
+            raise InputError(self.files[0], f"holds {key!r} sharded over more than one mesh dim {t0.placements} "
+                                            "(only FSDP's Shard and HSDP's leading Replicate are supported)")
+        dim = t0.placements[-1]
+        if dim is None:
+            return None, [(0, t0.local, 0)]
+        want, pieces, have = t0.shape[dim], [], 0
+        for r, sd in enumerate(self._layouts):
+            if have >= want and pieces:
+                break
+            local = sd[key].local
+            if local.shape[:dim] + local.shape[dim + 1:] != t0.shape[:dim] + t0.shape[dim + 1:]:
+                have = -1
+                break
+            pieces.append((r, local, have))
+            have += local.shape[dim]
+        if have != want:
+            raise InputError(self.path, f"holds shards of {key!r} that do not join to its global shape {t0.shape}")
+        return dim, pieces
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full tensor: the local shards of one replica, each read with one positioned read into its rows
+        of the output (Shard(0), what FSDP writes), or read and concatenated along another shard dim."""
+        if self._layouts is None:
+            return self._mapped_get(name)
+        dim, pieces = self._pieces(name)
+        if dim is None or dim == 0:
+            return self.get_rows(name)
+        parts = []
+        for r, local, _ in pieces:
+            part = torch.empty(local.shape, dtype=local.dtype)
+            pread_into(self.files[r], self._idents[r], local.start, part)
+            parts.append(part)
+        return torch.cat(parts, dim=dim)
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows of a tensor, reading only their bytes: a row range of a Shard(0) tensor is a row range of one or
+        a few ranks' shards, each read with one positioned read into the output."""
+        if self._layouts is None:
+            return super().get_rows(name, start, stop)
+        dim, pieces = self._pieces(name)
+        if dim not in (None, 0):
+            return super().get_rows(name, start, stop)  # assembled once, served in row blocks
+        shape = self.entries[name].shape
+        if not shape:  # a scalar
+            out = torch.empty((), dtype=pieces[0][1].dtype)
+            pread_into(self.files[0], self._idents[0], pieces[0][1].start, out)
+            return out
+        lo, hi, _ = slice(start, stop).indices(shape[0])
+        hi = max(lo, hi)
+        out = torch.empty((hi - lo, *shape[1:]), dtype=pieces[0][1].dtype)
+        row_bytes = math.prod(shape[1:]) * out.element_size()
+        for r, local, at in pieces:
+            a, b = max(lo, at), min(hi, at + local.shape[0])
+            if a < b:
+                pread_into(self.files[r], self._idents[r], local.start + (a - at) * row_bytes, out[a - lo:b - lo])
+        return out
+
+    # -- the mapped weights_only load, for rank files the layout unpickler does not admit --------------------------
+    def _mapped_get(self, name: str) -> torch.Tensor:
+        key = self._key(name)
         t0 = self._sds[0][key]
         if not hasattr(t0, "placements"):  # a plain tensor (not sharded)
             return t0.detach().clone()
@@ -123,8 +218,6 @@ class FSDPShards(EntryReader):
             raise InputError(self.files[0], f"holds {key!r} with {e}") from None
         if dim is None:
             return t0._local_tensor.detach().clone()
-        # ranks in order until their shards tile the dim: all of them, or HSDP's first replica (ranks are
-        # replica-major), without touching the pickled device mesh (its attributes change across torch versions)
         want, parts, have = self.entries[name].shape[dim], [], 0
         for sd in self._sds:
             if have >= want and parts:
@@ -137,6 +230,10 @@ class FSDPShards(EntryReader):
             raise InputError(self.path, f"holds shards of {key!r} that join to {tuple(out.shape)}, not its global "
                                         f"shape {self.entries[name].shape}")
         return out
+
+    def close(self) -> None:
+        super().close()
+        _FDS.close(set(self.files))
 
     def __repr__(self) -> str:
         return f"FSDPShards({str(self.path)!r}, {len(self.entries)} tensors, world size {len(self.files)})"
