@@ -8,9 +8,9 @@ stand-ins and builds nothing), and a tensor is its local shards over the ranks o
 (`Shard(0)`, what FSDP writes; another shard dim reads each shard and concatenates), so memory holds that tensor
 and nothing stays mapped; a row range reads only the ranks' rows it covers. A rank file whose pickle names anything
 else is read as before, through the mapped `weights_only` load (`torch_files.load_weights_file`). Names lose
-FSDP's ``_fsdp_wrapped_module.`` and torch.compile's ``_orig_mod.``. The config comes from ``huggingface/config.json`` beside the rank files. verl's actor keeps its
-master weights in float32, so these files are the fp32 masters: a truer update than a bf16 export of the same
-step (verl's model_merger casts to bf16).
+FSDP's ``_fsdp_wrapped_module.`` and torch.compile's ``_orig_mod.``. The config comes from
+``huggingface/config.json`` beside the rank files. verl's actor keeps its master weights in float32, so these
+files are the fp32 masters: a truer update than a bf16 export of the same step (verl's model_merger casts to bf16).
 """
 
 from __future__ import annotations
