@@ -4,24 +4,29 @@ tensor at a time, with no process group.
 
 ``.metadata`` is a pickle: it is read with an unpickler that admits only DCP's own metadata classes and torch's
 sizes and dtypes, so a directory that is not a DCP checkpoint is refused, not run. A tensor is assembled from the
-chunks that hold it (each chunk a `torch.save` archive at a byte range of a ``.distcp`` file, loaded with
-``weights_only=True``), so memory holds that tensor and one chunk. accelerate saves ``{"model": state_dict}``, whose
-keys DCP flattens to ``model.<name>``; that one wrapper level is removed. DCP of FSDP holds the sharded master
-weights (float32 when the run keeps fp32 masters), read in their stored dtype.
+chunks that hold it, each a `torch.save` archive at a byte range of a ``.distcp`` file: the chunk's own zip
+headers and pickle are read by the restricted layout unpickler (`torch_files.archive_layout`) to find its one
+stored storage, whose bytes are then read with one positioned read straight into the output (a chunk of whole
+rows, what FSDP saves, into those rows; another box through one chunk-sized buffer), so memory holds that tensor
+and no chunk copy; a row range reads only the chunks' rows it covers. A chunk that is anything else is loaded
+from its bytes with ``weights_only=True``. accelerate saves ``{"model": state_dict}``, whose keys DCP flattens
+to ``model.<name>``; that one wrapper level is removed. DCP of FSDP holds the sharded master weights (float32
+when the run keeps fp32 masters), read in their stored dtype.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 from pathlib import Path
 
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import EntryReader, TensorEntry, file_identity
-from opd_dynamics.io.torch_files import dtype_code, require_safe_torch
+from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, file_identity, pread_into
+from opd_dynamics.io.torch_files import StoredTensor, archive_layout, dtype_code, require_safe_torch
 
 METADATA = ".metadata"
 _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
@@ -94,7 +99,7 @@ class DCPDir(EntryReader):
         if missing:
             raise InputError(self.path / METADATA, f"names data files that are absent: {', '.join(missing[:4])}")
         self.files = files
-        idents = {f: file_identity(f.stat()) for f in files}
+        self._idents = idents = {f: file_identity(f.stat()) for f in files}
         self.entries: dict[str, TensorEntry] = {}
         self._meta: dict[str, tuple[str, object]] = {}
         digest = hashlib.sha256()
@@ -113,15 +118,10 @@ class DCPDir(EntryReader):
             digest.update(f"{name}:{code}:{shape};".encode())
         self._set_identity(digest.hexdigest())
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor assembled from its chunks (each read from its byte range and loaded weights-only)."""
-        try:
-            key, tm = self._meta[name]
-        except KeyError:
-            raise InputError(self.path, f"has no tensor {name!r}") from None
-        out = torch.empty(tuple(tm.size), dtype=tm.properties.dtype)
-        covered = 0
+    def _chunk_plan(self, key: str, tm) -> list[tuple[object, Path, tuple]]:
+        """(chunk metadata, its file, its storage info) for every chunk of a tensor, each checked to be stored."""
         by_offset = {tuple(idx.offset): info for idx, info in self._chunks.get(key, [])}
+        plan = []
         for chunk in tm.chunks:
             info = by_offset.get(tuple(chunk.offsets))
             if info is None:
@@ -130,22 +130,88 @@ class DCPDir(EntryReader):
             if getattr(info, "transform_descriptors", None):
                 raise InputError(self.path, f"stores {key!r} with stream transforms {info.transform_descriptors} "
                                             "(compression), which this reader does not decode")
-            f = self.path / info.relative_path
-            try:
-                with open(f, "rb") as fh:
-                    fh.seek(info.offset)
-                    raw = fh.read(info.length)
-            except OSError as e:
-                raise InputError(f, f"cannot be read: {e.strerror or e}") from e
-            if len(raw) != info.length:
-                raise InputError(f, f"is truncated: {key!r} needs bytes {info.offset}…{info.offset + info.length}")
-            part = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-            box = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
-            out[box] = part.reshape(tuple(chunk.sizes))
-            covered += part.numel()
-        if covered != out.numel():
-            raise InputError(self.path / METADATA, f"has chunks of {key!r} covering {covered} of {out.numel()} entries")
+            plan.append((chunk, self.path / info.relative_path, info))
+        if sum(math.prod(c.sizes) for c, _, _ in plan) != math.prod(tm.size):
+            raise InputError(self.path / METADATA, f"has chunks of {key!r} covering "
+                                                   f"{sum(math.prod(c.sizes) for c, _, _ in plan)} of "
+                                                   f"{math.prod(tm.size)} entries")
+        return plan
+
+    def _located(self, f: Path, info, dtype: torch.dtype, sizes: tuple) -> StoredTensor | None:
+        """Where a chunk's tensor lies in its .distcp file, from the chunk's own zip headers and pickle (read by
+        the restricted layout unpickler); None for anything but one plain contiguous tensor of the chunk's dtype
+        and size stored uncompressed (it is then loaded from its bytes, weights-only)."""
+        try:
+            fd = _FDS.get(f, self._idents[f])
+        except OSError as e:
+            raise InputError(f, f"cannot be read: {e.strerror or e}") from e
+        t = archive_layout(f, info.offset, info.length, fd=fd)
+        if not isinstance(t, StoredTensor) or not t.contiguous or t.dtype != dtype or \
+                math.prod(t.shape) != math.prod(sizes):
+            return None
+        return t
+
+    def _loaded(self, key: str, f: Path, info) -> torch.Tensor:
+        """A chunk's tensor loaded from its bytes with torch.load(weights_only=True): any chunk the layout does
+        not locate."""
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(info.offset)
+                raw = fh.read(info.length)
+        except OSError as e:
+            raise InputError(f, f"cannot be read: {e.strerror or e}") from e
+        if len(raw) != info.length:
+            raise InputError(f, f"is truncated: {key!r} needs bytes {info.offset}…{info.offset + info.length}")
+        try:
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            raise InputError(f, f"holds a chunk of {key!r} that is not a readable tensor "
+                                f"({str(e).splitlines()[0][:160]})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor assembled from its chunks, each chunk's bytes read straight into its box of the output."""
+        return self.get_rows(name)
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows of a tensor (all of them without a range), reading only the chunks, and of row chunks (what FSDP
+        saves: each rank's rows, every column) only the rows, that the range covers: a chunk's rows are one
+        positioned read into the output's rows."""
+        try:
+            key, tm = self._meta[name]
+        except KeyError:
+            raise InputError(self.path, f"has no tensor {name!r}") from None
+        size, dtype = tuple(tm.size), tm.properties.dtype
+        lo, hi = 0, size[0] if size else 0
+        if size and (start is not None or stop is not None):
+            lo, hi, _ = slice(start, stop).indices(size[0])
+            hi = max(lo, hi)
+        out = torch.empty((hi - lo, *size[1:]) if size else (), dtype=dtype)
+        for chunk, f, info in self._chunk_plan(key, tm):
+            offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            a, b = (max(lo, offs[0]), min(hi, offs[0] + sizes[0])) if size else (0, 0)
+            if size and a >= b:
+                continue  # a chunk outside the rows asked for (or empty)
+            rows_only = all(o == 0 for o in offs[1:]) and sizes[1:] == size[1:]
+            t = self._located(f, info, dtype, sizes)
+            if t is not None and rows_only and size:
+                row_bytes = math.prod(sizes[1:]) * dtype.itemsize
+                pread_into(f, self._idents[f], t.start + (a - offs[0]) * row_bytes, out[a - lo:b - lo])
+                continue
+            if t is not None:
+                part = torch.empty(sizes, dtype=dtype)
+                pread_into(f, self._idents[f], t.start, part)
+            else:
+                part = self._loaded(key, f, info).reshape(sizes)
+            if not size:
+                out.copy_(part.reshape(()))
+                continue
+            box = (slice(a - lo, b - lo), *(slice(o, o + n) for o, n in zip(offs[1:], sizes[1:])))
+            out[box] = part[a - offs[0]:b - offs[0]]
         return out
+
+    def close(self) -> None:
+        super().close()
+        _FDS.close(set(self.files))
 
     def __repr__(self) -> str:
         return f"DCPDir({str(self.path)!r}, {len(self.entries)} tensors, {len(self.files)} files)"
