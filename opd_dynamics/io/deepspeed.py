@@ -8,9 +8,12 @@ placeholders): the fp32 master weights, rebuilt as DeepSpeed's own ``zero_to_fp3
 from the mapped partitions (only the pages of that tensor are read). The masters are the truer update when the
 base is the same run's start: bf16 weights lose updates smaller than their rounding.
 
-The optimizer files pickle two DeepSpeed objects (its loss scaler and a ZeRO stage enum) besides tensors; they are
-loaded with an unpickler that admits torch's tensor rebuilders and plain containers, and turns exactly those two
-DeepSpeed classes into inert placeholders (their code is never imported or run); anything else is refused.
+The model-states ``module`` weights are located by the restricted layout unpickler (`torch_files.archive_layout`:
+the file holds plain tensors, torch.Size and plain values) and read with one positioned read each, nothing mapped;
+a file holding anything else goes through the mapped ``weights_only`` load. The optimizer files pickle two
+DeepSpeed objects (its loss scaler and a ZeRO stage enum) besides tensors; they are loaded with an unpickler that
+admits torch's tensor rebuilders and plain containers, and turns exactly those two DeepSpeed classes into inert
+placeholders (their code is never imported or run); anything else is refused.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import EntryReader, TensorEntry, file_identity
-from opd_dynamics.io.torch_files import check_torch_file, dtype_code, load_weights_file
+from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, _pread_tensor, file_identity
+from opd_dynamics.io.torch_files import StoredTensor, archive_layout, check_torch_file, dtype_code, load_weights_file
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -81,6 +84,18 @@ def load_optim_states(path: Path) -> dict:
             from None
 
 
+def _model_states(path: Path) -> dict:
+    """A model-states file: its ``module`` weights located by the restricted layout unpickler (each then read with
+    one positioned read; the file holds plain tensors, torch.Size and plain values only), or, when it holds
+    anything else, the mapped weights_only load."""
+    check_torch_file(path)
+    states = archive_layout(path)
+    if isinstance(states, dict) and isinstance(states.get("module"), dict) and \
+            all(isinstance(t, StoredTensor) and t.contiguous for t in states["module"].values()):
+        return states
+    return load_weights_file(path)
+
+
 def is_zero_dir(path: Path) -> bool:
     return path.is_dir() and any(MODEL_STATES.match(p.name) for p in path.iterdir())
 
@@ -104,7 +119,8 @@ class ZeroCheckpoint(EntryReader):
         self.load_mode = load_mode
         stage3 = _ranked(self.path, MODEL_STATES, "model states")
         states_file = stage3[0] if stage3 else self.path / "mp_rank_00_model_states.pt"
-        states = load_weights_file(states_file)
+        states = _model_states(states_file)
+        self._pread = all(isinstance(t, StoredTensor) for t in states["module"].values())
         world = int(states.get("dp_world_size", 1))
         shapes: dict[str, torch.Size] = {}
         self._group_of: dict[str, int] = {}
@@ -137,8 +153,13 @@ class ZeroCheckpoint(EntryReader):
         for name, shape in shapes.items():
             dtype = torch.float32 if self.masters else module[name].dtype
             code = dtype_code(states_file, name, dtype)
-            self.entries[name] = TensorEntry(states_file, code, tuple(shape), 0, math.prod(shape) * dtype.itemsize,
-                                             ident)
+            located = self._pread and not self.masters
+            start = module[name].start if located else 0
+            if located and tuple(module[name].shape) != tuple(shape):
+                raise InputError(states_file, f"holds {name!r} of shape {tuple(module[name].shape)} in its module, "
+                                              f"{tuple(shape)} in its param_shapes")
+            self.entries[name] = TensorEntry(states_file, code, tuple(shape), start,
+                                             start + math.prod(shape) * dtype.itemsize, ident)
             digest.update(f"{name}:{code}:{tuple(shape)};".encode())
         if not self.entries:
             raise InputError(states_file, "lists no parameters")
@@ -180,6 +201,8 @@ class ZeroCheckpoint(EntryReader):
             raise InputError(self.path, f"has no tensor {name!r}")
         shape = self.entries[name].shape
         if not self.masters:
+            if self._pread:
+                return _pread_tensor(self.entries[name])
             return self._states["module"][name].detach().clone()
         offset, n = self._layout[name]
         if self.stage3:
@@ -187,6 +210,18 @@ class ZeroCheckpoint(EntryReader):
             return torch.cat(pieces)[: math.prod(shape)].reshape(shape)
         g = self._group_of[name]
         return self._span([groups[g] for groups in self._groups], offset, n).reshape(shape)  # rank-major
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows of a tensor: of the model-states weights, read by one positioned read of their bytes."""
+        entry = self.entries.get(name)
+        if entry is None or self.masters or not self._pread or not entry.shape:
+            return super().get_rows(name, start, stop)
+        lo, hi, _ = slice(start, stop).indices(entry.shape[0])
+        return _pread_tensor(entry, (lo, max(lo, hi)))
+
+    def close(self) -> None:
+        super().close()
+        _FDS.close(set(self.files))
 
     def __repr__(self) -> str:
         kind = "fp32 masters" if self.masters else "model states"
