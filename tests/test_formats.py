@@ -261,6 +261,8 @@ def test_hsdp_rank_files_with_a_compiled_prefix_read_one_replica(runs, tmp_path)
     key = "_orig_mod.model.embed_tokens.weight"
     assert len(sd[key].placements) == 2 and sd[key]._local_tensor.shape[0] == 34  # (Replicate, Shard(0)), 34 of 67
     _equal_to_safetensors(actor, runs / "st" / "checkpoint-6")
+    with open_model(actor) as r:  # located by the layout unpickler, read by positioned reads
+        assert r.load_mode == "pread"
 
 
 def test_a_bin_whose_tensors_are_not_plain_is_read_through_the_mapping(tmp_path):
@@ -279,3 +281,102 @@ def test_a_bin_whose_tensors_are_not_plain_is_read_through_the_mapping(tmp_path)
     assert set(tensor_layout(d / "pytorch_model.bin")) == {"a.weight"}
     with open_model(d) as r:
         assert torch.equal(r.get_rows("a.weight", 1, 2), w[1:2])
+
+
+def _mapped_paths() -> str:
+    maps = "/proc/self/maps"
+    return open(maps).read() if __import__("os").path.exists(maps) else ""
+
+
+def test_fsdp_dcp_and_zero_weights_are_read_by_positioned_reads_nothing_mapped(runs, monkeypatch):
+    """The rank files' DTensors, the DCP chunks and the ZeRO model-states weights are located by the restricted
+    layout unpickler and read with positioned reads: never the mapped load, no torch.load of a chunk, no file
+    left mapped."""
+    from opd_dynamics.io import deepspeed, fsdp_shards
+
+    def refused(*a, **k):
+        raise AssertionError("the mapped load was used")
+
+    monkeypatch.setattr(fsdp_shards, "load_weights_file", refused)
+    monkeypatch.setattr(deepspeed, "load_weights_file", refused)
+    monkeypatch.setattr(torch, "load", refused)
+    actor = runs / "verl" / "global_step_6" / "actor"
+    acc = runs / "accelerate" / "checkpoint-6" / "pytorch_model_fsdp_0"
+    for where, ref in ((actor, runs / "st" / "checkpoint-6"), (acc, runs / "st" / "checkpoint-6"),
+                       ("tests/data/deepspeed/zero2/global_step1", None)):
+        with open_model(where) as r:
+            assert r.load_mode == "pread" or r.FORMAT != "fsdp-shards"
+            got = {n: r.get(n) for n in r.names()}
+            assert all(f.name not in _mapped_paths() for f in r.files), where
+        if ref is not None:
+            with open_model(ref) as st:
+                assert all(torch.equal(got[n], st.get(n)) for n in st.names())
+
+
+def _rewrite_pickle(src, dst, old: bytes, new: bytes) -> None:
+    """A copy of a torch.save archive with bytes of its data.pkl replaced (a global swapped)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            zout.writestr(info.filename, data)
+
+
+def test_an_unknown_global_in_a_rank_file_is_refused_not_run(runs, tmp_path, capsys):
+    """A real rank file whose pickle names a function the DTensor pickle does not (builtins.print where torch
+    names torch.serialization._get_layout, called with 'torch.strided'): the layout unpickler does not admit it,
+    the weights_only load then refuses the file, and print never runs."""
+    import shutil
+
+    from opd_dynamics.io.torch_files import tensor_layout
+
+    actor = runs / "verl" / "global_step_6" / "actor"
+    d = tmp_path / "actor"
+    shutil.copytree(actor, d)
+    f = d / "model_world_size_2_rank_1.pt"
+    _rewrite_pickle(actor / f.name, f, b"ctorch.serialization\n_get_layout\n", b"cbuiltins\nprint\n")
+    assert tensor_layout(f, dtensors=True) is None
+    with pytest.raises(InputError, match="model_world_size_2_rank_1.pt: is not a weights file: its pickle holds"):
+        open_model(d)
+    assert "torch.strided" not in capsys.readouterr().out
+
+
+def test_rank_files_the_layout_does_not_admit_go_through_the_mapped_load(runs, tmp_path):
+    """Rank files that also hold an nn.Parameter (a global the layout unpickler does not admit, weights_only does)
+    are read through the mapped weights_only load, with the same values."""
+    import torch.distributed.tensor  # noqa: F401 - to load the DTensors
+
+    actor = runs / "verl" / "global_step_6" / "actor"
+    d = tmp_path / "actor"
+    (d / "huggingface").mkdir(parents=True)
+    (d / "huggingface" / "config.json").write_text((actor / "huggingface" / "config.json").read_text())
+    for f in sorted(actor.glob("model_world_size_*.pt")):
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        torch.save({**sd, "extra.weight": torch.nn.Parameter(torch.ones(3))}, d / f.name)
+    with open_model(d) as r, open_model(actor) as ref:
+        assert r.load_mode == "mmap" and ref.load_mode == "pread"
+        assert set(r.names()) == set(ref.names()) | {"extra.weight"}
+        for n in ref.names():
+            assert torch.equal(r.get(n), ref.get(n)), n
+            assert torch.equal(r.get_rows(n, 30, 40), ref.get_rows(n, 30, 40)), n
+        assert torch.equal(r.get("extra.weight"), torch.ones(3))
+        if _mapped_paths():  # (the check the positioned-read test makes is not vacuous)
+            assert all(f.name in _mapped_paths() for f in r.files)
+
+
+def test_a_dcp_chunk_the_layout_does_not_locate_is_loaded_from_its_bytes(runs, monkeypatch):
+    """A chunk that is not one plain stored tensor is torch.load'ed (weights_only) from its byte range: the same
+    values as the positioned reads."""
+    from opd_dynamics.io import dcp
+
+    d = runs / "accelerate" / "checkpoint-6" / "pytorch_model_fsdp_0"
+    with open_model(d) as r:
+        want = {n: r.get(n) for n in r.names()}
+    monkeypatch.setattr(dcp, "archive_layout", lambda *a, **k: None)
+    with open_model(d) as r:
+        for n in r.names():
+            assert torch.equal(r.get(n), want[n]) and torch.equal(r.get_rows(n, 30, 40), want[n][30:40]), n
