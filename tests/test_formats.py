@@ -380,3 +380,22 @@ def test_a_dcp_chunk_the_layout_does_not_locate_is_loaded_from_its_bytes(runs, m
     with open_model(d) as r:
         for n in r.names():
             assert torch.equal(r.get(n), want[n]) and torch.equal(r.get_rows(n, 30, 40), want[n][30:40]), n
+
+
+def test_fsdp_and_dcp_are_read_without_importing_torch_distributed_tensor_or_checkpoint(runs):
+    """The rank files' DTensors and the DCP metadata are read through inert stand-ins: neither
+    torch.distributed.tensor nor torch.distributed.checkpoint is imported (0.5 to 0.7 s, and their code never
+    runs on the files' contents)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom opd_dynamics.io.reader import open_model\n"
+            "for d in sys.argv[1:]:\n"
+            "    with open_model(d) as r:\n"
+            "        [r.get(n) for n in r.names()]\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('torch.distributed.tensor', "
+            "'torch.distributed.checkpoint'))))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(runs / "verl" / "global_step_6" / "actor"),
+                          str(runs / "accelerate" / "checkpoint-6" / "pytorch_model_fsdp_0")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
