@@ -10,9 +10,18 @@ from opd_dynamics import _compat
 from opd_dynamics._version import __version__
 from opd_dynamics.analysis import AnalysisOptions, Report, analyze, describe
 from opd_dynamics.errors import InputError
-from opd_dynamics.io import CheckpointSeries, LoraAdapter, ModelDir, TensorName, open_model, parse_name, write_model
+from opd_dynamics.io import (
+    CheckpointSeries,
+    LoraAdapter,
+    ModelDir,
+    SketchSeries,
+    TensorName,
+    open_model,
+    parse_name,
+    write_model,
+)
 
 _compat.install()
 
-__all__ = ["AnalysisOptions", "CheckpointSeries", "InputError", "LoraAdapter", "ModelDir", "Report", "TensorName",
-           "__version__", "analyze", "describe", "open_model", "parse_name", "write_model"]
+__all__ = ["AnalysisOptions", "CheckpointSeries", "InputError", "LoraAdapter", "ModelDir", "Report", "SketchSeries",
+           "TensorName", "__version__", "analyze", "describe", "open_model", "parse_name", "write_model"]

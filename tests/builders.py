@@ -162,3 +162,50 @@ def hsdp_worker(rank: int, world: int, step: int, actor: str, store: str) -> Non
     torch.save(wrapper.state_dict(), os.path.join(actor, f"model_world_size_{world}_rank_{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def record_fsdp_worker(rank: int, world: int, out: str, store: str) -> None:
+    """One of `world` gloo ranks: FSDP2 `fully_shard` of tiny_llama(0), a `DynamicsRecorder` on every rank over
+    three SGD steps on a fixed batch, and the whole weights of each step gathered and saved by rank 0 as a
+    safetensors checkpoint (the reference the sketches are checked against)."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from opd_dynamics.record import DynamicsRecorder
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    m = tiny_llama(0)
+    cfg = m.config
+    for blk in m.model.layers:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    ids = torch.randint(0, 67, (4, 8), generator=torch.Generator().manual_seed(0))
+    rec = DynamicsRecorder(Path(out) / "sk", k=3)
+
+    def save(step: int) -> None:
+        full = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
+        if rank == 0:
+            d = Path(out) / ("base" if step == 0 else f"run/checkpoint-{step}")
+            d.mkdir(parents=True)
+            save_file(full, str(d / "model.safetensors"))
+            cfg.to_json_file(d / "config.json")
+
+    rec.record(m, 0)
+    save(0)
+    for step in (1, 2, 3):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rec.record(m, step)
+        save(step)
+    rec.close()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -44,6 +44,7 @@ def test_rank1_steps_and_norms_against_float64(tmp_path):
         with torch.no_grad():
             q.add_(torch.tensor(1e-2 * np.outer(u, v), dtype=torch.float32))  # a straight rank-1 path
         assert rec.record(m, step)
+    rec.close()
     df = pd.read_csv(tmp_path / "sk" / "sketch.csv")
     assert list(df.columns) == TABLES["sketch"].names
     assert sorted(set(df["tensor"])) == ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
@@ -117,7 +118,8 @@ def test_the_callback_records_inside_a_real_trainer_and_logs_through_it(tmp_path
     assert sorted(set(df["step"])) == [1, 2, 3, 4]
     assert len(set(df["tensor"])) == 14 and (df["update_norm"] > 0).all()  # 2 layers × 7 matrices, all moved
     logged = [h for h in trainer.state.log_history if "dynamics/segment_norm" in h]
-    assert [h["step"] for h in logged] == [1, 2, 3, 4]
+    assert [h["dynamics/step"] for h in logged] == [1, 2, 3, 4]  # each step once, in order
+    assert all(h["step"] >= h["dynamics/step"] for h in logged)  # logged when finished (in the background: later)
     last = df[df["step"] == 4]
     mlp = float(np.sqrt((last.loc[last["tensor"].str.contains("mlp"), "update_norm"] ** 2).sum()))
     assert logged[-1]["dynamics/update_norm/mlp"] == pytest.approx(mlp, rel=1e-9)
@@ -133,6 +135,7 @@ def test_fast_mode_keeps_exact_energies_and_refuses_other_modes(tmp_path):
     with torch.no_grad():
         q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(3)) * 1e-2)
     rec.record(m, 1)
+    rec.close()
     r = pd.read_csv(tmp_path / "sk" / "sketch.csv").set_index("tensor").loc["model.layers.0.self_attn.q_proj.weight"]
     d = q.detach().double().numpy() - Tiny().model.layers[0].self_attn.q_proj.weight.detach().double().numpy()
     s = np.linalg.svd(d, compute_uv=False)
@@ -167,6 +170,7 @@ def test_the_warm_started_top_k_finds_a_planted_spectrum_over_steps(tmp_path):
             q.add_(1e-3)
         for r in recs.values():
             r.record(m, step)
+            r.wait()
         d = up.detach().double().numpy() - w0
         s = np.linalg.svd(d, compute_uv=False)
         name = "model.layers.0.mlp.up_proj.weight"
@@ -183,7 +187,7 @@ def test_the_lockin_estimate_on_a_straight_line(tmp_path):
     m = Tiny()
     q = m.model.layers[0].self_attn.q_proj.weight
     step_dir = torch.tensor(_planted(10, 12, np.array([1.0, 0.5]), 2), dtype=torch.float32) * 1e-2
-    rec = DynamicsRecorder(tmp_path / "sk", k=2)
+    rec = DynamicsRecorder(tmp_path / "sk", k=2, background=False)  # the scalars of each step as it returns
     rec.record(m, 0)
     got = {}
     for step in range(1, 9):
@@ -216,6 +220,7 @@ def test_resume_continues_the_series_and_keeps_superseded_steps(tmp_path):
         rec.record(m, step)
         if step == 2:
             at_2 = q.detach().clone()
+    rec.wait()
     del rec  # the crash: no close()
     with pytest.raises(InputError, match=r"already holds a sketch series \(sketch.json\); pass resume=True"):
         DynamicsRecorder(tmp_path / "sk", k=3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,14 +18,15 @@ from opd_dynamics.analysis.caches import default_cache_root
 from opd_dynamics.analysis.executors import JobResult, device_name, execute, resolve_executor
 from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions, resolve_options
 from opd_dynamics.analysis.readers import make_plans, reader_for, readers_released
-from opd_dynamics.analysis.report import PER_TENSOR_TABLES, RUN_JSON, Report, build_tables
+from opd_dynamics.analysis.report import PER_TENSOR_TABLES, RUN_JSON, Report, api_command, build_tables
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import DTYPES
 from opd_dynamics.io.series import CheckpointSeries, check_same_architecture
+from opd_dynamics.io.sketches import SketchSeries
 from opd_dynamics.io.writer import check_output, output_errors, output_lock, replace_path
 from opd_dynamics.numerics import update_dtype
 
-SeriesLike = CheckpointSeries | Sequence[CheckpointSeries]
+SeriesLike = CheckpointSeries | SketchSeries | Sequence[CheckpointSeries] | Sequence[SketchSeries]
 
 
 def _as_list(series: SeriesLike) -> list[CheckpointSeries]:
@@ -69,8 +69,18 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
     the end. What is computed is `options`, how it runs `execution`; keyword `fields` of either replace
     theirs (svd='fast', geometry=True, device='cuda', workers=4, executor='ray', progress=False, …).
     `groups` (naming groups) and `names` (tensor names) select tensors; `overrides` adjusts the naming.
+    Sketch series (`SketchSeries`, what `record.DynamicsRecorder` writes) give the tables a sketch determines
+    (`analysis.sketch`).
     """
     opts, run = resolve_options(options, execution, fields)
+    given = [series] if isinstance(series, (CheckpointSeries, SketchSeries)) else list(series)
+    if any(isinstance(s, SketchSeries) for s in given):
+        if not all(isinstance(s, SketchSeries) for s in given):
+            raise InputError(None, "sketch series and checkpoint series cannot be analysed together; analyse them "
+                                   "apart and compare the tables")
+        from opd_dynamics.analysis.sketch import analyze_sketches
+
+        return analyze_sketches(given, out=out, options=opts, overwrite=overwrite, command=command)
     executor = resolve_executor(run.executor, run.workers, run.ray_address)
     workers, ray_address = run.workers, run.ray_address
     lst = _as_list(series)
@@ -114,7 +124,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
             warnings.warn(n, UserWarning, stacklevel=2)
         meta = {
             "version": __version__,
-            "command": command or f"opd_dynamics.analyze (Python API, in: {' '.join(sys.argv)})",
+            "command": command or api_command(),
             "python": platform.python_version(), "torch": torch.__version__,
             "inputs": [_series_meta(p) for p in plans],
             "options": asdict(opts),

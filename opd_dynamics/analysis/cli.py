@@ -23,6 +23,14 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
     from opd_dynamics.analysis.api import describe as _describe
 
     series = series_from_cli(run, runs, base, steps, load_mode)
+    from opd_dynamics.io.sketches import SketchSeries
+
+    if any(isinstance(s, SketchSeries) for s in series):
+        for s in series:
+            size = sum(f.stat().st_size for f in s.files.values()) / max(1, len(s.files))
+            click.echo(f"run {s.name}: sketch series {s.path} (k = {s.k}), {len(s.files)} steps "
+                       f"{s.steps[0]}…{s.steps[-1]}, {len(s.tensors)} matrices, {size / 1e6:.2f} MB per step")
+        return
     df = _describe(series, groups=parse_groups(groups, None))
     from opd_dynamics.io.reader import reader_format
 

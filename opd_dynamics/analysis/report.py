@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,11 @@ class Report:
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}: {len(v)} rows" for k, v in self.tables.items())
         return f"Report({parts})"
+
+
+def api_command() -> str:
+    """run.json's ``command`` for a call from Python: the API and the script that called it."""
+    return f"opd_dynamics.analyze (Python API, in: {' '.join(sys.argv)})"
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -192,13 +192,29 @@ def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: st
     if not pairs:
         raise InputError(None, "give a run directory (RUN) or one or more --run NAME=DIR")
     keep = parse_ints(steps, "--steps")
-    return [CheckpointSeries.discover(d, base=base, name=name, steps=keep, load_mode=load_mode) for name, d in pairs]
+    from opd_dynamics.io.sketches import SketchSeries, is_sketch_dir
+
+    out = []
+    for name, d in pairs:
+        if is_sketch_dir(d):  # a sketch series (record.DynamicsRecorder): no base needed; one given is checked
+            if keep:
+                raise InputError(d, "is a sketch series, analysed whole: --steps selects checkpoints")
+            s = SketchSeries(d, name=name)
+            if base is not None:
+                s.check_base(base)
+            out.append(s)
+        else:
+            if base is None:
+                raise InputError(d, "needs --base (the weights every step is compared with)")
+            out.append(CheckpointSeries.discover(d, base=base, name=name, steps=keep, load_mode=load_mode))
+    return out
 
 
 SERIES_OPTIONS = [
     click.argument("run", required=False, type=click.Path()),
     click.option("--run", "runs", multiple=True, metavar="NAME=DIR", help="A named run (repeatable)."),
-    click.option("--base", required=True, type=click.Path(), help="The weights every step is compared with."),
+    click.option("--base", type=click.Path(), help="The weights every step is compared with (a sketch series "
+                                                   "holds its own; a base given with one is checked against it)."),
     click.option("--steps", default=None, help="Comma-separated steps to keep (default: all)."),
     click.option("--groups", default=None, help="Comma-separated groups to analyse (default: all)."),
     click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True,

@@ -31,6 +31,9 @@ SKETCH_CSV = TABLES["sketch"].file
 STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
 #: the format of sketch.json and the step files' metadata
 SKETCH_VERSION = 1
+#: the median ‖W − W_0‖/‖W_0‖ at or above which weights are not the recorded model's (a continuation of the same
+#: run moves a few percent; another model about √2: as analysis.api.WRONG_BASE_MEDIAN)
+FOREIGN_MEDIAN = 0.5
 
 
 def step_file(path: Path, step: int) -> Path:
@@ -113,18 +116,43 @@ class SketchSeries:
         return list(self.files)
 
     def triplets(self, step: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(U, S, V) of ``name`` at ``step`` in float64; None when nothing was kept (an unchanged matrix)."""
+        """(U, S, V) of ``name`` at ``step`` in float64, the vectors' columns scaled back to unit length (float32
+        storage leaves them 1 ± 1e-7, enough to put a cosine above 1); None when nothing was kept."""
         f = self.files[step]
         with safe_open(f, "pt") as fh:
             if f"{name}::S" not in fh.keys():
                 return None
-            return tuple(fh.get_tensor(f"{name}::{x}").double() for x in "USV")
+            U, S, V = (fh.get_tensor(f"{name}::{x}").double() for x in "USV")
+        return U / U.norm(dim=0), S, V / V.norm(dim=0)
 
     def base(self) -> dict[str, torch.Tensor]:
         """W_0 of the recorded matrices, as stored."""
         from safetensors.torch import load_file
 
         return load_file(self.path / BASE_FILE)
+
+    def check_base(self, base: str | Path) -> None:
+        """Refuse, in one sentence, a base checkpoint that is not the model this series was recorded from: a
+        recorded matrix it lacks or holds in another shape, or whose weights are, at the median over matrices,
+        at least FOREIGN_MEDIAN of their norm away from the recorded W_0."""
+        from opd_dynamics.io.reader import open_model
+        from opd_dynamics.numerics import fro2
+
+        reader = open_model(base)
+        w0 = self.base()
+        rel = []
+        for name, t in w0.items():
+            if name not in reader or tuple(reader.shape(name)) != tuple(t.shape):
+                got = tuple(reader.shape(name)) if name in reader else "no such tensor"
+                raise InputError(self.path, f"was recorded from another model than {base}: {name} is {tuple(t.shape)} "
+                                            f"there, {got} in the base")
+            b = reader.get(name).float()
+            rel.append((fro2(t.float() - b) / max(fro2(b), 1e-300)) ** 0.5)
+        rel.sort()
+        median = rel[len(rel) // 2]
+        if median >= FOREIGN_MEDIAN:
+            raise InputError(self.path, f"was recorded from another model than {base}: its start weights are "
+                                        f"{median:.2f} of the base's norm away from them (median over matrices)")
 
     def __repr__(self) -> str:
         return f"SketchSeries({str(self.path)!r}, {len(self.files)} steps, {len(self.tensors)} matrices, k={self.k})"

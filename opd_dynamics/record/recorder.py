@@ -8,13 +8,17 @@
 Per recorded step and selected matrix (attention and MLP by default, through the project's naming): ‖ΔW_t‖F,
 ‖W_0‖F, the bf16-visible changed fraction (`numerics.CHANGE_THRESHOLD`), the segment ‖W_t − W_prev‖F since the
 previous recorded step, the cosines of that segment to the previous one and of ΔW_t to the previous recorded
-ΔW, and the top-k singular triplets of ΔW_t = W_t − W_0 (`record.topk.warm_topk`, warm-started from the previous
-step's subspace; ``svd="exact"`` for the float64 decomposition), with the exact ‖ΔW_t‖F² so that energy
-fractions are exact for the kept k. The files are those of `io.sketches` (a sketch series).
+ΔW, and the top-k singular triplets of ΔW_t = W_t − W_0 (the float64 exact decomposition of
+`analysis.metrics.spectrum`, or with ``svd="fast"`` `record.topk.warm_topk`, warm-started from the previous step's
+subspace), with the exact ‖ΔW_t‖F² so that energy fractions are exact for the kept k. The files are those of
+`io.sketches` (a sketch series). ``record`` copies the selected weights and, by default, leaves the rest to a
+worker thread that runs beside the next training step (on a GPU run the CPU is otherwise idle; on a CPU run it
+takes a core the training does not use), so the training step waits only for the copy.
 
-Memory: W_0 (float32, or the stored dtype with ``keep="stored"``), the previous recorded weights and the previous
-segment (float32) of the selected matrices on ``device``, one matrix's decomposition at a time, and the top-k
-triplets of the anchor steps (1, 2, 4, 8 … steps after the start) for the lock-in estimate.
+Memory: W_0 (float32, or the stored dtype with ``keep="stored"``), the previous recorded weights, the previous
+segment and the copy of the step in flight (float32) of the selected matrices on ``device``, one matrix's
+decomposition at a time, and the top-k triplets of the anchor steps (1, 2, 4, 8 … steps after the start) for the
+lock-in estimate.
 
 Under FSDP2 (DTensor parameters) every rank calls ``record``; each matrix is gathered whole (``full_tensor``, one
 at a time) and rank 0 keeps the state and writes; the other ranks keep nothing. Resuming (``resume=True``) after
@@ -29,6 +33,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +46,7 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, parse_name
 from opd_dynamics.io.sketches import (
     BASE_FILE,
+    FOREIGN_MEDIAN,
     SKETCH_CSV,
     SKETCH_JSON,
     SKETCH_VERSION,
@@ -58,9 +64,6 @@ from opd_dynamics.schema import TABLES
 COLUMNS = TABLES["sketch"].names
 #: a fresh series must start here: the start weights are W_0
 START_STEP = 0
-#: the median ‖W_t − W_0‖/‖W_0‖ at or above which resumed weights are not a continuation of the recorded W_0
-#: (as analysis.api.WRONG_BASE_MEDIAN)
-FOREIGN_MEDIAN = 0.5
 
 
 def _is_writer() -> bool:
@@ -85,14 +88,17 @@ class DynamicsRecorder:
     ``every``: record when ``step % every == 0``, or a callable ``step -> bool`` (dense early, sparse later …).
     ``groups``: naming groups whose 2-D weights are recorded. ``device``: where the kept weights live ("cpu" frees
     the accelerator). ``keep``: "float32" or "stored" (W_0 in the parameters' own dtype: half the memory for bf16
-    weights, still exact). ``svd``: "fast" (warm-started randomized top-k) or "exact" (float64). An ``out_dir``
+    weights, still exact). ``svd``: "exact" (float64: σ to 1e-12) or "fast" (warm-started randomized top-k, for
+    matrices whose exact decomposition would not keep up; its tail values are approximate, see docs/BENCHMARKS.md).
+    ``background``: the work on a step runs in a worker thread beside the next training step, ``record`` only
+    copying the weights (the next ``record`` or ``close`` waits for it and raises its error). An ``out_dir``
     already holding a sketch series is refused unless ``resume`` (continue it) or ``overwrite`` (replace it).
     """
 
     def __init__(self, out_dir: str | Path, k: int = 16, every: int | Callable[[int], bool] = 1,
                  groups: tuple[str, ...] = MATRIX_GROUPS, device: str | torch.device = "cpu",
-                 keep: str = "float32", svd: str = "fast", resume: bool = False, overwrite: bool = False,
-                 oversample: int = 8, power: int = 1):
+                 keep: str = "float32", svd: str = "exact", resume: bool = False, overwrite: bool = False,
+                 background: bool = True, oversample: int = 8, power: int = 1):
         for name, value, allowed in (("svd", svd, ("exact", "fast")), ("keep", keep, ("float32", "stored"))):
             if value not in allowed:
                 raise InputError(None, f"{name} must be {' or '.join(allowed)}, not {value!r}", (name,))
@@ -111,6 +117,9 @@ class DynamicsRecorder:
         self.oversample, self.power = oversample, power
         self.every = every if callable(every) else (lambda s, n=int(every): s % n == 0)
         self.started = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dynamics-recorder") if background else None
+        self._pending: Future | None = None
+        self.completed: list[dict[str, float]] = []
         self.w0: dict[str, torch.Tensor] = {}
         #: the last recorded step's scalars (what `DynamicsCallback` logs): update norm by group, the segment norm
         #: and cosine, the cosine of ΔW_t to the previous recorded ΔW, the lock-in estimate and the step file's size
@@ -198,9 +207,10 @@ class DynamicsRecorder:
             if s - START_STEP > 0 and (s - START_STEP) & (s - START_STEP - 1) == 0:
                 self._add_anchor(s, {n: series.triplets(s, n) for n in self.shapes})
         self._rewrite_csv()
-        self.prev = {n: t.to(self.device, torch.float32, copy=True) for n, t in gathered.items()}
+        snapshot = {n: t.to(self.device, torch.float32, copy=True) for n, t in gathered.items()}
+        self.prev = dict(snapshot)
         if step not in done and step != START_STEP:  # the weights at the resume point: a step of the series
-            self._record(gathered, step, segment=False)
+            self._measure(snapshot, step, self.prev_step, segment=False)
         self.prev_step = step
 
     # ---- one step ----
@@ -218,19 +228,38 @@ class DynamicsRecorder:
             raise InputError(self.out, f"step {step} comes after step {self.prev_step} was recorded; steps must "
                                        "increase")
         gathered = {n: _full(p) for n, p in self._selected(model).items()}
-        if self.writer:
-            with output_errors(self.out):
-                self._record(gathered, step, segment=True)
+        if self.writer:  # a copy of the weights now; the work on it may run beside the next training step
+            snapshot = {n: t.to(self.device, torch.float32, copy=True) for n, t in gathered.items()}
+            self.wait()
+            if self._pool is None:
+                self._record(snapshot, step, self.prev_step, segment=True)
+            else:
+                self._pending = self._pool.submit(self._record, snapshot, step, self.prev_step, True)
         self.prev_step = step
         return True
 
-    def _record(self, gathered: dict[str, torch.Tensor], step: int, segment: bool) -> None:
+    def wait(self) -> None:
+        """Finish the step being recorded in the background (raising its error, if it had one)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def pop_completed(self) -> list[dict[str, float]]:
+        """The scalars of the steps finished since the last call (each with ``dynamics/step``), oldest first."""
+        done, self.completed = self.completed, []
+        return done
+
+    def _record(self, snapshot: dict[str, torch.Tensor], step: int, prev_step: int, segment: bool) -> None:
+        """One step's rows, triplets and scalars from ``snapshot`` (float32 weights the recorder owns)."""
+        with output_errors(self.out):
+            self._measure(snapshot, step, prev_step, segment)
+
+    def _measure(self, snapshot: dict[str, torch.Tensor], step: int, prev_step: int, segment: bool) -> None:
         tensors: dict[str, torch.Tensor] = {}
         rows, by_group = [], {}
         tot = {"f2": 0.0, "seg2": 0.0, "segdot": 0.0, "prevseg2": 0.0, "dotprev": 0.0, "prevf2": 0.0}
         triplets = {}
-        for name, p in gathered.items():
-            wt = p.to(self.device, torch.float32)
+        for name, wt in snapshot.items():
             w0 = self.w0[name].float()
             f2, changed = update_stats(w0, wt)
             delta = wt - w0
@@ -270,13 +299,13 @@ class DynamicsRecorder:
                          "energy_topk": float((S.double() ** 2).sum() / f2) if kk else math.nan})
             if segment:
                 self.prev_seg[name] = seg
-            self.prev[name] = wt.clone() if wt.data_ptr() == p.data_ptr() else wt
+            self.prev[name] = wt
             self.prev_f2[name] = f2
         lockin = self._lockin(step, triplets, tot["f2"])
         if step - START_STEP > 0 and (step - START_STEP) & (step - START_STEP - 1) == 0:
             self._add_anchor(step, triplets)
         f = step_file(self.out, step)
-        md = {"version": str(SKETCH_VERSION), "step": str(step), "prev_step": str(self.prev_step),
+        md = {"version": str(SKETCH_VERSION), "step": str(step), "prev_step": str(prev_step),
               "start_step": str(START_STEP), "k": str(self.k), "rows": json.dumps(rows, allow_nan=True)}
         with atomic_file(f) as tmp:
             save_safetensors(tensors, tmp, metadata=md)
@@ -285,7 +314,9 @@ class DynamicsRecorder:
                         "dynamics/segment_norm": tot["seg2"] ** 0.5,
                         "dynamics/segment_cosine": _cos(tot["segdot"], tot["prevseg2"], tot["seg2"]),
                         "dynamics/cosine_to_previous": _cos(tot["dotprev"], tot["f2"], tot["prevf2"]),
-                        "dynamics/lockin_step": lockin, "dynamics/sketch_bytes": float(f.stat().st_size)}
+                        "dynamics/lockin_step": lockin, "dynamics/sketch_bytes": float(f.stat().st_size),
+                        "dynamics/step": float(step)}
+        self.completed.append(self.scalars)
 
     # ---- the lock-in estimate ----
 
@@ -346,7 +377,13 @@ class DynamicsRecorder:
             table.to_csv(tmp, index=False)
 
     def close(self) -> None:
-        """Rewrite sketch.csv from the step files (a clean table) and release the kept weights."""
+        """Finish the step in flight, rewrite sketch.csv from the step files (a clean table) and release the kept
+        weights."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
         if self.started and self.writer and step_files(self.out):
             with output_errors(self.out):
                 self._rewrite_csv()

@@ -31,21 +31,21 @@ def _usable(dec: Decomposition) -> bool:
     return dec.U is not None and dec.V is not None and dec.rank > 0 and math.isfinite(dec.fro2)
 
 
-def alignment_metrics(dec_t: Decomposition, dec_T: Decomposition, delta_t: Tensor, delta_T: Tensor,
+def alignment_metrics(dec_t: Decomposition, dec_T: Decomposition, delta_t: Tensor | None, delta_T: Tensor | None,
                       k: int = 16, K: int = 20) -> dict:
     """alignment.csv columns of step t against reference T (definitions in docs/METRICS.md).
 
     k used = min(k, numerical rank at t and at T, vectors held), recorded as `k`; K likewise for
     paired_cosine and rank1_cosine, recorded as `paired_k`.
     Overlaps and angles are NaN when either update has no defined directions (zero, non-finite);
-    direction_cosine is NaN when either update is zero.
+    direction_cosine is NaN when either update is zero, or not given (a sketch holds only the top triplets).
     """
     out: dict = {key: math.nan for key in ALIGNMENT_KEYS}
     out["k"] = out["paired_k"] = 0
     f2t, f2T = dec_t.fro2, dec_T.fro2
-    if delta_t.shape != delta_T.shape:
+    if delta_t is not None and delta_T is not None and delta_t.shape != delta_T.shape:
         raise ValueError(f"alignment_metrics: update shapes differ {tuple(delta_t.shape)} vs {tuple(delta_T.shape)}")
-    if f2t > 0 and f2T > 0:  # False for NaN too
+    if delta_t is not None and delta_T is not None and f2t > 0 and f2T > 0:  # False for NaN too
         out["direction_cosine"] = dot(delta_t, delta_T.to(delta_t.device)) / math.sqrt(f2t * f2T)
     if not (_usable(dec_t) and _usable(dec_T)):
         return out

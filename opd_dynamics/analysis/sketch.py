@@ -1,0 +1,127 @@
+"""The analysis of a sketch series (what `record.DynamicsRecorder` wrote during training): the same tables as a
+checkpoint series, for what the stored top-k triplets and exact norms determine.
+
+Exact from a sketch: every column of module_allocation; spectral_norm, spectral_ratio, stable_rank,
+energy_top{j} for j ≤ the kept k, top1pct_norm_ratio when ⌈r/100⌉ ≤ k, rank90 when the kept values reach 0.9
+(spectrum.csv's ``svd_method`` is ``sketch-top{k}``); the subspace overlaps, principal angle, paired and rank-1
+cosines of alignment.csv (K lowered to the kept k); segment_cosine (recorded during training) and null_cosine
+of segments.csv. Not available (empty cells, listed in run.json's ``unavailable``): effective_rank (the whole
+spectrum), direction_cosine and with it direction_excess and the lock-in step, rank{k}_share and the linear fit
+(each needs the whole ΔW_t of every step), geometry and embeddings (not recorded).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from opd_dynamics._version import __version__
+from opd_dynamics.analysis.metrics.spectrum import Decomposition, spectrum_metrics
+from opd_dynamics.analysis.metrics.subspace import alignment_metrics
+from opd_dynamics.analysis.options import AnalysisOptions
+from opd_dynamics.analysis.report import RUN_JSON, Report, api_command, build_tables
+from opd_dynamics.errors import InputError
+from opd_dynamics.io.naming import parse_name
+from opd_dynamics.io.sketches import SketchSeries
+from opd_dynamics.io.writer import atomic_dir
+
+#: the columns a sketch cannot give, by table (run.json's "unavailable")
+UNAVAILABLE = {
+    "spectrum": ["effective_rank", "energy_top{k} for k above the kept k", "top1pct_norm_ratio when ⌈r/100⌉ > k",
+                 "rank90 when the kept values hold less than 0.9"],
+    "alignment": ["direction_cosine"],
+    "segments": ["direction_cosine", "direction_excess"],
+    "trajectory": ["linear_r2", "linear_r2_median", "rank{k}_share", "lockin_step"],
+    "geometry": ["all"], "embedding": ["all"],
+}
+
+
+def _decomposition(trip, f2: float, shape: tuple[int, int], k: int) -> Decomposition:
+    if trip is None:  # nothing kept: a zero update
+        return Decomposition(torch.zeros(0, dtype=torch.float64), None, None, f2, "zero", False, shape, 0)
+    U, S, V = trip
+    return Decomposition(S, U, V, f2, f"sketch-top{k}", False, shape, int(S.shape[0]))
+
+
+def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list[dict]]:
+    """The per-tensor rows of one sketch series (module docstring)."""
+    ref = opts.ref_step if opts.ref_step is not None else series.steps[-1]
+    if ref not in series.files:
+        raise InputError(None, f"ref_step {ref} is not a recorded step of {series.path} (its steps: "
+                               f"{', '.join(map(str, series.steps))})", ("ref_step",))
+    rows: dict[str, list[dict]] = {t: [] for t in ("module_allocation", "spectrum", "singular_values", "alignment",
+                                                    "segments")}
+    by_tensor = dict(tuple(series.table.groupby("tensor", sort=False)))
+    t_ref = ref - series.start_step
+    for name, info in series.tensors.items():
+        i = parse_name(name)
+        ident = {"run": series.name, "tensor": name, "layer": i.layer, "group": i.group, "module": i.module,
+                 "expert": i.expert}
+        shape = tuple(info["shape"])
+        numel = math.prod(shape)
+        t = by_tensor[name].sort_values("step")
+        f2s = dict(zip(t["step"], t["update_norm"].astype(float) ** 2))
+        dec_ref = _decomposition(series.triplets(ref, name), f2s[ref], shape, series.k)
+        seg_next = dict(zip(t["step"].shift(1), t["segment_cosine"]))  # the segment ending at t against the next
+        for r in t.itertuples(index=False):
+            step, f = int(r.step), float(r.update_norm)
+            row = {**ident, "step": step}
+            rows["module_allocation"].append({
+                **row, "shape": "x".join(map(str, shape)), "numel": numel, "update_norm": f,
+                "base_norm": r.base_norm, "relative_update": f / r.base_norm if r.base_norm > 0 else math.nan,
+                "rms_update": f / math.sqrt(numel), "changed_fraction": r.changed_fraction,
+                "finite": math.isfinite(f), "resized": False})
+            if not opts.spectra_groups_include(i.group):
+                continue
+            dec = dec_ref if step == ref else _decomposition(series.triplets(step, name), f * f, shape, series.k)
+            rows["spectrum"].append({**row, **spectrum_metrics(dec, opts.ks)})
+            for j, s in enumerate(dec.singular_values[:opts.n_singular_values].tolist(), 1):
+                rows["singular_values"].append({**row, "index": j, "sigma": s, "sigma_normalized": s / f})
+            if opts.alignment:
+                rows["alignment"].append({**row, "ref_step": ref, **alignment_metrics(
+                    dec, dec_ref, None, None, k=opts.k_subspace, K=opts.k_paired)})
+            if opts.trajectory and step <= ref:
+                rows["segments"].append({**row, "segment_cosine": seg_next.get(step, math.nan),
+                                         "direction_cosine": math.nan,
+                                         "null_cosine": math.sqrt((step - series.start_step) / t_ref),
+                                         "direction_excess": math.nan})
+    return rows
+
+
+def analyze_sketches(series: SketchSeries | Sequence[SketchSeries], *, out: str | Path | None = None,
+                     options: AnalysisOptions | None = None, overwrite: bool = False, command: str | None = None,
+                     **fields) -> Report:
+    """Analyse one or more sketch series into a Report (the tables of `analyze`, module docstring); with ``out``,
+    written there as CSVs and run.json."""
+    lst = [series] if isinstance(series, SketchSeries) else list(series)
+    names = [s.name for s in lst]
+    if len(set(names)) != len(names):
+        raise InputError(None, f"run names must be distinct, got {names}")
+    opts = options or AnalysisOptions()
+    if fields:
+        from dataclasses import replace
+
+        opts = replace(opts, **fields)
+    rows: dict[str, list[dict]] = {}
+    for s in lst:
+        for t, rs in sketch_tables(s, opts).items():
+            rows.setdefault(t, []).extend(rs)
+    tables = build_tables(rows)
+    meta = {"version": __version__, "command": command or api_command(),
+            "python": platform.python_version(), "torch": torch.__version__, "source": "sketch series",
+            "inputs": [{"run": s.name, "sketch": str(s.path), "k": s.k, "steps": s.steps,
+                        "tensors": len(s.tensors)} for s in lst],
+            "options": {"ref_step": opts.ref_step, "ks": list(opts.ks), "k_subspace": opts.k_subspace,
+                        "k_paired": opts.k_paired, "alignment": opts.alignment, "trajectory": opts.trajectory},
+            "unavailable": UNAVAILABLE, "warnings": [], "skipped": [], "failed": [],
+            "tables": {k: len(v) for k, v in tables.items()}}
+    report = Report(tables, meta)
+    if out is not None:
+        with atomic_dir(out, (RUN_JSON,), overwrite=overwrite, inputs=[s.path for s in lst]) as tmp:
+            report.write_into(tmp)
+    return report
+
