@@ -89,7 +89,7 @@ def test_schedule_and_refusals(tmp_path):
         DynamicsRecorder(tmp_path / "sk")
     with pytest.raises(InputError, match="k must be at least 1"):
         DynamicsRecorder(tmp_path / "other", k=0)
-    with pytest.raises(InputError, match="no 2-D weights in the groups embedding"):
+    with pytest.raises(InputError, match="the model has no trainable 2-D weights in the groups embedding"):
         DynamicsRecorder(tmp_path / "none", groups=("embedding",)).record(m, 0)
 
 
@@ -335,3 +335,48 @@ def test_a_full_disk_mid_series_is_one_sentence_and_keeps_every_written_step(tmp
     rec.record(m, s.steps[-1] + 1)
     rec.close()
     assert SketchSeries(out).steps == list(range(1, s.steps[-1] + 2))
+
+
+def test_a_peft_lora_model_is_recorded_from_its_factors(tmp_path):
+    """A tiny Llama with LoRA on q_proj and v_proj (PEFT), trained 3 SGD steps: the recorder follows the adapted
+    layers under the merged model's names, from B and A (ΔW = s·B·A, never formed), and nothing else (the base is
+    frozen); its norms, segment cosines and top triplets equal float64 numpy on the dense s·B·A."""
+    from peft import LoraConfig, get_peft_model
+
+    from builders import tiny_llama
+
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 67, (4, 8), generator=torch.Generator().manual_seed(0))
+    rec = DynamicsRecorder(tmp_path / "sk", k=4)  # r = 4: the triplets hold the whole update
+    rec.record(model, 0)
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    dense = {}
+    for step in (1, 2, 3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rec.record(model, step)
+        dense[step] = 2.0 * (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
+    rec.close()
+    df = pd.read_csv(tmp_path / "sk" / "sketch.csv")
+    assert sorted(set(df["tensor"])) == [f"model.layers.{i}.self_attn.{m}_proj.weight" for i in (0, 1) for m in "qv"]
+    r = df[df["tensor"] == "model.layers.1.self_attn.q_proj.weight"].set_index("step")
+    d = {s: v.numpy() for s, v in dense.items()}
+    for s in (1, 2, 3):
+        assert r.loc[s, "update_norm"] == pytest.approx(np.linalg.norm(d[s]), rel=1e-6)
+        assert np.isnan(r.loc[s, "changed_fraction"])  # needs the dense update: not formed
+    seg = (d[2] - d[1], d[3] - d[2])
+    assert r.loc[3, "segment_cosine"] == pytest.approx(
+        float((seg[0] * seg[1]).sum() / np.linalg.norm(seg[0]) / np.linalg.norm(seg[1])), abs=1e-5)
+    assert r.loc[3, "cosine_to_previous"] == pytest.approx(
+        float((d[3] * d[2]).sum() / np.linalg.norm(d[3]) / np.linalg.norm(d[2])), abs=1e-6)
+    sk = load_file(tmp_path / "sk" / "step-00000003.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    S = sk[f"{name}::S"].double().numpy()
+    np.testing.assert_allclose(S, np.linalg.svd(d[3], compute_uv=False)[:4], rtol=1e-5)
+    U, V = sk[f"{name}::U"].double().numpy(), sk[f"{name}::V"].double().numpy()
+    np.testing.assert_allclose((U * S) @ V.T, d[3], atol=1e-6 * np.abs(d[3]).max())
+    # the start weights of an adapted layer: its base weight (B = 0 at PEFT's init)
+    base = load_file(tmp_path / "sk" / "base.safetensors")
+    assert torch.equal(base[name], layer.base_layer.weight.detach())

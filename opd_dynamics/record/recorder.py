@@ -32,15 +32,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import torch
+from threadpoolctl import ThreadpoolController
 
-from opd_dynamics.analysis.metrics.norms import update_stats
-from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.analysis.metrics.trajectory import LOCKIN_MARGIN, LOCKIN_THRESHOLD
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, parse_name
@@ -57,13 +57,15 @@ from opd_dynamics.io.sketches import (
     step_files,
 )
 from opd_dynamics.io.writer import atomic_file, atomic_write_text, json_text, output_errors, save_safetensors
-from opd_dynamics.numerics import dot, fro2
-from opd_dynamics.record.topk import warm_topk
+from opd_dynamics.numerics import fro2
+from opd_dynamics.record.matrices import SUMS, DenseMatrix, LoraMatrix, cosine, lora_factors
 from opd_dynamics.schema import TABLES
 
 COLUMNS = TABLES["sketch"].names
 #: a fresh series must start here: the start weights are W_0
 START_STEP = 0
+#: what a PeftModel puts before the wrapped model's module names
+PEFT_PREFIX = "base_model.model."
 
 
 def _is_writer() -> bool:
@@ -78,8 +80,13 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return (full() if full is not None else p).detach()
 
 
-def _cos(num: float, a2: float, b2: float) -> float:
-    return num / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else math.nan
+_BLAS = ThreadpoolController()
+
+
+def _is_anchor(step: int) -> bool:
+    """The lock-in estimate's anchors: 1, 2, 4, 8 … steps after the start."""
+    n = step - START_STEP
+    return n > 0 and n & (n - 1) == 0
 
 
 class DynamicsRecorder:
@@ -120,60 +127,102 @@ class DynamicsRecorder:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dynamics-recorder") if background else None
         self._pending: Future | None = None
         self.completed: list[dict[str, float]] = []
-        self.w0: dict[str, torch.Tensor] = {}
+        #: seconds spent: in ``record`` by the calling (training) thread, and on the steps' work wherever it ran
+        self.seconds = {"record": 0.0, "work": 0.0}
+        self.matrices: dict[str, DenseMatrix | LoraMatrix] = {}
         #: the last recorded step's scalars (what `DynamicsCallback` logs): update norm by group, the segment norm
         #: and cosine, the cosine of ΔW_t to the previous recorded ΔW, the lock-in estimate and the step file's size
         self.scalars: dict[str, float] = {}
 
     # ---- the selection and the start ----
 
-    def _selected(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in model.named_parameters()
-                if p.dim() == 2 and p.is_floating_point() and is_selected(n, tuple(p.shape), self.groups, True)}
+    def _targets(self, model: torch.nn.Module) -> dict[str, tuple[str, object]]:
+        """{name: ("dense", parameter) or ("lora", module)}: the trainable 2-D weights of the selected groups, and
+        the PEFT LoRA layers over a selected base weight (named as the merged model names that weight)."""
+        out: dict[str, tuple[str, object]] = {}
+        under_lora: set[int] = set()
+        for mname, mod in model.named_modules():
+            if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer")):
+                continue
+            under_lora.update(id(p) for p in mod.parameters())
+            if lora_factors(mod) is None:
+                raise InputError(None, f"{mname} has {len(getattr(mod, 'active_adapters', []))} active LoRA adapters; "
+                                       "the recorder follows one (set_adapter)")
+            name = f"{mname.removeprefix(PEFT_PREFIX)}.weight"  # as the merged model names the weight
+            if is_selected(name, tuple(mod.base_layer.weight.shape), self.groups, True):
+                out[name] = ("lora", mod)
+        for n, p in model.named_parameters():
+            if id(p) in under_lora or not p.requires_grad or p.dim() != 2 or not p.is_floating_point():
+                continue
+            if is_selected(n, tuple(p.shape), self.groups, True):
+                out[n] = ("dense", p)
+        return out
+
+    @staticmethod
+    def _gather(targets: dict[str, tuple[str, object]]) -> dict[str, object]:
+        """Each target's current value, whole (FSDP2 DTensors gathered: collectives every rank joins, one at a time):
+        a dense weight, or a LoRA layer's (B, A)."""
+        out = {}
+        for n, (kind, obj) in targets.items():
+            out[n] = _full(obj) if kind == "dense" else tuple(_full(t) for t in lora_factors(obj)[:2])
+        return out
+
+    def _snapshot(self, gathered: dict[str, object]) -> dict[str, object]:
+        """Copies the recorder owns of each target's value now (training goes on changing the parameters)."""
+        return {n: self.matrices[n].snapshot(v) for n, v in gathered.items()}
 
     def _start(self, model: torch.nn.Module, step: int) -> None:
-        params = self._selected(model)
-        if not params:
-            raise InputError(None, f"the model has no 2-D weights in the groups {', '.join(self.groups)}")
+        targets = self._targets(model)
+        if not targets:
+            raise InputError(None, f"the model has no trainable 2-D weights in the groups {', '.join(self.groups)}")
         if not self.resume and step != START_STEP:
             raise InputError(self.out, f"cannot start recording at step {step}: a new sketch series needs the start "
                                        f"weights (step {START_STEP}); attach the recorder before training starts, or "
                                        "resume=True into the series that recorded the start")
         self.started, self.start_step = True, START_STEP
         self.prev_step = step
-        gathered = {n: _full(p) for n, p in params.items()}  # every rank joins the gathers
+        gathered = self._gather(targets)
         if not self.writer:
             return
-        self.shapes = {n: tuple(t.shape) for n, t in gathered.items()}
-        self.group = {n: parse_name(n).group for n in gathered}
-        self.anchors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lora_scale = {n: lora_factors(obj)[2] for n, (kind, obj) in targets.items() if kind == "lora"}
+        bases = {n: _full(obj.base_layer.weight) if kind == "lora" else gathered[n] for n, (kind, obj) in
+                 targets.items()}
+        self.shapes = {n: tuple(t.shape) for n, t in bases.items()}
+        self.group = {n: parse_name(n).group for n in bases}
+        self.anchors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.anchor_steps: list[int] = []
         self.anchor_energy: list[float] = []
-        self.basis: dict[str, torch.Tensor] = {}
-        self.prev_seg: dict[str, torch.Tensor] = {}
-        self.prev_f2: dict[str, float] = {}
-        kept = {"float32": lambda t: t.to(self.device, torch.float32, copy=True),
-                "stored": lambda t: t.to(self.device, copy=True)}[self.keep]
         with output_errors(self.out):
             if self.resume:
-                self._continue(gathered, step, kept)
+                self._continue(gathered, bases, step)
                 return
             self.out.mkdir(parents=True, exist_ok=True)
+            stored = {n: t.cpu().contiguous() for n, t in bases.items()}
+            for n in self.lora_scale:
+                stored[f"{n}::lora_B0"], stored[f"{n}::lora_A0"] = (t.cpu().contiguous() for t in gathered[n])
             with atomic_file(self.out / BASE_FILE) as tmp:
-                save_safetensors({n: t.cpu().contiguous() for n, t in gathered.items()}, tmp)
-            self._set_w0({n: kept(t) for n, t in gathered.items()})
+                save_safetensors(stored, tmp)
+            self._make_matrices(stored)
             meta = {"version": SKETCH_VERSION, "k": self.k, "groups": list(self.groups), "start_step": START_STEP,
                     "svd": self.svd,
-                    "tensors": {n: {"shape": list(s), "group": self.group[n]} for n, s in self.shapes.items()}}
+                    "tensors": {n: {"shape": list(s), "group": self.group[n],
+                                    **({"lora_scale": self.lora_scale[n]} if n in self.lora_scale else {})}
+                                for n, s in self.shapes.items()}}
             atomic_write_text(self.out / SKETCH_JSON, json_text(meta))
             (self.out / SKETCH_CSV).unlink(missing_ok=True)
-        self.prev = {n: t.to(self.device, torch.float32, copy=True) for n, t in gathered.items()}
 
-    def _set_w0(self, w0: dict[str, torch.Tensor]) -> None:
-        self.w0 = w0
-        self.base_norm = {n: fro2(t.float()) ** 0.5 for n, t in w0.items()}  # fixed for the whole run
+    def _make_matrices(self, stored: dict[str, torch.Tensor]) -> None:
+        """The per-matrix state from the start weights as base.safetensors holds them."""
+        self.matrices: dict[str, DenseMatrix | LoraMatrix] = {}
+        for n in self.shapes:
+            if n in self.lora_scale:
+                self.matrices[n] = LoraMatrix(stored[n], stored[f"{n}::lora_B0"], stored[f"{n}::lora_A0"],
+                                              self.lora_scale[n], self.k)
+            else:
+                self.matrices[n] = DenseMatrix(stored[n], self.device, self.keep, self.k, self.svd, self.oversample,
+                                               self.power)
 
-    def _continue(self, gathered: dict[str, torch.Tensor], step: int, kept) -> None:
+    def _continue(self, gathered: dict[str, object], bases: dict[str, torch.Tensor], step: int) -> None:
         """Resume the series in ``self.out`` at ``step`` with the model's current weights (module docstring)."""
         meta = read_meta(self.out)
         want = {n: tuple(v["shape"]) for n, v in meta["tensors"].items()}
@@ -185,14 +234,14 @@ class DynamicsRecorder:
             raise InputError(self.out, f"was recorded with k = {meta['k']}, not {self.k}")
         from safetensors.torch import load_file
 
-        base = load_file(self.out / BASE_FILE)
-        rel = sorted((fro2(gathered[n].float() - base[n].float()) / max(fro2(base[n].float()), 1e-300)) ** 0.5
-                     for n in base)
+        stored = load_file(self.out / BASE_FILE)
+        rel = sorted((fro2(bases[n].float() - stored[n].float()) / max(fro2(stored[n].float()), 1e-300)) ** 0.5
+                     for n in self.shapes)
         median = rel[len(rel) // 2]
         if median >= FOREIGN_MEDIAN:
             raise InputError(self.out, f"was recorded from another model: this model's weights are {median:.2f} of "
                                        "W_0's norm away from its start (median over matrices)")
-        self._set_w0({n: kept(t) for n, t in base.items()})
+        self._make_matrices(stored)
         later = [f for s, f in step_files(self.out).items() if s > step]
         if later:  # training redoes these steps: keep the old sketches aside, never lose them
             aside = self.out / "superseded"
@@ -204,11 +253,12 @@ class DynamicsRecorder:
         self.prev_step = max((s for s in done if s <= step), default=START_STEP)
         series = SketchSeries(self.out)
         for s in done:
-            if s - START_STEP > 0 and (s - START_STEP) & (s - START_STEP - 1) == 0:
+            if _is_anchor(s):
                 self._add_anchor(s, {n: series.triplets(s, n) for n in self.shapes})
         self._rewrite_csv()
-        snapshot = {n: t.to(self.device, torch.float32, copy=True) for n, t in gathered.items()}
-        self.prev = dict(snapshot)
+        snapshot = self._snapshot(gathered)
+        for n, snap in snapshot.items():
+            self.matrices[n].restart(snap)
         if step not in done and step != START_STEP:  # the weights at the resume point: a step of the series
             self._measure(snapshot, step, self.prev_step, segment=False)
         self.prev_step = step
@@ -224,18 +274,20 @@ class DynamicsRecorder:
             return True
         if not self.every(step):
             return False
+        t0 = time.perf_counter()
         if step <= self.prev_step:
             raise InputError(self.out, f"step {step} comes after step {self.prev_step} was recorded; steps must "
                                        "increase")
-        gathered = {n: _full(p) for n, p in self._selected(model).items()}
+        gathered = self._gather(self._targets(model))
         if self.writer:  # a copy of the weights now; the work on it may run beside the next training step
-            snapshot = {n: t.to(self.device, torch.float32, copy=True) for n, t in gathered.items()}
+            snapshot = self._snapshot(gathered)
             self.wait()
             if self._pool is None:
                 self._record(snapshot, step, self.prev_step, segment=True)
             else:
                 self._pending = self._pool.submit(self._record, snapshot, step, self.prev_step, True)
         self.prev_step = step
+        self.seconds["record"] += time.perf_counter() - t0
         return True
 
     def wait(self) -> None:
@@ -249,60 +301,33 @@ class DynamicsRecorder:
         done, self.completed = self.completed, []
         return done
 
-    def _record(self, snapshot: dict[str, torch.Tensor], step: int, prev_step: int, segment: bool) -> None:
-        """One step's rows, triplets and scalars from ``snapshot`` (float32 weights the recorder owns)."""
-        with output_errors(self.out):
+    def _record(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool) -> None:
+        """One step's rows, triplets and scalars from ``snapshot`` (copies the recorder owns). Its BLAS (scipy's,
+        for the exact decompositions) runs one thread: beside a training step, a second one only contends for
+        the cores training uses (measured: 434 against 49 ms per lab step)."""
+        t0 = time.perf_counter()
+        with output_errors(self.out), _BLAS.limit(limits=1, user_api="blas"):
             self._measure(snapshot, step, prev_step, segment)
+        self.seconds["work"] += time.perf_counter() - t0
 
-    def _measure(self, snapshot: dict[str, torch.Tensor], step: int, prev_step: int, segment: bool) -> None:
+    def _measure(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool) -> None:
         tensors: dict[str, torch.Tensor] = {}
-        rows, by_group = [], {}
-        tot = {"f2": 0.0, "seg2": 0.0, "segdot": 0.0, "prevseg2": 0.0, "dotprev": 0.0, "prevf2": 0.0}
-        triplets = {}
-        for name, wt in snapshot.items():
-            w0 = self.w0[name].float()
-            f2, changed = update_stats(w0, wt)
-            delta = wt - w0
-            seg = wt - self.prev[name]
-            seg2 = fro2(seg) if segment else math.nan
-            prev_seg = self.prev_seg.get(name) if segment else None
-            segdot = dot(prev_seg, seg) if prev_seg is not None else math.nan
-            prevseg2 = fro2(prev_seg) if prev_seg is not None else math.nan
-            prevf2 = self.prev_f2.get(name, math.nan) if segment else math.nan
-            dotprev = f2 - dot(delta, seg) if segment else math.nan  # ⟨ΔW_t, ΔW_prev⟩ = ⟨ΔW_t, ΔW_t − segment⟩
-            if f2 > 0 and math.isfinite(f2):
-                if self.svd == "exact":
-                    dec = decompose(delta.double(), k_vectors=self.k, mode="exact")
-                    kk = min(self.k, dec.rank, dec.U.shape[1])
-                    U, S, V = dec.U[:, :kk], dec.singular_values[:kk], dec.V[:, :kk]
-                else:
-                    U, S, V, self.basis[name] = warm_topk(delta.double(), self.k, self.basis.get(name), self.oversample,
-                                                          self.power)
-                    kk = int((S > 0).sum())
-                    U, S, V = U[:, :kk], S[:kk], V[:, :kk]
-            else:
-                kk, U, S, V = 0, None, None, None
-            if kk:
-                triplets[name] = (U, S, V)
-                tensors.update({f"{name}::U": U.float().cpu().contiguous(), f"{name}::S": S.float().cpu().contiguous(),
-                                f"{name}::V": V.float().cpu().contiguous()})
+        rows, by_group, triplets = [], {}, {}
+        tot = dict.fromkeys(SUMS, 0.0)
+        for name, snap in snapshot.items():
+            mat = self.matrices[name]
+            m = mat.measure(snap, segment)
+            if m.triplet is not None:
+                triplets[name] = m.triplet
+                for part, t in zip("USV", m.triplet):
+                    tensors[f"{name}::{part}"] = t.float().cpu().contiguous()
             g = self.group[name]
-            by_group[g] = by_group.get(g, 0.0) + f2
-            for key, v in (("f2", f2), ("seg2", seg2), ("segdot", segdot), ("prevseg2", prevseg2),
-                           ("dotprev", dotprev), ("prevf2", prevf2)):
+            by_group[g] = by_group.get(g, 0.0) + m.sums["f2"]
+            for key, v in m.sums.items():
                 tot[key] += v
-            s1 = float(S[0]) if kk else 0.0
-            rows.append({"step": step, "tensor": name, "k": kk, "update_norm": f2 ** 0.5,
-                         "base_norm": self.base_norm[name], "changed_fraction": changed / max(1, delta.numel()),
-                         "segment_norm": seg2 ** 0.5, "segment_cosine": _cos(segdot, prevseg2, seg2),
-                         "cosine_to_previous": _cos(dotprev, f2, prevf2), "spectral_norm": s1,
-                         "energy_topk": float((S.double() ** 2).sum() / f2) if kk else math.nan})
-            if segment:
-                self.prev_seg[name] = seg
-            self.prev[name] = wt
-            self.prev_f2[name] = f2
-        lockin = self._lockin(step, triplets, tot["f2"])
-        if step - START_STEP > 0 and (step - START_STEP) & (step - START_STEP - 1) == 0:
+            rows.append({"step": step, "tensor": name, "base_norm": mat.base_norm, **m.row})
+        lockin = self._lockin(step, triplets)
+        if _is_anchor(step):
             self._add_anchor(step, triplets)
         f = step_file(self.out, step)
         md = {"version": str(SKETCH_VERSION), "step": str(step), "prev_step": str(prev_step),
@@ -312,8 +337,8 @@ class DynamicsRecorder:
         self._append_csv(rows)
         self.scalars = {**{f"dynamics/update_norm/{g}": v ** 0.5 for g, v in sorted(by_group.items())},
                         "dynamics/segment_norm": tot["seg2"] ** 0.5,
-                        "dynamics/segment_cosine": _cos(tot["segdot"], tot["prevseg2"], tot["seg2"]),
-                        "dynamics/cosine_to_previous": _cos(tot["dotprev"], tot["f2"], tot["prevf2"]),
+                        "dynamics/segment_cosine": cosine(tot["segdot"], tot["prevseg2"], tot["seg2"]),
+                        "dynamics/cosine_to_previous": cosine(tot["dotprev"], tot["f2"], tot["prevf2"]),
                         "dynamics/lockin_step": lockin, "dynamics/sketch_bytes": float(f.stat().st_size),
                         "dynamics/step": float(step)}
         self.completed.append(self.scalars)
@@ -339,7 +364,7 @@ class DynamicsRecorder:
         self.anchor_steps.append(step)
         self.anchor_energy.append(energy)
 
-    def _lockin(self, step: int, triplets: dict, f2: float) -> float:
+    def _lockin(self, step: int, triplets: dict) -> float:
         """The first anchor step whose rank-k direction agrees with this step's (the cosine of the two rank-k parts
         at least LOCKIN_THRESHOLD and above the random walk's √(a/t) by LOCKIN_MARGIN), this step standing in for
         the final one; NaN when none does yet. An estimate: the analysis' lockin_step uses the full updates."""
@@ -357,7 +382,7 @@ class DynamicsRecorder:
             prod = ((us_a.T @ (U * S).float()) * (v_a.T @ V.float())).sum(1).double()
             num += torch.stack([b.sum() for b in torch.split(prod, width.tolist())])
         for a, n, e_a in zip(self.anchor_steps, num.tolist(), self.anchor_energy):
-            c = _cos(n, e_a, e_t)
+            c = cosine(n, e_a, e_t)
             if c >= LOCKIN_THRESHOLD and c - ((a - START_STEP) / (step - START_STEP)) ** 0.5 >= LOCKIN_MARGIN:
                 return float(a)
         return math.nan
@@ -387,5 +412,4 @@ class DynamicsRecorder:
         if self.started and self.writer and step_files(self.out):
             with output_errors(self.out):
                 self._rewrite_csv()
-        for d in (self.w0, getattr(self, "prev", {}), getattr(self, "prev_seg", {}), getattr(self, "basis", {})):
-            d.clear()
+        self.matrices = {}

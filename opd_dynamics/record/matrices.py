@@ -1,0 +1,186 @@
+"""One recorded matrix: what the recorder keeps of it and what one step measures.
+
+`DenseMatrix`: a trained weight; ΔW_t = W_t − W_0 formed from a float32 copy of W_t. `LoraMatrix`: a PEFT LoRA
+layer over a frozen base weight; ΔW_t = s·(B_t A_t − B_0 A_0) is kept as its factors and never formed: norms and
+inner products are r × r products of the factors, and the top triplets come from the QR factors' small core
+(exact, as cheap as the rank allows). The bf16-visible changed fraction needs the dense update, so a LoRA layer
+leaves it empty.
+
+Both give, per step, a `Measured`: the row of the ``sketch`` table (less the step and name), the top-k triplets,
+and the sums the recorder adds over matrices for its scalars (‖ΔW_t‖², the segment's ‖·‖² and its inner product
+with the previous segment, the inner product of ΔW_t with the previous recorded ΔW).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opd_dynamics.analysis.metrics.norms import update_stats
+from opd_dynamics.analysis.metrics.spectrum import decompose
+from opd_dynamics.numerics import dot, fro2
+from opd_dynamics.record.topk import warm_topk
+
+SUMS = ("f2", "seg2", "segdot", "prevseg2", "dotprev", "prevf2")
+
+
+def cosine(num: float, a2: float, b2: float) -> float:
+    return num / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else math.nan
+
+
+@dataclass
+class Measured:
+    row: dict
+    triplet: tuple[Tensor, Tensor, Tensor] | None
+    sums: dict[str, float]
+
+
+def _measured(f2: float, changed: float, seg2: float, segdot: float, prevseg2: float, dotprev: float,
+              prevf2: float, triplet) -> Measured:
+    if triplet is not None and triplet[1].numel() == 0:
+        triplet = None
+    S = triplet[1] if triplet is not None else None
+    row = {"k": 0 if S is None else int(S.numel()), "update_norm": f2 ** 0.5, "changed_fraction": changed,
+           "segment_norm": seg2 ** 0.5, "segment_cosine": cosine(segdot, prevseg2, seg2),
+           "cosine_to_previous": cosine(dotprev, f2, prevf2), "spectral_norm": float(S[0]) if S is not None else 0.0,
+           "energy_topk": float((S.double() ** 2).sum() / f2) if S is not None else math.nan}
+    sums = dict(zip(SUMS, (f2, seg2, segdot, prevseg2, dotprev, prevf2)))
+    return Measured(row, triplet, sums)
+
+
+class DenseMatrix:
+    """A trained weight: W_0 kept (float32, or its stored dtype), the previous recorded weights and segment."""
+
+    lora = False
+
+    def __init__(self, w0: Tensor, device: torch.device, keep: str, k: int, svd: str, oversample: int, power: int):
+        self.w0 = w0.to(device, torch.float32 if keep == "float32" else w0.dtype, copy=True)
+        self.base_norm = fro2(self.w0.float()) ** 0.5
+        self.shape = tuple(w0.shape)
+        self.device, self.k, self.svd, self.oversample, self.power = device, k, svd, oversample, power
+        self.prev: Tensor = self.w0.float().clone()
+        self.prev_seg: Tensor | None = None
+        self.prev_f2 = math.nan
+        self.basis: Tensor | None = None
+
+    def snapshot(self, weight: Tensor) -> Tensor:
+        """A float32 copy of the weights now (the recorder owns it; training may change the parameter)."""
+        return weight.detach().to(self.device, torch.float32, copy=True)
+
+    def restart(self, snap: Tensor) -> None:
+        """Continue from these weights (a resumed run): no previous segment is known."""
+        self.prev, self.prev_seg, self.prev_f2 = snap, None, math.nan
+
+    def measure(self, wt: Tensor, segment: bool) -> Measured:
+        w0 = self.w0.float()
+        f2, changed = update_stats(w0, wt)
+        delta = wt - w0
+        seg = wt - self.prev
+        nan = math.nan
+        seg2 = fro2(seg) if segment else nan
+        prev_seg = self.prev_seg if segment else None
+        segdot = dot(prev_seg, seg) if prev_seg is not None else nan
+        prevseg2 = fro2(prev_seg) if prev_seg is not None else nan
+        prevf2 = self.prev_f2 if segment else nan
+        dotprev = f2 - dot(delta, seg) if segment else nan  # ⟨ΔW_t, ΔW_prev⟩ = ⟨ΔW_t, ΔW_t − segment⟩
+        triplet = self._topk(delta) if f2 > 0 and math.isfinite(f2) else None
+        if segment:
+            self.prev_seg = seg
+        self.prev, self.prev_f2 = wt, f2
+        return _measured(f2, changed / max(1, delta.numel()), seg2, segdot, prevseg2, dotprev, prevf2, triplet)
+
+    def _topk(self, delta: Tensor):
+        if self.svd == "exact":
+            dec = decompose(delta.double(), k_vectors=self.k, mode="exact")
+            kk = min(self.k, dec.rank, dec.U.shape[1])
+            return dec.U[:, :kk], dec.singular_values[:kk], dec.V[:, :kk]
+        U, S, V, self.basis = warm_topk(delta.double(), self.k, self.basis, self.oversample, self.power)
+        kk = int((S > 0).sum())
+        return U[:, :kk], S[:kk], V[:, :kk]
+
+
+# ---- LoRA: an update held as factors L Rᵀ (L: out × q, R: in × q) ----
+
+
+def _dot(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
+    """⟨L_a R_aᵀ, L_b R_bᵀ⟩ = Σ (L_aᵀ L_b) ∘ (R_aᵀ R_b), in float64."""
+    return float(((a[0].T @ b[0]) * (a[1].T @ b[1])).sum())
+
+
+def _minus(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return torch.cat([a[0], -b[0]], 1), torch.cat([a[1], b[1]], 1)
+
+
+def _lowrank_topk(f: tuple[Tensor, Tensor], k: int):
+    """Top-k triplets of L Rᵀ from QR(L) = Q_l T_l, QR(R) = Q_r T_r and the SVD of the small core T_l T_rᵀ."""
+    ql, tl = torch.linalg.qr(f[0])
+    qr, tr = torch.linalg.qr(f[1])
+    uc, s, vch = torch.linalg.svd(tl @ tr.T)
+    keep = int((s > s[0] * 1e-12).sum()) if s.numel() and s[0] > 0 else 0
+    kk = min(k, keep)
+    return ql @ uc[:, :kk], s[:kk], qr @ vch.T[:, :kk]
+
+
+class LoraMatrix:
+    """A PEFT LoRA layer: ΔW_t = s·(B_t A_t − B_0 A_0) from its factors (module docstring)."""
+
+    lora = True
+
+    def __init__(self, base: Tensor, B0: Tensor, A0: Tensor, scale: float, k: int):
+        self.scale, self.k = scale, k
+        self.shape = tuple(base.shape)
+        self.f0 = self._factors(B0, A0)
+        w0 = base.double() + scale * (B0.double() @ A0.double())  # once, at the start: ‖W_0‖F
+        self.base_norm = fro2(w0) ** 0.5
+        self.zero_start = not bool(B0.any()) or not bool(A0.any())
+        self.prev = self._update(self.f0)
+        self.prev_seg: tuple[Tensor, Tensor] | None = None
+        self.prev_f2 = math.nan
+
+    def _factors(self, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        return self.scale * B.detach().double(), A.detach().double().T
+
+    def _update(self, f: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """ΔW as factors: s B Aᵀ… less the start's (dropped when the start is zero, PEFT's default init)."""
+        return f if self.zero_start else _minus(f, self.f0)
+
+    @staticmethod
+    def snapshot(factors: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """float32 copies of (B, A) now."""
+        return tuple(t.detach().to("cpu", torch.float32, copy=True) for t in factors)
+
+    def restart(self, snap) -> None:
+        self.prev, self.prev_seg, self.prev_f2 = self._update(self._factors(*snap)), None, math.nan
+
+    def measure(self, snap, segment: bool) -> Measured:
+        delta = self._update(self._factors(*snap))
+        f2 = _dot(delta, delta)
+        nan = math.nan
+        seg = _minus(delta, self.prev)
+        seg2 = _dot(seg, seg) if segment else nan
+        prev_seg = self.prev_seg if segment else None
+        segdot = _dot(prev_seg, seg) if prev_seg is not None else nan
+        prevseg2 = _dot(prev_seg, prev_seg) if prev_seg is not None else nan
+        prevf2 = self.prev_f2 if segment else nan
+        dotprev = _dot(delta, self.prev) if segment else nan
+        triplet = _lowrank_topk(delta, self.k) if f2 > 0 and math.isfinite(f2) else None
+        if segment:
+            self.prev_seg = seg
+        self.prev, self.prev_f2 = delta, f2
+        return _measured(f2, nan, seg2, segdot, prevseg2, dotprev, prevf2, triplet)
+
+
+def lora_factors(module) -> tuple[Tensor, Tensor, float] | None:
+    """(B, A, scale) of a PEFT LoRA layer's one active adapter; None for anything else. Several active adapters
+    are refused by the caller (their sum is not one B·A)."""
+    lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if lora_a is None or lora_b is None or not hasattr(module, "base_layer"):
+        return None
+    active = [a for a in getattr(module, "active_adapters", []) if a in lora_a]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    return lora_b[name].weight, lora_a[name].weight, float(module.scaling[name])
