@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, file_identity, pread_into
+from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, empty, file_identity, pread_into
 from opd_dynamics.io.torch_files import StoredTensor, archive_layout, dtype_code, require_safe_torch
 
 METADATA = ".metadata"
@@ -247,7 +247,7 @@ class DCPDir(EntryReader):
         if size and (start is not None or stop is not None):
             lo, hi, _ = slice(start, stop).indices(size[0])
             hi = max(lo, hi)
-        out = torch.empty((hi - lo, *size[1:]) if size else (), dtype=dtype)
+        out = empty((hi - lo, *size[1:]) if size else (), dtype)
         for chunk, f, info in self._chunk_plan(key, tm):
             offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             a, b = (max(lo, offs[0]), min(hi, offs[0] + sizes[0])) if size else (0, 0)
@@ -260,7 +260,7 @@ class DCPDir(EntryReader):
                 pread_into(f, self._idents[f], t.start + (a - offs[0]) * row_bytes, out[a - lo:b - lo])
                 continue
             if t is not None:
-                part = torch.empty(sizes, dtype=dtype)
+                part = empty(sizes, dtype)
                 pread_into(f, self._idents[f], t.start, part)
             else:
                 part = self._loaded(key, f, info).reshape(sizes)

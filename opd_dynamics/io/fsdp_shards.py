@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, file_identity, pread_into
+from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, empty, file_identity, pread_into
 from opd_dynamics.io.torch_files import (
     StoredDTensor,
     StoredTensor,
@@ -178,7 +178,7 @@ class FSDPShards(EntryReader):
             return self.get_rows(name)
         parts = []
         for r, local, _ in pieces:
-            part = torch.empty(local.shape, dtype=local.dtype)
+            part = empty(local.shape, local.dtype)
             pread_into(self.files[r], self._idents[r], local.start, part)
             parts.append(part)
         return torch.cat(parts, dim=dim)
@@ -193,12 +193,12 @@ class FSDPShards(EntryReader):
             return super().get_rows(name, start, stop)  # assembled once, served in row blocks
         shape = self.entries[name].shape
         if not shape:  # a scalar
-            out = torch.empty((), dtype=pieces[0][1].dtype)
+            out = empty((), pieces[0][1].dtype)
             pread_into(self.files[0], self._idents[0], pieces[0][1].start, out)
             return out
         lo, hi, _ = slice(start, stop).indices(shape[0])
         hi = max(lo, hi)
-        out = torch.empty((hi - lo, *shape[1:]), dtype=pieces[0][1].dtype)
+        out = empty((hi - lo, *shape[1:]), pieces[0][1].dtype)
         row_bytes = math.prod(shape[1:]) * out.element_size()
         for r, local, at in pieces:
             a, b = max(lo, at), min(hi, at + local.shape[0])
