@@ -164,6 +164,7 @@ class DCPDir(EntryReader):
         self._idents = idents = {f: file_identity(f.stat()) for f in files}
         self.entries: dict[str, TensorEntry] = {}
         self._meta: dict[str, tuple[str, object]] = {}
+        self._where: dict[tuple[Path, int], object] = {}  # a chunk's StoredTensor (None: not located)
         digest = hashlib.sha256()
         for k in keys:
             tm = md.state_dict_metadata[k]
@@ -203,11 +204,14 @@ class DCPDir(EntryReader):
         """Where a chunk's tensor lies in its .distcp file, from the chunk's own zip headers and pickle (read by
         the restricted layout unpickler); None for anything but one plain contiguous tensor of the chunk's dtype
         and size stored uncompressed (it is then loaded from its bytes, weights-only)."""
-        try:
-            fd = _FDS.get(f, self._idents[f])
-        except OSError as e:
-            raise InputError(f, f"cannot be read: {e.strerror or e}") from e
-        t = archive_layout(f, info.offset, info.length, fd=fd)
+        where = (f, info.offset)
+        if where not in self._where:  # (row blocks of one tensor locate its chunks once)
+            try:
+                fd = _FDS.get(f, self._idents[f])
+            except OSError as e:
+                raise InputError(f, f"cannot be read: {e.strerror or e}") from e
+            self._where[where] = archive_layout(f, info.offset, info.length, fd=fd)
+        t = self._where[where]
         if not isinstance(t, StoredTensor) or not t.contiguous or t.dtype != dtype or \
                 math.prod(t.shape) != math.prod(sizes):
             return None
