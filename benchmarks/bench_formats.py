@@ -103,10 +103,8 @@ def child(mode: str, root: Path) -> None:
     files += sorted((root / "base").glob("*.safetensors"))
     nbytes = sum(f.stat().st_size for f in files)
     startup = 0.0
-    if kind == "norms":  # one-time start-up, reported apart: imports (torch.distributed.tensor, which every torch
-        t = time.perf_counter()  # pickle reader imports to load DTensors safely, takes about half a second)
-        import torch.distributed.tensor as _dtensor  # noqa: F401
-
+    if kind == "norms":  # one-time start-up, reported apart: imports and the kernels' cache (no reader imports
+        t = time.perf_counter()  # torch.distributed.tensor or .checkpoint: DTensors and DCP metadata are read inert)
         from opd_dynamics import CheckpointSeries, analyze
         from opd_dynamics.numerics import fused
 
