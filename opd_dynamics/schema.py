@@ -140,6 +140,19 @@ DEFAULT_PCTS = (1, 5, 10, 20)  # the p of principal_energy_{p}pct
 RANK_SHARE_KS = (1, 2, 3, 4, 5)  # the k of rank{k}_share
 _REPORT = "opd_dynamics.analysis.report.Report.to_csv"
 
+_ALIGNMENT = (
+    *IDENTIFIERS,
+    _c("ref_step", "int", "the reference step T (default: the last step)"),
+    _c("k", "int", "the k used for the overlaps and angle, lowered to the numerical rank"),
+    _c("paired_k", "int", "the K used for paired_cosine and rank1_cosine, lowered to the numerical rank"),
+    _c("subspace_overlap_u", "float", "‖U_k(t)ᵀ U_k(T)‖F² / k"),
+    _c("subspace_overlap_v", "float", "‖V_k(t)ᵀ V_k(T)‖F² / k"),
+    _c("max_principal_angle_deg", "float", "largest principal angle between span U_k(t) and span U_k(T)"),
+    _c("paired_cosine", "float", "(1/K) Σ_{i=1..K} |⟨u_i(t), u_i(T)⟩|"),
+    _c("rank1_cosine", "float", "|⟨u_1(t), u_1(T)⟩|"),
+    _c("direction_cosine", "float", "⟨ΔW_t, ΔW_T⟩ / (‖ΔW_t‖F ‖ΔW_T‖F)"),
+)
+
 _ANALYSIS = (
     Table("module_allocation", "module_allocation.csv", (
         *IDENTIFIERS,
@@ -174,19 +187,8 @@ _ANALYSIS = (
         _c("sigma_normalized", "float", "σ_i / F"),
     ), "the largest singular values of each update, one row per value", per_tensor=True, per_run=True,
         writer=_REPORT),
-    Table("alignment", "alignment.csv", (
-        *IDENTIFIERS,
-        _c("ref_step", "int", "the reference step T (default: the last step)"),
-        _c("k", "int", "the k used for the overlaps and angle, lowered to the numerical rank"),
-        _c("paired_k", "int", "the K used for paired_cosine and rank1_cosine, lowered to the numerical rank"),
-        _c("subspace_overlap_u", "float", "‖U_k(t)ᵀ U_k(T)‖F² / k"),
-        _c("subspace_overlap_v", "float", "‖V_k(t)ᵀ V_k(T)‖F² / k"),
-        _c("max_principal_angle_deg", "float", "largest principal angle between span U_k(t) and span U_k(T)"),
-        _c("paired_cosine", "float", "(1/K) Σ_{i=1..K} |⟨u_i(t), u_i(T)⟩|"),
-        _c("rank1_cosine", "float", "|⟨u_1(t), u_1(T)⟩|"),
-        _c("direction_cosine", "float", "⟨ΔW_t, ΔW_T⟩ / (‖ΔW_t‖F ‖ΔW_T‖F)"),
-    ), "alignment of each update's top directions with those of the reference step's update", per_tensor=True,
-        per_run=True, writer=_REPORT),
+    Table("alignment", "alignment.csv", _ALIGNMENT, "alignment of each update's top directions with those of the "
+          "reference step's update", per_tensor=True, per_run=True, writer=_REPORT),
     Table("geometry", "geometry.csv", (
         *IDENTIFIERS,
         _c("principal_energy_{p}pct", "float", "‖U0_kᵀ ΔW V0_k‖F² / F², k = ⌈p% · r⌉", DEFAULT_PCTS),
@@ -369,6 +371,8 @@ _LAB = (
 # ---- the recorder (opd_dynamics.record) ----
 
 _RECORD = (
+    Table("sketch_alignment", "sketch_alignment.csv", _ALIGNMENT, "the alignment table of a lab's sketch series "
+          "(every recorded step of each run, to its last step)", writer="opd_dynamics.lab.run.write_sketch_alignment"),
     Table("sketch", "sketch.csv", (
         _c("step", "int", "the recorded optimizer step t"),
         _c("tensor", "str", "the parameter's name"),

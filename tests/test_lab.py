@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -416,3 +417,32 @@ def test_lab_extrapolation_rows_against_float64_and_the_eval_tables(smoke_lab, t
     with pytest.raises(InputError, match="is not one of"):
         lab_extrapolation(smoke_lab, tmp_path / "bad", methods=("ties",), log=lambda m: None)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
+def test_the_lab_records_sketches_that_agree_with_its_checkpoints(smoke_lab):
+    """Each run's sketch series holds every step of its first fifth, then every fifth step; at the steps both
+    hold, the sketch's norms and top singular values equal the checkpoints' (float64 exact spectra), and
+    sketch_alignment.csv is the sketch analysis' alignment table."""
+    from opd_dynamics import SketchSeries, analyze
+    from opd_dynamics.lab.layout import SKETCH_K
+
+    meta = json.loads((smoke_lab / "lab.json").read_text())
+    last = meta["preset"]["rl_steps"]
+    dense = round(0.2 * last)
+    sk_al = pd.read_csv(smoke_lab / "sketch_alignment.csv")
+    for run in ("opd", "grpo"):
+        s = SketchSeries(smoke_lab / run / "sketch", name=run)
+        assert s.steps == [t for t in range(1, last + 1) if t <= dense or t % 5 == 0]
+        sk = analyze(s)
+        ck = analyze(CheckpointSeries.discover(smoke_lab / run, base=smoke_lab / "student_init", name=run),
+                     progress=False, n_singular_values=SKETCH_K)
+        m = sk["module_allocation"].merge(ck["module_allocation"], on=["step", "tensor"], suffixes=("", "_ck"))
+        assert set(m["step"]) == set(range(meta["preset"]["save_steps"], last + 1, meta["preset"]["save_steps"]))
+        np.testing.assert_allclose(m["update_norm"], m["update_norm_ck"], rtol=1e-12)
+        sv = sk["singular_values"].merge(ck["singular_values"], on=["step", "tensor", "index"], suffixes=("", "_ck"))
+        np.testing.assert_allclose(sv["sigma"], sv["sigma_ck"], rtol=1e-6)  # float32 storage of the sketch
+        mine = sk_al[sk_al["run"] == run]
+        np.testing.assert_allclose(mine["subspace_overlap_u"].to_numpy(),
+                                   sk["alignment"]["subspace_overlap_u"].to_numpy(), rtol=1e-12)

@@ -142,7 +142,9 @@ def make_tables(seed: int = 0) -> dict[str, pd.DataFrame]:
     return dict(module_allocation=a, spectrum=sp, singular_values=pd.DataFrame(sv), alignment=pd.DataFrame(align),
                 embedding=pd.DataFrame(emb), summary=pd.DataFrame(summary), eval=ev, scaling=scaling, window=window,
                 rank=rank, rescale=rescale, embedding_swap=swap, effopd_curves=curves, effopd_summary=summ,
-                trajectory=traj, segments=seg, probe=probe, extrapolation=extrap)
+                trajectory=traj, segments=seg, probe=probe, extrapolation=extrap,
+                sketch_alignment=pd.concat([pd.DataFrame(align).query(f"step == {STEPS[-1]}").assign(step=s)
+                                            for s in range(1, STEPS[-1] + 1)], ignore_index=True))
 
 
 def write_dirs(tmp_path, tables=None):
@@ -168,7 +170,7 @@ def write_dirs(tmp_path, tables=None):
     for r in ("opd", "grpo"):
         ev = tables["eval"]
         ev[ev["run"] == r].to_csv(lab / r / "eval.csv", index=False)
-    for n in ("scaling", "window", "rank", "rescale", "embedding_swap"):
+    for n in ("scaling", "window", "rank", "rescale", "embedding_swap", "sketch_alignment"):
         tables[n].to_csv(lab / f"{n}.csv", index=False)
     for n in ("effopd_curves", "effopd_summary", "probe", "extrapolation"):
         tables[n].to_csv(eff / f"{n}.csv", index=False)
@@ -442,7 +444,7 @@ def test_plot_all_from_dirs_writes_atomically_and_reports_skips(tmp_path, tables
     # only the analysis dir: the lab and effopd figures are skipped, each with its reason
     ok, skipped = P.available_figures(dirs[:1])
     assert set(skipped) == {"eval_curves", "embedding_swap", "scaling", "rank_recovery", "rescale", "effopd_curves",
-                            "probe", "extrapolation"}
+                            "probe", "extrapolation", "step_alignment"}
     assert skipped["scaling"] == "scaling.csv is absent"
     res2 = P.plot_all(dirs[:1], tmp_path / "figs2", formats=("png",), figures=["alignment", "scaling"])
     assert [p.name for p in res2] == ["alignment.png"] and res2.skipped == {"scaling": skipped["scaling"]}
@@ -482,3 +484,21 @@ def test_extrapolation_figure_plots_the_mean_over_seeds_per_method(tables):
     np.testing.assert_allclose(y("relex"), [0.15, 0.3, 0.6])  # the mean of f·1 and f·2 over the seeds
     np.testing.assert_allclose(y("the run at its last observed step"), [0.2, 0.4, 0.8])
     assert ax.get_title() == "opd (2 seeds)"
+
+
+def test_step_alignment_draws_every_recorded_step_and_the_checkpoints(tables):
+    """Lines: the sketch series' alignment at every recorded step (planted: overlap s/40, the median over
+    matrices); markers: the checkpoints' alignment.csv at its saved steps."""
+    al = tables["alignment"]
+    one = al[al["step"] == STEPS[-1]]
+    sk = pd.concat([one.assign(step=s, subspace_overlap_u=s / 40, rank1_cosine=1.0) for s in range(1, 41)])
+    fig = P.plot_step_alignment({**tables, "sketch_alignment": sk})
+    assert len(fig.axes) == 4
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    np.testing.assert_allclose(lines["opd, every recorded step"].get_xdata(), range(1, 41))
+    np.testing.assert_allclose(lines["opd, every recorded step"].get_ydata(), [s / 40 for s in range(1, 41)])
+    assert list(lines["grpo, checkpoints"].get_xdata()) == list(STEPS)
+    assert lines["grpo, checkpoints"].get_linestyle() == "None"
+    fig = P.plot_step_alignment({"sketch_alignment": sk})  # without checkpoints: the lines alone
+    assert {ln.get_label() for ln in fig.axes[0].get_lines()} == {"opd, every recorded step",
+                                                                   "grpo, every recorded step"}

@@ -7,6 +7,9 @@
     LAB/opd/checkpoint-N/   the OPD run's checkpoints, and LAB/opd/eval.csv their evaluation
     LAB/grpo/checkpoint-N/  the GRPO run's, and LAB/grpo/eval.csv
     LAB/grpo/grpo_groups.csv  per GRPO step, the share of sample groups with non-zero reward variance
+    LAB/opd/sketch/, LAB/grpo/sketch/  each run's sketch series (`record.DynamicsRecorder`: every step of the
+                            first SKETCH_DENSE of training, then every SKETCH_SPARSE steps)
+    LAB/sketch_alignment.csv  the sketch series' alignment to their last step, per recorded step and matrix
     LAB/lab.json            preset, seed (the train/held-out split), timings, accuracies, versions
 
 `lab run --seeds N` writes one such directory per seed, ``OUT/seed-K/`` (`seed_dirs` finds them).
@@ -26,6 +29,10 @@ from opd_dynamics.schema import LAB_JSON
 RUNS = ("opd", "grpo")
 TEACHER, STUDENT_INIT, EVAL_CSV = "teacher", "student_init", "eval.csv"
 
+
+SKETCH, SKETCH_K = "sketch", 16
+#: the lab records every step of the first SKETCH_DENSE of a run, then every SKETCH_SPARSE steps
+SKETCH_DENSE, SKETCH_SPARSE = 0.2, 5
 
 SEED_DIR = "seed-{}"
 
@@ -83,6 +90,10 @@ class LabDir:
 
     def eval_csv(self, name: str) -> Path:
         return self.run(name) / EVAL_CSV
+
+    def sketch(self, name: str) -> Path:
+        """A run's sketch series."""
+        return self.run(name) / SKETCH
 
     def series(self, name: str) -> CheckpointSeries:
         """A run's checkpoints against student_init."""

@@ -17,7 +17,7 @@ import torch
 
 from opd_dynamics.io.writer import atomic_dir, json_text
 from opd_dynamics.lab.evaluate import evaluate_model, pass_at_k
-from opd_dynamics.lab.layout import RUNS, LabDir, seed_dir
+from opd_dynamics.lab.layout import RUNS, SKETCH, SKETCH_DENSE, SKETCH_K, SKETCH_SPARSE, LabDir, seed_dir
 from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, build_tokenizer, has_carry
@@ -63,6 +63,27 @@ def group_summary(csv: Path) -> dict[str, float]:
             "steps_below_0.3": int((v < 0.3).sum()), "steps": len(g)}
 
 
+def sketch_callback(out: Path, steps: int):
+    """The recorder the lab trains with: every step of the first SKETCH_DENSE of the run, then every SKETCH_SPARSE,
+    k = SKETCH_K, exact spectra."""
+    from opd_dynamics.record import DynamicsCallback, DynamicsRecorder
+
+    dense = max(1, round(SKETCH_DENSE * steps))
+    return DynamicsCallback(DynamicsRecorder(out, k=SKETCH_K, every=lambda s: s <= dense or s % SKETCH_SPARSE == 0))
+
+
+def write_sketch_alignment(lab: LabDir) -> Path:
+    """``LAB/sketch_alignment.csv``: the alignment table of both runs' sketch series (to each run's last step)."""
+    from opd_dynamics.analysis.sketch import analyze_sketches
+    from opd_dynamics.io.sketches import SketchSeries
+
+    rep = analyze_sketches([SketchSeries(lab.sketch(r), name=r) for r in RUNS], k_subspace=SKETCH_K,
+                           k_paired=SKETCH_K)
+    out = lab.root / TABLES["sketch_alignment"].file
+    rep["alignment"][TABLES["sketch_alignment"].names].to_csv(out, index=False)
+    return out
+
+
 def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bool = False,
             log: Callable[[str], None] | None = None) -> Path:
     """Run the whole lab into ``out`` and return its path.
@@ -96,18 +117,21 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
             f"student_init pass@{p.pass_k} on carry problems {s_pass[f'pass_at_{p.pass_k}_carry']:.3f}")
 
         ev = {}
-        train = {"opd": lambda d: train_opd(lab.student_init, lab.teacher, d, p, seed),
-                 "grpo": lambda d: train_grpo(lab.student_init, d, p, seed)}
+        train = {"opd": lambda d, cbs: train_opd(lab.student_init, lab.teacher, d, p, seed, cbs),
+                 "grpo": lambda d, cbs: train_grpo(lab.student_init, d, p, seed, cbs)}
         for run in RUNS:
-            log(f"[lab] {run}: {p.rl_steps} steps, checkpoint every {p.save_steps}")
+            log(f"[lab] {run}: {p.rl_steps} steps, checkpoint every {p.save_steps}, sketches in {run}/{SKETCH}")
             t0 = time.time()
-            train[run](lab.run(run))
+            train[run](lab.run(run), [sketch_callback(lab.sketch(run), p.rl_steps)])
             timings[f"{run}_train_s"] = time.time() - t0
             t0 = time.time()
             ev[run] = evaluate_run(run, lab.run(run), lab.student_init, teacher, tok, held, seed=seed, log=log)
             ev[run].to_csv(lab.eval_csv(run), index=False)
             timings[f"{run}_eval_s"] = time.time() - t0
 
+        t0 = time.time()
+        write_sketch_alignment(lab)
+        timings["sketch_analysis_s"] = time.time() - t0
         s0 = ev[RUNS[0]].iloc[0]
         timings["total_s"] = time.time() - t_all
         meta = {

@@ -16,6 +16,7 @@ from opd_dynamics.plotting.direction import (
     plot_alignment,
     plot_foresight,
     plot_singular_value_decay,
+    plot_step_alignment,
     plot_table1,
     plot_trajectory_shape,
 )
@@ -31,5 +32,6 @@ __all__ = [
     "method_colors", "opd_style", "plot_alignment", "plot_all", "plot_allocation_heatmap", "plot_effopd_curves",
     "plot_embedding_cosine", "plot_embedding_swap", "plot_eval_curves", "plot_extrapolation", "plot_foresight",
     "plot_group_energy", "plot_layer_norms", "plot_probe", "plot_rank_recovery", "plot_rescale", "plot_scaling",
-    "plot_singular_value_decay", "plot_table1", "plot_trajectory_shape", "run_colors", "save_figure",
+    "plot_singular_value_decay", "plot_step_alignment", "plot_table1", "plot_trajectory_shape", "run_colors",
+    "save_figure",
 ]

@@ -174,6 +174,43 @@ def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subs
     return fig
 
 
+@styled
+def plot_step_alignment(report: Any, metrics: Sequence[str] = ("subspace_overlap_u", "rank1_cosine"),
+                        groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
+    """Alignment to the final update at every recorded step: lines from the runs' sketch series
+    (sketch_alignment.csv), markers from the checkpoints' analysis (alignment.csv) where the tables hold it, so
+    the early steps between checkpoints, where lock-in happens, are seen. Median over matrices, band = IQR."""
+    t = as_tables(report).tables
+    d = alignment_curves({"alignment": require_table(t, "sketch_alignment")}, metrics, groups)
+    ck = alignment_curves({"alignment": t["alignment"]}, metrics, groups) if "alignment" in t else None
+    runs = order_runs(d["run"].unique())
+    colors = run_colors(runs)
+    fig, axes = new_figure(len(metrics), len(groups), sharex=True, sharey="row")
+    for i, m in enumerate(metrics):
+        for j, g in enumerate(groups):
+            ax = axes[i, j]
+            for r in runs:
+                x = d[(d["metric"] == m) & (d["group"] == g) & (d["run"] == r)].sort_values("step")
+                if x.empty:
+                    continue
+                iqr_band(ax, x["step"], x["q25"], x["q75"], colors[r])
+                ax.plot(x["step"], x["median"], color=colors[r], label=f"{r}, every recorded step")
+                c = None if ck is None else ck[(ck["metric"] == m) & (ck["group"] == g) & (ck["run"] == r)]
+                if c is not None and not c.empty:
+                    ax.plot(c["step"], c["median"], color=colors[r], marker="o", linestyle="none",
+                            label=f"{r}, checkpoints")
+            ax.set_title(f"{_group_title(g)}: {_ALIGN_TITLES.get(m, m)}")
+            ax.set_ylabel(_ALIGN_LABELS.get(m, m) if j == 0 else "")
+            if i == len(metrics) - 1:
+                ax.set_xlabel("training step")
+            if not ax.get_lines():
+                no_data(ax)
+    fig_legend(fig, axes, title="run")
+    fig.suptitle("Alignment to the final update at step resolution (sketches recorded in training; median over "
+                 "matrices, band = IQR)")
+    return fig
+
+
 def segment_curves(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> pd.DataFrame:
     """Per run, group, step and metric (segments.csv's columns): median and quartiles over matrices, and
     progress = step / the run's last step."""

@@ -26,6 +26,7 @@ from opd_dynamics.plotting.direction import (
     plot_alignment,
     plot_foresight,
     plot_singular_value_decay,
+    plot_step_alignment,
     plot_table1,
     plot_trajectory_shape,
 )
@@ -102,6 +103,9 @@ FIGURES: tuple[FigureSpec, ...] = (
                "The paper's Table-1 aggregates over attention and MLP matrices.", _table1_check),
     FigureSpec("alignment", plot_alignment, (("alignment",),), "Update direction",
                "Alignment of early top singular directions with the final update's (Fig. 4b)."),
+    FigureSpec("step_alignment", plot_step_alignment, (("sketch_alignment",),), "Update direction",
+               "Alignment to the final update at every recorded step, from the sketch series the recorder wrote in "
+               "training (markers: the checkpoints' analysis)."),
     FigureSpec("foresight", plot_foresight, (("segments",),), "Update direction",
                "Alignment to the final update against the random-walk null √(t/T), and consecutive-segment cosines."),
     FigureSpec("trajectory_shape", plot_trajectory_shape, (("trajectory",),), "Update direction",
