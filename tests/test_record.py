@@ -380,3 +380,67 @@ def test_a_peft_lora_model_is_recorded_from_its_factors(tmp_path):
     # the start weights of an adapted layer: its base weight (B = 0 at PEFT's init)
     base = load_file(tmp_path / "sk" / "base.safetensors")
     assert torch.equal(base[name], layer.base_layer.weight.detach())
+
+
+def _trainer(model, out, callbacks, max_steps=4):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, 67, (8, 6), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=max_steps,
+                             learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="steps", save_steps=2,
+                             use_cpu=True, disable_tqdm=True, data_seed=0, seed=0)
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def test_a_trainer_resumed_from_a_checkpoint_continues_the_series_and_a_fresh_recorder_is_refused(tmp_path):
+    """A real Trainer recording 4 steps, checkpoints at 2 and 4; it is resumed from checkpoint-2: with
+    resume=True the recorder continues at step 2 (steps 3 and 4 set aside, then recorded again); a fresh recorder
+    attached to the resumed run (training started at step 2, W_0 gone) is refused in one sentence."""
+    from opd_dynamics.io.sketches import SketchSeries
+    from opd_dynamics.record import DynamicsCallback
+
+    from builders import tiny_llama
+
+    cb = DynamicsCallback(DynamicsRecorder(tmp_path / "sk", k=3))
+    _trainer(tiny_llama(0), tmp_path / "out", [cb]).train()
+    first = SketchSeries(tmp_path / "sk").table.set_index(["step", "tensor"])
+    cb = DynamicsCallback(DynamicsRecorder(tmp_path / "sk", k=3, resume=True))
+    _trainer(tiny_llama(0), tmp_path / "out", [cb]).train(resume_from_checkpoint=str(tmp_path / "out" /
+                                                                                    "checkpoint-2"))
+    s = SketchSeries(tmp_path / "sk")
+    assert s.steps == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "sk" / "superseded").iterdir()) == [
+        "step-00000003.safetensors", "step-00000004.safetensors"]
+    again = s.table.set_index(["step", "tensor"])
+    # the resumed run redoes steps 3 and 4 from the same weights and data order: the same updates
+    np.testing.assert_allclose(again.loc[4, "update_norm"], first.loc[4, "update_norm"], rtol=1e-5)
+    late = DynamicsCallback(DynamicsRecorder(tmp_path / "late", k=3))
+    with pytest.raises(InputError, match="cannot start recording at step 2: a new sketch series needs the start "
+                                         "weights"):
+        _trainer(tiny_llama(0), tmp_path / "out", [late]).train(resume_from_checkpoint=str(
+            tmp_path / "out" / "checkpoint-2"))
+    assert not (tmp_path / "late").exists()
+
+
+def test_the_cli_refuses_a_sketch_series_with_a_missing_step(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from opd_dynamics.cli import main
+
+    m = Tiny()
+    rec = DynamicsRecorder(tmp_path / "sk", k=2)
+    rec.record(m, 0)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            m.model.layers[0].self_attn.q_proj.weight.add_(1e-2)
+        rec.record(m, step)
+    rec.close()
+    shutil.copytree(tmp_path / "sk", tmp_path / "holed")
+    (tmp_path / "holed" / "step-00000003.safetensors").unlink()  # the last step: only sketch.csv knows it
+    r = CliRunner().invoke(main, ["analyze", str(tmp_path / "holed"), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "step-00000003.safetensors: is missing: sketch.csv lists step 3" in r.output
