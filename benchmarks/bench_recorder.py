@@ -2,13 +2,13 @@
 checkpoints saved at every step (issue 21's checks).
 
 From a lab directory's student_init and teacher (`lab run`), OPD at the lab's preset for STEPS optimizer steps,
-twice in one process with the same seed: without the recorder (training time only), and with `DynamicsCallback`
-recording every step and the trainer also saving a checkpoint at every step. Then `analyze` (exact spectra) of
-those checkpoints against student_init, compared with `analyze` of the sketch series: ‖ΔW_t‖F, σ1 … σk, the
-segment cosines and the alignment columns a sketch determines (subspace overlaps, paired and rank-1 cosines, to
-the last step). The recorder's own time is measured apart, on the saved steps, less the time to load them.
+three times in one process with the same seed: without the recorder, with `DynamicsCallback` recording every step
+(the overhead: median whole-step wall time against the first), and with the recorder while the trainer also saves
+a checkpoint at every step. Then `analyze` (exact spectra) of those checkpoints against student_init, compared
+with `analyze` of that run's sketch series: ‖ΔW_t‖F, σ1 … σk, the segment cosines and the alignment columns a
+sketch determines (subspace overlaps, paired and rank-1 cosines, to the last step).
 
-    python benchmarks/bench_recorder.py LAB [--steps 20] [--k 16]
+    python benchmarks/bench_recorder.py LAB [--steps 20] [--k 16] [--svd exact|fast] [--foreground]
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ from transformers import TrainerCallback
 
 
 class _Timer(TrainerCallback):
-    """Wall-clock of the optimizer steps (on_step_begin … on_step_end), everything else excluded."""
+    """Wall-clock of each whole training step, end to end (from one step's end to the next: the forward and
+    backward passes, generation, the optimizer and every callback, the recorder's included)."""
 
     def __init__(self):
-        self.total, self.t = 0.0, None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.t = time.perf_counter()
+        self.steps, self.t = [], None
 
     def on_step_end(self, args, state, control, **kw):
-        self.total += time.perf_counter() - self.t
+        now = time.perf_counter()
+        if self.t is not None:
+            self.steps.append(now - self.t)
+        self.t = now
 
 
 def main() -> None:
@@ -49,55 +50,49 @@ def main() -> None:
     ap.add_argument("lab", type=Path)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--svd", default="fast", choices=("exact", "fast"))
+    ap.add_argument("--svd", default="exact", choices=("exact", "fast"))
+    ap.add_argument("--foreground", action="store_true", help="record in the training thread (no worker thread)")
     a = ap.parse_args()
     lab = LabDir(a.lab).require(meta=True, teacher=True)
     preset = lab.meta()["preset"]["name"]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        times = {}
-        for with_rec in (False, True):
+        per_step, recs = {}, {}
+        # the same seeded OPD run three times: plain; with the recorder; with the recorder and a checkpoint at every
+        # step (the reference the sketches are checked against; its steps are not timed against the others)
+        for mode in ("plain", "recorder", "checkpoints"):
             timer = _Timer()
             cbs: list = [timer]
-            if with_rec:  # the step timer stops before the recorder runs (callbacks in order): timed apart below
-                cb = DynamicsCallback(DynamicsRecorder(tmp / "sketch", k=a.k, svd=a.svd))
-                cbs = [timer, cb]
-            trainer = build_opd_trainer(lab.student_init, lab.teacher, tmp / f"run-{with_rec}", preset, 0, cbs,
-                                        max_steps=a.steps, save_steps=1 if with_rec else a.steps + 1,
+            if mode != "plain":
+                recs[mode] = DynamicsRecorder(tmp / f"sketch-{mode}", k=a.k, svd=a.svd, background=not a.foreground)
+                cb = DynamicsCallback(recs[mode])
+                cbs = [cb, timer]
+            trainer = build_opd_trainer(lab.student_init, lab.teacher, tmp / f"run-{mode}", preset, 0, cbs,
+                                        max_steps=a.steps, save_steps=1 if mode == "checkpoints" else a.steps + 1,
                                         data_seed=lab.split_seed(0))
-            if with_rec:
+            if mode != "plain":
                 cb.bind(trainer)
             trainer.train()
-            times[with_rec] = timer.total
-        print(f"lab {a.lab} (preset {preset}), {a.steps} OPD steps, k = {a.k}, svd {a.svd}, 1 torch thread")
-        print(f"training steps without the recorder: {times[False]:.1f} s ({times[False] / a.steps * 1e3:.0f} ms/step)")
-        rec = pd.read_csv(tmp / "sketch" / "sketch.csv")
-        # the recorder's time, measured directly: a fresh recorder over the saved steps, less loading them
-        rec2 = DynamicsRecorder(tmp / "sketch-timing", k=a.k, svd=a.svd)
-        from opd_dynamics.lab.models import load_model
-
-        rec2.record(load_model(lab.student_init), 0)
-        t0 = time.perf_counter()
-        for s in range(1, a.steps + 1):
-            rec2.record(load_model(tmp / "run-True" / f"checkpoint-{s}"), s)
-        per = (time.perf_counter() - t0) / a.steps
-        load = []
-        for s in range(1, min(a.steps, 5) + 1):
-            t = time.perf_counter()
-            load_model(tmp / "run-True" / f"checkpoint-{s}")
-            load.append(time.perf_counter() - t)
-        per -= float(np.mean(load))
+            per_step[mode] = float(np.median(timer.steps))
+        rec = pd.read_csv(tmp / "sketch-checkpoints" / "sketch.csv")
+        r = recs["recorder"]
+        print(f"lab {a.lab} (preset {preset}), {a.steps} OPD steps, k = {a.k}, svd {a.svd}, "
+              f"{'foreground' if a.foreground else 'background'}, 1 torch thread")
+        print(f"median training step: {per_step['plain'] * 1e3:.0f} ms without the recorder, "
+              f"{per_step['recorder'] * 1e3:.0f} ms with it: overhead "
+              f"{per_step['recorder'] / per_step['plain'] - 1:+.1%}; the recorder's own time per step: "
+              f"{r.seconds['record'] / a.steps * 1e3:.1f} ms in the training thread (copy, and any wait), "
+              f"{r.seconds['work'] / a.steps * 1e3:.1f} ms of work")
+        sketch = tmp / "sketch-checkpoints"
         n_mat = rec["tensor"].nunique()
-        kept_mb = 3 * sum(math.prod(v["shape"]) for v in SketchSeries(tmp / "sketch").tensors.values()) * 4 / 1e6
-        step_mb = np.mean([f.stat().st_size for f in (tmp / "sketch").glob("step-*.safetensors")]) / 1e6
-        print(f"recorder per recorded step: {per * 1e3:.1f} ms = {per / (times[False] / a.steps):.1%} of a training "
-              f"step; memory: W_0, the previous weights and the previous segment of {n_mat} matrices in float32 "
-              f"({kept_mb:.1f} MB) plus the anchors' triplets; {step_mb:.3f} MB per step on disk")
-        ck = analyze(CheckpointSeries.discover(tmp / "run-True", base=lab.student_init), progress=False,
+        copy_mb = sum(math.prod(v["shape"]) for v in SketchSeries(sketch).tensors.values()) * 4 / 1e6
+        step_mb = np.mean([f.stat().st_size for f in sketch.glob("step-*.safetensors")]) / 1e6
+        print(f"memory: W_0, the previous weights, the previous segment and the step in flight of {n_mat} matrices "
+              f"in float32 (4 x {copy_mb:.1f} MB) plus the anchors' triplets; {step_mb:.3f} MB per step on disk")
+        ck = analyze(CheckpointSeries.discover(tmp / "run-checkpoints", base=lab.student_init), progress=False,
                      n_singular_values=a.k, k_subspace=a.k, k_paired=a.k)
-        sk = analyze(SketchSeries(tmp / "sketch", name=ck.module_allocation["run"].iloc[0]), k_subspace=a.k,
-                     k_paired=a.k)
+        sk = analyze(SketchSeries(sketch, name=ck.module_allocation["run"].iloc[0]), k_subspace=a.k, k_paired=a.k)
         key = ["step", "tensor"]
         m = sk.module_allocation.merge(ck.module_allocation, on=key, suffixes=("", "_ck"))
         norm_err = float((m["update_norm"] / m["update_norm_ck"] - 1).abs().max())
