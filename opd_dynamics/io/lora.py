@@ -16,6 +16,7 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import ModelDir
+from opd_dynamics.io.naming import PEFT_PREFIX
 from opd_dynamics.io.reader import ADAPTER_CONFIG, ADAPTER_FILE
 
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -68,7 +69,7 @@ class LoraAdapter:
             if m:
                 self._pairs.setdefault(m["mod"] + ".weight", {})[m["ab"]] = name
             else:
-                base = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+                base = name.removeprefix(PEFT_PREFIX)
                 self._full[base.replace(".modules_to_save.default", "")] = name
         broken = [k for k, v in self._pairs.items() if set(v) != {"A", "B"}]
         if broken:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 GROUPS = ("attention", "mlp", "embedding", "lm_head", "norm", "other")
 MATRIX_GROUPS = ("attention", "mlp")
 
+#: what a PeftModel puts before the wrapped model's names
+PEFT_PREFIX = "base_model.model."
 # Wrappers that carry no meaning for analysis: PEFT, multimodal towers, DDP, torch.compile, HF bases.
 _PREFIXES = (
-    "base_model.model.",
+    PEFT_PREFIX,
     "_orig_mod.",
     "module.",
     "model.language_model.",

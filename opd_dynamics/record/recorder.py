@@ -43,7 +43,7 @@ from threadpoolctl import ThreadpoolController
 
 from opd_dynamics.analysis.metrics.trajectory import LOCKIN_MARGIN, LOCKIN_THRESHOLD
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, parse_name
+from opd_dynamics.io.naming import MATRIX_GROUPS, PEFT_PREFIX, is_selected, parse_name
 from opd_dynamics.io.sketches import (
     BASE_FILE,
     FOREIGN_MEDIAN,
@@ -64,8 +64,6 @@ from opd_dynamics.schema import TABLES
 COLUMNS = TABLES["sketch"].names
 #: a fresh series must start here: the start weights are W_0
 START_STEP = 0
-#: what a PeftModel puts before the wrapped model's module names
-PEFT_PREFIX = "base_model.model."
 
 
 def _is_writer() -> bool:
