@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from opd_dynamics.errors import InputError
@@ -163,14 +164,15 @@ _FDS = FdCache()
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor to read a tensor's bytes into, its memory a Python bytearray (freed with the
-    tensor): measured on the norm-only pass (`benchmarks/bench_formats.py`), its peak RSS stays at 50 MB over 5
-    runs where `torch.empty`'s aligned allocations peaked at 50 to 85 MB (safetensors), and 77 MB against 77 to
-    138 MB reading DCP."""
+    """An uninitialised CPU tensor to read a tensor's bytes into, its memory a numpy buffer (plain malloc, freed
+    with the tensor; no zero-fill, which `bytearray` does). Measured on the norm-only pass
+    (`benchmarks/bench_formats.py`, 5 runs each): `torch.empty`'s aligned allocations peaked at 50 to 94 MB on
+    safetensors where these stay at 50 MB in most runs; anonymous mmaps (returned to the system on free) hold
+    every format at its floor (48 MB, 77 MB in float32) but fault every page in again, 1.5 to 2.5 times slower."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(nbytes), dtype=dtype).reshape(shape)
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).reshape(shape)
 
 
 def pread_into(file: Path, ident: tuple, start: int, dest: torch.Tensor) -> None:
