@@ -8,13 +8,16 @@ safetensors base + steps) and writes its steps again in every format the toolkit
 - ``fsdp``: verl's rank files, `torch.save(model.state_dict())` on each of 2 gloo ranks after FSDP2 `fully_shard`
   (float32, as verl keeps its actor's master weights);
 - ``dcp``: `torch.distributed.checkpoint.save({"model": state_dict})` from the same 2 ranks (accelerate's call;
-  float32).
+  float32);
+- ``deepspeed``, only with ``--deepspeed-python PYTHON`` (an interpreter that has DeepSpeed; the toolkit does not
+  depend on it): DeepSpeed's own ZeRO-2 ``save_checkpoint`` of a one-rank bf16 engine holding each step's weights
+  (`write_deepspeed.py`), its model-states file (bf16) read; the optimizer partitions are removed.
 
 Then, each in a fresh child process (`bench_io.measure`): ``read`` every byte of the base and step files (the I/O
 floor), and ``norms``, `analyze(svd='none')` of the series against the safetensors base; peak RSS growth over the
 RSS after start-up. Files are warm in the page cache.
 
-    python benchmarks/bench_formats.py [--layers 4] [--steps 2]
+    python benchmarks/bench_formats.py [--layers 4] [--steps 2] [--deepspeed-python PYTHON]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,8 +94,16 @@ def write_formats(root: Path, steps: int) -> None:
             mp.spawn(_fsdp_worker, args=(2, str(src), str(actor), str(dcp_dir), f"{tmp}/store"), nprocs=2)
 
 
+def write_deepspeed(root: Path, steps: int, python: str) -> None:
+    """root/deepspeed/global_stepN from root/run/checkpoint-N, by DeepSpeed itself under ``python``."""
+    script = str(Path(__file__).with_name("write_deepspeed.py"))
+    for t in range(1, steps + 1):
+        subprocess.run([python, script, str(root / "run" / f"checkpoint-{t}"), str(root / "deepspeed"), str(t)],
+                       check=True, capture_output=True)
+
+
 def _run_dir(root: Path, fmt: str) -> Path:
-    return root / {"safetensors": "run", "bin": "bin", "fsdp": "fsdp", "dcp": "dcp"}[fmt]
+    return root / {"safetensors": "run", "bin": "bin", "fsdp": "fsdp", "dcp": "dcp", "deepspeed": "deepspeed"}[fmt]
 
 
 def child(mode: str, root: Path) -> None:
@@ -130,6 +142,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--deepspeed-python", help="an interpreter with DeepSpeed, to add a ZeRO-2 row")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -138,11 +151,15 @@ def main() -> None:
         root = Path(tmp) / "series"
         bench_io.build_series(root, a.layers, a.steps)
         write_formats(root, a.steps)
+        formats = FORMATS
+        if a.deepspeed_python:
+            write_deepspeed(root, a.steps, a.deepspeed_python)
+            formats += ("deepspeed",)
         largest = bench_io.INTER * bench_io.H
         print(f"{a.layers} Qwen2.5-0.5B-shaped layers + 8192-row embedding, base (bf16 safetensors) + {a.steps} steps; "
               f"largest matrix {largest * 2 / 1e6:.1f} MB in bf16, {largest * 4 / 1e6:.1f} MB in float32")
         print("format       series_GB  read_s  read_GB/s  norms_s  norms_GB/s  ratio  norms_RSS_growth_MB  startup_s")
-        for fmt in FORMATS:
+        for fmt in formats:
             bench_io.measure(f"read:{fmt}", root, __file__)  # warm the page cache
             rows = [(bench_io.measure(f"read:{fmt}", root, __file__), bench_io.measure(f"norms:{fmt}", root, __file__))
                     for _ in range(a.repeat)]
