@@ -209,3 +209,31 @@ def record_fsdp_worker(rank: int, world: int, out: str, store: str) -> None:
     rec.close()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def placements_worker(rank: int, world: int, actor: str, store: str) -> None:
+    """One of `world` gloo ranks: rank files (`torch.save` of a dict, verl's call) holding a DTensor sharded along
+    dim 1 (uneven: 7 columns), a replicated one, one sharded along dim 0 and a plain tensor, all from seed 0."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    full = placements_tensors()
+    sd = {"cols.weight": distribute_tensor(full["cols.weight"], mesh, [Shard(1)]),
+          "rep.weight": distribute_tensor(full["rep.weight"], mesh, [Replicate()]),
+          "rows.weight": distribute_tensor(full["rows.weight"], mesh, [Shard(0)]),
+          "plain.bias": full["plain.bias"]}
+    torch.save(sd, os.path.join(actor, f"model_world_size_{world}_rank_{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def placements_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"cols.weight": torch.randn(5, 7, generator=g), "rep.weight": torch.randn(4, 3, generator=g),
+            "rows.weight": torch.randn(9, 2, generator=g).to(torch.bfloat16), "plain.bias": torch.randn(6, generator=g)}

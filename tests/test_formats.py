@@ -399,3 +399,25 @@ def test_fsdp_and_dcp_are_read_without_importing_torch_distributed_tensor_or_che
                           str(runs / "accelerate" / "checkpoint-6" / "pytorch_model_fsdp_0")],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_rank_files_sharded_along_columns_replicated_or_plain_read_by_byte_range(tmp_path):
+    """DTensors placed Shard(1) (uneven), Replicate and Shard(0), and a plain tensor, in rank files written by
+    2 gloo ranks: located by the layout unpickler and read by byte range, equal to the tensors distributed."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from builders import placements_tensors, placements_worker
+
+    actor = tmp_path / "actor"
+    actor.mkdir()
+    with tempfile.TemporaryDirectory() as t:
+        mp.spawn(placements_worker, args=(2, str(actor), f"{t}/store"), nprocs=2)
+    want = placements_tensors()
+    with open_model(actor) as r:
+        assert r.load_mode == "pread" and sorted(r.names()) == sorted(want)
+        for n, w in want.items():
+            assert r.shape(n) == tuple(w.shape) and r.dtype(n) == w.dtype
+            assert torch.equal(r.get(n), w), n
+            assert torch.equal(r.get_rows(n, 1, 3), w[1:3]), n
