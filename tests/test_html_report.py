@@ -119,8 +119,9 @@ def test_cli_plot_and_report(tmp_path):
     runner = CliRunner()
     r = runner.invoke(main, ["plot", dirs[1], "--figures", str(tmp_path / "f"), "--format", "svg"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["embedding_swap.svg", "eval_curves.svg",
-                                                                  "rank_recovery.svg", "rescale.svg", "scaling.svg"]
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        "embedding_swap.svg", "eval_curves.svg", "rank_recovery.svg", "rescale.svg", "scaling.svg",
+        "step_alignment.svg"]  # the lab dir: its own tables and its sketches' alignment
     assert "skipped" in r.output and "effopd_curves" in r.output
     html = tmp_path / "r.html"
     r = runner.invoke(main, ["report", dirs[2], "--html", str(html)])

@@ -228,6 +228,8 @@ def test_ship_copies_the_asked_subset_byte_for_byte_and_refuses_a_missing_step(s
             assert (out / d / name).read_bytes() == (smoke_lab / d / name).read_bytes()
     assert (out / "lab.json").read_bytes() == (smoke_lab / "lab.json").read_bytes()
     assert (out / "opd" / "eval.csv").exists() and (out / "grpo" / "eval.csv").exists()
+    assert (out / "sketch_alignment.csv").read_bytes() == (smoke_lab / "sketch_alignment.csv").read_bytes()
+    assert not (out / "opd" / "sketch").exists()  # the sketch series stay behind
     s = CheckpointSeries.discover(out / "opd", base=out / "student_init")
     assert [step for step, _ in s.steps] == [20, 60]
     with pytest.raises(InputError, match="checkpoint-30.*has no model.safetensors"):

@@ -11,13 +11,15 @@ from pathlib import Path
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.writer import atomic_dir
 from opd_dynamics.lab.layout import RUNS, LabDir
-from opd_dynamics.schema import LAB_JSON
+from opd_dynamics.schema import LAB_JSON, TABLES
 
 KEEP = ("model.safetensors", "config.json")
 
 
 def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False, overwrite: bool = False) -> Path:
-    """Copy student_init, the given checkpoint steps of each run, their eval.csv and lab.json into ``out``."""
+    """Copy student_init, the given checkpoint steps of each run, their eval.csv, lab.json and (when the lab
+    recorded sketches) sketch_alignment.csv into ``out``; the sketch series themselves stay behind (about 1 MB per
+    recorded step at the default preset)."""
     src = LabDir(lab_dir)
     models = [src.student_init] + ([src.teacher] if include_teacher else [])
     models += [src.run(r) / f"checkpoint-{s}" for r in RUNS for s in steps]
@@ -33,4 +35,7 @@ def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False,
         for r in RUNS:
             shutil.copy2(src.eval_csv(r), dst.eval_csv(r))
         shutil.copy2(src.meta_path, dst.meta_path)
+        aligned = src.root / TABLES["sketch_alignment"].file
+        if aligned.exists():
+            shutil.copy2(aligned, tmp / aligned.name)
     return Path(out)
