@@ -1,9 +1,10 @@
 """`torch.save` weight files read safely and lazily, and the `pytorch_model.bin` reader.
 
-Every `.bin`/`.pt` goes through `load_weights_file`: the zip format only (mapped with ``mmap=True``, so names,
-shapes and dtypes cost nothing and a tensor's pages are read when it is used), ``weights_only=True`` (a pickle
-holding anything but tensors and plain containers is refused, never run), torch ≥ 2.6 (older torch had a
-``weights_only`` bypass, CVE-2025-32434), and ``map_location='cpu'`` (files saved from CUDA tensors).
+Every `.bin`/`.pt` that `archive_layout` (below) does not admit goes through `load_weights_file`: the zip format
+only (mapped with ``mmap=True``, so names, shapes and dtypes cost nothing and a tensor's pages are read when it is
+used), ``weights_only=True`` (a pickle holding anything but tensors and plain containers is refused, never run),
+torch ≥ 2.6 (older torch had a ``weights_only`` bypass, CVE-2025-32434), and ``map_location='cpu'`` (files saved
+from CUDA tensors).
 
 Where a file allows it, nothing is mapped: `archive_layout` reads the archive's ``data.pkl`` with a restricted
 unpickler that builds no tensor and runs nothing (storage types, the tensor rebuilder, plain containers, torch.Size
