@@ -193,6 +193,10 @@ class DCPDir(EntryReader):
             if getattr(info, "transform_descriptors", None):
                 raise InputError(self.path, f"stores {key!r} with stream transforms {info.transform_descriptors} "
                                             "(compression), which this reader does not decode")
+            if len(chunk.offsets) != len(tm.size) or len(chunk.sizes) != len(tm.size) or \
+                    any(o < 0 or n < 0 or o + n > m for o, n, m in zip(chunk.offsets, chunk.sizes, tm.size)):
+                raise InputError(self.path / METADATA, f"lists a chunk of {key!r} at {tuple(chunk.offsets)} of size "
+                                                       f"{tuple(chunk.sizes)} outside its shape {tuple(tm.size)}")
             plan.append((chunk, self.path / info.relative_path, info))
         if sum(math.prod(c.sizes) for c, _, _ in plan) != math.prod(tm.size):
             raise InputError(self.path / METADATA, f"has chunks of {key!r} covering "

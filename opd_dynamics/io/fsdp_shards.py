@@ -153,6 +153,9 @@ class FSDPShards(EntryReader):
                                             "(only FSDP's Shard and HSDP's leading Replicate are supported)")
         dim = t0.placements[-1]
         if dim is None:
+            if t0.local.shape != t0.shape:
+                raise InputError(self.files[0], f"holds {key!r} replicated with a local shape {t0.local.shape} "
+                                                f"other than its global shape {t0.shape}")
             return None, [(0, t0.local, 0)]
         want, pieces, have = t0.shape[dim], [], 0
         for r, sd in enumerate(self._layouts):

@@ -218,9 +218,11 @@ def _rebuild_dtensor(func, new_type, args, state) -> _DTensorRef:
             placements.append(None)
         else:
             raise pickle.UnpicklingError("a DTensor placement other than Shard and Replicate")
-    if not placements:
-        raise pickle.UnpicklingError("a DTensor without placements")
-    return _DTensorRef(local, tuple(int(n) for n in args[2]), tuple(placements))
+    shape = tuple(int(n) for n in args[2])
+    if not placements or any(n < 0 for n in shape) or any(d is not None and not 0 <= d < len(shape)
+                                                          for d in placements):
+        raise pickle.UnpicklingError("a DTensor without valid placements or shape")
+    return _DTensorRef(local, shape, tuple(placements))
 
 
 class _DTensorRef:
@@ -341,7 +343,8 @@ class _Located:
         size = ref.storage.dtype.itemsize
         t = StoredTensor(ref.storage.dtype, ref.size, ref.stride, at + ref.offset * size)
         span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) if math.prod(t.shape) else 0
-        if ref.offset < 0 or any(s < 0 for s in t.stride) or (ref.offset + span) * size > nbytes:
+        if ref.offset < 0 or any(n < 0 for n in t.shape) or any(s < 0 for s in t.stride) or \
+                (ref.offset + span) * size > nbytes:
             raise ValueError("a tensor outside its storage")
         return t
 
