@@ -206,8 +206,7 @@ def plot_step_alignment(report: Any, metrics: Sequence[str] = ("subspace_overlap
             if not ax.get_lines():
                 no_data(ax)
     fig_legend(fig, axes, title="run")
-    fig.suptitle("Alignment to the final update at step resolution (sketches recorded in training; median over "
-                 "matrices, band = IQR)")
+    fig.suptitle("Alignment to the final update at every recorded step (median over matrices, band = IQR)")
     return fig
 
 
