@@ -94,7 +94,10 @@ class DenseMatrix:
 
     def _topk(self, delta: Tensor):
         if self.svd == "exact":
-            dec = decompose(delta.double(), k_vectors=self.k, mode="exact")
+            # torch's eigh, not scipy's LAPACK: torch releases the GIL, so a step worked on in the background
+            # does not stall the training thread's Python (scipy's route made background recording no faster
+            # than foreground on the lab: +11.5 % against +9.6 %)
+            dec = decompose(delta.double(), k_vectors=self.k, mode="exact", vectors="eigh")
             kk = min(self.k, dec.rank, dec.U.shape[1])
             return dec.U[:, :kk], dec.singular_values[:kk], dec.V[:, :kk]
         U, S, V, self.basis = warm_topk(delta.double(), self.k, self.basis, self.oversample, self.power)
