@@ -51,40 +51,46 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--svd", default="exact", choices=("exact", "fast"))
-    ap.add_argument("--foreground", action="store_true", help="record in the training thread (no worker thread)")
+    ap.add_argument("--foreground", action="store_true", help="record in the training thread (no worker)")
+    ap.add_argument("--repeats", type=int, default=3, help="plain and recorded runs, alternated (the step time "
+                                                           "varies run to run by several percent)")
     a = ap.parse_args()
     lab = LabDir(a.lab).require(meta=True, teacher=True)
     preset = lab.meta()["preset"]["name"]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        per_step, recs = {}, {}
-        # the same seeded OPD run three times: plain; with the recorder; with the recorder and a checkpoint at every
-        # step (the reference the sketches are checked against; its steps are not timed against the others)
-        for mode in ("plain", "recorder", "checkpoints"):
+        per_step, recs = {"plain": [], "recorder": []}, {}
+        # the same seeded OPD run, plain and with the recorder, alternated `repeats` times; then once with the
+        # recorder and a checkpoint at every step (the reference the sketches are checked against; not timed)
+        modes = [m for _ in range(a.repeats) for m in ("plain", "recorder")] + ["checkpoints"]
+        for i, mode in enumerate(modes):
             timer = _Timer()
             cbs: list = [timer]
             if mode != "plain":
-                recs[mode] = DynamicsRecorder(tmp / f"sketch-{mode}", k=a.k, svd=a.svd, background=not a.foreground)
+                recs[mode] = DynamicsRecorder(tmp / f"sketch-{mode}-{i}", k=a.k, svd=a.svd,
+                                              background=not a.foreground)
                 cb = DynamicsCallback(recs[mode])
                 cbs = [cb, timer]
-            trainer = build_opd_trainer(lab.student_init, lab.teacher, tmp / f"run-{mode}", preset, 0, cbs,
+            trainer = build_opd_trainer(lab.student_init, lab.teacher, tmp / f"run-{mode}-{i}", preset, 0, cbs,
                                         max_steps=a.steps, save_steps=1 if mode == "checkpoints" else a.steps + 1,
                                         data_seed=lab.split_seed(0))
             if mode != "plain":
                 cb.bind(trainer)
             trainer.train()
-            per_step[mode] = float(np.median(timer.steps))
-        rec = pd.read_csv(tmp / "sketch-checkpoints" / "sketch.csv")
-        r = recs["recorder"]
+            per_step.setdefault(mode, []).extend(timer.steps)
+        sketch = tmp / f"sketch-checkpoints-{len(modes) - 1}"
+        rec = pd.read_csv(sketch / "sketch.csv")
+        r = recs["recorder"]  # the last recorded run
         print(f"lab {a.lab} (preset {preset}), {a.steps} OPD steps, k = {a.k}, svd {a.svd}, "
               f"{'foreground' if a.foreground else 'background'}, 1 torch thread")
-        print(f"median training step: {per_step['plain'] * 1e3:.0f} ms without the recorder, "
-              f"{per_step['recorder'] * 1e3:.0f} ms with it: overhead "
-              f"{per_step['recorder'] / per_step['plain'] - 1:+.1%}; the recorder's own time per step: "
+        plain, with_rec = (float(np.median(per_step[m])) for m in ("plain", "recorder"))
+        print(f"median training step over {a.repeats} alternated runs each: {plain * 1e3:.0f} ms without the "
+              f"recorder, {with_rec * 1e3:.0f} ms with it: overhead {with_rec / plain - 1:+.1%} (quartiles of a "
+              f"plain step {np.percentile(per_step['plain'], 25) * 1e3:.0f}-"
+              f"{np.percentile(per_step['plain'], 75) * 1e3:.0f} ms); the recorder's own time per step (last run): "
               f"{r.seconds['record'] / a.steps * 1e3:.1f} ms in the training thread (copy, and any wait), "
               f"{r.seconds['work'] / a.steps * 1e3:.1f} ms of work")
-        sketch = tmp / "sketch-checkpoints"
         n_mat = rec["tensor"].nunique()
         copy_mb = sum(math.prod(v["shape"]) for v in SketchSeries(sketch).tensors.values()) * 4 / 1e6
         step_mb = np.mean([f.stat().st_size for f in sketch.glob("step-*.safetensors")]) / 1e6

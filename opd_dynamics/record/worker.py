@@ -1,0 +1,178 @@
+"""The recorder's per-step work in a process of its own, beside training.
+
+A thread is not enough: the work's Python holds the GIL, and a training step's Python (TRL's generation loop)
+waits for it (on the lab, a background thread left the step +8 to +12 % slower, no better than recording in the
+training thread). The worker is started as ``python -m opd_dynamics.record.worker`` (a fresh interpreter: never a
+fork of the training process, whose threads and CUDA context a fork would break, and never a re-import of the
+training script, which multiprocessing's spawn would do). It runs a `steps.StepRecorder` on the sketch directory.
+
+Each step's weights cross in one shared-memory buffer (a file in /dev/shm mapped by both, float32, every recorded
+tensor at a fixed offset): the training process copies the weights in and writes one line on the worker's stdin;
+the worker copies them out, answers ``copied`` (the buffer is free again), measures, and answers ``done`` with the
+step's scalars, or ``error`` with the sentence. One step is in flight at a time: before overwriting the buffer the
+training process waits for the previous ``copied``, which comes once the worker has finished the step before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from opd_dynamics.errors import InputError
+
+#: where the shared buffer lives (memory on Linux); the system's temporary directory where it does not exist
+SHM = Path("/dev/shm")
+
+
+def buffer_layout(shapes: dict[str, list[tuple[int, ...]]]) -> tuple[dict[str, list[tuple[int, tuple]]], int]:
+    """({name: [(offset, shape) per tensor]}, total elements) of a buffer holding every tensor of ``shapes``."""
+    layout, at = {}, 0
+    for name, parts in shapes.items():
+        layout[name] = []
+        for shape in parts:
+            layout[name].append((at, tuple(shape)))
+            at += math.prod(shape)
+    return layout, at
+
+
+def _views(buf: torch.Tensor, layout) -> dict[str, list[torch.Tensor]]:
+    return {n: [buf[o: o + math.prod(s)].view(s) for o, s in parts] for n, parts in layout.items()}
+
+
+class ProcessWorker:
+    """The training process's end: starts the worker, hands it each step, and reads its answers."""
+
+    def __init__(self, out: Path, settings: dict, shapes: dict[str, list[tuple[int, ...]]]):
+        self.out = Path(out)
+        self.layout, total = buffer_layout(shapes)
+        where = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
+        fd, path = tempfile.mkstemp(prefix="opd-dynamics-recorder-", suffix=".buf", dir=where)
+        os.close(fd)
+        self.buffer_path = Path(path)
+        self.buffer = torch.from_file(path, shared=True, size=max(total, 1), dtype=torch.float32)
+        self.views = _views(self.buffer, self.layout)
+        self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, for the sentence if it dies
+        config = {"out": str(self.out), "settings": settings, "buffer": path, "size": max(total, 1),
+                  "layout": {n: [[o, list(s)] for o, s in parts] for n, parts in self.layout.items()}}
+        self.proc = subprocess.Popen([sys.executable, "-m", "opd_dynamics.record.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        self.proc.stdin.write(json.dumps(config) + "\n")
+        self._expect("ready")
+        self.unanswered: list[int] = []  # steps handed over whose ``done`` has not been read
+        self.busy = False  # the buffer holds a step the worker has not copied out yet
+        self.completed: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.seek(0)
+            tail = [ln for ln in self.log.read().strip().splitlines() if ln.strip()][-1:] or ["no message"]
+            raise InputError(self.out, f"the recorder's worker process ended (exit {self.proc.returncode}): "
+                                       f"{tail[0][:300]}")
+        msg = json.loads(line)
+        if msg["op"] == "error":
+            self.unanswered.clear()
+            self.busy = False
+            raise InputError(msg["path"], msg["problem"])
+        if msg["op"] == "done":
+            self.unanswered.remove(msg["step"])
+            self.completed.append(msg["scalars"])
+            self.seconds = msg["seconds"]
+        return msg
+
+    def _expect(self, op: str) -> dict:
+        while True:
+            msg = self._read()
+            if msg["op"] == op:
+                return msg
+
+    def submit(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool | None,
+               restart: bool = False) -> None:
+        """Hand one step over (after the worker has taken the previous one out of the buffer): ``restart`` first
+        continues from these weights (a resumed run); ``segment`` None measures nothing."""
+        if self.busy:
+            self._expect("copied")
+            self.busy = False
+        for name, value in snapshot.items():
+            for view, t in zip(self.views[name], value if isinstance(value, tuple) else (value,)):
+                view.copy_(t.detach())
+        if segment is not None:  # None: only restart from these weights, nothing to measure
+            self.unanswered.append(step)
+        self.busy = True
+        self._send({"op": "step", "step": step, "prev_step": prev_step, "segment": segment, "restart": restart})
+
+    def _send(self, msg: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+        except BrokenPipeError:
+            self._read()  # the worker is gone: its sentence
+
+    def wait(self) -> None:
+        """Until every step handed over is done (raising a step's error)."""
+        while self.unanswered:
+            self._read()
+        self.busy = False
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.proc.poll() is None:
+                try:
+                    self._send({"op": "close"})
+                    self.proc.stdin.close()
+                except (BrokenPipeError, InputError):
+                    pass
+                self.proc.wait(timeout=60)
+            self.buffer_path.unlink(missing_ok=True)
+            self.log.close()
+
+
+def _reply(msg: dict) -> None:
+    sys.stdout.write(json.dumps(msg, allow_nan=True) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    """The worker's loop (module docstring)."""
+    from opd_dynamics.record.steps import StepRecorder
+
+    config = json.loads(sys.stdin.readline())
+    torch.set_num_threads(1)
+    buffer = torch.from_file(config["buffer"], shared=True, size=config["size"], dtype=torch.float32)
+    layout = {n: [(o, tuple(s)) for o, s in parts] for n, parts in config["layout"].items()}
+    views = _views(buffer, layout)
+    try:
+        steps = StepRecorder(Path(config["out"]), config["settings"])
+    except InputError as e:
+        _reply({"op": "error", "path": e.path, "problem": e.problem})
+        return
+    _reply({"op": "ready"})
+    with torch.no_grad():
+        for line in sys.stdin:
+            msg = json.loads(line)
+            if msg["op"] == "close":
+                break
+            snap = {n: tuple(v.clone() for v in vs) if len(vs) > 1 else vs[0].clone() for n, vs in views.items()}
+            _reply({"op": "copied", "step": msg["step"]})
+            try:
+                if msg["restart"]:
+                    steps.restart(snap)
+                if msg["segment"] is not None:
+                    scalars = steps.measure(snap, msg["step"], msg["prev_step"], msg["segment"])
+                    _reply({"op": "done", "step": msg["step"], "scalars": scalars, "seconds": steps.seconds})
+            except InputError as e:
+                _reply({"op": "error", "path": e.path, "problem": e.problem})
+
+
+if __name__ == "__main__":
+    main()
