@@ -96,7 +96,8 @@ def main() -> None:
         step_mb = np.mean([f.stat().st_size for f in sketch.glob("step-*.safetensors")]) / 1e6
         print(f"memory: W_0, the previous weights, the previous segment and the step in flight of {n_mat} matrices "
               f"in float32 (4 x {copy_mb:.1f} MB) plus the anchors' triplets; {step_mb:.3f} MB per step on disk")
-        ck = analyze(CheckpointSeries.discover(tmp / "run-checkpoints", base=lab.student_init), progress=False,
+        run_dir = tmp / f"run-checkpoints-{len(modes) - 1}"
+        ck = analyze(CheckpointSeries.discover(run_dir, base=lab.student_init), progress=False,
                      n_singular_values=a.k, k_subspace=a.k, k_paired=a.k)
         sk = analyze(SketchSeries(sketch, name=ck.module_allocation["run"].iloc[0]), k_subspace=a.k, k_paired=a.k)
         key = ["step", "tensor"]

@@ -58,17 +58,20 @@ class ProcessWorker:
         self.buffer_path = Path(path)
         self.buffer = torch.from_file(path, shared=True, size=max(total, 1), dtype=torch.float32)
         self.views = _views(self.buffer, self.layout)
+        self.unanswered: list[int] = []  # steps handed over whose ``done`` has not been read
+        self.busy = False  # the buffer holds a step the worker has not copied out yet
+        self.completed: list[dict[str, float]] = []
+        self.seconds = 0.0
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, for the sentence if it dies
         config = {"out": str(self.out), "settings": settings, "buffer": path, "size": max(total, 1),
                   "layout": {n: [[o, list(s)] for o, s in parts] for n, parts in self.layout.items()}}
         self.proc = subprocess.Popen([sys.executable, "-m", "opd_dynamics.record.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
-        self.proc.stdin.write(json.dumps(config) + "\n")
-        self._expect("ready")
-        self.unanswered: list[int] = []  # steps handed over whose ``done`` has not been read
-        self.busy = False  # the buffer holds a step the worker has not copied out yet
-        self.completed: list[dict[str, float]] = []
-        self.seconds = 0.0
+        try:
+            self.proc.stdin.write(json.dumps(config) + "\n")
+            self._expect("ready")
+        finally:  # both ends have it mapped (or the worker failed): nothing is left in /dev/shm if either dies
+            self.buffer_path.unlink(missing_ok=True)
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -133,7 +136,6 @@ class ProcessWorker:
                 except (BrokenPipeError, InputError):
                     pass
                 self.proc.wait(timeout=60)
-            self.buffer_path.unlink(missing_ok=True)
             self.log.close()
 
 
