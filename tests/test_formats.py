@@ -5,6 +5,7 @@ mixing formats against a safetensors base analyses to the same tables; bad input
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -421,3 +422,27 @@ def test_rank_files_sharded_along_columns_replicated_or_plain_read_by_byte_range
             assert r.shape(n) == tuple(w.shape) and r.dtype(n) == w.dtype
             assert torch.equal(r.get(n), w), n
             assert torch.equal(r.get_rows(n, 1, 3), w[1:3]), n
+
+
+def test_a_dcp_chunk_outside_its_tensor_is_refused_before_any_read(runs, tmp_path):
+    """A .metadata whose chunk of a tensor lies outside the tensor's shape (a damaged or forged file) is one
+    sentence naming the chunk, not a read outside the tensor's bytes."""
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint.metadata as dcpm
+
+    d = tmp_path / "dcp"
+    shutil.copytree(runs / "accelerate" / "checkpoint-6" / "pytorch_model_fsdp_0", d)
+    md = pickle.loads((d / ".metadata").read_bytes())  # our own fixture, written by torch DCP
+    key = "model.model.embed_tokens.weight"
+    tm = md.state_dict_metadata[key]
+    first = tm.chunks[0]
+    bad = dcpm.ChunkStorageMetadata(offsets=torch.Size([1000, 0]), sizes=first.sizes)
+    md.state_dict_metadata[key] = dataclasses.replace(tm, chunks=[bad, *tm.chunks[1:]])
+    for idx in [i for i in md.storage_data if i.fqn == key and tuple(i.offset) == tuple(first.offsets)]:
+        md.storage_data[dataclasses.replace(idx, offset=torch.Size([1000, 0]))] = md.storage_data.pop(idx)
+    (d / ".metadata").write_bytes(pickle.dumps(md))
+    with open_model(d) as r, pytest.raises(InputError, match=r"lists a chunk of 'model.model.embed_tokens.weight' "
+                                                             r"at \(1000, 0\) of size .* outside its shape \(67, 32\)"):
+        r.get("model.embed_tokens.weight")

@@ -444,3 +444,37 @@ def test_the_cli_refuses_a_sketch_series_with_a_missing_step(tmp_path):
     r = CliRunner().invoke(main, ["analyze", str(tmp_path / "holed"), "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and not (tmp_path / "out").exists()
     assert "step-00000003.safetensors: is missing: sketch.csv lists step 3" in r.output
+
+
+def test_the_worker_process_works_beside_training_and_its_death_is_one_sentence(tmp_path):
+    """By default the steps are measured in a worker process fed through a shared buffer that leaves nothing in
+    /dev/shm; the same series as measured in the training process; a worker killed mid-run is one sentence at
+    the next record, every step it finished kept."""
+    from opd_dynamics.io.sketches import SketchSeries
+    from opd_dynamics.record.worker import SHM
+
+    def run(out, **kw):
+        m = Tiny()
+        rec = DynamicsRecorder(out, k=2, **kw)
+        rec.record(m, 0)
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                m.model.layers[0].self_attn.q_proj.weight.add_(1e-2 * step)
+            rec.record(m, step)
+        return rec
+
+    before = set(SHM.glob("opd-dynamics-recorder-*")) if SHM.is_dir() else set()
+    rec = run(tmp_path / "bg")
+    assert rec.worker is not None and rec.worker.proc.poll() is None
+    rec.close()
+    assert rec.worker is None and (set(SHM.glob("opd-dynamics-recorder-*")) if SHM.is_dir() else set()) == before
+    run(tmp_path / "fg", background=False).close()
+    a, b = (SketchSeries(tmp_path / d).table for d in ("bg", "fg"))
+    pd.testing.assert_frame_equal(a, b)
+    rec = run(tmp_path / "killed")
+    rec.wait()
+    rec.worker.proc.kill()
+    rec.worker.proc.wait()
+    with pytest.raises(InputError, match=r"killed: the recorder's worker process ended \(exit -9\)"):
+        rec.record(Tiny(), 4)
+    assert SketchSeries(tmp_path / "killed").steps == [1, 2, 3]
