@@ -35,22 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_io  # noqa: E402
+from write_deepspeed import module_from  # noqa: E402
 
 FORMATS = ("safetensors", "bin", "fsdp", "dcp")
-
-
-def _module_from(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An nn.Module tree whose parameters carry exactly the state dict's names (so FSDP's keys are the same)."""
-    root = torch.nn.Module()
-    for name, t in sd.items():
-        *path, leaf = name.split(".")
-        m = root
-        for p in path:
-            if not hasattr(m, p):
-                m.add_module(p, torch.nn.Module())
-            m = getattr(m, p)
-        m.register_parameter(leaf, torch.nn.Parameter(t.float(), requires_grad=False))
-    return root
 
 
 def _fsdp_worker(rank: int, world: int, src: str, actor: str, dcp_dir: str, store: str) -> None:
@@ -65,7 +52,7 @@ def _fsdp_worker(rank: int, world: int, src: str, actor: str, dcp_dir: str, stor
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     with open_model(src) as r:
-        m = _module_from({n: r.get(n) for n in r.names()})
+        m = module_from({n: r.get(n) for n in r.names()}, torch.float32, trainable=False)
     fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
     torch.save(m.state_dict(), os.path.join(actor, f"model_world_size_{world}_rank_{rank}.pt"))
     if rank == 0:

@@ -16,7 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 
-def module_from(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+def module_from(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                trainable: bool = True) -> torch.nn.Module:
+    """An nn.Module tree whose parameters carry exactly the state dict's names (so an FSDP or DeepSpeed
+    engine's keys are the same); bench_formats.py uses it too (this file imports nothing but torch and
+    safetensors at its top, so an interpreter without opd_dynamics can run it)."""
     root = torch.nn.Module()
     for name, t in sd.items():
         *path, leaf = name.split(".")
@@ -25,7 +29,7 @@ def module_from(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
             if not hasattr(m, p):
                 m.add_module(p, torch.nn.Module())
             m = getattr(m, p)
-        m.register_parameter(leaf, torch.nn.Parameter(t.clone()))
+        m.register_parameter(leaf, torch.nn.Parameter(t.to(dtype or t.dtype, copy=True), requires_grad=trainable))
     return root
 
 

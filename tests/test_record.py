@@ -33,6 +33,18 @@ class Tiny(torch.nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def _recorded(out, **kw) -> DynamicsRecorder:
+    """A Tiny model recorded at steps 0 … 3, its q_proj pushed by 0.01 each step; the recorder, still open."""
+    m = Tiny()
+    rec = DynamicsRecorder(out, k=2, **kw)
+    rec.record(m, 0)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            m.model.layers[0].self_attn.q_proj.weight.add_(1e-2)
+        rec.record(m, step)
+    return rec
+
+
 def test_rank1_steps_and_norms_against_float64(tmp_path):
     m = Tiny()
     q = m.model.layers[0].self_attn.q_proj.weight
@@ -254,12 +266,7 @@ def test_bad_input_is_one_sentence_and_loses_no_step(tmp_path):
     with pytest.raises(InputError, match="cannot start recording at step 7: a new sketch series needs the start "
                                          "weights"):
         rec.record(m, 7)  # attached after training started
-    rec = DynamicsRecorder(tmp_path / "sk", k=2)
-    rec.record(m, 0)
-    for step in (1, 2, 3):
-        with torch.no_grad():
-            m.model.layers[0].self_attn.q_proj.weight.add_(1e-2)
-        rec.record(m, step)
+    rec = _recorded(tmp_path / "sk")
     with pytest.raises(InputError, match="step 2 comes after step 3 was recorded"):
         rec.record(m, 2)
     rec.close()
@@ -431,14 +438,7 @@ def test_the_cli_refuses_a_sketch_series_with_a_missing_step(tmp_path):
 
     from opd_dynamics.cli import main
 
-    m = Tiny()
-    rec = DynamicsRecorder(tmp_path / "sk", k=2)
-    rec.record(m, 0)
-    for step in (1, 2, 3):
-        with torch.no_grad():
-            m.model.layers[0].self_attn.q_proj.weight.add_(1e-2)
-        rec.record(m, step)
-    rec.close()
+    _recorded(tmp_path / "sk").close()
     shutil.copytree(tmp_path / "sk", tmp_path / "holed")
     (tmp_path / "holed" / "step-00000003.safetensors").unlink()  # the last step: only sketch.csv knows it
     r = CliRunner().invoke(main, ["analyze", str(tmp_path / "holed"), "--out", str(tmp_path / "out")])
@@ -453,25 +453,15 @@ def test_the_worker_process_works_beside_training_and_its_death_is_one_sentence(
     from opd_dynamics.io.sketches import SketchSeries
     from opd_dynamics.record.worker import SHM
 
-    def run(out, **kw):
-        m = Tiny()
-        rec = DynamicsRecorder(out, k=2, **kw)
-        rec.record(m, 0)
-        for step in (1, 2, 3):
-            with torch.no_grad():
-                m.model.layers[0].self_attn.q_proj.weight.add_(1e-2 * step)
-            rec.record(m, step)
-        return rec
-
-    before = set(SHM.glob("opd-dynamics-recorder-*")) if SHM.is_dir() else set()
-    rec = run(tmp_path / "bg")
+    rec = _recorded(tmp_path / "bg")
     assert rec.worker is not None and rec.worker.proc.poll() is None
+    assert rec.worker.buffer_path.parent == SHM and not rec.worker.buffer_path.exists()  # mapped, name gone
     rec.close()
-    assert rec.worker is None and (set(SHM.glob("opd-dynamics-recorder-*")) if SHM.is_dir() else set()) == before
-    run(tmp_path / "fg", background=False).close()
+    assert rec.worker is None
+    _recorded(tmp_path / "fg", background=False).close()
     a, b = (SketchSeries(tmp_path / d).table for d in ("bg", "fg"))
     pd.testing.assert_frame_equal(a, b)
-    rec = run(tmp_path / "killed")
+    rec = _recorded(tmp_path / "killed")
     rec.wait()
     rec.worker.proc.kill()
     rec.worker.proc.wait()
