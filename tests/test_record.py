@@ -384,9 +384,13 @@ def test_a_peft_lora_model_is_recorded_from_its_factors(tmp_path):
     np.testing.assert_allclose(S, np.linalg.svd(d[3], compute_uv=False)[:4], rtol=1e-5)
     U, V = sk[f"{name}::U"].double().numpy(), sk[f"{name}::V"].double().numpy()
     np.testing.assert_allclose((U * S) @ V.T, d[3], atol=1e-6 * np.abs(d[3]).max())
-    # the start weights of an adapted layer: its base weight (B = 0 at PEFT's init)
+    # the start weights of an adapted layer: its base weight (B = 0 at PEFT's init); the base checkpoint checks out
     base = load_file(tmp_path / "sk" / "base.safetensors")
     assert torch.equal(base[name], layer.base_layer.weight.detach())
+    from opd_dynamics.io.sketches import SketchSeries
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    SketchSeries(tmp_path / "sk").check_base(tmp_path / "base")  # base.safetensors' ::lora_*0 entries are no weights
 
 
 def _trainer(model, out, callbacks, max_steps=4):

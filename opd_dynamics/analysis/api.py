@@ -21,7 +21,7 @@ from opd_dynamics.analysis.readers import make_plans, reader_for, readers_releas
 from opd_dynamics.analysis.report import PER_TENSOR_TABLES, RUN_JSON, Report, api_command, build_tables
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import DTYPES
-from opd_dynamics.io.series import CheckpointSeries, check_same_architecture
+from opd_dynamics.io.series import FOREIGN_MEDIAN, CheckpointSeries, check_same_architecture
 from opd_dynamics.io.sketches import SketchSeries
 from opd_dynamics.io.writer import check_output, output_errors, output_lock, replace_path
 from opd_dynamics.numerics import update_dtype
@@ -152,18 +152,14 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
         return report
 
 
-#: the median relative update of a run's first step at or above which the base is probably not the run's start
-WRONG_BASE_MEDIAN = 0.5
-
-
 def wrong_base_warnings(alloc: pd.DataFrame) -> list[str]:
-    """One sentence per run whose first step moved its median tensor by ≥ WRONG_BASE_MEDIAN of the base's norm:
+    """One sentence per run whose first step moved its median tensor by ≥ FOREIGN_MEDIAN of the base's norm:
     the signature of a wrong base (fine-tuning moves weights by a few percent; another model by about √2)."""
     out = []
     for run, a in alloc.groupby("run", sort=False):
         first = a[a["step"] == a["step"].min()]
         med = float(pd.to_numeric(first["relative_update"], errors="coerce").median())
-        if med >= WRONG_BASE_MEDIAN:
+        if med >= FOREIGN_MEDIAN:
             step = int(first["step"].iloc[0])
             out.append(f"run {run!r}: the median relative update ‖ΔW‖/‖W0‖ at its first step ({step}) is {med:.2f}; "
                        "is the base the run's start? (another model gives about 1.4)")

@@ -45,6 +45,19 @@ ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_he
              "intermediate_size", "vocab_size", "head_dim", "num_experts", "num_local_experts")
 
 
+#: the median over matrices of ‖W − W_ref‖F / ‖W_ref‖F at or above which two sets of weights are not one run's
+#: (fine-tuning moves weights by a few percent; another model by about √2)
+FOREIGN_MEDIAN = 0.5
+
+
+def median_relative_distance(pairs) -> float:
+    """The median over (weights, reference) pairs of ‖W − W_ref‖F / ‖W_ref‖F (float64 sums)."""
+    from opd_dynamics.numerics import fro2
+
+    rel = sorted((fro2(w.float() - ref.float()) / max(fro2(ref.float()), 1e-300)) ** 0.5 for w, ref in pairs)
+    return rel[len(rel) // 2] if rel else 0.0
+
+
 def check_same_architecture(series: CheckpointSeries, force_hint: str = "") -> None:
     """Refuse a step whose config.json declares another architecture than the base's (a key of ARCH_KEYS both
     state and differ on), naming the step: a Qwen2 base for a Llama run is analysed silently otherwise."""

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.series import FOREIGN_MEDIAN, median_relative_distance
 from opd_dynamics.schema import TABLES
 
 SKETCH_JSON = "sketch.json"
@@ -31,9 +32,6 @@ SKETCH_CSV = TABLES["sketch"].file
 STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
 #: the format of sketch.json and the step files' metadata
 SKETCH_VERSION = 1
-#: the median ‖W − W_0‖/‖W_0‖ at or above which weights are not the recorded model's (a continuation of the same
-#: run moves a few percent; another model about √2: as analysis.api.WRONG_BASE_MEDIAN)
-FOREIGN_MEDIAN = 0.5
 
 
 def step_file(path: Path, step: int) -> Path:
@@ -136,20 +134,16 @@ class SketchSeries:
         recorded matrix it lacks or holds in another shape, or whose weights are, at the median over matrices,
         at least FOREIGN_MEDIAN of their norm away from the recorded W_0."""
         from opd_dynamics.io.reader import open_model
-        from opd_dynamics.numerics import fro2
 
         reader = open_model(base)
         w0 = self.base()
-        rel = []
-        for name, t in w0.items():
-            if name not in reader or tuple(reader.shape(name)) != tuple(t.shape):
+        for name in self.tensors:  # base.safetensors also holds a LoRA layer's starting factors
+            shape = tuple(w0[name].shape)
+            if name not in reader or tuple(reader.shape(name)) != shape:
                 got = tuple(reader.shape(name)) if name in reader else "no such tensor"
-                raise InputError(self.path, f"was recorded from another model than {base}: {name} is {tuple(t.shape)} "
+                raise InputError(self.path, f"was recorded from another model than {base}: {name} is {shape} "
                                             f"there, {got} in the base")
-            b = reader.get(name).float()
-            rel.append((fro2(t.float() - b) / max(fro2(b), 1e-300)) ** 0.5)
-        rel.sort()
-        median = rel[len(rel) // 2]
+        median = median_relative_distance((w0[n], reader.get(n)) for n in self.tensors)
         if median >= FOREIGN_MEDIAN:
             raise InputError(self.path, f"was recorded from another model than {base}: its start weights are "
                                         f"{median:.2f} of the base's norm away from them (median over matrices)")

@@ -42,9 +42,9 @@ from threadpoolctl import ThreadpoolController
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import MATRIX_GROUPS, PEFT_PREFIX, is_selected, parse_name
+from opd_dynamics.io.series import FOREIGN_MEDIAN, median_relative_distance
 from opd_dynamics.io.sketches import (
     BASE_FILE,
-    FOREIGN_MEDIAN,
     SKETCH_CSV,
     SKETCH_JSON,
     SKETCH_VERSION,
@@ -53,7 +53,6 @@ from opd_dynamics.io.sketches import (
     step_files,
 )
 from opd_dynamics.io.writer import atomic_file, atomic_write_text, json_text, output_errors, save_safetensors
-from opd_dynamics.numerics import fro2
 from opd_dynamics.record.matrices import lora_factors
 from opd_dynamics.record.steps import START_STEP, StepRecorder, rewrite_csv
 from opd_dynamics.record.worker import ProcessWorker
@@ -225,9 +224,7 @@ class DynamicsRecorder:
         from safetensors.torch import load_file
 
         stored = load_file(self.out / BASE_FILE)
-        rel = sorted((fro2(bases[n].float() - stored[n].float()) / max(fro2(stored[n].float()), 1e-300)) ** 0.5
-                     for n in shapes)
-        median = rel[len(rel) // 2]
+        median = median_relative_distance((bases[n], stored[n]) for n in shapes)
         if median >= FOREIGN_MEDIAN:
             raise InputError(self.out, f"was recorded from another model: this model's weights are {median:.2f} of "
                                        "W_0's norm away from its start (median over matrices)")
