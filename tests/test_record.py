@@ -471,4 +471,5 @@ def test_the_worker_process_works_beside_training_and_its_death_is_one_sentence(
     rec.worker.proc.wait()
     with pytest.raises(InputError, match=r"killed: the recorder's worker process ended \(exit -9\)"):
         rec.record(Tiny(), 4)
+    rec.close()
     assert SketchSeries(tmp_path / "killed").steps == [1, 2, 3]

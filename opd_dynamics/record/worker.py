@@ -2,7 +2,7 @@
 
 A thread is not enough: the work's Python holds the GIL, and a training step's Python (TRL's generation loop)
 waits for it (on the lab, a background thread left the step +8 to +12 % slower, no better than recording in the
-training thread). The worker is started as ``python -m opd_dynamics.record.worker`` (a fresh interpreter: never a
+training thread). The worker is started as ``python -m opd_dynamics.record`` (a fresh interpreter: never a
 fork of the training process, whose threads and CUDA context a fork would break, and never a re-import of the
 training script, which multiprocessing's spawn would do). It runs a `steps.StepRecorder` on the sketch directory.
 
@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -65,8 +66,10 @@ class ProcessWorker:
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, for the sentence if it dies
         config = {"out": str(self.out), "settings": settings, "buffer": path, "size": max(total, 1),
                   "layout": {n: [[o, list(s)] for o, s in parts] for n, parts in self.layout.items()}}
-        self.proc = subprocess.Popen([sys.executable, "-m", "opd_dynamics.record.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "opd_dynamics.record"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        # a recorder dropped without close(): its worker sees the end of its input and exits, nothing stays open
+        self._finalizer = weakref.finalize(self, _release, self.proc, self.log)
         try:
             self.proc.stdin.write(json.dumps(config) + "\n")
             self._expect("ready")
@@ -79,6 +82,8 @@ class ProcessWorker:
             self.proc.wait()
             self.log.seek(0)
             tail = [ln for ln in self.log.read().strip().splitlines() if ln.strip()][-1:] or ["no message"]
+            self.unanswered.clear()
+            self.busy = False
             raise InputError(self.out, f"the recorder's worker process ended (exit {self.proc.returncode}): "
                                        f"{tail[0][:300]}")
         msg = json.loads(line)
@@ -132,11 +137,24 @@ class ProcessWorker:
             if self.proc.poll() is None:
                 try:
                     self._send({"op": "close"})
-                    self.proc.stdin.close()
-                except (BrokenPipeError, InputError):
+                except InputError:
                     pass
-                self.proc.wait(timeout=60)
-            self.log.close()
+            self._finalizer()
+
+
+def _release(proc: subprocess.Popen, log) -> None:
+    """Close the worker's pipes (it exits at the end of its input), wait for it, close its log."""
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 def _reply(msg: dict) -> None:
@@ -175,6 +193,3 @@ def main() -> None:
             except InputError as e:
                 _reply({"op": "error", "path": e.path, "problem": e.problem})
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,7 @@
+"""``python -m opd_dynamics.record``: the recorder's worker process (`record.worker.main`), started by
+`record.worker.ProcessWorker`. The entry point is the package, not ``record.worker`` itself, which the package
+imports first and runpy would then run a second time."""
+
+from opd_dynamics.record.worker import main
+
+main()
