@@ -103,6 +103,7 @@ def fsdp_worker(rank: int, world: int, step: int, actor: str, dcp_dir: str, stor
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(1)  # two or four ranks on a 2-core machine
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
@@ -122,13 +123,33 @@ def fsdp_worker(rank: int, world: int, step: int, actor: str, dcp_dir: str, stor
     dist.destroy_process_group()
 
 
+def spawn_gloo(worker, args: tuple, nprocs: int, reset=None, tries: int = 3) -> None:
+    """``mp.spawn(worker, (*args, store))`` over ``nprocs`` gloo ranks sharing a fresh file store, tried again (after
+    ``reset()`` clears what the failed try wrote) when a rank is killed by a signal: on the loaded 2-core machine
+    gloo now and then aborts a rank as it shuts down ("terminate called without an active exception", SIGABRT),
+    which says nothing about the files being tested. A Python exception in a rank is never retried."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    for attempt in range(tries):
+        with tempfile.TemporaryDirectory() as t:
+            try:
+                mp.spawn(worker, args=(*args, f"{t}/store"), nprocs=nprocs)
+                return
+            except ProcessExitedException:
+                if attempt == tries - 1:
+                    raise
+        if reset is not None:
+            reset()
+
+
 def write_fsdp_step(root: Path, step: int, world: int = 2) -> tuple[Path, Path]:
     """verl's global_step_N/actor/ (rank files, fsdp_config.json, huggingface/config.json) and accelerate's
     checkpoint-N/pytorch_model_fsdp_0/ (with checkpoint-N/config.json) for tiny_llama(step), written by `world`
     spawned gloo processes. Returns (the actor dir, the checkpoint dir)."""
-    import tempfile
-
-    import torch.multiprocessing as mp
+    import shutil
 
     actor = root / "verl" / f"global_step_{step}" / "actor"
     ckpt = root / "accelerate" / f"checkpoint-{step}"
@@ -137,9 +158,13 @@ def write_fsdp_step(root: Path, step: int, world: int = 2) -> tuple[Path, Path]:
     cfg = tiny_llama(0).config
     cfg.to_json_file(actor / "huggingface" / "config.json")
     cfg.to_json_file(ckpt / "config.json")
-    with tempfile.TemporaryDirectory() as t:
-        mp.spawn(fsdp_worker, args=(world, step, str(actor), str(ckpt / "pytorch_model_fsdp_0"), f"{t}/store"),
-                 nprocs=world)
+
+    def reset() -> None:
+        for f in actor.glob("model_world_size_*"):
+            f.unlink()
+        shutil.rmtree(ckpt / "pytorch_model_fsdp_0", ignore_errors=True)
+
+    spawn_gloo(fsdp_worker, (world, step, str(actor), str(ckpt / "pytorch_model_fsdp_0")), world, reset)
     return actor, ckpt
 
 
@@ -150,6 +175,7 @@ def hsdp_worker(rank: int, world: int, step: int, actor: str, store: str) -> Non
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(1)  # two or four ranks on a 2-core machine
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -171,6 +197,7 @@ def record_fsdp_worker(rank: int, world: int, out: str, store: str) -> None:
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(1)  # two or four ranks on a 2-core machine
     import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.device_mesh import init_device_mesh
@@ -217,6 +244,7 @@ def placements_worker(rank: int, world: int, actor: str, store: str) -> None:
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(1)  # two or four ranks on a 2-core machine
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor

@@ -247,17 +247,12 @@ def test_row_blocks_equal_the_safetensors_rows(runs, where):
 def test_hsdp_rank_files_with_a_compiled_prefix_read_one_replica(runs, tmp_path):
     """4 ranks as 2 replicas × 2 shards, keys under `_orig_mod.`: names lose the prefix, each tensor is the first
     replica's shards joined, equal to the safetensors reading."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    from builders import hsdp_worker
+    from builders import hsdp_worker, spawn_gloo
 
     actor = tmp_path / "global_step_6" / "actor"
     (actor / "huggingface").mkdir(parents=True)
     tiny_llama(0).config.to_json_file(actor / "huggingface" / "config.json")
-    with tempfile.TemporaryDirectory() as t:
-        mp.spawn(hsdp_worker, args=(4, 6, str(actor), f"{t}/store"), nprocs=4)
+    spawn_gloo(hsdp_worker, (4, 6, str(actor)), 4)  # rank files are rewritten whole by a second try
     sd = torch.load(actor / "model_world_size_4_rank_0.pt", mmap=True, weights_only=True)
     key = "_orig_mod.model.embed_tokens.weight"
     assert len(sd[key].placements) == 2 and sd[key]._local_tensor.shape[0] == 34  # (Replicate, Shard(0)), 34 of 67
@@ -405,16 +400,11 @@ def test_fsdp_and_dcp_are_read_without_importing_torch_distributed_tensor_or_che
 def test_rank_files_sharded_along_columns_replicated_or_plain_read_by_byte_range(tmp_path):
     """DTensors placed Shard(1) (uneven), Replicate and Shard(0), and a plain tensor, in rank files written by
     2 gloo ranks: located by the layout unpickler and read by byte range, equal to the tensors distributed."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    from builders import placements_tensors, placements_worker
+    from builders import placements_tensors, placements_worker, spawn_gloo
 
     actor = tmp_path / "actor"
     actor.mkdir()
-    with tempfile.TemporaryDirectory() as t:
-        mp.spawn(placements_worker, args=(2, str(actor), f"{t}/store"), nprocs=2)
+    spawn_gloo(placements_worker, (2, str(actor)), 2)
     want = placements_tensors()
     with open_model(actor) as r:
         assert r.load_mode == "pread" and sorted(r.names()) == sorted(want)

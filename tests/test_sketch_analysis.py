@@ -105,14 +105,15 @@ def test_a_sketch_and_a_checkpoint_series_are_not_mixed(recorded):
 def test_under_fsdp2_rank_0_records_the_gathered_matrices(tmp_path):
     """Two gloo ranks train a fully_shard tiny Llama: the recorder on every rank gathers each matrix, rank 0
     writes one sketch series under the model's own names, and it analyses like the gathered checkpoints."""
-    import tempfile
+    import shutil
 
-    import torch.multiprocessing as mp
+    from builders import record_fsdp_worker, spawn_gloo
 
-    from builders import record_fsdp_worker
+    def reset() -> None:
+        for d in ("sk", "base", "run"):
+            shutil.rmtree(tmp_path / d, ignore_errors=True)
 
-    with tempfile.TemporaryDirectory() as t:
-        mp.spawn(record_fsdp_worker, args=(2, str(tmp_path), f"{t}/store"), nprocs=2)
+    spawn_gloo(record_fsdp_worker, (2, str(tmp_path)), 2, reset)
     s = SketchSeries(tmp_path / "sk", name="run")
     assert s.steps == [1, 2, 3] and len(s.tensors) == 14
     assert all(n.startswith("model.layers.") for n in s.tensors)  # no FSDP wrapper in the names
