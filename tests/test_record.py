@@ -315,8 +315,8 @@ for step in range(1, 100):
 
 def test_a_full_disk_mid_series_is_one_sentence_and_keeps_every_written_step(tmp_path):
     """A real write failure (the file-size limit of the process, EFBIG, as a full disk gives ENOSPC) while
-    sketch.csv grows: one sentence naming the output; every step file written stays, a cut CSV line is ignored,
-    and a resumed recorder continues the series."""
+    sketch.csv grows: one sentence naming the output (from the worker process, at a later record call); every
+    step file written stays, a cut CSV line is ignored, and a resumed recorder continues the series."""
     import subprocess
     import sys
     from pathlib import Path
@@ -330,8 +330,8 @@ def test_a_full_disk_mid_series_is_one_sentence_and_keeps_every_written_step(tmp
     step, _, msg = r.stdout.strip().partition(" ")
     assert msg.startswith(f"{out}: cannot be written: File too large") and "\n" not in msg
     s = SketchSeries(out)
-    failed = int(step)
-    assert s.steps == list(range(1, failed + 1)) or s.steps == list(range(1, failed))
+    failed = int(step)  # the record() that raised: a step measured in the worker fails up to two calls later
+    assert s.steps == list(range(1, s.steps[-1] + 1)) and failed - 2 <= s.steps[-1] <= failed
     m = Tiny()
     with torch.no_grad():
         m.model.layers[0].self_attn.q_proj.weight.add_(1e-3 * s.steps[-1])
