@@ -86,6 +86,17 @@ def test_the_cli_reads_a_sketch_series_and_checks_a_base(recorded, tmp_path):
     r = CliRunner().invoke(main, ["analyze", str(recorded / "sk"), "--base", str(recorded / "base"), "--out",
                                   str(tmp_path / "out2"), "--quiet"])
     assert r.exit_code == 0, r.output
+    assert SketchSeries(recorded / "sk").check_base(recorded / "base") == 0.0  # the recorded start itself
+    moved = tiny_llama(0)  # the same model a little trained: accepted, with the distance said
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(1e-3)
+    moved.save_pretrained(tmp_path / "moved")
+    with pytest.warns(UserWarning, match=r"moved is not the start .*sk recorded \(its matrices are .* of their norm "
+                                         r"away, median\); the sketch's updates are measured from the start it"):
+        from opd_dynamics.io.cli import series_from_cli
+
+        series_from_cli(str(recorded / "sk"), (), str(tmp_path / "moved"), None, "pread")
     other = tiny_llama(0)
     with torch.no_grad():
         for p in other.parameters():

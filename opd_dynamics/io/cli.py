@@ -9,6 +9,7 @@ import dataclasses
 import re
 import shlex
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +201,10 @@ def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: st
             if keep:
                 raise InputError(d, "is a sketch series, analysed whole: --steps selects checkpoints")
             s = SketchSeries(d, name=name)
-            if base is not None:
-                s.check_base(base)
+            if base is not None and (gap := s.check_base(base)) > 0:
+                warnings.warn(f"{base} is not the start {d} recorded (its matrices are {gap:.2g} of their norm away, "
+                              "median); the sketch's updates are measured from the start it recorded", UserWarning,
+                              stacklevel=2)
             out.append(s)
         else:
             if base is None:

@@ -129,10 +129,11 @@ class SketchSeries:
 
         return load_file(self.path / BASE_FILE)
 
-    def check_base(self, base: str | Path) -> None:
+    def check_base(self, base: str | Path) -> float:
         """Refuse, in one sentence, a base checkpoint that is not the model this series was recorded from: a
         recorded matrix it lacks or holds in another shape, or whose weights are, at the median over matrices,
-        at least FOREIGN_MEDIAN of their norm away from the recorded W_0."""
+        at least FOREIGN_MEDIAN of their norm away from the recorded W_0. Otherwise that median distance (0 for the
+        recorded start itself; the analysis of a sketch measures from its own W_0 whatever base is given)."""
         from opd_dynamics.io.reader import open_model
 
         reader = open_model(base)
@@ -147,6 +148,7 @@ class SketchSeries:
         if median >= FOREIGN_MEDIAN:
             raise InputError(self.path, f"was recorded from another model than {base}: its start weights are "
                                         f"{median:.2f} of the base's norm away from them (median over matrices)")
+        return median
 
     def __repr__(self) -> str:
         return f"SketchSeries({str(self.path)!r}, {len(self.files)} steps, {len(self.tensors)} matrices, k={self.k})"
