@@ -463,8 +463,14 @@ def test_the_worker_process_works_beside_training_and_its_death_is_one_sentence(
     rec.close()
     assert rec.worker is None
     _recorded(tmp_path / "fg", background=False).close()
-    a, b = (SketchSeries(tmp_path / d).table for d in ("bg", "fg"))
+    thread = _recorded(tmp_path / "th", background="thread")  # what weights kept on a GPU get
+    assert thread.worker is None and thread._pool is not None
+    thread.close()
+    a, b, c = (SketchSeries(tmp_path / d).table for d in ("bg", "fg", "th"))
     pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(c, b)
+    with pytest.raises(InputError, match="background must be True or False or process or thread, not 'yes'"):
+        DynamicsRecorder(tmp_path / "x", background="yes")
     rec = _recorded(tmp_path / "killed")
     rec.wait()
     rec.worker.proc.kill()

@@ -88,19 +88,21 @@ class DynamicsRecorder:
     the accelerator). ``keep``: "float32" or "stored" (W_0 in the parameters' own dtype: half the memory for bf16
     weights, still exact). ``svd``: "exact" (float64: σ to 1e-12) or "fast" (warm-started randomized top-k, for
     matrices whose exact decomposition would not keep up; its tail values are approximate, see docs/BENCHMARKS.md).
-    ``background``: the work on a step runs beside the next training step (`record.worker`'s process; a thread
-    when ``device`` is a GPU), ``record`` only copying the weights (a later ``record``, ``wait`` or ``close`` raises
-    a step's error); False: in ``record`` itself. An ``out_dir`` already holding a sketch series is refused unless
+    ``background``: the work on a step runs beside the next training step, ``record`` only copying the weights (a
+    later ``record``, ``wait`` or ``close`` raises a step's error): True picks `record.worker`'s process for weights
+    kept on the CPU and a thread for weights kept on a GPU; "process" or "thread" asks for one; False: the work runs
+    in ``record`` itself. An ``out_dir`` already holding a sketch series is refused unless
     ``resume`` (continue it) or ``overwrite`` (replace it).
     """
 
     def __init__(self, out_dir: str | Path, k: int = 16, every: int | Callable[[int], bool] = 1,
                  groups: tuple[str, ...] = MATRIX_GROUPS, device: str | torch.device = "cpu",
                  keep: str = "float32", svd: str = "exact", resume: bool = False, overwrite: bool = False,
-                 background: bool = True, oversample: int = 8, power: int = 1):
-        for name, value, allowed in (("svd", svd, ("exact", "fast")), ("keep", keep, ("float32", "stored"))):
+                 background: bool | str = True, oversample: int = 8, power: int = 1):
+        for name, value, allowed in (("svd", svd, ("exact", "fast")), ("keep", keep, ("float32", "stored")),
+                                     ("background", background, (True, False, "process", "thread"))):
             if value not in allowed:
-                raise InputError(None, f"{name} must be {' or '.join(allowed)}, not {value!r}", (name,))
+                raise InputError(None, f"{name} must be {' or '.join(map(str, allowed))}, not {value!r}", (name,))
         if k < 1:
             raise InputError(None, f"k must be at least 1, not {k}", ("k",))
         self.out = Path(out_dir)
@@ -115,7 +117,11 @@ class DynamicsRecorder:
         self.k, self.groups, self.device, self.svd = k, groups, torch.device(device), svd
         self.settings = {"k": k, "svd": svd, "keep": keep, "device": str(self.device), "oversample": oversample,
                          "power": power}
-        self.background = background
+        self.background = ("process" if torch.device(device).type == "cpu" else "thread") if background is True \
+            else background
+        if self.background == "process" and torch.device(device).type != "cpu":
+            raise InputError(None, "background='process' keeps the weights on the CPU; use device='cpu' or "
+                                   "background='thread'", ("background", "device"))
         self.every = every if callable(every) else (lambda s, n=int(every): s % n == 0)
         self.started = False
         self.steps: StepRecorder | None = None  # the work, in this process (foreground or a thread)
@@ -198,7 +204,7 @@ class DynamicsRecorder:
                 (self.out / SKETCH_CSV).unlink(missing_ok=True)
                 done = set()
         snapshot = {n: _snapshot(v, self.device) for n, v in gathered.items()}
-        if self.background and self.device.type == "cpu":
+        if self.background == "process":
             parts = {n: [tuple(t.shape) for t in (v if isinstance(v, tuple) else (v,))] for n, v in snapshot.items()}
             self.worker = ProcessWorker(self.out, self.settings, parts)
         else:
