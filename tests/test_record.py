@@ -479,3 +479,25 @@ def test_the_worker_process_works_beside_training_and_its_death_is_one_sentence(
         rec.record(Tiny(), 4)
     rec.close()
     assert SketchSeries(tmp_path / "killed").steps == [1, 2, 3]
+
+
+def test_keeping_w0_in_its_stored_dtype_changes_no_number(tmp_path):
+    """bf16 weights: W_0 kept as bf16 (half the memory) or as float32 gives the same series, since bf16 values are
+    exact in float32."""
+    from opd_dynamics.io.sketches import SketchSeries
+
+    tables = []
+    for keep in ("float32", "stored"):
+        m = Tiny().to(torch.bfloat16)
+        rec = DynamicsRecorder(tmp_path / keep, k=2, keep=keep, background=False)
+        rec.record(m, 0)
+        for step in (1, 2):
+            with torch.no_grad():
+                m.model.layers[0].self_attn.q_proj.weight.add_(1e-2)
+            rec.record(m, step)
+        if keep == "stored":
+            assert rec.steps.matrices["model.layers.0.self_attn.q_proj.weight"].w0.dtype == torch.bfloat16
+        rec.close()
+        tables.append(SketchSeries(tmp_path / keep).table)
+    pd.testing.assert_frame_equal(*tables)
+    assert (tables[0]["update_norm"] > 0).any()
