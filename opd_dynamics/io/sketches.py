@@ -143,11 +143,13 @@ class SketchSeries:
             if name not in reader or tuple(reader.shape(name)) != shape:
                 got = tuple(reader.shape(name)) if name in reader else "no such tensor"
                 raise InputError(self.path, f"was recorded from another model than {base}: {name} is {shape} "
-                                            f"there, {got} in the base")
+                                            f"there, {got} in the base (a sketch series needs no --base: it holds "
+                                            "its start)")
         median = median_relative_distance((w0[n], reader.get(n)) for n in self.tensors)
         if median >= FOREIGN_MEDIAN:
             raise InputError(self.path, f"was recorded from another model than {base}: its start weights are "
-                                        f"{median:.2f} of the base's norm away from them (median over matrices)")
+                                        f"{median:.2f} of the base's norm away from them (median over matrices; a "
+                                        "sketch series needs no --base: it holds its start)")
         return median
 
     def __repr__(self) -> str:

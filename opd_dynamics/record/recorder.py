@@ -86,8 +86,9 @@ class DynamicsRecorder:
     ``every``: record when ``step % every == 0``, or a callable ``step -> bool`` (dense early, sparse later …).
     ``groups``: naming groups whose 2-D weights are recorded. ``device``: where the kept weights live ("cpu" frees
     the accelerator). ``keep``: "float32" or "stored" (W_0 in the parameters' own dtype: half the memory for bf16
-    weights, still exact). ``svd``: "exact" (float64: σ to 1e-12) or "fast" (warm-started randomized top-k, for
-    matrices whose exact decomposition would not keep up; its tail values are approximate, see docs/BENCHMARKS.md).
+    weights, still exact). ``svd``: "exact" (computed in float64, stored in float32) or "fast" (warm-started
+    randomized top-k, for matrices whose exact decomposition would not keep up; its tail values are approximate,
+    see docs/BENCHMARKS.md).
     ``background``: the work on a step runs beside the next training step, ``record`` only copying the weights (a
     later ``record``, ``wait`` or ``close`` raises a step's error): True picks `record.worker`'s process for weights
     kept on the CPU and a thread for weights kept on a GPU; "process" or "thread" asks for one; False: the work runs
