@@ -279,9 +279,5 @@ class DCPDir(EntryReader):
             out[box] = part[a - offs[0]:b - offs[0]]
         return out
 
-    def close(self) -> None:
-        super().close()
-        _FDS.close(set(self.files))
-
     def __repr__(self) -> str:
         return f"DCPDir({str(self.path)!r}, {len(self.entries)} tensors, {len(self.files)} files)"

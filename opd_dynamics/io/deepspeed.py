@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, _pread_tensor, file_identity
+from opd_dynamics.io.model_dir import EntryReader, TensorEntry, _pread_tensor, file_identity
 from opd_dynamics.io.torch_files import StoredTensor, archive_layout, check_torch_file, dtype_code, load_weights_file
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
@@ -218,10 +218,6 @@ class ZeroCheckpoint(EntryReader):
             return super().get_rows(name, start, stop)
         lo, hi, _ = slice(start, stop).indices(entry.shape[0])
         return _pread_tensor(entry, (lo, max(lo, hi)))
-
-    def close(self) -> None:
-        super().close()
-        _FDS.close(set(self.files))
 
     def __repr__(self) -> str:
         kind = "fp32 masters" if self.masters else "model states"

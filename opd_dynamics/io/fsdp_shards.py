@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, empty, file_identity, pread_into
+from opd_dynamics.io.model_dir import EntryReader, TensorEntry, empty, file_identity, pread_into
 from opd_dynamics.io.torch_files import (
     StoredDTensor,
     StoredTensor,
@@ -233,10 +233,6 @@ class FSDPShards(EntryReader):
             raise InputError(self.path, f"holds shards of {key!r} that join to {tuple(out.shape)}, not its global "
                                         f"shape {self.entries[name].shape}")
         return out
-
-    def close(self) -> None:
-        super().close()
-        _FDS.close(set(self.files))
 
     def __repr__(self) -> str:
         return f"FSDPShards({str(self.path)!r}, {len(self.entries)} tensors, world size {len(self.files)})"

@@ -332,7 +332,10 @@ class EntryReader(TensorReader):
         return cached[1][start:stop]
 
     def close(self) -> None:
+        """Drop the assembled tensor kept for row blocks and this reader's cached file descriptors (every entry
+        reader reads ``self.files`` through `_FDS`)."""
         self._rows_cache = None
+        _FDS.close(set(self.files))
 
     def _set_identity(self, digest: str) -> None:
         """header_sha256 and identity from a digest of what describes the tensors and each file's identity."""
@@ -411,7 +414,7 @@ class ModelDir(EntryReader):
 
     def close(self) -> None:
         self._handles.clear()
-        _FDS.close(set(self.files))
+        super().close()
 
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r}, {len(self.entries)} tensors, {len(self.files)} files)"

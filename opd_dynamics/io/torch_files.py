@@ -35,7 +35,6 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import (
-    _FDS,
     DTYPE_CODES,
     EntryReader,
     TensorEntry,
@@ -488,7 +487,7 @@ class BinDir(EntryReader):
 
     def close(self) -> None:
         self._loaded.clear()
-        _FDS.close(set(self.files))
+        super().close()
 
     def __repr__(self) -> str:
         return f"BinDir({str(self.path)!r}, {len(self.entries)} tensors, {len(self.files)} files)"
