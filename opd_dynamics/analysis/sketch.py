@@ -55,37 +55,43 @@ def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list
                                f"{', '.join(map(str, series.steps))})", ("ref_step",))
     rows: dict[str, list[dict]] = {t: [] for t in ("module_allocation", "spectrum", "singular_values", "alignment",
                                                     "segments")}
-    by_tensor = dict(tuple(series.table.groupby("tensor", sort=False)))
     t_ref = ref - series.start_step
+    table = series.table.sort_values(["tensor", "step"])
+    # segments.csv pairs the segment ending at a step with the next one; the recorder's row holds the cosine of
+    # the segment ending there with the previous one: the next row's value
+    table["next_segment_cosine"] = table.groupby("tensor", sort=False)["segment_cosine"].shift(-1)
+    ident, shapes = {}, {}
     for name, info in series.tensors.items():
         i = parse_name(name)
-        ident = {"run": series.name, "tensor": name, "layer": i.layer, "group": i.group, "module": i.module,
-                 "expert": i.expert}
-        shape = tuple(info["shape"])
-        numel = math.prod(shape)
-        t = by_tensor[name].sort_values("step")
-        f2s = dict(zip(t["step"], t["update_norm"].astype(float) ** 2))
-        dec_ref = _decomposition(series.triplets(ref, name), f2s[ref], shape, series.k)
-        seg_next = dict(zip(t["step"].shift(1), t["segment_cosine"]))  # the segment ending at t against the next
-        for r in t.itertuples(index=False):
-            step, f = int(r.step), float(r.update_norm)
-            row = {**ident, "step": step}
+        ident[name] = {"run": series.name, "tensor": name, "layer": i.layer, "group": i.group, "module": i.module,
+                       "expert": i.expert}
+        shapes[name] = tuple(info["shape"])
+    at_ref = series.triplets(ref)
+    f2_ref = dict(zip(table.loc[table["step"] == ref, "tensor"], table.loc[table["step"] == ref, "update_norm"] ** 2))
+    dec_ref = {n: _decomposition(at_ref.get(n), float(f2_ref[n]), shapes[n], series.k) for n in series.tensors}
+    for step, at_step in table.groupby("step", sort=True):  # each step file read once
+        step = int(step)
+        trips = at_ref if step == ref else series.triplets(step)
+        for r in at_step.itertuples(index=False):
+            name, f = r.tensor, float(r.update_norm)
+            shape, numel = shapes[name], math.prod(shapes[name])
+            row = {**ident[name], "step": step}
             rows["module_allocation"].append({
                 **row, "shape": "x".join(map(str, shape)), "numel": numel, "update_norm": f,
                 "base_norm": r.base_norm, "relative_update": f / r.base_norm if r.base_norm > 0 else math.nan,
                 "rms_update": f / math.sqrt(numel), "changed_fraction": r.changed_fraction,
                 "finite": math.isfinite(f), "resized": False})
-            if not opts.spectra_groups_include(i.group):
+            if not opts.spectra_groups_include(ident[name]["group"]):
                 continue
-            dec = dec_ref if step == ref else _decomposition(series.triplets(step, name), f * f, shape, series.k)
+            dec = dec_ref[name] if step == ref else _decomposition(trips.get(name), f * f, shape, series.k)
             rows["spectrum"].append({**row, **spectrum_metrics(dec, opts.ks)})
             for j, s in enumerate(dec.singular_values[:opts.n_singular_values].tolist(), 1):
                 rows["singular_values"].append({**row, "index": j, "sigma": s, "sigma_normalized": s / f})
             if opts.alignment:
                 rows["alignment"].append({**row, "ref_step": ref, **alignment_metrics(
-                    dec, dec_ref, None, None, k=opts.k_subspace, K=opts.k_paired)})
+                    dec, dec_ref[name], None, None, k=opts.k_subspace, K=opts.k_paired)})
             if opts.trajectory and step <= ref:
-                rows["segments"].append({**row, "segment_cosine": seg_next.get(step, math.nan),
+                rows["segments"].append({**row, "segment_cosine": r.next_segment_cosine,
                                          "direction_cosine": math.nan,
                                          "null_cosine": math.sqrt((step - series.start_step) / t_ref),
                                          "direction_excess": math.nan})

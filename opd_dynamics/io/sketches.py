@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -56,6 +57,13 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("version") != SKETCH_VERSION or "tensors" not in meta:
         raise InputError(f, f"is not a sketch series description of version {SKETCH_VERSION}")
     return meta
+
+
+def start_weights(path: Path, names) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, W_0 as stored) of each of ``names``, read one at a time from the series' base.safetensors."""
+    with safe_open(path / BASE_FILE, "pt") as fh:
+        for n in names:
+            yield n, fh.get_tensor(n)
 
 
 def step_metadata(f: Path) -> dict[str, str]:
@@ -113,21 +121,18 @@ class SketchSeries:
     def steps(self) -> list[int]:
         return list(self.files)
 
-    def triplets(self, step: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(U, S, V) of ``name`` at ``step`` in float64, the vectors' columns scaled back to unit length (float32
-        storage leaves them 1 ± 1e-7, enough to put a cosine above 1); None when nothing was kept."""
-        f = self.files[step]
-        with safe_open(f, "pt") as fh:
-            if f"{name}::S" not in fh.keys():
-                return None
-            U, S, V = (fh.get_tensor(f"{name}::{x}").double() for x in "USV")
-        return U / U.norm(dim=0), S, V / V.norm(dim=0)
-
-    def base(self) -> dict[str, torch.Tensor]:
-        """W_0 of the recorded matrices, as stored."""
-        from safetensors.torch import load_file
-
-        return load_file(self.path / BASE_FILE)
+    def triplets(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """{name: (U, S, V)} of every matrix with a kept triplet at ``step`` (one read of its file), in float64, the
+        vectors' columns scaled back to unit length (float32 storage leaves them 1 ± 1e-7, enough to put a cosine
+        above 1); a matrix with nothing kept (an unchanged one) is absent."""
+        out = {}
+        with safe_open(self.files[step], "pt") as fh:
+            for key in fh.keys():
+                if key.endswith("::S"):
+                    name = key[: -len("::S")]
+                    U, S, V = (fh.get_tensor(f"{name}::{x}").double() for x in "USV")
+                    out[name] = (U / U.norm(dim=0), S, V / V.norm(dim=0))
+        return out
 
     def check_base(self, base: str | Path) -> float:
         """Refuse, in one sentence, a base checkpoint that is not the model this series was recorded from: a
@@ -137,15 +142,15 @@ class SketchSeries:
         from opd_dynamics.io.reader import open_model
 
         reader = open_model(base)
-        w0 = self.base()
-        for name in self.tensors:  # base.safetensors also holds a LoRA layer's starting factors
-            shape = tuple(w0[name].shape)
+        for name, info in self.tensors.items():
+            shape = tuple(info["shape"])
             if name not in reader or tuple(reader.shape(name)) != shape:
                 got = tuple(reader.shape(name)) if name in reader else "no such tensor"
                 raise InputError(self.path, f"was recorded from another model than {base}: {name} is {shape} "
                                             f"there, {got} in the base (a sketch series needs no --base: it holds "
                                             "its start)")
-        median = median_relative_distance((w0[n], reader.get(n)) for n in self.tensors)
+        # one matrix of each at a time (base.safetensors also holds a LoRA layer's starting factors: not weights)
+        median = median_relative_distance((w, reader.get(n)) for n, w in start_weights(self.path, self.tensors))
         if median >= FOREIGN_MEDIAN:
             raise InputError(self.path, f"was recorded from another model than {base}: its start weights are "
                                         f"{median:.2f} of the base's norm away from them (median over matrices; a "

@@ -63,6 +63,7 @@ class DenseMatrix:
         self.device, self.k, self.svd, self.oversample, self.power = device, k, svd, oversample, power
         self.prev: Tensor = self.w0.float().clone()
         self.prev_seg: Tensor | None = None
+        self.prev_seg2 = math.nan
         self.prev_f2 = math.nan
         self.basis: Tensor | None = None
 
@@ -83,12 +84,12 @@ class DenseMatrix:
         seg2 = fro2(seg) if segment else nan
         prev_seg = self.prev_seg if segment else None
         segdot = dot(prev_seg, seg) if prev_seg is not None else nan
-        prevseg2 = fro2(prev_seg) if prev_seg is not None else nan
+        prevseg2 = self.prev_seg2 if prev_seg is not None else nan  # its energy, kept when it was measured
         prevf2 = self.prev_f2 if segment else nan
         dotprev = f2 - dot(delta, seg) if segment else nan  # ⟨ΔW_t, ΔW_prev⟩ = ⟨ΔW_t, ΔW_t − segment⟩
         triplet = self._topk(delta) if f2 > 0 and math.isfinite(f2) else None
         if segment:
-            self.prev_seg = seg
+            self.prev_seg, self.prev_seg2 = seg, seg2
         self.prev, self.prev_f2 = wt, f2
         return _measured(f2, changed / max(1, delta.numel()), seg2, segdot, prevseg2, dotprev, prevf2, triplet)
 
@@ -141,6 +142,7 @@ class LoraMatrix:
         self.zero_start = not bool(B0.any()) or not bool(A0.any())
         self.prev = self._update(self.f0)
         self.prev_seg: tuple[Tensor, Tensor] | None = None
+        self.prev_seg2 = math.nan
         self.prev_f2 = math.nan
 
     def _factors(self, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,12 +168,12 @@ class LoraMatrix:
         seg2 = _dot(seg, seg) if segment else nan
         prev_seg = self.prev_seg if segment else None
         segdot = _dot(prev_seg, seg) if prev_seg is not None else nan
-        prevseg2 = _dot(prev_seg, prev_seg) if prev_seg is not None else nan
+        prevseg2 = self.prev_seg2 if prev_seg is not None else nan
         prevf2 = self.prev_f2 if segment else nan
         dotprev = _dot(delta, self.prev) if segment else nan
         triplet = _lowrank_topk(delta, self.k) if f2 > 0 and math.isfinite(f2) else None
         if segment:
-            self.prev_seg = seg
+            self.prev_seg, self.prev_seg2 = seg, seg2
         self.prev, self.prev_f2 = delta, f2
         return _measured(f2, nan, seg2, segdot, prevseg2, dotprev, prevf2, triplet)
 

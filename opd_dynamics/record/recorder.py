@@ -50,6 +50,7 @@ from opd_dynamics.io.sketches import (
     SKETCH_VERSION,
     is_sketch_dir,
     read_meta,
+    start_weights,
     step_files,
 )
 from opd_dynamics.io.writer import atomic_file, atomic_write_text, json_text, output_errors, save_safetensors
@@ -179,6 +180,7 @@ class DynamicsRecorder:
                                        "resume=True into the series that recorded the start")
         self.started = True
         self.prev_step = step
+        self.targets = targets  # the same parameters and modules every step: selected (names parsed) once
         gathered = self._gather(targets)
         if not self.writer:
             return
@@ -204,9 +206,8 @@ class DynamicsRecorder:
                 atomic_write_text(self.out / SKETCH_JSON, json_text(meta))
                 (self.out / SKETCH_CSV).unlink(missing_ok=True)
                 done = set()
-        snapshot = {n: _snapshot(v, self.device) for n, v in gathered.items()}
         if self.background == "process":
-            parts = {n: [tuple(t.shape) for t in (v if isinstance(v, tuple) else (v,))] for n, v in snapshot.items()}
+            parts = {n: [tuple(t.shape) for t in (v if isinstance(v, tuple) else (v,))] for n, v in gathered.items()}
             self.worker = ProcessWorker(self.out, self.settings, parts)
         else:
             self.steps = StepRecorder(self.out, self.settings)
@@ -214,7 +215,7 @@ class DynamicsRecorder:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="dynamics-recorder")
         # continue from the weights now; on a resumed run they are also a step of the series, unless recorded
         measure = self.resume and step not in done and step != START_STEP
-        self._submit(snapshot, step, self.resume_prev if self.resume else START_STEP, False if measure else None,
+        self._submit(gathered, step, self.resume_prev if self.resume else START_STEP, False if measure else None,
                      restart=True)
 
     def _continue(self, bases: dict[str, torch.Tensor], shapes: dict[str, tuple], step: int) -> set[int]:
@@ -228,10 +229,7 @@ class DynamicsRecorder:
                                        f"({other[0]})")
         if int(meta["k"]) != self.k:
             raise InputError(self.out, f"was recorded with k = {meta['k']}, not {self.k}")
-        from safetensors.torch import load_file
-
-        stored = load_file(self.out / BASE_FILE)
-        median = median_relative_distance((bases[n], stored[n]) for n in shapes)
+        median = median_relative_distance((bases[n], w) for n, w in start_weights(self.out, shapes))
         if median >= FOREIGN_MEDIAN:
             raise InputError(self.out, f"was recorded from another model: this model's weights are {median:.2f} of "
                                        "W_0's norm away from its start (median over matrices)")
@@ -263,20 +261,22 @@ class DynamicsRecorder:
         if step <= self.prev_step:
             raise InputError(self.out, f"step {step} comes after step {self.prev_step} was recorded; steps must "
                                        "increase")
-        gathered = self._gather(self._targets(model))
+        gathered = self._gather(self.targets)
         if self.writer:  # a copy of the weights now; the work on it may run beside the next training step
-            self._submit({n: _snapshot(v, self.device) for n, v in gathered.items()}, step, self.prev_step, True)
+            self._submit(gathered, step, self.prev_step, True)
         self.prev_step = step
         self.seconds["record"] += time.perf_counter() - t0
         return True
 
-    def _submit(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool | None,
+    def _submit(self, gathered: dict[str, object], step: int, prev_step: int, segment: bool | None,
                 restart: bool = False) -> None:
-        """Hand a step to wherever the work runs; ``segment`` None only restarts from the weights."""
+        """Hand a step's weights to wherever the work runs (the worker process copies them straight into its
+        shared buffer; work in this process gets a copy of its own); ``segment`` None only restarts from them."""
         if self.worker is not None:
-            self.worker.submit(snapshot, step, prev_step, segment, restart)
+            self.worker.submit(gathered, step, prev_step, segment, restart)
             self._collect()
             return
+        snapshot = {n: _snapshot(v, self.device) for n, v in gathered.items()}
         self.wait()
         if self._pool is None:
             self._work(snapshot, step, prev_step, segment, restart)

@@ -73,7 +73,7 @@ class StepRecorder:
             series = SketchSeries(self.out)
             for s in done:
                 if is_anchor(s):
-                    self._add_anchor(s, {n: series.triplets(s, n) for n in self.shapes})
+                    self._add_anchor(s, series.triplets(s))
         #: seconds spent in `measure`
         self.seconds = 0.0
 
