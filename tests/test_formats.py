@@ -132,7 +132,8 @@ def test_pickles_that_are_not_weights_are_refused_unrun(tmp_path, capsys):
     d = tmp_path / "evil"
     d.mkdir()
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "x": Payload()}, d / "pytorch_model.bin")
-    with pytest.raises(InputError, match="is not a weights file: its pickle holds objects other than tensors"):
+    with pytest.raises(InputError, match=r"pytorch_model.bin: is not a weights file: it holds the global "
+                                         r"__builtin__.print; refused unread"):
         open_model(d)
     assert "must never run" not in capsys.readouterr().out
     legacy = tmp_path / "legacy"
@@ -143,7 +144,7 @@ def test_pickles_that_are_not_weights_are_refused_unrun(tmp_path, capsys):
     dcp = tmp_path / "dcp"
     dcp.mkdir()
     (dcp / ".metadata").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(InputError, match="is not DCP checkpoint metadata .builtins.print is not part of DCP"):
+    with pytest.raises(InputError, match=r"metadata: is not DCP checkpoint metadata: it holds the global builtins.print, which DCP"):
         open_model(dcp)
     assert "must never run" not in capsys.readouterr().out
 
@@ -229,7 +230,7 @@ def test_deepspeed_without_its_optimizer_files_cannot_give_masters(tmp_path):
     evil = tmp_path / "evil"
     shutil.copytree(DS / "zero2" / "global_step1", evil)
     torch.save({"optimizer_state_dict": Payload()}, evil / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(InputError, match="is not a DeepSpeed optimizer state .builtins.print is not part of"):
+    with pytest.raises(InputError, match=r"optim_states.pt: is not a DeepSpeed optimizer state: it holds the global __builtin__.print; refused"):
         open_model(evil, "masters")
 
 
@@ -324,44 +325,44 @@ def _rewrite_pickle(src, dst, old: bytes, new: bytes) -> None:
 
 def test_an_unknown_global_in_a_rank_file_is_refused_not_run(runs, tmp_path, capsys):
     """A real rank file whose pickle names a function the DTensor pickle does not (builtins.print where torch
-    names torch.serialization._get_layout, called with 'torch.strided'): the layout unpickler does not admit it,
-    the weights_only load then refuses the file, and print never runs."""
+    names torch.serialization._get_layout, called with 'torch.strided'): the allow-list refuses the file in one
+    sentence, and print never runs."""
     import shutil
-
-    from opd_dynamics.io.torch_files import tensor_layout
 
     actor = runs / "verl" / "global_step_6" / "actor"
     d = tmp_path / "actor"
     shutil.copytree(actor, d)
     f = d / "model_world_size_2_rank_1.pt"
     _rewrite_pickle(actor / f.name, f, b"ctorch.serialization\n_get_layout\n", b"cbuiltins\nprint\n")
-    assert tensor_layout(f, dtensors=True) is None
-    with pytest.raises(InputError, match="model_world_size_2_rank_1.pt: is not a weights file: its pickle holds"):
+    with pytest.raises(InputError, match="model_world_size_2_rank_1.pt: is not a weights file: it holds the global "
+                                         "builtins.print; refused unread"):
         open_model(d)
     assert "torch.strided" not in capsys.readouterr().out
 
 
-def test_rank_files_the_layout_does_not_admit_go_through_the_mapped_load(runs, tmp_path):
-    """Rank files that also hold an nn.Parameter (a global the layout unpickler does not admit, weights_only does)
-    are read through the mapped weights_only load, with the same values."""
+def test_rank_files_holding_parameters_and_strided_views(runs, tmp_path):
+    """Rank files that also hold an nn.Parameter are read by positioned reads (the allow-list admits torch's
+    parameter rebuilder); ones holding a strided view go through the mapped weights_only load (after the allow-list
+    admitted their pickle), with the same values."""
     import torch.distributed.tensor  # noqa: F401 - to load the DTensors
 
     actor = runs / "verl" / "global_step_6" / "actor"
-    d = tmp_path / "actor"
-    (d / "huggingface").mkdir(parents=True)
-    (d / "huggingface" / "config.json").write_text((actor / "huggingface" / "config.json").read_text())
-    for f in sorted(actor.glob("model_world_size_*.pt")):
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-        torch.save({**sd, "extra.weight": torch.nn.Parameter(torch.ones(3))}, d / f.name)
-    with open_model(d) as r, open_model(actor) as ref:
-        assert r.load_mode == "mmap" and ref.load_mode == "pread"
-        assert set(r.names()) == set(ref.names()) | {"extra.weight"}
-        for n in ref.names():
-            assert torch.equal(r.get(n), ref.get(n)), n
-            assert torch.equal(r.get_rows(n, 30, 40), ref.get_rows(n, 30, 40)), n
-        assert torch.equal(r.get("extra.weight"), torch.ones(3))
-        if _mapped_paths():  # (the check the positioned-read test makes is not vacuous)
-            assert all(f.name in _mapped_paths() for f in r.files)
+    for extra, mode in ((torch.nn.Parameter(torch.ones(3)), "pread"), (torch.ones(4, 3).t(), "mmap")):
+        d = tmp_path / mode
+        (d / "huggingface").mkdir(parents=True)
+        (d / "huggingface" / "config.json").write_text((actor / "huggingface" / "config.json").read_text())
+        for f in sorted(actor.glob("model_world_size_*.pt")):
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+            torch.save({**sd, "extra.weight": extra}, d / f.name)
+        with open_model(d) as r, open_model(actor) as ref:
+            assert r.load_mode == mode and ref.load_mode == "pread"
+            assert set(r.names()) == set(ref.names()) | {"extra.weight"}
+            for n in ref.names():
+                assert torch.equal(r.get(n), ref.get(n)), n
+                assert torch.equal(r.get_rows(n, 30, 40), ref.get_rows(n, 30, 40)), n
+            assert torch.equal(r.get("extra.weight"), extra.detach())
+            if _mapped_paths() and mode == "mmap":  # (the check the positioned-read test makes is not vacuous)
+                assert all(f.name in _mapped_paths() for f in r.files)
 
 
 def test_a_dcp_chunk_the_layout_does_not_locate_is_loaded_from_its_bytes(runs, monkeypatch):

@@ -2,16 +2,17 @@
 Trainer and TRL write under FSDP's SHARDED_STATE_DICT (``checkpoint-N/pytorch_model_fsdp_0/``), read in place one
 tensor at a time, with no process group.
 
-``.metadata`` is a pickle: it is read with an unpickler that admits only DCP's own metadata classes and torch's
-sizes and dtypes, so a directory that is not a DCP checkpoint is refused, not run; those classes are inert
-stand-ins holding the pickled fields (nothing of torch.distributed is imported: 0.1 to 0.7 s saved), and only a
-metadata pickle naming a class they do not cover is read with DCP's real classes. A tensor is assembled from the
+``.metadata`` is a pickle: it is read with the toolkit's allow-list (`safe_pickle.DCP_METADATA`: DCP's own
+metadata classes, by exact module and name, as inert records of their pickled fields, and torch's sizes and
+dtypes), so nothing of torch.distributed is imported (0.1 to 0.7 s saved) and a file naming anything else is
+refused unread. A tensor is assembled from the
 chunks that hold it, each a `torch.save` archive at a byte range of a ``.distcp`` file: the chunk's own zip
 headers and pickle are read by the restricted layout unpickler (`torch_files.archive_layout`) to find its one
 stored storage, whose bytes are then read with one positioned read straight into the output (a chunk of whole
 rows, what FSDP saves, into those rows; another box through one chunk-sized buffer), so memory holds that tensor
-and no chunk copy; a row range reads only the chunks' rows it covers. A chunk that is anything else is loaded
-from its bytes with ``weights_only=True``. accelerate saves ``{"model": state_dict}``, whose keys DCP flattens
+and no chunk copy; a row range reads only the chunks' rows it covers. A chunk the allow-list admits but that is
+not one plain stored tensor (a strided view) is loaded from its bytes with ``weights_only=True``; one naming
+anything else is refused unread. accelerate saves ``{"model": state_dict}``, whose keys DCP flattens
 to ``model.<name>``; that one wrapper level is removed. DCP of FSDP holds the sharded master weights (float32
 when the run keeps fp32 masters), read in their stored dtype.
 """
@@ -28,81 +29,10 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, empty, file_identity, pread_into
-from opd_dynamics.io.torch_files import StoredTensor, archive_layout, dtype_code, require_safe_torch
+from opd_dynamics.io.safe_pickle import DCP_METADATA, MAX_PICKLE_BYTES, Refused, loads
+from opd_dynamics.io.torch_files import StoredTensor, archive_layout, dtype_code, first_sentence
 
 METADATA = ".metadata"
-_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                    "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
-_ALLOWED_TORCH = {"Size", "strided", "sparse_coo", "contiguous_format", "channels_last", "preserve_format",
-                  *(str(d).removeprefix("torch.") for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
-                                                            torch.int64, torch.int32, torch.int16, torch.int8,
-                                                            torch.uint8, torch.bool))}
-
-
-_ALLOWED_NAMES = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                  ("torch.serialization", "_get_layout"),  # how torch pickles a layout: by its name
-                  *(("pathlib", c) for c in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
-                  *(("pathlib._local", c) for c in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))}
-# (storage_meta records the checkpoint id, a path)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module in _ALLOWED_MODULES or (module == "torch" and name in _ALLOWED_TORCH) or \
-                (module, name) in _ALLOWED_NAMES:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
-
-
-class _Inert:
-    """Stands in for a DCP metadata object (a dataclass pickled as its fields): the fields as attributes; no DCP
-    code is imported or run."""
-
-    def __new__(cls, *args):
-        return object.__new__(cls)
-
-    def __setstate__(self, state):
-        for part in (state if isinstance(state, tuple) else (state,)):
-            if isinstance(part, dict):
-                self.__dict__.update(part)
-            elif part is not None:
-                raise pickle.UnpicklingError("a metadata object whose state is not its fields")
-
-
-class _InertProperties(_Inert):
-    """TensorProperties, pickled as (dtype, layout, requires_grad, memory-format code, pin_memory)."""
-
-    def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[0], torch.dtype)):
-            raise pickle.UnpicklingError("tensor properties that are not (dtype, layout, …)")
-        self.dtype = state[0]
-
-
-_INERT = {("torch.distributed.checkpoint.metadata", c): type(c, (_Inert,), {}) for c in (
-    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex",
-    "StorageMeta")} | {
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"): _InertProperties,
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): int,
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): type("_StorageInfo", (_Inert,), {}),
-    ("torch.serialization", "_get_layout"): str, ("torch", "Size"): tuple, ("collections", "OrderedDict"): dict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-    **{(m, c): lambda *parts: "/".join(parts) for m in ("pathlib", "pathlib._local")
-       for c in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")},
-    **{("torch", str(d).removeprefix("torch.")): d for d in (torch.float64, torch.float32, torch.float16,
-                                                              torch.bfloat16, torch.int64, torch.int32, torch.int16,
-                                                              torch.int8, torch.uint8, torch.bool)}}
-
-
-class _InertMetadataUnpickler(pickle.Unpickler):
-    """The metadata as DCP's own writer pickles it (read from torch 2.13's files), every class an inert stand-in,
-    so reading it imports nothing of torch.distributed (0.1 to 0.7 s); any other name makes `read_metadata` use
-    `_MetadataUnpickler`, which admits DCP's real classes."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _INERT[module, name]
-        except KeyError:
-            raise pickle.UnpicklingError(f"{module}.{name}") from None
 
 
 def is_dcp_dir(path: Path) -> bool:
@@ -110,29 +40,23 @@ def is_dcp_dir(path: Path) -> bool:
 
 
 def read_metadata(path: Path):
-    """The Metadata object of a DCP directory (its fields, as inert stand-ins or, for anything the inert
-    unpickler does not know, DCP's own classes), unpickled with a restricted unpickler."""
+    """The Metadata object of a DCP directory, its fields as inert records (`safe_pickle.DCP_METADATA`: nothing of
+    torch.distributed is imported or run); a pickle naming anything else is refused unread."""
     f = path / METADATA
-    require_safe_torch(f)
     try:
-        with open(f, "rb") as fh:
-            md = _InertMetadataUnpickler(fh).load()
-        if hasattr(md, "state_dict_metadata") and hasattr(md, "storage_data"):
-            return md
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError,
-            RecursionError):
-        pass
+        data = f.read_bytes() if f.stat().st_size <= MAX_PICKLE_BYTES else b""
+        if not data:
+            raise InputError(f, f"is {f.stat().st_size} bytes, not DCP checkpoint metadata")
+        md = loads(data, DCP_METADATA)
+    except Refused as e:
+        raise InputError(f, f"is not DCP checkpoint metadata: it holds {e}, which DCP metadata does not; refused "
+                            "unread (nothing in it was run)") from None
     except OSError as e:
         raise InputError(f, f"cannot be read: {e.strerror or e}") from None
-    import torch.distributed.checkpoint.metadata  # noqa: F401 - the classes the unpickler admits
-
-    try:
-        with open(f, "rb") as fh:
-            md = _MetadataUnpickler(fh).load()
-    except pickle.UnpicklingError as e:
-        raise InputError(f, f"is not DCP checkpoint metadata ({e}); refused unread") from None
-    except (OSError, EOFError, AttributeError, TypeError, ValueError) as e:
-        raise InputError(f, f"is not readable DCP checkpoint metadata ({str(e)[:160]})") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError,
+            RecursionError, OverflowError, MemoryError) as e:
+        raise InputError(f, f"is not readable DCP checkpoint metadata ({type(e).__name__}: {str(e)[:160]})") \
+            from None
     if not hasattr(md, "state_dict_metadata") or not hasattr(md, "storage_data"):
         raise InputError(f, "is not DCP checkpoint metadata")
     return md
@@ -214,16 +138,17 @@ class DCPDir(EntryReader):
                 fd = _FDS.get(f, self._idents[f])
             except OSError as e:
                 raise InputError(f, f"cannot be read: {e.strerror or e}") from e
-            self._where[where] = archive_layout(f, info.offset, info.length, fd=fd)
+            self._where[where] = archive_layout(f, info.offset, info.length, fd=fd,
+                                                 what=f"the chunk at byte {info.offset}")
         t = self._where[where]
         if not isinstance(t, StoredTensor) or not t.contiguous or t.dtype != dtype or \
                 math.prod(t.shape) != math.prod(sizes):
             return None
         return t
 
-    def _loaded(self, key: str, f: Path, info) -> torch.Tensor:
-        """A chunk's tensor loaded from its bytes with torch.load(weights_only=True): any chunk the layout does
-        not locate."""
+    def _loaded(self, key: str, f: Path, info, dtype: torch.dtype, sizes: tuple) -> torch.Tensor:
+        """A chunk's tensor loaded from its bytes with torch.load(weights_only=True): a chunk the allow-list admitted
+        (`_located` read its pickle first) that is not one plain contiguous stored tensor."""
         try:
             with open(f, "rb") as fh:
                 fh.seek(info.offset)
@@ -233,10 +158,14 @@ class DCPDir(EntryReader):
         if len(raw) != info.length:
             raise InputError(f, f"is truncated: {key!r} needs bytes {info.offset}…{info.offset + info.length}")
         try:
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            t = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-            raise InputError(f, f"holds a chunk of {key!r} that is not a readable tensor "
-                                f"({str(e).splitlines()[0][:160]})") from None
+            raise InputError(f, f"holds a chunk of {key!r} that is not a readable tensor ({first_sentence(e)})") \
+                from None
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.numel() != math.prod(sizes):
+            raise InputError(f, f"holds a chunk of {key!r} that is not the {dtype} tensor of {tuple(sizes)} its "
+                                ".metadata lists")
+        return t.reshape(sizes)
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor assembled from its chunks, each chunk's bytes read straight into its box of the output."""
@@ -271,7 +200,7 @@ class DCPDir(EntryReader):
                 part = empty(sizes, dtype)
                 pread_into(f, self._idents[f], t.start, part)
             else:
-                part = self._loaded(key, f, info).reshape(sizes)
+                part = self._loaded(key, f, info, dtype, sizes)
             if not size:
                 out.copy_(part.reshape(()))
                 continue

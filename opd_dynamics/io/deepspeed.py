@@ -5,83 +5,57 @@ place one tensor at a time: ``mp_rank_00_model_states.pt`` (ZeRO-1/2) or ``zero_
 Two precisions. ``masters=False`` (ZeRO-1/2 only): the model-states ``module`` weights, in the training dtype (bf16
 for OpenRLHF), exactly what the model computed with. ``masters=True`` (always for ZeRO-3, whose module holds only
 placeholders): the fp32 master weights, rebuilt as DeepSpeed's own ``zero_to_fp32`` does but one tensor at a time
-from the mapped partitions (only the pages of that tensor are read). The masters are the truer update when the
+from the partitions (only the bytes of that tensor are read). The masters are the truer update when the
 base is the same run's start: bf16 weights lose updates smaller than their rounding.
 
-The model-states ``module`` weights are located by the restricted layout unpickler (`torch_files.archive_layout`:
-the file holds plain tensors, torch.Size and plain values) and read with one positioned read each, nothing mapped;
-a file holding anything else goes through the mapped ``weights_only`` load. The optimizer files pickle two
-DeepSpeed objects (its loss scaler and a ZeRO stage enum) besides tensors; they are loaded with an unpickler that
-admits torch's tensor rebuilders and plain containers, and turns exactly those two DeepSpeed classes into inert
-placeholders (their code is never imported or run); anything else is refused.
+The model-states ``module`` weights and the optimizer files' flat fp32 groups are located by the toolkit's
+allow-list unpickler (`torch_files.archive_layout` with `safe_pickle.WEIGHTS` and `safe_pickle.DEEPSPEED_OPTIM`:
+tensors, plain containers and, for the optimizer files, DeepSpeed's loss scaler, ZeRO stage enum and fragment
+addresses as inert placeholders whose code is never imported) and read by positioned reads, nothing mapped;
+a file naming anything else is refused unread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import EntryReader, TensorEntry, _pread_tensor, file_identity
+from opd_dynamics.io.model_dir import EntryReader, TensorEntry, _pread_tensor, empty, file_identity, pread_into
+from opd_dynamics.io.safe_pickle import DEEPSPEED_OPTIM
 from opd_dynamics.io.torch_files import StoredTensor, archive_layout, check_torch_file, dtype_code, load_weights_file
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-_STUBBED = {("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-            ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-            ("deepspeed.runtime.zero.config", "ZeroStageEnum"), ("deepspeed.utils.tensor_fragment", "fragment_address")}
-_TORCH_NAMES = {"Size", "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-                "device"}
 
 
-class _Inert:
-    """Stands in for a DeepSpeed object in an optimizer file: keeps what it was given, runs nothing."""
+@dataclass(frozen=True)
+class _Flat:
+    """One flat fp32 group of an optimizer-state file, located."""
 
-    def __init__(self, *args, **kwargs):
-        self.args = args
+    file: Path
+    ident: tuple
+    tensor: StoredTensor
 
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _ZeroUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        module = "builtins" if module == "__builtin__" else module  # torch.save pickles with protocol 2
-        if (module, name) in _STUBBED:
-            return type(name, (_Inert,), {})
-        if (module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter")) or \
-                (module == "torch" and name in _TORCH_NAMES) or (module, name) in (
-                    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                    ("copyreg", "_reconstructor"), ("builtins", "object"), ("torch._tensor", "_rebuild_from_type_v2"),
-                    ("torch", "Tensor")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DeepSpeed optimizer state")
-
-
-class _ZeroPickle:  # the pickle_module torch.load is given
-    Unpickler = _ZeroUnpickler
-    UnpicklingError = pickle.UnpicklingError
-
-    @staticmethod
-    def load(f, **kw):
-        return _ZeroUnpickler(f, **kw).load()
+    @property
+    def numel(self) -> int:
+        return math.prod(self.tensor.shape)
 
 
 def load_optim_states(path: Path) -> dict:
-    """An optim_states file, mapped, with the restricted unpickler (module docstring)."""
+    """An optim_states file's tree, its tensors located (`StoredTensor`: read later by positioned reads) and its
+    DeepSpeed objects inert placeholders: unpickled with the allow-list `safe_pickle.DEEPSPEED_OPTIM`, nothing run
+    or mapped."""
     check_torch_file(path)
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_ZeroPickle)
-    except pickle.UnpicklingError as e:
-        raise InputError(path, f"is not a DeepSpeed optimizer state ({e}); refused unread") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise InputError(path, f"is not a readable DeepSpeed optimizer state ({str(e).splitlines()[0][:160]})") \
-            from None
+    states = archive_layout(path, names=DEEPSPEED_OPTIM, kind="DeepSpeed optimizer state")
+    if not isinstance(states, dict) or not isinstance(states.get("optimizer_state_dict"), dict):
+        raise InputError(path, "is not a DeepSpeed optimizer state (no optimizer_state_dict)")
+    return states
 
 
 def _model_states(path: Path) -> dict:
@@ -130,7 +104,7 @@ class ZeroCheckpoint(EntryReader):
         self.stage3 = bool(stage3)
         self.masters = masters or self.stage3
         self.files = [states_file]
-        self._groups: list[list[torch.Tensor]] = []
+        self._groups: list[list[_Flat]] = []
         if self.masters:
             optim = _ranked(self.path, OPTIM_STATES, "optimizer states")
             if not optim:
@@ -141,7 +115,12 @@ class ZeroCheckpoint(EntryReader):
             for f in optim:
                 osd = load_optim_states(f)["optimizer_state_dict"]
                 key = "fp32_flat_groups" if self.stage3 else "single_partition_of_fp32_groups"
-                self._groups.append(list(osd[key]))
+                flats = osd.get(key)
+                if not isinstance(flats, list) or not all(isinstance(t, StoredTensor) and t.contiguous and
+                                                          t.dtype == torch.float32 for t in flats):
+                    raise InputError(f, f"holds no float32 {key} (the master weights)")
+                ident = file_identity(f.stat())
+                self._groups.append([_Flat(f, ident, t) for t in flats])
             self.files += optim
         self._states = states
         self._shapes = shapes
@@ -177,24 +156,27 @@ class ZeroCheckpoint(EntryReader):
             layout[name] = (at, math.ceil(numel / world) if self.stage3 else numel)
             offset[g] = at + layout[name][1]
         for g, need in offset.items():
-            avail = sum(t.numel() for t in self._groups[0]) if self.stage3 else \
-                sum(groups[g].numel() for groups in self._groups)
+            avail = sum(t.numel for t in self._groups[0]) if self.stage3 else \
+                sum(groups[g].numel for groups in self._groups)
             if need > avail:
                 raise InputError(self.path, f"holds {avail} master weights in param group {g}, fewer than the {need} "
                                             "its parameter shapes need")
         return layout
 
     @staticmethod
-    def _span(flats: list[torch.Tensor], lo: int, n: int) -> torch.Tensor:
-        """Elements lo … lo+n of the concatenation of ``flats``, reading only the pieces that hold them."""
-        parts, start = [], 0
+    def _span(flats: list[_Flat], lo: int, n: int) -> torch.Tensor:
+        """Elements lo … lo+n of the concatenation of ``flats``, each piece one positioned read of its bytes."""
+        out, start, at = empty((n,), torch.float32), 0, 0
         for f in flats:
-            end = start + f.numel()
+            end = start + f.numel
             if end > lo and start < lo + n:
                 a, b = max(lo, start) - start, min(lo + n, end) - start
-                parts.append(f[a:b])
+                pread_into(f.file, f.ident, f.tensor.start + a * 4, out[at:at + b - a])
+                at += b - a
             start = end
-        return (torch.cat(parts) if len(parts) != 1 else parts[0].clone()).detach()  # saved as Parameters
+        if at != n:
+            raise InputError(flats[0].file, f"holds {at} of the {n} master weights asked for")
+        return out
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.entries:

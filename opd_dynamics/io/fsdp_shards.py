@@ -7,7 +7,8 @@ stand-ins and builds nothing), and a tensor is its local shards over the ranks o
 `Replicate` dim: the first replica), each read with one positioned read straight into its rows of the output
 (`Shard(0)`, what FSDP writes; another shard dim reads each shard and concatenates), so memory holds that tensor
 and nothing stays mapped; a row range reads only the ranks' rows it covers. A rank file whose pickle names anything
-else is read as before, through the mapped `weights_only` load (`torch_files.load_weights_file`). Names lose
+else is refused unread; one holding a strided view (admitted) is read through the mapped `weights_only` load
+(`torch_files.load_weights_file`). Names lose
 FSDP's ``_fsdp_wrapped_module.`` and torch.compile's ``_orig_mod.``. The config comes from
 ``huggingface/config.json`` beside the rank files. verl's actor keeps its master weights in float32, so these
 files are the fp32 masters: a truer update than a bf16 export of the same step (verl's model_merger casts to bf16).
@@ -99,10 +100,10 @@ class FSDPShards(EntryReader):
             check_torch_file(f)
         self._idents = [file_identity(f.stat()) for f in self.files]
         # each rank's tensors located in its file by the restricted layout unpickler (DTensors recorded, not built);
-        # a rank file holding anything else sends the directory through the mapped weights_only load
+        # a rank file naming anything else is refused; one holding a strided view is read through the mapped load
         layouts = [tensor_layout(f, dtensors=True) for f in self.files]
         self._layouts: list[dict] | None = None if any(x is None for x in layouts) else layouts
-        self._sds = [load_weights_file(f) for f in self.files] if self._layouts is None else []
+        self._sds = [load_weights_file(f, dtensors=True) for f in self.files] if self._layouts is None else []
         self.load_mode = "mmap" if self._layouts is None else "pread"
         sds = self._layouts if self._layouts is not None else self._sds
         self.entries: dict[str, TensorEntry] = {}
@@ -209,7 +210,7 @@ class FSDPShards(EntryReader):
                 pread_into(self.files[r], self._idents[r], local.start + (a - at) * row_bytes, out[a - lo:b - lo])
         return out
 
-    # -- the mapped weights_only load, for rank files the layout unpickler does not admit --------------------------
+    # -- the mapped weights_only load, for admitted rank files holding strided views -------------------------------
     def _mapped_get(self, name: str) -> torch.Tensor:
         key = self._key(name)
         t0 = self._sds[0][key]

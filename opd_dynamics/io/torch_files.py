@@ -1,18 +1,19 @@
 """`torch.save` weight files read safely and lazily, and the `pytorch_model.bin` reader.
 
-Every `.bin`/`.pt` that `archive_layout` (below) does not admit goes through `load_weights_file`: the zip format
-only (mapped with ``mmap=True``, so names, shapes and dtypes cost nothing and a tensor's pages are read when it is
-used), ``weights_only=True`` (a pickle holding anything but tensors and plain containers is refused, never run),
-torch ≥ 2.6 (older torch had a ``weights_only`` bypass, CVE-2025-32434), and ``map_location='cpu'`` (files saved
-from CUDA tensors).
+Nothing in such a file is trusted (docs/SECURITY.md). `archive_layout` checks that a file is the zip archive
+`torch.save` writes (every entry stored, no TorchScript code or constants, one ``data.pkl``: `archive_pickle`),
+then reads its ``data.pkl`` with the toolkit's one allow-list (`io.safe_pickle`: storage types, the tensor and
+parameter rebuilders, plain containers, torch.Size and dtypes; for verl's rank files also the names a DTensor
+pickle uses, and for DeepSpeed's optimizer states its three objects, as inert stand-ins), which builds no tensor
+and runs nothing, and gives each tensor's dtype, view and absolute byte offset in the zip, so a reader fetches it
+with one positioned read straight into the output, as safetensors are read; a DTensor comes with its global
+shape and placements. A pickle naming anything else is refused unread, in one sentence naming the file. The same
+mechanism locates a DCP chunk (a small archive at a byte range of a ``.distcp`` file) and DeepSpeed's weights.
 
-Where a file allows it, nothing is mapped: `archive_layout` reads the archive's ``data.pkl`` with a restricted
-unpickler that builds no tensor and runs nothing (storage types, the tensor rebuilder, plain containers, torch.Size
-and dtypes; for verl's rank files also the names a DTensor pickle uses, as inert recording stand-ins) and gives each
-tensor's dtype, view and absolute byte offset in the zip (storages are stored uncompressed), so a reader fetches it
-with one positioned read straight into the output, as safetensors are read; a DTensor comes with its global shape
-and placements. Any other global sends the file to the mapped ``weights_only`` load. The same mechanism locates a
-DCP chunk (a small archive at a byte range of a ``.distcp`` file) and DeepSpeed's model-states weights.
+A file whose admitted pickle holds a tensor that is not plain and contiguous (a strided view) goes through
+`load_weights_file`: torch's ``weights_only`` load (torch ≥ 2.6, whose loader has no known bypass, CVE-2025-32434),
+mapped with ``mmap=True``, after the allow-list above admitted the same pickle. No path loads with
+``weights_only=False``, and no legacy (tar or plain pickle) file is read.
 
 `BinDir` reads ``pytorch_model.bin`` and index-sharded ``pytorch_model-0000k-of-0000n.bin`` with
 ``pytorch_model.bin.index.json`` (what transformers 4 wrote with ``safe_serialization=False``, and many older
@@ -41,6 +42,17 @@ from opd_dynamics.io.model_dir import (
     _pread_tensor,
     file_identity,
     index_files,
+)
+from opd_dynamics.io.safe_pickle import (
+    DTENSOR,
+    MAX_PICKLE_BYTES,
+    WEIGHTS,
+    DTensorRef,
+    Names,
+    Refused,
+    TensorRef,
+    loads,
+    torch_storage,
 )
 
 BIN_FILE = "pytorch_model.bin"
@@ -72,50 +84,31 @@ def check_torch_file(path: Path) -> None:
         raise InputError(path, f"cannot be read: {e.strerror or e}") from e
 
 
-def load_weights_file(path: Path) -> dict:
-    """The mapping a `torch.save` weights file holds, its tensors mapped from the file (module docstring)."""
+def load_weights_file(path: Path, dtensors: bool = False) -> dict:
+    """The mapping a `torch.save` weights file holds, its tensors mapped from the file: for the files whose tensors
+    cannot each be read with one positioned read (strided views). The pickle is admitted by the toolkit's own
+    allow-list first (`archive_layout`), so torch's ``weights_only`` unpickler only ever sees what that admits."""
     check_torch_file(path)
-    import torch.distributed.tensor as _dtensor  # noqa: F401 - registers DTensor and its placements as safe to load
+    archive_layout(path, names=DTENSOR if dtensors else WEIGHTS)
+    if dtensors:
+        import torch.distributed.tensor as _dtensor  # noqa: F401 - registers DTensor and its placements
 
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise InputError(path, "is not a weights file: its pickle holds objects other than tensors, so it was "
-                               f"refused unread ({str(e).splitlines()[0][:160]})") from None
+        raise InputError(path, f"is not a weights file: torch refused its pickle ({first_sentence(e)})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise InputError(path, f"is not a readable torch weights file ({str(e).splitlines()[0][:160]})") from None
+        raise InputError(path, f"is not a readable torch weights file ({first_sentence(e)})") from None
     if not isinstance(obj, dict):
         raise InputError(path, f"holds a {type(obj).__name__}, not a state dict of tensors")
     return obj
 
 
-_STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
-_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in DTYPE_CODES}
-
-
-class _StateDict(dict):
-    """collections.OrderedDict as `Module.state_dict()` pickles it: the dict, its ``_metadata`` attribute (module
-    versions) set by BUILD and dropped."""
-
-    def __setstate__(self, state):
-        pass
-
-
-class _Storage:
-    def __init__(self, dtype: torch.dtype, key: str):
-        self.dtype, self.key = dtype, key
-
-
-class _TensorRef:
-    """Where a plain tensor of a `torch.save` archive lives: its storage and its view (nothing is read)."""
-
-    def __init__(self, storage: _Storage, offset: int, size, stride, *rest):
-        if not isinstance(storage, _Storage):
-            raise pickle.UnpicklingError("a tensor without a storage")
-        self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
+def first_sentence(e: BaseException) -> str:
+    """An exception's first sentence, whole (torch's messages run on with advice that does not apply here)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    end = text.find(". ")
+    return text[: end + 1] if end >= 0 else text
 
 
 @dataclass(frozen=True)
@@ -155,136 +148,6 @@ class StoredDTensor:
         return self.local.dtype
 
 
-# -- DTensor pickles, recorded, never built ----------------------------------------------------------------------
-# torch pickles a DTensor as _rebuild_from_type_v2(_rebuild_wrapper_subclass, DTensor, (DTensor, dtype, global
-# size, stride, offset, layout, device, requires_grad), (None, {"_local_tensor": tensor, "_spec": DTensorSpec}))
-# (read from the files FSDP2 writes with torch 2.13). The classes it names become the inert stand-ins below:
-# nothing of torch.distributed is imported or run, and any other global sends the file to the mapped
-# weights_only load.
-
-
-class _Record:
-    """Stands in for an object of a DTensor pickle: keeps the arguments and state it is given, runs nothing."""
-
-    def __new__(cls, *args):
-        obj = object.__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def attrs(self) -> dict:
-        """The recorded state as one dict (a (dict, slots dict) pair merged)."""
-        return _attrs(self.state)
-
-
-def _attrs(state) -> dict:
-    out: dict = {}
-    for part in (state if isinstance(state, tuple) else (state,)):
-        if isinstance(part, dict):
-            out.update(part)
-        elif part is not None:
-            raise pickle.UnpicklingError("an object state that is not a dict")
-    return out
-
-
-class _Shard(_Record):
-    pass
-
-
-class _Replicate(_Record):
-    pass
-
-
-_WRAPPER_SUBCLASS = object()  # torch._utils._rebuild_wrapper_subclass, never called
-_DTENSOR = object()  # the DTensor class
-
-
-def _rebuild_dtensor(func, new_type, args, state) -> _DTensorRef:
-    """torch._tensor._rebuild_from_type_v2, for a DTensor only: what its pickle says, checked, built of nothing."""
-    if func is not _WRAPPER_SUBCLASS or new_type is not _DTENSOR or len(args) < 3 or args[0] is not _DTENSOR:
-        raise pickle.UnpicklingError("a tensor subclass other than DTensor")
-    attrs = _attrs(state)
-    local, spec = attrs.get("_local_tensor"), attrs.get("_spec")
-    if not isinstance(local, _TensorRef) or not isinstance(spec, _Record):
-        raise pickle.UnpicklingError("a DTensor without its local tensor or spec")
-    placements = []
-    for p in spec.attrs().get("placements", ()):
-        if isinstance(p, _Shard):
-            placements.append(int(p.attrs()["dim"]))
-        elif isinstance(p, _Replicate):
-            placements.append(None)
-        else:
-            raise pickle.UnpicklingError("a DTensor placement other than Shard and Replicate")
-    shape = tuple(int(n) for n in args[2])
-    if not placements or any(n < 0 for n in shape) or any(d is not None and not 0 <= d < len(shape)
-                                                          for d in placements):
-        raise pickle.UnpicklingError("a DTensor without valid placements or shape")
-    return _DTensorRef(local, shape, tuple(placements))
-
-
-class _DTensorRef:
-    def __init__(self, local: _TensorRef, shape: tuple[int, ...], placements: tuple[int | None, ...]):
-        self.local, self.shape, self.placements = local, shape, placements
-
-
-def _get_layout(name: str) -> str:
-    if name != "torch.strided":
-        raise pickle.UnpicklingError(f"a tensor of layout {name}")
-    return name
-
-
-_DTENSOR_NAMES = {
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_dtensor,
-    ("torch._utils", "_rebuild_wrapper_subclass"): _WRAPPER_SUBCLASS,
-    ("torch.distributed.tensor", "DTensor"): _DTENSOR,
-    ("torch.distributed.tensor._api", "DTensor"): _DTENSOR,
-    ("torch.distributed.tensor.placement_types", "Shard"): _Shard,
-    ("torch.distributed.tensor.placement_types", "Replicate"): _Replicate,
-    ("torch.serialization", "_get_layout"): _get_layout,
-    ("torch", "device"): lambda *a: "device",
-    ("torch", "Size"): tuple,
-    **{("torch.distributed.tensor._dtensor_spec", c): type(c, (_Record,), {})
-       for c in ("DTensorSpec", "TensorMeta", "ShardOrderEntry")},
-    ("torch.distributed.device_mesh", "DeviceMesh"): type("DeviceMesh", (_Record,), {}),
-    **{("torch.distributed._mesh_layout", c): type(c, (_Record,), {}) for c in ("_MeshLayout", "_FlatLayout")},
-}
-
-
-class _LayoutUnpickler(pickle.Unpickler):
-    """Reads a `torch.save` archive's data.pkl into _TensorRefs (and, with ``dtensors``, _DTensorRefs): storage
-    types, the tensor rebuilder, plain containers, torch.Size and dtypes only (and the DTensor names above, as
-    inert stand-ins); anything else makes the caller fall back to the mapped weights_only load."""
-
-    def __init__(self, file, dtensors: bool = False):
-        super().__init__(file)
-        self.dtensors = dtensors
-
-    def find_class(self, module: str, name: str):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _TensorRef
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if (module, name) == ("collections", "OrderedDict"):
-            return _StateDict
-        if (module, name) == ("torch", "Size"):
-            return tuple
-        if module == "torch" and name in _DTYPE_NAMES:
-            return _DTYPE_NAMES[name]
-        if self.dtensors and (module, name) in _DTENSOR_NAMES:
-            return _DTENSOR_NAMES[module, name]
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5):
-            raise pickle.UnpicklingError("not a storage")
-        kind, dtype, key, _location, _numel = pid
-        if kind != "storage" or not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError("not a storage")
-        return _Storage(dtype, str(key))
-
-
 class _Window(io.RawIOBase):
     """Bytes ``base … base+length`` of an open file as a seekable file of their own (a DCP chunk's archive)."""
 
@@ -314,22 +177,42 @@ class _Window(io.RawIOBase):
 
 
 _UNREADABLE = (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError, KeyError, IndexError,
-               zipfile.BadZipFile, struct.error, RecursionError, OSError)
+               zipfile.BadZipFile, struct.error, RecursionError, OverflowError, MemoryError)
+#: entries that make a zip a TorchScript archive (code and constants torch.jit.load would run), not weights
+_TORCHSCRIPT = ("constants.pkl", "/code/", ".debug_pkl", "bytecode.pkl")
+
+
+def archive_pickle(z: zipfile.ZipFile) -> str:
+    """The name of a `torch.save` archive's one ``data.pkl``, after checking the archive is what torch.save writes:
+    every entry stored uncompressed (so no entry expands: no zip bomb, no nested archive to unpack), no TorchScript
+    code or constants, exactly one data.pkl. `safe_pickle.Refused` otherwise."""
+    pkl = []
+    for info in z.infolist():
+        name = info.filename
+        if any(mark in f"/{name}" for mark in _TORCHSCRIPT):
+            raise Refused(f"TorchScript content ({name}), which torch.jit.load would run")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise Refused(f"a compressed entry ({name}); torch.save stores every entry uncompressed")
+        if name.endswith("/data.pkl") or name == "data.pkl":
+            pkl.append(info)
+    if len(pkl) != 1:
+        raise Refused(f"{len(pkl)} data.pkl entries where torch.save writes one")
+    if pkl[0].file_size > MAX_PICKLE_BYTES:
+        raise Refused(f"a data.pkl of {pkl[0].file_size} bytes (at most {MAX_PICKLE_BYTES} are read)")
+    return pkl[0].filename
 
 
 class _Located:
-    """Turns the _TensorRefs of one archive's unpickled tree into StoredTensors (absolute byte offsets)."""
+    """Turns the TensorRefs of one archive's unpickled tree into StoredTensors (absolute byte offsets)."""
 
     def __init__(self, z: zipfile.ZipFile, prefix: str, fd: int, base: int, end: int):
         self.z, self.prefix, self.fd, self.base, self.end = z, prefix, fd, base, end
         self.storages: dict[str, tuple[int, int]] = {}
 
     def storage(self, key: str) -> tuple[int, int]:
-        """(absolute start, byte size) of a storage: its zip entry must be stored, not compressed."""
+        """(absolute start, byte size) of a storage (its entry is stored, `archive_pickle` checked)."""
         if key not in self.storages:
             info = self.z.getinfo(f"{self.prefix}data/{key}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError("a compressed storage")
             n_name, n_extra = struct.unpack("<HH", os.pread(self.fd, 4, self.base + info.header_offset + 26))
             at = self.base + info.header_offset + 30 + n_name + n_extra
             if at + info.file_size > self.end:
@@ -337,7 +220,7 @@ class _Located:
             self.storages[key] = (at, info.file_size)
         return self.storages[key]
 
-    def tensor(self, ref: _TensorRef) -> StoredTensor:
+    def tensor(self, ref: TensorRef) -> StoredTensor:
         at, nbytes = self.storage(ref.storage.key)
         size = ref.storage.dtype.itemsize
         t = StoredTensor(ref.storage.dtype, ref.size, ref.stride, at + ref.offset * size)
@@ -348,56 +231,61 @@ class _Located:
         return t
 
     def resolve(self, obj):
-        if isinstance(obj, _TensorRef):
+        if isinstance(obj, TensorRef):
             return self.tensor(obj)
-        if isinstance(obj, _DTensorRef):
+        if isinstance(obj, DTensorRef):
             return StoredDTensor(self.tensor(obj.local), obj.shape, obj.placements)
         if isinstance(obj, dict):
-            return {k: self.resolve(v) for k, v in obj.items()}  # (a _StateDict becomes a dict)
+            return {k: self.resolve(v) for k, v in obj.items()}  # (a StateDict becomes a dict)
         if isinstance(obj, (list, tuple)):
             return type(obj)(self.resolve(v) for v in obj)
-        if isinstance(obj, _Record):
-            raise ValueError("an object outside a DTensor")
         return obj
 
 
-def archive_layout(path: Path, base: int = 0, length: int | None = None, dtensors: bool = False,
-                   fd: int | None = None):
-    """What a `torch.save` archive holds (a zip whose storages are stored uncompressed), every plain tensor a
-    `StoredTensor` and, with ``dtensors``, every DTensor a `StoredDTensor`: its containers (dicts, lists, tuples)
-    and plain values as pickled, read by `_LayoutUnpickler`, so nothing but those is built. ``base`` and
-    ``length``: an archive embedded in a larger file (a DCP chunk); ``fd``: an open descriptor of ``path``.
-    None when the archive holds anything else or cannot be located (the caller then uses the mapped
-    weights_only load, which refuses what is not weights)."""
+def archive_layout(path: Path, base: int = 0, length: int | None = None, names: Names = WEIGHTS,
+                   fd: int | None = None, what: str = "", kind: str = "weights file"):
+    """What a `torch.save` archive holds, every plain tensor a `StoredTensor` and (with ``names`` admitting them)
+    every DTensor a `StoredDTensor`: its containers and plain values as pickled, unpickled by
+    `safe_pickle.loads` with the allow-list ``names``, so nothing but those is built; other objects stay their
+    inert stand-ins. The archive is checked first (`archive_pickle`). ``base`` and ``length``: an archive
+    embedded in a larger file (a DCP chunk; ``what`` names it); ``fd``: an open descriptor of ``path``; ``kind``:
+    what the file should be, for the refusal.
+    An InputError naming the file for anything refused or unreadable: nothing of it is ever loaded otherwise."""
     own = fd is None
-    if own:
-        fd = os.open(path, os.O_RDONLY)
     try:
+        if own:
+            fd = os.open(path, os.O_RDONLY)
         size = os.fstat(fd).st_size
         length = size - base if length is None else length
         if base < 0 or length < 0 or base + length > size:
-            return None
+            raise InputError(path, f"is truncated: {what or 'its archive'} needs bytes {base}…{base + length} of "
+                                   f"{size}")
         window = io.BufferedReader(_Window(fd, base, length), buffer_size=1 << 16)
         with zipfile.ZipFile(window) as z:
-            pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(pkl) != 1:
-                return None
-            tree = _LayoutUnpickler(io.BytesIO(z.read(pkl[0])), dtensors).load()
-            return _Located(z, pkl[0][: -len("data.pkl")], fd, base, base + length).resolve(tree)
-    except _UNREADABLE:
-        return None
+            pkl = archive_pickle(z)
+            tree = loads(z.read(pkl), names, torch_storage)
+            return _Located(z, pkl[: -len("data.pkl")], fd, base, base + length).resolve(tree)
+    except Refused as e:
+        raise InputError(path, f"is not a {kind}: {what or 'it'} holds {e}; refused unread (nothing in it was "
+                               "run)") from None
+    except OSError as e:
+        raise InputError(path, f"cannot be read: {e.strerror or e}") from None
+    except _UNREADABLE as e:
+        raise InputError(path, f"is not a readable torch archive{' (' + what + ')' if what else ''}: "
+                               f"{type(e).__name__}: {str(e)[:200]}") from None
     finally:
-        if own:
+        if own and fd is not None:
             os.close(fd)
 
 
 def tensor_layout(path: Path, dtensors: bool = False) -> dict[str, StoredTensor | StoredDTensor] | None:
-    """{name: located tensor} of a `torch.save` state dict whose tensors are plain and contiguous (with
-    ``dtensors``: or DTensors whose local tensor is), each then read with one positioned read like a safetensors
-    tensor; None when the file holds anything else (it is then read through the mapped load)."""
-    sd = archive_layout(path, dtensors=dtensors)
+    """{name: located tensor} of a `torch.save` state dict (with ``dtensors``, of DTensors too), each tensor then
+    read with one positioned read like a safetensors tensor; None when the file holds a tensor that is not plain
+    and contiguous (a strided view: it is then read through the mapped load, its pickle admitted here first).
+    An InputError for a file that is not a state dict of weights."""
+    sd = archive_layout(path, names=DTENSOR if dtensors else WEIGHTS)
     if not isinstance(sd, dict):
-        return None
+        raise InputError(path, f"holds a {type(sd).__name__}, not a state dict of tensors")
     for t in sd.values():
         local = t.local if isinstance(t, StoredDTensor) else t
         if not isinstance(local, StoredTensor) or not local.contiguous:
