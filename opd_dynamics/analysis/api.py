@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from opd_dynamics._version import __version__
 from opd_dynamics.analysis.caches import default_cache_root
+from opd_dynamics.analysis.deltas import steps_text
 from opd_dynamics.analysis.executors import JobResult, device_name, execute, resolve_executor
 from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions, resolve_options
 from opd_dynamics.analysis.readers import make_plans, reader_for, readers_released
@@ -108,18 +110,19 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
         results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
                           resume_dir=resume_dir, cache_root=cache_root, progress=run.progress)
         rows: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
-        failed = []
+        failed = []  # one entry per tensor and step that failed; step None: the whole tensor
         for r in results:
             if r.error is not None:
-                failed.append({"run": r.run, "tensor": r.tensor, "reason": r.error})
+                failed.append({"run": r.run, "tensor": r.tensor, "step": None, "reason": r.error})
                 continue
+            failed += [{"run": r.run, "tensor": r.tensor, "step": s, "reason": why} for s, why in r.step_errors.items()]
             for t, rs in r.tables.items():
                 rows[t].extend(rs)
         if not rows["module_allocation"]:
             first = failed[0]["reason"] if failed else "nothing was analysed"
             raise InputError(lst[0].base, f"no tensor could be analysed ({first})")
         tables = build_tables(rows)
-        notes = wrong_base_warnings(tables["module_allocation"])
+        notes = wrong_base_warnings(tables["module_allocation"]) + nonfinite_warnings(tables["module_allocation"], lst)
         for n in notes:
             warnings.warn(n, UserWarning, stacklevel=2)
         meta = {
@@ -149,7 +152,62 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
             if out_path.exists() and not overwrite:
                 raise InputError(out_path, "appeared while the analysis ran; results left in " + str(partial))
             replace_path(partial, out_path)
-        return report
+    if failed and not run.keep_going:
+        raise InputError(None, failure_sentence(failed, out_path), ("keep_going",))
+    return report
+
+
+def failure_sentence(failed: list[dict], out: Path | None, most: int = 3) -> str:
+    """One sentence for what could not be read (run.json's ``failed``): each tensor with its steps and the first
+    reason, what was written anyway, and the flag that accepts the gaps."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for f in failed:
+        by.setdefault((f["run"], f["tensor"]), []).append(f)
+    runs = {r for r, _ in by}
+
+    def item(run: str, tensor: str, fs: list[dict], alone: bool) -> str:
+        steps = [f["step"] for f in fs if f["step"] is not None]
+        where = (f" at {steps_text(steps)}" if steps else "") if not alone else \
+            (f" could not be read at {steps_text(steps)}" if steps else " could not be analysed")
+        of = f" of run {run!r}" if alone or len(runs) > 1 else ""
+        return f"{'tensor ' if alone else ''}{tensor!r}{of}{where} ({fs[0]['reason']})"
+
+    if len(by) == 1:
+        (run, tensor), fs = next(iter(by.items()))
+        text = item(run, tensor, fs, True)
+    else:
+        items = [item(r, t, fs, False) for (r, t), fs in list(by.items())[:most]]
+        more = f" and {len(by) - most} more" if len(by) > most else ""
+        text = (f"{len(by)} tensors{f' of run {next(iter(runs))!r}' if len(runs) == 1 else ''} failed: "
+                + ", ".join(items) + more)
+    gaps = "gap" if len(failed) == 1 else "gaps"
+    wrote = (f"; the other tensors and steps were written to {out} (run.json lists what failed)"
+             if out is not None else "")
+    return f"{text}{wrote}; pass keep_going=True to accept the {gaps}"
+
+
+def nonfinite_warnings(alloc: pd.DataFrame, series: Sequence[CheckpointSeries], most: int = 5) -> list[str]:
+    """One sentence per run whose base holds NaN or Inf, and per run and step whose weights do (module_allocation's
+    ``finite`` is False), naming the tensors: their updates have no norm, spectrum or share to speak of."""
+    bases = {s.name: s.base for s in series}
+
+    def names(ts) -> str:
+        ts = list(dict.fromkeys(ts))  # in the tables' order
+        shown = ", ".join(repr(t) for t in ts[:most]) + (f" and {len(ts) - most} more" if len(ts) > most else "")
+        return f"{len(ts)} tensor{'s' if len(ts) > 1 else ''} ({shown})"
+
+    out = []
+    bad = alloc[~alloc["finite"].astype(bool)]
+    for run, a in bad.groupby("run", sort=False):
+        base_bad = ~np.isfinite(pd.to_numeric(a["base_norm"], errors="coerce"))
+        if base_bad.any():
+            ts = a.loc[base_bad, "tensor"]
+            out.append(f"run {run!r}: the base {bases.get(run)} holds NaN or Inf in {names(ts)}, whose rows have "
+                       "finite=False at every step and NaN spectra, energy shares and trajectories")
+        for step, b in a[~base_bad].groupby("step", sort=True):
+            out.append(f"run {run!r}, step {step}: NaN or Inf in {names(b['tensor'])}, whose rows have finite=False "
+                       "and NaN spectra, energy shares and trajectories")
+    return out
 
 
 def wrong_base_warnings(alloc: pd.DataFrame) -> list[str]:

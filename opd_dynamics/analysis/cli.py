@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import click
 
 from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions
@@ -53,6 +58,22 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
         click.echo(f"… {len(ok) - 40} more")
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """The analysis' own warnings (a wrong base, non-finite weights; also in run.json) as one 'warning: …' line each
+    on stderr, printed even when the analysis then fails; other warnings are shown as Python shows them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", UserWarning)  # others as filtered before
+        try:
+            yield
+        finally:
+            for w in caught:
+                if w.category is UserWarning:
+                    click.echo(f"warning: {w.message}", err=True)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 @click.command()
 @with_options(SERIES_OPTIONS)
 @click.option("--out", required=True, type=click.Path(), help="Output directory (CSV tables + run.json).")
@@ -66,9 +87,12 @@ def analyze(run, runs, base, steps, groups, load_mode, out, overwrite, **fields)
     series = series_from_cli(run, runs, base, steps, load_mode)
     opts = options_from(AnalysisOptions, fields)
     run_opts = options_from(ExecutionOptions, fields)
-    rep = _analyze(series, out=out, overwrite=overwrite, options=opts, execution=run_opts,
-                   groups=parse_groups(groups, None), command=command_line())
+    with _warnings_as_lines():
+        rep = _analyze(series, out=out, overwrite=overwrite, options=opts, execution=run_opts,
+                       groups=parse_groups(groups, None), command=command_line())
     m = rep.meta
     click.echo(f"wrote {out}: " + ", ".join(f"{k}.csv ({v} rows)" for k, v in m["tables"].items()))
-    if m["skipped"] or m["failed"]:
-        click.echo(f"{len(m['skipped'])} skipped, {len(m['failed'])} failed tensors: see {out}/run.json")
+    if m["skipped"] or m["failed"]:  # failed: one entry per tensor and step (--keep-going)
+        n = len(m["failed"])
+        click.echo(f"{len(m['skipped'])} skipped tensors, {n} failure{'s' if n != 1 else ''}: see "
+                   f"{Path(out) / 'run.json'}")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
+from pathlib import Path
 
 import torch
 
@@ -70,10 +72,11 @@ class SeriesReader:
 
     def __init__(self, series: CheckpointSeries):
         self.series = series
-        self.base: ModelDir = open_model(series.base, series.load_mode)  # type: ignore[assignment]
-        if not isinstance(self.base, ModelDir):
-            raise InputError(series.base, "is a LoRA adapter; the base must be full model weights")
-        self.steps: dict[int, ModelDir | LoraAdapter] = {s: open_model(p, series.load_mode) for s, p in series.steps}
+        # any format can be the base (CheckpointSeries refused an adapter): one that is not the steps' is fine
+        self.base: EntryReader = open_model(series.base, series.load_mode,  # type: ignore[assignment]
+                                            series.prefer_format)
+        self.steps: dict[int, EntryReader | LoraAdapter] = {
+            s: open_model(p, series.load_mode, series.prefer_format) for s, p in series.steps}
 
     @cached_property
     def identity(self) -> str:
@@ -260,22 +263,47 @@ def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
 PREFETCH_MIN_NUMEL = 1 << 16
 
 
+def failure_reason(e: Exception) -> str:
+    """What a failed read or computation is recorded as: an InputError's sentence, anything else with its type and
+    where it was raised."""
+    if isinstance(e, InputError):
+        return str(e)
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
+
+
+def _read_or_record(failed: dict[int, str], reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
+                    materialize: bool) -> StepUpdate | None:
+    """`read_step`, or None with the failure recorded in ``failed``."""
+    try:
+        return read_step(reader, tp, step, w0, materialize)
+    except Exception as e:  # noqa: BLE001 - recorded per step, with where it was raised
+        failed[step] = failure_reason(e)
+        return None
+
+
 def iter_updates(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, steps: Sequence[int] | None = None,
-                 materialize: bool = False) -> Iterator[StepUpdate]:
+                 materialize: bool = False, failed: dict[int, str] | None = None) -> Iterator[StepUpdate]:
     """Yield StepUpdate for each step (default: every step the tensor exists at), reading the next step in
-    a background thread while the caller works on the current one (``materialize``: see `read_step`)."""
+    a background thread while the caller works on the current one (``materialize``: see `read_step`). With
+    ``failed``, a step that cannot be read is recorded there (step → `failure_reason`) and left out, so the
+    tensor's other steps are still yielded; without it, the read's exception is raised."""
     order = list(steps) if steps is not None else list(tp.steps)
+    read = read_step if failed is None else partial(_read_or_record, failed)
     if len(order) < 2 or tp.numel < PREFETCH_MIN_NUMEL:
         for s in order:
-            yield read_step(reader, tp, s, w0, materialize)
+            upd = read(reader, tp, s, w0, materialize)
+            if upd is not None:
+                yield upd
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(read_step, reader, tp, order[0], w0, materialize)
+        fut = pool.submit(read, reader, tp, order[0], w0, materialize)
         for nxt in order[1:] + [None]:
             cur = fut.result()
             if nxt is not None:
-                fut = pool.submit(read_step, reader, tp, nxt, w0, materialize)
-            yield cur
+                fut = pool.submit(read, reader, tp, nxt, w0, materialize)
+            if cur is not None:
+                yield cur
 
 
 #: memory a trajectory block may take: (steps × rows × row size) float64 values

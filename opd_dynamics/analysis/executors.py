@@ -7,7 +7,6 @@ import functools
 import os
 import platform
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
@@ -18,7 +17,7 @@ import torch
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from opd_dynamics.analysis.caches import ResultCache
-from opd_dynamics.analysis.deltas import Plan, TensorPlan
+from opd_dynamics.analysis.deltas import Plan, TensorPlan, failure_reason
 from opd_dynamics.analysis.options import EXECUTORS, AnalysisOptions
 from opd_dynamics.analysis.readers import reader_for
 from opd_dynamics.analysis.tensor import analyze_tensor
@@ -57,9 +56,10 @@ class JobResult:
     run: str
     tensor: str
     tables: dict[str, list[dict]] = field(default_factory=dict)
-    error: str | None = None
+    error: str | None = None  # why the tensor has no rows at all
     seconds: float = 0.0
     device: tuple[str, str] | None = None  # (device used, its name), as the worker that ran the job saw it
+    step_errors: dict[int, str] = field(default_factory=dict)  # steps that could not be read (the others have rows)
 
 
 # Below this many elements a tensor is analysed on one thread, torch's and BLAS's alike: two threads gain
@@ -89,22 +89,19 @@ def _thread_limits(job: Job) -> Iterator[None]:
 
 
 def run_job(job: Job) -> JobResult:
-    """Analyse one tensor; any failure is returned as a reason, never raised (one bad tensor ≠ a lost run)."""
+    """Analyse one tensor; any failure is returned as a reason, never raised (one bad tensor ≠ a lost run): a step
+    that cannot be read in ``step_errors`` (the tensor's other steps keep their rows), anything else in ``error``."""
     t0 = time.perf_counter()
     try:
         dev = job.opts.resolved_device()
+        failed: dict[int, str] = {}
         with _thread_limits(job):
             tables = analyze_tensor(reader_for(job.series, job.inputs), job.plan, job.opts,
-                                    Path(job.cache_root) if job.cache_root else None)
+                                    Path(job.cache_root) if job.cache_root else None, failed)
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0,
-                         (dev, device_name(dev)))
-    except InputError as e:
-        return JobResult(job.series.name, job.plan.name, {}, str(e), time.perf_counter() - t0)
+                         (dev, device_name(dev)), dict(sorted(failed.items())))
     except Exception as e:  # noqa: BLE001 — recorded with where it was raised in run.json
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        return JobResult(job.series.name, job.plan.name, {},
-                         f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})",
-                         time.perf_counter() - t0)
+        return JobResult(job.series.name, job.plan.name, {}, failure_reason(e), time.perf_counter() - t0)
 
 
 def _init_worker(threads: int) -> None:
@@ -153,7 +150,7 @@ def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "se
 
     def finish(i: int, res: JobResult) -> None:
         done[i] = res
-        if res.error is None:
+        if res.error is None and not res.step_errors:  # a tensor with gaps is read again by the next run
             cache.put(jobs[i][1], res.tables)
         bar.update(1)
 

@@ -94,6 +94,10 @@ class ExecutionOptions:
     cache_dir: str | None = option(None, "Where base decompositions are cached (default: $OPD_DYNAMICS_CACHE or "
                                  "~/.cache/opd-dynamics).")
     progress: bool = option(True, "A progress bar (--quiet: none).", flag="--progress/--quiet")
+    keep_going: bool = option(False, "When a tensor cannot be read at some step (a truncated file, a shard that "
+                              "does not fit), finish and exit 0 with it listed under failed in run.json. Without "
+                              "it the analysis still writes everything it could read, then exits with an error "
+                              "naming the tensor and steps.", flag="--keep-going")
 
 
 def resolve_options(options: AnalysisOptions | None, execution: ExecutionOptions | None,

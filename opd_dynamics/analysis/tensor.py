@@ -5,6 +5,7 @@ from the one decomposition of its ΔW_t."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from opd_dynamics.analysis.deltas import (
     SeriesReader,
     StepUpdate,
     TensorPlan,
+    failure_reason,
     iter_delta_blocks,
     iter_updates,
     read_base,
@@ -40,12 +42,19 @@ def _ident(series: CheckpointSeries, tp: TensorPlan) -> dict:  # identifying col
 
 
 def _steps_with_ref(reader: SeriesReader, tp: TensorPlan, w0: torch.Tensor, ref: StepUpdate | None,
-                    materialize: bool) -> Iterator[StepUpdate]:
-    """Every step's update in order, reusing the already-read reference step instead of reading it twice."""
-    others = [s for s in tp.steps if ref is None or s != ref.step]
-    it = iter_updates(reader, tp, w0, others, materialize=materialize)
-    for s in tp.steps:
-        yield ref if (ref is not None and s == ref.step) else next(it)
+                    materialize: bool, failed: dict[int, str] | None = None) -> Iterator[StepUpdate]:
+    """Every step's update in order, reusing the already-read reference step instead of reading it twice; with
+    ``failed``, the steps that cannot be read are recorded there and left out (see `iter_updates`), and the steps
+    already in it are not read again."""
+    others = [s for s in tp.steps if (ref is None or s != ref.step) and s not in (failed or {})]
+    pending = ref
+    for upd in iter_updates(reader, tp, w0, others, materialize=materialize, failed=failed):
+        if pending is not None and tp.steps.index(pending.step) < tp.steps.index(upd.step):
+            yield pending
+            pending = None
+        yield upd
+    if pending is not None:
+        yield pending
 
 
 def _units(tp: TensorPlan) -> list[int | None]:
@@ -57,8 +66,11 @@ def _units(tp: TensorPlan) -> list[int | None]:
 
 
 def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
-                   cache_root: Path | None = None) -> dict[str, list[dict]]:
-    """All rows of every table for one stored tensor over the whole series."""
+                   cache_root: Path | None = None, failed: dict[int, str] | None = None) -> dict[str, list[dict]]:
+    """All rows of every table for one stored tensor over the whole series. With ``failed``, a step whose weights
+    cannot be read is recorded there (step → reason) and the tensor's other steps are still analysed (the
+    trajectory over the steps read; no alignment when the reference step is the one that failed); without it,
+    the read's exception is raised."""
     series = reader.series
     device = opts.resolved_device()
     out: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
@@ -76,14 +88,21 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
     ref_update, dec_ref = None, {}
     if matrix and opts.alignment:
         ref_step = opts.ref_step if opts.ref_step in tp.steps else tp.steps[-1]
-        ref_update = read_step(reader, tp, ref_step, w0)
-        dec_ref = {u: decompose(part(ref_update.delta, u), k_vectors=k_vec, mode=opts.svd) for u in units}
+        try:
+            ref_update = read_step(reader, tp, ref_step, w0)
+        except Exception as e:
+            if failed is None:
+                raise
+            failed[ref_step] = (failure_reason(e) + f" (step {ref_step} is the alignment reference: the tensor has "
+                                                    "no alignment rows)")
+        if ref_update is not None:
+            dec_ref = {u: decompose(part(ref_update.delta, u), k_vectors=k_vec, mode=opts.svd) for u in units}
     base_dec = ({u: base_decomposition(reader, tp, part(w0, u), cache_root, u) for u in units}
                 if (matrix and opts.geometry) else {})
     shape_s = "x".join(map(str, mshape))
     numel = tp.numel // len(units)
     base_f2 = {u: fro2(part(w0, u)) for u in units}
-    for upd in _steps_with_ref(reader, tp, w0, ref_update, materialize=matrix):
+    for upd in _steps_with_ref(reader, tp, w0, ref_update, materialize=matrix, failed=failed):
         for u in units:
             ident = {**_ident(series, tp), "step": upd.step}
             if u is not None:
@@ -114,8 +133,9 @@ def analyze_tensor(reader: SeriesReader, tp: TensorPlan, opts: AnalysisOptions,
                                                              k=opts.k_subspace, K=opts.k_paired)})
             if base_dec:
                 out["geometry"].append({**ident, **geometry_metrics(base_dec[u], wtu, du, dec.fro2)})
-    if opts.trajectory and spectral and len(tp.steps) >= 2:  # norm-based: in every svd mode
-        _trajectory_rows(reader, tp, units, opts, out)
+    read = tuple(s for s in tp.steps if s not in (failed or {}))
+    if opts.trajectory and spectral and len(read) >= 2:  # norm-based: in every svd mode
+        _trajectory_rows(reader, replace(tp, steps=read), units, opts, out)  # over the steps that could be read
     return out
 
 

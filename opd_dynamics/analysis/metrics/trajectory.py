@@ -57,10 +57,15 @@ class TrajectoryAccumulator:
         self._sxx = float(self._c @ self._c)
 
     def add(self, block: np.ndarray) -> None:
-        """One row block: (n, m) float64, row i the entries of D_i in this block."""
+        """One row block: (n, m) float64, row i the entries of D_i in this block. NaN or Inf in it make the
+        tensor's results NaN without numpy's warnings (the analysis reports non-finite weights itself)."""
         d = np.asarray(block, dtype=np.float64)
         if d.ndim != 2 or d.shape[0] != len(self.t):
             raise ValueError(f"expected an (n={len(self.t)}, m) block, got shape {d.shape}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            self._add(d)
+
+    def _add(self, d: np.ndarray) -> None:
         self.gram += d @ d.T
         inc = np.diff(d, axis=0, prepend=np.zeros((1, d.shape[1])))  # δ_1 … δ_n
         self.seg_sq += np.einsum("ij,ij->i", inc, inc)
@@ -80,8 +85,13 @@ class TrajectoryAccumulator:
     def result(self, lockin_threshold: float = LOCKIN_THRESHOLD,
                lockin_margin: float = LOCKIN_MARGIN) -> tuple[dict, list[dict]]:
         """(the matrix's row of trajectory.csv, its rows of segments.csv, one per step)."""
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite weights: NaN results (see add)
+            return self._result(lockin_threshold, lockin_margin)
+
+    def _result(self, lockin_threshold: float, lockin_margin: float) -> tuple[dict, list[dict]]:
         n, g = len(self.t), self.gram
-        lam = np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None)
+        # NaN or Inf in a step's weights: NaN shares (eigvalsh does not converge on them), the run goes on
+        lam = np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None) if np.isfinite(g).all() else np.full(n, math.nan)
         total = float(lam.sum())
         summary: dict = {"n_steps": n,
                          "linear_r2": 1.0 - self.ss_res / self.ss_tot if self.ss_tot > 0 else math.nan,
