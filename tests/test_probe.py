@@ -98,3 +98,29 @@ def test_probe_command(tmp_path):
     bad = CliRunner().invoke(main, ["probe", str(tmp_path / "run"), "--base", str(tmp_path / "base"), "--pairs",
                                     "8-16", "--eval-cmd", "echo 1", "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "--pairs '8-16' must be pairs of steps" in bad.output
+
+
+def test_the_load_mode_reaches_the_candidates(tmp_path):
+    """--load-mode masters on a DeepSpeed ZeRO-2 step: the candidates are W_t + c·(W_t − W_s) from the fp32 master
+    weights (float32, as DeepSpeed's own reconstruction), not from the bf16 model states the step also holds."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    ds = Path(__file__).parent / "data" / "deepspeed"  # written by DeepSpeed: data/make_deepspeed.py
+    down = "model.layers.1.mlp.down_proj.weight"
+    w1 = load_file(ds / "zero2" / "fp32_reference.safetensors")[down]
+    w0 = load_file(ds / "base" / "model.safetensors")[down].to(torch.float32)
+    series = CheckpointSeries.discover(ds / "zero2", base=ds / "base", load_mode="masters")
+    seen = {}
+
+    def score(path):
+        if path.name != "global_step1":  # a candidate
+            with ModelDir(path) as d:
+                seen[path.name] = d.get(down)
+        return 0.0
+
+    line_probe(series, [(0, 1)], score, coefs=(0.0, 2.0), work=tmp_path)
+    (cand,) = seen.values()
+    assert cand.dtype == torch.float32
+    assert torch.equal(cand, w1 + 2.0 * (w1 - w0))

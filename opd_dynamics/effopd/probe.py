@@ -82,7 +82,8 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
             else:
                 cand = hidden_sibling(work / "probe", f"{s}-{t}")
                 try:
-                    extrapolate_checkpoint(ws, wt, c, cand, opts, metadata={"probe_pair": f"{s}:{t}"})
+                    extrapolate_checkpoint(ws, wt, c, cand, opts, load_mode=series.load_mode,
+                                           metadata={"probe_pair": f"{s}:{t}"})
                     got = scorer(cand)
                 finally:
                     shutil.rmtree(cand, ignore_errors=True)
