@@ -23,11 +23,11 @@ from opd_dynamics.io.cli import (
 
 @click.command()
 @with_options(SERIES_OPTIONS)
-def describe(run, runs, base, steps, groups, load_mode) -> None:
+def describe(run, runs, base, steps, groups, load_mode, prefer_format) -> None:
     """Dry run: steps found, tensors, shapes, groups, bytes to read, planned work."""
     from opd_dynamics.analysis.api import describe as _describe
 
-    series = series_from_cli(run, runs, base, steps, load_mode)
+    series = series_from_cli(run, runs, base, steps, load_mode, prefer_format)
     from opd_dynamics.io.sketches import SketchSeries
 
     if any(isinstance(s, SketchSeries) for s in series):
@@ -40,9 +40,10 @@ def describe(run, runs, base, steps, groups, load_mode) -> None:
     from opd_dynamics.io.reader import reader_format
 
     for s in series:
-        click.echo(f"run {s.name}: base {s.base} ({reader_format(s.base)}); {len(s.steps)} steps {s.step_numbers}")
+        click.echo(f"run {s.name}: base {s.base} ({reader_format(s.base, prefer_format)}); {len(s.steps)} steps "
+                   f"{s.step_numbers}")
         for step, path in s.steps:
-            click.echo(f"  step {step}: {path} ({reader_format(path)})")
+            click.echo(f"  step {step}: {path} ({reader_format(path, prefer_format)})")
     ok = df[df.get("skipped").isna()] if "skipped" in df else df
     click.echo(f"{len(ok)} tensors to analyse, {ok['bytes_to_read'].sum() / 1e6:.1f} MB to read")
     with_group = ok.groupby(["run", "group"]).agg(tensors=("tensor", "size"), MB=("bytes_to_read", "sum"))
@@ -80,11 +81,11 @@ def _warnings_as_lines() -> Iterator[None]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @with_options(dataclass_options(AnalysisOptions))
 @with_options(dataclass_options(ExecutionOptions))
-def analyze(run, runs, base, steps, groups, load_mode, out, overwrite, **fields) -> None:
+def analyze(run, runs, base, steps, groups, load_mode, prefer_format, out, overwrite, **fields) -> None:
     """Analyse one run (RUN) or several (--run opd=DIR --run rl=DIR) against BASE into OUT."""
     from opd_dynamics.analysis.api import analyze as _analyze
 
-    series = series_from_cli(run, runs, base, steps, load_mode)
+    series = series_from_cli(run, runs, base, steps, load_mode, prefer_format)
     opts = options_from(AnalysisOptions, fields)
     run_opts = options_from(ExecutionOptions, fields)
     with _warnings_as_lines():

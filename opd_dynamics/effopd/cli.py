@@ -8,7 +8,14 @@ import click
 from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.probe import DEFAULT_COEFS, GATE_TEXT
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.cli import dataclass_options, options_from, parse_floats, parse_size, with_options
+from opd_dynamics.io.cli import (
+    PREFER_FORMAT_OPTION,
+    dataclass_options,
+    options_from,
+    parse_floats,
+    parse_size,
+    with_options,
+)
 from opd_dynamics.io.reader import LOAD_MODES
 
 _shared = [
@@ -19,6 +26,7 @@ _shared = [
     click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
     click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
     click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True),
+    PREFER_FORMAT_OPTION,
 ]
 
 
@@ -34,14 +42,14 @@ def effopd() -> None:
                    "score (higher is better) is the number on the last line of its stdout.")
 @with_options(dataclass_options(EffOPDOptions, only=("k_max", "coef_step", "strict")))
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
-def search(prev, cur, out, overwrite, max_shard_size, load_mode, eval_cmd, timeout, **fields) -> None:
+def search(prev, cur, out, overwrite, max_shard_size, load_mode, prefer_format, eval_cmd, timeout, **fields) -> None:
     """Score B, then B + 2k(B − A) for k = 1 … K in order; keep the last that scores better (--accept-ties: not
     worse); write it to OUT."""
     from opd_dynamics.effopd.offline import search_checkpoints
 
     rec = search_checkpoints(prev, cur, out, eval_cmd, options_from(EffOPDOptions, fields), timeout=timeout,
                              echo=click.echo, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
-                             load_mode=load_mode)
+                             load_mode=load_mode, prefer_format=prefer_format)
     click.echo(f"accepted k={rec.k_accepted} (coef {rec.coef:g}); scores "
                + ", ".join(f"k{k}={s:g}" for k, s in enumerate(rec.scores)) + f"; wrote {out}")
     if rec.tie:

@@ -17,7 +17,7 @@ import click
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import GROUPS
-from opd_dynamics.io.reader import LOAD_MODES
+from opd_dynamics.io.reader import FORMATS, LOAD_MODES
 
 
 def flag_for(param: str) -> str:
@@ -179,7 +179,8 @@ def read_token_ids(path: str | None) -> tuple[int, ...] | None:
         raise InputError(path, f"could not be read as a text file of token ids ({e})") from None
 
 
-def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: str | None, load_mode: str):
+def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: str | None, load_mode: str,
+                    prefer_format: str | None = None):
     from opd_dynamics.io.series import CheckpointSeries
 
     pairs = []
@@ -209,9 +210,16 @@ def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: st
         else:
             if base is None:
                 raise InputError(d, "needs --base (the weights every step is compared with)")
-            out.append(CheckpointSeries.discover(d, base=base, name=name, steps=keep, load_mode=load_mode))
+            out.append(CheckpointSeries.discover(d, base=base, name=name, steps=keep, load_mode=load_mode,
+                                                 prefer_format=prefer_format))
     return out
 
+
+#: which format to read where a checkpoint directory holds weights in several (refused without it)
+PREFER_FORMAT_OPTION = click.option(
+    "--prefer-format", type=click.Choice(FORMATS), default=None,
+    help="Where a directory holds weights in two formats (refused otherwise, since they may be different steps), "
+         "the one to read.")
 
 SERIES_OPTIONS = [
     click.argument("run", required=False, type=click.Path()),
@@ -223,6 +231,7 @@ SERIES_OPTIONS = [
     click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True,
                  help="pread reads each tensor with one positioned read (bounded memory, network filesystems); "
                       "masters reads DeepSpeed ZeRO checkpoints' fp32 master weights (others as pread)."),
+    PREFER_FORMAT_OPTION,
 ]
 
 

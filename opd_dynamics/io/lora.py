@@ -50,6 +50,11 @@ class LoraAdapter:
                                        "into full weights first")
         weights = self.path / ADAPTER_FILE
         if not weights.exists():
+            pickled = sorted(p.name for p in self.path.glob("adapter_model*.bin"))
+            if pickled:  # never unpickled: a .bin adapter is a pickle, and PEFT writes safetensors by default
+                raise InputError(self.path / pickled[0], f"is a pickled adapter, which is not read (only "
+                                                         f"{ADAPTER_FILE} is); save the adapter with "
+                                                         "save_pretrained(safe_serialization=True)")
             raise InputError(self.path, f"is a LoRA adapter directory without {ADAPTER_FILE}")
         self._store = ModelDir(weights, load_mode=load_mode)
         self.header_sha256 = self._store.header_sha256

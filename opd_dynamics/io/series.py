@@ -22,22 +22,23 @@ _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)
 _NESTED = ("actor/huggingface", "huggingface", "actor", "pytorch_model_fsdp_0")
 
 
-def _has_weights(p: Path) -> bool:
+def _has_weights(p: Path, prefer_format: str | None = None) -> bool:
     try:
-        reader_class(p)
+        reader_class(p, prefer_format)
         return True
     except InputError:
         return (p / ADAPTER_CONFIG).exists()
 
 
-def _weights_dir(d: Path) -> Path:
+def _weights_dir(d: Path, prefer_format: str | None = None) -> Path:
     """The directory inside a step directory that holds its weights (verl nests them under actor/, accelerate's
     FSDP checkpoints under pytorch_model_fsdp_0/)."""
     nested = [d / sub for sub in _NESTED if (d / sub).is_dir()]
     for cand in nested:
-        if _has_weights(cand):
+        if _has_weights(cand, prefer_format):
             return cand
-    return d if _has_weights(d) or not nested else nested[-1]  # actor/ alone: let the reader say what is there
+    # actor/ alone: let the reader say what is there
+    return d if _has_weights(d, prefer_format) or not nested else nested[-1]
 
 
 #: config.json keys that fix an architecture: the steps of one run share them with their base
@@ -85,6 +86,8 @@ class CheckpointSeries:
     base: Path
     steps: list[tuple[int, Path]] = field(default_factory=list)
     load_mode: str = "pread"
+    #: the format to read where a directory holds weights in several (`reader.reader_class`)
+    prefer_format: str | None = None
 
     def __post_init__(self) -> None:
         self.base = Path(self.base)
@@ -99,11 +102,12 @@ class CheckpointSeries:
         if is_adapter_dir(self.base):
             raise InputError(self.base, "is a LoRA adapter; the base must be full model weights")
         for p in (self.base, *(p for _, p in self.steps)):  # fails early with a clear sentence
-            reader_class(p)
+            reader_class(p, self.prefer_format)
 
     @classmethod
     def discover(cls, run_dir: str | Path, base: str | Path, name: str | None = None,
-                 steps: Iterable[int] | None = None, load_mode: str = "pread") -> CheckpointSeries:
+                 steps: Iterable[int] | None = None, load_mode: str = "pread",
+                 prefer_format: str | None = None) -> CheckpointSeries:
         """Find the checkpoints of a run directory; `steps` keeps only those steps."""
         run = Path(run_dir)
         if base is None:
@@ -116,13 +120,13 @@ class CheckpointSeries:
         for d in sorted(run.iterdir()):
             m = _STEP_DIR.match(d.name)
             if d.is_dir() and m:
-                by_step.setdefault(int(m.group(1)), []).append(_weights_dir(d))
+                by_step.setdefault(int(m.group(1)), []).append(_weights_dir(d, prefer_format))
         found: list[tuple[int, Path]] = []
         for s, dirs in by_step.items():
             # OpenRLHF saves global_stepN (DeepSpeed ZeRO) beside global_stepN_hf (an HF export): take the export,
             # unless the fp32 masters were asked for (load mode "masters"), which only the ZeRO state holds
-            with_weights = [d for d in dirs if _has_weights(d)]
-            formats = [reader_format(d) for d in with_weights]
+            with_weights = [d for d in dirs if _has_weights(d, prefer_format)]
+            formats = [reader_format(d, prefer_format) for d in with_weights]
             if len(with_weights) > 1 and "deepspeed-zero" in formats and len(set(formats)) == len(formats):
                 pref = "deepspeed-zero" if load_mode == "masters" else "safetensors"
                 with_weights = [d for d, f in zip(with_weights, formats) if f == pref] or with_weights
@@ -140,20 +144,21 @@ class CheckpointSeries:
                 raise InputError(run, f"has no checkpoint for step(s) {', '.join(map(str, absent))} (it has "
                                       f"{', '.join(str(s) for s in sorted(by_step))})")
             found = [x for x in found if x[0] in keep]
-        return cls(name=name or run.name, base=Path(base), steps=found, load_mode=load_mode)
+        return cls(name=name or run.name, base=Path(base), steps=found, load_mode=load_mode,
+                   prefer_format=prefer_format)
 
     @classmethod
     def from_list(cls, pairs: Sequence[tuple[int, str | Path]], base: str | Path, name: str = "run",
-                  load_mode: str = "pread") -> CheckpointSeries:
+                  load_mode: str = "pread", prefer_format: str | None = None) -> CheckpointSeries:
         """An explicit list of (step, path)."""
-        return cls(name=name, base=Path(base), steps=list(pairs), load_mode=load_mode)
+        return cls(name=name, base=Path(base), steps=list(pairs), load_mode=load_mode, prefer_format=prefer_format)
 
     @property
     def step_numbers(self) -> list[int]:
         return [s for s, _ in self.steps]
 
     def open_step(self, step: int):
-        return open_model(dict(self.steps)[step], self.load_mode)
+        return open_model(dict(self.steps)[step], self.load_mode, self.prefer_format)
 
     def __repr__(self) -> str:
         return f"CheckpointSeries({self.name!r}, base={str(self.base)!r}, steps={self.step_numbers})"
