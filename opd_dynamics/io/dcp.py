@@ -54,7 +54,7 @@ def read_metadata(path: Path):
     except OSError as e:
         raise InputError(f, f"cannot be read: {e.strerror or e}") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError,
-            RecursionError, OverflowError, MemoryError) as e:
+            RecursionError, OverflowError, MemoryError, NotImplementedError) as e:
         raise InputError(f, f"is not readable DCP checkpoint metadata ({type(e).__name__}: {str(e)[:160]})") \
             from None
     if not hasattr(md, "state_dict_metadata") or not hasattr(md, "storage_data"):

@@ -89,8 +89,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], byt
         raise InputError(path, f"cannot be read: {e.strerror or e}") from e
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"has a corrupt safetensors header (not valid JSON: {e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(path, f"has a corrupt safetensors header (not valid JSON: {str(e)[:160]})") from None
     if not isinstance(header, dict):
         raise InputError(path, "has a corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
@@ -106,7 +106,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], byt
             ok = False
         if not ok:
             raise InputError(path, f"has a corrupt safetensors header entry for {name!r}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(path, f"holds tensor {name!r} of unsupported dtype {dtype}")
         if base + b > size:
             raise InputError(path, f"is truncated: tensor {name!r} ends at byte {base + b} but the file has "

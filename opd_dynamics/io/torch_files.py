@@ -177,7 +177,7 @@ class _Window(io.RawIOBase):
 
 
 _UNREADABLE = (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError, KeyError, IndexError,
-               zipfile.BadZipFile, struct.error, RecursionError, OverflowError, MemoryError)
+               zipfile.BadZipFile, struct.error, RecursionError, OverflowError, MemoryError, NotImplementedError)
 #: entries that make a zip a TorchScript archive (code and constants torch.jit.load would run), not weights
 _TORCHSCRIPT = ("constants.pkl", "/code/", ".debug_pkl", "bytecode.pkl")
 
