@@ -252,3 +252,47 @@ def test_provenance_json_is_strict():
                       "p": Path("a/b"), "scores": [1.0, float("nan")]})
     got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert got == {"speedup": {"k": None, "inf": None}, "n": 3, "x": 1.5, "p": "a/b", "scores": [1.0, None]}
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    """B holding NaN in a tensor that moves or in one that is copied, or a jump that overflows bf16: one sentence
+    naming the tensor and the checkpoint, no output (and no search evaluates anything past it)."""
+    pa, pb, a, b = make_pair(tmp_path)
+    q, norm = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"
+    bad = dict(b)
+    bad[q] = b[q].clone()
+    bad[q][0, 1] = float("nan")
+    pn = write_dir(tmp_path / "NB", bad)
+    with pytest.raises(InputError, match=rf"^{pn}: holds NaN or Inf in {q!r}, so W_B \+ coef·\(W_B − W_A\) is NaN or "
+                                         "Inf there; nothing was written"):
+        extrapolate_checkpoint(pa, pn, 2.0, tmp_path / "O")
+    with pytest.raises(InputError, match=rf"^{pn}: holds NaN or Inf in {q!r}"):
+        search_checkpoints(pa, pn, tmp_path / "O", lambda p: 1.0)
+    bad = dict(b)
+    bad[norm] = torch.full_like(b[norm], float("inf"))
+    pi = write_dir(tmp_path / "IB", bad)
+    with pytest.raises(InputError, match=rf"^{pi}: holds NaN or Inf in {norm!r}, which the output copies; nothing "
+                                         "was written"):
+        extrapolate_checkpoint(pa, pi, 2.0, tmp_path / "O")
+    big = {k: torch.full_like(v, 3e38) for k, v in a.items()}
+    pbig = write_dir(tmp_path / "BIG", {k: torch.full_like(v, 3.3e38) for k, v in a.items()})
+    pabig = write_dir(tmp_path / "ABIG", big)
+    with pytest.raises(InputError, match=r"W_B \+ coef·\(W_B − W_A\) with coef 2 goes beyond bfloat16 in "
+                                         r"'model\.layers\.\d\.[a-z_.]+' \(up to 3\.9e\+38\); nothing was "
+                                         "written"):
+        extrapolate_checkpoint(pabig, pbig, 2.0, tmp_path / "O")
+    assert not (tmp_path / "O").exists()
+
+
+@pytest.mark.parametrize("printed", ["nan", "accuracy: inf", "score -Infinity"])
+def test_a_non_finite_score_is_refused(tmp_path, printed):
+    """An evaluation command printing nan or inf (a crashed metric, a division by zero) is not a score the search
+    can compare: refused in one sentence, nothing written."""
+    pa, pb, _, _ = make_pair(tmp_path)
+    with pytest.raises(InputError, match=rf"^evaluation command printed a score that is not a finite number "
+                                         rf"\({float(printed.split()[-1])}\) for {pb}: echo {printed} #"):
+        search_checkpoints(pa, pb, tmp_path / "O", f"echo {printed} #")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B"]
+    r = CliRunner().invoke(main, ["effopd", "search", "--prev", str(pa), "--cur", str(pb), "--out",
+                                  str(tmp_path / "O"), "--eval-cmd", f"echo {printed} #"])
+    assert r.exit_code == 2 and r.output.startswith("score") is False and r.output.count("\n") == 1, r.output

@@ -169,3 +169,95 @@ def test_steps_of_another_model_or_base_are_refused_naming_the_step(tmp_path):
             extrapolate(mixed, 20, tmp_path / "out", method="linear")
         assert str(bad) in str(e.value)
         assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    """A step holding NaN (moved or copied), or a prediction that overflows the stored dtype: one sentence naming
+    the tensor, and no output."""
+    series, w0, m = _line(tmp_path)
+    nan_q = (w0 + 8 * m).copy()
+    nan_q[1, 2] = np.nan
+    write_dir(tmp_path / "run" / "checkpoint-8", {Q: torch.tensor(nan_q), NORM: torch.ones(20, dtype=torch.float64)})
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'run' / 'checkpoint-8'}: holds NaN or Inf in {Q!r}, so "
+                                         rf"method linear predicts NaN or Inf for it; nothing was written"):
+        extrapolate(series, TARGET, tmp_path / "out", method="linear")
+    assert not (tmp_path / "out").exists()
+    write_dir(tmp_path / "run" / "checkpoint-8", {Q: torch.tensor(w0 + 8 * m),
+                                                  NORM: torch.full((20,), np.inf, dtype=torch.float64)})
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'run' / 'checkpoint-8'}: holds NaN or Inf in {NORM!r}, "
+                                         "which the output copies; nothing was written"):
+        extrapolate(series, TARGET, tmp_path / "out", method="linear")
+    assert not (tmp_path / "out").exists()
+    w32 = {Q: torch.full((12, 20), 3e38, dtype=torch.float32), NORM: torch.ones(20)}
+    write_dir(tmp_path / "b32", w32)
+    write_dir(tmp_path / "r32" / "checkpoint-8", {Q: torch.full((12, 20), 3.3e38, dtype=torch.float32),
+                                                  NORM: torch.ones(20)})
+    big = CheckpointSeries.discover(tmp_path / "r32", base=tmp_path / "b32", name="big")
+    with pytest.raises(InputError, match=rf"^method expo predicts values beyond float32 for {Q!r} \(up to 3.6e\+38\) "
+                                         "at step 20; nothing was written"):
+        extrapolate(big, 20, tmp_path / "out", method="expo", alpha=1.0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_alpharl_refuses_tensors_that_are_not_matrices(tmp_path):
+    """AlphaRL extrapolates the rank-1 part of each matrix's update; --all-shapes asks it to move 1-D norms too,
+    which have none: one sentence before anything is read or written (it was a traceback)."""
+    series, _, _ = _line(tmp_path)
+    with pytest.raises(InputError, match=rf"^method alpharl moves matrices only \(the rank-1 part of each update\), "
+                                         rf"but matrices_only=False selects {NORM!r} of shape \(20,\); "
+                                         "leave out matrices_only=False"):
+        extrapolate(series, TARGET, tmp_path / "out", method="alpharl", groups=None, matrices_only=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_selection_that_moves_nothing_is_refused(tmp_path):
+    """No tensor of the last step selected: the output would be that step under the method's label."""
+    series, _, _ = _line(tmp_path)
+    for method in ("relex", "expo"):
+        with pytest.raises(InputError, match=rf"^{tmp_path / 'run' / 'checkpoint-8'}: has no float matrix in groups "
+                                             rf"embedding for method {method} to move \(see groups and "
+                                             r"matrices_only\); the output would be a copy of step 8"):
+            extrapolate(series, TARGET, tmp_path / "out", method=method, groups=("embedding",))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fields, phrase", [
+    ({"method": "expo", "k": 3}, "k applies to method effopd, not expo"),
+    ({"method": "effopd", "alpha": 2.0}, "alpha applies to method expo, not effopd"),
+    ({"method": "linear", "rank": 2}, "rank applies to method relex, not linear"),
+    ({"method": "relex", "coef_step": 3.0}, "coef_step applies to method effopd, not relex"),
+    ({"method": "relex", "degree": 3}, "degree applies to method relex with fit polynomial"),
+])
+def test_an_option_of_another_method_is_refused(tmp_path, fields, phrase):
+    with pytest.raises(InputError, match=phrase):
+        xm.ExtrapolationOptions(**fields)
+
+
+def test_the_command_refuses_k_with_expo(tmp_path):
+    from click.testing import CliRunner
+
+    from opd_dynamics.cli import main
+
+    _line(tmp_path)
+    r = CliRunner().invoke(main, ["extrapolate", str(tmp_path / "run"), "--base", str(tmp_path / "base"),
+                                  "--target", "20", "--method", "expo", "--k", "3", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and r.output == "error: --k applies to --method effopd, not expo\n"
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_two_checkpoint_form_refuses_the_methods_options(tmp_path):
+    """--prev/--cur/--coef is one jump by --coef: --method, --k, --alpha … would be ignored there."""
+    from click.testing import CliRunner
+
+    from opd_dynamics.cli import main
+
+    _line(tmp_path)
+    jump = ["extrapolate", "--prev", str(tmp_path / "run" / "checkpoint-4"), "--cur",
+            str(tmp_path / "run" / "checkpoint-8"), "--coef", "2", "--out", str(tmp_path / "j")]
+    for extra, flag in ((["--k", "3"], "--k"), (["--method", "expo"], "--method"), (["--alpha", "1"], "--alpha")):
+        r = CliRunner().invoke(main, [*jump, *extra])
+        assert r.exit_code == 2 and r.output == (f"error: {flag} applies to the run form (RUN, --base, --target), "
+                                                 "not to the two-checkpoint form (--prev, --cur, --coef)\n"), r.output
+    assert not (tmp_path / "j").exists()
+    r = CliRunner().invoke(main, [*jump, "--groups", "attention"])
+    assert r.exit_code == 0, r.output

@@ -53,7 +53,8 @@ def _check_selection(cur: ModelDir, opts: EffOPDOptions) -> None:
 def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, options: EffOPDOptions | None = None, *,
                          counts: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of `cur`: W_B + coef·(W_B − W_A) for the float tensors `options` selects,
-    else W_B."""
+    else W_B. NaN or Inf in what would be yielded is refused (InputError naming the tensor and the checkpoint that
+    holds them, or the dtype the jump overflows)."""
     opts = options or EffOPDOptions()
     counts = counts if counts is not None else {}
     counts.setdefault("extrapolated", 0)
@@ -68,11 +69,30 @@ def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, options: Ef
                                             f"{tuple(b.shape)}")
             work = update_dtype(b)
             wb = b.to(work)
-            yield name, (wb + coef * (wb - prev.get(name).to(work))).to(b.dtype)
+            wa = prev.get(name)
+            w = (wb + coef * (wb - wa.to(work))).to(b.dtype)
+            if not bool(torch.isfinite(w).all()):
+                raise _nonfinite_jump(prev, cur, name, coef, wa, b)
+            yield name, w
             counts["extrapolated"] += 1
         else:
+            if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+                raise InputError(cur.path, f"holds NaN or Inf in {name!r}, which the output copies; nothing was "
+                                           "written")
             yield name, b
             counts["copied"] += 1
+
+
+def _nonfinite_jump(prev: ModelDir, cur: ModelDir, name: str, coef: float, wa: torch.Tensor, wb: torch.Tensor
+                    ) -> InputError:
+    """The refusal of a jump that came out NaN or Inf: the checkpoint holding NaN or Inf, else the dtype overflowed."""
+    for m, w in ((cur, wb), (prev, wa)):
+        if not bool(torch.isfinite(w).all()):
+            return InputError(m.path, f"holds NaN or Inf in {name!r}, so W_B + coef·(W_B − W_A) is NaN or Inf there; "
+                                      "nothing was written")
+    top = float((wb.double() + coef * (wb.double() - wa.double())).abs().max())
+    return InputError(None, f"W_B + coef·(W_B − W_A) with coef {coef:g} goes beyond {str(wb.dtype).split('.')[-1]} in "
+                            f"{name!r} (up to {top:.2g}); nothing was written", ("coef",))
 
 
 def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: str | Path,
@@ -145,6 +165,9 @@ def command_scorer(eval_cmd: str, *, timeout: float | None = None, echo: Callabl
             last = (res.stdout.strip().splitlines() or [""])[-1]
             raise InputError(None, f"evaluation command printed no number on its last stdout line "
                                    f"({last!r}) for {path}: {cmd}")
+        if not math.isfinite(s):  # nan never compares, inf beats everything: neither can be searched on
+            raise InputError(None, f"evaluation command printed a score that is not a finite number ({s}) for "
+                                   f"{path}: {cmd}")
         if echo is not None:
             echo(f"score {s:g}  {path}")
         return s

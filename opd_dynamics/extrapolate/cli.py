@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from opd_dynamics.errors import InputError
@@ -29,6 +31,13 @@ def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_s
                 **fields) -> None:
     """Predict the weights at step --target from RUN's checkpoints (--method expo|effopd|linear|relex|alpharl),
     or write W_B + c·(W_B − W_A) for --prev A --cur B --coef c; the selected groups move, the rest is copied."""
+    if prev or cur or coef is not None:  # one jump by --coef: a method's parameters would be ignored
+        ctx = click.get_current_context()
+        given = [f.name for f in dataclasses.fields(ExtrapolationOptions) if f.name not in ("groups", "matrices_only")
+                 and ctx.get_parameter_source(f.name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise InputError(None, f"{given[0]} applies to the run form (RUN, --base, --target), not to the "
+                                   "two-checkpoint form (--prev, --cur, --coef)", (given[0],))
     opts = options_from(ExtrapolationOptions, fields)
     shard = parse_size(max_shard_size)
     if prev or cur or coef is not None:

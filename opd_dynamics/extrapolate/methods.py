@@ -23,6 +23,7 @@ observed step. Deltas are formed in float64; results are cast to the last step's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -47,20 +48,28 @@ FITS = ("two-point", "lstsq", "linear", "polynomial")
 #: base: A = W_0, B = the step (ExPO's published form: θ_B + α(θ_B − θ_start))
 MIN_STEPS = {"expo": 1, "effopd": 1, "linear": 1, "relex": 2, "alpharl": 1}
 BLOCK_BYTES = 64 << 20
+#: the values of the method-specific options when they are not given (None)
+DEFAULT_K, DEFAULT_COEF_STEP, DEFAULT_RANK, DEFAULT_DEGREE = 1, 2.0, 1, 2
 
 
 @dataclass(frozen=True)
 class ExtrapolationOptions:
-    """Which method, its parameters, and which tensors move (each field a flag of `extrapolate`)."""
+    """Which method, its parameters, and which tensors move (each field a flag of `extrapolate`). A parameter of
+    one method (``methods`` in its field's metadata) is None unless given, and refused with any other method: it
+    would be ignored."""
 
     method: str = option("relex", "expo | effopd | linear | relex | alpharl.", choices=METHODS)
-    alpha: float | None = option(None, "expo's α (default: (t* − t_B)/(t_B − t_A), continuing the last segment).")
-    k: int = option(1, "effopd's fixed k (coef = coef_step·k).", min=0)
-    coef_step: float = option(2.0, "effopd's 2 in 2k.")
+    alpha: float | None = option(None, "expo's α (default: (t* − t_B)/(t_B − t_A), continuing the last segment).",
+                                 methods=("expo",))
+    k: int | None = option(None, f"effopd's fixed k (coef = coef_step·k; default {DEFAULT_K}).", min=0,
+                           methods=("effopd",))
+    coef_step: float | None = option(None, f"effopd's 2 in 2k (default {DEFAULT_COEF_STEP:g}).", methods=("effopd",))
     fit: str | None = option(None, "linear: two-point (default, their code) or lstsq; relex: linear (default) or "
                              "polynomial.", choices=FITS)
-    rank: int = option(1, "relex's number of temporal components r.", min=1)
-    degree: int = option(2, "relex's polynomial degree (fit polynomial).", min=1)
+    rank: int | None = option(None, f"relex's number of temporal components r (default {DEFAULT_RANK}).", min=1,
+                              methods=("relex",))
+    degree: int | None = option(None, f"relex's polynomial degree with fit polynomial (default {DEFAULT_DEGREE}).",
+                                min=1, methods=("relex",))
     groups: tuple[str, ...] | None = option(MATRIX_GROUPS, "Naming groups that move ('all': every group).",
                                             cli="groups", metavar="GROUP,...")
     matrices_only: bool = option(True, "Only 2-D weights move (--all-shapes: biases, norms … of those groups too).",
@@ -74,6 +83,19 @@ class ExtrapolationOptions:
             raise InputError(None, f"fit {self.fit!r} does not apply to method {self.method} (it takes "
                                    f"{', '.join(x for x in ok if x)})" if len(ok) > 1 else
                              f"fit does not apply to method {self.method}", ("fit", "method"))
+        for f in dataclasses.fields(self):
+            methods = f.metadata.get("methods")
+            if methods and getattr(self, f.name) is not None and self.method not in methods:
+                raise InputError(None, f"{f.name} applies to method {' or '.join(methods)}, not {self.method}",
+                                 (f.name, "method"))
+        if self.degree is not None and self.fit != "polynomial":
+            raise InputError(None, "degree applies to method relex with fit polynomial", ("degree", "fit", "method"))
+
+    def value(self, name: str):
+        """A method parameter as used: its value, or its default when not given."""
+        v = getattr(self, name)
+        defaults = {"k": DEFAULT_K, "coef_step": DEFAULT_COEF_STEP, "rank": DEFAULT_RANK, "degree": DEFAULT_DEGREE}
+        return defaults.get(name) if v is None else v
 
 
 def _row_ranges(n_rows: int, row_numel: int, n_steps: int) -> list[tuple[int, int]]:
@@ -115,7 +137,7 @@ def _predict(opts: ExtrapolationOptions, x: _Tensor, t: np.ndarray, target: floa
     m = opts.method
     if m in ("expo", "effopd"):
         t_a = t[-2] if len(t) > 1 else 0.0  # one observed step: A is the base
-        alpha = (opts.coef_step * opts.k if m == "effopd" else
+        alpha = (opts.value("coef_step") * opts.value("k") if m == "effopd" else
                  opts.alpha if opts.alpha is not None else (target - t[-1]) / (t[-1] - t_a))
         for lo, hi, w0, d in x.blocks(slice(-2, None)):  # A and B only
             wb = w0 + d[-1]
@@ -139,11 +161,11 @@ def _predict(opts: ExtrapolationOptions, x: _Tensor, t: np.ndarray, target: floa
             g += flat @ flat.T
         lam, u = np.linalg.eigh(g)
         lam, u = lam[::-1], u[:, ::-1]
-        r = min(opts.rank, len(t))
+        r = min(opts.value("rank"), len(t))
         sig = np.sqrt(np.clip(lam[:r], 0.0, None))
         keep = sig > 1e-6 * max(sig[0], 1e-300)
         coefs = u[:, :r] * sig  # c_j(t_i) = σ_j u_ij
-        degree = 1 if opts.fit in (None, "linear") else opts.degree
+        degree = 1 if opts.fit in (None, "linear") else opts.value("degree")
         c_hat = _fit_predict(t, coefs, target, degree)[0]
         for lo, hi, w0, d in x.blocks():
             flat = d.reshape(len(t), -1).numpy()
@@ -178,13 +200,53 @@ def predicted_tensors(series: CheckpointSeries, target: int, opts: Extrapolation
             move = e.dtype in FLOAT_DTYPES and is_selected(name, e.shape, opts.groups, opts.matrices_only) and \
                 all(name in r and r.shape(name) == e.shape for r in (base, *readers))
             if not move:
-                yield name, last.get(name)
+                w = last.get(name)
+                if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+                    raise InputError(series.steps[-1][1], f"holds NaN or Inf in {name!r}, which the output copies; "
+                                                          "nothing was written")
+                yield name, w
                 continue
             pred = _predict(opts, _Tensor(base, readers, name), t, float(target), model_type)
-            yield name, pred.reshape(e.shape).to(last.dtype(name))
+            if not bool(torch.isfinite(pred).all()):  # float64 from finite weights does not overflow: an input
+                raise _nonfinite_input(series, [base, *readers], name, opts.method)
+            w = pred.reshape(e.shape).to(last.dtype(name))
+            if not bool(torch.isfinite(w).all()):
+                raise InputError(None, f"method {opts.method} predicts values beyond {str(w.dtype).split('.')[-1]} "
+                                       f"for {name!r} (up to {float(pred.abs().max()):.2g}) at step {target}; "
+                                       "nothing was written", ("target", "method"))
+            yield name, w
     finally:
         for r in (base, *readers):
             r.close()
+
+
+def _nonfinite_input(series: CheckpointSeries, models: list, name: str, method: str) -> InputError:
+    """The refusal of a prediction that came out NaN or Inf: naming the base or step that holds NaN or Inf."""
+    for path, m in zip([series.base, *(p for _, p in series.steps)], models):
+        if not bool(torch.isfinite(m.get(name)).all()):
+            return InputError(path, f"holds NaN or Inf in {name!r}, so method {method} predicts NaN or Inf for it; "
+                                    "nothing was written")
+    return InputError(None, f"method {method} predicts NaN or Inf for {name!r}; nothing was written", ("method",))
+
+
+def check_selection(series: CheckpointSeries, opts: ExtrapolationOptions) -> None:
+    """Refuse a selection that moves no tensor of the last step (the output would be that step under the method's
+    label) and, for alpharl, one that moves tensors that are not matrices (it extrapolates their rank-1 part)."""
+    path = series.steps[-1][1]
+    with open_full_weights(path, series.load_mode) as last:
+        sel = [(n, tuple(e.shape)) for n, e in last.entries.items()
+               if e.dtype in FLOAT_DTYPES and is_selected(n, e.shape, opts.groups, opts.matrices_only)]
+    if not sel:
+        what = "all groups" if opts.groups is None else "groups " + ",".join(opts.groups)
+        raise InputError(path, f"has no float {'matrix' if opts.matrices_only else 'tensor'} in {what} for method "
+                               f"{opts.method} to move (see groups and matrices_only); the output would be a copy of "
+                               f"step {series.step_numbers[-1]}", ("groups", "matrices_only"))
+    if opts.method == "alpharl":
+        bad = [(n, shape) for n, shape in sel if len(shape) != 2]
+        if bad:
+            raise InputError(None, f"method alpharl moves matrices only (the rank-1 part of each update), but "
+                                   f"matrices_only=False selects {bad[0][0]!r} of shape {bad[0][1]}; leave out "
+                                   "matrices_only=False", ("matrices_only", "method"))
 
 
 #: ‖W_t − W_0‖F / ‖W_0‖F above which a step is taken for another model than the base (two independent
@@ -227,7 +289,8 @@ def extrapolate(series: CheckpointSeries, target: int, out: str | Path, options:
 
     opts = replace(options or ExtrapolationOptions(), **fields)
     steps = series.step_numbers
-    need = max(MIN_STEPS[opts.method], opts.degree + 1 if opts.method == "relex" and opts.fit == "polynomial" else 0)
+    need = max(MIN_STEPS[opts.method],
+               opts.value("degree") + 1 if opts.method == "relex" and opts.fit == "polynomial" else 0)
     if len(steps) < need:
         raise InputError(None, f"method {opts.method} needs at least {need} observed steps besides the base, run "
                                f"{series.name!r} has {len(steps)}", ("method",))
@@ -237,6 +300,7 @@ def extrapolate(series: CheckpointSeries, target: int, out: str | Path, options:
         raise InputError(None, f"target step {target} must lie after the last observed step {steps[-1]}",
                          ("target",))
     check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[series.base, *(p for _, p in series.steps)])
+    check_selection(series, opts)
     check_same_model(series, opts)
     meta = {"extrapolation_method": opts.method, "extrapolation_target": str(target),
             "extrapolation_steps": ",".join(map(str, steps)), "extrapolation_base": str(Path(series.base).resolve()),
