@@ -4,6 +4,7 @@ user means, and any format can be the base (issue 26, items 1, 2, 4, 5; the host
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -70,3 +71,36 @@ def test_a_base_in_any_format_gives_the_same_tables(run):
         tables[name] = df.sort_values(["step", "tensor"]).reset_index(drop=True)
     num = tables["base"].select_dtypes("number").columns
     pd.testing.assert_frame_equal(tables["base"][num], tables["base_bin"][num])
+
+
+def test_worker_processes_die_with_a_parent_killed_by_sigkill(tmp_path):
+    """analyze --workers 2 killed with -9 (no cleanup runs): its worker processes (about 0.5 GB each on a real
+    model) are killed by the kernel with it, instead of living on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    sd0 = llama_like(n_layers=4, hidden=256, inter=512, vocab=64, kv=256)
+    write_dir(tmp_path / "base", sd0)
+    for step in (1, 2, 3, 4):
+        write_dir(tmp_path / "run" / f"checkpoint-{step}", perturb(sd0, 1e-3 * step, step))
+    cli = [sys.executable, "-c", "from opd_dynamics.cli import main; main()"]
+    proc = subprocess.Popen([*cli, "analyze", str(tmp_path / "run"), "--base", str(tmp_path / "base"), "--out",
+                             str(tmp_path / "out"), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    workers: list[psutil.Process] = []
+    deadline = time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+        time.sleep(0.05)
+    assert len(workers) == 2, "the workers never started"
+    time.sleep(1.0)  # past the workers' initializer
+    assert proc.poll() is None, "the analysis ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, [p.pid for p in alive]
