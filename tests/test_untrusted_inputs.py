@@ -104,3 +104,22 @@ def test_worker_processes_die_with_a_parent_killed_by_sigkill(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(workers, timeout=20)
     assert not alive, [p.pid for p in alive]
+
+
+def test_a_refusal_quotes_torchs_first_sentence_whole_and_never_its_weights_only_false_advice(tmp_path):
+    """torch's weights_only refusal runs on with advice to load with weights_only=False: a refusal quotes only its
+    first sentence, whole (it was cut at 160 characters, mid-sentence, advice included)."""
+    import pickle
+
+    from opd_dynamics.io.torch_files import first_sentence
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("never",))
+
+    torch.save({"x": Payload()}, tmp_path / "f.pt")
+    with pytest.raises(pickle.UnpicklingError) as e:
+        torch.load(tmp_path / "f.pt", weights_only=True)
+    assert "weights_only=False" in str(e.value) or "weights_only" in str(e.value)
+    said = first_sentence(e.value)
+    assert said.endswith(".") and "weights_only=False" not in said and said in str(e.value)

@@ -272,7 +272,7 @@ def archive_layout(path: Path, base: int = 0, length: int | None = None, names: 
         raise InputError(path, f"cannot be read: {e.strerror or e}") from None
     except _UNREADABLE as e:
         raise InputError(path, f"is not a readable torch archive{' (' + what + ')' if what else ''}: "
-                               f"{type(e).__name__}: {str(e)[:200]}") from None
+                               f"{type(e).__name__}: {first_sentence(e)}") from None
     finally:
         if own and fd is not None:
             os.close(fd)
