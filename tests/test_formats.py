@@ -144,7 +144,8 @@ def test_pickles_that_are_not_weights_are_refused_unrun(tmp_path, capsys):
     dcp = tmp_path / "dcp"
     dcp.mkdir()
     (dcp / ".metadata").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(InputError, match=r"metadata: is not DCP checkpoint metadata: it holds the global builtins.print, which DCP"):
+    with pytest.raises(InputError, match=r"metadata: is not DCP checkpoint metadata: it holds the global "
+                                         r"builtins.print, which DCP"):
         open_model(dcp)
     assert "must never run" not in capsys.readouterr().out
 
@@ -230,7 +231,8 @@ def test_deepspeed_without_its_optimizer_files_cannot_give_masters(tmp_path):
     evil = tmp_path / "evil"
     shutil.copytree(DS / "zero2" / "global_step1", evil)
     torch.save({"optimizer_state_dict": Payload()}, evil / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(InputError, match=r"optim_states.pt: is not a DeepSpeed optimizer state: it holds the global __builtin__.print; refused"):
+    with pytest.raises(InputError, match=r"optim_states.pt: is not a DeepSpeed optimizer state: it holds "
+                                         r"the global __builtin__.print; refused"):
         open_model(evil, "masters")
 
 
