@@ -19,7 +19,7 @@ import pandas as pd
 from opd_dynamics._version import __version__
 from opd_dynamics.effopd.summary import BASELINE, median_speedup
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.writer import atomic_write_text
+from opd_dynamics.io.writer import atomic_write_text, output_errors
 from opd_dynamics.plotting.render import available_figures
 from opd_dynamics.plotting.style import GROUP_ORDER, order_runs
 from opd_dynamics.plotting.tables import Tables, as_tables, numeric
@@ -245,5 +245,6 @@ def render_html(report_dirs: str | Path | Iterable[Any] | Any, html_path: str | 
     if path.exists() and (path.is_dir() or path.is_symlink()):
         raise InputError(path, "is a directory or a link, not an HTML file path")
     page, _, _ = build_html(report_dirs, title=title)
-    atomic_write_text(path, page)
+    with output_errors(path):  # a read-only file system, a full disk …: one sentence naming the page
+        atomic_write_text(path, page)
     return path

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.writer import atomic_file
+from opd_dynamics.io.writer import atomic_file, output_errors
 from opd_dynamics.plotting.allocation import (
     plot_allocation_heatmap,
     plot_embedding_cosine,
@@ -141,11 +141,12 @@ def available_figures(tables: Tables | Any) -> tuple[list[FigureSpec], dict[str,
 
 
 def save_figure(fig: Figure, path: str | Path, *, overwrite: bool = False, dpi: int = 150) -> Path:
-    """Write `fig` to `path` (format from the suffix) under a temporary name, then rename."""
+    """Write `fig` to `path` (format from the suffix) under a temporary name, then rename; an OS error (a
+    read-only file system, a full disk, a file where the folder must go) is one sentence naming `path`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(path, "already exists; pass overwrite=True to replace it", ("overwrite",))
-    with atomic_file(path) as tmp:
+    with output_errors(path), atomic_file(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=dpi)
     return path
 
