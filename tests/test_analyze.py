@@ -227,7 +227,7 @@ def test_output_is_refused_if_it_exists_and_resumes_from_partial(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         analyze(series, out=out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(InputError, match="holds no run.json, so it is not an earlier output"):
+    with pytest.raises(InputError, match="was not written by opd-dynamics"):
         analyze(series, out=out, overwrite=True, progress=False)  # not ours to delete, even when asked
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()

@@ -22,7 +22,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_demo_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(InputError, match="holds no demo.json, so it is not an earlier output"):
+    with pytest.raises(InputError, match="was not written by opd-dynamics"):
         run_demo(out, overwrite=True)
     assert (out / "precious.txt").read_text() == "keep me"
 

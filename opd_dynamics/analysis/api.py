@@ -20,12 +20,19 @@ from opd_dynamics.analysis.deltas import steps_text
 from opd_dynamics.analysis.executors import JobResult, device_name, execute, resolve_executor
 from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions, resolve_options
 from opd_dynamics.analysis.readers import make_plans, reader_for, readers_released
-from opd_dynamics.analysis.report import PER_TENSOR_TABLES, RUN_JSON, Report, api_command, build_tables
+from opd_dynamics.analysis.report import ANALYSIS, PER_TENSOR_TABLES, Report, api_command, build_tables
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import DTYPES
 from opd_dynamics.io.series import FOREIGN_MEDIAN, CheckpointSeries, check_same_architecture
 from opd_dynamics.io.sketches import SketchSeries
-from opd_dynamics.io.writer import check_output, output_errors, output_lock, replace_path
+from opd_dynamics.io.writer import (
+    check_output,
+    check_output_again,
+    mark_output,
+    output_errors,
+    output_lock,
+    replace_path,
+)
 from opd_dynamics.numerics import update_dtype
 
 SeriesLike = CheckpointSeries | SketchSeries | Sequence[CheckpointSeries] | Sequence[SketchSeries]
@@ -87,7 +94,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
     workers, ray_address = run.workers, run.ray_address
     lst = _as_list(series)
     out_path = None if out is None else check_output(
-        out, (RUN_JSON,), overwrite=overwrite, inputs=[p for s in lst for p in (s.base, *(p for _, p in s.steps))])
+        out, ANALYSIS, overwrite=overwrite, inputs=[p for s in lst for p in (s.base, *(p for _, p in s.steps))])
     if opts.ref_step is not None:
         for s in lst:
             if opts.ref_step not in dict(s.steps):
@@ -148,9 +155,9 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
                 if f.is_file():
                     f.unlink()
             report.write_into(partial)
+            mark_output(partial, ANALYSIS, meta["command"])
             shutil.rmtree(resume_dir, ignore_errors=True)
-            if out_path.exists() and not overwrite:
-                raise InputError(out_path, "appeared while the analysis ran; results left in " + str(partial))
+            check_output_again(partial, out_path, ANALYSIS, overwrite=overwrite)
             replace_path(partial, out_path)
     if failed and not run.keep_going:
         raise InputError(None, failure_sentence(failed, out_path), ("keep_going",))

@@ -61,6 +61,9 @@ class Plan:
     series: CheckpointSeries
     tensors: list[TensorPlan]
     skipped: list[dict] = field(default_factory=list)
+    #: {tied name: the tensor it shares}: weights stored once (or as an equal copy) under another name, analysed
+    #: once, as that tensor (an LM head tied to the input embedding)
+    tied: dict[str, str] = field(default_factory=dict)
 
     @property
     def bytes_to_read(self) -> int:
@@ -116,6 +119,13 @@ def steps_text(steps: list[int], most: int = 6) -> str:
     return f"steps {steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} steps)"
 
 
+def tied_in(reader: SeriesReader) -> dict[str, str]:
+    """{name: the tensor it is tied to}, as the base has them (its files leave the head out, or store it as an equal
+    copy, with ``tie_word_embeddings``): such a name is analysed once, as its partner, and a step storing it anyway
+    (a copy) is not read twice. A base whose head is its own is not tied, whatever the steps do."""
+    return {n: t for n, t in reader.base.tied_names().items() if t in reader.base}
+
+
 def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups: tuple[str, ...] | None = None,
                 overrides: Override | None = None, reader: SeriesReader | None = None) -> Plan:
     """Decide which tensors to analyse at which steps; list everything skipped with a reason."""
@@ -126,8 +136,11 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
         model_type = base.config.get("model_type")
         tensors: list[TensorPlan] = []
         skipped: list[dict] = []
+        tied = tied_in(reader)
         wanted = names if names is not None else base.names()
         for name in wanted:
+            if name in tied:
+                continue  # analysed as the tensor it is tied to
             if name not in base:
                 skipped.append({"run": series.name, "tensor": name, "reason": f"not in base {series.base}"})
                 continue
@@ -180,7 +193,8 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
             extra: dict[str, list[int]] = {}
             for step, m in reader.steps.items():
                 for name in m.names():
-                    if name not in base and (groups is None or parse_name(name, overrides).group in groups):
+                    if name not in base and name not in tied and \
+                            (groups is None or parse_name(name, overrides).group in groups):
                         extra.setdefault(name, []).append(step)
             skipped += [{"run": series.name, "tensor": n, "reason": f"not in base {series.base} (in {steps_text(st)})"}
                         for n, st in extra.items()]
@@ -188,7 +202,7 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
             raise InputError(series.base, f"shares no analysable tensor with the checkpoints of run "
                                           f"{series.name!r} ({len(skipped)} skipped, e.g. "
                                           f"{skipped[0]['reason'] if skipped else 'none selected'})")
-        return Plan(series, tensors, skipped)
+        return Plan(series, tensors, skipped, tied)
     finally:
         if own:
             reader.close()

@@ -21,6 +21,8 @@ from opd_dynamics.schema import ID_COLUMNS, INT_COLUMNS, PER_TENSOR_TABLES, RUN_
 # ID_COLUMNS, INT_COLUMNS, PER_TENSOR_TABLES and RUN_JSON live in opd_dynamics.schema; imported here, they stay
 # the names this module has always offered (analysis.api and analysis.tensor import them from here)
 TABLE1_METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1pct_norm_ratio")
+#: the kind of output an analysis directory is (its marker, `io.writer.OUTPUT_MARKER`): analyze, Report.to_csv
+ANALYSIS = "analysis"
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Report:
 
     def to_csv(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write every table as CSV plus run.json into `out` (atomically; refuses an existing dir)."""
-        with atomic_dir(out, (RUN_JSON,), overwrite=overwrite) as tmp:
+        with atomic_dir(out, ANALYSIS, overwrite=overwrite) as tmp:
             self.write_into(tmp)
         return Path(out)
 

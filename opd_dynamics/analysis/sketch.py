@@ -23,7 +23,7 @@ from opd_dynamics._version import __version__
 from opd_dynamics.analysis.metrics.spectrum import Decomposition, spectrum_metrics
 from opd_dynamics.analysis.metrics.subspace import alignment_metrics
 from opd_dynamics.analysis.options import AnalysisOptions
-from opd_dynamics.analysis.report import RUN_JSON, Report, api_command, build_tables
+from opd_dynamics.analysis.report import ANALYSIS, Report, api_command, build_tables
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import parse_name
 from opd_dynamics.io.sketches import SketchSeries
@@ -127,7 +127,8 @@ def analyze_sketches(series: SketchSeries | Sequence[SketchSeries], *, out: str 
             "tables": {k: len(v) for k, v in tables.items()}}
     report = Report(tables, meta)
     if out is not None:
-        with atomic_dir(out, (RUN_JSON,), overwrite=overwrite, inputs=[s.path for s in lst]) as tmp:
+        with atomic_dir(out, ANALYSIS, overwrite=overwrite, inputs=[s.path for s in lst],
+                        command=meta["command"]) as tmp:
             report.write_into(tmp)
     return report
 

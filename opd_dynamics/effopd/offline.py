@@ -25,13 +25,16 @@ from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
 from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.writer import (
     DEFAULT_SHARD_BYTES,
-    MODEL_MARKERS,
+    MODEL,
     atomic_write_text,
     check_output,
+    check_output_again,
     hidden_sibling,
     json_text,
+    output_errors,
     replace_path,
     write_model,
+    writing_for,
 )
 from opd_dynamics.numerics import update_dtype
 
@@ -110,7 +113,7 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
     opts = replace(options or EffOPDOptions(), **fields)
     if not math.isfinite(coef):
         raise InputError(None, f"the extrapolation coefficient coef must be a finite number, got {coef}", ("coef",))
-    check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
+    check_output(out, MODEL, overwrite=overwrite, inputs=[prev, cur])
     a, b = open_full_weights(prev, load_mode), open_full_weights(cur, load_mode)
     if coef != 0:
         _check_selection(b, opts)
@@ -118,15 +121,10 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
             "effopd_groups": ",".join(opts.groups) if opts.groups is not None else "all",
             "effopd_matrices_only": str(bool(opts.matrices_only)), "effopd_formula": "W_cur + coef*(W_cur - W_prev)",
             **(metadata or {})}
-    try:
-        with a, b:
-            return write_model(extrapolated_tensors(a, b, coef, opts),
-                               out, metadata=meta, copy_files_from=cur, max_shard_bytes=max_shard_bytes,
-                               overwrite=overwrite)
-    except InputError:
-        raise
-    except OSError as e:
-        raise InputError(out, f"could not be written: {e}") from e
+    with a, b:  # an OS error writing `out` is one sentence (write_model); readers say their own
+        return write_model(extrapolated_tensors(a, b, coef, opts),
+                           out, metadata=meta, copy_files_from=cur, max_shard_bytes=max_shard_bytes,
+                           overwrite=overwrite)
 
 
 def parse_score(stdout: str) -> float | None:
@@ -191,7 +189,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     prev, cur, out = Path(prev), Path(cur), Path(out)
     opts = replace(options or EffOPDOptions(), **fields)
     k_max, coef_step, strict = opts.k_max, opts.coef_step, opts.strict
-    check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[prev, cur])
+    check_output(out, MODEL, overwrite=overwrite, inputs=[prev, cur])
     open_full_weights(prev, load_mode).close()  # fail early, before any evaluation: unreadable inputs, or …
     with open_full_weights(cur, load_mode) as b:  # … an empty selection
         _check_selection(b, opts)
@@ -217,10 +215,12 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
             _rm(cands.pop(j))
         return s
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        k_acc, scores = published_search(score_k, k_max, strict=strict)
-        keep = cands.pop(k_acc) if k_acc else make(0)
+        with writing_for(out):  # a candidate beside OUT that cannot be written is said of OUT
+            k_acc, scores = published_search(score_k, k_max, strict=strict)
+            keep = cands.pop(k_acc) if k_acc else make(0)
         cands.pop(0, None)
         rec = TriggerRecord(step=step, scores=scores, coefs=[coef_step * k for k in range(len(scores))],
                             k_accepted=k_acc, coef=coef_step * k_acc, delta_norm=float("nan"), validation_s=val_s,
@@ -229,8 +229,11 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
                 "coef": coef_step * k_acc, "scores": scores, "coefs": rec.coefs, "strict": strict, "tie": rec.tie,
                 "groups": list(opts.groups) if opts.groups is not None else None, "matrices_only": opts.matrices_only,
                 "eval_cmd": score if isinstance(score, str) else None, "validation_s": val_s}
-        atomic_write_text(keep / "effopd_search.json", json_text(info))
-        replace_path(keep, out)
+        with output_errors(out):
+            atomic_write_text(keep / "effopd_search.json", json_text(info))
+        check_output_again(keep, out, MODEL, overwrite=overwrite)  # a refusal keeps the model and names it
+        with output_errors(out):
+            replace_path(keep, out)
         return rec
     finally:
         for p in cands.values():

@@ -23,8 +23,11 @@ from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.search import Score, primary
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.series import CheckpointSeries
-from opd_dynamics.io.writer import atomic_dir, check_output, hidden_sibling, json_text
+from opd_dynamics.io.writer import atomic_dir, check_output, hidden_sibling, json_text, writing_for
 from opd_dynamics.schema import PROBE_JSON, TABLES
+
+#: the kind of output a probe directory is (its marker, `io.writer.OUTPUT_MARKER`)
+PROBE = "probe"
 
 #: the grid of c the design notes give (c = 0 is W_t)
 DEFAULT_COEFS = (-0.5, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -68,7 +71,7 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
     coefs = sorted({0.0, *(float(c) for c in coefs)})
     opts = replace(options or EffOPDOptions(), **fields)
     if out is not None:
-        check_output(out, (PROBE_JSON,), overwrite=overwrite,
+        check_output(out, PROBE, overwrite=overwrite,
                      inputs=[series.base, *(p for _, p in series.steps)])
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     own = work is None and out is None
@@ -82,8 +85,9 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
             else:
                 cand = hidden_sibling(work / "probe", f"{s}-{t}")
                 try:
-                    extrapolate_checkpoint(ws, wt, c, cand, opts, load_mode=series.load_mode,
-                                           metadata={"probe_pair": f"{s}:{t}"})
+                    with writing_for(None if out is None else Path(out), cand):  # said of OUT
+                        extrapolate_checkpoint(ws, wt, c, cand, opts, load_mode=series.load_mode,
+                                               metadata={"probe_pair": f"{s}:{t}"})
                     got = scorer(cand)
                 finally:
                     shutil.rmtree(cand, ignore_errors=True)
@@ -92,7 +96,7 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
         shutil.rmtree(work, ignore_errors=True)
     df = pd.DataFrame(rows, columns=TABLES["probe"].names)
     if out is not None:
-        with atomic_dir(out, (PROBE_JSON,), overwrite=overwrite) as tmp:
+        with atomic_dir(out, PROBE, overwrite=overwrite) as tmp:
             df.to_csv(tmp / TABLES["probe"].file, index=False)
             (tmp / PROBE_JSON).write_text(json_text({
                 "run": series.name, "base": str(series.base), "pairs": pairs, "coefs": coefs,

@@ -39,7 +39,7 @@ from opd_dynamics.io.model_dir import FLOAT_DTYPES, ModelDir
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected, stored_transposed
 from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.series import CheckpointSeries, check_same_architecture
-from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL_MARKERS, check_output, write_model
+from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL, check_output, write_model
 from opd_dynamics.numerics import fro2
 
 METHODS = ("expo", "effopd", "linear", "relex", "alpharl")
@@ -299,7 +299,7 @@ def extrapolate(series: CheckpointSeries, target: int, out: str | Path, options:
     if target <= steps[-1]:
         raise InputError(None, f"target step {target} must lie after the last observed step {steps[-1]}",
                          ("target",))
-    check_output(out, MODEL_MARKERS, overwrite=overwrite, inputs=[series.base, *(p for _, p in series.steps)])
+    check_output(out, MODEL, overwrite=overwrite, inputs=[series.base, *(p for _, p in series.steps)])
     check_selection(series, opts)
     check_same_model(series, opts)
     meta = {"extrapolation_method": opts.method, "extrapolation_target": str(target),

@@ -65,6 +65,10 @@ class TensorEntry:
         return self.dtype in FLOAT_DTYPES
 
 
+#: the output head that tie_word_embeddings ties to the input embedding
+TIED_HEAD = "lm_head.weight"
+
+
 def file_identity(st: os.stat_result) -> tuple:
     """What tells a file apart from one rewritten at the same path: device, inode, size, modification time."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -305,13 +309,26 @@ class EntryReader(TensorReader):
         return self.entries[name].dtype
 
     def tied_names(self) -> dict[str, str]:
-        """{absent name: the tensor it shares}: with ``tie_word_embeddings`` (the default of most configs),
-        transformers saves the input embedding once and leaves ``lm_head.weight`` out of the files."""
+        """{head name: the embedding it is tied to}, with ``tie_word_embeddings`` (the default of most configs):
+        transformers saves the input embedding once and leaves ``lm_head.weight`` out of the files; a file that
+        holds it anyway is a tied copy when it equals the embedding bit for bit (read once and remembered)."""
+        if not hasattr(self, "_tied"):
+            self._tied = self._find_tied()
+        return self._tied
+
+    def _find_tied(self) -> dict[str, str]:
         cfg = self.config
-        if not cfg.get("tie_word_embeddings", True) or "lm_head.weight" in self.entries:
+        if not cfg or not cfg.get("tie_word_embeddings", True):
             return {}
-        emb = [n for n in self.entries if n.endswith("embed_tokens.weight") or n.endswith("wte.weight")]
-        return {"lm_head.weight": emb[0]} if len(emb) == 1 and cfg else {}
+        emb = [n for n in self.entries if n.endswith(("embed_tokens.weight", "wte.weight"))]
+        if len(emb) != 1:
+            return {}
+        if TIED_HEAD not in self.entries:
+            return {TIED_HEAD: emb[0]}
+        e, h = self.entries[emb[0]], self.entries[TIED_HEAD]
+        if e.shape == h.shape and e.dtype == h.dtype and torch.equal(self.get(TIED_HEAD), self.get(emb[0])):
+            return {TIED_HEAD: emb[0]}
+        return {}
 
     def nbytes(self, name: str | None = None) -> int:
         if name is not None:

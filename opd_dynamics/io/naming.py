@@ -177,3 +177,8 @@ def stored_transposed(name: str, shape: tuple[int, ...], model_type: str | None 
     if model_type is not None and model_type not in {"gpt2", "imagegpt", "decision_transformer"}:
         return False
     return param == "weight" and leaf in _CONV1D_LEAVES and len(shape) == 2
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders the numbers inside a name as numbers: layers 0, 1, 2, …, 10 (not 0, 1, 10, 11, …, 2)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)

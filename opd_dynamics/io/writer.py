@@ -7,12 +7,16 @@ so an interrupted write never leaves a half model where a user expects a whole o
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,32 +31,117 @@ from opd_dynamics.io.model_dir import INDEX_FILE, SINGLE_FILE
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
               "chat_template.jinja", "chat_template.json")
-#: what every model directory written here holds: an existing one of these may be replaced
-MODEL_MARKERS = (SINGLE_FILE, INDEX_FILE)
+#: the kind of output `write_model` writes (extrapolate, effopd search): a model directory
+MODEL = "model"
+#: the file every output directory written here carries, written before the directory is renamed into place:
+#: the tool, its version, the kind of output and the command that wrote it. `overwrite=True` replaces only a
+#: directory carrying one of the same kind (`check_output`); a user's directory never carries one.
+OUTPUT_MARKER = ".opd-dynamics-output.json"
+_TOOL = "opd-dynamics"
 
 
-def check_output(out: str | Path, markers: Sequence[str], *, overwrite: bool = False,
+def output_marker(directory: str | Path) -> dict | None:
+    """What the marker of `directory` says (tool, version, kind, command, argv, written), or None when it holds no
+    marker this toolkit wrote: none, a link, not a JSON object naming opd-dynamics and a kind."""
+    p = Path(directory) / OUTPUT_MARKER
+    try:
+        if p.is_symlink() or not p.is_file():
+            return None
+        mark = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(mark, dict) and mark.get("tool") == _TOOL and isinstance(mark.get("kind"), str):
+        return mark
+    return None
+
+
+def _command() -> str:
+    """The command being run, for the marker: the command line as typed when run as `opd-dynamics`, else the
+    Python program that called the API."""
+    try:
+        import click
+
+        if click.get_current_context(silent=True) is not None:
+            from opd_dynamics.io.cli import command_line
+
+            return command_line()
+    except Exception:  # noqa: BLE001 - provenance only: fall back to the process's arguments
+        pass
+    return "Python API, in: " + shlex.join(sys.argv)
+
+
+def mark_output(directory: str | Path, kind: str, command: str | None = None) -> Path:
+    """Write the marker (`OUTPUT_MARKER`) into `directory`, an output being built: `kind` names what it is
+    ('analysis', 'model', 'lab' …; only an output of the same kind replaces it), `command` what wrote it
+    (default: the command line, or the Python program calling the API)."""
+    from opd_dynamics._version import __version__
+
+    p = Path(directory) / OUTPUT_MARKER
+    p.write_text(json_text({"tool": _TOOL, "version": __version__, "kind": kind, "command": command or _command(),
+                            "argv": list(sys.argv), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n",
+                 encoding="utf-8")
+    return p
+
+
+def check_output(out: str | Path, kind: str, *, overwrite: bool = False,
                  inputs: Iterable[str | Path] = ()) -> Path:
     """Refuse, in one sentence naming `out`, an output path whose replacement would destroy what a user has:
     one that is, contains or lies inside an input directory; an existing one without `overwrite`; and even
-    with it, a file, or a non-empty directory that holds none of `markers` (the files this kind of output
-    always has), since that is not an earlier output of ours."""
+    with it, anything but an empty directory or an earlier output of this `kind` (a directory carrying this
+    toolkit's marker, `OUTPUT_MARKER`): a file, a link, or a directory that opd-dynamics did not write (however
+    much it looks like an output: a run.json or model.safetensors of the user's own proves nothing)."""
     out = Path(out)
-    o = out.resolve()
-    for i in inputs:
-        r = Path(i).resolve()
-        if o == r or o in r.parents or r in o.parents:
-            raise InputError(out, f"overlaps the input {i}; choose another output")
-    if not (out.exists() or out.is_symlink()):
-        return out
-    if not overwrite:
-        raise InputError(out, "already exists; pass overwrite=True to replace it", ("overwrite",))
-    if not out.is_dir() or out.is_symlink():
-        raise InputError(out, "is a file or a link, not an earlier output directory; it is left as it is")
-    if any(out.iterdir()) and not any((out / m).exists() for m in markers):
-        raise InputError(out, f"holds no {' or '.join(markers)}, so it is not an earlier output; it is left as it "
-                              "is (remove it yourself or choose another output)")
+    with output_errors(out):
+        o = out.resolve()
+        for i in inputs:
+            r = Path(i).resolve()
+            if o == r or o in r.parents or r in o.parents:
+                raise InputError(out, f"overlaps the input {i}; choose another output")
+        if not (out.exists() or out.is_symlink()):
+            _check_writable(out)
+            return out
+        if not overwrite:
+            raise InputError(out, "already exists; pass overwrite=True to replace it", ("overwrite",))
+        if not out.is_dir() or out.is_symlink():
+            raise InputError(out, "is a file or a link, not an earlier output directory; it is left as it is")
+        _check_writable(out)
+        if not any(out.iterdir()):
+            return out  # an empty directory may be used as it is
+        mark = output_marker(out)
+    if mark is None:
+        raise InputError(out, f"was not written by opd-dynamics (it carries no {OUTPUT_MARKER}, nor do outputs of "
+                              "versions before it), so overwrite=True does not replace it and it is left as it is; "
+                              "remove it yourself or choose another output", ("overwrite",))
+    if mark["kind"] != kind:
+        raise InputError(out, f"holds an opd-dynamics output of another kind ({mark['kind']}, not {kind}; written "
+                              f"by {mark.get('command', 'an unknown command')}), so overwrite=True does not replace "
+                              "it and it is left as it is; choose another output", ("overwrite",))
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Raise the OS error that writing beside `out` would meet, before any work: the nearest existing folder above
+    it is a file, or it cannot be written (a read-only file system; permission bits, which root ignores)."""
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is None:
+        return
+    if not above.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(above))
+    if not os.access(above, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(above).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(above))
+
+
+def check_output_again(src: Path, out: Path, kind: str, *, overwrite: bool = False) -> None:
+    """Before the finished output `src` replaces `out`: check `out` again, as `check_output` did at the start (the
+    work may have taken hours, and a directory that appeared meanwhile is replaced only as `check_output` allows);
+    a refusal keeps `src` and says where."""
+    if out.exists() or out.is_symlink():
+        try:
+            check_output(out, kind, overwrite=overwrite)
+        except InputError as e:
+            raise InputError(out, f"{e.problem} (it appeared while this command ran; what it wrote is kept in {src})",
+                             e.params) from None
 
 
 def hidden_sibling(path: Path, kind: str, keep_suffix: bool = False) -> Path:
@@ -82,35 +171,66 @@ def output_errors(out: Path | None, partial: Path | None = None) -> Iterator[Non
 
 
 @contextmanager
-def atomic_dir(out: str | Path, markers: Sequence[str], overwrite: bool = False,
-               inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success rename it to `out`.
+def writing_for(out: Path | None, work: Path | None = None) -> Iterator[None]:
+    """A sentence about a temporary path written on the way to `out` (`work`, or a hidden sibling of it; by default
+    the hidden siblings of `out`: candidate models beside it) is said of `out`, the path the user gave, naming the
+    temporary one in it. With `out` None, nothing changes."""
+    stem = Path(work if work is not None else out) if out is not None else None
+    try:
+        yield
+    except InputError as e:
+        p = Path(e.path) if e.path and stem is not None else None
+        if p is None or p == Path(out) or not (p == stem or (p.parent == stem.parent
+                                                              and p.name.startswith(f".{stem.name}."))):
+            raise
+        said = e.problem if p.name in e.problem else f"{e.problem} (while writing {p.name})"
+        raise InputError(out, said, e.params) from None
+
+
+@contextmanager
+def atomic_dir(out: str | Path, kind: str, overwrite: bool = False, inputs: Iterable[str | Path] = (),
+               command: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`, already carrying the marker of an output of `kind`
+    (`mark_output`); on success rename it to `out`.
 
     `out` is checked first (see `check_output`: not overlapping `inputs`; an existing one only with
-    `overwrite` and only an earlier output); it is replaced only after the new one is complete. An OS error on
-    the output side is one sentence (`output_errors`).
+    `overwrite`, and only an empty directory or an earlier output of this kind) and again before it is replaced,
+    which happens only once the new one is complete. An OS error on the output side, while the temporary directory
+    is made, filled or renamed, is one sentence naming `out` (`output_errors`).
     """
-    out = check_output(out, markers, overwrite=overwrite, inputs=inputs)
+    out = check_output(out, kind, overwrite=overwrite, inputs=inputs)
     with output_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = hidden_sibling(out, "tmp")
         tmp.mkdir()
     try:
-        yield tmp
+        with output_errors(out):
+            mark_output(tmp, kind, command)
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with output_errors(out):
-        replace_path(tmp, out)
+    check_output_again(tmp, out, kind, overwrite=overwrite)
+    try:
+        with output_errors(out):
+            replace_path(tmp, out)
+    except InputError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_path(src: Path, dst: Path) -> None:
     """Move `src` to `dst`; an existing `dst` is set aside first and removed only once `src` is in place."""
     old = None
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         old = hidden_sibling(dst, "old")
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if old is not None:  # put the earlier output back
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
@@ -180,7 +300,7 @@ def write_model(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path
     config and tokenizer files are copied from `copy_files_from`.
     """
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    with atomic_dir(out_dir, MODEL_MARKERS, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, MODEL, overwrite=overwrite) as tmp:
         shards: list[dict[str, str]] = []
         weight_map: dict[str, str] = {}
         total = 0

@@ -251,7 +251,7 @@ def lab_claims(root: str | Path, out: str | Path, *, effopd: str | Path | None =
         raise InputError(effopd, f"is not an EffOPD measurement: {EFFOPD_JSON} is missing")
     out = Path(out).resolve()
     inputs = [Path(root).resolve(), *([Path(effopd).resolve()] if effopd else [])]
-    with atomic_dir(out, (CLAIMS_JSON,), overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_dir(out, "claims", overwrite=overwrite, inputs=inputs) as tmp:
         t0 = time.perf_counter()
         rows = []
         for seed, lab in labs.items():

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from opd_dynamics.io.writer import check_output, json_text
+from opd_dynamics.io.writer import check_output, json_text, mark_output, output_errors
 
 STAGES = ("lab", "analysis", "interventions", "effopd", "extrapolation", "figures", "report")
 _MARKER = "demo.json"
+#: the kind of output a demo directory is (its marker, `io.writer.OUTPUT_MARKER`)
+DEMO = "demo"
 
 
 def fast_preset(preset: str = "smoke"):
@@ -32,9 +34,15 @@ def fast_preset(preset: str = "smoke"):
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out`` unless ``overwrite``; even then only replace an earlier demo's output."""
-    if check_output(out, (_MARKER,), overwrite=overwrite).exists():
-        shutil.rmtree(out)
+    """Refuse an existing ``out`` unless ``overwrite``; even then only replace an earlier demo's output (or an empty
+    directory); then make ``out``, marked as the demo's from the start (an interrupted demo is replaced by the
+    next). The stages write into it as it goes, each its own output."""
+    if check_output(out, DEMO, overwrite=overwrite).exists():
+        with output_errors(out):
+            shutil.rmtree(out)
+    with output_errors(out):
+        out.mkdir(parents=True)
+        mark_output(out, DEMO)
 
 
 def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False, fast: bool = False,
@@ -54,10 +62,10 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
     out = Path(out).resolve()
     p = fast_preset(preset) if fast else get_preset(preset)  # a bad preset is refused before OUT is touched
     _prepare(out, overwrite)
-    out.mkdir(parents=True)
     timings: dict[str, float] = {}
     meta = {"preset": p.name, "seed": seed, "fast": fast, "status": "running", "timings_s": timings}
-    (out / _MARKER).write_text(json_text(meta))
+    with output_errors(out):
+        (out / _MARKER).write_text(json_text(meta))
     t_all = time.perf_counter()
 
     def stage(name: str, i: int) -> float:
@@ -102,6 +110,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
 
     timings["total"] = round(time.perf_counter() - t_all, 1)
     meta.update(status="done", report=str(html))
-    (out / _MARKER).write_text(json_text(meta))
+    with output_errors(out):
+        (out / _MARKER).write_text(json_text(meta))
     log(f"[demo] done in {timings['total']:.0f} s; report: {html}")
     return html

@@ -234,7 +234,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     out = Path(out).resolve()
     lab_dir = Path(lab).resolve() if lab is not None else None
-    with atomic_dir(out, (EFFOPD_JSON,), overwrite=overwrite, inputs=[lab_dir] if lab_dir else []) as tmp:
+    with atomic_dir(out, "effopd-lab", overwrite=overwrite, inputs=[lab_dir] if lab_dir else []) as tmp:
         torch.set_num_threads(p.threads)
         t_all = time.perf_counter()
         teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)

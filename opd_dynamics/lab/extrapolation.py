@@ -163,7 +163,7 @@ def lab_extrapolation(root: str | Path, out: str | Path, *, fractions: Sequence[
             for f in fractions:  # a fraction that observes nothing is refused before any work
                 observed_steps(series, f)
     out = Path(out).resolve()
-    with atomic_dir(out, (EXTRAPOLATION_JSON,), overwrite=overwrite, inputs=[Path(root).resolve()]) as tmp:
+    with atomic_dir(out, "extrapolation", overwrite=overwrite, inputs=[Path(root).resolve()]) as tmp:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
         rows = [r for seed, lab in labs.items()

@@ -29,6 +29,9 @@ from opd_dynamics.lab.models import load_model
 from opd_dynamics.lab.task import build_tokenizer
 from opd_dynamics.schema import INTERVENTIONS_JSON, TABLES
 
+#: the kind of output an interventions directory is (its marker, `io.writer.OUTPUT_MARKER`)
+INTERVENTIONS = "interventions"
+
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RANK_PCTS = (0.01, 0.05, 0.10, 0.25, 0.50, 1.0)
 BETAS = (0.5, 1.0, 1.5)
@@ -57,7 +60,7 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
     log = log or (lambda m: print(m, flush=True))
     lab = LabDir(lab_dir).require(meta=True)
     base_dir = lab.student_init
-    check_output(out, (INTERVENTIONS_JSON,), overwrite=overwrite, inputs=[lab.root])  # before hours of evaluation
+    check_output(out, INTERVENTIONS, overwrite=overwrite, inputs=[lab.root])  # before hours of evaluation
     held = lab.heldout(n_eval)
     tok = build_tokenizer()
     model = load_model(base_dir)
@@ -110,7 +113,7 @@ def lab_interventions(lab_dir: str | Path, out: str | Path, *, step: int | None 
                 log(f"[interventions] {run}: rescale and embedding swap done ({time.time() - t0:.0f}s)")
     # columns in the schema's order; an empty table (no earlier checkpoint to rescale) stays a bare file
     frames = {k: pd.DataFrame(v, columns=TABLES[k].names if v else None) for k, v in tables.items()}
-    with atomic_dir(out, (INTERVENTIONS_JSON,), overwrite=overwrite) as tmp:
+    with atomic_dir(out, INTERVENTIONS, overwrite=overwrite) as tmp:
         for k, df in frames.items():
             df.to_csv(tmp / f"{k}.csv", index=False)
         (tmp / INTERVENTIONS_JSON).write_text(json_text({

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from opd_dynamics.io.writer import atomic_dir, json_text
+from opd_dynamics.io.writer import atomic_dir, check_output, json_text
 from opd_dynamics.lab.evaluate import evaluate_model, pass_at_k
 from opd_dynamics.lab.layout import RUNS, SKETCH, SKETCH_DENSE, SKETCH_K, SKETCH_SPARSE, LabDir, seed_dir
 from opd_dynamics.lab.models import load_model, n_params
@@ -30,7 +30,10 @@ from opd_dynamics.lab.train import (
     train_opd,
     train_teacher_and_student,
 )
-from opd_dynamics.schema import LAB_JSON, TABLES
+from opd_dynamics.schema import TABLES
+
+#: the kind of output a lab directory is (its marker, `io.writer.OUTPUT_MARKER`)
+LAB = "lab"
 
 
 def _versions() -> dict:
@@ -97,7 +100,7 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
     out = Path(out).resolve()
     timings: dict[str, float] = {}
     t_all = time.time()
-    with atomic_dir(out, (LAB_JSON,), overwrite=overwrite) as tmp:
+    with atomic_dir(out, LAB, overwrite=overwrite) as tmp:
         lab = LabDir(tmp)
         seed_everything(seed)
         log(f"[lab] preset {p.name}, seed {seed}, device {device()}, writing to {tmp}")
@@ -160,6 +163,9 @@ def run_lab_seeds(out, preset: str | LabPreset = "smoke", seeds: int = 3, overwr
     holds a finished run (its lab.json) is kept, not rerun, unless ``overwrite``: an interrupted multi-seed run
     resumes, and seeds run by separate ``lab run --seed K --out OUT/seed-K`` processes join the same root."""
     log = log or (lambda msg: print(msg, flush=True))
+    if overwrite:  # every seed to be replaced is checked before the first one trains
+        for seed in range(seeds):
+            check_output(seed_dir(out, seed), LAB, overwrite=True)
     done = []
     for seed in range(seeds):
         d = seed_dir(out, seed)

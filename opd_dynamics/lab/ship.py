@@ -11,7 +11,7 @@ from pathlib import Path
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.writer import atomic_dir
 from opd_dynamics.lab.layout import RUNS, LabDir
-from opd_dynamics.schema import LAB_JSON, TABLES
+from opd_dynamics.schema import TABLES
 
 KEEP = ("model.safetensors", "config.json")
 
@@ -23,7 +23,7 @@ def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False,
     src = LabDir(lab_dir)
     models = [src.student_init] + ([src.teacher] if include_teacher else [])
     models += [src.run(r) / f"checkpoint-{s}" for r in RUNS for s in steps]
-    with atomic_dir(out, (LAB_JSON,), overwrite=overwrite) as tmp:
+    with atomic_dir(out, "lab-subset", overwrite=overwrite) as tmp:
         dst = LabDir(tmp)
         for d in models:
             if not (d / KEEP[0]).exists():
