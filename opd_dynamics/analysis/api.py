@@ -23,6 +23,7 @@ from opd_dynamics.analysis.readers import make_plans, reader_for, readers_releas
 from opd_dynamics.analysis.report import ANALYSIS, PER_TENSOR_TABLES, Report, api_command, build_tables
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import DTYPES
+from opd_dynamics.io.naming import natural_key
 from opd_dynamics.io.series import FOREIGN_MEDIAN, CheckpointSeries, check_same_architecture
 from opd_dynamics.io.sketches import SketchSeries
 from opd_dynamics.io.writer import (
@@ -61,6 +62,10 @@ def describe(series: SeriesLike, groups: tuple[str, ...] | None = None, override
                          "n_steps": len(tp.steps), "bytes_to_read": tp.bytes_to_read})
         for sk in plan.skipped:
             rows.append({"run": plan.series.name, "tensor": sk["tensor"], "skipped": sk["reason"]})
+        for name, to in plan.tied.items():
+            rows.append({"run": plan.series.name, "tensor": name, "tied_to": to})
+    order = {s.name: i for i, s in enumerate(lst)}
+    rows.sort(key=lambda r: (order[r["run"]], "skipped" in r or "tied_to" in r, natural_key(r["tensor"])))
     df = pd.DataFrame(rows)
     if "layer" in df:
         df["layer"] = pd.array(df["layer"], dtype="Int64")
@@ -144,6 +149,7 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
             "timings_s": {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
                           "tensor_compute_sum": round(sum(r.seconds for r in results), 3)},
             "skipped": [sk for p in plans for sk in p.skipped],
+            "tied": {p.series.name: p.tied for p in plans if p.tied},
             "failed": failed,
             "warnings": notes,
             "tables": {k: len(v) for k, v in tables.items()},

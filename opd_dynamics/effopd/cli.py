@@ -23,7 +23,7 @@ _shared = [
     click.option("--cur", required=True, type=click.Path(), help="Later checkpoint B."),
     click.option("--out", required=True, type=click.Path(), help="Output model directory (not inside A or B)."),
     *dataclass_options(EffOPDOptions, only=("groups", "matrices_only")),
-    click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
+    click.option("--overwrite", is_flag=True, help="Replace an earlier model output (one opd-dynamics wrote)."),
     click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
     click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True),
     PREFER_FORMAT_OPTION,
@@ -75,7 +75,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
               help="Shell command scoring a model dir: '{path}' is replaced by it (else it is appended); the "
                    "score (higher is better) is the number on the last line of its stdout.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (probe.csv + probe.json).")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier probe output.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier probe output (one opd-dynamics wrote).")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
 @click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True)
 @with_options(dataclass_options(EffOPDOptions, only=("groups", "matrices_only")))

@@ -101,6 +101,7 @@ def _nonfinite_jump(prev: ModelDir, cur: ModelDir, name: str, coef: float, wa: t
 def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: str | Path,
                            options: EffOPDOptions | None = None, *, overwrite: bool = False,
                            max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
+                           prefer_format: str | None = None,
                            metadata: dict[str, str] | None = None, **fields) -> Path:
     """Write W_B + coef·(W_B − W_A) (the tensors `options` selects, by default attention and MLP matrices;
     everything else copied from B) as a model directory `out`. Keyword ``fields`` of `EffOPDOptions` (groups,
@@ -114,7 +115,7 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
     if not math.isfinite(coef):
         raise InputError(None, f"the extrapolation coefficient coef must be a finite number, got {coef}", ("coef",))
     check_output(out, MODEL, overwrite=overwrite, inputs=[prev, cur])
-    a, b = open_full_weights(prev, load_mode), open_full_weights(cur, load_mode)
+    a, b = open_full_weights(prev, load_mode, prefer_format), open_full_weights(cur, load_mode, prefer_format)
     if coef != 0:
         _check_selection(b, opts)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
@@ -175,7 +176,8 @@ def command_scorer(eval_cmd: str, *, timeout: float | None = None, echo: Callabl
 
 def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score: Callable[[Path], float] | str,
                        options: EffOPDOptions | None = None, *, overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread", step: int | None = None,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
+                       prefer_format: str | None = None, step: int | None = None,
                        timeout: float | None = None, echo: Callable[[str], None] | None = None,
                        **fields) -> TriggerRecord:
     """The published search on saved checkpoints: score B itself, then candidates B + 2k(B − A), k = 1 … K, in
@@ -190,8 +192,9 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     opts = replace(options or EffOPDOptions(), **fields)
     k_max, coef_step, strict = opts.k_max, opts.coef_step, opts.strict
     check_output(out, MODEL, overwrite=overwrite, inputs=[prev, cur])
-    open_full_weights(prev, load_mode).close()  # fail early, before any evaluation: unreadable inputs, or …
-    with open_full_weights(cur, load_mode) as b:  # … an empty selection
+    # fail early, before any evaluation: unreadable inputs, or …
+    open_full_weights(prev, load_mode, prefer_format).close()
+    with open_full_weights(cur, load_mode, prefer_format) as b:  # … an empty selection
         _check_selection(b, opts)
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     t0 = time.perf_counter()
@@ -201,6 +204,7 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     def make(k: int) -> Path:
         p = hidden_sibling(out, f"effopd-k{k}")
         extrapolate_checkpoint(prev, cur, coef_step * k, p, opts, max_shard_bytes=max_shard_bytes, load_mode=load_mode,
+                               prefer_format=prefer_format,
                                metadata={"effopd_k": str(k)})
         cands[k] = p
         return p

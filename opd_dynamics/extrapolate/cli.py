@@ -10,7 +10,14 @@ import click
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.extrapolate.methods import ExtrapolationOptions
-from opd_dynamics.io.cli import dataclass_options, options_from, parse_ints, parse_size, with_options
+from opd_dynamics.io.cli import (
+    PREFER_FORMAT_OPTION,
+    dataclass_options,
+    options_from,
+    parse_ints,
+    parse_size,
+    with_options,
+)
 from opd_dynamics.io.reader import LOAD_MODES
 
 
@@ -24,10 +31,11 @@ from opd_dynamics.io.reader import LOAD_MODES
 @click.option("--coef", type=float, help="Two-checkpoint form: c in W_B + c·(W_B − W_A) (EffOPD's candidates: 2k).")
 @with_options(dataclass_options(ExtrapolationOptions))
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (not inside an input).")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier model output (one opd-dynamics wrote).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True)
-def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_shard_size, load_mode,
+@PREFER_FORMAT_OPTION
+def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_shard_size, load_mode, prefer_format,
                 **fields) -> None:
     """Predict the weights at step --target from RUN's checkpoints (--method expo|effopd|linear|relex|alpharl),
     or write W_B + c·(W_B − W_A) for --prev A --cur B --coef c; the selected groups move, the rest is copied."""
@@ -49,7 +57,7 @@ def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_s
 
         sel = EffOPDOptions(groups=opts.groups, matrices_only=opts.matrices_only)
         path = extrapolate_checkpoint(prev, cur, coef, out, sel, overwrite=overwrite, max_shard_bytes=shard,
-                                      load_mode=load_mode)
+                                      load_mode=load_mode, prefer_format=prefer_format)
         click.echo(f"wrote {path} (coef {coef:g})")
         return
     if not (run and base and target is not None):
@@ -58,7 +66,7 @@ def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_s
     from opd_dynamics.extrapolate.methods import observed
     from opd_dynamics.io.series import CheckpointSeries
 
-    series = CheckpointSeries.discover(run, base=base, load_mode=load_mode)
+    series = CheckpointSeries.discover(run, base=base, load_mode=load_mode, prefer_format=prefer_format)
     keep = parse_ints(steps, "--steps")
     if keep is not None:
         series = observed(series, keep)

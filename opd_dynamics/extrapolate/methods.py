@@ -190,8 +190,8 @@ def predicted_tensors(series: CheckpointSeries, target: int, opts: Extrapolation
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the last observed step: predicted at ``target`` where selected."""
     t = np.asarray(series.step_numbers, dtype=np.float64)
-    base = open_full_weights(series.base, series.load_mode)
-    readers = [open_full_weights(p, series.load_mode) for _, p in series.steps]
+    base = open_full_weights(series.base, series.load_mode, series.prefer_format)
+    readers = [open_full_weights(p, series.load_mode, series.prefer_format) for _, p in series.steps]
     last = readers[-1]
     model_type = last.config.get("model_type")
     try:
@@ -233,7 +233,7 @@ def check_selection(series: CheckpointSeries, opts: ExtrapolationOptions) -> Non
     """Refuse a selection that moves no tensor of the last step (the output would be that step under the method's
     label) and, for alpharl, one that moves tensors that are not matrices (it extrapolates their rank-1 part)."""
     path = series.steps[-1][1]
-    with open_full_weights(path, series.load_mode) as last:
+    with open_full_weights(path, series.load_mode, series.prefer_format) as last:
         sel = [(n, tuple(e.shape)) for n, e in last.entries.items()
                if e.dtype in FLOAT_DTYPES and is_selected(n, e.shape, opts.groups, opts.matrices_only)]
     if not sel:
@@ -259,14 +259,14 @@ def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> No
     selected tensor of another shape, or weights further from the base than FOREIGN_RATIO of its norm (read on the
     base's largest selected matrix, one tensor per step)."""
     check_same_architecture(series)
-    base = open_full_weights(series.base, series.load_mode)
+    base = open_full_weights(series.base, series.load_mode, series.prefer_format)
     try:
         sel = [n for n in base.names() if base.entries[n].dtype in FLOAT_DTYPES and
                is_selected(n, base.shape(n), opts.groups, opts.matrices_only)]
         probe = max(sel, key=lambda n: math.prod(base.shape(n)), default=None)
         w0 = base.get(probe).to(torch.float64) if probe else None
         for _, path in series.steps:
-            with open_full_weights(path, series.load_mode) as m:
+            with open_full_weights(path, series.load_mode, series.prefer_format) as m:
                 for n in sel:
                     if n in m and tuple(m.shape(n)) != tuple(base.shape(n)):
                         raise InputError(path, f"holds {n} of shape {tuple(m.shape(n))}, the base "

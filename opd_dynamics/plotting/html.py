@@ -167,11 +167,15 @@ def provenance_html(source: str, meta: dict) -> str:
                                           for k, v in head.items()) + "</p>")
     if "command" in meta:
         parts.append(f"<p>command: <code>{html.escape(str(meta['command']))}</code></p>")
-    shown = {"version", "python", "torch", "command", "inputs", "timings_s", "timings", "device", "dtype"}
+    shown = {"version", "python", "torch", "command", "inputs", "timings_s", "timings", "device", "dtype", "tied"}
     scalars = {k: v for k, v in meta.items() if k not in shown and not isinstance(v, (dict, list))
                and "skip" not in k.lower() and "fail" not in k.lower()}
     if scalars:
         parts.append(_records(scalars))
+    for run, tied in (meta.get("tied") or {}).items():  # weights stored once under two names
+        parts.append(f"<p>run {html.escape(str(run))}: " + "; ".join(
+            f"<code>{html.escape(n)}</code> is tied to <code>{html.escape(t)}</code> (analysed once, as it)"
+            for n, t in tied.items()) + "</p>")
     for key, title in (("inputs", "Inputs"), ("timings_s", "Timings (s)"), ("timings", "Timings"),
                        ("device", "Device"), ("dtype", "Dtype")):
         if key in meta:
