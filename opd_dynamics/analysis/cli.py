@@ -44,7 +44,12 @@ def describe(run, runs, base, steps, groups, load_mode, prefer_format) -> None:
                    f"{s.step_numbers}")
         for step, path in s.steps:
             click.echo(f"  step {step}: {path} ({reader_format(path, prefer_format)})")
-    ok = df[df.get("skipped").isna()] if "skipped" in df else df
+    tied = df[df["tied_to"].notna()] if "tied_to" in df else df.iloc[:0]
+    for r in tied.itertuples():
+        click.echo(f"run {r.run}: {r.tensor} is tied to {r.tied_to} (stored once, or as an equal copy; analysed "
+                   f"once, as {r.tied_to})")
+    ok = df[df["skipped"].isna() if "skipped" in df else df["tensor"].notna()]
+    ok = ok[ok["tied_to"].isna()] if "tied_to" in ok else ok
     click.echo(f"{len(ok)} tensors to analyse, {ok['bytes_to_read'].sum() / 1e6:.1f} MB to read")
     with_group = ok.groupby(["run", "group"]).agg(tensors=("tensor", "size"), MB=("bytes_to_read", "sum"))
     with_group["MB"] = (with_group["MB"] / 1e6).round(2)
