@@ -83,7 +83,7 @@ def _warnings_as_lines() -> Iterator[None]:
 @click.command()
 @with_options(SERIES_OPTIONS)
 @click.option("--out", required=True, type=click.Path(), help="Output directory (CSV tables + run.json).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
 @with_options(dataclass_options(AnalysisOptions))
 @with_options(dataclass_options(ExecutionOptions))
 def analyze(run, runs, base, steps, groups, load_mode, prefer_format, out, overwrite, **fields) -> None:

@@ -24,7 +24,7 @@ def lab() -> None:
 @click.option("--seed", type=int, default=None, help="The one seed to run into OUT  [default: 0].")
 @click.option("--seeds", type=click.IntRange(min=1), default=None,
               help="Run seeds 0 … N−1, each into OUT/seed-K (finished seeds are kept, so a stopped run resumes).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
 def run_cmd(preset: str, out: str, seed: int | None, seeds: int | None, overwrite: bool) -> None:
     """Train teacher, student_init, OPD and GRPO runs; evaluate every checkpoint."""
     from opd_dynamics.lab.run import run_lab, run_lab_seeds
@@ -44,7 +44,7 @@ def run_cmd(preset: str, out: str, seed: int | None, seeds: int | None, overwrit
 @click.option("--step", type=int, default=None, help="Checkpoint step to intervene on (default: each run's last).")
 @click.option("--half-width", type=int, default=1, show_default=True, help="Layer window half width.")
 @click.option("--n-eval", type=int, default=None, help="Held-out problems to score (default: the lab's n_eval).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
 def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int, n_eval: int | None,
                       overwrite: bool) -> None:
     """Scaling, layer-window, rank, rescale and embedding-swap interventions scored by held-out accuracy."""
@@ -62,7 +62,7 @@ def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int,
               help="Existing lab directory whose teacher/ and student_init/ to start from (default: build them).")
 @with_options(dataclass_options(EffOPDLabOptions))
 @with_options(dataclass_options(EffOPDOptions, only=("k_max", "coef_step", "strict")))
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
 def lab_effopd(preset, seeds, out, lab_dir, overwrite, **fields) -> None:
     """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
     from opd_dynamics.lab.effopd import run_effopd_lab
