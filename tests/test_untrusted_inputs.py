@@ -123,3 +123,38 @@ def test_a_refusal_quotes_torchs_first_sentence_whole_and_never_its_weights_only
     assert "weights_only=False" in str(e.value) or "weights_only" in str(e.value)
     said = first_sentence(e.value)
     assert said.endswith(".") and "weights_only=False" not in said and said in str(e.value)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/hostname", 7, ".."])
+def test_an_index_naming_a_file_outside_its_directory_is_refused(run, shard):
+    """A shard index is untrusted: a weight_map value with a directory part (or not a file name at all) would make
+    the reader open a file outside the checkpoint (another run's weights, any file the user can read)."""
+    import shutil
+
+    d = run / "run" / "checkpoint-2"
+    shutil.copy(d / "model.safetensors", run / "run" / "outside.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": shard, "lm_head.weight": "model.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, out = _run("describe", run / "run", "--base", run / "base")
+    assert code == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"error: {d / 'model.safetensors.index.json'}: lists a shard {shard!r} outside its directory; only plain "
+        f"file names in {d} are read")
+
+
+def test_dcp_metadata_naming_a_data_file_outside_its_directory_is_refused(tmp_path):
+    import pickle
+
+    from hostile import _dcp_chunk
+
+    run_dir, base, _, _ = _dcp_chunk(tmp_path, b"\0" * 16)
+    d = run_dir / "checkpoint-1" / "pytorch_model_fsdp_0"
+    md = pickle.loads((d / ".metadata").read_bytes())  # the test's own file
+    import dataclasses
+
+    md.storage_data = {k: dataclasses.replace(v, relative_path="../../../base/model.safetensors")
+                       for k, v in md.storage_data.items()}
+    (d / ".metadata").write_bytes(pickle.dumps(md))
+    code, out = _run("describe", run_dir, "--base", base)
+    assert code == 2, out
+    assert "lists a data file '../../../base/model.safetensors' outside its directory" in out

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, empty, file_identity, pread_into
+from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, empty, file_beside, file_identity, pread_into
 from opd_dynamics.io.safe_pickle import DCP_METADATA, MAX_PICKLE_BYTES, Refused, loads
 from opd_dynamics.io.torch_files import StoredTensor, archive_layout, dtype_code, first_sentence
 
@@ -71,6 +71,14 @@ class DCPDir(EntryReader):
         self.path = Path(path)
         self.load_mode = "pread"
         md = read_metadata(self.path)
+        try:
+            self._index(md)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:  # admitted, but not DCP's shape
+            raise InputError(self.path / METADATA, f"is DCP metadata of an unexpected form ({type(e).__name__}: "
+                                                   f"{first_sentence(e)})") from None
+
+    def _index(self, md) -> None:
+        """The tensors, chunks and files the metadata lists, each checked."""
         keys = [k for k, v in md.state_dict_metadata.items() if type(v).__name__ == "TensorStorageMetadata"]
         if not keys:
             raise InputError(self.path / METADATA, "lists no tensors")
@@ -80,7 +88,8 @@ class DCPDir(EntryReader):
         self._chunks: dict[str, list] = {}
         for idx, info in md.storage_data.items():
             self._chunks.setdefault(idx.fqn, []).append((idx, info))
-        files = sorted({self.path / info.relative_path for chunks in self._chunks.values() for _, info in chunks})
+        files = sorted({file_beside(self.path / METADATA, info.relative_path, "a data file")
+                        for chunks in self._chunks.values() for _, info in chunks})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise InputError(self.path / METADATA, f"names data files that are absent: {', '.join(missing[:4])}")

@@ -211,13 +211,27 @@ def _pread_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> to
     return out
 
 
+def file_beside(listing: Path, name, what: str) -> Path:
+    """The file ``name`` that ``listing`` (an index, DCP metadata) names in its own directory. A name with a
+    directory part (``../other-run/model.safetensors``, an absolute path) is refused: an untrusted listing must not
+    make the reader open files outside the checkpoint (a symlink placed in the directory is the user's choice)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise InputError(listing, f"lists {what} {name!r} outside its directory; only plain file names in "
+                                  f"{listing.parent} are read")
+    return listing.parent / name
+
+
 def index_files(index: Path) -> list[Path]:
-    """The shard files a `*.index.json` (safetensors' or pytorch_model.bin's) lists, each checked to exist."""
+    """The shard files a `*.index.json` (safetensors' or pytorch_model.bin's) lists, each a plain file name beside
+    it (`file_beside`), checked to exist."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(index, "is not a valid shard index (no 'weight_map')") from e
-    files = sorted({index.parent / f for f in weight_map.values()})
+        shards = set(weight_map.values())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(index, "is not a valid shard index (no 'weight_map' of tensor names to files)") from e
+    except OSError as e:
+        raise InputError(index, f"cannot be read: {e.strerror or e}") from None
+    files = sorted(file_beside(index, f, "a shard") for f in shards)
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise InputError(index, f"lists shards that are missing: {', '.join(missing[:5])}")
