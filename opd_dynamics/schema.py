@@ -212,9 +212,16 @@ _ANALYSIS = (
         _c("n_steps", "int", "steps in the trajectory (the base at step 0 besides them); step is the last"),
         _c("linear_r2", "float", "pooled R² of the per-entry least-squares lines w(t) = a + b·t through the base "
                                   "and every step: 1 − ΣSS_res / ΣSS_tot over the entries that moved"),
+        _c("linear_r2_null", "float", "linear_r2's random-walk null: its mean over random walks with the same steps, "
+                                       "segment norms ‖δ_i‖ and number of entries (simulated, seeded)"),
         _c("linear_r2_median", "float", "median over the entries that moved of each entry's R²"),
+        _c("linear_r2_median_null", "float", "linear_r2_median's random-walk null: the median R² of simulated "
+                                              "entries with independent increments of variance ‖δ_i‖²"),
         _c("rank{k}_share", "float", "Σ_{i≤k} λ_i / Σ λ, λ the eigenvalues of G = M Mᵀ, M the stacked vec(D_t) "
                                       "(1 when every D_t is a multiple of one matrix)", RANK_SHARE_KS),
+        _c("rank{k}_share_null", "float", "rank{k}_share's random-walk null: its mean over random walks with the same "
+                                           "steps, segment norms ‖δ_i‖ and number of entries (simulated, seeded)",
+           RANK_SHARE_KS),
         _c("lockin_step", "int", "first step with direction_cosine ≥ the threshold (0.5) and ≥ null_cosine + the "
                                  "margin (0.2); empty if none"),
     ), "per matrix over the whole series: how straight and how low-rank its trajectory is, and when its "
@@ -224,7 +231,8 @@ _ANALYSIS = (
         _c("segment_cosine", "float", "⟨δ_i, δ_{i+1}⟩ / (‖δ_i‖F ‖δ_{i+1}‖F), δ_i = W_{t_i} − W_{t_{i−1}}: the segment "
                                        "ending at this step against the next (empty at the last step)"),
         _c("direction_cosine", "float", "⟨ΔW_t, ΔW_T⟩ / (‖ΔW_t‖F ‖ΔW_T‖F), T the last step"),
-        _c("null_cosine", "float", "√(t/T): direction_cosine's expectation for a random walk"),
+        _c("null_cosine", "float", "sqrt(Σ_{i≤t}‖δ_i‖² / Σ_{i≤T}‖δ_i‖²): direction_cosine's value for a random walk "
+                                    "with the measured segment norms (√(t/T) when the segments are equal)"),
         _c("direction_excess", "float", "direction_cosine − null_cosine"),
     ), "per matrix and step: straightness of the path and alignment to the final update against the random-walk "
        "null", per_tensor=True, per_run=True, writer=_REPORT),

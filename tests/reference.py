@@ -116,7 +116,8 @@ def ref_trajectory(deltas: list[np.ndarray], steps: list[int]) -> tuple[dict, li
     seg = [float(inc[i] @ inc[i + 1] / np.linalg.norm(inc[i]) / np.linalg.norm(inc[i + 1]))
            for i in range(len(t) - 1)] + [np.nan]
     cos = [float(D[i] @ D[-1] / np.linalg.norm(D[i]) / np.linalg.norm(D[-1])) for i in range(len(t))]
-    null = list(np.sqrt(t / t[-1]))
+    cum = np.cumsum((inc ** 2).sum(1))  # the random walk with these segment norms: docs/METRICS.md
+    null = list(np.sqrt(cum / cum[-1]))
     # per entry: least-squares line through (0, 0) and (t_i, D_i)
     ts = np.concatenate([[0.0], t])
     Y = np.vstack([np.zeros((1, D.shape[1])), D])

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from opd_dynamics.analysis import analyze, deltas
-from opd_dynamics.analysis.metrics.trajectory import TrajectoryAccumulator
+from opd_dynamics.analysis.metrics.trajectory import (
+    NULL_DRAWS,
+    NULL_MIN_DRAWS,
+    TrajectoryAccumulator,
+    cosine_null,
+    locked_in,
+    null_draws,
+    random_walk_nulls,
+)
 from opd_dynamics.io.series import CheckpointSeries
 
 from builders import write_dir
@@ -168,3 +176,103 @@ def test_spectra_groups_none_means_every_group(tmp_path):
     series, _ = _series(tmp_path, "line")
     rep = analyze(series, progress=False, svd="none", spectra_groups=None)
     assert rep.meta["failed"] == [] and set(rep.trajectory["tensor"]) >= {Q, UP}
+
+
+# ------------------------------------------------------------------------------ the nulls (docs/METRICS.md)
+
+
+def _walk(seg_norms, numel: int, seed: int) -> np.ndarray:
+    """A random walk in R^numel: D_i = Σ_{j≤i} ‖δ_j‖ u_j, u_j independent uniformly random unit vectors."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((len(seg_norms), numel))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    return np.cumsum(np.asarray(seg_norms, dtype=float)[:, None] * u, axis=0)
+
+
+def _accumulate(D: np.ndarray, steps) -> tuple[dict, list[dict]]:
+    acc = TrajectoryAccumulator(steps)
+    acc.add(D)
+    return acc.result()
+
+
+def test_the_cosine_null_of_equal_segments_is_the_square_root_of_t_over_t():
+    steps = np.arange(1, 16)
+    np.testing.assert_allclose(cosine_null(np.full(15, 3.7)), np.sqrt(steps / 15), rtol=1e-15)
+    # a walk of equal segments at steps 10, 20, … 150, through the accumulator
+    _, rows = _accumulate(_walk(np.ones(15), 4096, 0), list(steps * 10))
+    np.testing.assert_allclose([r["null_cosine"] for r in rows], np.sqrt(steps / 15), rtol=1e-12)
+    # unequal segments: sqrt(Σ_{i≤t}‖δ_i‖² / Σ‖δ_i‖²), by hand
+    np.testing.assert_allclose(cosine_null([4.0, 1.0, 1.0, 4.0]), np.sqrt(np.array([4, 5, 6, 10]) / 10), rtol=1e-15)
+    assert np.isnan(cosine_null([0.0, 0.0])).all()
+
+
+def test_a_straight_line_is_above_every_null():
+    """D_t = t·M at steps 1, 2, 4, 8, 16: segments of norm ∝ 1, 1, 2, 4, 8, so the cosine null is
+    sqrt(1, 2, 6, 22, 86 / 86), below √(t/T); the line's cosine 1 is above it before T, its rank-1 share and R²
+    (both 1) above their walks' nulls."""
+    rng = np.random.default_rng(2)
+    M = rng.normal(size=2048)
+    summary, rows = _accumulate(np.stack([t * M for t in STEPS]), STEPS)
+    np.testing.assert_allclose([r["null_cosine"] for r in rows], np.sqrt(np.array([1, 2, 6, 22, 86]) / 86),
+                               rtol=1e-12)
+    assert all(r["direction_cosine"] == pytest.approx(1.0) for r in rows)
+    assert all(r["direction_excess"] > 0.45 for r in rows[:-1]) and rows[-1]["direction_excess"] == pytest.approx(0)
+    assert summary["rank1_share"] == pytest.approx(1.0) and summary["rank1_share_null"] < 0.9
+    assert summary["linear_r2"] == pytest.approx(1.0) and summary["linear_r2_null"] < 0.8
+    assert summary["linear_r2_median_null"] < summary["linear_r2_median"]
+    assert summary["rank5_share_null"] == pytest.approx(1.0)  # 5 steps: 5 components hold everything
+
+
+def test_a_random_walk_sits_on_its_nulls_and_fast_then_slow_is_no_lockin():
+    """A walk whose segments shrink as 1/i (fast, then slow, as Adam's path is): its direction cosine follows
+    sqrt(Σ_{i≤t}‖δ_i‖²/Σ‖δ_i‖²), far above √(t/T) early; rank-1 share and R² sit on their simulated nulls. It never
+    locks in, where the √(t/T) null would have called it locked in early."""
+    norms = 1.0 / np.arange(1, 16)
+    steps = list(range(10, 160, 10))
+    summary, cos, null = [], [], []
+    for seed in range(8):
+        s, r = _accumulate(_walk(norms, 16384, seed), steps)
+        summary.append(s)
+        cos.append([x["direction_cosine"] for x in r])
+        null.append([x["null_cosine"] for x in r])
+        assert s["lockin_step"] is None
+    cos, null = np.mean(cos, axis=0), np.mean(null, axis=0)
+    np.testing.assert_allclose(cos, null, atol=0.02)
+    old = np.sqrt(np.array(steps) / steps[-1])
+    assert ((cos >= 0.5) & (cos - old >= 0.2)).any()  # the equal-segment null would see a lock-in here
+    for k in ("rank1_share", "rank2_share", "linear_r2", "linear_r2_median"):
+        got = np.mean([s[k] for s in summary])
+        assert got == pytest.approx(summary[0][f"{k}_null"], abs=0.02), k
+
+
+def test_the_simulated_nulls_are_exact_for_few_entries_and_reproducible():
+    """The Wishart (Bartlett) draw of a walk's Gram equals brute-force walks in R^numel, also when numel is
+    close to the number of steps (where the spread is large); the same inputs give the same nulls."""
+    norms = np.array([3.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5])
+    steps = list(range(1, 9))
+    t = np.arange(0.0, 9.0)
+    X = np.stack([np.ones_like(t), t], axis=1)
+    for numel in (9, 40):
+        fast = random_walk_nulls(norms ** 2, steps, numel, draws=4000)
+        rng = np.random.default_rng(numel)
+        u = rng.standard_normal((3000, len(norms), numel))
+        D = np.cumsum(norms[None, :, None] * u / np.linalg.norm(u, axis=2, keepdims=True), axis=1)
+        lam = np.linalg.eigvalsh(D @ D.transpose(0, 2, 1))[:, ::-1]  # (walks, n): the Gram's eigenvalues
+        Y = np.concatenate([np.zeros((3000, 1, numel)), D], axis=1)  # the base's point first
+        res = Y - X @ np.linalg.lstsq(X, Y.transpose(1, 0, 2).reshape(9, -1), rcond=None)[0].reshape(
+            2, 3000, numel).transpose(1, 0, 2)
+        tot = Y - Y.mean(axis=1, keepdims=True)
+        brute = {"rank1_share": lam[:, 0] / lam.sum(1), "rank2_share": lam[:, :2].sum(1) / lam.sum(1),
+                 "linear_r2": 1 - (res ** 2).sum((1, 2)) / (tot ** 2).sum((1, 2))}
+        for k, v in brute.items():
+            assert fast[f"{k}_null"] == pytest.approx(v.mean(), abs=0.01), (numel, k)
+    assert random_walk_nulls(norms ** 2, steps, 40) == random_walk_nulls(norms ** 2, steps, 40)
+    few = random_walk_nulls(norms ** 2, steps, 3)  # fewer entries than steps: vectors drawn directly
+    assert few["rank3_share_null"] == pytest.approx(1.0)
+    assert all(math.isnan(v) for v in random_walk_nulls(np.zeros(4), [1, 2, 3, 4], 10).values())
+    assert null_draws(15) == NULL_DRAWS and null_draws(1000) == NULL_MIN_DRAWS
+
+
+def test_the_lockin_rule_is_one_function():
+    assert locked_in(0.8, 0.5) and not locked_in(0.8, 0.7) and not locked_in(0.45, 0.0)
+    assert locked_in(0.5, 0.3) and not locked_in(math.nan, 0.0) and not locked_in(0.9, math.nan)
