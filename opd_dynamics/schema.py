@@ -384,7 +384,8 @@ _RECORD = (
     Table("sketch", "sketch.csv", (
         _c("step", "int", "the recorded optimizer step t"),
         _c("tensor", "str", "the parameter's name"),
-        _c("k", "int", "singular triplets kept in step-t.safetensors (k, or fewer at a lower rank)"),
+        _c("k", "int", "singular triplets kept in step-t.safetensors (k, or fewer at a lower rank; 0 for a tensor "
+           "recorded by its norms only)"),
         _c("update_norm", "float", "‖ΔW_t‖F, ΔW_t = W_t − W_0, summed in float64"),
         _c("base_norm", "float", "‖W_0‖F"),
         _c("changed_fraction", "float", "fraction of entries with |w_t − w_0| > 1e-3 · max(|w_0|, |w_t|)"),
@@ -393,7 +394,13 @@ _RECORD = (
         _c("cosine_to_previous", "float", "cosine of ΔW_t to ΔW_prev, the previous recorded update"),
         _c("spectral_norm", "float", "σ1 of ΔW_t"),
         _c("energy_topk", "float", "Σ_{i ≤ k} σ_i² / ‖ΔW_t‖F² (exact: the denominator is the exact energy)"),
-    ), "per recorded step and matrix, the update's size and top-k spectrum, recorded during training",
+        _c("svd_method", "str", "how the triplets were found: certified-krylov-f64, exact-gram-f64, exact-svd-f64, "
+           "exact-lora-factors, warm-randomized (svd='fast', uncertified); zero for an unchanged matrix; norms for "
+           "a tensor recorded by its norms only (not decomposed: no spectral columns)"),
+        _c("sigma_bound", "float", "certified-krylov-f64: the largest ε_i / σ_i, ε_i = ‖ΔWᵀu_i − σ_i v_i‖ / √2 (a "
+           "singular value of ΔW_t lies within ε_i of σ_i: Weyl); empty for the other methods"),
+    ), "per recorded step and tensor, the update's size and, for the decomposed matrices, its top-k spectrum, "
+       "recorded during training",
         writer="opd_dynamics.record.recorder.DynamicsRecorder"),
 )
 

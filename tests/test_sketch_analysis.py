@@ -48,8 +48,11 @@ def test_the_sketch_tables_agree_with_the_checkpoint_tables(recorded):
     ck = analyze(CheckpointSeries.discover(recorded / "run", base=recorded / "base"), k_subspace=K, k_paired=K,
                  progress=False)
     a = sk["module_allocation"].merge(ck["module_allocation"], on=KEY, suffixes=("", "_ck"))
-    assert len(a) == 5 * 14  # 2 layers × 7 attention and MLP matrices at 5 steps
-    for c in ("update_norm", "base_norm", "relative_update", "rms_update", "changed_fraction"):
+    # every tensor at 5 steps: 2 layers × 7 attention and MLP matrices, decomposed; the embedding, the head and the
+    # 5 norms by their norms (as the checkpoints' analysis covers them), so the shares divide by the same total
+    assert len(a) == 5 * 21 and len(sk["module_allocation"]) == len(ck["module_allocation"])
+    assert len(sk["spectrum"]) == 5 * 14
+    for c in ("update_norm", "base_norm", "relative_update", "rms_update", "changed_fraction", "energy_share"):
         np.testing.assert_allclose(a[c], a[f"{c}_ck"], rtol=1e-12, err_msg=c)  # the same kernels on the same weights
     s = sk["spectrum"].merge(ck["spectrum"], on=KEY, suffixes=("", "_ck"))
     for c in ("spectral_norm", "spectral_ratio", "stable_rank", "energy_top1", "energy_top4", "top1pct_norm_ratio"):
@@ -69,8 +72,49 @@ def test_the_sketch_tables_agree_with_the_checkpoint_tables(recorded):
     seg = sk["segments"].merge(ck["segments"], on=KEY, suffixes=("", "_ck"))
     inner = seg[seg["step"] < 5]
     np.testing.assert_allclose(inner["segment_cosine"], inner["segment_cosine_ck"], atol=1e-6)
-    np.testing.assert_allclose(seg["null_cosine"], seg["null_cosine_ck"], rtol=1e-12)
+    # the random-walk null from the segment norms (recorded in float64 from float32 differences)
+    np.testing.assert_allclose(seg["null_cosine"], seg["null_cosine_ck"], rtol=1e-8)
     assert sk.meta["source"] == "sketch series" and "direction_cosine" in sk.meta["unavailable"]["alignment"]
+
+
+def test_a_tied_llama_trained_with_the_recorder_gives_the_checkpoints_energy_shares(tmp_path):
+    """A tiny Llama with tied embeddings trained by AdamW for 4 steps, recorded every step and saved as checkpoints
+    at the same steps: the sketch series and the checkpoints give equal energy_share per tensor (1e-6), over the
+    same tensors, the tied head counted once (the embedding's row; no lm_head in either)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "base")
+    rec = DynamicsRecorder(tmp_path / "sk", k=4)
+    rec.record(model, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        ids = torch.randint(0, 61, (4, 12), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rec.record(model, step)
+        model.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    rec.close()
+    series = SketchSeries(tmp_path / "sk", name="run")
+    assert len(series.decomposed) == 14 and "lm_head.weight" not in series.tensors
+    assert sorted(set(series.tensors) - set(series.decomposed)) == [
+        "model.embed_tokens.weight", *(f"model.layers.{i}.{n}.weight" for i in (0, 1)
+                                       for n in ("input_layernorm", "post_attention_layernorm")), "model.norm.weight"]
+    sk = analyze(series)
+    ck = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), progress=False)
+    a, b = (r["module_allocation"].set_index(KEY).sort_index() for r in (sk, ck))
+    assert list(a.index) == list(b.index)  # the same tensors at the same steps
+    assert not a.index.get_level_values("tensor").str.startswith("lm_head").any()
+    assert (a["update_norm"] > 0).all()  # AdamW moved every tensor
+    np.testing.assert_allclose(a["energy_share"], b["energy_share"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(a.groupby("step")["energy_share"].sum(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(a["update_norm"], b["update_norm"], rtol=1e-12)
+    assert sk.meta["inputs"][0]["decomposed"] == 14 and "model.embed_tokens.weight" in sk.meta["inputs"][0]["normed"]
 
 
 def test_the_cli_reads_a_sketch_series_and_checks_a_base(recorded, tmp_path):
@@ -126,13 +170,13 @@ def test_under_fsdp2_rank_0_records_the_gathered_matrices(tmp_path):
 
     spawn_gloo(record_fsdp_worker, (2, str(tmp_path)), 2, reset)
     s = SketchSeries(tmp_path / "sk", name="run")
-    assert s.steps == [1, 2, 3] and len(s.tensors) == 14
-    assert all(n.startswith("model.layers.") for n in s.tensors)  # no FSDP wrapper in the names
+    assert s.steps == [1, 2, 3] and len(s.decomposed) == 14 and len(s.tensors) == 21  # and the rest by norms
+    assert all(n.startswith("model.") or n == "lm_head.weight" for n in s.tensors)  # no FSDP wrapper in the names
     sk = analyze(s)
     ck = analyze(CheckpointSeries.discover(tmp_path / "run", base=tmp_path / "base"), k_subspace=3, k_paired=3,
                  progress=False)
     a = sk["module_allocation"].merge(ck["module_allocation"], on=KEY, suffixes=("", "_ck"))
-    assert len(a) == 3 * 14 and (a["update_norm"] > 0).all()
+    assert len(a) == 3 * 21 and (a.loc[a["tensor"].isin(s.decomposed), "update_norm"] > 0).all()
     np.testing.assert_allclose(a["update_norm"], a["update_norm_ck"], rtol=1e-12)
     sv = sk["singular_values"].merge(ck["singular_values"], on=[*KEY, "index"], suffixes=("", "_ck"))
     np.testing.assert_allclose(sv.query("index == 1")["sigma"], sv.query("index == 1")["sigma_ck"], rtol=1e-6)

@@ -34,7 +34,9 @@ def describe(run, runs, base, steps, groups, load_mode, prefer_format) -> None:
         for s in series:
             size = sum(f.stat().st_size for f in s.files.values()) / max(1, len(s.files))
             click.echo(f"run {s.name}: sketch series {s.path} (k = {s.k}), {len(s.files)} steps "
-                       f"{s.steps[0]}…{s.steps[-1]}, {len(s.tensors)} matrices, {size / 1e6:.2f} MB per step")
+                       f"{s.steps[0]}…{s.steps[-1]}, {len(s.decomposed)} matrices decomposed, "
+                       f"{len(s.tensors) - len(s.decomposed)} other tensors by their norms, "
+                       f"{size / 1e6:.2f} MB per step")
         return
     df = _describe(series, groups=parse_groups(groups, None))
     from opd_dynamics.io.reader import reader_format

@@ -1,13 +1,16 @@
 """The analysis of a sketch series (what `record.DynamicsRecorder` wrote during training): the same tables as a
 checkpoint series, for what the stored top-k triplets and exact norms determine.
 
-Exact from a sketch: every column of module_allocation; spectral_norm, spectral_ratio, stable_rank,
-energy_top{j} for j ≤ the kept k, top1pct_norm_ratio when ⌈r/100⌉ ≤ k, rank90 when the kept values reach 0.9
-(spectrum.csv's ``svd_method`` is ``sketch-top{k}``); the subspace overlaps, principal angle, paired and rank-1
-cosines of alignment.csv (K lowered to the kept k); segment_cosine (recorded during training) and null_cosine
-of segments.csv. Not available (empty cells, listed in run.json's ``unavailable``): effective_rank (the whole
-spectrum), direction_cosine and with it direction_excess and the lock-in step, rank{k}_share and the linear fit
-(each needs the whole ΔW_t of every step), geometry and embeddings (not recorded).
+Exact from a sketch: every column of module_allocation (over every trainable tensor the recorder normed, as a
+checkpoint analysis covers every tensor, so energy_share divides by the same total; a series recorded before the
+recorder normed the other tensors holds its matrices only, and its shares are of those); for the decomposed
+matrices, spectral_norm, spectral_ratio, stable_rank, energy_top{j} for j ≤ the kept k, top1pct_norm_ratio when
+⌈r/100⌉ ≤ k, rank90 when the kept values reach 0.9 (spectrum.csv's ``svd_method`` is ``sketch-top{k}``); the
+subspace overlaps, principal angle, paired and rank-1 cosines of alignment.csv (K lowered to the kept k);
+segment_cosine (recorded during training) and null_cosine of segments.csv. Not available (empty cells, listed in
+run.json's ``unavailable``): effective_rank (the whole spectrum), direction_cosine and with it direction_excess and
+the lock-in step, rank{k}_share and the linear fit (each needs the whole ΔW_t of every step), geometry and
+embeddings (not recorded).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from opd_dynamics._version import __version__
@@ -47,6 +51,22 @@ def _decomposition(trip, f2: float, shape: tuple[int, int], k: int) -> Decomposi
     return Decomposition(S, U, V, f2, f"sketch-top{k}", False, shape, int(S.shape[0]))
 
 
+def _cosine_null(table, ref: int, t_ref: int, start: int) -> dict[tuple[str, int], float]:
+    """{(tensor, step): the random-walk null of direction_cosine to ``ref``}: sqrt(Σ_{i≤t}‖δ_i‖² / Σ_{i≤ref}‖δ_i‖²)
+    from the recorded segment norms (DESIGN's null from the run itself, as the checkpoint analysis computes it);
+    √((t − start)/(ref − start)) for a tensor whose segments up to ref are not all recorded (a resumed run's
+    first one)."""
+    out = {}
+    for name, g in table[table["step"] <= ref].groupby("tensor", sort=False):
+        seg2 = g["segment_norm"].to_numpy(dtype=float) ** 2
+        steps = g["step"].to_numpy()
+        cum = seg2.cumsum()
+        whole = bool(np.isfinite(seg2).all()) and cum[-1] > 0
+        for t, c in zip(steps.tolist(), cum.tolist()):
+            out[(name, t)] = math.sqrt(c / cum[-1]) if whole else math.sqrt((t - start) / t_ref)
+    return out
+
+
 def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list[dict]]:
     """The per-tensor rows of one sketch series (module docstring)."""
     ref = opts.ref_step if opts.ref_step is not None else series.steps[-1]
@@ -60,15 +80,17 @@ def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list
     # segments.csv pairs the segment ending at a step with the next one; the recorder's row holds the cosine of
     # the segment ending there with the previous one: the next row's value
     table["next_segment_cosine"] = table.groupby("tensor", sort=False)["segment_cosine"].shift(-1)
+    null = _cosine_null(table, ref, t_ref, series.start_step)
     ident, shapes = {}, {}
     for name, info in series.tensors.items():
         i = parse_name(name)
         ident[name] = {"run": series.name, "tensor": name, "layer": i.layer, "group": i.group, "module": i.module,
                        "expert": i.expert}
         shapes[name] = tuple(info["shape"])
+    decomposed = set(series.decomposed)
     at_ref = series.triplets(ref)
     f2_ref = dict(zip(table.loc[table["step"] == ref, "tensor"], table.loc[table["step"] == ref, "update_norm"] ** 2))
-    dec_ref = {n: _decomposition(at_ref.get(n), float(f2_ref[n]), shapes[n], series.k) for n in series.tensors}
+    dec_ref = {n: _decomposition(at_ref.get(n), float(f2_ref[n]), shapes[n], series.k) for n in decomposed}
     for step, at_step in table.groupby("step", sort=True):  # each step file read once
         step = int(step)
         trips = at_ref if step == ref else series.triplets(step)
@@ -81,7 +103,7 @@ def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list
                 "base_norm": r.base_norm, "relative_update": f / r.base_norm if r.base_norm > 0 else math.nan,
                 "rms_update": f / math.sqrt(numel), "changed_fraction": r.changed_fraction,
                 "finite": math.isfinite(f), "resized": False})
-            if not opts.spectra_groups_include(ident[name]["group"]):
+            if name not in decomposed or not opts.spectra_groups_include(ident[name]["group"]):
                 continue
             dec = dec_ref[name] if step == ref else _decomposition(trips.get(name), f * f, shape, series.k)
             rows["spectrum"].append({**row, **spectrum_metrics(dec, opts.ks)})
@@ -93,7 +115,7 @@ def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list
             if opts.trajectory and step <= ref:
                 rows["segments"].append({**row, "segment_cosine": r.next_segment_cosine,
                                          "direction_cosine": math.nan,
-                                         "null_cosine": math.sqrt((step - series.start_step) / t_ref),
+                                         "null_cosine": null[(name, step)],
                                          "direction_excess": math.nan})
     return rows
 
@@ -120,7 +142,8 @@ def analyze_sketches(series: SketchSeries | Sequence[SketchSeries], *, out: str 
     meta = {"version": __version__, "command": command or api_command(),
             "python": platform.python_version(), "torch": torch.__version__, "source": "sketch series",
             "inputs": [{"run": s.name, "sketch": str(s.path), "k": s.k, "steps": s.steps,
-                        "tensors": len(s.tensors)} for s in lst],
+                        "tensors": len(s.tensors), "decomposed": len(s.decomposed),
+                        "normed": sorted(set(s.tensors) - set(s.decomposed))} for s in lst],
             "options": {"ref_step": opts.ref_step, "ks": list(opts.ks), "k_subspace": opts.k_subspace,
                         "k_paired": opts.k_paired, "alignment": opts.alignment, "trajectory": opts.trajectory},
             "unavailable": UNAVAILABLE, "warnings": [], "skipped": [], "failed": [],

@@ -2,12 +2,15 @@
 
 Layout of one sketch directory (every file written under a temporary name and renamed):
 
-- ``sketch.json``: the recording's settings (k, groups, start step) and each recorded matrix's shape and group;
-- ``base.safetensors``: the start weights W_0 of the recorded matrices in their stored dtype (what lets a
+- ``sketch.json``: the recording's settings (k, groups, start step, svd and its tol) and each recorded tensor's
+  shape, group and whether it is ``decomposed`` (the matrices of the recorded groups) or recorded by its norms
+  only (every other trainable tensor; series written before norms were recorded hold matrices only, and no flag);
+- ``base.safetensors``: the start weights W_0 of the recorded tensors in their stored dtype (what lets a
   crashed or resumed run continue, and a check against a base checkpoint);
-- ``step-NNNNNNNN.safetensors``: per recorded step and matrix ``<name>::U`` (out × k), ``::S`` (k), ``::V``
-  (in × k) in float32, and in its metadata the step's rows of the ``sketch`` table (JSON) and the previous
-  recorded step (so a missing step file is found);
+- ``step-NNNNNNNN.safetensors``: per recorded step and decomposed matrix ``<name>::U`` (out × k), ``::S`` (k),
+  ``::V`` (in × k) in float32, and in its metadata the step's rows of the ``sketch`` table (JSON), the previous
+  recorded step (so a missing step file is found) and what the step's work cost (``work``: seconds, CPU seconds,
+  matrices per route, block products, the largest certified bound);
 - ``sketch.csv``: the ``sketch`` table (`schema.TABLES["sketch"]`), appended after each step and rewritten at the
   end. The step files are the record; the CSV is for reading with pandas.
 """
@@ -90,10 +93,14 @@ class SketchSeries:
         self.k = int(self.meta["k"])
         self.start_step = int(self.meta["start_step"])
         self.tensors: dict[str, dict] = self.meta["tensors"]
+        #: the tensors with triplets (the rest are recorded by their norms only)
+        self.decomposed = [n for n, v in self.tensors.items() if v.get("decomposed", True)]
         self.files = step_files(self.path)
-        rows = []
+        rows, work = [], []
         for step, f in self.files.items():
             md = step_metadata(f)
+            if "work" in md:
+                work.append({"step": step, **json.loads(md["work"])})
             prev = int(md.get("prev_step", self.start_step))
             if prev != self.start_step and prev not in self.files:
                 raise InputError(step_file(self.path, prev), f"is missing: step {step} was recorded after step {prev}, "
@@ -106,6 +113,9 @@ class SketchSeries:
         if not self.files:
             raise InputError(self.path, "holds no recorded step (step-NNNNNNNN.safetensors)")
         self.table = pd.DataFrame(rows, columns=TABLES["sketch"].names)
+        #: per recorded step, what its work cost where it ran (seconds, cpu_seconds, routes, products, sigma_bound)
+        self.work = pd.DataFrame(work, columns=["step", "seconds", "cpu_seconds", "routes", "products",
+                                                "sigma_bound"])
 
     def _csv_steps(self) -> set[int]:
         """The steps sketch.csv lists, less a last line a crash cut short (the step files are the record)."""
@@ -158,4 +168,5 @@ class SketchSeries:
         return median
 
     def __repr__(self) -> str:
-        return f"SketchSeries({str(self.path)!r}, {len(self.files)} steps, {len(self.tensors)} matrices, k={self.k})"
+        return (f"SketchSeries({str(self.path)!r}, {len(self.files)} steps, {len(self.decomposed)} matrices "
+                f"decomposed, {len(self.tensors) - len(self.decomposed)} tensors normed, k={self.k})")

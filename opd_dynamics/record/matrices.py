@@ -1,14 +1,26 @@
-"""One recorded matrix: what the recorder keeps of it and what one step measures.
+"""One recorded tensor: what the recorder keeps of it and what one step measures.
 
-`DenseMatrix`: a trained weight; ΔW_t = W_t − W_0 formed from a float32 copy of W_t. `LoraMatrix`: a PEFT LoRA
-layer over a frozen base weight; ΔW_t = s·(B_t A_t − B_0 A_0) is kept as its factors and never formed: norms and
-inner products are r × r products of the factors, and the top triplets come from the QR factors' small core
+`DenseMatrix`: a trained weight; ΔW_t = W_t − W_0 formed from a float32 copy of W_t, its top-k triplets from the
+certified Krylov route of `record.topk` or the exact float64 decomposition (``svd``, below). `LoraMatrix`: a PEFT
+LoRA layer over a frozen base weight; ΔW_t = s·(B_t A_t − B_0 A_0) is kept as its factors and never formed: norms
+and inner products are r × r products of the factors, and the top triplets come from the QR factors' small core
 (exact, as cheap as the rank allows). The bf16-visible changed fraction needs the dense update, so a LoRA layer
-leaves it empty.
+leaves it empty. `NormedTensor`: any other trainable tensor (embeddings, norms, biases, an untied head, matrices
+outside the decomposed groups): ‖ΔW_t‖F, ‖W_0‖F and the changed fraction only, so that a sketch series' shares
+divide by the same tensors as a checkpoint analysis.
 
-Both give, per step, a `Measured`: the row of the ``sketch`` table (less the step and name), the top-k triplets,
+All give, per step, a `Measured`: the row of the ``sketch`` table (less the step and name), the top-k triplets,
 and the sums the recorder adds over matrices for its scalars (‖ΔW_t‖², the segment's ‖·‖² and its inner product
-with the previous segment, the inner product of ΔW_t with the previous recorded ΔW).
+with the previous segment, the inner product of ΔW_t with the previous recorded ΔW; a normed tensor gives ‖ΔW_t‖²
+only).
+
+``svd`` of a dense matrix: "certified" tries `record.topk.certified_topk` (warm-started from the previous step's
+vectors, its basis capped at KRYLOV_SHARE of the smaller side, where its products cost about what the exact
+route does) and falls back to the exact route when that does not certify; after a fallback the Krylov route is
+tried again only 1, 2, 4 … 32 steps later (a flat spectrum that needs a wide basis keeps failing: the exact
+route is the cheaper one there). "exact": the float64 decomposition of `analysis.metrics.spectrum` every step.
+"fast": `record.topk.warm_topk`, uncertified. Each row says which (``svd_method``) and, for the certified route,
+the certified relative bound on its σ (``sigma_bound``).
 """
 
 from __future__ import annotations
@@ -22,9 +34,17 @@ from torch import Tensor
 from opd_dynamics.analysis.metrics.norms import update_stats
 from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.numerics import dot, fro2
-from opd_dynamics.record.topk import warm_topk
+from opd_dynamics.record.topk import CERTIFY_TOL, certified_topk, warm_topk
 
 SUMS = ("f2", "seg2", "segdot", "prevseg2", "dotprev", "prevf2")
+#: the Krylov basis of the certified route may reach this share of the smaller side before it gives up for the
+#: exact route: around there its products cost what the exact Gram route does (measured on the 2-core CPU: at
+#: 576 × 576 and 1536 × 576, a 144-column basis took 0.75–1.0× the exact route's time; docs/BENCHMARKS.md)
+KRYLOV_SHARE = 0.25
+#: the longest pause (in recorded steps) of the Krylov route after it failed to certify for a matrix
+MAX_BACKOFF = 32
+#: columns of each Krylov block that are fresh Gaussian ones (the rest: the previous step's top Ritz vectors)
+FRESH = 4
 
 
 def cosine(num: float, a2: float, b2: float) -> float:
@@ -39,33 +59,69 @@ class Measured:
 
 
 def _measured(f2: float, changed: float, seg2: float, segdot: float, prevseg2: float, dotprev: float,
-              prevf2: float, triplet) -> Measured:
+              prevf2: float, triplet, method: str, bound: float = math.nan) -> Measured:
     if triplet is not None and triplet[1].numel() == 0:
         triplet = None
     S = triplet[1] if triplet is not None else None
     row = {"k": 0 if S is None else int(S.numel()), "update_norm": f2 ** 0.5, "changed_fraction": changed,
            "segment_norm": seg2 ** 0.5, "segment_cosine": cosine(segdot, prevseg2, seg2),
            "cosine_to_previous": cosine(dotprev, f2, prevf2), "spectral_norm": float(S[0]) if S is not None else 0.0,
-           "energy_topk": float((S.double() ** 2).sum() / f2) if S is not None else math.nan}
+           "energy_topk": float((S.double() ** 2).sum() / f2) if S is not None else math.nan,
+           "svd_method": method if S is not None else "zero", "sigma_bound": bound if S is not None else math.nan}
     sums = dict(zip(SUMS, (f2, seg2, segdot, prevseg2, dotprev, prevf2)))
     return Measured(row, triplet, sums)
 
 
-class DenseMatrix:
-    """A trained weight: W_0 kept (float32, or its stored dtype), the previous recorded weights and segment."""
+class NormedTensor:
+    """A trainable tensor recorded by its norms only (module docstring): W_0 kept (float32, or its stored dtype)."""
 
     lora = False
+    decomposed = False
 
-    def __init__(self, w0: Tensor, device: torch.device, keep: str, k: int, svd: str, oversample: int, power: int):
+    def __init__(self, w0: Tensor, device: torch.device, keep: str):
+        self.w0 = w0.to(device, torch.float32 if keep == "float32" else w0.dtype, copy=True)
+        self.base_norm = fro2(self.w0.float()) ** 0.5
+        self.shape = tuple(w0.shape)
+
+    def restart(self, snap: Tensor) -> None:
+        pass
+
+    def measure(self, wt: Tensor, segment: bool) -> Measured:
+        f2, changed = update_stats(self.w0.float(), wt)
+        nan = math.nan
+        row = {"k": 0, "update_norm": f2 ** 0.5, "changed_fraction": changed / max(1, wt.numel()),
+               "segment_norm": nan, "segment_cosine": nan, "cosine_to_previous": nan, "spectral_norm": nan,
+               "energy_topk": nan, "svd_method": "norms", "sigma_bound": nan}
+        return Measured(row, None, {"f2": f2})
+
+
+class DenseMatrix:
+    """A trained weight: W_0 kept (float32, or its stored dtype), the previous recorded weights and segment, and the
+    previous step's top vectors (the certified and fast routes start from them). ``vectors``: the exact route's
+    eigenvector method (`analysis.metrics.spectrum.decompose`); ``tol``: the certified route's bound."""
+
+    lora = False
+    decomposed = True
+
+    def __init__(self, w0: Tensor, device: torch.device, keep: str, k: int, svd: str, oversample: int, power: int,
+                 vectors: str = "auto", tol: float = CERTIFY_TOL):
         self.w0 = w0.to(device, torch.float32 if keep == "float32" else w0.dtype, copy=True)
         self.base_norm = fro2(self.w0.float()) ** 0.5
         self.shape = tuple(w0.shape)
         self.device, self.k, self.svd, self.oversample, self.power = device, k, svd, oversample, power
+        self.vectors, self.tol = vectors, tol
         self.prev: Tensor = self.w0.float().clone()
         self.prev_seg: Tensor | None = None
         self.prev_seg2 = math.nan
         self.prev_f2 = math.nan
         self.basis: Tensor | None = None
+        d, b = min(self.shape), k + oversample
+        cap = int(KRYLOV_SHARE * d) // b * b  # whole blocks
+        self.cap = cap if cap >= 2 * b else 0  # below two blocks the exact route is as cheap: always that
+        self.pause = self.backoff = 0  # steps left before the Krylov route is tried again; the next pause
+        self.calls = 0
+        #: what the last `measure` did: {"route": "krylov" | "exact" | "fast", "products": block products}
+        self.work: dict = {}
 
     def snapshot(self, weight: Tensor) -> Tensor:
         """A float32 copy of the weights now (the recorder owns it; training may change the parameter)."""
@@ -87,23 +143,43 @@ class DenseMatrix:
         prevseg2 = self.prev_seg2 if prev_seg is not None else nan  # its energy, kept when it was measured
         prevf2 = self.prev_f2 if segment else nan
         dotprev = f2 - dot(delta, seg) if segment else nan  # ⟨ΔW_t, ΔW_prev⟩ = ⟨ΔW_t, ΔW_t − segment⟩
-        triplet = self._topk(delta) if f2 > 0 and math.isfinite(f2) else None
+        self.work = {}
+        triplet, method, bound = self._topk(delta) if f2 > 0 and math.isfinite(f2) else (None, "zero", math.nan)
         if segment:
             self.prev_seg, self.prev_seg2 = seg, seg2
         self.prev, self.prev_f2 = wt, f2
-        return _measured(f2, changed / max(1, delta.numel()), seg2, segdot, prevseg2, dotprev, prevf2, triplet)
+        return _measured(f2, changed / max(1, delta.numel()), seg2, segdot, prevseg2, dotprev, prevf2, triplet,
+                         method, bound)
 
     def _topk(self, delta: Tensor):
-        if self.svd == "exact":
-            # torch's eigh, not scipy's LAPACK: torch releases the GIL, so a step worked on in the background
-            # does not stall the training thread's Python (scipy's route made background recording no faster
-            # than foreground on the lab: +11.5 % against +9.6 %)
-            dec = decompose(delta.double(), k_vectors=self.k, mode="exact", vectors="eigh")
-            kk = min(self.k, dec.rank, dec.U.shape[1])
-            return dec.U[:, :kk], dec.singular_values[:kk], dec.V[:, :kk]
-        U, S, V, self.basis = warm_topk(delta.double(), self.k, self.basis, self.oversample, self.power)
-        kk = int((S > 0).sum())
-        return U[:, :kk], S[:kk], V[:, :kk]
+        """(the top triplets, svd_method, the certified relative bound or NaN) of ΔW_t, by ``svd`` (module
+        docstring)."""
+        self.calls += 1
+        D = delta.double()
+        if self.svd == "fast":
+            U, S, V, self.basis = warm_topk(D, self.k, self.basis, self.oversample, self.power)
+            kk = int((S > 0).sum())
+            self.work = {"route": "fast", "products": 2 * self.power + 2}
+            return (U[:, :kk], S[:kk], V[:, :kk]), "warm-randomized", math.nan
+        if self.svd == "certified" and self.cap:
+            if self.pause:
+                self.pause -= 1
+            else:
+                r = certified_topk(D, self.k, self.basis, extra=self.oversample, fresh=FRESH, tol=self.tol,
+                                   max_basis=self.cap, seed=self.calls)
+                if r is not None:
+                    self.basis, self.backoff = r.basis, 0
+                    self.work = {"route": "krylov", "products": r.products}
+                    return (r.U, r.S, r.V), "certified-krylov-f64", r.bound
+                self.backoff = min(2 * self.backoff or 1, MAX_BACKOFF)
+                self.pause = self.backoff
+                self.work = {"products": self.cap // (self.k + self.oversample) * 2}  # spent before giving up
+        # the exact route; its top k + oversample vectors of the smaller side start the next Krylov try
+        dec = decompose(D, k_vectors=self.k + self.oversample, mode="exact", vectors=self.vectors)
+        kk = min(self.k, dec.rank, dec.U.shape[1])
+        self.basis = dec.V if self.shape[1] <= self.shape[0] else dec.U
+        self.work = {"route": "exact", "products": self.work.get("products", 0)}
+        return (dec.U[:, :kk], dec.singular_values[:kk], dec.V[:, :kk]), dec.method, math.nan
 
 
 # ---- LoRA: an update held as factors L Rᵀ (L: out × q, R: in × q) ----
@@ -132,6 +208,8 @@ class LoraMatrix:
     """A PEFT LoRA layer: ΔW_t = s·(B_t A_t − B_0 A_0) from its factors (module docstring)."""
 
     lora = True
+    decomposed = True
+    work: dict = {"route": "factors", "products": 0}
 
     def __init__(self, base: Tensor, B0: Tensor, A0: Tensor, scale: float, k: int):
         self.scale, self.k = scale, k
@@ -175,7 +253,7 @@ class LoraMatrix:
         if segment:
             self.prev_seg, self.prev_seg2 = seg, seg2
         self.prev, self.prev_f2 = delta, f2
-        return _measured(f2, nan, seg2, segdot, prevseg2, dotprev, prevf2, triplet)
+        return _measured(f2, nan, seg2, segdot, prevseg2, dotprev, prevf2, triplet, "exact-lora-factors")
 
 
 def lora_factors(module) -> tuple[Tensor, Tensor, float] | None:

@@ -8,17 +8,25 @@
 Per recorded step and selected matrix (attention and MLP by default, through the project's naming): ‖ΔW_t‖F,
 ‖W_0‖F, the bf16-visible changed fraction (`numerics.CHANGE_THRESHOLD`), the segment ‖W_t − W_prev‖F since the
 previous recorded step, the cosines of that segment to the previous one and of ΔW_t to the previous recorded
-ΔW, and the top-k singular triplets of ΔW_t = W_t − W_0 (the float64 exact decomposition of
-`analysis.metrics.spectrum`, or with ``svd="fast"`` `record.topk.warm_topk`, warm-started from the previous step's
-subspace), with the exact ‖ΔW_t‖F² so that energy fractions are exact for the kept k. The files are those of
-`io.sketches` (a sketch series). ``record`` copies the selected weights and, by default, leaves the rest to a
-worker beside the next training step (`record.worker`: a process of its own for weights kept on the CPU, a thread
-for weights kept on a GPU), so the training step waits only for the copy (and for the worker, when a step's work
-takes longer than a training step).
+ΔW, and the top-k singular triplets of ΔW_t = W_t − W_0, with the exact ‖ΔW_t‖F² so that energy fractions are
+exact for the kept k. ``svd``: "certified" (the default) finds them by block Krylov from products with ΔW_t,
+warm-started from the previous step's vectors, and accepts them only when the residuals certify every kept σ to
+``tol`` (relative; `record.topk.certified_topk` says the bound), falling back to the exact route when that does not
+happen within a basis as costly as the exact route; "exact" runs the float64 exact decomposition of
+`analysis.metrics.spectrum` every step; "fast" the uncertified warm randomized finder. Every other trainable
+tensor (embeddings, norms, biases, an untied head; a tied head is one parameter, counted once) is recorded by its
+norms (‖ΔW_t‖F, ‖W_0‖F, the changed fraction), so a sketch series' shares cover what a checkpoint analysis covers;
+``sketch.json`` marks each tensor ``decomposed`` or not. The files are those of `io.sketches` (a sketch series).
+``record`` copies the recorded weights and, by default, leaves the rest to a worker beside the next training
+step (`record.worker`: a process of its own for weights kept on the CPU, at idle scheduling priority and one BLAS
+thread, so that it runs on what training leaves idle; a thread for weights kept on a GPU), so the training step
+waits only for the copy (and for the worker, when a step's work takes longer than the idle time training leaves).
+What the work cost is in each step file's metadata (``work``) and in the logged scalars
+(``dynamics/work_seconds``, ``dynamics/work_cpu_seconds``, ``dynamics/exact_matrices`` …).
 
-Memory: W_0 (float32, or the stored dtype with ``keep="stored"``), the previous recorded weights, the previous
-segment and the copy of the step in flight (float32) of the selected matrices on ``device`` (with the worker
-process: the copy in a shared buffer, the rest in the worker), one matrix's
+Memory: W_0 (float32, or the stored dtype with ``keep="stored"``) of every recorded tensor, the previous recorded
+weights and the previous segment of the decomposed matrices, and the copy of the step in flight (float32) on
+``device`` (with the worker process: the copy in a shared buffer, the rest in the worker), one matrix's
 decomposition at a time, and the top-k triplets of the anchor steps (1, 2, 4, 8 … steps after the start) for the
 lock-in estimate.
 
@@ -56,7 +64,11 @@ from opd_dynamics.io.sketches import (
 from opd_dynamics.io.writer import atomic_file, atomic_write_text, json_text, output_errors, save_safetensors
 from opd_dynamics.record.matrices import lora_factors
 from opd_dynamics.record.steps import START_STEP, StepRecorder, rewrite_csv
+from opd_dynamics.record.topk import CERTIFY_TOL
 from opd_dynamics.record.worker import ProcessWorker
+
+#: the recorder's ``svd`` modes (module docstring)
+SVD_MODES = ("certified", "exact", "fast")
 
 
 def _is_writer() -> bool:
@@ -87,26 +99,33 @@ class DynamicsRecorder:
     ``every``: record when ``step % every == 0``, or a callable ``step -> bool`` (dense early, sparse later …).
     ``groups``: naming groups whose 2-D weights are recorded. ``device``: where the kept weights live ("cpu" frees
     the accelerator). ``keep``: "float32" or "stored" (W_0 in the parameters' own dtype: half the memory for bf16
-    weights, still exact). ``svd``: "exact" (computed in float64, stored in float32) or "fast" (warm-started
-    randomized top-k, for matrices whose exact decomposition would not keep up; its tail values are approximate,
-    see docs/BENCHMARKS.md).
+    weights, still exact). ``svd``: "certified" (block Krylov certified to ``tol``, else exact), "exact" (the exact
+    decomposition every step) or "fast" (warm-started randomized top-k, uncertified: its tail values are
+    approximate, see docs/BENCHMARKS.md); all computed in float64 and stored in float32. ``oversample``: the
+    columns beyond k of each Krylov (or randomized) block. ``norms``: also record every other trainable tensor
+    by its norms (the default; False records the decomposed matrices only, as before).
     ``background``: the work on a step runs beside the next training step, ``record`` only copying the weights (a
     later ``record``, ``wait`` or ``close`` raises a step's error): True picks `record.worker`'s process for weights
     kept on the CPU and a thread for weights kept on a GPU; "process" or "thread" asks for one; False: the work runs
-    in ``record`` itself. An ``out_dir`` already holding a sketch series is refused unless
-    ``resume`` (continue it) or ``overwrite`` (replace it).
+    in ``record`` itself. ``priority``: the worker process's scheduling, "idle" (SCHED_IDLE, or nice 19 where
+    there is none: it runs only on cores training leaves idle) or "normal". An ``out_dir`` already holding a
+    sketch series is refused unless ``resume`` (continue it) or ``overwrite`` (replace it).
     """
 
     def __init__(self, out_dir: str | Path, k: int = 16, every: int | Callable[[int], bool] = 1,
                  groups: tuple[str, ...] = MATRIX_GROUPS, device: str | torch.device = "cpu",
-                 keep: str = "float32", svd: str = "exact", resume: bool = False, overwrite: bool = False,
-                 background: bool | str = True, oversample: int = 8, power: int = 1):
-        for name, value, allowed in (("svd", svd, ("exact", "fast")), ("keep", keep, ("float32", "stored")),
-                                     ("background", background, (True, False, "process", "thread"))):
+                 keep: str = "float32", svd: str = "certified", resume: bool = False, overwrite: bool = False,
+                 background: bool | str = True, oversample: int = 8, power: int = 1, tol: float = CERTIFY_TOL,
+                 norms: bool = True, priority: str = "idle"):
+        for name, value, allowed in (("svd", svd, SVD_MODES), ("keep", keep, ("float32", "stored")),
+                                     ("background", background, (True, False, "process", "thread")),
+                                     ("priority", priority, ("idle", "normal"))):
             if value not in allowed:
                 raise InputError(None, f"{name} must be {' or '.join(map(str, allowed))}, not {value!r}", (name,))
         if k < 1:
             raise InputError(None, f"k must be at least 1, not {k}", ("k",))
+        if not 0 < tol < 1e-2:
+            raise InputError(None, f"tol must be a relative bound in (0, 0.01), not {tol}", ("tol",))
         self.out = Path(out_dir)
         self.writer = _is_writer()
         exists = is_sketch_dir(self.out)
@@ -116,23 +135,28 @@ class DynamicsRecorder:
         self.resume = resume and exists
         if overwrite and exists and self.writer:
             shutil.rmtree(self.out)
-        self.k, self.groups, self.device, self.svd = k, groups, torch.device(device), svd
-        self.settings = {"k": k, "svd": svd, "keep": keep, "device": str(self.device), "oversample": oversample,
-                         "power": power}
+        self.k, self.groups, self.device, self.svd, self.norms = k, groups, torch.device(device), svd, norms
         self.background = ("process" if torch.device(device).type == "cpu" else "thread") if background is True \
             else background
+        # the exact route: scipy's tridiagonal one (2-3x cheaper) except in a thread of this process, where it would
+        # hold the GIL the training step's Python needs (torch's eigh releases it)
+        self.settings = {"k": k, "svd": svd, "keep": keep, "device": str(self.device), "oversample": oversample,
+                         "power": power, "tol": tol, "priority": priority,
+                         "vectors": "eigh" if self.background == "thread" else "auto"}
         if self.background == "process" and torch.device(device).type != "cpu":
             raise InputError(None, "background='process' keeps the weights on the CPU; use device='cpu' or "
                                    "background='thread'", ("background", "device"))
         self.every = every if callable(every) else (lambda s, n=int(every): s % n == 0)
         self.started = False
         self.steps: StepRecorder | None = None  # the work, in this process (foreground or a thread)
+        self.decomposed: set[str] = set()  # the targets decomposed (the rest recorded by their norms)
         self.worker: ProcessWorker | None = None  # or in a process of its own
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.completed: list[dict[str, float]] = []
         #: seconds spent: in ``record`` by the calling (training) thread, and on the steps' work wherever it ran
-        self.seconds = {"record": 0.0, "work": 0.0}
+        #: (wall clock, and the CPU time of the thread that did it)
+        self.seconds = {"record": 0.0, "work": 0.0, "work_cpu": 0.0}
         #: the last finished step's scalars (what `DynamicsCallback` logs): update norm by group, the segment norm
         #: and cosine, the cosine of ΔW_t to the previous recorded ΔW, the lock-in estimate, the step file's size
         self.scalars: dict[str, float] = {}
@@ -141,7 +165,10 @@ class DynamicsRecorder:
 
     def _targets(self, model: torch.nn.Module) -> dict[str, tuple[str, object]]:
         """{name: ("dense", parameter) or ("lora", module)}: the trainable 2-D weights of the selected groups, and
-        the PEFT LoRA layers over a selected base weight (named as the merged model names that weight)."""
+        the PEFT LoRA layers over a selected base weight (named as the merged model names that weight), first; then,
+        with ``norms``, ("norm", parameter) for every other trainable floating-point parameter outside the LoRA
+        layers (``named_parameters`` gives a tied parameter once, under its first name: a tied head is the
+        embedding). Sets ``self.decomposed``."""
         out: dict[str, tuple[str, object]] = {}
         under_lora: set[int] = set()
         for mname, mod in model.named_modules():
@@ -154,12 +181,16 @@ class DynamicsRecorder:
             name = f"{mname.removeprefix(PEFT_PREFIX)}.weight"  # as the merged model names the weight
             if is_selected(name, tuple(mod.base_layer.weight.shape), self.groups, True):
                 out[name] = ("lora", mod)
+        normed: dict[str, tuple[str, object]] = {}
         for n, p in model.named_parameters():
-            if id(p) in under_lora or not p.requires_grad or p.dim() != 2 or not p.is_floating_point():
+            if id(p) in under_lora or not p.requires_grad or not p.is_floating_point():
                 continue
-            if is_selected(n, tuple(p.shape), self.groups, True):
+            if p.dim() == 2 and is_selected(n, tuple(p.shape), self.groups, True):
                 out[n] = ("dense", p)
-        return out
+            elif self.norms:
+                normed[n.removeprefix(PEFT_PREFIX)] = ("norm", p)
+        self.decomposed = set(out)
+        return {**out, **normed}
 
     @staticmethod
     def _gather(targets: dict[str, tuple[str, object]]) -> dict[str, object]:
@@ -167,13 +198,17 @@ class DynamicsRecorder:
         a dense weight, or a LoRA layer's (B, A)."""
         out = {}
         for n, (kind, obj) in targets.items():
-            out[n] = _full(obj) if kind == "dense" else tuple(_full(t) for t in lora_factors(obj)[:2])
+            out[n] = tuple(_full(t) for t in lora_factors(obj)[:2]) if kind == "lora" else _full(obj)
         return out
 
     def _start(self, model: torch.nn.Module, step: int) -> None:
         targets = self._targets(model)
-        if not targets:
+        if not self.decomposed:
             raise InputError(None, f"the model has no trainable 2-D weights in the groups {', '.join(self.groups)}")
+        if self.resume:  # every rank: the tensors the series records (one written before norms were: its matrices)
+            with output_errors(self.out):
+                recorded = read_meta(self.out)["tensors"]
+            targets = {n: t for n, t in targets.items() if n in recorded}
         if not self.resume and step != START_STEP:
             raise InputError(self.out, f"cannot start recording at step {step}: a new sketch series needs the start "
                                        f"weights (step {START_STEP}); attach the recorder before training starts, or "
@@ -200,7 +235,9 @@ class DynamicsRecorder:
                     save_safetensors(stored, tmp)
                 meta = {"version": SKETCH_VERSION, "k": self.k, "groups": list(self.groups),
                         "start_step": START_STEP, "svd": self.svd,
+                        **({"tol": self.settings["tol"]} if self.svd == "certified" else {}),
                         "tensors": {n: {"shape": list(s), "group": parse_name(n).group,
+                                        "decomposed": n in self.decomposed,
                                         **({"lora_scale": lora_scale[n]} if n in lora_scale else {})}
                                     for n, s in shapes.items()}}
                 atomic_write_text(self.out / SKETCH_JSON, json_text(meta))
@@ -227,6 +264,10 @@ class DynamicsRecorder:
             other = sorted(set(want) ^ set(shapes)) or [n for n in want if want[n] != shapes[n]]
             raise InputError(self.out, f"was recorded from another model: its matrices differ from this model's "
                                        f"({other[0]})")
+        flipped = sorted(n for n, v in meta["tensors"].items() if v.get("decomposed", True) != (n in self.decomposed))
+        if flipped:
+            raise InputError(self.out, f"was recorded with other groups decomposed: {flipped[0]} is "
+                                       f"{'' if flipped[0] in self.decomposed else 'not '}decomposed in this recorder")
         if int(meta["k"]) != self.k:
             raise InputError(self.out, f"was recorded with k = {meta['k']}, not {self.k}")
         median = median_relative_distance((bases[n], w) for n, w in start_weights(self.out, shapes))
@@ -292,7 +333,7 @@ class DynamicsRecorder:
                 self.steps.restart(snapshot)
             if segment is not None:
                 self._finished(self.steps.measure(snapshot, step, prev_step, segment))
-        self.seconds["work"] = self.steps.seconds
+        self.seconds["work"], self.seconds["work_cpu"] = self.steps.seconds, self.steps.cpu_seconds
 
     def _finished(self, scalars: dict[str, float]) -> None:
         self.scalars = scalars
@@ -303,7 +344,7 @@ class DynamicsRecorder:
         for scalars in self.worker.completed:
             self._finished(scalars)
         self.worker.completed.clear()
-        self.seconds["work"] = self.worker.seconds
+        self.seconds["work"], self.seconds["work_cpu"] = self.worker.seconds, self.worker.cpu_seconds
 
     def wait(self) -> None:
         """Finish the steps being recorded in the background (raising a step's error)."""

@@ -4,9 +4,9 @@ worker process (`record.worker`). It rebuilds everything it keeps from the direc
 ``base.safetensors``, the lock-in anchors from the step files already there), so a worker started apart, or a
 resumed run, needs nothing else.
 
-`measure` takes a snapshot of the recorded matrices (each a float32 weight, or a LoRA layer's (B, A)), writes
-``step-N.safetensors`` (triplets, and the rows in its metadata) and appends the rows to ``sketch.csv``, and returns
-the step's scalars.
+`measure` takes a snapshot of the recorded tensors (each a float32 weight, or a LoRA layer's (B, A)), writes
+``step-N.safetensors`` (triplets, and in its metadata the rows and what the step's work cost: ``work``) and
+appends the rows to ``sketch.csv``, and returns the step's scalars (the work's cost among them).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from opd_dynamics.io.sketches import (
     step_files,
 )
 from opd_dynamics.io.writer import atomic_file, output_errors, save_safetensors
-from opd_dynamics.record.matrices import SUMS, DenseMatrix, LoraMatrix, cosine
+from opd_dynamics.record.matrices import SUMS, DenseMatrix, LoraMatrix, NormedTensor, cosine
+from opd_dynamics.record.topk import CERTIFY_TOL
 from opd_dynamics.schema import TABLES
 
 COLUMNS = TABLES["sketch"].names
@@ -47,7 +48,9 @@ def is_anchor(step: int) -> bool:
 
 class StepRecorder:
     """The state and per-step work of one sketch series (module docstring). ``settings``: k, svd, keep,
-    device, oversample, power (the `DynamicsRecorder` arguments of the same names)."""
+    device, oversample, power, tol (the `DynamicsRecorder` arguments of the same names) and vectors (the exact
+    route's eigenvector method: "eigh" in a thread of the training process, which releases the GIL; "auto",
+    scipy's tridiagonal route, 2–3× cheaper, elsewhere)."""
 
     def __init__(self, out: Path, settings: dict):
         self.out = Path(out)
@@ -57,14 +60,18 @@ class StepRecorder:
         stored = load_file(self.out / BASE_FILE)
         self.shapes = {n: tuple(v["shape"]) for n, v in meta["tensors"].items()}
         self.group = {n: v["group"] for n, v in meta["tensors"].items()}
-        self.matrices: dict[str, DenseMatrix | LoraMatrix] = {}
+        self.matrices: dict[str, DenseMatrix | LoraMatrix | NormedTensor] = {}
         for n, v in meta["tensors"].items():
-            if "lora_scale" in v:
+            if not v.get("decomposed", True):
+                self.matrices[n] = NormedTensor(stored[n], self.device, settings["keep"])
+            elif "lora_scale" in v:
                 self.matrices[n] = LoraMatrix(stored[n], stored[f"{n}::lora_B0"], stored[f"{n}::lora_A0"],
                                               float(v["lora_scale"]), self.k)
             else:
                 self.matrices[n] = DenseMatrix(stored[n], self.device, settings["keep"], self.k, settings["svd"],
-                                               int(settings["oversample"]), int(settings["power"]))
+                                               int(settings["oversample"]), int(settings["power"]),
+                                               settings.get("vectors", "auto"),
+                                               float(settings.get("tol", CERTIFY_TOL)))
         self.anchors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.anchor_steps: list[int] = []
         self.anchor_energy: list[float] = []
@@ -74,8 +81,9 @@ class StepRecorder:
             for s in done:
                 if is_anchor(s):
                     self._add_anchor(s, series.triplets(s))
-        #: seconds spent in `measure`
+        #: seconds spent in `measure` (wall clock, and CPU time of the thread that ran it)
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def restart(self, snapshot: dict[str, object]) -> None:
         """Continue from these weights (a resumed run): no previous segment is known."""
@@ -85,16 +93,17 @@ class StepRecorder:
     def measure(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool) -> dict[str, float]:
         """Record ``step`` from ``snapshot`` (copies this object may keep); the step's scalars. An OS error while
         writing is one sentence naming the series."""
-        t0 = time.perf_counter()
         with output_errors(self.out):
             scalars = self._measure(snapshot, step, prev_step, segment)
-        self.seconds += time.perf_counter() - t0
         return scalars
 
     def _measure(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool) -> dict[str, float]:
+        t0, c0 = time.perf_counter(), time.thread_time()
         tensors: dict[str, torch.Tensor] = {}
         rows, by_group, triplets = [], {}, {}
         tot = dict.fromkeys(SUMS, 0.0)
+        routes: dict[str, int] = {}
+        products, bound = 0, 0.0
         for name, snap in snapshot.items():
             mat = self.matrices[name]
             m = mat.measure(snap, segment)
@@ -104,31 +113,48 @@ class StepRecorder:
                     tensors[f"{name}::{part}"] = t.float().cpu().contiguous()
             g = self.group[name]
             by_group[g] = by_group.get(g, 0.0) + m.sums["f2"]
-            for key, v in m.sums.items():
-                tot[key] += v
+            if mat.decomposed:  # the segment and cosine scalars: over the decomposed matrices, as the rows
+                for key, v in m.sums.items():
+                    tot[key] += v
+                work = mat.work if m.triplet is not None else {}
+                if "route" in work:
+                    routes[work["route"]] = routes.get(work["route"], 0) + 1
+                products += work.get("products", 0)
+                if m.row["sigma_bound"] == m.row["sigma_bound"]:
+                    bound = max(bound, m.row["sigma_bound"])
             rows.append({"step": step, "tensor": name, "base_norm": mat.base_norm, **m.row})
         lockin = self._lockin(step, triplets)
         if is_anchor(step):
             self._add_anchor(step, triplets)
         f = step_file(self.out, step)
+        seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        # what this step's work cost (before the write): the recorder's logs and the step file say it
+        work = {"seconds": seconds, "cpu_seconds": cpu, "routes": routes, "products": products,
+                "sigma_bound": bound}
         md = {"version": str(SKETCH_VERSION), "step": str(step), "prev_step": str(prev_step),
-              "start_step": str(START_STEP), "k": str(self.k), "rows": json.dumps(rows, allow_nan=True)}
+              "start_step": str(START_STEP), "k": str(self.k), "rows": json.dumps(rows, allow_nan=True),
+              "work": json.dumps(work)}
         with atomic_file(f) as tmp:
             save_safetensors(tensors, tmp, metadata=md)
         self._append_csv(rows)
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.thread_time() - c0
         return {**{f"dynamics/update_norm/{g}": v ** 0.5 for g, v in sorted(by_group.items())},
                 "dynamics/segment_norm": tot["seg2"] ** 0.5,
                 "dynamics/segment_cosine": cosine(tot["segdot"], tot["prevseg2"], tot["seg2"]),
                 "dynamics/cosine_to_previous": cosine(tot["dotprev"], tot["f2"], tot["prevf2"]),
                 "dynamics/lockin_step": lockin, "dynamics/sketch_bytes": float(f.stat().st_size),
-                "dynamics/step": float(step)}
+                "dynamics/work_seconds": seconds, "dynamics/work_cpu_seconds": cpu,
+                "dynamics/exact_matrices": float(routes.get("exact", 0)),
+                "dynamics/krylov_matrices": float(routes.get("krylov", 0)),
+                "dynamics/sigma_bound": bound, "dynamics/step": float(step)}
 
     # ---- the lock-in estimate ----
 
     def _add_anchor(self, step: int, triplets: dict) -> None:
         """Keep a step's rank-k part (U·S, V per matrix) for the lock-in estimate."""
         energy = 0.0
-        for name in self.shapes:
+        for name in (n for n, mat in self.matrices.items() if mat.decomposed):
             t = triplets.get(name)
             m, n = self.shapes[name]
             us = (t[0] * t[1]).float() if t is not None else torch.zeros(m, 0)

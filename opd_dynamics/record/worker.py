@@ -11,6 +11,11 @@ tensor at a fixed offset): the training process copies the weights in and writes
 the worker copies them out, answers ``copied`` (the buffer is free again), measures, and answers ``done`` with the
 step's scalars, or ``error`` with the sentence. One step is in flight at a time: before overwriting the buffer the
 training process waits for the previous ``copied``, which comes once the worker has finished the step before.
+
+The worker yields to training: it runs at SCHED_IDLE (or nice 19 where there is none; ``priority="normal"`` keeps
+the default) with one thread in torch and in every BLAS (its environment and threadpoolctl), so on a machine whose
+cores training keeps busy it only uses what training leaves idle, and a training step waits for it only when a
+step's work needs more than that. What it runs is the same whatever its priority: only when it runs changes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,27 @@ from opd_dynamics.errors import InputError
 
 #: where the shared buffer lives (memory on Linux); the system's temporary directory where it does not exist
 SHM = Path("/dev/shm")
+#: the worker's environment: one thread in every BLAS and OpenMP runtime it may load
+ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
+
+
+def lower_priority(priority: str) -> str:
+    """Lower this process's scheduling priority ("idle": SCHED_IDLE, else nice 19; "normal": unchanged); what was
+    set, in words."""
+    if priority != "idle":
+        return "normal"
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError:
+            pass
+    try:
+        os.nice(19 - os.nice(0))
+        return "nice 19"
+    except OSError:
+        return "normal"
 
 
 def buffer_layout(shapes: dict[str, list[tuple[int, ...]]]) -> tuple[dict[str, list[tuple[int, tuple]]], int]:
@@ -62,17 +88,19 @@ class ProcessWorker:
         self.unanswered: list[int] = []  # steps handed over whose ``done`` has not been read
         self.busy = False  # the buffer holds a step the worker has not copied out yet
         self.completed: list[dict[str, float]] = []
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
+        self.scheduling = ""  # what the worker's priority became ("SCHED_IDLE", "nice 19", "normal")
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, for the sentence if it dies
         config = {"out": str(self.out), "settings": settings, "buffer": path, "size": max(total, 1),
                   "layout": {n: [[o, list(s)] for o, s in parts] for n, parts in self.layout.items()}}
         self.proc = subprocess.Popen([sys.executable, "-m", "opd_dynamics.record"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
+                                     env={**os.environ, **ONE_THREAD})
         # a recorder dropped without close(): its worker sees the end of its input and exits, nothing stays open
         self._finalizer = weakref.finalize(self, _release, self.proc, self.log)
         try:
             self.proc.stdin.write(json.dumps(config) + "\n")
-            self._expect("ready")
+            self.scheduling = self._expect("ready").get("scheduling", "")
         finally:  # both ends have it mapped (or the worker failed): nothing is left in /dev/shm if either dies
             self.buffer_path.unlink(missing_ok=True)
 
@@ -94,7 +122,7 @@ class ProcessWorker:
         if msg["op"] == "done":
             self.unanswered.remove(msg["step"])
             self.completed.append(msg["scalars"])
-            self.seconds = msg["seconds"]
+            self.seconds, self.cpu_seconds = msg["seconds"], msg.get("cpu_seconds", 0.0)
         return msg
 
     def _expect(self, op: str) -> dict:
@@ -164,10 +192,14 @@ def _reply(msg: dict) -> None:
 
 def main() -> None:
     """The worker's loop (module docstring)."""
+    from threadpoolctl import threadpool_limits
+
     from opd_dynamics.record.steps import StepRecorder
 
     config = json.loads(sys.stdin.readline())
+    scheduling = lower_priority(config["settings"].get("priority", "idle"))
     torch.set_num_threads(1)
+    threadpool_limits(1)
     buffer = torch.from_file(config["buffer"], shared=True, size=config["size"], dtype=torch.float32)
     layout = {n: [(o, tuple(s)) for o, s in parts] for n, parts in config["layout"].items()}
     views = _views(buffer, layout)
@@ -176,7 +208,7 @@ def main() -> None:
     except InputError as e:
         _reply({"op": "error", "path": e.path, "problem": e.problem})
         return
-    _reply({"op": "ready"})
+    _reply({"op": "ready", "scheduling": scheduling})
     with torch.no_grad():
         for line in sys.stdin:
             msg = json.loads(line)
@@ -189,7 +221,8 @@ def main() -> None:
                     steps.restart(snap)
                 if msg["segment"] is not None:
                     scalars = steps.measure(snap, msg["step"], msg["prev_step"], msg["segment"])
-                    _reply({"op": "done", "step": msg["step"], "scalars": scalars, "seconds": steps.seconds})
+                    _reply({"op": "done", "step": msg["step"], "scalars": scalars, "seconds": steps.seconds,
+                            "cpu_seconds": steps.cpu_seconds})
             except InputError as e:
                 _reply({"op": "error", "path": e.path, "problem": e.problem})
 
