@@ -309,22 +309,37 @@ _LAB = (
         _c("seed", "int", "the lab seed (the EffOPD measurement's run seed for its rows)"),
         _c("claim", "str", "the claim's name (claims.csv)"),
         _c("run", "str", "opd, grpo, teacher or effopd"),
+        _c("step", "int", "the checkpoint step the value was taken at (a matched-progress claim's own step per run; "
+                          "empty for values that are not of one step)"),
         _c("value", "float", "the claim's measure on that seed and run"),
     ), "per seed and run, the measure of each of the paper's claims", writer="opd_dynamics.lab.claims.lab_claims"),
     Table("claims", "claims.csv", (
         _c("claim", "str", "the claim's name"),
         _c("measure", "str", "what is measured"),
         _c("paper", "str", "the paper's direction: opd>grpo, opd<grpo, >0, >=min (a precondition) or speedup"),
+        _c("match", "str", "how OPD and GRPO are matched: step (the same step), accuracy (equal held-out accuracy) or "
+                           "norm (equal total ‖ΔW‖F)"),
         _c("opd_mean", "float", "mean over seeds of OPD's value (the teacher's or EffOPD's on their rows)"),
         _c("opd_sd", "float", "its sample standard deviation over seeds"),
         _c("grpo_mean", "float", "mean over seeds of GRPO's value"),
         _c("grpo_sd", "float", "its sample standard deviation over seeds"),
         _c("n_seeds", "int", "seeds with a value"),
         _c("seeds_agreeing", "int", "seeds that went the paper's way (preconditions: that met the threshold)"),
-        _c("seeds_compared", "int", "seeds the verdict was taken over"),
-        _c("verdict", "str", "confirmed, refuted, inconclusive or not testable"),
-        _c("note", "str", "the rule applied, or why the claim is not testable"),
-    ), "each of the paper's claims over a lab's seeds with a verdict", writer="opd_dynamics.lab.claims.lab_claims"),
+        _c("seeds_against", "int", "seeds that went the other way (preconditions: that missed the threshold)"),
+        _c("seeds_compared", "int", "seeds the verdict was taken over (ties among them count neither way)"),
+        _c("effect", "float", "mean over seeds of OPD − GRPO (paired claims), of the value (>0), or the geometric mean "
+                              "speedup (EffOPD)"),
+        _c("ci_low", "float", "lower end of the effect's 95 % Student-t interval over seeds"),
+        _c("ci_high", "float", "upper end of that interval"),
+        _c("p_value", "float", "exact one-sided sign test over seeds in the paper's direction (ties dropped)"),
+        _c("p_other", "float", "the same in the other direction"),
+        _c("p_t", "float", "one-sided paired t test in the paper's direction (informs; does not decide)"),
+        _c("p_wilcoxon", "float", "one-sided Wilcoxon signed-rank test in the paper's direction (informs)"),
+        _c("verdict", "str", "confirmed (p_value < 0.05), refuted (p_other < 0.05), inconclusive, not testable; a "
+                             "precondition holds or fails (a check of every seed)"),
+        _c("note", "str", "the test applied, or why the claim is not testable"),
+    ), "each of the paper's claims over a lab's seeds with its test and verdict",
+        writer="opd_dynamics.lab.claims.lab_claims"),
     Table("extrapolation", "extrapolation.csv", (
         _c("seed", "int", "the lab seed"),
         _c("run", "str", "opd or grpo"),
@@ -426,6 +441,13 @@ _EFFOPD = (
         _c("step", "int", "t: the later step of the pair"),
         _c("coef", "float", "c in W_t + c·(W_t − W_s) (0: W_t itself; < 0 back towards W_s)"),
         _c("score", "float", "the evaluation's score of those weights (higher is better)"),
+        _c("gain", "float", "score − W_t's score (the row with coef 0 of the same pair)"),
+        _c("paired_se", "float", "the gain's paired standard error over the scored items, sd(x_c,i − x_0,i)/√n (empty "
+                                 "for a scorer giving one number)"),
+        _c("kl", "float", "the teacher KL of those weights, lower is better (empty when the scorer gives none)"),
+        _c("kl_se", "float", "the paired standard error of kl − W_t's kl (empty without per-item KL)"),
+        _c("passes", "bool", "c lies in the gate's range [0.5, 2], the gain exceeds two paired standard errors (any "
+                             "gain without them) and the KL is not worse: the gate opens for the pair"),
     ), "the line probe: scores along the last segment of a trajectory, before and beyond W_t",
         writer="opd_dynamics.effopd.probe.line_probe"),
 )

@@ -63,9 +63,10 @@ def test_fast_demo_runs_every_stage(tmp_path):
     probe = pd.read_csv(out / "effopd" / "probe.csv")
     assert set(zip(probe["step_from"], probe["step"])) == {(4, 8)} and eff["probe_pairs"] == [[4, 8]]
     passed = eff["probe_verdict"]["0"]["4:8"]
-    w_t = probe.loc[probe["coef"] == 0.0, "score"].iloc[0]
-    ahead = probe.loc[probe["coef"].between(0.5, 2.0), "score"]
-    assert passed == bool((ahead > w_t).any())
+    ahead = probe[probe["coef"].between(0.5, 2.0)]
+    assert passed == bool(ahead["passes"].any())  # the gate: a gain above two paired SEs, the KL not worse
+    assert ahead["paired_se"].notna().all() and ahead["kl"].notna().all()  # per-prompt scores: the margin is known
+    assert (~ahead["passes"] | (ahead["gain"] > 2 * ahead["paired_se"])).all()
     methods = set(pd.read_csv(out / "effopd" / "effopd_summary.csv")["method"])
     assert methods == ({"vanilla", "effopd", "fixed"} if passed else {"vanilla"})
     assert eff["gated_out_seeds"] == ([] if passed else [0])

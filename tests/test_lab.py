@@ -360,10 +360,17 @@ def test_lab_claims_values_are_the_analysis_numbers(smoke_lab, tmp_path):
         assert v[(name["spectral_ratio"], run)] == pytest.approx(s["spectral_ratio"].mean(), rel=1e-9)
         assert v[(name["effective_rank"], run)] == pytest.approx(s["effective_rank"].mean(), rel=1e-9)
         g = seg[(seg["run"] == run) & (seg["step"] == 20) & seg["group"].isin(["attention", "mlp"])]
-        want = (g["direction_cosine"] - np.sqrt(20 / 60)).mean()
+        want = (g["direction_cosine"] - g["null_cosine"]).mean()  # the null from the run's own segment norms
         assert v[(name[f"{run}_above_null"], run)] == pytest.approx(want, rel=1e-9)
+        tr = pd.read_csv(an / "trajectory.csv")
+        tr = tr[(tr["run"] == run) & tr["group"].isin(["attention", "mlp"])]
+        assert v[(name[f"{run}_rank1_null"], run)] == pytest.approx((tr["rank1_share"] - tr["rank1_share_null"]).mean(),
+                                                                    rel=1e-9)
+    steps = pd.read_csv(out / "claims_seeds.csv").set_index(["claim", "run"])["step"]
+    assert steps[(name["spectral_ratio"], "opd")] == 60 and steps[(name["opd_above_null"], "opd")] == 20
+    assert {steps[(name["spectral_ratio@norm"], r)] for r in ("opd", "grpo")} >= {60}  # the run behind keeps 60
     t = pd.read_csv(out / "claims.csv")
-    assert set(t["verdict"]) <= {"inconclusive", "not testable", "confirmed", "refuted"}
+    assert set(t["verdict"]) <= {"inconclusive", "not testable", "confirmed", "refuted", "holds", "fails"}
     assert (t.loc[~t["claim"].str.startswith("precondition"), "verdict"] != "confirmed").all()  # one seed
     assert (out / "claims.md").read_text().startswith("| claim |")
     with pytest.raises(InputError, match="holds no lab run"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ from opd_dynamics.effopd.probe import line_probe, verdict
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import ModelDir
 from opd_dynamics.io.series import CheckpointSeries
+from opd_dynamics.schema import TABLES
 
 from builders import write_dir
 
@@ -124,3 +126,66 @@ def test_the_load_mode_reaches_the_candidates(tmp_path):
     (cand,) = seen.values()
     assert cand.dtype == torch.float32
     assert torch.equal(cand, w1 + 2.0 * (w1 - w0))
+
+
+def _position_scorer(w0, m, by_position):
+    """A scorer reading where a candidate lies on the line (W = W_0 + p·M) and returning by_position(p)."""
+    def score(path):
+        with ModelDir(path) as d:
+            p = float(((d.get(Q).numpy() - w0) * m).sum() / (m * m).sum())
+        return by_position(round(p, 6))
+    return score
+
+
+def _items(n_right: int, gained: int = 0, lost: int = 0, n: int = 500):
+    """0/1 correctness of n prompts: the first n_right right, then `gained` more right, the last `lost` wrong."""
+    x = np.zeros(n)
+    x[: n_right + gained] = 1.0
+    if lost:
+        x[:lost] = 0.0
+    return x
+
+
+def test_the_gate_needs_a_gain_above_two_paired_standard_errors_and_a_kl_not_worse(tmp_path):
+    """Pair 8:16 on 500 prompts: W_16 (position 16) gets 400 right. One prompt more at c = 1 (+0.002, the shipped
+    probe's best) stays below two paired SEs (0.004); 25 more (+0.05, SE 0.0097) pass, unless the KL rises by
+    more than two of its paired SEs."""
+    from opd_dynamics.analysis.stats import paired_se
+    from opd_dynamics.effopd.probe import ProbeScore
+
+    series, w0, m = _line(tmp_path)
+    kl_items = np.linspace(0.5, 1.5, 500)
+
+    def run(gained_at_24, kl_shift=0.0):
+        def by_position(p):
+            if p == 24.0:  # c = 1 from (8, 16)
+                return ProbeScore(_items(400, gained_at_24).mean(), _items(400, gained_at_24), 1.0 + kl_shift,
+                                  kl_items + kl_shift)
+            return ProbeScore(_items(400).mean() - (0.01 if p != 16.0 else 0.0),
+                              _items(400, lost=5 if p != 16.0 else 0), 1.0, kl_items)
+        return line_probe(series, [(8, 16)], _position_scorer(w0, m, by_position), coefs=(0.0, 1.0, 2.0))
+
+    one = run(1)
+    r = one[one["coef"] == 1.0].iloc[0]
+    assert r["gain"] == pytest.approx(0.002) and r["paired_se"] == pytest.approx(paired_se(_items(400),
+                                                                                            _items(400, 1)))
+    assert r["paired_se"] == pytest.approx(0.002, rel=1e-3) and not r["passes"]
+    assert verdict(one) == {"8:16": False}
+    many = run(25)
+    r = many[many["coef"] == 1.0].iloc[0]
+    assert r["gain"] == pytest.approx(0.05) and r["paired_se"] == pytest.approx(0.00975, rel=1e-2) and r["passes"]
+    assert verdict(many) == {"8:16": True}
+    assert many.loc[many["coef"] == 2.0, "gain"].iloc[0] == pytest.approx(-0.01)  # 5 lost
+    worse = run(25, kl_shift=0.01)  # every prompt's KL up by 0.01: its paired SE is 0, any rise is worse
+    assert worse.loc[worse["coef"] == 1.0, "kl_se"].iloc[0] == pytest.approx(0.0, abs=1e-12)
+    assert verdict(worse) == {"8:16": False}
+    assert verdict(one.drop(columns=["gain", "paired_se", "kl", "kl_se", "passes"])) == {"8:16": True}  # old CSV
+
+
+def test_a_probe_written_out_says_its_margin(tmp_path):
+    series, w0, m = _line(tmp_path)
+    line_probe(series, [(8, 16)], _distance_score(w0, m), coefs=(0.0, 1.0), out=tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert meta["margin"].startswith("none") and "two" not in meta["margin"]
+    df = pd.read_csv(tmp_path / "p" / "probe.csv")
+    assert list(df.columns) == TABLES["probe"].names and df["paired_se"].isna().all() and df["kl"].isna().all()

@@ -22,6 +22,7 @@ Pure numpy and scipy; no torch. Tests: tests/test_stats.py.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -113,10 +114,13 @@ def paired_test(d: Sequence[float] | np.ndarray, direction: str = GREATER) -> Pa
     agree, against = int((s > 0).sum()), int((s < 0).sum())
     lo, hi = t_interval(d)
     p_t = p_w = math.nan
-    if len(s) >= 2 and s.std(ddof=1) > 0:
-        p_t = float(_st.ttest_1samp(s, 0.0, alternative="greater").pvalue)
-    if (s != 0).any():
-        p_w = float(_st.wilcoxon(s, alternative="greater", zero_method="wilcox").pvalue)
+    with warnings.catch_warnings():  # scipy's notes on ties and normal approximations: the p-values stand
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        if len(s) >= 2 and s.std(ddof=1) > 1e-12 * max(1.0, float(np.abs(s).max())):  # not equal up to rounding
+            p_t = float(_st.ttest_1samp(s, 0.0, alternative="greater").pvalue)
+        if (s != 0).any():
+            p_w = float(_st.wilcoxon(s, alternative="greater", zero_method="wilcox").pvalue)
     return PairedTest(direction, len(d), agree, against, float(d.mean()) if len(d) else math.nan, lo, hi,
                       sign_test(agree, against), sign_test(against, agree), p_t, p_w)
 

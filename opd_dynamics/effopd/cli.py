@@ -81,7 +81,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 @with_options(dataclass_options(EffOPDOptions, only=("groups", "matrices_only")))
 def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, load_mode, **fields) -> None:
     """Score W_t + c·(W_t − W_s) over a grid of c for pairs (s, t) of RUN's steps: can extrapolation help here?"""
-    from opd_dynamics.effopd.probe import line_probe, verdict
+    from opd_dynamics.effopd.probe import gate_text, line_probe, verdict
     from opd_dynamics.io.series import CheckpointSeries
 
     series = CheckpointSeries.discover(run, base=base, load_mode=load_mode)
@@ -92,4 +92,5 @@ def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, load_mode,
     for pair, ok in verdict(df).items():
         click.echo(f"{pair}: " + (f"some {GATE_TEXT} scores above W_t" if ok else
                                   f"no {GATE_TEXT} scores above W_t: no foresight to use along this segment"))
+    click.echo(f"gate: {gate_text(df)}")
     click.echo(f"wrote {out}")

@@ -74,18 +74,30 @@ def lab_effopd(preset, seeds, out, lab_dir, overwrite, **fields) -> None:
 
 
 @lab.command("claims")
-@click.argument("lab_root", type=click.Path(file_okay=False, exists=True))
+@click.argument("lab_root", type=click.Path(file_okay=False, exists=True), required=False)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--effopd", "effopd_dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="A `lab effopd` output whose paired seeds give the EffOPD row.")
 @click.option("--early-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="The early step of the alignment claims: the first at or after this fraction.")
+@click.option("--from-seeds", "from_seeds", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Judge an existing claims_seeds.csv again (no LAB_ROOT, no analysis).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier claims output in OUT.")
-def claims_cmd(lab_root: str, out: str, effopd_dir: str | None, early_fraction: float, overwrite: bool) -> None:
-    """The paper's claims over every seed of LAB_ROOT (lab run --seeds N): claims.csv, claims.md, verdicts."""
-    from opd_dynamics.lab.claims import lab_claims
+def claims_cmd(lab_root: str | None, out: str, effopd_dir: str | None, early_fraction: float,
+               from_seeds: str | None, overwrite: bool) -> None:
+    """The paper's claims over every seed of LAB_ROOT (lab run --seeds N): claims.csv, claims.md, and per claim
+    the effect with its 95% interval, the sign test's p-value and the verdict (confirmed or refuted only at
+    p < 0.05 in that direction, else inconclusive)."""
+    from opd_dynamics.lab.claims import claims_from_seeds, lab_claims
 
-    path = lab_claims(lab_root, out, effopd=effopd_dir, early_fraction=early_fraction, overwrite=overwrite)
+    if (lab_root is None) == (from_seeds is None):
+        raise click.UsageError("give LAB_ROOT or --from-seeds (one of them)")
+    if from_seeds is not None:
+        if effopd_dir is not None:
+            raise click.UsageError("--effopd needs LAB_ROOT: a claims_seeds.csv already holds its EffOPD rows")
+        path = claims_from_seeds(from_seeds, out, overwrite=overwrite)
+    else:
+        path = lab_claims(lab_root, out, effopd=effopd_dir, early_fraction=early_fraction, overwrite=overwrite)
     click.echo((path / "claims.md").read_text(), nl=False)
 
 

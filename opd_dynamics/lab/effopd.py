@@ -17,8 +17,15 @@ reported separately as ``validation_s``). ``steps_to_target`` is the first measu
 is ≥ 95 % of vanilla's final held-out accuracy for that seed.
 
 Before EffOPD and fixed run for a seed, its vanilla run is probed at the early probe steps (W_t + c·(W_t − W_{t/2})
-on the held-out problems, `opd_dynamics.effopd.probe`); where no c in the gate's range beats W_t, they are not
-run ("no foresight in this regime"; `gate=False` runs them anyway).
+on the held-out problems, `opd_dynamics.effopd.probe`): greedy correctness per held-out prompt, and the per-token
+KL(candidate ‖ teacher) per prompt on completions sampled once from W_t (seeded), both paired across the pair's
+candidates. Where no c in the gate's range gains on W_t by more than two paired standard errors with the KL not
+worse, they are not run ("no foresight in this regime"; `gate=False` runs them anyway).
+
+**Verdicts** (`effopd_verdicts`, the one rule of `opd_dynamics.analysis.stats`): per method against vanilla over
+the paired seeds, the step speedup (vanilla's steps to target over the method's) by the sign test against 1 with
+its geometric mean and 95 % t interval, and the final held-out accuracy (method − vanilla) by the sign test
+against 0 with its mean and interval; effopd.json holds them and the log prints them.
 
 Teacher and student come from an existing lab directory (``--lab DIR``: ``DIR/teacher``, ``DIR/student_init``;
 its train/held-out split, from ``DIR/lab.json``'s seed, is reused so held-out prompts stay unseen) or are
@@ -34,17 +41,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import TrainerCallback
 
-from opd_dynamics.effopd.callback import EffOPDCallback, sample_validation
+from opd_dynamics.analysis.stats import GREATER, NOT_TESTABLE, paired_test, ratio_test
+from opd_dynamics.analysis.stats import summary as test_summary
+from opd_dynamics.effopd.callback import EffOPDCallback, model_device, sample_validation, token_reverse_kl
 from opd_dynamics.effopd.options import is_power_of_two
-from opd_dynamics.effopd.probe import GATE_TEXT, line_probe, pair_label, verdict
+from opd_dynamics.effopd.probe import GATE_TEXT, ProbeScore, best_gain, gate_text, line_probe, pair_label, verdict
 from opd_dynamics.effopd.summary import per_seed_speedups
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.series import CheckpointSeries
-from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.lab.evaluate import completion_texts, evaluate_model, generate
 from opd_dynamics.lab.layout import LabDir
 from opd_dynamics.lab.models import load_model
 from opd_dynamics.lab.presets import VALIDATIONS, EffOPDLabOptions, LabPreset, get_preset
@@ -194,7 +204,7 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
         + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
         + (f"; {ties} of them accepted on a tie (see the warnings above)" if ties else ""))
     if snaps is not None:
-        info["probe"] = _probe(seed, student, snaps.saved, pairs, tok, held, log, work)
+        info["probe"] = _probe(seed, student, teacher, snaps.saved, pairs, tok, held, log, work)
     return c, trig, info
 
 
@@ -203,20 +213,111 @@ def run_steps(opt: EffOPDLabOptions, p: LabPreset) -> int:
     return opt.max_steps or p.rl_steps
 
 
-def _probe(seed: int, student: Path, saved: dict[int, Path], pairs, tok, held, log, work: Path) -> pd.DataFrame:
-    """The line probe of a vanilla run at its early pairs, scored by held-out greedy accuracy."""
+def _by_length(tok, problems) -> list[tuple[np.ndarray, torch.Tensor, list[str]]]:
+    """The problems grouped by prompt length: (their indices, prompt ids, answers) per group."""
+    ids = tok([p.prompt for p in problems])["input_ids"]
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(ids):
+        groups.setdefault(len(row), []).append(i)
+    return [(np.asarray(ix), torch.tensor([ids[i] for i in ix]), [problems[i].answer for i in ix])
+            for ix in groups.values()]
+
+
+@torch.no_grad()
+def greedy_correct(model, tok, problems) -> np.ndarray:
+    """Per problem, 1.0 when the greedy completion is the exact answer (the lab's held-out accuracy, per item)."""
+    model.eval()
+    out = np.zeros(len(problems))
+    for ix, prompt_ids, answers in _by_length(tok, problems):
+        s = generate(model, prompt_ids, max(len(a) for a in answers) + 1, tok.eos_token_id, greedy=True)
+        out[ix] = [float(t == a) for t, a in zip(completion_texts(tok, s), answers, strict=True)]
+    return out
+
+
+@torch.no_grad()
+def fixed_samples(model, tok, problems, seed: int) -> list[tuple[np.ndarray, object]]:
+    """One completion per problem sampled at T = 1 from ``model`` (a seeded generator): the fixed contexts the
+    probe's KL is measured on."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    return [(ix, generate(model, prompt_ids, max(len(a) for a in answers) + 1, tok.eos_token_id, greedy=False,
+                          generator=gen)) for ix, prompt_ids, answers in _by_length(tok, problems)]
+
+
+@torch.no_grad()
+def kl_per_item(model, teacher, samples, n: int) -> np.ndarray:
+    """Per problem, the mean over its completion tokens (up to and including the first EOS) of
+    KL(p_model ‖ p_teacher), float64, on the fixed ``samples``."""
+    model.eval()
+    teacher.eval()
+    out = np.zeros(n)
+    for ix, s in samples:
+        seq = torch.cat([s.prompt_ids, s.completion_ids], dim=1)
+        p, c = s.prompt_ids.size(1), s.completion_ids.size(1)
+        ls = model(input_ids=seq.to(model_device(model)), use_cache=False).logits[:, p - 1: p + c - 1]
+        lt = teacher(input_ids=seq.to(model_device(teacher)), use_cache=False).logits[:, p - 1: p + c - 1]
+        kl = token_reverse_kl(ls.double().cpu(), lt.double().cpu())
+        m = s.mask.double()
+        out[ix] = ((kl * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
+    return out
+
+
+def probe_scorer(tok, held, teacher, samples) -> Callable[[Path], ProbeScore]:
+    """The lab's probe score of a model directory: held-out greedy accuracy with its per-prompt values, and the
+    teacher KL per prompt on the fixed ``samples`` (the gate's paired noise margins)."""
+    def score(path: Path) -> ProbeScore:
+        model = load_model(path)
+        items = greedy_correct(model, tok, held)
+        kl = kl_per_item(model, teacher, samples, len(held))
+        return ProbeScore(float(items.mean()), items, float(kl.mean()), kl)
+    return score
+
+
+def _probe(seed: int, student: Path, teacher_dir: Path, saved: dict[int, Path], pairs, tok, held, log,
+           work: Path) -> pd.DataFrame:
+    """The line probe of a vanilla run at its early pairs: held-out greedy accuracy per prompt and the teacher KL
+    on completions sampled once from W_t, for every candidate of the pair."""
     series = CheckpointSeries.from_list(sorted(saved.items()), base=student, name=f"seed{seed}")
-
-    def score(path: Path) -> float:
-        return evaluate_model(load_model(path), tok, held)["accuracy"]
-
-    df = line_probe(series, pairs, score, work=work)
-    ok = verdict(df)
+    teacher = load_model(teacher_dir)
+    frames = []
+    for s_, t_ in pairs:
+        samples = fixed_samples(load_model(saved[t_]), tok, held, seed=1_000_003 * seed + t_)
+        frames.append(line_probe(series, [(s_, t_)], probe_scorer(tok, held, teacher, samples), work=work))
+    df = pd.concat(frames, ignore_index=True)
+    ok, best = verdict(df), best_gain(df)
     for (s_, t_), d in df.groupby(["step_from", "step"]):
         pair = pair_label(s_, t_)
         scores = ", ".join(f"c={c:g} {v:.3f}" for c, v in zip(d["coef"], d["score"]))
-        log(f"[effopd] seed {seed} probe {pair}: {scores}" + ("" if ok[pair] else f"  (no {GATE_TEXT} above W_t)"))
+        b = best.get(pair)
+        margin = "" if b is None else (f"; best {GATE_TEXT}: c={b['coef']:g} gain {b['gain']:+.3f} ± "
+                                       f"{b['paired_se']:.3f} (paired SE)")
+        log(f"[effopd] seed {seed} probe {pair}: {scores}{margin}" +
+            ("" if ok[pair] else "  (the gate stays closed)"))
     return df
+
+
+def effopd_verdicts(summary: pd.DataFrame) -> dict:
+    """Per method against vanilla over the paired seeds (module docstring): the step speedup and the final
+    held-out accuracy, each with its test under the one rule (`analysis.stats`)."""
+    out: dict = {}
+    van = summary[summary["method"] == "vanilla"].set_index("seed")
+    for m in METHODS[1:]:
+        rows = summary[summary["method"] == m].set_index("seed")
+        if rows.empty:
+            continue
+        ratio = per_seed_speedups(summary, m).dropna()
+        acc = (rows["final_accuracy"].astype(float) - van["final_accuracy"].astype(float)).dropna()
+        res = {}
+        for what, vals, test in (("speedup", ratio, ratio_test), ("final_accuracy", acc, paired_test)):
+            if vals.empty:
+                res[what] = {"verdict": NOT_TESTABLE, "n": 0, "note": "no seed where both runs reached the target"
+                             if what == "speedup" else "no paired seed"}
+                continue
+            t = test(vals.to_numpy(), GREATER)
+            res[what] = {**t.as_dict(), "per_seed": {int(k): float(v) for k, v in vals.items()},
+                         "text": test_summary(t, ratio=what == "speedup")}
+        out[m] = res
+    return out
 
 
 def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: int | Sequence[int] = 3, *,
@@ -247,7 +348,8 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
             for method in METHODS:
                 if method != "vanilla" and opt.gate and pairs and not any(gate[seed].values()):
                     log(f"[effopd] seed {seed}: {method} not run: no foresight in this regime (the line probe at "
-                        f"{', '.join(gate[seed])} improves for no {GATE_TEXT}; see probe.csv)")
+                        f"{', '.join(gate[seed])}: no {GATE_TEXT} gains on W_t by more than two paired standard "
+                        "errors with the teacher KL not worse; see probe.csv)")
                     continue
                 log(f"[effopd] seed {seed}: {method} ({run_steps(opt, p)} steps, preset {p.name})")
                 c, t, info = _one_run(method, seed, teacher, student, data_seed, p, opt, tmp, log, pairs)
@@ -266,9 +368,17 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         trig_df.to_csv(tmp / "effopd_triggers.csv", index=False)
         if probes:
             pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
+        for m, res in effopd_verdicts(summary).items():
+            for what, r in res.items():
+                log(f"[effopd] {m} vs vanilla, {what.replace('_', ' ')}: " + r.get("text", r["verdict"]))
+        verdicts = effopd_verdicts(summary)
+        probe_df = pd.concat(probes, ignore_index=True) if probes else None
         meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
                 "options": asdict(opt), "steps": run_steps(opt, p), "speedup": speedups(summary),
-                "probe_pairs": pairs, "probe_verdict": {str(k): v for k, v in gate.items()},
+                "verdicts": verdicts, "probe_pairs": pairs, "probe_verdict": {str(k): v for k, v in gate.items()},
+                "probe_gate": gate_text(probe_df) if probe_df is not None else None,
+                "probe_best_gain": {str(int(k)): best_gain(d) for k, d in probe_df.groupby(
+                    probe_df["run"].str.removeprefix("seed"))} if probe_df is not None else {},
                 "gated_out_seeds": [k for k, v in gate.items() if opt.gate and not any(v.values())],
                 "total_s": round(time.perf_counter() - t_all, 1)}
         (tmp / EFFOPD_JSON).write_text(json_text(meta))
