@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from opd_dynamics.analysis.metrics.trajectory import LOCKIN_MARGIN, LOCKIN_THRESHOLD
+from opd_dynamics.analysis.metrics.trajectory import locked_in
 from opd_dynamics.io.sketches import (
     BASE_FILE,
     SKETCH_CSV,
@@ -172,8 +172,9 @@ class StepRecorder:
 
     def _lockin(self, step: int, triplets: dict) -> float:
         """The first anchor step whose rank-k direction agrees with this step's (the cosine of the two rank-k parts
-        at least LOCKIN_THRESHOLD and above the random walk's √(a/t) by LOCKIN_MARGIN), this step standing in for
-        the final one; NaN when none does yet. An estimate: the analysis' lockin_step uses the full updates."""
+        at least LOCKIN_THRESHOLD and above the random walk's √(a/t) by LOCKIN_MARGIN: `locked_in`), this step
+        standing in for the final one; NaN when none does yet. An estimate: the analysis' lockin_step uses the full
+        updates and the null of their measured segment norms; this one the equal-segment null √(a/t)."""
         if not self.anchor_steps:
             return math.nan
         num = torch.zeros(len(self.anchor_steps), dtype=torch.float64)
@@ -188,7 +189,7 @@ class StepRecorder:
             num += torch.stack([b.sum() for b in torch.split(prod, width.tolist())])
         for a, n, e_a in zip(self.anchor_steps, num.tolist(), self.anchor_energy):
             c = cosine(n, e_a, e_t)
-            if c >= LOCKIN_THRESHOLD and c - ((a - START_STEP) / (step - START_STEP)) ** 0.5 >= LOCKIN_MARGIN:
+            if locked_in(c, ((a - START_STEP) / (step - START_STEP)) ** 0.5):  # the analysis' rule
                 return float(a)
         return math.nan
 
