@@ -157,7 +157,7 @@ def test_the_accumulator_refuses_steps_that_do_not_increase():
 
 def test_lockin_waits_for_alignment_above_the_null():
     """D_t = noise_t (orthogonal, early) + t·M: direction_cosine rises with t; lock-in is the first step where it
-    is ≥ 0.5 and 0.2 above √(t/T)."""
+    is ≥ 0.5 and 0.2 above its random-walk null."""
     rng = np.random.default_rng(7)
     M = planted(30, 20, np.array([1.0]), rng)
     steps = [1, 2, 4, 8, 16, 32]

@@ -222,8 +222,9 @@ def segment_curves(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> pd.Dat
 
 @styled
 def plot_foresight(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
-    """Does the update find its final direction early? Top: cos(ΔW_t, ΔW_T) against the random-walk null √(t/T)
-    (dashed); above the null is foresight, on it a random walk. Bottom: the cosine between consecutive update
+    """Does the update find its final direction early? Top: cos(ΔW_t, ΔW_T) against its random-walk null (dashed:
+    sqrt(Σ_{i≤t}‖δ_i‖²/Σ_{i≤T}‖δ_i‖²) from each matrix's measured segment norms, √(t/T) only for equal segments);
+    above the null is foresight, on it a random walk. Bottom: the cosine between consecutive update
     segments (1 on a straight path, about 0 for a random walk). Median over matrices, band = IQR."""
     d = segment_curves(report, groups)
     runs = order_runs(d["run"].unique())
@@ -242,7 +243,7 @@ def plot_foresight(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> Figure
                 if m == "direction_cosine":
                     z = d[(d["metric"] == "null_cosine") & (d["group"] == g) & (d["run"] == r)].sort_values("progress")
                     ax.plot(z["progress"], z["median"], color=colors[r], ls="--", lw=1, alpha=0.8)
-            ax.set_title(f"{_group_title(g)}: " + ("to the final update (dashed: √(t/T))"
+            ax.set_title(f"{_group_title(g)}: " + ("to the final update (dashed: random-walk null)"
                                                     if m == "direction_cosine" else "consecutive segments"))
             ax.set_ylabel("cos(ΔW$_t$, ΔW$_T$)" if m == "direction_cosine" else "cos(δ$_i$, δ$_{i+1}$)")
             if i == 1:

@@ -107,7 +107,8 @@ FIGURES: tuple[FigureSpec, ...] = (
                "Alignment to the final update at every recorded step, from the sketch series the recorder wrote in "
                "training (markers: the checkpoints' analysis)."),
     FigureSpec("foresight", plot_foresight, (("segments",),), "Update direction",
-               "Alignment to the final update against the random-walk null √(t/T), and consecutive-segment cosines."),
+               "Alignment to the final update against its random-walk null (from each matrix's measured segment "
+               "norms), and consecutive-segment cosines."),
     FigureSpec("trajectory_shape", plot_trajectory_shape, (("trajectory",),), "Update direction",
                "Per layer: the per-entry linear fit's R² and the rank-1 share of the stacked updates."),
     FigureSpec("probe", plot_probe, (("probe",),), "EffOPD",
