@@ -158,3 +158,78 @@ class EffOPDLabOptions:
     gate: bool = option(True, "Run EffOPD and the fixed baseline for a seed only where its vanilla run's line probe "
                         "improves for some c in [0.5, 2] at an early trigger (--no-gate: always).")
     effopd: EffOPDOptions = nested(EffOPDOptions, "The search itself (k_max, coef_step, strict …).")
+
+
+@dataclass(frozen=True)
+class PretrainedPreset:
+    """A lab run on a real pretrained base (`opd_dynamics.lab.pretrained`): the base itself is the student init,
+    the teacher is that base GRPO-tuned on the task (as the paper's teacher is the RL-tuned version of its base).
+
+    Tasks are few-shot arithmetic (`opd_dynamics.lab.fewshot`): ``task`` is trained and scored on its held-out
+    split (``n_heldout`` problems, disjoint from the train prompts), ``transfer`` is a second task scored only
+    (never trained on). The teacher's GRPO (``teacher_lr``, ``rollouts_per_step`` completions per step in groups of
+    ``grpo_generations``) stops at the first evaluation (every ``teacher_eval_every`` steps, on the ``n_val``
+    validation problems held out of the train prompts) with accuracy ≥ the base's validation accuracy +
+    ``teacher_gain``, or at ``teacher_max_steps``; it saves a resumable checkpoint (weights and optimizer) every
+    ``teacher_save_every`` steps."""
+
+    name: str
+    base: str  # a key of opd_dynamics.lab.pretrained.SOURCES
+    task: str
+    transfer: str
+    n_heldout: int
+    n_val: int
+    rollouts_per_step: int
+    grpo_generations: int
+    teacher_lr: float
+    teacher_max_steps: int
+    teacher_gain: float
+    teacher_eval_every: int
+    teacher_save_every: int
+    opd_lr: float
+    grpo_lr: float
+    rl_steps: int
+    pass_k: int = 8
+    threads: int = 2
+    eval_batch: int = 64  # prompts per evaluation forward pass
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_SMOLLM2 = PretrainedPreset(
+    name="smollm2",
+    base="smollm2",
+    task="add20",
+    transfer="add21to40",
+    n_heldout=150,
+    n_val=50,
+    rollouts_per_step=64,  # 8 prompts × 8 samples (GRPO); OPD: 64 prompts × 1
+    grpo_generations=8,
+    teacher_lr=2e-5,
+    teacher_max_steps=600,
+    teacher_gain=0.3,
+    teacher_eval_every=10,
+    teacher_save_every=10,
+    opd_lr=1e-5,  # issue 29: Adam at 1e-5 moves about 5e-5 of ‖W‖ per step (the paper's regime)
+    grpo_lr=1e-5,
+    rl_steps=64,
+)
+
+#: presets on a pretrained base; `lab run --preset NAME` runs `opd_dynamics.lab.pretrained_run.run_pretrained_lab`
+PRETRAINED_PRESETS: dict[str, PretrainedPreset] = {
+    "smollm2": _SMOLLM2,
+    # the twin for a lent GPU: the same base, task and rates, 4× the completions per step, more threads
+    "smollm2-gpu": replace(_SMOLLM2, name="smollm2-gpu", rollouts_per_step=256, threads=8, eval_batch=512),
+}
+
+
+def get_pretrained_preset(preset: str | PretrainedPreset) -> PretrainedPreset:
+    """Resolve a pretrained preset name (or pass a PretrainedPreset through)."""
+    if isinstance(preset, PretrainedPreset):
+        return preset
+    try:
+        return PRETRAINED_PRESETS[preset]
+    except KeyError:
+        raise InputError(None, f"unknown pretrained lab preset {preset!r}; choose one of "
+                               f"{', '.join(PRETRAINED_PRESETS)}") from None

@@ -92,13 +92,16 @@ def exact_match_reward(completions: list[str], answer: list[str], completion_ids
     return [1.0 if o else 0.0 for o in ok]
 
 
-def answer_body(ids: Iterable[int], eos: int, special: Collection[int]) -> list[int] | None:
-    """The tokens of a completion before its first end-of-sequence token; None when it never ends or holds
-    another special token there (what evaluation and the reward both count as no answer)."""
+def answer_body(ids: Iterable[int], eos: int | Collection[int], special: Collection[int]) -> list[int] | None:
+    """The tokens of a completion before its first end-of-sequence token (``eos``: one id, or several that each
+    end it); None when it never ends or holds another special token there (what evaluation and the reward both
+    count as no answer)."""
     ids = list(ids)
-    if eos not in ids:
+    stops = {eos} if isinstance(eos, int) else set(eos)
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    if end is None:
         return None
-    body = ids[: ids.index(eos)]
+    body = ids[:end]
     return None if set(special) & set(body) else body
 
 

