@@ -1,7 +1,8 @@
 """Figures for opd-dynamics results: each function takes a Report (or dict of DataFrames, or a directory)
 and returns a matplotlib Figure; `plot_all` renders every figure the available tables allow.
 
-OPD and RL keep the same colours everywhere (see `style.run_colors`)."""
+Every run keeps its colour everywhere, a run named "opd" OPD blue (`style.run_colors`); titles and captions name
+the runs shown, and a run's kind only where the provenance states it (`plotting.runs`)."""
 
 from __future__ import annotations
 

@@ -67,6 +67,51 @@ def integer_xticks(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def layer_ticks(first: int, last: int, most: int = 11) -> list[int]:
+    """Integer ticks from `first` to `last`, both included, at a round spacing (1, 2, 5, 10, 20 …) that gives at
+    most about `most` of them; the last layer replaces a tick closer to it than half the spacing."""
+    span = max(last - first, 0)
+    step = 1
+    for base in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000):
+        step = base
+        if span / base + 1 <= most:
+            break
+    ticks = list(range(first, last + 1, step))
+    if ticks[-1] != last:
+        if last - ticks[-1] < step / 2 and len(ticks) > 1:
+            ticks[-1] = last
+        else:
+            ticks.append(last)
+    return ticks
+
+
+def layer_axis(ax: Axes, layers, axis: str = "x") -> None:
+    """A layer axis that spans exactly the layers shown: from half a layer before the first to half a layer
+    after the last (layers 0–29: −0.5 … 29.5, never 30), integer ticks ending at the last layer."""
+    v = sorted({int(x) for x in layers})
+    if not v:
+        return
+    lo, hi = v[0], v[-1]
+    if axis == "x":
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+        ax.set_xticks(layer_ticks(lo, hi))
+    else:
+        ax.set_ylim(lo - 0.5, hi + 0.5)
+        ax.set_yticks(layer_ticks(lo, hi))
+
+
+def flat_note(ax: Axes, values, what: str = "every value", fmt: str = "{:.6g}") -> bool:
+    """When every finite value of `values` is the same number, say so in the panel (an axis cannot show what does
+    not vary); True when it did."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2 or v.min() != v.max():
+        return False
+    ax.text(0.5, 0.06, f"{what} is {fmt.format(v[0])}: nothing varies", ha="center", va="bottom",
+            transform=ax.transAxes, fontsize=8, color="0.35")
+    return True
+
+
 def percent_axis(ax: Axes, axis: str = "y") -> None:
     """Show fractions as percentages (decimals chosen from the range, so close ticks stay distinct)."""
     from matplotlib.ticker import PercentFormatter

@@ -12,8 +12,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.naming import MATRIX_GROUPS
-from opd_dynamics.plotting._draw import fig_legend, grouped_bars, integer_xticks, no_data, percent_axis, zoom_ylim
+from opd_dynamics.io.naming import MATRIX_GROUPS, natural_key
+from opd_dynamics.plotting._draw import fig_legend, grouped_bars, layer_axis, no_data, percent_axis, zoom_ylim
+from opd_dynamics.plotting.runs import runs_title
 from opd_dynamics.plotting.style import (
     GROUP_MARKERS,
     GROUP_ORDER,
@@ -28,6 +29,8 @@ from opd_dynamics.plotting.tables import as_tables, at_step, numeric, require_ta
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "o_proj", "c_proj",
                  "dense", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "dense_h_to_4h",
                  "down_proj", "w2", "fc2", "dense_4h_to_h", "gate", "router")
+_HEATMAP_TITLE = {"update_norm": "Update norm", "energy_share": "Share of the update energy",
+                  "relative_update": "Relative update"}
 _METRIC_LABEL = {"update_norm": "update norm ‖ΔW‖$_F$", "energy_share": "energy share ‖ΔW‖$_F^2$ / total",
                  "relative_update": "relative update ‖ΔW‖$_F$ / ‖W$_0$‖$_F$"}
 
@@ -110,7 +113,7 @@ def plot_allocation_heatmap(report: Any, metric: str = "update_norm", step: int 
         ax.tick_params(axis="x", rotation=45)
         for t in ax.get_xticklabels():
             t.set_horizontalalignment("right")
-    fig.suptitle(f"Module allocation: {_METRIC_LABEL.get(metric, metric)} by layer and module")
+    fig.suptitle(f"{_HEATMAP_TITLE.get(metric, metric)} by layer and module: {runs_title(runs)}")
     return fig
 
 
@@ -132,16 +135,24 @@ def layer_norms(report: Any, step: int | None = None) -> pd.DataFrame:
     return g.sort_values(["run", "group", "layer"]).reset_index(drop=True)
 
 
+def window_table(report: Any, runs) -> pd.DataFrame | None:
+    """window.csv's rows of `runs` (None when the tables hold none): the sliding-window accuracy."""
+    win = as_tables(report).tables.get("window")
+    if win is None or win.empty or not {"run", "center_layer", "group", "accuracy"} <= set(win.columns):
+        return None
+    win = win[win["run"].astype(str).isin([str(r) for r in runs])]
+    return None if win.empty else win
+
+
 @styled
 def plot_layer_norms(report: Any, step: int | None = None, window: bool = True) -> Figure:
-    """Per-layer update norm, attention and MLP panels, OPD vs RL (the paper's Fig. 2b); with window.csv
-    present, the sliding-window accuracy (only that window's group trained, the rest at base) on a twin axis."""
+    """Per-layer update norm, attention and MLP panels, one line per run (the paper's Fig. 2b); with window.csv
+    holding rows of these runs, the sliding-window accuracy (only that window's group trained, the rest at base)
+    on a twin axis."""
     g = layer_norms(report, step)
-    t = as_tables(report).tables
-    win = t.get("window") if window else None
-    if win is not None and (win.empty or not {"run", "center_layer", "group", "accuracy"} <= set(win.columns)):
-        win = None
-    runs = order_runs(set(g["run"]) | (set(win["run"]) if win is not None else set()))
+    win = window_table(report, g["run"].unique()) if window else None
+    runs = order_runs(g["run"].unique())
+    layers = sorted(int(v) for v in g["layer"].unique())
     colors = run_colors(runs)
     steps = steps_of(g)
     fig, axes = new_figure(1, 2, width=11, height=3.8, sharey=False)
@@ -156,7 +167,6 @@ def plot_layer_norms(report: Any, step: int | None = None, window: bool = True) 
         ax.set_title(f"{'Attention' if group == 'attention' else 'MLP'}: update norm by layer")
         ax.set_xlabel("layer")
         ax.set_ylabel("update norm ‖ΔW‖$_F$ (per layer)")
-        integer_xticks(ax)
         twin = None
         if win is not None:
             w = win[win["group"].astype(str).str.lower() == group]
@@ -171,10 +181,11 @@ def plot_layer_norms(report: Any, step: int | None = None, window: bool = True) 
                               color=colors[r], alpha=0.8, label=f"{r} window accuracy")
                 twin.set_ylabel(f"accuracy, only {group} window trained")
                 percent_axis(twin)
+        layer_axis(ax, layers)  # after the twin's lines, which share (and would rescale) the x axis
         if not ax.get_lines() and twin is None:
             no_data(ax)
     fig_legend(fig, fig.axes)
-    fig.suptitle("Module allocation by depth (OPD vs RL)")
+    fig.suptitle(f"Update norm by depth: {runs_title(runs)}")
     return fig
 
 
@@ -208,7 +219,8 @@ def plot_group_energy(report: Any, step: int | None = None, metric: str = "energ
     if metric == "energy_share":
         percent_axis(ax)
     steps = steps_of(g)
-    ax.set_title("Update energy by group (" + ", ".join(f"{r} step {steps.get(r)}" for r in runs) + ")")
+    ax.set_title(f"{'Update energy' if metric == 'energy_share' else _HEATMAP_TITLE.get(metric, metric)} by "
+                 f"group: {runs_title([f'{r} (step {steps.get(r)})' for r in runs])}")
     ax.legend(title="run")
     return fig
 
@@ -230,36 +242,76 @@ def plot_embedding_swap(report: Any) -> Figure:
     percent_axis(ax)
     ax.set_xlabel("variant")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("Embedding swap: does the embedding update matter?")
+    ax.set_title(f"Embedding swap: does the embedding update matter? ({runs_title(runs)})")
     ax.legend(title="run")
     return fig
+
+
+#: cosines within this of 1 are drawn as their difference from 1 (on a cosine axis 0.99999993 reads 1.000)
+NEAR_ONE = 1e-3
+_EMB_NAMES = {"cosine_mean": "mean", "cosine_p5": "5th pct", "cosine_tokens_mean": "token-set mean"}
+
+
+def embedding_cosines(report: Any, step: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """embedding.csv at `step` (default each run's last) and the statistics it holds (mean, 5th percentile, and
+    the token-set mean when measured)."""
+    e = at_step(require_table(report, "embedding", ["run", "step", "tensor", "cosine_mean", "cosine_p5"]), step)
+    metrics = ["cosine_mean", "cosine_p5"]
+    if "cosine_tokens_mean" in e.columns and e["cosine_tokens_mean"].notna().any():
+        metrics.append("cosine_tokens_mean")
+    return e, metrics
+
+
+def near_one(values) -> bool:
+    """Whether every finite value lies within NEAR_ONE of 1 (and there is one): then the panel shows 1 − cosine."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return bool(v.size) and bool(np.all(np.abs(1.0 - v) <= NEAR_ONE))
+
+
+def embedding_series(e: pd.DataFrame, tensor: str, runs, metrics) -> dict[str, list[float]]:
+    """{run: [value per statistic]} of one embedding tensor (the bars of its panel)."""
+    d = e[e["tensor"].astype(str) == tensor]
+    return {r: [float(numeric(d[d["run"] == r][m]).mean()) if (d["run"] == r).any() else np.nan for m in metrics]
+            for r in runs}
 
 
 @styled
 def plot_embedding_cosine(report: Any, step: int | None = None) -> Figure:
     """Row cosine between base and trained embedding rows (mean and 5th percentile), per run; one panel per
-    tensor. The y axis is zoomed around the values (they sit near 1), which the panel's label says."""
-    e = at_step(require_table(report, "embedding", ["run", "step", "tensor", "cosine_mean", "cosine_p5"]), step)
+    tensor. The y axis is zoomed around the values, which the axis label says; when every value lies within
+    NEAR_ONE of 1 the panel shows 1 − cosine instead (on a cosine axis they would all read 1.000), and when that is
+    0 everywhere a note says that no row moved."""
+    e, metrics = embedding_cosines(report, step)
     runs = order_runs(e["run"].unique())
     colors = run_colors(runs)
-    tensors = list(dict.fromkeys(e["tensor"].astype(str)))
-    metrics = ["cosine_mean", "cosine_p5"]
-    if "cosine_tokens_mean" in e.columns and e["cosine_tokens_mean"].notna().any():
-        metrics.append("cosine_tokens_mean")
-    names = {"cosine_mean": "mean", "cosine_p5": "5th pct", "cosine_tokens_mean": "token-set mean"}
+    tensors = sorted(dict.fromkeys(e["tensor"].astype(str)), key=natural_key)
     fig, axes = new_figure(1, len(tensors), width=max(6.0, 1.1 * len(metrics) * len(runs) + 1.5) * len(tensors),
                            height=3.8)
     steps = steps_of(e)
     for ax, tname in zip(axes[0], tensors):
-        d = e[e["tensor"].astype(str) == tname]
-        series = {r: [float(numeric(d[d["run"] == r][m]).mean()) if (d["run"] == r).any() else np.nan
-                      for m in metrics] for r in runs}
-        grouped_bars(ax, [names[m] for m in metrics], series, colors, fmt="{:.3f}")
-        zoom_ylim(ax, [v for vs in series.values() for v in vs], pad=0.3, ceil=1.002)
+        series = embedding_series(e, tname, runs, metrics)
+        values = [v for vs in series.values() for v in vs]
+        if near_one(values):
+            diff = {r: [1.0 - v for v in vs] for r, vs in series.items()}
+            grouped_bars(ax, [_EMB_NAMES[m] for m in metrics], diff, colors, fmt="{:.2g}")
+            dv = np.asarray([v for vs in diff.values() for v in vs], dtype=float)
+            lo, hi = float(np.nanmin(dv)), float(np.nanmax(dv))
+            if hi <= 0 and lo >= 0:
+                ax.set_ylim(0, 1)
+                ax.set_yticks([0])
+                ax.text(0.5, 0.5, "no row moved: cosine = 1 for every row", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9, color="0.35")
+            else:
+                ax.set_ylim(min(lo * 1.25, 0.0), max(hi * 1.25, 0.0))
+            ax.set_ylabel("1 − cosine(base row, trained row)")
+        else:
+            grouped_bars(ax, [_EMB_NAMES[m] for m in metrics], series, colors, fmt="{:.3f}")
+            zoom_ylim(ax, values, pad=0.3, ceil=1.002)
+            ax.set_ylabel("cosine(base row, trained row)  [zoomed]")
         ax.set_title(tname.removesuffix(".weight") + " (" + ", ".join(f"{r} step {steps.get(r)}" for r in runs) + ")",
                      fontsize=9)
-        ax.set_ylabel("cosine(base row, trained row)  [zoomed]")
         ax.set_xlabel("statistic over rows")
         ax.legend(title="run", fontsize=8)
-    fig.suptitle("Embedding rows: similarity to base")
+    fig.suptitle(f"Embedding rows: similarity to base, {runs_title(runs)}")
     return fig

@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 from opd_dynamics.analysis.report import TABLE1_METRICS, table1
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import MATRIX_GROUPS
-from opd_dynamics.plotting._draw import fig_legend, grouped_bars, iqr_band, no_data, percent_axis
+from opd_dynamics.plotting._draw import fig_legend, grouped_bars, iqr_band, layer_axis, no_data, percent_axis
+from opd_dynamics.plotting.runs import runs_title
 from opd_dynamics.plotting.style import GROUP_MARKERS, new_figure, order_runs, run_colors, styled
 from opd_dynamics.plotting.tables import as_tables, at_step, numeric, require_table, steps_of
 
@@ -71,7 +72,7 @@ def plot_singular_value_decay(report: Any, step: int | None = None,
             ax.legend(title="run")
         else:
             no_data(ax)
-    fig.suptitle("Spectrum of the update: a faster decay means a more low-rank ΔW")
+    fig.suptitle(f"Spectrum of the update, {runs_title(runs)}: a faster decay means a more low-rank ΔW")
     return fig
 
 
@@ -92,12 +93,22 @@ def table1_rows(report: Any, step: int | None = None) -> pd.DataFrame:
     return t[t["metric"].isin(TABLE1_METRICS)].reset_index(drop=True)
 
 
+def from_sketches(report: Any, runs) -> bool:
+    """Whether every one of `runs` was analysed from a sketch series (spectrum.csv's svd_method sketch-top{k})."""
+    sp = as_tables(report).tables.get("spectrum")
+    if sp is None or sp.empty or "svd_method" not in sp.columns:
+        return False
+    sp = sp[sp["run"].astype(str).isin([str(r) for r in runs])]
+    return bool(len(sp)) and bool(sp["svd_method"].astype(str).str.startswith("sketch-").all())
+
+
 @styled
 def plot_table1(report: Any, step: int | None = None) -> Figure:
     """The paper's Table-1 aggregates (mean over attention and MLP matrices), one panel per metric, a bar per run."""
     t = table1_rows(report, step)
     runs = order_runs(t["run"].unique())
     colors = run_colors(runs)
+    sketched = from_sketches(report, runs)
     metrics = [m for m in TABLE1_METRICS if m in set(t["metric"])]
     fig, axes = new_figure(1, len(metrics), width=2.6 * len(metrics) + 1, height=3.6)
     for ax, m in zip(axes[0], metrics):
@@ -105,8 +116,9 @@ def plot_table1(report: Any, step: int | None = None) -> Figure:
         grouped_bars(ax, [""], series, colors, fmt="{:.1%}" if m in _PERCENT else "{:.3g}")
         ax.set_xticks([])
         if all(np.isnan(v[0]) for v in series.values()):
-            ax.text(0.5, 0.5, "not computed\n(needs the full spectrum: --svd exact)", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=8, color="0.4")
+            ax.text(0.5, 0.5, "not in these tables:\nit needs the whole spectrum\n" + (
+                "(a sketch series keeps the top k)" if sketched else "(--svd exact)"), ha="center", va="center",
+                transform=ax.transAxes, fontsize=8, color="0.4")
         ax.set_title(TABLE1_LABELS[m])
         if m in _PERCENT:
             percent_axis(ax)
@@ -143,7 +155,7 @@ def alignment_curves(report: Any, metrics: Sequence[str] = ("paired_cosine", "su
 def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subspace_overlap_u"),
                    groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
     """Alignment of each step's top singular directions to the final update's, against training progress
-    (step / reference step), OPD vs RL (the paper's Fig. 4b); rows: metrics, columns: groups; band = IQR."""
+    (step / reference step), one line per run (the paper's Fig. 4b); rows: metrics, columns: groups; band = IQR."""
     d = alignment_curves(report, metrics, groups)
     runs = order_runs(d["run"].unique())
     colors = run_colors(runs)
@@ -169,20 +181,38 @@ def plot_alignment(report: Any, metrics: Sequence[str] = ("paired_cosine", "subs
             if not ax.get_lines():
                 no_data(ax)
     fig_legend(fig, axes, title="run")
-    fig.suptitle(f"Early directions vs the {ref_name} update (median over matrices, band = IQR)"
+    fig.suptitle(f"Early directions vs the {ref_name} update, {runs_title(runs)} (median over matrices, band = IQR)"
                  + ("" if final else " — reference steps: " + ", ".join(f"{r} {refs[r]}" for r in runs)))
     return fig
+
+
+def checkpoint_runs(report: Any) -> list[str]:
+    """The runs whose alignment.csv rows are a checkpoint analysis beside their sketch series: those whose
+    alignment.csv holds other steps than sketch_alignment.csv (an analysis of the sketch series itself writes both
+    with the same steps; its dots would only repeat the line)."""
+    t = as_tables(report).tables
+    sk, al = t.get("sketch_alignment"), t.get("alignment")
+    if sk is None or al is None or sk.empty or al.empty:
+        return []
+    out = []
+    for r, d in al.groupby(al["run"].astype(str)):
+        s_steps = set(sk.loc[sk["run"].astype(str) == r, "step"].astype(int))
+        if s_steps and set(d["step"].astype(int)) != s_steps:
+            out.append(r)
+    return out
 
 
 @styled
 def plot_step_alignment(report: Any, metrics: Sequence[str] = ("subspace_overlap_u", "rank1_cosine"),
                         groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
     """Alignment to the final update at every recorded step: lines from the runs' sketch series
-    (sketch_alignment.csv), markers from the checkpoints' analysis (alignment.csv) where the tables hold it, so
-    the early steps between checkpoints, where lock-in happens, are seen. Median over matrices, band = IQR."""
+    (sketch_alignment.csv, which `lab run` and `analyze` of a sketch series write), dots from a checkpoint
+    analysis (alignment.csv) of the same run where the tables hold one (`checkpoint_runs`), so the early steps
+    between checkpoints, where lock-in happens, are seen. Median over matrices, band = IQR."""
     t = as_tables(report).tables
     d = alignment_curves({"alignment": require_table(t, "sketch_alignment")}, metrics, groups)
-    ck = alignment_curves({"alignment": t["alignment"]}, metrics, groups) if "alignment" in t else None
+    with_ck = checkpoint_runs(t)
+    ck = alignment_curves({"alignment": t["alignment"]}, metrics, groups) if with_ck else None
     runs = order_runs(d["run"].unique())
     colors = run_colors(runs)
     fig, axes = new_figure(len(metrics), len(groups), sharex=True, sharey="row")
@@ -195,7 +225,8 @@ def plot_step_alignment(report: Any, metrics: Sequence[str] = ("subspace_overlap
                     continue
                 iqr_band(ax, x["step"], x["q25"], x["q75"], colors[r])
                 ax.plot(x["step"], x["median"], color=colors[r], label=f"{r}, every recorded step")
-                c = None if ck is None else ck[(ck["metric"] == m) & (ck["group"] == g) & (ck["run"] == r)]
+                c = None if ck is None or r not in with_ck else \
+                    ck[(ck["metric"] == m) & (ck["group"] == g) & (ck["run"] == r)]
                 if c is not None and not c.empty:
                     ax.plot(c["step"], c["median"], color=colors[r], marker="o", linestyle="none",
                             label=f"{r}, checkpoints")
@@ -206,7 +237,8 @@ def plot_step_alignment(report: Any, metrics: Sequence[str] = ("subspace_overlap
             if not ax.get_lines():
                 no_data(ax)
     fig_legend(fig, axes, title="run")
-    fig.suptitle("Alignment to the final update at every recorded step (median over matrices, band = IQR)")
+    fig.suptitle(f"Alignment to the final update at every recorded step, {runs_title(runs)} (median over "
+                 "matrices, band = IQR)")
     return fig
 
 
@@ -220,18 +252,27 @@ def segment_curves(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> pd.Dat
     return out
 
 
+def has_direction_cosine(report: Any) -> bool:
+    """Whether segments.csv holds cos(ΔW_t, ΔW_T) (a sketch series' analysis leaves it empty)."""
+    s = as_tables(report).tables.get("segments")
+    return s is not None and "direction_cosine" in s.columns and bool(numeric(s["direction_cosine"]).size) and \
+        bool(np.isfinite(numeric(s["direction_cosine"])).any())
+
+
 @styled
 def plot_foresight(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
     """Does the update find its final direction early? Top: cos(ΔW_t, ΔW_T) against its random-walk null (dashed:
     sqrt(Σ_{i≤t}‖δ_i‖²/Σ_{i≤T}‖δ_i‖²) from each matrix's measured segment norms, √(t/T) only for equal segments);
     above the null is foresight, on it a random walk. Bottom: the cosine between consecutive update
-    segments (1 on a straight path, about 0 for a random walk). Median over matrices, band = IQR."""
+    segments (1 on a straight path, about 0 for a random walk). Median over matrices, band = IQR. Where
+    segments.csv holds no cos(ΔW_t, ΔW_T) (a sketch series), only the segment cosines are drawn."""
     d = segment_curves(report, groups)
     runs = order_runs(d["run"].unique())
     colors = run_colors(runs)
-    fig, axes = new_figure(2, len(groups), sharex=True, sharey="row")
+    rows = ("direction_cosine", "segment_cosine") if has_direction_cosine(report) else ("segment_cosine",)
+    fig, axes = new_figure(len(rows), len(groups), sharex=True, sharey="row")
     for j, g in enumerate(groups):
-        for i, m in enumerate(("direction_cosine", "segment_cosine")):
+        for i, m in enumerate(rows):
             ax = axes[i, j]
             for r in runs:
                 x = d[(d["metric"] == m) & (d["group"] == g) & (d["run"] == r)].dropna(subset=["median"])
@@ -246,43 +287,57 @@ def plot_foresight(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> Figure
             ax.set_title(f"{_group_title(g)}: " + ("to the final update (dashed: random-walk null)"
                                                     if m == "direction_cosine" else "consecutive segments"))
             ax.set_ylabel("cos(ΔW$_t$, ΔW$_T$)" if m == "direction_cosine" else "cos(δ$_i$, δ$_{i+1}$)")
-            if i == 1:
+            if i == len(rows) - 1:
                 ax.set_xlabel("training progress (step / last step)")
             percent_axis(ax, "x")
             if not ax.get_lines():
                 no_data(ax)
     fig_legend(fig, axes, title="run")
-    fig.suptitle("Foresight: alignment to the final update vs a random walk, and straightness of the path")
+    fig.suptitle(f"Foresight, {runs_title(runs)}: " + ("alignment to the final update vs a random walk, and "
+                                                        "straightness of the path" if len(rows) == 2 else
+                                                        "straightness of the path"))
     return fig
+
+
+#: what trajectory_shape draws per layer
+TRAJECTORY_METRICS = {"linear_r2": "linear-fit R² (pooled)", "rank1_share": "rank-1 share of the trajectory"}
 
 
 @styled
 def plot_trajectory_shape(report: Any, groups: Sequence[str] = MATRIX_GROUPS) -> Figure:
     """Per layer (x) and group (columns): the per-entry linear fit's pooled R² (RLVR-Linearity) and the rank-1
-    share of the stacked updates (RELEX), mean over the layer's matrices, one line per run."""
+    share of the stacked updates (RELEX), mean over the layer's matrices, one line per run. The layer axis spans
+    the layers shown; with one checkpoint per run both are 1 by construction, which the panels say."""
     t = require_table(report, "trajectory", ["run", "layer", "group", "linear_r2", "rank1_share"])
     t = t[t["group"].isin(groups) & t["layer"].notna()]
+    if t.empty:
+        raise InputError("trajectory.csv", "has no per-layer attention or MLP rows")
     runs = order_runs(t["run"].unique())
     colors = run_colors(runs)
-    metrics = {"linear_r2": "linear-fit R² (pooled)", "rank1_share": "rank-1 share of the trajectory"}
-    fig, axes = new_figure(len(metrics), len(groups), sharex=True, sharey="row")
-    for i, (m, label) in enumerate(metrics.items()):
+    layers = sorted(int(v) for v in t["layer"].unique())
+    one_step = "n_steps" in t.columns and bool((numeric(t["n_steps"]) <= 1).all())
+    fig, axes = new_figure(len(TRAJECTORY_METRICS), len(groups), sharex=True, sharey="row")
+    for i, (m, label) in enumerate(TRAJECTORY_METRICS.items()):
         for j, g in enumerate(groups):
             ax = axes[i, j]
             for r in runs:
                 x = t[(t["group"] == g) & (t["run"] == r)]
-                x = x.assign(v=numeric(x[m]))
-                x = x.groupby("layer")["v"].mean()
+                x = x.assign(v=numeric(x[m]), layer=x["layer"].astype(int))
+                x = x.groupby("layer")["v"].mean().sort_index()
                 if len(x):
                     ax.plot(x.index.astype(int), x.to_numpy(), color=colors[r], marker=GROUP_MARKERS.get(g, "o"),
                             label=r)
             ax.set_title(f"{_group_title(g)}: {label}")
             ax.set_ylabel(label if j == 0 else "")
             ax.set_ylim(-0.02, 1.02)
-            if i == len(metrics) - 1:
+            layer_axis(ax, layers)
+            if i == len(TRAJECTORY_METRICS) - 1:
                 ax.set_xlabel("layer")
             if not ax.get_lines():
                 no_data(ax)
+            elif one_step:
+                ax.text(0.5, 0.08, "one checkpoint per run: 1 by construction", ha="center", va="bottom",
+                        transform=ax.transAxes, fontsize=8, color="0.35")
     fig_legend(fig, axes, title="run")
-    fig.suptitle("How straight and how low-rank each layer's trajectory is")
+    fig.suptitle(f"How straight and how low-rank each layer's trajectory is: {runs_title(runs)}")
     return fig

@@ -45,9 +45,15 @@ pre{background:#f6f8fa;padding:.8em;overflow:auto;max-height:30em;border-radius:
 """
 
 
+#: the resolution of the report's images (the files: render.PNG_DPI). A figure is laid out in inches and its texts
+#: fitted at the resolution it is drawn at (plotting._fit), so it reads the same in both; the page scales an image
+#: down to its width (at most 1200 px) and never crops it
+REPORT_DPI = 110
+
+
 def _png_base64(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=REPORT_DPI)
     fig.clear()
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -205,7 +211,8 @@ def build_html(source: Any, title: str = "opd-dynamics report") -> tuple[str, li
         figs.setdefault(spec.section, []).append(
             f'<figure id="fig-{spec.name}" data-figure="{spec.name}">'
             f'<img src="data:image/png;base64,{b64}" alt="{html.escape(spec.name)}">'
-            f"<figcaption><b>{html.escape(spec.name)}</b>: {html.escape(spec.caption)}</figcaption></figure>")
+            f"<figcaption><b>{html.escape(spec.name)}</b>: {html.escape(spec.caption_for(tables))}</figcaption>"
+            "</figure>")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     body = [f"<h1>{html.escape(title)}</h1>",
             f"<p class='muted'>opd-dynamics {html.escape(__version__)} · generated {stamp} · "

@@ -44,7 +44,8 @@ FORMATS = ("png", "svg", "pdf")
 @dataclass(frozen=True)
 class FigureSpec:
     """A named figure: the function drawing it, the tables it needs (each inner tuple: any one of them),
-    the report section it belongs to and a one-line caption."""
+    the report section it belongs to and a one-line caption saying what it shows in general; `caption_for`
+    gives the caption of a drawing: the runs, steps and layers shown, and only what the tables hold."""
 
     name: str
     fn: Callable[[Any], Figure]
@@ -52,6 +53,13 @@ class FigureSpec:
     section: str
     caption: str
     check: Callable[[dict[str, pd.DataFrame]], str | None] | None = None
+
+    def caption_for(self, tables: Any) -> str:
+        """The caption of this figure drawn from `tables` (`plotting.captions`)."""
+        from opd_dynamics.plotting.captions import CAPTIONS
+
+        fn = CAPTIONS.get(self.name)
+        return fn(as_tables(tables)) if fn is not None else self.caption
 
 
 def _present(t: dict[str, pd.DataFrame], name: str) -> bool:
@@ -76,14 +84,15 @@ def _layer_check(t: dict[str, pd.DataFrame]) -> str | None:
 
 FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("eval_curves", plot_eval_curves, (("eval",),), "Training",
-               "Held-out accuracy and reverse KL to the teacher during training, OPD vs RL."),
+               "Held-out accuracy (and the reverse KL to the teacher, when measured) during training, per run."),
     FigureSpec("allocation_heatmap", plot_allocation_heatmap, (("module_allocation",),), "Module allocation",
                "Update norm ‖ΔW‖_F per layer and module at the last step (shared colour scale)."),
     FigureSpec("allocation_heatmap_share", partial(plot_allocation_heatmap, metric="energy_share"),
                (("module_allocation",),), "Module allocation",
                "Share of each run's update energy per layer and module at the last step."),
     FigureSpec("layer_norms", plot_layer_norms, (("module_allocation", "summary"),), "Module allocation",
-               "Per-layer update norm for attention and MLP (Fig. 2b), with sliding-window accuracy when measured.",
+               "Per-layer update norm for attention and MLP (Fig. 2b), with the sliding-window accuracy where "
+               "window.csv holds it.",
                _layer_check),
     FigureSpec("group_energy", plot_group_energy, (("summary", "module_allocation"),), "Module allocation",
                "Share of the update's energy per parameter group."),
@@ -104,8 +113,8 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("alignment", plot_alignment, (("alignment",),), "Update direction",
                "Alignment of early top singular directions with the final update's (Fig. 4b)."),
     FigureSpec("step_alignment", plot_step_alignment, (("sketch_alignment",),), "Update direction",
-               "Alignment to the final update at every recorded step, from the sketch series the recorder wrote in "
-               "training (markers: the checkpoints' analysis)."),
+               "Alignment to the final update at every recorded step, from a sketch series' analysis (`lab run`, or "
+               "`analyze` of any sketch series; dots: a checkpoint analysis of the same run, where given)."),
     FigureSpec("foresight", plot_foresight, (("segments",),), "Update direction",
                "Alignment to the final update against its random-walk null (from each matrix's measured segment "
                "norms), and consecutive-segment cosines."),
@@ -141,7 +150,11 @@ def available_figures(tables: Tables | Any) -> tuple[list[FigureSpec], dict[str,
     return ok, skipped
 
 
-def save_figure(fig: Figure, path: str | Path, *, overwrite: bool = False, dpi: int = 150) -> Path:
+#: the resolution of the figure files (PNG)
+PNG_DPI = 150
+
+
+def save_figure(fig: Figure, path: str | Path, *, overwrite: bool = False, dpi: int = PNG_DPI) -> Path:
     """Write `fig` to `path` (format from the suffix) under a temporary name, then rename; an OS error (a
     read-only file system, a full disk, a file where the folder must go) is one sentence naming `path`."""
     path = Path(path)

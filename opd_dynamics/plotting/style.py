@@ -15,9 +15,11 @@ from typing import TypeVar
 
 import matplotlib
 import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from opd_dynamics.io.naming import GROUPS
+from opd_dynamics.io.naming import GROUPS, natural_key
+from opd_dynamics.plotting._fit import FittedLayout
 
 # Okabe-Ito (colour-blind safe)
 OPD_COLOR = "#0072B2"
@@ -36,8 +38,9 @@ def is_opd(run: str) -> bool:
 
 
 def run_colors(runs: Iterable[str]) -> dict[str, str]:
-    """Colour per run: 'opd' → OPD_COLOR; the others, sorted by name, → OTHER_RUN_COLORS in order."""
-    runs = sorted({str(r) for r in runs})
+    """Colour per run: 'opd' → OPD_COLOR; the others, in natural name order (seed-2 before seed-10), →
+    OTHER_RUN_COLORS in order."""
+    runs = sorted({str(r) for r in runs}, key=natural_key)
     others = [r for r in runs if not is_opd(r)]
     out = {r: OPD_COLOR for r in runs if is_opd(r)}
     for i, r in enumerate(others):
@@ -57,8 +60,8 @@ def method_colors(methods: Iterable[str]) -> dict[str, str]:
 
 
 def order_runs(runs: Iterable[str]) -> list[str]:
-    """OPD first, then the others by name (legend order)."""
-    runs = sorted({str(r) for r in runs})
+    """OPD first, then the others in natural name order (legend order)."""
+    runs = sorted({str(r) for r in runs}, key=natural_key)
     return [r for r in runs if is_opd(r)] + [r for r in runs if not is_opd(r)]
 
 
@@ -101,9 +104,12 @@ def styled(fn: _F) -> _F:
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, width: float | None = None, height: float | None = None,
                sharex: bool | str = False, sharey: bool | str = False):
-    """A pyplot-free Figure (never registered globally, so no leaks) with a 2-D array of axes."""
+    """A pyplot-free Figure (never registered globally, so no leaks) with a 2-D array of axes, laid out by
+    `FittedLayout`: constrained layout whose every draw wraps (or shrinks) a title or axis label that would not fit
+    in the canvas."""
     width = width if width is not None else 4.2 * ncols + 0.6
     height = height if height is not None else 3.3 * nrows + 0.5
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=FittedLayout())
+    FigureCanvasAgg(fig)  # a real renderer: the texts are measured (fit_texts) and `fig.canvas.draw()` works
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex, sharey=sharey)
     return fig, axes

@@ -99,6 +99,10 @@ def _refuse_pooled_runs(tables: dict[str, pd.DataFrame]) -> None:
 def _normalise(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for c in ALL_INT_COLUMNS:
+        if c in df.columns and df[c].dtype == object:  # numbers held as text ("10"): sorted as text, 10 < 2
+            num = pd.to_numeric(df[c].replace("", np.nan), errors="coerce")
+            if num.notna().sum() == df[c].replace("", np.nan).notna().sum():
+                df[c] = num
         if c in df.columns and pd.api.types.is_numeric_dtype(df[c]):
             df[c] = pd.array(df[c].astype("float").round(), dtype="Int64")
     if "run" in df.columns:

@@ -8,13 +8,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from opd_dynamics.plotting._draw import fig_legend, integer_xticks, no_data, percent_axis
+from opd_dynamics.plotting.runs import runs_title
 from opd_dynamics.plotting.style import new_figure, order_runs, run_colors, styled
 from opd_dynamics.plotting.tables import as_bool, as_tables, numeric, require_table
 
 
 @styled
 def plot_scaling(report: Any) -> Figure:
-    """Held-out accuracy against the norm of the α-scaled update W0 + αΔW, OPD vs RL (the paper's Fig. 1):
+    """Held-out accuracy against the norm of the α-scaled update W0 + αΔW, one line per run (the paper's Fig. 1):
     the run that reaches higher accuracy at a smaller norm spends its update better."""
     s = require_table(report, "scaling", ["run", "alpha", "update_norm", "accuracy"])
     runs = order_runs(s["run"].unique())
@@ -31,7 +32,7 @@ def plot_scaling(report: Any) -> Figure:
     ax.set_xlabel("update norm ‖αΔW‖$_F$ (all analysed weights)")
     ax.set_ylabel("held-out accuracy")
     percent_axis(ax)
-    ax.set_title("Accuracy per unit of update norm (α-scaled updates)")
+    ax.set_title(f"Accuracy per unit of update norm (α-scaled updates): {runs_title(runs)}")
     ax.legend(title="run")
     return fig
 
@@ -63,7 +64,7 @@ def plot_rank_recovery(report: Any) -> Figure:
         if not ax.get_lines():
             no_data(ax)
     fig_legend(fig, axes, title="run")
-    fig.suptitle("Rank truncation: how much accuracy lives in the top directions")
+    fig.suptitle(f"Rank truncation, {runs_title(runs)}: how much accuracy lives in the top directions")
     return fig
 
 
@@ -110,7 +111,7 @@ def plot_rescale(report: Any) -> Figure:
         ax.legend(title="run")
     else:
         no_data(ax)
-    fig.suptitle("Module-wise rescaling to the final update's norms")
+    fig.suptitle(f"Module-wise rescaling to the final update's norms: {runs_title(runs)}")
     return fig
 
 
@@ -145,5 +146,5 @@ def plot_eval_curves(report: Any) -> Figure:
         ax.set_ylabel("reverse KL to teacher (nats / token)")
         ax.set_title("Reverse KL on student samples")
         ax.legend(title="run")
-    fig.suptitle("Training curves (OPD vs RL)")
+    fig.suptitle(f"Training curves: {runs_title(runs)}")
     return fig
