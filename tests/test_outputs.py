@@ -205,6 +205,15 @@ def test_lab_seeds_are_checked_before_any_seed_is_run(tmp_path):
     assert (root / "seed-1" / "NOTES.md").exists() and output_marker(root / "seed-0")["kind"] == "lab"
 
 
+def test_lab_ship_never_replaces_its_input(tmp_path):
+    """`lab ship LAB LAB --overwrite` is refused as an overlap, whatever LAB carries."""
+    lab = tmp_path / "lab"
+    assert _run(["lab", "ship", str(LAB), str(lab), "--steps", "30"]).exit_code == 0
+    r = _run(["lab", "ship", str(lab), str(lab), "--steps", "30", "--overwrite"])
+    _one_line_refusal(r, str(lab), "overlaps the input")
+    assert (lab / "opd" / "checkpoint-30" / "model.safetensors").exists()
+
+
 def test_plot_and_report_leave_other_files_of_the_folder(tmp_path, inputs):
     figs = _user_dir(tmp_path / "figs", "run.json")
     r = _run(["plot", inputs["analysis"], "--figures", str(figs), "--format", "svg", "--overwrite"])

@@ -56,17 +56,10 @@ def output_marker(directory: str | Path) -> dict | None:
 
 
 def _command() -> str:
-    """The command being run, for the marker: the command line as typed when run as `opd-dynamics`, else the
-    Python program that called the API."""
-    try:
-        import click
-
-        if click.get_current_context(silent=True) is not None:
-            from opd_dynamics.io.cli import command_line
-
-            return command_line()
-    except Exception:  # noqa: BLE001 - provenance only: fall back to the process's arguments
-        pass
+    """The command being run, for the marker when the writer is not told it: the command line as typed when the
+    process is `opd-dynamics`, else the Python program that called the API."""
+    if Path(sys.argv[0]).name == "opd-dynamics":
+        return shlex.join(["opd-dynamics", *sys.argv[1:]])
     return "Python API, in: " + shlex.join(sys.argv)
 
 

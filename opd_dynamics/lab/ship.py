@@ -23,7 +23,7 @@ def export_subset(lab_dir, out, steps: list[int], include_teacher: bool = False,
     src = LabDir(lab_dir)
     models = [src.student_init] + ([src.teacher] if include_teacher else [])
     models += [src.run(r) / f"checkpoint-{s}" for r in RUNS for s in steps]
-    with atomic_dir(out, "lab-subset", overwrite=overwrite) as tmp:
+    with atomic_dir(out, "lab-subset", overwrite=overwrite, inputs=[src.root]) as tmp:
         dst = LabDir(tmp)
         for d in models:
             if not (d / KEEP[0]).exists():
