@@ -175,14 +175,15 @@ def summarize(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 #: the trajectory columns averaged per group (and, for trajectory.csv's, per layer) in summary.csv
 SEGMENT_METRICS = ("segment_cosine", "direction_cosine", "null_cosine", "direction_excess")
-TRAJECTORY_METRICS = ("linear_r2", "rank1_share", "lockin_step")
+TRAJECTORY_METRICS = ("linear_r2", "linear_r2_null", "rank1_share", "rank1_share_null", "lockin_step")
 
 
 def trajectory_aggregates(tables: dict[str, pd.DataFrame]) -> list[pd.DataFrame]:
     """summary.csv's `trajectory` rows: per run, step and group the mean of the segments' columns over the
     matrices that have a value; per run and group (at the last step), and per layer and group, the mean of
-    linear_r2, rank1_share and lockin_step over the matrices (lockin over those that locked in) and the
-    fraction of matrices that locked in (`locked_in`)."""
+    linear_r2, rank1_share, their random-walk nulls and lockin_step over the matrices (lockin over those that
+    locked in) and the fraction of matrices that locked in (`locked_in`); a column a table lacks (one written
+    before the nulls) is left out."""
     out = []
     seg = tables.get("segments")
     if seg is not None and not seg.empty:
@@ -193,7 +194,7 @@ def trajectory_aggregates(tables: dict[str, pd.DataFrame]) -> list[pd.DataFrame]
     if tr is not None and not tr.empty:
         tr = tr.assign(locked_in=tr["lockin_step"].notna().astype(float),
                        step=tr.groupby("run")["step"].transform("max"))
-        cols = [*TRAJECTORY_METRICS, "locked_in"]
+        cols = [c for c in (*TRAJECTORY_METRICS, "locked_in") if c in tr.columns]
         for keys, agg in ((["run", "step", "group"], "trajectory"), (["run", "step", "layer", "group"], "layer")):
             rows = tr if "layer" not in keys else tr[tr["layer"].notna()]
             if rows.empty:
