@@ -413,3 +413,79 @@ def test_generation_with_a_kv_cache_equals_full_recompute(monkeypatch):
             for g in (True, False)]
     for a, b in zip(fast, slow):
         assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.mask, b.mask)
+
+
+# -- the staged pretrained lab on the tiny base ------------------------------------------------------------------
+
+def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypatch):
+    """Every stage on the tiny GGUF base: the teacher's GRPO interrupted after a checkpoint resumes from it (each
+    step recorded once), finished stages are kept, and a directory started with other settings is refused."""
+    from opd_dynamics.lab.presets import PRETRAINED_PRESETS
+    from opd_dynamics.lab.pretrained_run import MOVEMENT, PROGRESS, PretrainedLab, run_pretrained_lab
+
+    p = replace(PRETRAINED_PRESETS["smollm2"], name="tiny", n_heldout=12, n_val=8, rollouts_per_step=8,
+                grpo_generations=4, teacher_max_steps=3, teacher_eval_every=2, teacher_save_every=1, threads=1,
+                eval_batch=16, pass_k=2)
+    out, kw = tmp_path / "lab", dict(cache=tmp_path / "cache", wheel=tiny_source["wheel"],
+                                     source=tiny_source["source"], log=lambda m: None)
+
+    class Stop(RuntimeError):
+        pass
+
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step == 3:
+                raise Stop
+
+    lab = PretrainedLab(out, p, seed=0, **kw)
+    import opd_dynamics.lab.fewshot as fs
+    import opd_dynamics.lab.pretrained_run as pr
+
+    # the random tiny base never answers, so every reward would be 0 and GRPO would not move: reward by a coin
+    coin = np.random.default_rng(0)
+    monkeypatch.setattr(fs, "fewshot_reward", lambda completions, **k: coin.integers(0, 2, len(completions)) * 1.0)
+    real = pr.build_teacher_trainer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pr, "build_teacher_trainer",
+                   lambda lab_, p_, seed, train, callbacks=(): real(lab_, p_, seed, train, [*callbacks, Interrupt()]))
+        with pytest.raises(Stop):
+            lab.run()
+    assert lab.lab.done("base_eval") is not None and lab.lab.done("teacher") is None
+    assert (out / ".teacher-grpo" / "checkpoint-2").is_dir()
+    run_pretrained_lab(out, p, 0, **kw)
+    teacher = json.loads((out / "stages" / "teacher.json").read_text())
+    assert teacher["resumed_from_step"] == 2 and teacher["steps"] == 3
+    import pandas as pd
+
+    move = pd.read_csv(out / MOVEMENT)
+    assert move["step"].tolist() == [1, 2, 3] and (move["rel_step_attn_mlp"] > 0).all()
+    assert pd.read_csv(out / PROGRESS)["step"].tolist() == [2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages_finished"] == ["base", "base_eval", "teacher", "teacher_eval"]
+    t = summary["teacher"]
+    assert t["rel_distance_all"] > 0 and t["student_reverse_kl"] > 0 and 0 <= t["accuracy"] <= 1
+    assert 0 <= summary["student_init"]["transfer_accuracy"] <= 1
+    timings = pd.read_csv(out / "timings.csv")
+    assert timings["status"].tolist() == ["finished", "finished", "failed", "finished", "finished"]
+    logs: list[str] = []
+    run_pretrained_lab(out, p, 0, **{**kw, "log": logs.append})  # all kept
+    assert sum("finished earlier, kept" in m for m in logs) == 4
+    with pytest.raises(InputError, match="was started with preset tiny and seed 0"):
+        run_pretrained_lab(out, p, 1, **kw)
+
+
+def test_cli_refuses_what_a_pretrained_preset_cannot_do(tmp_path):
+    from click.testing import CliRunner
+
+    from opd_dynamics.cli import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    r = CliRunner().invoke(main, ["lab", "run", "--preset", "smollm2", "--out", str(tmp_path / "mine")])
+    assert r.exit_code == 2 and "holds no pretrained lab run" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["lab", "run", "--preset", "smoke", "--out", str(tmp_path / "x"), "--until", "base"])
+    assert r.exit_code == 2 and "are for the pretrained presets" in r.output
+    r = CliRunner().invoke(main, ["lab", "run", "--preset", "smollm2", "--out", str(tmp_path / "y"), "--overwrite"])
+    assert r.exit_code == 2 and "resumes what OUT holds" in r.output

