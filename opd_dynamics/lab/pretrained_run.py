@@ -206,8 +206,9 @@ def movement_callback(path: Path, base: dict):
 
 def progress_callback(lab: PretrainedLabDir, tok, val, heldout, target: float, every: int, base: dict,
                       log: Callable[[str], None]):
-    """A TrainerCallback evaluating greedy validation and held-out accuracy every ``every`` steps (a row of
-    teacher_progress.csv) and stopping training once validation accuracy ≥ ``target``; ``result`` holds the last."""
+    """A TrainerCallback evaluating greedy validation accuracy every ``every`` steps (held-out accuracy every
+    ``5 * every`` and at the end; a row of teacher_progress.csv) and stopping training once validation accuracy
+    ≥ ``target``; ``result`` holds the last."""
     from transformers import TrainerCallback
 
     from opd_dynamics.lab.evaluate import evaluate_model
@@ -230,7 +231,10 @@ def progress_callback(lab: PretrainedLabDir, tok, val, heldout, target: float, e
             if step % every and step < state.max_steps:
                 return control
             v = evaluate_model(model, tok, val, stop_ids=stops)["accuracy"]
-            h = evaluate_model(model, tok, heldout, stop_ids=stops)["accuracy"]
+            last = v >= target or step >= state.max_steps
+            # held-out every fifth evaluation and at the end: it is what teacher_eval reports, not the stop rule
+            h = evaluate_model(model, tok, heldout, stop_ids=stops)["accuracy"] \
+                if last or step % (5 * every) == 0 else float("nan")
             am, _ = _relative(model, base)
             reward = sum(self.rewards) / len(self.rewards) if self.rewards else float("nan")
             self.rewards = []
