@@ -489,3 +489,19 @@ def test_cli_refuses_what_a_pretrained_preset_cannot_do(tmp_path):
     assert r.exit_code == 2 and "are for the pretrained presets" in r.output
     r = CliRunner().invoke(main, ["lab", "run", "--preset", "smollm2", "--out", str(tmp_path / "y"), "--overwrite"])
     assert r.exit_code == 2 and "resumes what OUT holds" in r.output
+
+
+def test_a_second_run_of_one_directory_is_refused(tmp_path):
+    import fcntl
+
+    from opd_dynamics.lab.pretrained_run import PretrainedLab
+
+    out = tmp_path / "lab"
+    out.mkdir()
+    (out / "preset.json").write_text("{}")
+    with open(out / ".lock", "w") as f:
+        f.write("4242\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match=r"is being run by another process right now \(pid 4242\)"):
+            PretrainedLab(out, "smollm2", log=lambda m: None).run()

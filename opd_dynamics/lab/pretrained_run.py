@@ -20,6 +20,7 @@ teacher's accuracies, ‖T − B‖/‖B‖, the base's reverse KL to the teache
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -27,7 +28,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +303,31 @@ def _copy_model_dir(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+@contextlib.contextmanager
+def _run_lock(root: Path) -> Iterator[None]:
+    """Hold ``root/.lock`` (an exclusive flock) while this process runs the lab: two runs of one directory would
+    train the same teacher twice and interleave its files; the second is refused in one sentence."""
+    import fcntl
+
+    f = open(root / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise InputError(root, f"is being run by another process right now (pid {holder}); wait for it, or stop it "
+                               "and run again to resume") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
 class PretrainedLab:
     """One seed's pretrained lab run (see the module docstring); `run` runs the stages not yet finished."""
 
@@ -459,6 +485,10 @@ class PretrainedLab:
 
             root.mkdir(parents=True)
             mark_output(root, KIND)
+        with _run_lock(root):
+            return self._run(until)
+
+    def _run(self, until: str) -> dict:
         self._check_preset()
         for name in STAGES[: STAGES.index(until) + 1]:
             if self.lab.done(name) is not None:
