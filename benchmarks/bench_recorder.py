@@ -1,122 +1,174 @@
-"""The recorder on a real lab OPD run: its overhead on the training step, and its agreement with the analysis of
-checkpoints saved at every step (issue 21's checks).
+"""The recorder on a SmolLM2-135M-shaped model: its overhead on a training step with training on every core, and
+the agreement of its recorded σ1 … σk with a float64 SVD (issue 31).
 
-From a lab directory's student_init and teacher (`lab run`), OPD at the lab's preset for STEPS optimizer steps,
-three times in one process with the same seed: without the recorder, with `DynamicsCallback` recording every step
-(the overhead: median whole-step wall time against the first), and with the recorder while the trainer also saves
-a checkpoint at every step. Then `analyze` (exact spectra) of those checkpoints against student_init, compared
-with `analyze` of that run's sketch series: ‖ΔW_t‖F, σ1 … σk, the segment cosines and the alignment columns a
-sketch determines (subspace overlaps, paired and rank-1 cosines, to the last step).
+The model is built in code (transformers LlamaConfig with SmolLM2-135M's shape: hidden 576, intermediate 1536, 9
+attention heads and 3 key-value heads (GQA: q/o 576 × 576, k/v 192 × 576), vocabulary 49152, tied embeddings,
+``--layers`` decoder layers, 30 in the real model) from a seeded random init: not the pretrained weights (no
+network here), so its updates are those of a model learning from scratch. Training: AdamW at ``--lr`` on a
+seeded synthetic corpus (a bigram chain over 4096 tokens: something to learn), ``--batch`` × ``--seq`` tokens per
+optimizer step, torch on ``--threads`` threads (default: every core).
 
-    python benchmarks/bench_recorder.py LAB [--steps 20] [--k 16] [--svd exact|fast] [--foreground]
+The same seeded run, ``--steps`` optimizer steps from the same init, is trained plain and with `DynamicsRecorder`
+recording every step, alternated ``--repeats`` times in one process; the overhead is the median whole step
+(forward, backward, optimizer, and ``record``) with the recorder against without, the first step of every run
+left out (warm-up). The recorder's last run keeps the weights at the steps ``--check`` names, and its recorded
+σ1 … σk of every decomposed matrix there are compared with numpy's float64 SVD of the same ΔW_t.
+
+    python benchmarks/bench_recorder.py [--layers 30] [--steps 6] [--repeats 3] [--batch 1] [--seq 256]
+                                        [--k 16] [--svd certified|exact|fast] [--priority idle|normal]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import os
+import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from transformers import TrainerCallback
 
 
-class _Timer(TrainerCallback):
-    """Wall-clock of each whole training step, end to end (from one step's end to the next: the forward and
-    backward passes, generation, the optimizer and every callback, the recorder's included)."""
+def smollm2(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def __init__(self):
-        self.steps, self.t = [], None
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                      max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
 
-    def on_step_end(self, args, state, control, **kw):
-        now = time.perf_counter()
-        if self.t is not None:
-            self.steps.append(now - self.t)
-        self.t = now
+
+def corpus(n: int, batch: int, seq: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` batches from a seeded bigram chain over 4096 tokens (the next token is a fixed successor 3 times in 4)."""
+    g = torch.Generator().manual_seed(seed)
+    succ = torch.randperm(4096, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.empty(batch, seq, dtype=torch.long)
+        x[:, 0] = torch.randint(0, 4096, (batch,), generator=g)
+        for i in range(1, seq):
+            rnd = torch.randint(0, 4096, (batch,), generator=g)
+            keep = torch.rand(batch, generator=g) < 0.75
+            x[:, i] = torch.where(keep, succ[x[:, i - 1]], rnd)
+        out.append(x)
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
-    from opd_dynamics import CheckpointSeries, SketchSeries, analyze
-    from opd_dynamics.lab.layout import LabDir
-    from opd_dynamics.lab.train import build_opd_trainer
-    from opd_dynamics.record import DynamicsCallback, DynamicsRecorder
+    from opd_dynamics.io.sketches import SketchSeries
+    from opd_dynamics.record import DynamicsRecorder
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("lab", type=Path)
-    ap.add_argument("--steps", type=int, default=20)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first one is not timed)")
+    ap.add_argument("--repeats", type=int, default=3, help="plain and recorded runs, alternated")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--svd", default="exact", choices=("exact", "fast"))
-    ap.add_argument("--foreground", action="store_true", help="record in the training thread (no worker)")
-    ap.add_argument("--repeats", type=int, default=3, help="plain and recorded runs, alternated (the step time "
-                                                           "varies run to run by several percent)")
+    ap.add_argument("--svd", default="certified", choices=("certified", "exact", "fast"))
+    ap.add_argument("--priority", default="idle", choices=("idle", "normal"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of training")
+    ap.add_argument("--check", default="1,last", help="steps whose σ are checked against float64 numpy")
     a = ap.parse_args()
-    lab = LabDir(a.lab).require(meta=True, teacher=True)
-    preset = lab.meta()["preset"]["name"]
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
+    model = smollm2(a.layers)
+    init = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    data = corpus(a.steps, a.batch, a.seq)
+    check = {a.steps if s == "last" else int(s) for s in a.check.split(",")}
+    load0 = os.getloadavg()
+    per_step: dict[str, list[float]] = {"plain": [], "recorder": []}
+    cpu_util: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        per_step, recs = {"plain": [], "recorder": []}, {}
-        # the same seeded OPD run, plain and with the recorder, alternated `repeats` times; then once with the
-        # recorder and a checkpoint at every step (the reference the sketches are checked against; not timed)
-        modes = [m for _ in range(a.repeats) for m in ("plain", "recorder")] + ["checkpoints"]
-        for i, mode in enumerate(modes):
-            timer = _Timer()
-            cbs: list = [timer]
-            if mode != "plain":
-                recs[mode] = DynamicsRecorder(tmp / f"sketch-{mode}-{i}", k=a.k, svd=a.svd,
-                                              background=not a.foreground)
-                cb = DynamicsCallback(recs[mode])
-                cbs = [cb, timer]
-            trainer = build_opd_trainer(lab.student_init, lab.teacher, tmp / f"run-{mode}-{i}", preset, 0, cbs,
-                                        max_steps=a.steps, save_steps=1 if mode == "checkpoints" else a.steps + 1,
-                                        data_seed=lab.split_seed(0))
-            if mode != "plain":
-                cb.bind(trainer)
-            trainer.train()
-            per_step.setdefault(mode, []).extend(timer.steps)
-        sketch = tmp / f"sketch-checkpoints-{len(modes) - 1}"
-        rec = pd.read_csv(sketch / "sketch.csv")
-        r = recs["recorder"]  # the last recorded run
-        print(f"lab {a.lab} (preset {preset}), {a.steps} OPD steps, k = {a.k}, svd {a.svd}, "
-              f"{'foreground' if a.foreground else 'background'}, 1 torch thread")
-        plain, with_rec = (float(np.median(per_step[m])) for m in ("plain", "recorder"))
-        print(f"median training step over {a.repeats} alternated runs each: {plain * 1e3:.0f} ms without the "
-              f"recorder, {with_rec * 1e3:.0f} ms with it: overhead {with_rec / plain - 1:+.1%} (quartiles of a "
-              f"plain step {np.percentile(per_step['plain'], 25) * 1e3:.0f}-"
-              f"{np.percentile(per_step['plain'], 75) * 1e3:.0f} ms); the recorder's own time per step (last run): "
-              f"{r.seconds['record'] / a.steps * 1e3:.1f} ms in the training thread (copy, and any wait), "
-              f"{r.seconds['work'] / a.steps * 1e3:.1f} ms of work")
-        n_mat = rec["tensor"].nunique()
-        copy_mb = sum(math.prod(v["shape"]) for v in SketchSeries(sketch).tensors.values()) * 4 / 1e6
-        step_mb = np.mean([f.stat().st_size for f in sketch.glob("step-*.safetensors")]) / 1e6
-        print(f"memory: W_0, the previous weights, the previous segment and the step in flight of {n_mat} matrices "
-              f"in float32 (4 x {copy_mb:.1f} MB) plus the anchors' triplets; {step_mb:.3f} MB per step on disk")
-        run_dir = tmp / f"run-checkpoints-{len(modes) - 1}"
-        ck = analyze(CheckpointSeries.discover(run_dir, base=lab.student_init), progress=False,
-                     n_singular_values=a.k, k_subspace=a.k, k_paired=a.k)
-        sk = analyze(SketchSeries(sketch, name=ck.module_allocation["run"].iloc[0]), k_subspace=a.k, k_paired=a.k)
-        key = ["step", "tensor"]
-        m = sk.module_allocation.merge(ck.module_allocation, on=key, suffixes=("", "_ck"))
-        norm_err = float((m["update_norm"] / m["update_norm_ck"] - 1).abs().max())
-        sv = sk.singular_values.merge(ck.singular_values, on=[*key, "index"], suffixes=("", "_ck"))
-        sv["err"] = (sv["sigma"] / sv["sigma_ck"] - 1).abs()
-        by_index = sv.groupby("index")["err"].max()
-        al = sk.alignment.merge(ck.alignment, on=key, suffixes=("", "_ck"))
-        errs = {c: float((al[c] - al[f"{c}_ck"]).abs().max()) for c in
-                ("subspace_overlap_u", "subspace_overlap_v", "paired_cosine", "rank1_cosine")}
-        seg = sk.segments.merge(ck.segments, on=key, suffixes=("", "_ck")).dropna(subset=["segment_cosine"])
-        seg_err = float((seg["segment_cosine"] - seg["segment_cosine_ck"]).abs().max())
-        print(f"agreement with the checkpoint analysis (exact float64) over {a.steps} steps x {n_mat} matrices: "
-              f"‖ΔW‖F max relative error {norm_err:.1e}; σ1…σ{a.k} max relative error {by_index.max():.1e} "
-              f"(σ1 {by_index.iloc[0]:.1e}, σ{a.k} {by_index.iloc[-1]:.1e}); segment cosine {seg_err:.1e}; "
-              + "; ".join(f"{c} {v:.1e}" for c, v in errs.items())
-              + f"; direction_cosine: not available from a sketch (mean over the checkpoints "
-              f"{al['direction_cosine_ck'].mean():.3f})")
+        kept: dict[int, dict[str, torch.Tensor]] = {}
+        for rep in range(a.repeats):
+            for mode in ("plain", "recorder"):
+                model.load_state_dict(init)
+                opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+                rec = None
+                if mode == "recorder":
+                    rec = DynamicsRecorder(tmp / f"sk-{rep}", k=a.k, svd=a.svd, priority=a.priority)
+                    rec.record(model, 0)
+                last = rep == a.repeats - 1 and mode == "recorder"
+                for step, x in enumerate(data, 1):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    loss = model(input_ids=x, labels=x).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if rec is not None:
+                        rec.record(model, step)
+                    wall = time.perf_counter() - t0
+                    if step > 1:
+                        per_step[mode].append(wall)
+                        if mode == "plain":
+                            cpu_util.append((time.process_time() - c0) / wall / a.threads)
+                    if last and step in check:
+                        kept[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+                if rec is not None:
+                    t0 = time.perf_counter()
+                    rec.close()
+                    drain = time.perf_counter() - t0
+                    rec_seconds, scheduling = dict(rec.seconds), rec.scheduling
+                print(f"  run {rep + 1} {mode}: median step {np.median(per_step[mode][-(a.steps - 1):]):.2f} s",
+                      flush=True)
+        load1 = os.getloadavg()
+        series = SketchSeries(tmp / f"sk-{a.repeats - 1}")
+        work = series.work
+        routes: dict[str, int] = {}
+        for r in work["routes"]:
+            for key, v in r.items():
+                routes[key] = routes.get(key, 0) + v
+        # agreement: the recorded σ1 … σk against numpy's float64 SVD of the same ΔW_t
+        worst, worst_at, n_checked = 0.0, "", 0
+        by_index = np.zeros(a.k)
+        for step in sorted(kept):
+            trip = series.triplets(step)
+            for name in series.decomposed:
+                d = (kept[step][name].double() - init[name].double()).numpy()
+                ref = np.linalg.svd(d, compute_uv=False)[: a.k]
+                got = trip[name][1].numpy() if name in trip else np.zeros(0)
+                kk = min(len(got), len(ref))
+                err = np.abs(got[:kk] - ref[:kk]) / ref[:kk]
+                by_index[:kk] = np.maximum(by_index[:kk], err)
+                n_checked += 1
+                if err.max() > worst:
+                    worst, worst_at = float(err.max()), f"{name} at step {step}"
+    plain, with_rec = (float(np.median(per_step[m])) for m in ("plain", "recorder"))
+    print(f"SmolLM2-135M shape, {a.layers} layers (random init), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
+          f" M parameters; {a.batch} x {a.seq} tokens per step, AdamW lr {a.lr}; torch {torch.__version__} on "
+          f"{a.threads} threads; {os.cpu_count()} cores ({cpu_name()}); load average {load0[0]:.2f} before, "
+          f"{load1[0]:.2f} after")
+    print(f"recorder: k = {a.k}, svd {a.svd}, {len(series.decomposed)} matrices decomposed, "
+          f"{len(series.tensors) - len(series.decomposed)} other tensors by their norms; worker {scheduling}")
+    print(f"median step over {a.repeats} alternated runs of {a.steps - 1} timed steps each: {plain:.3f} s plain, "
+          f"{with_rec:.3f} s with the recorder: overhead {with_rec / plain - 1:+.1%} (plain steps' quartiles "
+          f"{np.percentile(per_step['plain'], 25):.3f}-{np.percentile(per_step['plain'], 75):.3f} s; training used "
+          f"{np.mean(cpu_util):.0%} of its {a.threads} threads' time)")
+    print(f"recorder time per step (last run): {rec_seconds['record'] / a.steps * 1e3:.0f} ms in the training "
+          f"thread (the copy into the worker's buffer, and any wait for the worker); the worker: "
+          f"{work['cpu_seconds'].median():.2f} s CPU per step (median; {work['cpu_seconds'].max():.2f} max), "
+          f"{work['seconds'].median():.2f} s wall; {drain:.1f} s to finish at close; matrices by route over "
+          f"{len(work)} steps: {routes}; {int(work['products'].sum())} block products")
+    print(f"agreement with numpy float64 SVD at steps {sorted(kept)} ({n_checked} matrix-steps): σ1…σ{a.k} max "
+          f"relative error {worst:.1e} ({worst_at}); by index: σ1 {by_index[0]:.1e}, σ{a.k} {by_index[-1]:.1e}; "
+          f"certified bound max {work['sigma_bound'].max():.1e} (Krylov rows)")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -155,9 +155,8 @@ class DenseMatrix:
         """(the top triplets, svd_method, the certified relative bound or NaN) of ΔW_t, by ``svd`` (module
         docstring)."""
         self.calls += 1
-        D = delta.double()
         if self.svd == "fast":
-            U, S, V, self.basis = warm_topk(D, self.k, self.basis, self.oversample, self.power)
+            U, S, V, self.basis = warm_topk(delta.double(), self.k, self.basis, self.oversample, self.power)
             kk = int((S > 0).sum())
             self.work = {"route": "fast", "products": 2 * self.power + 2}
             return (U[:, :kk], S[:kk], V[:, :kk]), "warm-randomized", math.nan
@@ -165,17 +164,18 @@ class DenseMatrix:
             if self.pause:
                 self.pause -= 1
             else:
-                r = certified_topk(D, self.k, self.basis, extra=self.oversample, fresh=FRESH, tol=self.tol,
+                r = certified_topk(delta.double(), self.k, self.basis, extra=self.oversample, fresh=FRESH, tol=self.tol,
                                    max_basis=self.cap, seed=self.calls)
-                if r is not None:
+                if r.certified:
                     self.basis, self.backoff = r.basis, 0
                     self.work = {"route": "krylov", "products": r.products}
                     return (r.U, r.S, r.V), "certified-krylov-f64", r.bound
                 self.backoff = min(2 * self.backoff or 1, MAX_BACKOFF)
                 self.pause = self.backoff
-                self.work = {"products": self.cap // (self.k + self.oversample) * 2}  # spent before giving up
-        # the exact route; its top k + oversample vectors of the smaller side start the next Krylov try
-        dec = decompose(D, k_vectors=self.k + self.oversample, mode="exact", vectors=self.vectors)
+                self.work = {"products": r.products}  # spent before giving up
+        # the exact route (in float64 from the float32 update, whose resolution is its rank floor); its top
+        # k + oversample vectors of the smaller side start the next Krylov try
+        dec = decompose(delta, k_vectors=self.k + self.oversample, mode="exact", vectors=self.vectors)
         kk = min(self.k, dec.rank, dec.U.shape[1])
         self.basis = dec.V if self.shape[1] <= self.shape[0] else dec.U
         self.work = {"route": "exact", "products": self.work.get("products", 0)}

@@ -154,9 +154,11 @@ class DynamicsRecorder:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.completed: list[dict[str, float]] = []
-        #: seconds spent: in ``record`` by the calling (training) thread, and on the steps' work wherever it ran
-        #: (wall clock, and the CPU time of the thread that did it)
-        self.seconds = {"record": 0.0, "work": 0.0, "work_cpu": 0.0}
+        #: where the work runs, and at what priority (said once the recorder has started)
+        self.scheduling = "in the training process" if self.background is False else "a thread of the training process"
+        #: seconds spent: in ``record`` by the calling (training) thread, on the steps' work wherever it ran
+        #: (wall clock, and the CPU time of the thread that did it), and by training waiting for the worker process
+        self.seconds = {"record": 0.0, "work": 0.0, "work_cpu": 0.0, "waited": 0.0}
         #: the last finished step's scalars (what `DynamicsCallback` logs): update norm by group, the segment norm
         #: and cosine, the cosine of ΔW_t to the previous recorded ΔW, the lock-in estimate, the step file's size
         self.scalars: dict[str, float] = {}
@@ -246,6 +248,7 @@ class DynamicsRecorder:
         if self.background == "process":
             parts = {n: [tuple(t.shape) for t in (v if isinstance(v, tuple) else (v,))] for n, v in gathered.items()}
             self.worker = ProcessWorker(self.out, self.settings, parts)
+            self.scheduling = f"worker process at {self.worker.scheduling}"
         else:
             self.steps = StepRecorder(self.out, self.settings)
             if self.background:
@@ -345,6 +348,7 @@ class DynamicsRecorder:
             self._finished(scalars)
         self.worker.completed.clear()
         self.seconds["work"], self.seconds["work_cpu"] = self.worker.seconds, self.worker.cpu_seconds
+        self.seconds["waited"] = self.worker.waited
 
     def wait(self) -> None:
         """Finish the steps being recorded in the background (raising a step's error)."""

@@ -14,8 +14,9 @@ values (Cauchy interlacing: σ̃_i ≤ σ_i), so the bound is one-sided in pract
 no larger singular value was missed altogether (a direction the start has no component along); that is what the
 block's extra columns, the fresh random ones each step and the Krylov growth guard against, as in any Krylov
 solver; the tests plant clustered and degenerate spectra. When the basis would pass ``max_basis`` columns (the
-caller sets it where the products would cost about what the exact decomposition costs) it gives up and returns
-None: the caller falls back to the exact route.
+caller sets it where the products would cost about what the exact decomposition costs), or when the rate at which
+the bound has fallen over the last block says it would (with half the cap again to spare: the rate improves as
+the basis grows), it gives up (a result not ``certified``): the caller falls back to the exact route.
 
 `warm_topk` (``svd="fast"``): the older warm-started randomized range finder, a fixed number of iterations and
 no certificate (its tail values are approximate, see docs/BENCHMARKS.md).
@@ -40,15 +41,17 @@ CERTIFY_TOL = 5e-7
 class TopK:
     """The certified top triplets: U (m × k'), S (k', descending), V (n × k'); ``basis``: the top Ritz vectors of
     the smaller side to start the next step from; ``products``: block products with ΔW or ΔWᵀ; ``bound``: the
-    largest certified ε_i / σ̃_i (0 when none is kept)."""
+    largest certified ε_i / σ̃_i (0 when none is kept). Not ``certified``: U, S, V and basis are None, and the
+    products and columns say what the try cost."""
 
-    U: Tensor
-    S: Tensor
-    V: Tensor
-    basis: Tensor
+    U: Tensor | None
+    S: Tensor | None
+    V: Tensor | None
+    basis: Tensor | None
     products: int
     columns: int
     bound: float
+    certified: bool = True
 
 
 def _orth_against(X: Tensor, Q: Tensor | None, scale: float) -> Tensor:
@@ -66,10 +69,11 @@ def _orth_against(X: Tensor, Q: Tensor | None, scale: float) -> Tensor:
 
 
 def certified_topk(delta: Tensor, k: int, start: Tensor | None, *, extra: int = 8, fresh: int = 4,
-                   tol: float = CERTIFY_TOL, max_basis: int | None = None, seed: int = 0) -> TopK | None:
-    """Top-k triplets of ``delta`` (float64, m × n) certified to ``tol`` (module docstring), or None when the
-    Krylov basis would pass ``max_basis`` columns first. ``start``: the previous step's ``basis`` (d × b, d the
-    smaller side), or None; ``extra`` columns beyond k in each block, ``fresh`` of them new Gaussian ones."""
+                   tol: float = CERTIFY_TOL, max_basis: int | None = None, seed: int = 0) -> TopK:
+    """Top-k triplets of ``delta`` (float64, m × n) certified to ``tol`` (module docstring), or a TopK that is not
+    ``certified`` when the Krylov basis would pass ``max_basis`` columns first. ``start``: the previous step's
+    ``basis`` (d × b, d the smaller side), or None; ``extra`` columns beyond k in each block, ``fresh`` of them new
+    Gaussian ones."""
     m, n = delta.shape
     right = n <= m  # Krylov vectors on the smaller side: the right singular vectors when n ≤ m
     A = delta if right else delta.T  # big × d
@@ -87,6 +91,7 @@ def certified_topk(delta: Tensor, k: int, start: Tensor | None, *, extra: int = 
     Q = _orth_against(X, None, float(torch.linalg.vector_norm(X, dim=0).max()))
     Qs, Ps, Ws = [], [], []  # the basis, ΔW times it and the Gram times it, block by block
     products = 0
+    worst: list[float] = []  # the largest ε_i / σ̃_i after each block
     while True:
         P = A @ Q
         W = A.T @ P
@@ -108,7 +113,7 @@ def certified_topk(delta: Tensor, k: int, start: Tensor | None, *, extra: int = 
         if not certified:
             nxt = _orth_against(W, Qa, scale * scale)
             if nxt.shape[1] == 0:  # nothing new at rounding level, yet not certified: leave it to the exact route
-                return None
+                return _failed(products, Qa.shape[1], rel)
         if certified:
             V = Qa @ Yk
             U = torch.cat(Ps, 1) @ Yk
@@ -118,8 +123,17 @@ def certified_topk(delta: Tensor, k: int, start: Tensor | None, *, extra: int = 
             return TopK(U, sig[:keep], V, basis, products, Qa.shape[1],
                         float(rel.max()) if keep else 0.0)
         if Qa.shape[1] + nxt.shape[1] > cap:
-            return None
+            return _failed(products, Qa.shape[1], rel)
+        worst.append(float(rel.max()))
+        if len(worst) >= 2 and worst[-1] < worst[-2]:  # give up early when its rate will not reach tol in the cap
+            blocks = math.log(tol / worst[-1]) / math.log(worst[-1] / worst[-2])
+            if Qa.shape[1] + blocks * b > cap * 1.5:
+                return _failed(products, Qa.shape[1], rel)
         Q = nxt
+
+
+def _failed(products: int, columns: int, rel: Tensor) -> TopK:
+    return TopK(None, None, None, None, products, columns, float(rel.max()) if rel.numel() else math.nan, False)
 
 
 def warm_topk(delta: Tensor, k: int, start: Tensor | None, oversample: int = 8, power: int = 1,

@@ -15,17 +15,22 @@ training process waits for the previous ``copied``, which comes once the worker 
 The worker yields to training: it runs at SCHED_IDLE (or nice 19 where there is none; ``priority="normal"`` keeps
 the default) with one thread in torch and in every BLAS (its environment and threadpoolctl), so on a machine whose
 cores training keeps busy it only uses what training leaves idle, and a training step waits for it only when a
-step's work needs more than that. What it runs is the same whatever its priority: only when it runs changes.
+step's work needs more than that. While training does wait for it, the worker is the critical path: it is lifted
+to the normal policy for that time (where the system permits it: root, CAP_SYS_NICE or an RLIMIT_NICE of 20),
+so that other processes on a shared machine do not starve it while training's cores stand idle. What it runs is
+the same whatever its priority: only when it runs changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -90,6 +95,8 @@ class ProcessWorker:
         self.completed: list[dict[str, float]] = []
         self.seconds = self.cpu_seconds = 0.0
         self.scheduling = ""  # what the worker's priority became ("SCHED_IDLE", "nice 19", "normal")
+        self.can_lift = True  # whether lifting it while training waits is permitted (found at the first try)
+        self.waited = 0.0  # seconds the training process spent waiting for the worker
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, for the sentence if it dies
         config = {"out": str(self.out), "settings": settings, "buffer": path, "size": max(total, 1),
                   "layout": {n: [[o, list(s)] for o, s in parts] for n, parts in self.layout.items()}}
@@ -136,7 +143,8 @@ class ProcessWorker:
         """Hand one step over (after the worker has taken the previous one out of the buffer): ``restart`` first
         continues from these weights (a resumed run); ``segment`` None measures nothing."""
         if self.busy:
-            self._expect("copied")
+            with self._lifted():
+                self._expect("copied")
             self.busy = False
         for name, value in snapshot.items():
             for view, t in zip(self.views[name], value if isinstance(value, tuple) else (value,)):
@@ -154,9 +162,32 @@ class ProcessWorker:
 
     def wait(self) -> None:
         """Until every step handed over is done (raising a step's error)."""
-        while self.unanswered:
-            self._read()
+        with self._lifted():
+            while self.unanswered:
+                self._read()
         self.busy = False
+
+    @contextlib.contextmanager
+    def _lifted(self):
+        """While training waits: the worker at the normal policy (module docstring), and the wait timed."""
+        t0 = time.perf_counter()
+        lift = self.scheduling == "SCHED_IDLE" and self.can_lift and self.proc.poll() is None
+        if lift:
+            lift = self._policy(os.SCHED_OTHER)
+        try:
+            yield
+        finally:
+            if lift and self.proc.poll() is None:
+                self._policy(os.SCHED_IDLE)
+            self.waited += time.perf_counter() - t0
+
+    def _policy(self, policy: int) -> bool:
+        try:
+            os.sched_setscheduler(self.proc.pid, policy, os.sched_param(0))
+            return True
+        except OSError:  # not permitted (an unprivileged user with RLIMIT_NICE below 20), or the worker is gone
+            self.can_lift = False
+            return False
 
     def close(self) -> None:
         try:
