@@ -123,7 +123,8 @@ def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list
 def analyze_sketches(series: SketchSeries | Sequence[SketchSeries], *, out: str | Path | None = None,
                      options: AnalysisOptions | None = None, overwrite: bool = False, command: str | None = None,
                      **fields) -> Report:
-    """Analyse one or more sketch series into a Report (the tables of `analyze`, module docstring); with ``out``,
+    """Analyse one or more sketch series into a Report (the tables of `analyze`, module docstring, and
+    sketch_alignment: alignment.csv's rows under the name `plot` draws every recorded step from); with ``out``,
     written there as CSVs and run.json."""
     lst = [series] if isinstance(series, SketchSeries) else list(series)
     names = [s.name for s in lst]
@@ -139,6 +140,10 @@ def analyze_sketches(series: SketchSeries | Sequence[SketchSeries], *, out: str 
         for t, rs in sketch_tables(s, opts).items():
             rows.setdefault(t, []).extend(rs)
     tables = build_tables(rows)
+    if "alignment" in tables:  # every recorded step's alignment, as `lab run` writes it: figure step_alignment
+        from opd_dynamics.schema import TABLES
+
+        tables["sketch_alignment"] = tables["alignment"][TABLES["sketch_alignment"].names]
     meta = {"version": __version__, "command": command or api_command(),
             "python": platform.python_version(), "torch": torch.__version__, "source": "sketch series",
             "inputs": [{"run": s.name, "sketch": str(s.path), "k": s.k, "steps": s.steps,

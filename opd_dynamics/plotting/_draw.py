@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.axes import Axes
 
+from opd_dynamics.plotting._fit import MARGIN
+
 
 def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Sequence[float]],
                  colors: Mapping[str, str], *, labels: bool = True, fmt: str = "{:.3g}") -> None:
@@ -50,15 +52,23 @@ def no_data(ax: Axes, text: str = "no data") -> None:
 
 
 def fig_legend(fig, axes, *, title: str | None = None, ncol: int | None = None) -> None:
-    """One legend for the whole figure, below the panels (labels deduplicated, order of first appearance)."""
+    """One legend for the whole figure, below the panels (labels deduplicated, order of first appearance), in
+    `ncol` columns (default up to 4), fewer when that is wider than the canvas."""
     seen: dict[str, object] = {}
     for ax in np.ravel(axes):
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if not lab.startswith("_") and lab not in seen:
                 seen[lab] = h
-    if seen:
-        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", title=title,
-                   ncol=ncol or min(len(seen), 4))
+    if not seen:
+        return
+    ncol = ncol or min(len(seen), 4)
+    room = fig.bbox.width * (1 - 2 * MARGIN)
+    while True:  # fewer columns while the legend is wider than the canvas
+        leg = fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", title=title, ncol=ncol)
+        if ncol == 1 or leg.get_window_extent(fig.canvas.get_renderer()).width <= room:
+            return
+        leg.remove()
+        ncol -= 1
 
 
 def integer_xticks(ax: Axes) -> None:

@@ -1,8 +1,8 @@
 """Texts that fit: every figure's suptitle, axes titles and axis labels are measured with the renderer after the
 layout (`FittedLayout`, the figures' layout engine) and wrapped onto more lines (never inside a $…$ math span), or
 shrunk, until each lies inside its room: the suptitle within the canvas less a margin on each side, an axes title
-and x label within the panel's width, a y label within its height. A figure legend wider than the canvas gets
-fewer columns.
+and x label within the panel's width, a y label within its height. (A figure legend gets fewer columns when
+wider than the canvas: `_draw.fig_legend`.)
 
 The layout is in inches and text in points, so a figure that fits at one resolution fits at another up to the
 rounding of glyph widths; the margin (MARGIN of the width on each side) absorbs that, and the texts are fitted again
@@ -101,10 +101,6 @@ def fit_texts(fig: Figure, renderer=None) -> bool:
             changed |= fit_text(t, min(panel, width * (1 - 2 * MARGIN)), r)
         changed |= fit_text(ax.xaxis.label, panel, r)
         changed |= fit_text(ax.yaxis.label, ax.bbox.height * (1 - MARGIN), r, vertical=True)
-    for leg in fig.legends:
-        while leg._ncols > 1 and leg.get_window_extent(r).width > width * (1 - 2 * MARGIN):
-            leg.set_ncols(leg._ncols - 1)
-            changed = True
     return changed
 
 
