@@ -243,7 +243,8 @@ def seed_values(lab: LabDir, tables: dict[str, pd.DataFrame], early_fraction: fl
     """One seed's values of every claim but EffOPD's, as rows {claim, run, step, value}."""
     rows = [_row("teacher", "teacher", lab.meta()["teacher"]["accuracy"])]
     evals = {r: pd.read_csv(lab.eval_csv(r)).sort_values("step") for r in RUNS}
-    tr = tables["trajectory"]
+    tr = tables.get("trajectory", pd.DataFrame(columns=["run", "group", "rank1_share", "rank1_share_null",
+                                                        "linear_r2", "linear_r2_null"]))
     last = {r: int(tables["module_allocation"].loc[tables["module_allocation"]["run"] == r, "step"].max())
             for r in RUNS}
     early = {r: early_step(tables["segments"].loc[tables["segments"]["run"] == r, "step"].unique(), early_fraction)

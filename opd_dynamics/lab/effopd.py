@@ -363,15 +363,17 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         curves_df = pd.concat(curves, ignore_index=True)
         trig_df = pd.concat(trigs, ignore_index=True)
         summary = summarize(curves_df, pd.DataFrame(rows), opt.target_fraction)
+        verdicts = effopd_verdicts(summary)
         summary.to_csv(tmp / "effopd_summary.csv", index=False)
         curves_df.to_csv(tmp / "effopd_curves.csv", index=False)
         trig_df.to_csv(tmp / "effopd_triggers.csv", index=False)
         if probes:
             pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
-        for m, res in effopd_verdicts(summary).items():
+        for m, res in verdicts.items():
             for what, r in res.items():
                 log(f"[effopd] {m} vs vanilla, {what.replace('_', ' ')}: " + r.get("text", r["verdict"]))
-        verdicts = effopd_verdicts(summary)
+        if not verdicts:
+            log("[effopd] no verdict: EffOPD and the fixed jump ran on no seed (the gate closed on every one)")
         probe_df = pd.concat(probes, ignore_index=True) if probes else None
         meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
                 "options": asdict(opt), "steps": run_steps(opt, p), "speedup": speedups(summary),
