@@ -190,6 +190,7 @@ class PretrainedPreset:
     grpo_lr: float
     rl_steps: int
     pass_k: int = 8
+    n_pass: int = 50  # held-out prompts pass@k is measured on (the first ones)
     threads: int = 2
     eval_batch: int = 64  # prompts per evaluation forward pass
 

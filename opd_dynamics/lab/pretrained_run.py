@@ -398,7 +398,9 @@ class PretrainedLab:
         out.update(accuracy=r["accuracy"], accuracy_sampled=r["accuracy_sampled"], n_heldout=len(held))
         out["val_accuracy"] = evaluate_model(model, tok, val, **kw)["accuracy"]
         out["transfer_accuracy"] = evaluate_model(model, tok, transfer, **kw)["accuracy"]
-        out[f"pass_at_{self.p.pass_k}"] = pass_at_k(model, tok, held, self.p.pass_k, seed=self.seed, **kw)
+        few = held[: self.p.n_pass]  # k samples per prompt: the costliest measurement here
+        out[f"pass_at_{self.p.pass_k}"] = pass_at_k(model, tok, few, self.p.pass_k, seed=self.seed, **kw)
+        out["n_pass"] = len(few)
         if teacher is not None:
             t_model, _ = load_base(teacher)
             t_eval = evaluate_model(t_model, tok, held, sampled=True, seed=self.seed, **kw)
