@@ -221,11 +221,13 @@ def test_embedding_cosines_near_one_are_drawn_as_their_difference_from_one(case)
     same = t.tables["embedding"].assign(cosine_mean=1.0, cosine_p5=1.0)
     ax = P.plot_embedding_cosine({"embedding": same}).axes[0]
     assert "no row moved: cosine = 1 for every row" in [x.get_text() for x in ax.texts]
-    # cosines that differ visibly stay cosines, on an axis zoomed around them
-    far = t.tables["embedding"].assign(cosine_mean=0.98, cosine_p5=0.95)
+    # cosines that are not all within 1e-3 of 1 stay cosines, on an axis zoomed around them, printed with the
+    # decimals that tell them apart (the lab's 0.99949 and 0.99890 both read 0.999 at three)
+    far = t.tables["embedding"].assign(cosine_mean=0.99949, cosine_p5=0.9989)
     ax = P.plot_embedding_cosine({"embedding": far}).axes[0]
     assert ax.get_ylabel() == "cosine(base row, trained row)  [zoomed]"
-    assert ax.containers[0].patches[0].get_height() == 0.98
+    assert ax.containers[0].patches[0].get_height() == 0.99949
+    assert [x.get_text() for x in ax.texts] == ["0.99949", "0.99890"] * len(runs)
 
 
 def _captions(t) -> dict[str, str]:
@@ -263,6 +265,10 @@ def test_captions_name_the_runs_shown_and_only_what_the_tables_hold():
     assert caps["eval_curves"] == ("Held-out accuracy (greedy; dashed: sampled at T = 1) and, right, the reverse KL "
                                    "to the teacher on the student's samples against the optimizer step (steps 0–40), "
                                    "opd and grpo.")
+    assert caps["foresight"] == ("Top: cos(ΔW_t, ΔW_T) of each step's update to the last step's, against its "
+                                 "random-walk null from each matrix's measured segment norms (dashed); bottom: the "
+                                 "cosine between consecutive update segments (1 on a straight path, about 0 for a "
+                                 "random walk); median over matrices, opd and grpo.")
     assert _flat(P.plot_layer_norms(two)._suptitle) == "Update norm by depth: opd vs grpo"
     assert _flat(P.plot_eval_curves(two)._suptitle) == "Training curves: opd vs grpo"
     # the lab's provenance says what its runs are; nothing else does (a name is not a kind)

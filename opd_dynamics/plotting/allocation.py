@@ -3,6 +3,7 @@ and the embedding figures."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -262,6 +263,14 @@ def embedding_cosines(report: Any, step: int | None = None) -> tuple[pd.DataFram
     return e, metrics
 
 
+def _decimals(values, least: int = 3, most: int = 8) -> int:
+    """Decimals that print distinct values distinctly (0.99890 and 0.99949, not 0.999 twice): one more than the
+    smallest gap between them needs, at least `least`."""
+    v = np.unique(np.asarray(values, dtype=float)[np.isfinite(np.asarray(values, dtype=float))])
+    gap = float(np.diff(v).min()) if v.size > 1 else 0.0
+    return least if gap <= 0 else int(min(most, max(least, math.ceil(-math.log10(gap)) + 1)))
+
+
 def near_one(values) -> bool:
     """Whether every finite value lies within NEAR_ONE of 1 (and there is one): then the panel shows 1 − cosine."""
     v = np.asarray(values, dtype=float)
@@ -306,7 +315,7 @@ def plot_embedding_cosine(report: Any, step: int | None = None) -> Figure:
                 ax.set_ylim(min(lo * 1.25, 0.0), max(hi * 1.25, 0.0))
             ax.set_ylabel("1 − cosine(base row, trained row)")
         else:
-            grouped_bars(ax, [_EMB_NAMES[m] for m in metrics], series, colors, fmt="{:.3f}")
+            grouped_bars(ax, [_EMB_NAMES[m] for m in metrics], series, colors, fmt=f"{{:.{_decimals(values)}f}}")
             zoom_ylim(ax, values, pad=0.3, ceil=1.002)
             ax.set_ylabel("cosine(base row, trained row)  [zoomed]")
         ax.set_title(tname.removesuffix(".weight") + " (" + ", ".join(f"{r} step {steps.get(r)}" for r in runs) + ")",

@@ -192,8 +192,8 @@ def foresight(t: Tables) -> str:
     who = _who(t, s["run"].unique())
     seg = "the cosine between consecutive update segments (1 on a straight path, about 0 for a random walk)"
     if has_direction_cosine(t):
-        return (f"Top: cos(ΔW_t, ΔW_T) of each step's update to the last step's, against the random-walk null √(t/T) "
-                f"(dashed); bottom: {seg}; median over matrices, {who}.")
+        return (f"Top: cos(ΔW_t, ΔW_T) of each step's update to the last step's, against its random-walk null from "
+                f"each matrix's measured segment norms (dashed); bottom: {seg}; median over matrices, {who}.")
     return (f"{seg[0].upper() + seg[1:]}, median over matrices, {who}. The alignment to the final update, "
             "cos(ΔW_t, ΔW_T), is not drawn: segments.csv leaves it empty (a sketch series does not determine it).")
 
