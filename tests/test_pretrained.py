@@ -425,7 +425,7 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
 
     p = replace(PRETRAINED_PRESETS["smollm2"], name="tiny", n_heldout=12, n_val=8, rollouts_per_step=8,
                 grpo_generations=4, teacher_max_steps=3, teacher_eval_every=2, teacher_save_every=1, threads=1,
-                eval_batch=16, pass_k=2)
+                eval_batch=16, pass_k=2, rl_steps=3)
     out, kw = tmp_path / "lab", dict(cache=tmp_path / "cache", wheel=tiny_source["wheel"],
                                      source=tiny_source["source"], log=lambda m: None)
 
@@ -463,15 +463,22 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     assert move["step"].tolist() == [1, 2, 3] and (move["rel_step_attn_mlp"] > 0).all()
     assert pd.read_csv(out / PROGRESS)["step"].tolist() == [2, 3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stages_finished"] == ["base", "base_eval", "teacher", "teacher_eval"]
+    assert summary["stages_finished"] == ["base", "base_eval", "teacher", "teacher_eval", "opd", "grpo"]
+    for run in ("opd", "grpo"):  # the series from the base: checkpoints, movement, sketches, evaluations
+        ev = pd.read_csv(out / run / "eval.csv")
+        assert ev["step"].tolist() == [0, 1, 2, 3] and ev["reverse_kl"].notna().all()
+        assert ev["transfer_accuracy"].between(0, 1).all()
+        assert pd.read_csv(out / run / "movement.csv")["step"].tolist() == [1, 2, 3]
+        assert (out / run / "sketch").is_dir()
+        assert summary["runs"][run]["rel_step_attn_mlp_max"] > 0
     t = summary["teacher"]
     assert t["rel_distance_all"] > 0 and t["student_reverse_kl"] > 0 and 0 <= t["accuracy"] <= 1
     assert 0 <= summary["student_init"]["transfer_accuracy"] <= 1
     timings = pd.read_csv(out / "timings.csv")
-    assert timings["status"].tolist() == ["finished", "finished", "failed", "finished", "finished"]
+    assert timings["status"].tolist() == ["finished", "finished", "failed"] + ["finished"] * 4
     logs: list[str] = []
     run_pretrained_lab(out, p, 0, **{**kw, "log": logs.append})  # all kept
-    assert sum("finished earlier, kept" in m for m in logs) == 4
+    assert sum("finished earlier, kept" in m for m in logs) == 6
     with pytest.raises(InputError, match="was started with preset tiny and seed 0"):
         run_pretrained_lab(out, p, 1, **kw)
 
@@ -505,3 +512,10 @@ def test_a_second_run_of_one_directory_is_refused(tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(InputError, match=r"is being run by another process right now \(pid 4242\)"):
             PretrainedLab(out, "smollm2", log=lambda m: None).run()
+
+
+def test_series_checkpoint_schedule():
+    from opd_dynamics.lab.pretrained_run import saves_at
+
+    assert [s for s in range(1, 81) if saves_at(s, 80)] == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80]
+    assert [s for s in range(1, 6) if saves_at(s, 5)] == [1, 2, 4, 5]

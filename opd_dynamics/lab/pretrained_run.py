@@ -35,11 +35,16 @@ from pathlib import Path
 from opd_dynamics.errors import InputError
 from opd_dynamics.lab.presets import PretrainedPreset, get_pretrained_preset
 
-STAGES = ("base", "base_eval", "teacher", "teacher_eval")
+STAGES = ("base", "base_eval", "teacher", "teacher_eval", "opd", "grpo")
+#: the two series from the base, as the tiny lab's (`layout.RUNS`)
+RL_RUNS = ("opd", "grpo")
+#: the checkpoint steps of an OPD or GRPO series: powers of two up to 64, then every 8th, and the last
+EARLY_SAVES = (1, 2, 4, 8, 16, 32, 64)
 #: the kind of output a pretrained lab directory is (`io.writer.mark_output`)
 KIND = "lab"
 PROGRESS = "teacher_progress.csv"
 MOVEMENT = "teacher_movement.csv"
+EVAL_FIELDS = ("run", "step", "accuracy", "accuracy_sampled", "reverse_kl", "transfer_accuracy")
 PROGRESS_FIELDS = ("step", "val_accuracy", "heldout_accuracy", "reward_mean", "rel_distance_attn_mlp", "elapsed_s")
 MOVEMENT_FIELDS = ("step", "rel_step_attn_mlp", "rel_distance_attn_mlp", "rel_distance_all")
 
@@ -303,6 +308,73 @@ def _copy_model_dir(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def saves_at(step: int, last: int) -> bool:
+    """Whether an OPD or GRPO series keeps a checkpoint at ``step`` (`EARLY_SAVES`, every 8th, the last)."""
+    return step in EARLY_SAVES or step % 8 == 0 or step == last
+
+
+def schedule_callback():
+    """A TrainerCallback that saves a checkpoint exactly at the `saves_at` steps (save_strategy is "no")."""
+    from transformers import TrainerCallback
+
+    class Schedule(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if saves_at(state.global_step, state.max_steps):
+                control.should_save = True
+            return control
+
+    return Schedule()
+
+
+def _rl_args(p: PretrainedPreset, out_dir: Path, seed: int, steps: int, lr: float, completion_tokens: int) -> dict:
+    """The arguments OPD and GRPO share: weights-only checkpoints at the `saves_at` steps, constant rate, float32,
+    ``rollouts_per_step`` completions per step, logging every step."""
+    import torch
+
+    from opd_dynamics.lab.train import _NO_CHECKPOINTING
+
+    return dict(
+        output_dir=str(out_dir), max_steps=steps, save_strategy="no", save_only_model=True, learning_rate=lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_completion_length=completion_tokens, temperature=1.0, top_p=1.0, top_k=0, bf16=False, fp16=False,
+        **_NO_CHECKPOINTING, gradient_accumulation_steps=1, disable_dropout=True, logging_steps=1, report_to="none",
+        seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        disable_tqdm=True, per_device_train_batch_size=p.rollouts_per_step,
+    )
+
+
+def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed: int, train, callbacks=(),
+                     steps: int | None = None, lr: float | None = None):
+    """The series ``run`` from the base: "opd" (TRL DistillationTrainer, per-token reverse KL to the teacher on the
+    student's own samples, ``rollouts_per_step`` prompts × 1) or "grpo" (TRL GRPOTrainer, the few-shot reward, no KL
+    penalty, ``rollouts_per_step / grpo_generations`` prompts × ``grpo_generations``); same prompts, steps and
+    completions per step; rates ``opd_lr`` / ``grpo_lr`` unless ``lr``."""
+    from datasets import Dataset
+
+    from opd_dynamics.lab.fewshot import fewshot_reward
+
+    model, tok = load_base(lab.student_init)
+    longest = max(len(tok(q.answer)["input_ids"]) for q in train)
+    steps = steps or p.rl_steps
+    data = Dataset.from_dict({"prompt": [q.prompt for q in train], "answer": [q.answer for q in train]})
+    callbacks = [schedule_callback(), *callbacks]
+    if run == "opd":
+        from trl import DistillationConfig, DistillationTrainer
+
+        teacher, _ = load_base(lab.teacher)
+        args = DistillationConfig(**_rl_args(p, lab.root / run, seed, steps, lr or p.opd_lr, longest + 1), beta=1.0)
+        return DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=data,
+                                   processing_class=tok, callbacks=callbacks)
+    if run == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(**_rl_args(p, lab.root / run, seed, steps, lr or p.grpo_lr, longest + 1),
+                          num_generations=p.grpo_generations, beta=0.0)
+        return GRPOTrainer(model=model, reward_funcs=[fewshot_reward], args=args, train_dataset=data,
+                           processing_class=tok, callbacks=callbacks)
+    raise InputError(None, f"unknown run {run!r}; choose one of {', '.join(RL_RUNS)}")
+
+
 @contextlib.contextmanager
 def _run_lock(root: Path) -> Iterator[None]:
     """Hold ``root/.lock`` (an exclusive flock) while this process runs the lab: two runs of one directory would
@@ -362,7 +434,12 @@ class PretrainedLab:
         want = {"preset": self.p.to_dict(), "seed": self.seed}
         if p.is_file():
             had = json.loads(p.read_text())
-            if had != json.loads(json.dumps(want)):
+            now = json.loads(json.dumps(want))
+            # fields added to the preset since the run started are taken as they are now; any other difference
+            # means another run
+            same = had["seed"] == now["seed"] and all(had["preset"][k] == now["preset"].get(k, had["preset"][k])
+                                                      for k in had["preset"])
+            if not same:
                 raise InputError(self.lab.root, f"was started with preset {had['preset']['name']} and seed "
                                                 f"{had['seed']} (or other settings), not {self.p.name} and seed "
                                                 f"{self.seed}; resume it with those or choose another --out")
@@ -472,6 +549,59 @@ class PretrainedLab:
                  f"{out['rel_distance_attn_mlp']:.3e}); the base's reverse KL to it {r['reverse_kl']:.4f} nats/token")
         return out
 
+    def _stage_rl(self, run: str) -> dict:
+        """OPD or GRPO from the base: checkpoints at `saves_at` steps, per-step movement (``RUN/movement.csv``),
+        the recorder at every step (``RUN/sketch/``), then every checkpoint evaluated (``RUN/eval.csv``: held-out
+        greedy and sampled accuracy, reverse KL to the teacher, transfer accuracy). An interrupted series starts
+        again from the base (its checkpoints hold no optimizer state)."""
+        import pandas as pd
+
+        from opd_dynamics.lab.evaluate import evaluate_model
+        from opd_dynamics.lab.fewshot import stop_ids
+        from opd_dynamics.record import DynamicsCallback, DynamicsRecorder
+
+        _threads(self.p)
+        out = self.lab.root / run
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        train, _, held, transfer = splits(self.p, self.seed)
+        base = _state_dict(self.lab.student_init)
+        cbs = [movement_callback(out / "movement.csv", base)]
+        if self.p.record:
+            cbs.append(DynamicsCallback(DynamicsRecorder(out / "sketch", k=16)))
+        t0 = time.time()
+        trainer = build_rl_trainer(run, self.lab, self.p, self.seed, train, cbs)
+        lr = self.p.opd_lr if run == "opd" else self.p.grpo_lr
+        self.log(f"[{run}] {self.p.rl_steps} steps from the base, lr {lr}")
+        trainer.train()
+        train_s = time.time() - t0
+        del trainer
+        t0 = time.time()
+        teacher, tok = load_base(self.lab.teacher)
+        kw = dict(stop_ids=stop_ids(tok), batch_size=self.p.eval_batch)
+        steps = sorted(int(d.name.split("-")[1]) for d in out.glob("checkpoint-*") if d.name.split("-")[1].isdigit())
+        rows = []
+        for step in [0, *steps]:
+            model, _ = load_base(self.lab.student_init if step == 0 else out / f"checkpoint-{step}")
+            r = evaluate_model(model, tok, held, teacher=teacher, greedy=True, sampled=True, seed=self.seed, **kw)
+            r["transfer_accuracy"] = evaluate_model(model, tok, transfer, **kw)["accuracy"]
+            rows.append({"run": run, "step": step, **r})
+            self.log(f"[{run}] step {step}: held-out {r['accuracy']:.3f} (sampled {r['accuracy_sampled']:.3f}), "
+                     f"reverse KL {r['reverse_kl']:.4f}, transfer {r['transfer_accuracy']:.3f}")
+        ev = pd.DataFrame(rows, columns=list(EVAL_FIELDS))
+        ev.to_csv(out / "eval.csv", index=False)
+        move = pd.read_csv(out / "movement.csv")
+        return {"steps": steps, "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
+                "final": rows[-1], "rel_step_attn_mlp_median": float(move["rel_step_attn_mlp"].median()),
+                "rel_step_attn_mlp_max": float(move["rel_step_attn_mlp"].max()),
+                "rel_distance_attn_mlp_last": float(move["rel_distance_attn_mlp"].iloc[-1])}
+
+    def stage_opd(self) -> dict:
+        return self._stage_rl("opd")
+
+    def stage_grpo(self) -> dict:
+        return self._stage_rl("grpo")
+
     # -- driver --------------------------------------------------------------------------------------------
     def run(self, until: str = STAGES[-1]) -> dict:
         if until not in STAGES:
@@ -500,9 +630,6 @@ class PretrainedLab:
             self.lab.finish(name, result)
             self.write_summary()
         summary = self.write_summary()
-        if until == STAGES[-1]:
-            self.log(f"[{self.p.name}] every implemented stage is finished; the OPD and GRPO series from the base "
-                     "(issue 29) are still to be built")
         return summary
 
     def write_summary(self) -> dict:
@@ -522,6 +649,8 @@ class PretrainedLab:
             "timings": {k: round(v, 1) for k, v in timings.items()},
             "student_init": base_eval,
             "teacher": None if teacher is None else {**(teacher_eval or {}), "grpo": teacher},
+            "final": {r: self.lab.done(r)["final"] for r in RL_RUNS if self.lab.done(r) is not None},
+            "runs": {r: self.lab.done(r) for r in RL_RUNS if self.lab.done(r) is not None},
             "command": " ".join(sys.argv), "versions": _versions(),
         }
         tmp = self.lab.root / "summary.json.part"
