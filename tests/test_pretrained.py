@@ -481,6 +481,9 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     assert sum("finished earlier, kept" in m for m in logs) == 6
     with pytest.raises(InputError, match="was started with preset tiny and seed 0"):
         run_pretrained_lab(out, p, 1, **kw)
+    (out / "preset.json").unlink()  # still ours (its output marker): taken up again, the record rewritten
+    run_pretrained_lab(out, p, 0, **kw)
+    assert (out / "preset.json").is_file()
 
 
 def test_cli_refuses_what_a_pretrained_preset_cannot_do(tmp_path):

@@ -375,6 +375,14 @@ def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed:
     raise InputError(None, f"unknown run {run!r}; choose one of {', '.join(RL_RUNS)}")
 
 
+def _ours(root: Path) -> bool:
+    """Whether ``root`` carries the marker of a lab output this toolkit wrote (`io.writer.mark_output`)."""
+    from opd_dynamics.io.writer import output_marker
+
+    mark = output_marker(root)
+    return mark is not None and mark.get("kind") == KIND
+
+
 @contextlib.contextmanager
 def _run_lock(root: Path) -> Iterator[None]:
     """Hold ``root/.lock`` (an exclusive flock) while this process runs the lab: two runs of one directory would
@@ -609,7 +617,7 @@ class PretrainedLab:
         root = self.lab.root
         if root.exists() and not root.is_dir():
             raise InputError(root, "is not a directory; choose another --out")
-        if root.is_dir() and any(root.iterdir()) and not (root / "preset.json").is_file():
+        if root.is_dir() and any(root.iterdir()) and not (root / "preset.json").is_file() and not _ours(root):
             raise InputError(root, "exists and holds no pretrained lab run (no preset.json), so nothing is written "
                                    "into it; choose another --out")
         if not root.is_dir():
