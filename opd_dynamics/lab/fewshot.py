@@ -60,6 +60,7 @@ TASKS: dict[str, FewShotTask] = {t.name: t for t in (
     FewShotTask("add20", (1, 20), (1, 20), "{a}+{b}=", lambda a, b: a + b, _ADD_SHOTS),
     FewShotTask("add30", (1, 30), (1, 30), "{a}+{b}=", lambda a, b: a + b, _ADD_SHOTS),
     FewShotTask("add21to40", (21, 40), (1, 20), "{a}+{b}=", lambda a, b: a + b, _ADD_SHOTS),
+    FewShotTask("add31to50", (31, 50), (1, 30), "{a}+{b}=", lambda a, b: a + b, _ADD_SHOTS),  # add30's transfer
     FewShotTask("add2x1", (10, 99), (1, 9), "{a}+{b}=", lambda a, b: a + b, _ADD_SHOTS),
     FewShotTask("addtens", (10, 90), (10, 90), "{a}+{b}=", lambda a, b: a + b, _ADD_SHOTS, step=10),
     FewShotTask("sub20", (1, 20), (1, 20), "{a}-{b}=", lambda a, b: a - b, ((12, 7), (45, 30), (16, 8)),
