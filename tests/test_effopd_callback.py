@@ -73,7 +73,8 @@ def test_callback_in_real_distillation_trainer(tmp_path, tok):
     recs = cb.records
     assert [r.step for r in recs] == [1, 2, 4]
     selected = set(select_parameters(student))
-    assert selected and all(".self_attn." in n or ".mlp." in n for n in selected)
+    assert selected and all(".self_attn." in n or ".mlp." in n or "post_attention_layernorm" in n
+                            for n in selected)  # EffOPD's name rule: attention and MLP names
     anchor = before.initial
     for step in range(1, 6):
         wt, post = before.weights[step], after.weights[step]

@@ -22,10 +22,24 @@ from builders import llama_like, write_dir
 
 SELECTED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj")
+#: EffOPD's _should_modify_param (fsdp_workers.py:1106-1132), read from the authors' code: any of these substrings of
+#: the lowercased parameter name
+EFFOPD_WORDS = ("attn", "self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "feed_forward", "ffn",
+                "gate_proj", "up_proj", "down_proj")
 
 
 def is_selected(name: str) -> bool:
+    """The toolkit's group rule with its defaults: attention and MLP matrices."""
     return any(f".{s}." in name for s in SELECTED)
+
+
+def effopd_moves(name: str) -> bool:
+    return any(w in name.lower() for w in EFFOPD_WORDS)
+
+
+def jump64(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """W_B + c(W_B − W_A) in float64, rounded once to B's dtype."""
+    return (b.double() + c * (b.double() - a.double())).to(b.dtype)
 
 
 def make_pair(tmp: Path, dtype=torch.bfloat16) -> tuple[Path, Path, dict, dict]:
@@ -47,6 +61,8 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_extrapolate_sharded_bf16_exact(tmp_path):
+    """By default the tensors EffOPD's own name rule moves (attention and MLP projections, and
+    post_attention_layernorm, whose name contains 'attention'), each equal to the float64 jump rounded once."""
     pa, pb, a, b = make_pair(tmp_path)
     out = extrapolate_checkpoint(pa, pb, 3.0, tmp_path / "O", max_shard_bytes=20_000)
     got = read_all(out)
@@ -54,13 +70,12 @@ def test_extrapolate_sharded_bf16_exact(tmp_path):
     n_sel = 0
     for n, t in got.items():
         assert t.dtype == torch.bfloat16
-        if is_selected(n):
-            ref = (b[n].double() + 3.0 * (b[n].double() - a[n].double())).to(torch.bfloat16)
-            assert torch.equal(t, ref), n
+        if effopd_moves(n):
+            assert torch.equal(t, jump64(a[n], b[n], 3.0)), n
             n_sel += 1
-        else:  # embeddings, norms, lm_head: copied bit for bit
+        else:  # embeddings, input_layernorm, the final norm, lm_head: copied bit for bit
             assert torch.equal(t, b[n]), n
-    assert n_sel == 14
+    assert n_sel == 16 and effopd_moves("model.layers.1.post_attention_layernorm.weight")
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -69,9 +84,31 @@ def test_extrapolate_sharded_bf16_exact(tmp_path):
         assert (out / f).read_text() == (pb / f).read_text()
     with safe_open(str(out / shards[0]), framework="pt") as f:
         meta = f.metadata()
-    assert meta["effopd_coef"] == "3.0" and meta["effopd_groups"] == "attention,mlp"
+    assert meta["effopd_coef"] == "3.0" and meta["effopd_select"] == "published" and meta["effopd_groups"] == ""
     assert meta["effopd_prev"] == str(pa.resolve()) and meta["effopd_cur"] == str(pb.resolve())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_the_toolkit_group_rule_is_select_groups(tmp_path):
+    """select groups (or groups / matrices_only given) is the toolkit's rule: attention and MLP matrices by default;
+    groups or shapes with select published are refused."""
+    pa, pb, a, b = make_pair(tmp_path)
+    got = read_all(extrapolate_checkpoint(pa, pb, 3.0, tmp_path / "G", select="groups"))
+    assert sorted(n for n in got if not torch.equal(got[n], b[n])) == sorted(n for n in b if is_selected(n))
+    for n in b:
+        assert torch.equal(got[n], jump64(a[n], b[n], 3.0) if is_selected(n) else b[n]), n
+    with safe_open(str(tmp_path / "G" / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["effopd_select"] == "groups" and f.metadata()["effopd_groups"] == "attention,mlp"
+    with pytest.raises(InputError, match="groups and matrices_only apply with select groups"):
+        extrapolate_checkpoint(pa, pb, 3.0, tmp_path / "N", select="published", groups=("mlp",))
+    r = CliRunner().invoke(main, ["extrapolate", "--prev", str(pa), "--cur", str(pb), "--coef", "3", "--out",
+                                  str(tmp_path / "C"), "--groups", "attention,mlp"])  # the default value, given
+    assert r.exit_code == 0, r.output
+    assert all(torch.equal(t, read_all(tmp_path / "G")[n]) for n, t in read_all(tmp_path / "C").items())
+    r = CliRunner().invoke(main, ["extrapolate", "--prev", str(pa), "--cur", str(pb), "--coef", "3", "--out",
+                                  str(tmp_path / "D"), "--select", "published", "--all-shapes"])
+    assert r.exit_code == 2 and "--all-shapes applies with --select groups" in r.output, r.output
+    assert not (tmp_path / "N").exists() and not (tmp_path / "D").exists()
 
 
 def test_extrapolate_groups_and_refusals(tmp_path):
@@ -80,7 +117,7 @@ def test_extrapolate_groups_and_refusals(tmp_path):
     got = read_all(out)
     for n in got:
         if ".mlp." in n:
-            assert torch.equal(got[n], (b[n].double() + 2 * (b[n].double() - a[n].double())).to(torch.bfloat16))
+            assert torch.equal(got[n], jump64(a[n], b[n], 2.0))
         else:
             assert torch.equal(got[n], b[n])
     with pytest.raises(InputError, match="already exists"):
@@ -117,7 +154,7 @@ def test_extrapolate_cli(tmp_path):
     assert r.exit_code == 0, r.output
     got = read_all(tmp_path / "O")
     n = "model.layers.1.mlp.down_proj.weight"
-    assert torch.equal(got[n], (b[n].double() + 4 * (b[n].double() - a[n].double())).to(torch.bfloat16))
+    assert torch.equal(got[n], jump64(a[n], b[n], 4.0))
     mask = os.umask(0)  # read the umask: the weights get the mode any new file gets (safetensors alone: 0600)
     os.umask(mask)
     shards = list((tmp_path / "O").glob("*.safetensors"))
@@ -147,7 +184,7 @@ print("score:", -sum(float(((m[k].astype(np.float64) - t[k]) ** 2).sum()) for k 
 
 def test_search_with_external_command_finds_planted_k(tmp_path):
     pa, pb, a, b = make_pair(tmp_path, dtype=torch.float32)
-    target = {n: (b[n].double() + 6 * (b[n].double() - a[n].double())) for n in b if is_selected(n)}
+    target = {n: (b[n].double() + 6 * (b[n].double() - a[n].double())) for n in b if effopd_moves(n)}
     write_dir(tmp_path / "T", target, layout="single")  # float64 target: the peak is exactly k = 3
     script = tmp_path / "score.py"
     script.write_text(SCORE_SCRIPT)
@@ -162,8 +199,7 @@ def test_search_with_external_command_finds_planted_k(tmp_path):
     assert s[0] < s[1] < s[2] < s[3] > s[4] and s[3] == pytest.approx(0.0, abs=1e-9)
     got = read_all(tmp_path / "O")
     for n in b:
-        ref = (b[n] + 6.0 * (b[n] - a[n])) if is_selected(n) else b[n]  # float32 arithmetic, as the writer does
-        assert torch.equal(got[n], ref), n
+        assert torch.equal(got[n], jump64(a[n], b[n], 6.0) if effopd_moves(n) else b[n]), n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "B", "O", "T", "score.py"]  # candidates removed
     assert "tie" not in r.output and info["tie"] is False
 

@@ -89,8 +89,11 @@ def test_after_step_only_scores_on_trigger_steps():
 
 
 def test_parameter_filter_groups_and_shapes():
+    """By default EffOPD's own name rule (a substring of the lowercased name: the MLP's bias moves too, the norms,
+    embeddings and head do not); select groups is the toolkit's rule, attention and MLP matrices."""
     m = Tiny()
-    assert list(select_parameters(m)) == [Q, UP]
+    assert list(select_parameters(m)) == [Q, UP, "model.layers.0.mlp.up_proj.bias"]
+    assert list(select_parameters(m, select="groups")) == [Q, UP]
     assert sorted(select_parameters(m, groups=("mlp",), matrices_only=False)) == [
         "model.layers.0.mlp.up_proj.bias", UP]
     assert sorted(select_parameters(m, groups=("embedding", "lm_head"))) == ["lm_head.weight",
@@ -105,7 +108,7 @@ def test_planted_linear_trajectory_finds_known_k_and_updates_anchor():
     w0 = params(m)
     d = planted_direction(m, 1)
     target = {n: w0[n].double() + 7 * d[n] for n in (Q, UP)}
-    e = EffOPD(m, dist_score(target))
+    e = EffOPD(m, dist_score(target), select="groups")  # the matrices Q and UP move
     move(m, d)  # step 1
     rec = e.after_step(1)
     assert rec.k_accepted == 3 and rec.coef == 6.0

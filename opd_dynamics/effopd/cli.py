@@ -18,11 +18,25 @@ from opd_dynamics.io.cli import (
 )
 from opd_dynamics.io.reader import LOAD_MODES
 
+
+def imply_select(fields: dict) -> None:
+    """--groups or --matrices-only/--all-shapes given on the command line ask for the toolkit's group rule: they set
+    select to 'groups' unless --select was given (then `resolve_select` refuses them with --select published)."""
+    ctx = click.get_current_context()
+    given = [n for n in ("groups", "matrices_only") if n in fields and
+             ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if given and fields.get("select") is None:
+        fields["select"] = "groups"
+    elif given and fields.get("select") == "published":
+        raise InputError(None, f"{given[0]} applies with select groups (the toolkit's naming groups), not with select "
+                               "published (the authors' own rule)", (given[0], "select"))
+
+
 _shared = [
     click.option("--prev", required=True, type=click.Path(), help="Earlier checkpoint A (the anchor)."),
     click.option("--cur", required=True, type=click.Path(), help="Later checkpoint B."),
     click.option("--out", required=True, type=click.Path(), help="Output model directory (not inside A or B)."),
-    *dataclass_options(EffOPDOptions, only=("groups", "matrices_only")),
+    *dataclass_options(EffOPDOptions, only=("select", "groups", "matrices_only")),
     click.option("--overwrite", is_flag=True, help="Replace an earlier model output (one opd-dynamics wrote)."),
     click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
     click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True),
@@ -47,6 +61,7 @@ def search(prev, cur, out, overwrite, max_shard_size, load_mode, prefer_format, 
     worse); write it to OUT."""
     from opd_dynamics.effopd.offline import search_checkpoints
 
+    imply_select(fields)
     rec = search_checkpoints(prev, cur, out, eval_cmd, options_from(EffOPDOptions, fields), timeout=timeout,
                              echo=click.echo, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                              load_mode=load_mode, prefer_format=prefer_format)
@@ -78,12 +93,13 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 @click.option("--overwrite", is_flag=True, help="Replace an earlier probe output (one opd-dynamics wrote).")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
 @click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True)
-@with_options(dataclass_options(EffOPDOptions, only=("groups", "matrices_only")))
+@with_options(dataclass_options(EffOPDOptions, only=("select", "groups", "matrices_only")))
 def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, load_mode, **fields) -> None:
     """Score W_t + c·(W_t − W_s) over a grid of c for pairs (s, t) of RUN's steps: can extrapolation help here?"""
     from opd_dynamics.effopd.probe import gate_text, line_probe, verdict
     from opd_dynamics.io.series import CheckpointSeries
 
+    imply_select(fields)
     series = CheckpointSeries.discover(run, base=base, load_mode=load_mode)
     grid = parse_floats(coefs, "--coefs")
     df = line_probe(series, _pairs(pairs), eval_cmd, coefs=grid, out=out, overwrite=overwrite,

@@ -1,8 +1,9 @@
 """EffOPD on checkpoints saved by any framework (verl, OpenRLHF, TRL …): extrapolate two model directories, or
 run the published search with an external evaluation command.
 
-Streaming: one tensor of each input is in memory at a time (plus the shard being written); the arithmetic is
-float32 (float64 for float64 tensors) and the result is cast back to the source dtype of B.
+Streaming: a tensor is read in row blocks of A and B (`analysis.deltas.row_blocks`, the one row-block reader);
+the jump (`effopd.search.jump`, the one jump function) is float64 and its result is rounded to B's stored dtype
+once. Only the output tensor being assembled and the shard being written are held whole.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from opd_dynamics.analysis.deltas import row_blocks
 from opd_dynamics.effopd.options import EffOPDOptions
-from opd_dynamics.effopd.search import Score, TriggerRecord, published_search
+from opd_dynamics.effopd.search import Score, TriggerRecord, jump, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
 from opd_dynamics.io.reader import open_full_weights
@@ -36,7 +38,6 @@ from opd_dynamics.io.writer import (
     write_model,
     writing_for,
 )
-from opd_dynamics.numerics import update_dtype
 
 _SPLIT = re.compile(r"[\s=:,;]+")
 
@@ -48,6 +49,9 @@ def _check_selection(cur: ModelDir, opts: EffOPDOptions) -> None:
         raise InputError(cur.path, f"holds FP8 weights ({fp8[0]!r} …) whose scales are separate tensors; "
                                    "dequantise the checkpoint before extrapolating it")
     if not any(e.is_float and opts.selects(n, e.shape) for n, e in cur.entries.items()):
+        if opts.selection == "published":
+            raise InputError(cur.path, "has no float tensor that EffOPD's name rule selects (attention or MLP names) "
+                                       "to extrapolate (see select and groups)", ("select", "groups"))
         what = "all groups" if opts.groups is None else "groups " + ",".join(opts.groups)
         raise InputError(cur.path, f"has no float {'matrix' if opts.matrices_only else 'tensor'} in {what} to "
                                    "extrapolate (see groups and matrices_only)", ("groups", "matrices_only"))
@@ -63,22 +67,24 @@ def extrapolated_tensors(prev: ModelDir, cur: ModelDir, coef: float, options: Ef
     counts.setdefault("extrapolated", 0)
     counts.setdefault("copied", 0)
     for name in cur.names():
-        b = cur.get(name)
-        if coef != 0 and cur.entries[name].is_float and opts.selects(name, b.shape):
+        e = cur.entries[name]
+        if coef != 0 and e.is_float and opts.selects(name, e.shape):
             if name not in prev:
                 raise InputError(prev.path, f"has no tensor {name!r}, which {cur.path} has")
-            if prev.shape(name) != tuple(b.shape):
+            if prev.shape(name) != tuple(e.shape):
                 raise InputError(prev.path, f"tensor {name!r} has shape {prev.shape(name)}, but {cur.path} has "
-                                            f"{tuple(b.shape)}")
-            work = update_dtype(b)
-            wb = b.to(work)
-            wa = prev.get(name)
-            w = (wb + coef * (wb - wa.to(work))).to(b.dtype)
+                                            f"{tuple(e.shape)}")
+            dtype = cur.dtype(name)
+            w = torch.empty(tuple(e.shape) or (1,), dtype=dtype)
+            for lo, hi, wa, d in row_blocks(prev, [cur], name):  # float64 rows of A and B − A
+                w[lo:hi] = jump(wa, wa + d[0], coef, torch.float64).to(dtype)
+            w = w.reshape(e.shape)
             if not bool(torch.isfinite(w).all()):
-                raise _nonfinite_jump(prev, cur, name, coef, wa, b)
+                raise _nonfinite_jump(prev, cur, name, coef, prev.get(name), cur.get(name))
             yield name, w
             counts["extrapolated"] += 1
         else:
+            b = cur.get(name)
             if b.is_floating_point() and not bool(torch.isfinite(b).all()):
                 raise InputError(cur.path, f"holds NaN or Inf in {name!r}, which the output copies; nothing was "
                                            "written")
@@ -103,9 +109,9 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
                            max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
                            prefer_format: str | None = None,
                            metadata: dict[str, str] | None = None, **fields) -> Path:
-    """Write W_B + coef·(W_B − W_A) (the tensors `options` selects, by default attention and MLP matrices;
-    everything else copied from B) as a model directory `out`. Keyword ``fields`` of `EffOPDOptions` (groups,
-    matrices_only, naming_overrides) replace its values.
+    """Write W_B + coef·(W_B − W_A) (the tensors `options` selects, by default those EffOPD's name rule moves;
+    everything else copied from B) as a model directory `out`. Keyword ``fields`` of `EffOPDOptions` (select,
+    groups, matrices_only, naming_overrides) replace its values.
 
     Shards and index as the writer makes them, config and tokenizer files copied from B, the sources and the
     coefficient recorded in every shard's safetensors metadata; written under a temporary name, then renamed.
@@ -119,8 +125,11 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
     if coef != 0:
         _check_selection(b, opts)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
-            "effopd_groups": ",".join(opts.groups) if opts.groups is not None else "all",
-            "effopd_matrices_only": str(bool(opts.matrices_only)), "effopd_formula": "W_cur + coef*(W_cur - W_prev)",
+            "effopd_select": opts.selection,
+            "effopd_groups": ("" if opts.selection == "published" else
+                              ",".join(opts.groups) if opts.groups is not None else "all"),
+            "effopd_matrices_only": "" if opts.selection == "published" else str(bool(opts.matrices_only)),
+            "effopd_formula": "W_cur + coef*(W_cur - W_prev)",
             **(metadata or {})}
     with a, b:  # an OS error writing `out` is one sentence (write_model); readers say their own
         return write_model(extrapolated_tensors(a, b, coef, opts),
@@ -231,7 +240,9 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
                             extrapolate_s=time.perf_counter() - t0 - val_s)
         info = {"prev": str(prev.resolve()), "cur": str(cur.resolve()), "k_accepted": k_acc,
                 "coef": coef_step * k_acc, "scores": scores, "coefs": rec.coefs, "strict": strict, "tie": rec.tie,
-                "groups": list(opts.groups) if opts.groups is not None else None, "matrices_only": opts.matrices_only,
+                "select": opts.selection,
+                "groups": (list(opts.groups) if opts.groups is not None else None) if opts.selection == "groups"
+                else None, "matrices_only": opts.matrices_only if opts.selection == "groups" else None,
                 "eval_cmd": score if isinstance(score, str) else None, "validation_s": val_s}
         with output_errors(out):
             atomic_write_text(keep / "effopd_search.json", json_text(info))

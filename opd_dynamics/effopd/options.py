@@ -16,6 +16,36 @@ from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
 
 Trigger = Callable[[int], bool]
 
+#: EffOPD's `_should_modify_param` (EffOPD/verl/verl/workers/fsdp_workers.py:1106-1132): a parameter moves when its
+#: lowercased name contains one of these, whatever its shape (q/k/v biases, q_norm/k_norm and
+#: post_attention_layernorm too; never embed_tokens, lm_head, input_layernorm or the final norm)
+EFFOPD_KEYWORDS = ("attn", "self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "feed_forward",
+                   "ffn", "gate_proj", "up_proj", "down_proj")
+#: how a selection is made: the authors' own rule for the method, or the toolkit's naming groups and shapes
+SELECTS = ("published", "groups")
+
+
+def effopd_selects(name: str) -> bool:
+    """EffOPD's published name rule: a substring match of its keywords on the lowercased name."""
+    low = name.lower()
+    return any(k in low for k in EFFOPD_KEYWORDS)
+
+
+def resolve_select(select: str | None, groups: Sequence[str] | None, matrices_only: bool,
+                   default: str = "published") -> str:
+    """The selection rule in force: ``select`` when given, else 'groups' when ``groups`` or ``matrices_only`` differ
+    from their defaults (asking for them asks for the toolkit's rule), else ``default``. Groups or shapes given
+    with select='published' are refused: the authors' rule would ignore them."""
+    custom = (tuple(groups) if groups is not None else None) != MATRIX_GROUPS or matrices_only is not True
+    if select is None:
+        return "groups" if custom else default
+    if select not in SELECTS:
+        raise InputError(None, f"select must be one of {', '.join(SELECTS)}, not {select!r}", ("select",))
+    if select == "published" and custom:
+        raise InputError(None, "groups and matrices_only apply with select groups (the toolkit's naming groups), not "
+                               "with select published (the authors' own rule)", ("groups", "matrices_only", "select"))
+    return select
+
 
 
 def is_power_of_two(step: int) -> bool:
@@ -66,10 +96,15 @@ class EffOPDOptions:
     schedule: Trigger | Iterable[int] | str | None = option(None, "Trigger steps: 'pow2' (default), 'powN', a set of "
                                                           "steps or a predicate.", cli=False)
     max_step: int | None = option(None, "No trigger after this step.", cli=False)
-    groups: tuple[str, ...] | None = option(MATRIX_GROUPS, "Naming groups to extrapolate ('all' for every group).",
-                                          cli="groups", metavar="GROUP,...")
-    matrices_only: bool = option(True, "Only 2-D weights (--all-shapes: biases and other tensors of those groups too).",
-                               flag="--matrices-only/--all-shapes")
+    select: str | None = option(None, "What moves: published (default), EffOPD's own rule (every parameter whose "
+                                "lowercased name contains attn, attention, mlp, ffn, feed_forward or a q/k/v/o, gate, "
+                                "up or down projection: biases, q/k norms and post_attention_layernorm too); groups, "
+                                "the toolkit's naming groups and shapes (--groups, --matrices-only/--all-shapes, "
+                                "which imply it).", choices=SELECTS)
+    groups: tuple[str, ...] | None = option(MATRIX_GROUPS, "With select groups: naming groups to extrapolate ('all' "
+                                          "for every group).", cli="groups", metavar="GROUP,...")
+    matrices_only: bool = option(True, "With select groups: only 2-D weights (--all-shapes: biases and other tensors "
+                                 "of those groups too).", flag="--matrices-only/--all-shapes")
     naming_overrides: Any = option(None, "Naming overrides (see opd_dynamics.io.naming.parse_name).", cli=False)
     param_filter: Callable[[str, torch.Tensor], bool] | None = option(
         None, "param_filter(name, param) → keep; replaces the group and shape rule.", cli=False)
@@ -86,14 +121,30 @@ class EffOPDOptions:
             raise InputError(None, f"coef_step must be a positive finite number, got {self.coef_step}",
                              ("coef_step",))
         self.trigger()  # a bad schedule is refused now, not at the first step
+        self.selection  # noqa: B018 - groups with select published are refused now
+
+    @property
+    def selection(self) -> str:
+        """The selection rule in force: 'published' (EffOPD's name rule) or 'groups' (see `resolve_select`)."""
+        return resolve_select(self.select, self.groups, self.matrices_only)
 
     def trigger(self) -> Trigger:
         """The predicate saying at which optimizer steps the search runs."""
         return make_trigger(self.schedule, max_step=self.max_step)
 
     def selects(self, name: str, shape: Sequence[int]) -> bool:
-        """Whether a tensor of this name and shape is extrapolated (the project's one selection rule)."""
+        """Whether a tensor of this name and shape is extrapolated: EffOPD's name rule (`effopd_selects`) by default,
+        the project's group rule (`io.naming.is_selected`) with select groups."""
+        if self.selection == "published":
+            return effopd_selects(name)
         return is_selected(name, shape, self.groups, self.matrices_only, self.naming_overrides)
+
+    def selection_text(self) -> str:
+        """What the selection moves, in words (for refusals and metadata)."""
+        if self.selection == "published":
+            return "EffOPD's name rule"
+        what = "all groups" if self.groups is None else "groups " + ",".join(self.groups)
+        return f"{'matrices' if self.matrices_only else 'tensors'} in {what}"
 
     def check_scorer(self, score_fn) -> None:
         """A search needs a score function; only the fixed-k baseline runs without one."""

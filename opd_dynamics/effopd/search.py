@@ -30,6 +30,15 @@ Score = float | tuple[float, ...]
 ScoreFn = Callable[[torch.nn.Module], Score]
 
 
+def jump(wa: torch.Tensor, wb: torch.Tensor, coef: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The one jump W_B + coef·(W_B − W_A) (EffOPD's candidates, ExPO, the line probe, every extrapolator that is a
+    jump), computed in ``dtype`` (default `update_dtype` of W_B: float32, float64 for float64 weights; never a 16-bit
+    dtype) and returned in it: the caller rounds to the stored dtype once."""
+    work = dtype if dtype is not None else update_dtype(wb)
+    b = wb.to(work)
+    return b + coef * (b - wa.to(device=b.device, dtype=work))
+
+
 def select_parameters(model: torch.nn.Module, options: EffOPDOptions | None = None, *, trainable_only: bool = True,
                       **fields) -> dict[str, torch.nn.Parameter]:
     """The parameters EffOPD extrapolates: trainable float parameters that `EffOPDOptions.selects` (default:
@@ -196,9 +205,8 @@ class EffOPD:
     def _set(self, wt: dict[str, torch.Tensor], coef: float) -> None:
         """Parameters ← W_t + coef·(W_t − anchor), in float32 (float64), cast to each parameter's dtype."""
         for n, p in self.params.items():
-            w = wt[n].to(p.device, dtype=update_dtype(p))
             a = self.anchor[n].to(p.device, non_blocking=True)
-            p.copy_((w + coef * (w - a)).to(p.dtype))
+            p.copy_(jump(a, wt[n].to(p.device), coef, update_dtype(p)).to(p.dtype))
 
     @torch.no_grad()
     def _restore(self, wt: dict[str, torch.Tensor]) -> None:
