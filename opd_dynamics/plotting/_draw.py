@@ -110,18 +110,6 @@ def layer_axis(ax: Axes, layers, axis: str = "x") -> None:
         ax.set_yticks(layer_ticks(lo, hi))
 
 
-def flat_note(ax: Axes, values, what: str = "every value", fmt: str = "{:.6g}") -> bool:
-    """When every finite value of `values` is the same number, say so in the panel (an axis cannot show what does
-    not vary); True when it did."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size < 2 or v.min() != v.max():
-        return False
-    ax.text(0.5, 0.06, f"{what} is {fmt.format(v[0])}: nothing varies", ha="center", va="bottom",
-            transform=ax.transAxes, fontsize=8, color="0.35")
-    return True
-
-
 def percent_axis(ax: Axes, axis: str = "y") -> None:
     """Show fractions as percentages (decimals chosen from the range, so close ticks stay distinct)."""
     from matplotlib.ticker import PercentFormatter
