@@ -50,10 +50,12 @@ class StepRecorder:
     """The state and per-step work of one sketch series (module docstring). ``settings``: k, svd, keep,
     device, oversample, power, tol (the `DynamicsRecorder` arguments of the same names) and vectors (the exact
     route's eigenvector method: "eigh" in a thread of the training process, which releases the GIL; "auto",
-    scipy's tridiagonal route, 2–3× cheaper, elsewhere)."""
+    scipy's tridiagonal route, 2–3× cheaper, elsewhere). ``cpu_clock``: what the CPU time in ``work`` counts (the
+    calling thread's by default; the worker process passes its own)."""
 
-    def __init__(self, out: Path, settings: dict):
+    def __init__(self, out: Path, settings: dict, cpu_clock=time.thread_time):
         self.out = Path(out)
+        self.cpu_clock = cpu_clock  # the work's CPU time: this thread's, or the worker process's (all its threads)
         meta = read_meta(self.out)
         self.k = int(settings["k"])
         self.device = torch.device(settings["device"])
@@ -98,7 +100,7 @@ class StepRecorder:
         return scalars
 
     def _measure(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool) -> dict[str, float]:
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = time.perf_counter(), self.cpu_clock()
         tensors: dict[str, torch.Tensor] = {}
         rows, by_group, triplets = [], {}, {}
         tot = dict.fromkeys(SUMS, 0.0)
@@ -127,7 +129,7 @@ class StepRecorder:
         if is_anchor(step):
             self._add_anchor(step, triplets)
         f = step_file(self.out, step)
-        seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        seconds, cpu = time.perf_counter() - t0, self.cpu_clock() - c0
         # what this step's work cost (before the write): the recorder's logs and the step file say it
         work = {"seconds": seconds, "cpu_seconds": cpu, "routes": routes, "products": products,
                 "sigma_bound": bound}
@@ -138,7 +140,7 @@ class StepRecorder:
             save_safetensors(tensors, tmp, metadata=md)
         self._append_csv(rows)
         self.seconds += time.perf_counter() - t0
-        self.cpu_seconds += time.thread_time() - c0
+        self.cpu_seconds += self.cpu_clock() - c0
         return {**{f"dynamics/update_norm/{g}": v ** 0.5 for g, v in sorted(by_group.items())},
                 "dynamics/segment_norm": tot["seg2"] ** 0.5,
                 "dynamics/segment_cosine": cosine(tot["segdot"], tot["prevseg2"], tot["seg2"]),

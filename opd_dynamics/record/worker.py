@@ -17,8 +17,10 @@ the default) with one thread in torch and in every BLAS (its environment and thr
 cores training keeps busy it only uses what training leaves idle, and a training step waits for it only when a
 step's work needs more than that. While training does wait for it, the worker is the critical path: it is lifted
 to the normal policy for that time (where the system permits it: root, CAP_SYS_NICE or an RLIMIT_NICE of 20),
-so that other processes on a shared machine do not starve it while training's cores stand idle. What it runs is
-the same whatever its priority: only when it runs changes.
+so that other processes on a shared machine do not starve it while training's cores stand idle. (It stays on one
+thread then too: letting it take every core while training waits made it 30x slower in CPU time on the loaded
+2-core machine, its BLAS and OpenMP threads spinning against other processes.) What it runs is the same whatever
+its priority: only when it runs changes.
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ def main() -> None:
     layout = {n: [(o, tuple(s)) for o, s in parts] for n, parts in config["layout"].items()}
     views = _views(buffer, layout)
     try:
-        steps = StepRecorder(Path(config["out"]), config["settings"])
+        steps = StepRecorder(Path(config["out"]), config["settings"], cpu_clock=time.process_time)
     except InputError as e:
         _reply({"op": "error", "path": e.path, "problem": e.problem})
         return
