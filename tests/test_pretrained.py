@@ -425,7 +425,7 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
 
     p = replace(PRETRAINED_PRESETS["smollm2"], name="tiny", n_heldout=12, n_val=8, rollouts_per_step=8,
                 grpo_generations=4, teacher_max_steps=3, teacher_eval_every=2, teacher_save_every=1, threads=1,
-                eval_batch=16, pass_k=2, rl_steps=3)
+                eval_batch=16, pass_k=2, rl_steps=3, eval_every_step_until=2)
     out, kw = tmp_path / "lab", dict(cache=tmp_path / "cache", wheel=tiny_source["wheel"],
                                      source=tiny_source["source"], log=lambda m: None)
 
@@ -469,6 +469,7 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
         assert ev["step"].tolist() == [0, 1, 2, 3] and ev["reverse_kl"].notna().all()
         assert ev["transfer_accuracy"].between(0, 1).all()
         assert pd.read_csv(out / run / "movement.csv")["step"].tolist() == [1, 2, 3]
+        assert pd.read_csv(out / run / "step_eval.csv")["step"].tolist() == [1, 2]  # eval_every_step_until
         assert (out / run / "sketch").is_dir()
         assert summary["runs"][run]["rel_step_attn_mlp_max"] > 0
     t = summary["teacher"]

@@ -192,6 +192,7 @@ class PretrainedPreset:
     pass_k: int = 8
     n_pass: int = 50  # held-out prompts pass@k is measured on (the first ones)
     record: bool = True  # the recorder (k = 16 sketches) at every step of the OPD and GRPO series
+    eval_every_step_until: int = 16  # OPD and GRPO: validation accuracy at every step up to this one
     threads: int = 2
     eval_batch: int = 64  # prompts per evaluation forward pass
 

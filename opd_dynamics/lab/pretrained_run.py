@@ -326,6 +326,26 @@ def schedule_callback():
     return Schedule()
 
 
+def early_eval_callback(path: Path, tok, val, until: int):
+    """A TrainerCallback writing greedy validation accuracy at every step up to ``until`` (``RUN/step_eval.csv``):
+    the early steps, between the checkpoints that `saves_at` keeps."""
+    from transformers import TrainerCallback
+
+    from opd_dynamics.lab.evaluate import evaluate_model
+    from opd_dynamics.lab.fewshot import stop_ids
+
+    stops = stop_ids(tok)
+
+    class EarlyEval(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step <= until:
+                acc = evaluate_model(model, tok, val, stop_ids=stops)["accuracy"]
+                _append_csv(path, ("step", "val_accuracy"), {"step": state.global_step, "val_accuracy": acc})
+            return control
+
+    return EarlyEval()
+
+
 def _rl_args(p: PretrainedPreset, out_dir: Path, seed: int, steps: int, lr: float, completion_tokens: int) -> dict:
     """The arguments OPD and GRPO share: weights-only checkpoints at the `saves_at` steps, constant rate, float32,
     ``rollouts_per_step`` completions per step, logging every step."""
@@ -559,7 +579,8 @@ class PretrainedLab:
 
     def _stage_rl(self, run: str) -> dict:
         """OPD or GRPO from the base: checkpoints at `saves_at` steps, per-step movement (``RUN/movement.csv``),
-        the recorder at every step (``RUN/sketch/``), then every checkpoint evaluated (``RUN/eval.csv``: held-out
+        validation accuracy at every early step (``RUN/step_eval.csv``), the recorder at every step
+        (``RUN/sketch/``), then every checkpoint evaluated (``RUN/eval.csv``: held-out
         greedy and sampled accuracy, reverse KL to the teacher, transfer accuracy). An interrupted series starts
         again from the base (its checkpoints hold no optimizer state)."""
         import pandas as pd
@@ -572,9 +593,11 @@ class PretrainedLab:
         out = self.lab.root / run
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        train, _, held, transfer = splits(self.p, self.seed)
+        train, val, held, transfer = splits(self.p, self.seed)
         base = _state_dict(self.lab.student_init)
-        cbs = [movement_callback(out / "movement.csv", base)]
+        _, tok0 = load_base(self.lab.student_init)
+        cbs = [movement_callback(out / "movement.csv", base),
+               early_eval_callback(out / "step_eval.csv", tok0, val, self.p.eval_every_step_until)]
         if self.p.record:
             cbs.append(DynamicsCallback(DynamicsRecorder(out / "sketch", k=16)))
         t0 = time.time()
