@@ -1,11 +1,14 @@
-"""Weight extrapolation along a training trajectory, every published method behind one interface.
+"""Weight extrapolation along a training trajectory: each published method as its authors' code runs it, and the
+toolkit's own, behind one interface.
 
-`extrapolate(series, target, method=…)` predicts the weights at step `target` from the observed checkpoints
-of a series and writes them as a model directory: ExPO's fixed-α jump, RLVR-Linearity's line in time, RELEX's
-rank-r trajectory, AlphaRL's rank-1 update, and EffOPD's 2k jump. One tensor at a time, float64 arithmetic,
-never two whole models in memory. See `opd_dynamics.extrapolate.methods` for what each computes.
+`extrapolate(series, target, out, method=…)` writes the weights a method predicts from the observed checkpoints of a
+series: ExPO's fixed-α jump, EffOPD's 2k jump, RLVR-Linearity's line in time, RELEX's rank-r trajectory, AlphaRL's
+PLS of rank-1 vectors against scores; the toolkit's rank-1 growth and last-segment jump. The methods are one
+registry (`opd_dynamics.extrapolate.registry`); one tensor at a time, float64 arithmetic, never two whole models in
+memory.
 """
 
-from opd_dynamics.extrapolate.methods import METHODS, ExtrapolationOptions, extrapolate
+from opd_dynamics.extrapolate.methods import ExtrapolationOptions, extrapolate
+from opd_dynamics.extrapolate.registry import METHODS, METHODS_LIST, Method, methods_table
 
-__all__ = ["METHODS", "ExtrapolationOptions", "extrapolate"]
+__all__ = ["METHODS", "METHODS_LIST", "ExtrapolationOptions", "Method", "extrapolate", "methods_table"]

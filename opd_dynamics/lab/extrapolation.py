@@ -3,22 +3,30 @@ each method's predicted weights, scored on the held-out problems against the tru
 the run itself at its last observed step (what vanilla training had when the prediction was made).
 
 Per seed (``ROOT/seed-K/``, `lab run --seeds N`), run, fraction f (observed: the checkpoints at steps ≤ f·T, T the
-run's last step; t_B the last of them) and method:
+run's last step; t_B the last of them) and method, each of the authors' methods as their code runs it
+(`opd_dynamics.extrapolate.registry`, docs/EXTRAPOLATION.md):
 
-- ``linear`` (RLVR-Linearity's two-point line through the base and t_B), ``relex`` (rank 1, a line in the step,
-  fitted on every observed step; needs two) and ``alpharl`` (the norm-matched rank-1 part of ΔW_{t_B} grown
-  linearly) predict the weights at T;
-- ``expo`` is ExPO as published, θ_B + α(θ_B − θ_base) with α = 0.5 (its README's example): a fixed jump, whose
-  nominal step is (1 + α)·t_B;
-- ``effopd`` is the published search at t_B: candidates W_B + 2k(W_B − W_A), k = 1 … 5, A the latest observed step
-  ≤ t_B/2 (the base if none; the paper's anchor is t/2), each scored by sampled accuracy (T = 1, one sample per
-  prompt, a fresh draw per candidate) on 50 training prompts and accepted while strictly better; its nominal step
-  is t_B + 2k(t_B − t_A).
+- ``linear`` (RLVR-Linearity's line through the base and t_B: every tensor without 'norm' in its name, norms
+  from t_B) and ``relex`` (rank 1, a line against the positions of every observed step; needs two) predict the
+  weights at T;
+- ``alpharl`` fits its PLS of the rank-1 vectors to the run's held-out accuracy at each observed step (eval.csv;
+  needs two steps) and predicts the weights at a held-out accuracy of ALPHARL_TARGET_SCORE, in the container t_B;
+  it stands for no step;
+- ``expo`` is ExPO as published, θ_B + α(θ_B − θ_base) with α = 0.5 (its README's example), every parameter: a
+  fixed jump, whose nominal step is (1 + α)·t_B;
+- ``effopd`` is the published search at t_B (EffOPD's own name rule for what moves): candidates W_B + 2k(W_B − W_A),
+  k = 1 … 5, A the latest observed step ≤ t_B/2 (the base if none; the paper's anchor is t/2), each scored by
+  sampled accuracy (T = 1, one sample per prompt, a fresh draw per candidate) on 50 training prompts and accepted
+  while strictly better; its nominal step is t_B + 2k(t_B − t_A).
 
-Only the attention and MLP matrices move (every method alike); the other tensors are the last observed step's.
+The toolkit's variants (``VARIANTS``, asked for by name in ``methods``) run beside them: the same methods moving
+only the attention and MLP matrices (``linear/groups``, ``expo/groups``, ``effopd/groups``), RELEX on step numbers
+(``relex/steps``, matrices only: the toolkit's relex before it ran as published), and ``rank1-growth`` (what was
+called alpharl before).
+
 ``gain_recovered`` = (accuracy − init) / (final − init): 1 is the true final checkpoint, ``observed_gain`` the same
-for W_{t_B}. ``weight_error`` = ‖W_pred − W_T‖F / ‖W_T − W_{t_B}‖F over the moved matrices: below 1 the prediction
-is nearer the true final weights than t_B was.
+for W_{t_B}. ``weight_error`` = ‖W_pred − W_T‖F / ‖W_T − W_{t_B}‖F over the attention and MLP matrices: below 1 the
+prediction is nearer the true final weights than t_B was.
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.extrapolate.methods import MIN_STEPS, ExtrapolationOptions, extrapolate, observed
+from opd_dynamics.extrapolate.methods import ExtrapolationOptions, extrapolate, observed
+from opd_dynamics.extrapolate.predict import effopd_anchor as effopd_anchor_index
+from opd_dynamics.extrapolate.registry import METHODS_BY_NAME
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
 from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.series import CheckpointSeries
@@ -42,9 +53,29 @@ from opd_dynamics.schema import TABLES
 
 EXTRAPOLATION_JSON = "extrapolation.json"
 FRACTIONS = (0.1, 0.2, 0.4)
+#: the authors' methods, as published (the default)
 LAB_METHODS = ("linear", "relex", "alpharl", "expo", "effopd")
+#: the toolkit's variants: label → (method, its options beyond the lab's)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "linear/groups": ("linear", {"select": "groups"}),
+    "relex/steps": ("relex", {"time": "steps", "select": "groups"}),
+    "expo/groups": ("expo", {"select": "groups"}),
+    "effopd/groups": ("effopd", {"select": "groups"}),
+    "rank1-growth": ("rank1-growth", {}),
+}
 EXPO_ALPHA = 0.5
+#: alpharl's target: perfect held-out accuracy (the authors' script asks for 1.7 on MATH accuracy, beyond its range)
+ALPHARL_TARGET_SCORE = 1.0
 N_VAL = 50
+
+
+def _spec(label: str) -> tuple[str, dict]:
+    return VARIANTS.get(label, (label, {}))
+
+
+def min_steps(label: str) -> int:
+    """The observed steps a lab method needs."""
+    return METHODS_BY_NAME[_spec(label)[0]].min_steps
 
 
 def observed_steps(series: CheckpointSeries, fraction: float) -> list[int]:
@@ -58,8 +89,9 @@ def observed_steps(series: CheckpointSeries, fraction: float) -> list[int]:
 
 
 def effopd_anchor(steps: Sequence[int]) -> int:
-    """EffOPD's A for B = steps[-1]: the latest observed step ≤ B/2, else the base (0)."""
-    return max([s for s in steps[:-1] if s <= steps[-1] / 2], default=0)
+    """EffOPD's A for B = steps[-1]: the latest observed step ≤ B/2, else the base (0) (`predict.effopd_anchor`)."""
+    i = effopd_anchor_index(np.asarray(steps, dtype=np.float64))
+    return 0 if i is None else steps[i]
 
 
 def weight_error(pred: Path, final: Path, last: Path) -> float:
@@ -75,21 +107,30 @@ def weight_error(pred: Path, final: Path, last: Path) -> float:
     return math.sqrt(num / den) if den > 0 else float("nan")
 
 
-def _predict(method: str, series: CheckpointSeries, steps: list[int], target: int, out: Path,
-             score: Callable[[Path], float]) -> tuple[float, int | None]:
-    """Write ``method``'s weights from ``steps`` into ``out``; return (nominal step, EffOPD's accepted k)."""
+def _predict(label: str, series: CheckpointSeries, steps: list[int], target: int, out: Path,
+             score: Callable[[Path], float], accuracy: pd.Series) -> tuple[float, int | None]:
+    """Write the weights of ``label`` (a method or a variant) from ``steps`` into ``out``; return (nominal step,
+    EffOPD's accepted k)."""
     from opd_dynamics.effopd.offline import search_checkpoints
+    from opd_dynamics.effopd.options import EffOPDOptions
 
+    method, extra = _spec(label)
     t_b = steps[-1]
+    seen = observed(series, steps)
     if method == "effopd":
         t_a = effopd_anchor(steps)
         paths = dict(series.steps)
-        rec = search_checkpoints(paths[t_a] if t_a else series.base, paths[t_b], out, score)
+        rec = search_checkpoints(paths[t_a] if t_a else series.base, paths[t_b], out, score, EffOPDOptions(**extra))
         return t_b + rec.coef * (t_b - t_a), rec.k_accepted
     if method == "expo":
-        extrapolate(observed(series, [t_b]), target, out, ExtrapolationOptions(method="expo", alpha=EXPO_ALPHA))
+        extrapolate(seen, None, out, ExtrapolationOptions(method="expo", alpha=EXPO_ALPHA, **extra))
         return (1 + EXPO_ALPHA) * t_b, None
-    extrapolate(observed(series, steps), target, out, ExtrapolationOptions(method=method))
+    if method == "alpharl":
+        scores = {s: float(accuracy.loc[s]) for s in steps}
+        extrapolate(seen, None, out, ExtrapolationOptions(method="alpharl", scores=scores,
+                                                          target_score=ALPHARL_TARGET_SCORE, **extra))
+        return math.nan, None
+    extrapolate(seen, target, out, ExtrapolationOptions(method=method, **extra))
     return float(target), None
 
 
@@ -124,12 +165,12 @@ def _seed_rows(seed: int, lab: LabDir, runs: Sequence[str], fractions: Sequence[
                        "method": method, "nominal_step": math.nan, "k": pd.NA, "accuracy": math.nan,
                        "observed_accuracy": obs, "final_accuracy": final, "init_accuracy": init,
                        "weight_error": math.nan, "note": ""}
-                if len(steps) < MIN_STEPS[method]:
-                    row["note"] = f"needs {MIN_STEPS[method]} observed steps, {len(steps)} observed"
+                if len(steps) < min_steps(method):
+                    row["note"] = f"needs {min_steps(method)} observed steps, {len(steps)} observed"
                 else:
-                    pred = work / f".pred-{seed}-{run}-{f}-{method}"
+                    pred = work / f".pred-{seed}-{run}-{f}-{method.replace('/', '-')}"
                     row["nominal_step"], row["k"] = _predict(method, series, steps, final_step, pred,
-                                                             lambda p: val_score(load_model(p)))
+                                                             lambda p: val_score(load_model(p)), ev)
                     row["accuracy"] = float(evaluate_model(load_model(pred), tok, held)["accuracy"])
                     row["weight_error"] = weight_error(pred, paths[final_step], paths[t_b])
                     shutil.rmtree(pred)
@@ -150,9 +191,10 @@ def lab_extrapolation(root: str | Path, out: str | Path, *, fractions: Sequence[
     from opd_dynamics.plotting.extrapolation import plot_extrapolation
 
     log = log or (lambda m: print(m, flush=True))
-    bad = [m for m in methods if m not in LAB_METHODS]
+    known = (*LAB_METHODS, *VARIANTS)
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise InputError(None, f"method {bad[0]!r} is not one of {', '.join(LAB_METHODS)}", ("methods",))
+        raise InputError(None, f"method {bad[0]!r} is not one of {', '.join(known)}", ("methods",))
     if not fractions or any(not 0 < f < 1 for f in fractions):
         raise InputError(None, f"fractions must lie in (0, 1), got {list(fractions)}", ("fractions",))
     labs = seed_dirs(root)
@@ -177,6 +219,8 @@ def lab_extrapolation(root: str | Path, out: str | Path, *, fractions: Sequence[
         plot_extrapolation({"extrapolation": df}).savefig(tmp / "extrapolation.png", dpi=130, bbox_inches="tight")
         (tmp / EXTRAPOLATION_JSON).write_text(json_text({
             "lab": str(Path(root).resolve()), "seeds": list(labs), "runs": list(runs), "fractions": list(fractions),
-            "methods": list(methods), "expo_alpha": EXPO_ALPHA, "effopd_validation": f"sampled, {N_VAL} prompts",
+            "methods": list(methods), "variants": {k: [m, o] for k, (m, o) in VARIANTS.items() if k in methods},
+            "expo_alpha": EXPO_ALPHA, "alpharl_target_score": ALPHARL_TARGET_SCORE,
+            "effopd_validation": f"sampled, {N_VAL} prompts",
             "n_eval": n_eval, "seconds": round(time.perf_counter() - t0, 1)}))
     return out
