@@ -346,9 +346,12 @@ _LAB = (
         _c("fraction", "float", "f: the checkpoints at steps ≤ f·T were observed (T the run's last step)"),
         _c("last_observed", "int", "t_B, the last observed step"),
         _c("n_observed", "int", "observed checkpoints (the base besides them)"),
-        _c("method", "str", "linear, relex, alpharl (predict step T), expo or effopd (a jump from t_B)"),
+        _c("method", "str", "linear, relex (predict step T), alpharl (predicts at a target accuracy), expo or effopd "
+                            "(a jump from t_B), as their authors' code runs them; a toolkit variant by its name "
+                            "(lab.extrapolation.VARIANTS: linear/groups, relex/steps, expo/groups, effopd/groups, "
+                            "rank1-growth)"),
         _c("nominal_step", "float", "the step the prediction stands for: T, (1 + α)·t_B for expo, "
-                                    "t_B + 2k(t_B − t_A) for effopd"),
+                                    "t_B + 2k(t_B − t_A) for effopd, empty for alpharl"),
         _c("k", "int", "EffOPD's accepted k (empty for the other methods)"),
         _c("accuracy", "float", "held-out greedy accuracy of the predicted weights (empty when not run)"),
         _c("observed_accuracy", "float", "the run's held-out accuracy at t_B (vanilla training when predicting)"),
