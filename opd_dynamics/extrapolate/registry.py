@@ -116,12 +116,12 @@ METHODS_LIST: tuple[Method, ...] = (
            "2-D .weight of each decoder layer's self_attn and mlp (q, k, v, o, gate, up, down)", "ckpt",
            P.predict_alpharl, select=_alpharl, matrices=True,
            needs="a score per observed step (--scores CSV) and a target score (--target-score)"),
-    Method("rank1-growth", None, "the toolkit's (AlphaRL's eval/upd_rank.py:53-60 norm-matched rank-1 model, grown "
-                                 "linearly in time)",
+    Method("rank1-growth", None, "AlphaRL's eval/upd_rank.py:53-60 norm-matched rank-1 model, grown linearly in "
+                                 "time (what alpharl was before issue 28)",
            "W_0 + (t*/t_n)·‖D_n‖F·u1 v1ᵀ, u1, v1 the top singular vectors of D_n = W_tn − W_0",
            "step", 1, (), "attention and MLP matrices (the toolkit's groups)", "last", P.predict_rank1_growth,
            matrices=True),
-    Method("last-segment", None, "the toolkit's (the old expo: ExPO's jump along the last observed segment)",
+    Method("last-segment", None, "ExPO's jump along the last observed segment (what expo was before issue 28)",
            "W_B + α(W_B − W_A), A, B the last two observed steps (A the base with one), α given or (t* − t_B)/"
            "(t_B − t_A)", "step-or-alpha", 1, ("alpha",), "attention and MLP matrices (the toolkit's groups)",
            "last", P.predict_last_segment),
