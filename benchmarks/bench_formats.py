@@ -47,7 +47,7 @@ def _fsdp_worker(rank: int, world: int, src: str, actor: str, dcp_dir: str, stor
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from opd_dynamics.io.reader import open_model
+    from opd_dynamics.io.formats import open_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -66,7 +66,7 @@ def write_formats(root: Path, steps: int) -> None:
     """root/{bin,fsdp,dcp}/checkpoint-N from root/run/checkpoint-N (safetensors)."""
     import torch.multiprocessing as mp
 
-    from opd_dynamics.io.reader import open_model
+    from opd_dynamics.io.formats import open_model
 
     for t in range(1, steps + 1):
         src = root / "run" / f"checkpoint-{t}"

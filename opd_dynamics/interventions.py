@@ -19,8 +19,8 @@ from typing import Any, Union
 import torch
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.naming import MATRIX_GROUPS, TensorName, is_selected, parse_name
-from opd_dynamics.io.reader import open_model
 from opd_dynamics.numerics import fro2, update_dtype
 
 __all__ = ["scale", "layer_window", "module_mask", "rank_truncate", "module_rescale", "embedding_swap",

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.model_dir import FdCache, ModelDir
-from opd_dynamics.io.reader import open_model
 
 from builders import llama_like, write_dir
 

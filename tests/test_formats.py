@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.reader import open_model, reader_format
+from opd_dynamics.io.formats import open_model, reader_format
 from opd_dynamics.io.series import CheckpointSeries
 
 from builders import save_bin, tiny_llama, write_fsdp_step
@@ -388,7 +388,7 @@ def test_fsdp_and_dcp_are_read_without_importing_torch_distributed_tensor_or_che
     import subprocess
     import sys
 
-    code = ("import sys\nfrom opd_dynamics.io.reader import open_model\n"
+    code = ("import sys\nfrom opd_dynamics.io.formats import open_model\n"
             "for d in sys.argv[1:]:\n"
             "    with open_model(d) as r:\n"
             "        [r.get(n) for n in r.names()]\n"

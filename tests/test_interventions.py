@@ -9,8 +9,8 @@ import torch
 
 from opd_dynamics import interventions as iv
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.naming import parse_name
-from opd_dynamics.io.reader import open_model
 from opd_dynamics.lab.interventions import evenly
 
 from builders import llama_like, perturb, write_dir

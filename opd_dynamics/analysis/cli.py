@@ -39,7 +39,7 @@ def describe(run, runs, base, steps, groups, load_mode, prefer_format) -> None:
                        f"{size / 1e6:.2f} MB per step")
         return
     df = _describe(series, groups=parse_groups(groups, None))
-    from opd_dynamics.io.reader import reader_format
+    from opd_dynamics.io.formats import reader_format
 
     for s in series:
         click.echo(f"run {s.name}: base {s.base} ({reader_format(s.base, prefer_format)}); {len(s.steps)} steps "

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.lora import LoraAdapter
 from opd_dynamics.io.model_dir import FLOAT_DTYPES, FP8_DTYPES, QUANT_SCALE_SUFFIXES, EntryReader
 from opd_dynamics.io.naming import Override, TensorName, parse_name, stored_transposed
-from opd_dynamics.io.reader import open_model
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.numerics import subtract, upcast, update_dtype
 

@@ -23,8 +23,8 @@ from opd_dynamics.analysis.deltas import row_blocks
 from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.search import Score, TriggerRecord, jump, published_search
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
-from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.writer import (
     DEFAULT_SHARD_BYTES,
     MODEL,

@@ -26,9 +26,9 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.extrapolate import predict as P
 from opd_dynamics.extrapolate.registry import METHODS, Method, method, owners
 from opd_dynamics.fields import option
+from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.model_dir import FLOAT_DTYPES
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
-from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.series import CheckpointSeries, check_same_architecture
 from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL, check_output, write_model
 from opd_dynamics.numerics import fro2

@@ -4,10 +4,11 @@ parameter naming, and the atomic, sharded writer. Imports nothing above it but `
 `open_model` picks the reader by the files present; `CheckpointSeries` finds a run's steps.
 """
 
+from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.lora import LoraAdapter
 from opd_dynamics.io.model_dir import ModelDir
 from opd_dynamics.io.naming import GROUPS, MATRIX_GROUPS, TensorName, parse_name
-from opd_dynamics.io.reader import LOAD_MODES, TensorReader, is_adapter_dir, open_model
+from opd_dynamics.io.reader import LOAD_MODES, TensorReader, is_adapter_dir
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.io.sketches import SketchSeries
 from opd_dynamics.io.writer import write_model

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, open_model, reader_class, reader_format
+from opd_dynamics.io.formats import open_model, reader_class, reader_format
+from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)(?:_hf)?$")
 #: where a step directory nests its weights: verl's merged export or raw rank files, accelerate's DCP folder

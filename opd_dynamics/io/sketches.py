@@ -149,7 +149,7 @@ class SketchSeries:
         recorded matrix it lacks or holds in another shape, or whose weights are, at the median over matrices,
         at least FOREIGN_MEDIAN of their norm away from the recorded W_0. Otherwise that median distance (0 for the
         recorded start itself; the analysis of a sketch measures from its own W_0 whatever base is given)."""
-        from opd_dynamics.io.reader import open_model
+        from opd_dynamics.io.formats import open_model
 
         reader = open_model(base)
         for name, info in self.tensors.items():

@@ -44,8 +44,8 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.extrapolate.methods import ExtrapolationOptions, extrapolate, observed
 from opd_dynamics.extrapolate.predict import effopd_anchor as effopd_anchor_index
 from opd_dynamics.extrapolate.registry import METHODS_BY_NAME
+from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
-from opd_dynamics.io.reader import open_full_weights
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.lab.layout import RUNS, LabDir, seed_dirs
 from opd_dynamics.numerics import fro2

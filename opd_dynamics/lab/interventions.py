@@ -21,7 +21,7 @@ from opd_dynamics.interventions import (
     scale,
     update_norm,
 )
-from opd_dynamics.io.reader import open_model
+from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.writer import atomic_dir, check_output, json_text
 from opd_dynamics.lab.evaluate import evaluate_model
 from opd_dynamics.lab.layout import RUNS, LabDir
