@@ -20,9 +20,9 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.formats import open_model
-from opd_dynamics.io.lora import LoraAdapter
 from opd_dynamics.io.model_dir import FLOAT_DTYPES, FP8_DTYPES, QUANT_SCALE_SUFFIXES, EntryReader
 from opd_dynamics.io.naming import Override, TensorName, parse_name, stored_transposed
+from opd_dynamics.io.reader import TensorReader
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.numerics import subtract, upcast, update_dtype
 
@@ -78,7 +78,7 @@ class SeriesReader:
         # any format can be the base (CheckpointSeries refused an adapter): one that is not the steps' is fine
         self.base: EntryReader = open_model(series.base, series.load_mode,  # type: ignore[assignment]
                                             series.prefer_format)
-        self.steps: dict[int, EntryReader | LoraAdapter] = {
+        self.steps: dict[int, TensorReader] = {
             s: open_model(p, series.load_mode, series.prefer_format) for s, p in series.steps}
 
     @cached_property
@@ -157,26 +157,26 @@ def plan_series(series: CheckpointSeries, names: list[str] | None = None, groups
             present, rows, nbytes = [], None, entry.nbytes
             problems: dict[str, list[int]] = {}  # what is wrong -> the steps it is wrong at
             for step, m in reader.steps.items():
-                if isinstance(m, LoraAdapter):
-                    if name in m.names():
-                        present.append(step)
-                        nbytes += entry.nbytes  # at most: a factored step reads less
-                        if not m.is_factored(name) and m.full_shape(name) != tuple(shape):
-                            problems.setdefault("shape mismatch", []).append(step)
-                    continue
                 if name not in m:
-                    problems.setdefault("missing", []).append(step)
+                    if not m.holds_updates:  # (an adapter leaves the weights it does not hold unchanged)
+                        problems.setdefault("missing", []).append(step)
+                    continue
+                if m.is_factored(name):  # its update as factors: read from them, never as a weight
+                    present.append(step)
+                    nbytes += entry.nbytes  # at most: a factored step reads less
                     continue
                 s = m.shape(name)
-                if _not_analysable(name, m.entries[name].dtype):
-                    problems.setdefault(f"{m.entries[name].dtype} (the base has {entry.dtype})", []).append(step)
+                if m.holds_updates and s != shape:  # a fully saved module replaces the weight whole
+                    problems.setdefault("shape mismatch", []).append(step)
+                elif _not_analysable(name, m.stored_dtype(name)):
+                    problems.setdefault(f"{m.stored_dtype(name)} (the base has {entry.dtype})", []).append(step)
                 elif s == shape:
                     present.append(step)
-                    nbytes += m.entries[name].nbytes
+                    nbytes += m.nbytes(name)
                 elif (info.group in _RESIZABLE and len(s) == 2 and len(shape) == 2 and s[1] == shape[1]):
                     rows = min(rows or shape[0], s[0], shape[0])
                     present.append(step)
-                    nbytes += m.entries[name].nbytes
+                    nbytes += m.nbytes(name)
                 else:
                     problems.setdefault(f"shape mismatch: base {list(shape)} vs {list(s)}", []).append(step)
             if problems:
@@ -259,12 +259,12 @@ def read_step(reader: SeriesReader, tp: TensorPlan, step: int, w0: torch.Tensor,
     """W_t for one step (``w0`` is the upcast, oriented base on the target device); ``materialize`` forms
     the float weight and delta now (in the reading thread, when prefetching) instead of on first use."""
     m = reader.steps[step]
-    if isinstance(m, LoraAdapter) and m.is_factored(tp.name):
+    if m.is_factored(tp.name):
         fdt = update_dtype(w0)
         delta = m.delta(tp.name, fdt, w0.device)
         delta = _orient(delta.mT if tp.transposed else delta, tp, fdt)  # factors are (out, in) already
         return StepUpdate(step, w0.to(fdt) + delta, w0, delta)
-    raw = m.full(tp.name) if isinstance(m, LoraAdapter) else m.get(tp.name)
+    raw = m.get(tp.name)
     upd = StepUpdate(step, _orient(raw, tp).to(w0.device), w0)
     if materialize:
         upd.delta  # noqa: B018 - cached_property: computed here, off the caller's thread
@@ -327,11 +327,11 @@ TRAJECTORY_BLOCK_BYTES = 64 << 20
 def _rows_delta(m, name: str, lo: int, hi: int, w0: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """Rows lo:hi (stored first dimension) of W_t − W_0 in float64, as stored (no transpose); ``m`` is a step's
     reader (a LoRA adapter forms its rows from the factors)."""
-    if isinstance(m, LoraAdapter) and m.is_factored(name):
+    if m.is_factored(name):
         return m.delta_rows(name, lo, hi, torch.float64, transposed)
     if not m.shape(name):  # a 0-d tensor is one row of one entry
         return m.get(name).reshape(1).to(torch.float64) - w0
-    rows = m.full_rows(name, lo, hi) if isinstance(m, LoraAdapter) else m.get_rows(name, lo, hi)
+    rows = m.get_rows(name, lo, hi)
     return rows.to(torch.float64) - w0
 
 

@@ -17,7 +17,7 @@ import torch
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import ModelDir
 from opd_dynamics.io.naming import PEFT_PREFIX
-from opd_dynamics.io.reader import ADAPTER_CONFIG, ADAPTER_FILE
+from opd_dynamics.io.reader import ADAPTER_CONFIG, ADAPTER_FILE, TensorReader
 
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -30,9 +30,12 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
-class LoraAdapter:
-    """A PEFT LoRA adapter: per adapted base weight, the factors (B, A) and scale; plus any fully saved
-    modules (`modules_to_save`), which replace the base weight."""
+class LoraAdapter(TensorReader):
+    """A PEFT LoRA adapter, a reader of updates: per adapted base weight, the factors (B, A) and scale
+    (`is_factored`, `factors`, `delta`, `delta_rows`); plus any fully saved modules (`modules_to_save`), which
+    replace the base weight and are read with `get` like any weights."""
+
+    holds_updates = True
 
     def __init__(self, path: str | Path, load_mode: str = "pread"):
         self.path = Path(path)
@@ -85,6 +88,9 @@ class LoraAdapter:
         """Base-model weight names this adapter changes (LoRA-adapted and fully saved)."""
         return list(self._pairs) + list(self._full)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._pairs or name in self._full
+
     def is_factored(self, name: str) -> bool:
         return name in self._pairs
 
@@ -117,16 +123,27 @@ class LoraAdapter:
         b, a, s = self.factors(name, torch.float64)
         return float(s * s * torch.sum((b.T @ b) * (a @ a.T)))
 
-    def full_shape(self, name: str) -> tuple[int, ...]:
-        """The stored shape of a fully saved module's weight."""
-        return tuple(self._store.shape(self._full[name]))
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A fully saved weight's stored shape; an adapted weight's (out, in), from its factors."""
+        if name in self._full:
+            return tuple(self._store.shape(self._full[name]))
+        p = self._pairs[name]
+        return (self._store.shape(p["B"])[0], self._store.shape(p["A"])[-1])
 
-    def full(self, name: str) -> torch.Tensor:
-        """A fully saved module's weight (replaces the base weight)."""
-        return self._store.get(self._full[name])
+    def dtype(self, name: str) -> torch.dtype:
+        return self._store.dtype(self._full.get(name) or self._pairs[name]["B"])
 
-    def full_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a fully saved module's weight, reading only their bytes."""
+    def stored_dtype(self, name: str) -> str:
+        return self._store.stored_dtype(self._full.get(name) or self._pairs[name]["B"])
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fully saved module's weight (it replaces the base weight); an adapted weight is an update, refused."""
+        return self.get_rows(name)
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows of a fully saved module's weight, reading only their bytes."""
+        if name not in self._full:
+            raise InputError(self.path, f"holds {name!r} as LoRA factors (an update), not the weight itself")
         return self._store.get_rows(self._full[name], start, stop)
 
     def nbytes(self, name: str | None = None) -> int:
@@ -142,9 +159,3 @@ class LoraAdapter:
 
     def close(self) -> None:
         self._store.close()
-
-    def __enter__(self) -> LoraAdapter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -76,6 +76,24 @@ class TensorReader(ABC):
         overrides this (memory then holds only those rows); this fallback reads the whole tensor."""
         return self.get(name)[start:stop]
 
+    #: True for a reader of updates rather than weights (a LoRA adapter): a weight it does not hold is unchanged
+    #: at that step, not missing
+    holds_updates: bool = False
+
+    def is_factored(self, name: str) -> bool:
+        """Whether this reader holds ``name``'s update as low-rank factors (ΔW = s·B·A, never formed whole unless
+        asked: `delta`, `delta_rows`) instead of the weight itself (`get`)."""
+        return False
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """A factored update, formed dense in ``dtype`` on ``device`` (only where `is_factored`)."""
+        raise NotImplementedError(f"{type(self).__name__} holds weights, not factored updates")
+
+    def delta_rows(self, name: str, start: int, stop: int, dtype: torch.dtype = torch.float32,
+                   transposed: bool = False) -> torch.Tensor:
+        """Rows of a factored update as the base stores it (only where `is_factored`)."""
+        raise NotImplementedError(f"{type(self).__name__} holds weights, not factored updates")
+
     def close(self) -> None:  # noqa: B027 - a hook: readers without open files need not close anything
         """Release open files (the reader can still be used: files are reopened on demand)."""
 
