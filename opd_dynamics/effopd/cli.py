@@ -9,6 +9,7 @@ from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.probe import DEFAULT_COEFS, GATE_TEXT
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.cli import (
+    LOAD_MODE_OPTION,
     PREFER_FORMAT_OPTION,
     dataclass_options,
     options_from,
@@ -16,7 +17,6 @@ from opd_dynamics.io.cli import (
     parse_size,
     with_options,
 )
-from opd_dynamics.io.reader import LOAD_MODES
 
 
 def imply_select(fields: dict) -> None:
@@ -39,7 +39,7 @@ _shared = [
     *dataclass_options(EffOPDOptions, only=("select", "groups", "matrices_only")),
     click.option("--overwrite", is_flag=True, help="Replace an earlier model output (one opd-dynamics wrote)."),
     click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
-    click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True),
+    LOAD_MODE_OPTION,
     PREFER_FORMAT_OPTION,
 ]
 
@@ -92,7 +92,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 @click.option("--out", required=True, type=click.Path(), help="Output directory (probe.csv + probe.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier probe output (one opd-dynamics wrote).")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
-@click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True)
+@LOAD_MODE_OPTION
 @with_options(dataclass_options(EffOPDOptions, only=("select", "groups", "matrices_only")))
 def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, load_mode, **fields) -> None:
     """Score W_t + c·(W_t − W_s) over a grid of c for pairs (s, t) of RUN's steps: can extrapolation help here?"""

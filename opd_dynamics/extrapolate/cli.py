@@ -12,6 +12,7 @@ import click
 from opd_dynamics.errors import InputError
 from opd_dynamics.extrapolate.methods import ExtrapolationOptions
 from opd_dynamics.io.cli import (
+    LOAD_MODE_OPTION,
     PREFER_FORMAT_OPTION,
     dataclass_options,
     options_from,
@@ -19,7 +20,6 @@ from opd_dynamics.io.cli import (
     parse_size,
     with_options,
 )
-from opd_dynamics.io.reader import LOAD_MODES
 
 
 @click.command("extrapolate")
@@ -35,7 +35,7 @@ from opd_dynamics.io.reader import LOAD_MODES
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (not inside an input).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier model output (one opd-dynamics wrote).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True)
+@LOAD_MODE_OPTION
 @PREFER_FORMAT_OPTION
 def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_shard_size, load_mode, prefer_format,
                 **fields) -> None:

@@ -215,6 +215,12 @@ def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: st
     return out
 
 
+#: how tensors are read (and, with masters, which weights of a DeepSpeed checkpoint): every command's --load-mode
+LOAD_MODE_OPTION = click.option(
+    "--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True,
+    help="pread reads each tensor with one positioned read (bounded memory, network filesystems); mmap maps the "
+         "files; masters reads DeepSpeed ZeRO checkpoints' fp32 master weights (others as pread).")
+
 #: which format to read where a checkpoint directory holds weights in several (refused without it)
 PREFER_FORMAT_OPTION = click.option(
     "--prefer-format", type=click.Choice(FORMATS), default=None,
@@ -228,9 +234,7 @@ SERIES_OPTIONS = [
                                                    "holds its own; a base given with one is checked against it)."),
     click.option("--steps", default=None, help="Comma-separated steps to keep (default: all)."),
     click.option("--groups", default=None, help="Comma-separated groups to analyse (default: all)."),
-    click.option("--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True,
-                 help="pread reads each tensor with one positioned read (bounded memory, network filesystems); "
-                      "masters reads DeepSpeed ZeRO checkpoints' fp32 master weights (others as pread)."),
+    LOAD_MODE_OPTION,
     PREFER_FORMAT_OPTION,
 ]
 
