@@ -80,8 +80,9 @@ class ExtrapolationOptions:
                               "(the toolkit's: the observed step numbers).", choices=TIMES)
     target_scale: float | None = option(None, f"{_by('target_scale')}'s --target_step_scaling_factor (default: 2 when "
                                         "the base's path names Qwen2.5-Math-1.5B, else 1, as their code infers it).")
-    scores: str | None = option(None, f"{_by('scores')}: a CSV with columns step and score (or accuracy), one row per "
-                                "observed step (AlphaRL's per-step accuracies).")
+    scores: str | Mapping[int, float] | None = option(None, f"{_by('scores')}: a CSV with columns step and score (or "
+                                                      "accuracy), one row per observed step (AlphaRL's per-step "
+                                                      "accuracies); in Python also a {step: score} mapping.")
     target_score: float | None = option(None, f"{_by('target_score')}: the score to predict the weights at "
                                         "(AlphaRL's --y_predict).")
     ckpt_step: int | None = option(None, f"{_by('ckpt_step')}: the observed step whose weights are the container "
