@@ -43,7 +43,7 @@ import pandas as pd
 from opd_dynamics.errors import InputError
 from opd_dynamics.extrapolate.methods import ExtrapolationOptions, extrapolate, observed
 from opd_dynamics.extrapolate.predict import effopd_anchor as effopd_anchor_index
-from opd_dynamics.extrapolate.registry import METHODS_BY_NAME
+from opd_dynamics.extrapolate.registry import METHODS_BY_NAME, METHODS_LIST
 from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
 from opd_dynamics.io.series import CheckpointSeries
@@ -53,8 +53,8 @@ from opd_dynamics.schema import TABLES
 
 EXTRAPOLATION_JSON = "extrapolation.json"
 FRACTIONS = (0.1, 0.2, 0.4)
-#: the authors' methods, as published (the default)
-LAB_METHODS = ("linear", "relex", "alpharl", "expo", "effopd")
+#: the authors' methods, as published (the default): the registry's published methods
+LAB_METHODS = tuple(m.name for m in METHODS_LIST if m.published)
 #: the toolkit's variants: label → (method, its options beyond the lab's)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "linear/groups": ("linear", {"select": "groups"}),
