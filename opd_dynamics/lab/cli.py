@@ -129,20 +129,21 @@ def claims_cmd(lab_root: str | None, out: str, effopd_dir: str | None, early_fra
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--fractions", default="0.1,0.2,0.4", show_default=True,
               help="Fractions of each run observed, comma-separated.")
-@click.option("--methods", default="linear,relex,alpharl,expo,effopd", show_default=True,
-              help="Extrapolators, comma-separated.")
+@click.option("--methods", default=None,
+              help="Extrapolators, comma-separated (default: the authors' methods as published; the toolkit's "
+                   "variants by name, e.g. linear/groups,relex/steps,rank1-growth: docs/EXTRAPOLATION.md).")
 @click.option("--n-eval", type=int, default=None, help="Held-out problems to score (default: the lab's n_eval).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output in OUT.")
-def extrapolate_cmd(lab_root: str, out: str, fractions: str, methods: str, n_eval: int | None,
+def extrapolate_cmd(lab_root: str, out: str, fractions: str, methods: str | None, n_eval: int | None,
                     overwrite: bool) -> None:
     """Every extrapolator from the first 10/20/40 % of each OPD and GRPO run of LAB_ROOT (every seed), scored
     against the true final checkpoint: extrapolation.csv and extrapolation.png."""
     from opd_dynamics.io.cli import parse_floats
-    from opd_dynamics.lab.extrapolation import lab_extrapolation
+    from opd_dynamics.lab.extrapolation import LAB_METHODS, lab_extrapolation
 
-    path = lab_extrapolation(lab_root, out, fractions=parse_floats(fractions, "--fractions"),
-                             methods=[m.strip() for m in methods.split(",") if m.strip()], n_eval=n_eval,
-                             overwrite=overwrite)
+    names = LAB_METHODS if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    path = lab_extrapolation(lab_root, out, fractions=parse_floats(fractions, "--fractions"), methods=names,
+                             n_eval=n_eval, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
 
