@@ -19,7 +19,6 @@ when the run keeps fp32 masters), read in their stored dtype.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import pickle
@@ -98,7 +97,6 @@ class DCPDir(EntryReader):
         self.entries: dict[str, TensorEntry] = {}
         self._meta: dict[str, tuple[str, object]] = {}
         self._where: dict[tuple[Path, int], object] = {}  # a chunk's StoredTensor (None: not located)
-        digest = hashlib.sha256()
         for k in keys:
             tm = md.state_dict_metadata[k]
             name = k[len(strip):] if strip and k.startswith(strip) else k
@@ -111,8 +109,7 @@ class DCPDir(EntryReader):
             self.entries[name] = TensorEntry(first, code, shape, 0, numel * tm.properties.dtype.itemsize,
                                              idents.get(first, ()))
             self._meta[name] = (k, tm)
-            digest.update(f"{name}:{code}:{shape};".encode())
-        self._set_identity(digest.hexdigest())
+        self._set_identity()
 
     def _chunk_plan(self, key: str, tm) -> list[tuple[object, Path, tuple]]:
         """(chunk metadata, its file, its storage info) for every chunk of a tensor, each checked to be stored."""

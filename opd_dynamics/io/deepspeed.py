@@ -17,7 +17,6 @@ a file naming anything else is refused unread.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -127,7 +126,6 @@ class ZeroCheckpoint(EntryReader):
         self._layout = self._plan(shapes, world) if self.masters else {}
         self.entries: dict[str, TensorEntry] = {}
         ident = file_identity(states_file.stat())
-        digest = hashlib.sha256(f"masters={self.masters};".encode())
         module = states["module"]
         for name, shape in shapes.items():
             dtype = torch.float32 if self.masters else module[name].dtype
@@ -139,10 +137,9 @@ class ZeroCheckpoint(EntryReader):
                                               f"{tuple(shape)} in its param_shapes")
             self.entries[name] = TensorEntry(states_file, code, tuple(shape), start,
                                              start + math.prod(shape) * dtype.itemsize, ident)
-            digest.update(f"{name}:{code}:{tuple(shape)};".encode())
         if not self.entries:
             raise InputError(states_file, "lists no parameters")
-        self._set_identity(digest.hexdigest())
+        self._set_identity(tag=f"masters={self.masters};")
 
     def _plan(self, shapes: dict[str, torch.Size], world: int) -> dict[str, tuple[int, int]]:
         """name → (offset, length): ZeRO-1/2, where the tensor lies in its param group's concatenation of every

@@ -368,8 +368,14 @@ class EntryReader(TensorReader):
         self._rows_cache = None
         _FDS.close(set(self.files))
 
-    def _set_identity(self, digest: str) -> None:
-        """header_sha256 and identity from a digest of what describes the tensors and each file's identity."""
+    def _set_identity(self, digest: str | None = None, tag: str = "") -> None:
+        """header_sha256 and identity from a digest of what describes the tensors (by default: ``tag`` and each
+        entry's name, dtype code and shape, in order) and each file's identity."""
+        if digest is None:
+            h = hashlib.sha256(tag.encode())
+            for name, e in self.entries.items():
+                h.update(f"{name}:{e.dtype}:{tuple(e.shape)};".encode())
+            digest = h.hexdigest()
         self.header_sha256 = digest
         idents = {e.file: e.ident for e in self.entries.values()}
         # a header alone is shared by every model of one architecture (a Base and its Instruct), so each file's

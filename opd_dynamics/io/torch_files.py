@@ -22,7 +22,6 @@ hub models hold): the stored dtype is analysed as it is.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -328,7 +327,6 @@ class BinDir(EntryReader):
         self.entries: dict[str, TensorEntry] = {}
         self._mapped_files: set[Path] = set()
         self._loaded: dict = {}
-        digest = hashlib.sha256()
         for f in self.files:
             check_torch_file(f)
             ident = file_identity(f.stat())
@@ -344,10 +342,9 @@ class BinDir(EntryReader):
                 code = dtype_code(f, name, t.dtype)
                 start = 0 if t.start is None else t.start
                 self.entries[name] = TensorEntry(f, code, tuple(t.shape), start, start + t.nbytes, ident)
-                digest.update(f"{name}:{code}:{tuple(t.shape)};".encode())
         if not self.entries:
             raise InputError(self.path, "holds no tensors")
-        self._set_identity(digest.hexdigest())
+        self._set_identity()
 
     def get(self, name: str) -> torch.Tensor:
         return self.get_rows(name)
