@@ -397,8 +397,9 @@ _LAB = (
 # ---- the recorder (opd_dynamics.record) ----
 
 _RECORD = (
-    Table("sketch_alignment", "sketch_alignment.csv", _ALIGNMENT, "the alignment table of a lab's sketch series "
-          "(every recorded step of each run, to its last step)", writer="opd_dynamics.lab.run.write_sketch_alignment"),
+    Table("sketch_alignment", "sketch_alignment.csv", _ALIGNMENT, "the alignment table of a sketch series (every "
+          "recorded step of each run, to its last step), written by analyze of any sketch series and by lab run",
+          writer="opd_dynamics.lab.run.write_sketch_alignment"),
     Table("sketch", "sketch.csv", (
         _c("step", "int", "the recorded optimizer step t"),
         _c("tensor", "str", "the parameter's name"),
