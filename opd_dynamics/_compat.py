@@ -15,7 +15,7 @@ import warnings
 
 #: old module → the modules that hold its names now (looked up in order)
 MOVED: dict[str, tuple[str, ...]] = {
-    "checkpoints": ("opd_dynamics.io.model_dir", "opd_dynamics.io.reader"),
+    "checkpoints": ("opd_dynamics.io.model_dir", "opd_dynamics.io.reader", "opd_dynamics.io.formats"),
     "lora": ("opd_dynamics.io.lora",),
     "series": ("opd_dynamics.io.series",),
     "naming": ("opd_dynamics.io.naming",),

@@ -9,7 +9,7 @@ import pytest
 
 OLD_TO_NEW = [
     ("opd_dynamics.checkpoints", "ModelDir", "opd_dynamics.io.model_dir"),
-    ("opd_dynamics.checkpoints", "open_model", "opd_dynamics.io.reader"),
+    ("opd_dynamics.checkpoints", "open_model", "opd_dynamics.io.formats"),
     ("opd_dynamics.series", "CheckpointSeries", "opd_dynamics.io.series"),
     ("opd_dynamics.naming", "parse_name", "opd_dynamics.io.naming"),
     ("opd_dynamics.writer", "write_model", "opd_dynamics.io.writer"),
