@@ -339,16 +339,16 @@ def test_alpharl_as_published_equals_its_reference(tmp_path, head):
 
 def test_alpharl_aligns_signs_and_the_reference_pls_is_scikit_learns():
     """The sign chain flips a step whose rank-1 vector points against the later one; the closed form of the
-    toolkit's PLS equals the NIPALS reference (and scikit-learn's own, where installed)."""
+    toolkit's PLS equals the NIPALS reference and scikit-learn's own (AlphaRL calls it)."""
     from opd_dynamics.extrapolate.predict import pls1_predict
 
     rng = np.random.default_rng(1)
     X, y = rng.normal(size=(5, 7)), np.array([0.1, 0.4, 0.35, 0.6, 0.8])
     np.testing.assert_allclose(pls1_predict(X, y, 1.7), _sklearn_pls1(X, y, 1.7)[0], rtol=1e-12, atol=1e-12)
-    sk = pytest.importorskip("sklearn.cross_decomposition")
+    from sklearn.cross_decomposition import PLSRegression
     from sklearn.linear_model import LinearRegression
 
-    pls = sk.PLSRegression(n_components=1)
+    pls = PLSRegression(n_components=1)
     proj = pls.fit_transform(X, y.reshape(-1, 1))[0]
     reg = LinearRegression().fit(proj, y)
     ref = pls.inverse_transform(((1.7 - reg.intercept_) / reg.coef_).reshape(1, -1))
