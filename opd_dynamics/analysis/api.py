@@ -96,15 +96,10 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
 
         return analyze_sketches(given, out=out, options=opts, overwrite=overwrite, command=command)
     executor = resolve_executor(run.executor, run.workers, run.ray_address)
-    workers, ray_address = run.workers, run.ray_address
     lst = _as_list(series)
     out_path = None if out is None else check_output(
         out, ANALYSIS, overwrite=overwrite, inputs=[p for s in lst for p in (s.base, *(p for _, p in s.steps))])
-    if opts.ref_step is not None:
-        for s in lst:
-            if opts.ref_step not in dict(s.steps):
-                raise InputError(None, f"ref_step {opts.ref_step} is not a step of run {s.name!r} "
-                                       f"(its steps: {', '.join(str(t) for t, _ in s.steps)})", ("ref_step",))
+    _check_ref_step(lst, opts.ref_step)
     partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
     with output_errors(out_path, partial), output_lock(out_path), readers_released(lst):  # one analyze per output
         t0 = time.perf_counter()
@@ -119,55 +114,85 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
             _check_token_ids(opts.token_ids, plans)
         resume_dir = partial / "cache" if partial is not None else None
         cache_root = Path(run.cache_dir) if run.cache_dir is not None else default_cache_root()
-        results = execute(plans, opts, executor=executor, workers=workers, ray_address=ray_address,
+        results = execute(plans, opts, executor=executor, workers=run.workers, ray_address=run.ray_address,
                           resume_dir=resume_dir, cache_root=cache_root, progress=run.progress)
-        rows: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
-        failed = []  # one entry per tensor and step that failed; step None: the whole tensor
-        for r in results:
-            if r.error is not None:
-                failed.append({"run": r.run, "tensor": r.tensor, "step": None, "reason": r.error})
-                continue
-            failed += [{"run": r.run, "tensor": r.tensor, "step": s, "reason": why} for s, why in r.step_errors.items()]
-            for t, rs in r.tables.items():
-                rows[t].extend(rs)
-        if not rows["module_allocation"]:
-            first = failed[0]["reason"] if failed else "nothing was analysed"
-            raise InputError(lst[0].base, f"no tensor could be analysed ({first})")
-        tables = build_tables(rows)
+        tables, failed = _collect(results, lst)
         notes = wrong_base_warnings(tables["module_allocation"]) + nonfinite_warnings(tables["module_allocation"], lst)
         for n in notes:
             warnings.warn(n, UserWarning, stacklevel=2)
-        meta = {
-            "version": __version__,
-            "command": command or api_command(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "inputs": [_series_meta(p) for p in plans],
-            "options": asdict(opts),
-            "dtype": {"asked": opts.dtype, "used": _dtype_used(opts, plans)},
-            "device": _device_meta(opts, executor, results),
-            "executor": {"kind": executor, "workers": workers, "ray_address": ray_address},
-            "timings_s": {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
-                          "tensor_compute_sum": round(sum(r.seconds for r in results), 3)},
-            "skipped": [sk for p in plans for sk in p.skipped],
-            "tied": {p.series.name: p.tied for p in plans if p.tied},
-            "failed": failed,
-            "warnings": notes,
-            "tables": {k: len(v) for k, v in tables.items()},
-        }
-        report = Report(tables, meta)
+        timings = {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
+                   "tensor_compute_sum": round(sum(r.seconds for r in results), 3)}
+        report = Report(tables, _provenance(plans, results, opts, run, executor, command, timings, failed, notes,
+                                            tables))
         if out_path is not None:
-            partial.mkdir(parents=True, exist_ok=True)
-            for f in partial.iterdir():  # tables an earlier, interrupted run left here are not this run's
-                if f.is_file():
-                    f.unlink()
-            report.write_into(partial)
-            mark_output(partial, ANALYSIS, meta["command"])
-            shutil.rmtree(resume_dir, ignore_errors=True)
-            check_output_again(partial, out_path, ANALYSIS, overwrite=overwrite)
-            replace_path(partial, out_path)
+            _commit(report, partial, out_path, overwrite)
     if failed and not run.keep_going:
         raise InputError(None, failure_sentence(failed, out_path), ("keep_going",))
     return report
+
+
+def _check_ref_step(lst: Sequence[CheckpointSeries], ref_step: int | None) -> None:
+    """A reference step must be a step of every run."""
+    if ref_step is None:
+        return
+    for s in lst:
+        if ref_step not in dict(s.steps):
+            raise InputError(None, f"ref_step {ref_step} is not a step of run {s.name!r} "
+                                   f"(its steps: {', '.join(str(t) for t, _ in s.steps)})", ("ref_step",))
+
+
+def _collect(results: list[JobResult], lst: Sequence[CheckpointSeries]) -> tuple[dict[str, pd.DataFrame], list]:
+    """The tables from every tensor's rows, and what failed: one entry per tensor and step (step None: the whole
+    tensor). Nothing analysed at all is one sentence."""
+    rows: dict[str, list[dict]] = {t: [] for t in PER_TENSOR_TABLES}
+    failed = []
+    for r in results:
+        if r.error is not None:
+            failed.append({"run": r.run, "tensor": r.tensor, "step": None, "reason": r.error})
+            continue
+        failed += [{"run": r.run, "tensor": r.tensor, "step": s, "reason": why} for s, why in r.step_errors.items()]
+        for t, rs in r.tables.items():
+            rows[t].extend(rs)
+    if not rows["module_allocation"]:
+        first = failed[0]["reason"] if failed else "nothing was analysed"
+        raise InputError(lst[0].base, f"no tensor could be analysed ({first})")
+    return build_tables(rows), failed
+
+
+def _provenance(plans, results, opts: AnalysisOptions, run: ExecutionOptions, executor: str, command: str | None,
+                timings: dict, failed: list, notes: list[str], tables: dict[str, pd.DataFrame]) -> dict:
+    """run.json: versions, command, inputs, options, dtype and device used, timings, what was skipped, tied or
+    failed, the warnings and the tables' sizes."""
+    return {
+        "version": __version__,
+        "command": command or api_command(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "inputs": [_series_meta(p) for p in plans],
+        "options": asdict(opts),
+        "dtype": {"asked": opts.dtype, "used": _dtype_used(opts, plans)},
+        "device": _device_meta(opts, executor, results),
+        "executor": {"kind": executor, "workers": run.workers, "ray_address": run.ray_address},
+        "timings_s": timings,
+        "skipped": [sk for p in plans for sk in p.skipped],
+        "tied": {p.series.name: p.tied for p in plans if p.tied},
+        "failed": failed,
+        "warnings": notes,
+        "tables": {k: len(v) for k, v in tables.items()},
+    }
+
+
+def _commit(report: Report, partial: Path, out: Path, overwrite: bool) -> None:
+    """Write the report into ``.OUT.partial/`` (tables an interrupted run left there are not this run's), mark it
+    ours, drop the resume cache, and rename it to OUT (checked once more just before)."""
+    partial.mkdir(parents=True, exist_ok=True)
+    for f in partial.iterdir():
+        if f.is_file():
+            f.unlink()
+    report.write_into(partial)
+    mark_output(partial, ANALYSIS, report.meta["command"])
+    shutil.rmtree(partial / "cache", ignore_errors=True)
+    check_output_again(partial, out, ANALYSIS, overwrite=overwrite)
+    replace_path(partial, out)
 
 
 def failure_sentence(failed: list[dict], out: Path | None, most: int = 3) -> str:
