@@ -125,6 +125,12 @@ def _threads(p: PretrainedPreset) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _device():
+    from opd_dynamics.lab.train import device
+
+    return device()
+
+
 def load_base(path, device=None):
     """(model, tokenizer) of a pretrained lab model directory: float32, eval mode, left padding (TRL's on-policy
     trainers need it), the few-shot stop tokens set as the generation's end tokens."""
@@ -486,14 +492,15 @@ class PretrainedLab:
         return {"source": source.to_dict(), "cache": str(src), "n_params": info.get("n_params")}
 
     def stage_base_eval(self) -> dict:
-        return self._evaluate(self.lab.student_init, teacher=None)
+        return self._evaluate(self.lab.student_init)
 
-    def _evaluate(self, model_dir: Path, teacher: Path | None) -> dict:
+    def _evaluate(self, model_dir: Path) -> dict:
+        """Held-out greedy and sampled accuracy, validation and transfer accuracy, pass@k of a model directory."""
         from opd_dynamics.lab.evaluate import evaluate_model, pass_at_k
         from opd_dynamics.lab.fewshot import stop_ids
 
         _threads(self.p)
-        model, tok = load_base(model_dir)
+        model, tok = load_base(model_dir, _device())
         stops = stop_ids(tok)
         _, val, held, transfer = splits(self.p, self.seed)
         kw = dict(stop_ids=stops, batch_size=self.p.eval_batch)
@@ -506,10 +513,6 @@ class PretrainedLab:
         few = held[: self.p.n_pass]  # k samples per prompt: the costliest measurement here
         out[f"pass_at_{self.p.pass_k}"] = pass_at_k(model, tok, few, self.p.pass_k, seed=self.seed, **kw)
         out["n_pass"] = len(few)
-        if teacher is not None:
-            t_model, _ = load_base(teacher)
-            t_eval = evaluate_model(t_model, tok, held, sampled=True, seed=self.seed, **kw)
-            out["teacher_check"] = t_eval
         out["eval_seconds"] = round(time.time() - t0, 1)
         self.log(f"[{self.p.name}] {model_dir.name}: held-out {out['accuracy']:.3f} (sampled "
                  f"{out['accuracy_sampled']:.3f}, pass@{self.p.pass_k} {out[f'pass_at_{self.p.pass_k}']:.3f}), "
@@ -555,7 +558,7 @@ class PretrainedLab:
         from opd_dynamics.lab.evaluate import evaluate_model
         from opd_dynamics.lab.fewshot import stop_ids
 
-        out = self._evaluate(self.lab.teacher, teacher=None)
+        out = self._evaluate(self.lab.teacher)
         base, t = _state_dict(self.lab.student_init), _state_dict(self.lab.teacher)
         num_am = den_am = num = den = 0.0
         for k, b in base.items():
@@ -567,8 +570,8 @@ class PretrainedLab:
                 num_am, den_am = num_am + d2, den_am + b2
         out["rel_distance_all"] = (num / den) ** 0.5
         out["rel_distance_attn_mlp"] = (num_am / den_am) ** 0.5
-        student, tok = load_base(self.lab.student_init)
-        teacher, _ = load_base(self.lab.teacher)
+        student, tok = load_base(self.lab.student_init, _device())
+        teacher, _ = load_base(self.lab.teacher, _device())
         _, _, held, _ = splits(self.p, self.seed)
         r = evaluate_model(student, tok, held, teacher=teacher, greedy=False, seed=self.seed,
                            stop_ids=stop_ids(tok), batch_size=self.p.eval_batch)
@@ -608,12 +611,12 @@ class PretrainedLab:
         train_s = time.time() - t0
         del trainer
         t0 = time.time()
-        teacher, tok = load_base(self.lab.teacher)
+        teacher, tok = load_base(self.lab.teacher, _device())
         kw = dict(stop_ids=stop_ids(tok), batch_size=self.p.eval_batch)
         steps = sorted(int(d.name.split("-")[1]) for d in out.glob("checkpoint-*") if d.name.split("-")[1].isdigit())
         rows = []
         for step in [0, *steps]:
-            model, _ = load_base(self.lab.student_init if step == 0 else out / f"checkpoint-{step}")
+            model, _ = load_base(self.lab.student_init if step == 0 else out / f"checkpoint-{step}", _device())
             r = evaluate_model(model, tok, held, teacher=teacher, greedy=True, sampled=True, seed=self.seed, **kw)
             r["transfer_accuracy"] = evaluate_model(model, tok, transfer, **kw)["accuracy"]
             rows.append({"run": run, "step": step, **r})
