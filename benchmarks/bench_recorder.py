@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 
 def smollm2(layers: int):
@@ -93,6 +94,7 @@ def main() -> None:
     load0 = os.getloadavg()
     per_step: dict[str, list[float]] = {"plain": [], "recorder": []}
     cpu_util: list[float] = []
+    train_cpu: list[float] = []  # plain steps: training's CPU seconds (all its threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         kept: dict[int, dict[str, torch.Tensor]] = {}
@@ -117,7 +119,8 @@ def main() -> None:
                     if step > 1:
                         per_step[mode].append(wall)
                         if mode == "plain":
-                            cpu_util.append((time.process_time() - c0) / wall / a.threads)
+                            train_cpu.append(time.process_time() - c0)
+                            cpu_util.append(train_cpu[-1] / wall / a.threads)
                     if last and step in check:
                         kept[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
                 if rec is not None:
@@ -137,6 +140,7 @@ def main() -> None:
         # agreement: the recorded σ1 … σk against numpy's float64 SVD of the same ΔW_t
         worst, worst_at, n_checked = 0.0, "", 0
         by_index = np.zeros(a.k)
+        one = threadpool_limits(1)  # numpy's BLAS on 2 threads spun 15x the CPU of one on the loaded machine
         for step in sorted(kept):
             trip = series.triplets(step)
             for name in series.decomposed:
@@ -149,6 +153,7 @@ def main() -> None:
                 n_checked += 1
                 if err.max() > worst:
                     worst, worst_at = float(err.max()), f"{name} at step {step}"
+        one.restore_original_limits()
     plain, with_rec = (float(np.median(per_step[m])) for m in ("plain", "recorder"))
     print(f"SmolLM2-135M shape, {a.layers} layers (random init), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
           f" M parameters; {a.batch} x {a.seq} tokens per step, AdamW lr {a.lr}; torch {torch.__version__} on "
@@ -160,6 +165,8 @@ def main() -> None:
           f"{with_rec:.3f} s with the recorder: overhead {with_rec / plain - 1:+.1%} (plain steps' quartiles "
           f"{np.percentile(per_step['plain'], 25):.3f}-{np.percentile(per_step['plain'], 75):.3f} s; training used "
           f"{np.mean(cpu_util):.0%} of its {a.threads} threads' time)")
+    print(f"CPU per step (robust to other load, unlike the times above): training {np.median(train_cpu):.2f} s over "
+          f"its {a.threads} threads, the recorder's worker {work['cpu_seconds'].median():.2f} s (median)")
     print(f"recorder time per step (last run): {rec_seconds['record'] / a.steps * 1e3:.0f} ms in the training "
           f"thread (the copy into the worker's buffer, and any wait for the worker); the worker: "
           f"{work['cpu_seconds'].median():.2f} s CPU per step (median; {work['cpu_seconds'].max():.2f} max), "

@@ -416,8 +416,9 @@ _RECORD = (
         _c("svd_method", "str", "how the triplets were found: certified-krylov-f64, exact-gram-f64, exact-svd-f64, "
            "exact-lora-factors, warm-randomized (svd='fast', uncertified); zero for an unchanged matrix; norms for "
            "a tensor recorded by its norms only (not decomposed: no spectral columns)"),
-        _c("sigma_bound", "float", "certified-krylov-f64: the largest ε_i / σ_i, ε_i = ‖ΔWᵀu_i − σ_i v_i‖ / √2 (a "
-           "singular value of ΔW_t lies within ε_i of σ_i: Weyl); empty for the other methods"),
+        _c("sigma_bound", "float", "a bound on max_i |σ_i − σ_i(exact)| / σ_i: for certified-krylov-f64 the residual "
+           "certificate max ε_i / σ_i, ε_i = ‖ΔWᵀu_i − σ_i v_i‖ / √2 (Weyl); for the exact routes their a priori "
+           "rounding bound (Gram: max(m, n)·ε64·(σ_1/σ_k)²); empty for fast and LoRA rows"),
     ), "per recorded step and tensor, the update's size and, for the decomposed matrices, its top-k spectrum, "
        "recorded during training",
         writer="opd_dynamics.record.recorder.DynamicsRecorder"),

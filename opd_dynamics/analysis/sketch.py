@@ -8,7 +8,8 @@ matrices, spectral_norm, spectral_ratio, stable_rank, energy_top{j} for j ≤ th
 ⌈r/100⌉ ≤ k, rank90 when the kept values reach 0.9 (spectrum.csv's ``svd_method`` is ``sketch-top{k}``); the
 subspace overlaps, principal angle, paired and rank-1 cosines of alignment.csv (K lowered to the kept k);
 segment_cosine (recorded during training) and null_cosine of segments.csv. Not available (empty cells, listed in
-run.json's ``unavailable``): effective_rank (the whole spectrum), direction_cosine and with it direction_excess and
+run.json's ``unavailable``): effective_rank (the whole spectrum; given when the recorder kept fewer than k triplets,
+which it does only when the rest is below the update's resolution), direction_cosine and with it direction_excess and
 the lock-in step, rank{k}_share and the linear fit (each needs the whole ΔW_t of every step), geometry and
 embeddings (not recorded).
 """
@@ -35,8 +36,10 @@ from opd_dynamics.io.writer import atomic_dir
 
 #: the columns a sketch cannot give, by table (run.json's "unavailable")
 UNAVAILABLE = {
-    "spectrum": ["effective_rank", "energy_top{k} for k above the kept k", "top1pct_norm_ratio when ⌈r/100⌉ > k",
-                 "rank90 when the kept values hold less than 0.9"],
+    "spectrum": ["effective_rank, energy_top{k} for k above the kept k, top1pct_norm_ratio when ⌈r/100⌉ > k and "
+                 "rank90 when the kept values hold less than 0.9, unless the update's rank is below the kept k (the "
+                 "recorder keeps fewer than k triplets only when the rest is below its resolution: the spectrum is "
+                 "then whole)"],
     "alignment": ["direction_cosine"],
     "segments": ["direction_cosine", "direction_excess"],
     "trajectory": ["linear_r2", "linear_r2_median", "rank{k}_share", "lockin_step"],
@@ -48,7 +51,12 @@ def _decomposition(trip, f2: float, shape: tuple[int, int], k: int) -> Decomposi
     if trip is None:  # nothing kept: a zero update
         return Decomposition(torch.zeros(0, dtype=torch.float64), None, None, f2, "zero", False, shape, 0)
     U, S, V = trip
-    return Decomposition(S, U, V, f2, f"sketch-top{k}", False, shape, int(S.shape[0]))
+    n, r = int(S.shape[0]), min(shape)
+    if n < min(k, r) or n == r:  # fewer than k kept: the rest of the spectrum is below the update's resolution
+        whole = torch.zeros(r, dtype=torch.float64)
+        whole[:n] = S
+        return Decomposition(whole, U, V, f2, f"sketch-top{k}", True, shape, n)
+    return Decomposition(S, U, V, f2, f"sketch-top{k}", False, shape, n)
 
 
 def _cosine_null(table, ref: int, t_ref: int, start: int) -> dict[tuple[str, int], float]:

@@ -3,23 +3,25 @@
 `certified_topk` (the recorder's default, ``svd="certified"``): block Lanczos on the Gram of ΔW's smaller side,
 applied as two products (ΔW X, then ΔWᵀ of that: m·n·b flops per block of b columns; the m × m Gram is never
 formed), with full reorthogonalisation and Rayleigh–Ritz over the whole Krylov basis, started from the previous
-step's top Ritz vectors plus a few fresh Gaussian columns. It stops when every kept triplet is certified: with
-v_i a Ritz vector, σ̃_i² its Ritz value and u_i = ΔW v_i / σ̃_i (so ΔW v_i − σ̃_i u_i = 0 exactly), the other
-residual s_i = ΔWᵀ u_i − σ̃_i v_i gives, for the unit vector (u_i, v_i)/√2 of the symmetric matrix
-[[0, ΔW], [ΔWᵀ, 0]] (whose eigenvalues are ±σ_j), the residual ‖s_i‖/√2; by Weyl's theorem (the Bauer–Fike bound
-for a symmetric matrix) a singular value σ of ΔW lies within ε_i = ‖s_i‖/√2 of σ̃_i. Accepted when
-ε_i ≤ ``tol`` · σ̃_i for every kept i (default 5e-7, so that the float32 storage of the sketch, 6e-8, keeps the
-stored values within 1e-6 of a float64 SVD's). Ritz values are also lower bounds of the ordered singular
-values (Cauchy interlacing: σ̃_i ≤ σ_i), so the bound is one-sided in practice. What no residual can show is that
-no larger singular value was missed altogether (a direction the start has no component along); that is what the
-block's extra columns, the fresh random ones each step and the Krylov growth guard against, as in any Krylov
-solver; the tests plant clustered and degenerate spectra. When the basis would pass ``max_basis`` columns (the
-caller sets it where the products would cost about what the exact decomposition costs), or when the rate at which
-the bound has fallen over the last block says it would (with half the cap again to spare: the rate improves as
-the basis grows), it gives up (a result not ``certified``): the caller falls back to the exact route.
+step's top Ritz vectors plus a few fresh Gaussian columns. It stops when every kept triplet is certified: with v_i a
+Ritz vector, σ̃_i² its Ritz value and u_i = ΔW v_i / σ̃_i (so ΔW v_i − σ̃_i u_i = 0 exactly), the other residual s_i
+= ΔWᵀ u_i − σ̃_i v_i gives, for the unit vector (u_i, v_i)/√2 of the symmetric matrix [[0, ΔW], [ΔWᵀ, 0]] (whose
+eigenvalues are ±σ_j), the residual ‖s_i‖/√2; by Weyl's theorem (the Bauer–Fike bound for a symmetric matrix) a
+singular value σ of ΔW lies within ε_i = ‖s_i‖/√2 of σ̃_i. Accepted when ε_i ≤ ``tol`` · σ̃_i for every kept i
+(default 5e-7, so that the float32 storage of the sketch, 6e-8, keeps the stored values within 1e-6 of a float64
+SVD's). Values at or below max(m, n)·ε32·σ̃_1 (what a float32-formed update resolves: the exact route's rank floor)
+are not kept, and are shown by their residuals to be below twice that, so that fewer than k kept means the rest of
+the spectrum is below resolution. Ritz values are also lower bounds of the ordered singular values (Cauchy
+interlacing: σ̃_i ≤ σ_i), so the bound is one-sided in practice. What no residual can show is that no larger
+singular value was missed altogether (a direction the start has no component along); that is what the block's extra
+columns, the fresh random ones each step and the Krylov growth guard against, as in any Krylov solver; the tests
+plant clustered and degenerate spectra. When the basis would pass ``max_basis`` columns (the caller sets it where
+the products would cost about what the exact decomposition costs), or when the rate at which the bound has fallen
+over the last block says it would (with half the cap again to spare: the rate improves as the basis grows), it gives
+up (a result not ``certified``): the caller falls back to the exact route.
 
-`warm_topk` (``svd="fast"``): the older warm-started randomized range finder, a fixed number of iterations and
-no certificate (its tail values are approximate, see docs/BENCHMARKS.md).
+`warm_topk` (``svd="fast"``): the older warm-started randomized range finder, a fixed number of iterations and no
+certificate (its tail values are approximate, see docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -103,13 +105,18 @@ def certified_topk(delta: Tensor, k: int, start: Tensor | None, *, extra: int = 
         theta, Y = theta.flip(0), Y.flip(1)
         kk = min(k, theta.numel())
         sig = theta[:kk].clamp_min(0).sqrt()
-        keep = int((sig > max(m, n) * EPS32 * float(sig[0])).sum()) if kk and sig[0] > 0 else 0
+        floor = max(m, n) * EPS32 * float(sig[0]) if kk else 0.0
+        keep = int((sig > floor).sum()) if kk and sig[0] > 0 else 0
+        R = Wa @ Y[:, :kk] - Qa @ (Y[:, :kk] * theta[:kk])  # Gram · v_i − σ̃_i² v_i = σ̃_i s_i
+        rho = torch.linalg.vector_norm(R, dim=0)
         Yk = Y[:, :keep]
-        R = Wa @ Yk - Qa @ (Yk * theta[:keep])  # Gram · v_i − σ̃_i² v_i = σ̃_i s_i
-        eps = torch.linalg.vector_norm(R, dim=0) / (math.sqrt(2) * sig[:keep])  # ε_i = ‖s_i‖ / √2
+        eps = rho[:keep] / (math.sqrt(2) * sig[:keep])  # ε_i = ‖s_i‖ / √2
         rel = eps / sig[:keep]
         nxt = None
-        certified = bool((rel <= tol).all())
+        # the kept values certified to tol; those below the resolution floor shown to be below twice it (an
+        # eigenvalue of the Gram lies within ρ_i of θ_i), so that fewer than k kept means the rest is below it
+        below = (theta[keep:kk].clamp_min(0) + rho[keep:kk]).sqrt() <= 2 * floor
+        certified = bool((rel <= tol).all()) and bool(below.all())
         if not certified:
             nxt = _orth_against(W, Qa, scale * scale)
             if nxt.shape[1] == 0:  # nothing new at rounding level, yet not certified: leave it to the exact route
