@@ -523,3 +523,21 @@ def test_series_checkpoint_schedule():
 
     assert [s for s in range(1, 81) if saves_at(s, 80)] == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80]
     assert [s for s in range(1, 6) if saves_at(s, 5)] == [1, 2, 4, 5]
+
+
+def test_export_summaries_copies_the_small_files_without_machine_paths(tmp_path, monkeypatch):
+    from opd_dynamics.lab.pretrained_run import export_summaries
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    (run / "opd").mkdir()
+    (run / "summary.json").write_text(json.dumps({"cache": str(tmp_path / "home" / ".cache" / "x")}))
+    (run / "stages" / "base_eval.json").write_text("{}")
+    (run / "opd" / "eval.csv").write_text("run,step\nopd,0\n")
+    (run / "student_init").mkdir()
+    (run / "student_init" / "model.safetensors").write_bytes(b"x" * 10)
+    got = sorted(p.name for p in export_summaries(run, tmp_path / "data"))
+    assert got == ["base_eval.json", "opd_eval.csv", "summary.json"]
+    assert json.loads((tmp_path / "data" / "summary.json").read_text()) == {"cache": "~/.cache/x"}
+    assert not (tmp_path / "data" / "model.safetensors").exists()

@@ -699,3 +699,32 @@ def run_pretrained_lab(out, preset: str | PretrainedPreset = "smollm2", seed: in
     lab = PretrainedLab(out, preset, seed, wheel=wheel, cache=cache, source=source, log=log)
     lab.run(until)
     return lab.lab.root
+
+
+#: the small files of a pretrained lab run that `export_summaries` copies (data/smollm2/seed-K/)
+SUMMARY_FILES = ("summary.json", "timings.csv", "stages/base_eval.json", "stages/teacher.json",
+                 "stages/teacher_eval.json", PROGRESS, MOVEMENT, "opd/eval.csv", "opd/movement.csv",
+                 "opd/step_eval.csv", "grpo/eval.csv", "grpo/movement.csv", "grpo/step_eval.csv")
+
+
+def export_summaries(run_dir, dest) -> list[Path]:
+    """Copy a pretrained lab run's small files (`SUMMARY_FILES` that exist; never its models) into ``dest``, flat
+    (``opd/eval.csv`` becomes ``opd_eval.csv``), with the home directory written ``~`` so that no machine path is
+    committed. Returns the files written."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    home = str(Path.home())
+    written = []
+    for name in SUMMARY_FILES:
+        src = run_dir / name
+        if not src.is_file():
+            continue
+        out = dest / Path(name).name if name.startswith("stages/") else dest / name.replace("/", "_")
+        text = src.read_text()
+        if src.suffix == ".json":
+            text = text.replace(home, "~")
+        tmp = out.with_name(out.name + ".part")
+        tmp.write_text(text)
+        tmp.replace(out)
+        written.append(out)
+    return written
