@@ -29,9 +29,8 @@ from opd_dynamics.fields import option
 from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.model_dir import FLOAT_DTYPES
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
-from opd_dynamics.io.series import CheckpointSeries, check_same_architecture
+from opd_dynamics.io.series import FOREIGN_MEDIAN, CheckpointSeries, check_same_architecture, median_relative_distance
 from opd_dynamics.io.writer import DEFAULT_SHARD_BYTES, MODEL, check_output, write_model
-from opd_dynamics.numerics import fro2
 
 #: the values ``fit`` takes (which method takes which: `registry.Method.fits`)
 FITS = ("two-point", "lstsq", "linear", "polynomial", "sin_fft")
@@ -294,15 +293,10 @@ def check_selection(series: CheckpointSeries, opts: ExtrapolationOptions) -> Non
                                    "matrices_only=False", ("matrices_only", "method"))
 
 
-#: ‖W_t − W_0‖F / ‖W_0‖F above which a step is taken for another model than the base (two independent
-#: initialisations give about √2; fine-tuning updates are orders of magnitude smaller)
-FOREIGN_RATIO = 1.0
-
-
 def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> None:
     """Refuse steps that cannot belong to one run from ``series.base``: another architecture (config.json), a
-    moved tensor of another shape, or weights further from the base than FOREIGN_RATIO of its norm (read on the
-    base's largest moved matrix, one tensor per step)."""
+    moved tensor of another shape, or weights at least `io.series.FOREIGN_MEDIAN` of its norm away from the base
+    (the one rule every command applies; read here on the base's largest moved matrix, one tensor per step)."""
     check_same_architecture(series)
     base = open_full_weights(series.base, series.load_mode, series.prefer_format)
     try:
@@ -318,8 +312,8 @@ def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> No
                         raise InputError(path, f"holds {n} of shape {tuple(m.shape(n))}, the base "
                                                f"{tuple(base.shape(n))}: not a checkpoint of a run from this base")
                 if probe and probe in m:
-                    ratio = math.sqrt(fro2(m.get(probe).to(torch.float64) - w0) / max(fro2(w0), 1e-300))
-                    if ratio > FOREIGN_RATIO:
+                    ratio = median_relative_distance([(m.get(probe), w0)])
+                    if ratio >= FOREIGN_MEDIAN:
                         raise InputError(path, f"is {ratio:.2f}× the base's norm away from the base {series.base} on "
                                                f"{probe}: not a checkpoint of a run from this base")
     finally:
