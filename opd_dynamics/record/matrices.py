@@ -15,13 +15,14 @@ with the previous segment, the inner product of ΔW_t with the previous recorded
 only).
 
 ``svd`` of a dense matrix: "certified" tries `record.topk.certified_topk` (warm-started from the previous step's
-vectors, its basis capped at KRYLOV_SHARE of the smaller side, where its products cost about what the exact
-route does) and falls back to the exact route when that does not certify; after a fallback the Krylov route is
-tried again only 1, 2, 4 … 32 steps later (a flat spectrum that needs a wide basis keeps failing: the exact
-route is the cheaper one there). "exact": the float64 decomposition of `analysis.metrics.spectrum` every step.
-"fast": `record.topk.warm_topk`, uncertified. Each row says which (``svd_method``) and the relative bound on its
-σ (``sigma_bound``): the residual certificate of the Krylov route, or the exact route's a priori rounding bound
-(`exact_bound`).
+vectors, its basis capped at KRYLOV_SHARE of the smaller side, where its products cost about what the exact route
+does) and falls back to the exact route when that does not certify (the first step, with nothing to start from,
+takes the exact route: from a cold start the Krylov route almost never certified 16 values in the cap); after a
+fallback the Krylov route is tried again only 1, 2, 4 … 32 steps later (a flat spectrum that needs a wide basis
+keeps failing: the exact route is the cheaper one there). "exact": the float64 decomposition of
+`analysis.metrics.spectrum` every step. "fast": `record.topk.warm_topk`, uncertified. Each row says which
+(``svd_method``) and the relative bound on its σ (``sigma_bound``): the residual certificate of the Krylov route, or
+the exact route's a priori rounding bound (`exact_bound`).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class DenseMatrix:
             kk = int((S > 0).sum())
             self.work = {"route": "fast", "products": 2 * self.power + 2}
             return (U[:, :kk], S[:kk], V[:, :kk]), "warm-randomized", math.nan
-        if self.svd == "certified" and self.cap:
+        if self.svd == "certified" and self.cap and self.basis is not None:  # cold (no basis yet): exact
             if self.pause:
                 self.pause -= 1
             else:
