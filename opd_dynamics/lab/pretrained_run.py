@@ -524,7 +524,7 @@ class PretrainedLab:
 
         _threads(self.p)
         base_eval = self.lab.done("base_eval")
-        target = min(1.0, base_eval["val_accuracy"] + self.p.teacher_gain)
+        target = min(1.0, base_eval["val_accuracy"] + self.p.teacher_gain + self.p.teacher_margin)
         train, val, held, _ = splits(self.p, self.seed)
         work = self.lab.teacher_work
         work.mkdir(parents=True, exist_ok=True)
