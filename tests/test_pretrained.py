@@ -541,3 +541,24 @@ def test_export_summaries_copies_the_small_files_without_machine_paths(tmp_path,
     assert got == ["base_eval.json", "opd_eval.csv", "summary.json"]
     assert json.loads((tmp_path / "data" / "summary.json").read_text()) == {"cache": "~/.cache/x"}
     assert not (tmp_path / "data" / "model.safetensors").exists()
+
+
+def test_sigterm_stops_a_stage_with_its_wall_time_recorded(tmp_path):
+    """`kill PID` of a running lab: the stage's row in timings.csv says stopped, and a rerun resumes."""
+    import signal
+
+    import pandas as pd
+
+    from opd_dynamics.lab.pretrained_run import PretrainedLab
+
+    before = signal.getsignal(signal.SIGTERM)
+    lab = PretrainedLab(tmp_path / "lab", "smollm2", log=lambda m: None)
+    lab.stage_base = lambda: os.kill(os.getpid(), signal.SIGTERM) or {}
+    with pytest.raises(SystemExit):
+        lab.run(until="base")
+    t = pd.read_csv(tmp_path / "lab" / "timings.csv")
+    assert t[["stage", "status"]].values.tolist() == [["base", "stopped"]]
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+    lab.stage_base = lambda: {"ok": 1}
+    lab.run(until="base")  # the lock was released
+    assert lab.lab.done("base") == {"ok": 1}

@@ -8,7 +8,8 @@
     OUT/teacher_progress.csv per evaluated step: validation and held-out greedy accuracy, mean reward, distance
     OUT/teacher_movement.csv per step: ‖W_t − W_{t−1}‖/‖W_{t−1}‖ and ‖W_t − B‖/‖B‖ over attention and MLP matrices
     OUT/stages/NAME.json     a finished stage's results (a stage that has one is not run again)
-    OUT/timings.csv          wall time of each stage run (a resumed stage has a row per run)
+    OUT/timings.csv          wall time of each stage run: finished, stopped (Ctrl-C or kill) or failed; a resumed
+                             stage has a row per run
     OUT/summary.json         what the finished stages say, keyed like lab.json (preset, seed, student_init, teacher)
 
 Stages, in order: ``base`` (fetch, verify and convert the base; copy it to student_init/), ``base_eval`` (held-out,
@@ -401,6 +402,27 @@ def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed:
     raise InputError(None, f"unknown run {run!r}; choose one of {', '.join(RL_RUNS)}")
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """While the lab runs, SIGTERM (``kill PID``) exits through Python (SystemExit), so that the stage's wall time
+    is still written to timings.csv (as "stopped") and its lock released; only in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _ours(root: Path) -> bool:
     """Whether ``root`` carries the marker of a lab output this toolkit wrote (`io.writer.mark_output`)."""
     from opd_dynamics.io.writer import output_marker
@@ -455,8 +477,11 @@ class PretrainedLab:
         status = "failed"
         try:
             result = fn()
-            status = "finished" if result.get("finished", True) else "stopped"
+            status = "finished"
             return result
+        except (KeyboardInterrupt, SystemExit):
+            status = "stopped"  # Ctrl-C, or kill (SIGTERM, see `_stop_on_sigterm`): a rerun resumes
+            raise
         finally:
             _append_csv(self.lab.root / "timings.csv", ("stage", "seconds", "status", "started", "host", "pid"),
                         {"stage": name, "seconds": round(time.time() - t0, 1), "status": status, "started": started,
@@ -651,7 +676,7 @@ class PretrainedLab:
 
             root.mkdir(parents=True)
             mark_output(root, KIND)
-        with _run_lock(root):
+        with _run_lock(root), _stop_on_sigterm():
             return self._run(until)
 
     def _run(self, until: str) -> dict:
