@@ -604,8 +604,9 @@ class Wide(torch.nn.Module):
 def test_the_recorder_certifies_or_falls_back_to_the_exact_route(tmp_path):
     """q_proj moves along a planted decaying spectrum: certified by Krylov every step (svd_method
     certified-krylov-f64, sigma_bound ≤ 5e-7, warm-started); up_proj by flat noise the capped basis cannot certify:
-    the exact route (exact-gram-f64, its rounding bound in sigma_bound), and after a failure the Krylov route waits (1, 2 … steps) rather than fail
-    again every step. Both within 1e-6 of float64 numpy; each step file says what its work cost."""
+    the exact route (exact-gram-f64, its rounding bound in sigma_bound), and after a failure the Krylov route waits
+    (1, 2 … steps) rather than fail again every step. Both within 1e-6 of float64 numpy; each step file says what
+    its work cost."""
     from opd_dynamics.io.sketches import SketchSeries
 
     m = Wide()
