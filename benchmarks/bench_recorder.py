@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--svd", default="certified", choices=("certified", "exact", "fast"))
-    ap.add_argument("--priority", default="idle", choices=("idle", "normal"))
+    ap.add_argument("--priority", default="idle", choices=("idle", "nice", "normal"))
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of training")
     ap.add_argument("--check", default="1,last", help="steps whose σ are checked against float64 numpy")
     a = ap.parse_args()

@@ -108,8 +108,10 @@ class DynamicsRecorder:
     later ``record``, ``wait`` or ``close`` raises a step's error): True picks `record.worker`'s process for weights
     kept on the CPU and a thread for weights kept on a GPU; "process" or "thread" asks for one; False: the work runs
     in ``record`` itself. ``priority``: the worker process's scheduling, "idle" (SCHED_IDLE, or nice 19 where
-    there is none: it runs only on cores training leaves idle) or "normal". An ``out_dir`` already holding a
-    sketch series is refused unless ``resume`` (continue it) or ``overwrite`` (replace it).
+    there is none: it runs only on cores training leaves idle), "nice" (nice 19: nearly the same beside training,
+    but it shares idle cores evenly with other nice-19 processes instead of leaving them all to them) or "normal".
+    An ``out_dir`` already holding a sketch series is refused unless ``resume`` (continue it) or ``overwrite``
+    (replace it).
     """
 
     def __init__(self, out_dir: str | Path, k: int = 16, every: int | Callable[[int], bool] = 1,
@@ -119,7 +121,7 @@ class DynamicsRecorder:
                  norms: bool = True, priority: str = "idle"):
         for name, value, allowed in (("svd", svd, SVD_MODES), ("keep", keep, ("float32", "stored")),
                                      ("background", background, (True, False, "process", "thread")),
-                                     ("priority", priority, ("idle", "normal"))):
+                                     ("priority", priority, ("idle", "nice", "normal"))):
             if value not in allowed:
                 raise InputError(None, f"{name} must be {' or '.join(map(str, allowed))}, not {value!r}", (name,))
         if k < 1:

@@ -48,11 +48,11 @@ ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_N
 
 
 def lower_priority(priority: str) -> str:
-    """Lower this process's scheduling priority ("idle": SCHED_IDLE, else nice 19; "normal": unchanged); what was
-    set, in words."""
-    if priority != "idle":
+    """Lower this process's scheduling priority ("idle": SCHED_IDLE, else nice 19; "nice": nice 19; "normal":
+    unchanged); what was set, in words."""
+    if priority not in ("idle", "nice"):
         return "normal"
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+    if priority == "idle" and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
@@ -173,19 +173,22 @@ class ProcessWorker:
     def _lifted(self):
         """While training waits: the worker at the normal policy (module docstring), and the wait timed."""
         t0 = time.perf_counter()
-        lift = self.scheduling == "SCHED_IDLE" and self.can_lift and self.proc.poll() is None
+        lift = self.scheduling in ("SCHED_IDLE", "nice 19") and self.can_lift and self.proc.poll() is None
         if lift:
-            lift = self._policy(os.SCHED_OTHER)
+            lift = self._policy(True)
         try:
             yield
         finally:
             if lift and self.proc.poll() is None:
-                self._policy(os.SCHED_IDLE)
+                self._policy(False)
             self.waited += time.perf_counter() - t0
 
-    def _policy(self, policy: int) -> bool:
+    def _policy(self, lifted: bool) -> bool:
         try:
-            os.sched_setscheduler(self.proc.pid, policy, os.sched_param(0))
+            if self.scheduling == "SCHED_IDLE":
+                os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER if lifted else os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 0 if lifted else 19)
             return True
         except OSError:  # not permitted (an unprivileged user with RLIMIT_NICE below 20), or the worker is gone
             self.can_lift = False
