@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -60,13 +59,10 @@ def corpus(n: int, batch: int, seq: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU's name (the analysis's own rule, `analysis.executors.device_name`)."""
+    from opd_dynamics.analysis.executors import device_name
+
+    return device_name("cpu")
 
 
 def main() -> None:
