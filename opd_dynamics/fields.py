@@ -2,8 +2,8 @@
 
 `option(default, help, …)` is a dataclass field whose metadata the CLI reads (`opd_dynamics.io.cli.
 dataclass_options`): ``help``; ``choices``; ``flag`` (a declaration such as ``--progress/--quiet``); ``min``
-(an int range); ``cli`` ('ints', 'groups', 'token_file': text parsed into the value, or False: no flag);
-``metavar``.
+(an int range); ``cli`` ('ints', 'names' (words), 'groups', 'token_file': text parsed into the value, or False:
+no flag); ``metavar``.
 """
 
 from __future__ import annotations

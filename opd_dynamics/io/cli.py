@@ -57,6 +57,8 @@ def _parse_field(kind: str, text: str | None, param: str, default: Any) -> Any:
         return parse_ints(text, flag_for(param))
     if kind == "groups":
         return parse_groups(text, default, flag_for(param))
+    if kind == "names":
+        return tuple(text.replace(",", " ").split())
     if kind == "token_file":
         return read_token_ids(text)
     raise ValueError(f"unknown cli kind {kind!r} for {param}")
@@ -66,7 +68,7 @@ def dataclass_options(cls: type, *, only: tuple[str, ...] | None = None, exclude
     """click options for the fields of an options dataclass: the flag is `flag_for(name)` (or the field's
     ``flag`` metadata, e.g. ``--progress/--quiet``), the help its ``help`` metadata, the choices its ``choices``
     metadata; bools become on/off flags, ``int | None`` an optional int, and fields with ``cli`` metadata
-    ('ints', 'groups', 'token_file') are parsed from text. Fields with ``cli=False`` are left out."""
+    ('ints', 'names', 'groups', 'token_file') are parsed from text. Fields with ``cli=False`` are left out."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
