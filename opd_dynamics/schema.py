@@ -366,7 +366,9 @@ _LAB = (
        "at its last observed step", writer="opd_dynamics.lab.extrapolation.lab_extrapolation"),
     Table("effopd_summary", "effopd_summary.csv", (
         _c("seed", "int", "run seed"),
-        _c("method", "str", "vanilla, effopd or fixed"),
+        _c("method", "str", "vanilla, vanilla-3x, vanilla-10x (plain OPD at 1×, 3×, 10× the base rate), effopd or "
+                            "fixed"),
+        _c("lr", "float", "the run's learning rate"),
         _c("steps_to_target", "float", "first measured step with held-out accuracy ≥ 95 % of vanilla's final "
                                        "(empty if never)"),
         _c("final_accuracy", "float", "held-out accuracy at the last step"),
@@ -377,7 +379,7 @@ _LAB = (
     ), "one row per seed and method of the EffOPD measurement", writer="opd_dynamics.lab.effopd.run_effopd_lab"),
     Table("effopd_curves", "effopd_curves.csv", (
         _c("seed", "int", "run seed"),
-        _c("method", "str", "vanilla, effopd or fixed"),
+        _c("method", "str", "vanilla, vanilla-3x, vanilla-10x, effopd or fixed"),
         _c("step", "int", "optimizer step"),
         _c("accuracy", "float", "held-out greedy accuracy"),
         _c("wall_s", "float", "training wall-clock up to this step, in seconds"),
@@ -391,6 +393,9 @@ _LAB = (
         _c("coef", "float", "the coefficient applied, 2k"),
         _c("tie", "bool", "k > 0 accepted while its score equals W_t's"),
         _c("scores", "str", "validation scores as a JSON list, W_t's first (a list per score for tuple scores)"),
+        _c("accuracy_before", "float", "held-out accuracy of W_t, before the search"),
+        _c("accuracy_after", "float", "held-out accuracy right after the trigger (of the accepted jump; W_t's again "
+                                      "when k = 0)"),
     ), "what each EffOPD trigger of the measurement did", writer="opd_dynamics.lab.effopd.run_effopd_lab"),
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -130,3 +131,158 @@ def test_the_probe_scores_per_prompt(tmp_path):
     got = probe_scorer(tok, probs, teacher, samples)(tmp_path / "s")
     assert got.score == items.mean() and np.array_equal(got.items, items)
     assert got.kl == pytest.approx(kl.mean()) and np.allclose(got.kl_items, kl)
+
+
+def _planted(steps: dict[str, list], finals: dict[str, list]) -> pd.DataFrame:
+    return pd.DataFrame([{"seed": s, "method": m, "steps_to_target": v, "final_accuracy": finals[m][s]}
+                         for m, vals in steps.items() for s, v in enumerate(vals)]).reindex(columns=SUMMARY_COLUMNS)
+
+
+def test_verdicts_against_vanilla_and_effopd_against_the_larger_rates():
+    """Planted on five seeds: vanilla 30 steps, 3× its rate 10, 10× 6, EffOPD 15. Every method beats vanilla
+    (p = 1/32), and EffOPD is slower than either larger rate on all five seeds: refuted (p = 1/32 the other way);
+    the speedups' geometric means are the planted ratios. A method not run has no verdict."""
+    from opd_dynamics.lab.effopd import comparisons, effopd_verdicts
+
+    v = effopd_verdicts(_planted({"vanilla": [30] * 5, "vanilla-3x": [10] * 5, "vanilla-10x": [6] * 5,
+                                  "effopd": [15] * 5},
+                                 {"vanilla": [0.9] * 5, "vanilla-3x": [0.92] * 5, "vanilla-10x": [0.5] * 5,
+                                  "effopd": [0.9, 0.91, 0.9, 0.9, 0.89]}))
+    assert list(v) == ["vanilla-3x", "vanilla-10x", "effopd", "effopd vs vanilla-3x", "effopd vs vanilla-10x"]
+    for key, ratio in (("vanilla-3x", 3.0), ("vanilla-10x", 5.0), ("effopd", 2.0)):
+        assert v[key]["baseline"] == "vanilla" and v[key]["speedup"]["verdict"] == "confirmed"
+        assert v[key]["speedup"]["p"] == pytest.approx(1 / 32) and v[key]["speedup"]["effect"] == pytest.approx(ratio)
+    for key, ratio in (("effopd vs vanilla-3x", 10 / 15), ("effopd vs vanilla-10x", 6 / 15)):
+        r = v[key]
+        assert (r["method"], r["baseline"]) == ("effopd", key.split(" vs ")[1])
+        assert r["speedup"]["verdict"] == "refuted" and r["speedup"]["p"] == pytest.approx(1 / 32)
+        assert r["speedup"]["effect"] == pytest.approx(ratio) and r["speedup"]["n_against"] == 5
+    assert v["vanilla-3x"]["final_accuracy"]["verdict"] == "confirmed"  # +0.02 on all five
+    assert v["vanilla-10x"]["final_accuracy"]["verdict"] == "refuted"  # −0.4 on all five
+    assert v["effopd"]["final_accuracy"]["verdict"] == "inconclusive"  # one gain, one loss, three ties
+    assert v["effopd vs vanilla-10x"]["final_accuracy"]["verdict"] == "confirmed"
+    assert [k for k, _, _ in comparisons(("vanilla", "vanilla-10x", "effopd"))] == [
+        "vanilla-10x", "effopd", "effopd vs vanilla-10x"]
+
+
+def _tiny():
+    from dataclasses import replace
+
+    from opd_dynamics.lab.presets import ModelSpec, get_preset
+
+    return replace(get_preset("smoke"), name="tiny", n_train=400, n_heldout=40, n_eval=16,
+                   student=ModelSpec(hidden=16, layers=1, heads=2, intermediate=32), student_max_steps=4,
+                   student_target=1.1, sft_eval_every=2, teacher_max_steps=2, teacher_target=1.1, rl_steps=2,
+                   save_steps=1, rollouts_per_step=16, grpo_generations=4)
+
+
+def _seed_labs(root, p, seeds):
+    """seed-K/ lab directories as `lab run --seeds` leaves them (teacher, student_init, lab.json's seed)."""
+    from dataclasses import asdict
+
+    from opd_dynamics.lab.layout import LabDir, seed_dir
+    from opd_dynamics.lab.train import train_teacher_and_student
+
+    for s in seeds:
+        d = LabDir(seed_dir(root, s))
+        train_teacher_and_student(d.root, p, s, log=lambda m: None)
+        d.meta_path.write_text(json.dumps({"seed": s, "preset": asdict(p)}))
+
+
+def test_a_root_of_seed_labs_gives_each_seed_its_own_models_rates_and_dense_steps(tmp_path):
+    """--lab ROOT: seed K runs from ROOT/seed-K's teacher and student_init on its own split (effopd.json says so,
+    and that the seeds are independent); vanilla-3x and vanilla-10x train at exactly 3× and 10× the base rate;
+    held-out accuracy is measured at every step up to dense_until, then only at eval_every, trigger steps and the
+    end; the triggers table carries held-out accuracy before and right after each trigger (equal where k = 0)."""
+    from opd_dynamics.lab.effopd import METHODS, run_effopd_lab
+    from opd_dynamics.lab.presets import EffOPDLabOptions
+
+    p = _tiny()
+    _seed_labs(tmp_path / "root", p, [0, 1])
+    opt = EffOPDLabOptions(max_steps=6, dense_until=3, eval_every=6, n_val=8, gate=False, lr=1e-4)
+    out = run_effopd_lab(tmp_path / "out", p, 2, lab=tmp_path / "root", options=opt, log=lambda m: None)
+    meta = json.loads((out / "effopd.json").read_text())
+    assert meta["independent_seeds"] is True
+    for s in (0, 1):
+        m = meta["models"][str(s)]
+        assert m["teacher"] == str((tmp_path / "root" / f"seed-{s}" / "teacher").resolve())
+        assert m["student_init"] == str((tmp_path / "root" / f"seed-{s}" / "student_init").resolve())
+        assert m["data_seed"] == s and m["shared"] is False
+    summ = pd.read_csv(out / "effopd_summary.csv")
+    assert list(summ["method"].unique()) == list(METHODS)
+    rate = summ.groupby("method")["lr"].unique()
+    assert {k: list(x) for k, x in rate.items()} == {"vanilla": [1e-4], "vanilla-3x": [1e-4 * 3],
+                                                    "vanilla-10x": [1e-4 * 10], "effopd": [1e-4], "fixed": [1e-4]}
+    assert meta["lr"]["vanilla-10x"] == 1e-4 * 10 and set(meta["steps_to_target"]) == set(METHODS)
+    curves = pd.read_csv(out / "effopd_curves.csv")
+    for (_, _), c in curves.groupby(["seed", "method"]):
+        assert sorted(c["step"]) == [0, 1, 2, 3, 4, 6]  # dense to 3, trigger 4, the end 6 (not 5)
+    trig = pd.read_csv(out / "effopd_triggers.csv")
+    assert sorted(set(trig["method"])) == ["effopd", "fixed"] and trig["accuracy_before"].notna().all()
+    after = curves.set_index(["seed", "method", "step"])["accuracy"]
+    for r in trig.itertuples():
+        assert r.accuracy_after == after[(r.seed, r.method, r.step)]
+        if r.k_accepted == 0:
+            assert r.accuracy_after == r.accuracy_before
+    assert {"effopd vs vanilla-3x", "effopd vs vanilla-10x"} <= set(meta["verdicts"])
+
+
+def test_one_lab_dir_is_shared_and_said_so_and_without_a_lab_each_seed_builds_its_own(tmp_path):
+    """--lab DIR (one lab): every seed starts from its teacher, and the log and effopd.json say the seeds are not
+    independent; no --lab: each seed trains its own teacher and student_init (different weights); methods
+    without vanilla or unknown ones are refused before anything runs."""
+    from safetensors.torch import load_file
+
+    from opd_dynamics.errors import InputError
+    from opd_dynamics.lab.effopd import run_effopd_lab
+    from opd_dynamics.lab.presets import EffOPDLabOptions
+
+    p = _tiny()
+    _seed_labs(tmp_path / "root", p, [0])
+    opt = EffOPDLabOptions(max_steps=1, methods=("vanilla",), probe_steps=())
+    lines: list[str] = []
+    out = run_effopd_lab(tmp_path / "one", p, 2, lab=tmp_path / "root" / "seed-0", options=opt, log=lines.append)
+    meta = json.loads((out / "effopd.json").read_text())
+    assert meta["independent_seeds"] is False
+    assert {meta["models"][s]["teacher"] for s in ("0", "1")} == {str((tmp_path / "root/seed-0/teacher").resolve())}
+    assert any("not independent" in x for x in lines)
+    out = run_effopd_lab(tmp_path / "built", p, 2, options=opt, log=lambda m: None)
+    meta = json.loads((out / "effopd.json").read_text())
+    assert meta["independent_seeds"] is True
+    assert [meta["models"][s]["teacher"] for s in ("0", "1")] == ["models/seed-0/teacher", "models/seed-1/teacher"]
+    w = [load_file(out / f"models/seed-{s}/teacher/model.safetensors") for s in (0, 1)]
+    assert any(not (w[0][k] == w[1][k]).all() for k in w[0])
+    for bad in (("effopd",), ("vanilla", "vanilla-2x")):
+        with pytest.raises(InputError, match="methods must include vanilla"):
+            run_effopd_lab(tmp_path / "bad", p, 1, options=EffOPDLabOptions(methods=bad), log=lambda m: None)
+    with pytest.raises(InputError, match="seed-1"):
+        run_effopd_lab(tmp_path / "bad", p, 2, lab=tmp_path / "root", options=opt, log=lambda m: None)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_rate_controls_first_step_moves_exactly_3x_and_10x_as_far(tmp_path):
+    """Adam's first step is lr·g/(|g| + eps) per weight: from the same init, batch and seed, vanilla-3x's and
+    vanilla-10x's learning rates (method_lr) move the weights 3× and 10× as far as vanilla's."""
+    import torch
+
+    from opd_dynamics.lab.effopd import method_lr
+    from opd_dynamics.lab.models import make_model
+    from opd_dynamics.lab.task import build_tokenizer
+    from opd_dynamics.lab.train import build_opd_trainer, save_model_dir
+
+    p = _tiny()
+    tok = build_tokenizer()
+    save_model_dir(make_model(p.student, tok, 0), tok, tmp_path / "student")
+    save_model_dir(make_model(p.student, tok, 1), tok, tmp_path / "teacher")
+    w0 = {k: v.clone() for k, v in make_model(p.student, tok, 0).state_dict().items()}
+    moved = {}
+    for m in ("vanilla", "vanilla-3x", "vanilla-10x"):
+        tr = build_opd_trainer(tmp_path / "student", tmp_path / "teacher", tmp_path / m, p, 0, max_steps=1,
+                               save_steps=2, data_seed=0, lr=method_lr(m, 1e-4))
+        tr.train()
+        assert tr.args.learning_rate == method_lr(m, 1e-4)
+        w1 = tr.model.state_dict()
+        moved[m] = torch.sqrt(sum(((w1[k].double() - w0[k].double()) ** 2).sum() for k in w0)).item()
+    assert moved["vanilla"] > 0
+    assert moved["vanilla-3x"] / moved["vanilla"] == pytest.approx(3.0, rel=1e-5)
+    assert moved["vanilla-10x"] / moved["vanilla"] == pytest.approx(10.0, rel=1e-5)

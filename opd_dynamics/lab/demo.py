@@ -88,6 +88,7 @@ def run_demo(out: str | Path, preset: str = "smoke", *, overwrite: bool = False,
 
     t = stage("EffOPD comparison (vanilla, effopd, fixed; 1 seed)", 4)
     opt = EffOPDLabOptions(max_steps=10, eval_every=5, n_val=10) if fast else EffOPDLabOptions(eval_every=10)
+    opt = replace(opt, methods=("vanilla", "effopd", "fixed"))  # the demo leaves out the rate controls (lab effopd)
     eff = run_effopd_lab(out / "effopd", preset=p, seeds=[seed], lab=lab, options=opt, log=log)
     timings["effopd"] = round(time.perf_counter() - t, 1)
 

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 
-from opd_dynamics.analysis.stats import GREATER, NOT_TESTABLE, paired_test, ratio_test
+from opd_dynamics.analysis.stats import GREATER, NOT_TESTABLE, RULE, paired_test, ratio_test
 from opd_dynamics.analysis.stats import summary as test_summary
 from opd_dynamics.effopd.callback import EffOPDCallback, model_device, sample_validation, token_reverse_kl
 from opd_dynamics.effopd.options import is_power_of_two
@@ -55,14 +55,18 @@ from opd_dynamics.effopd.summary import per_seed_speedups
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.lab.evaluate import completion_texts, evaluate_model, generate
-from opd_dynamics.lab.layout import LabDir
+from opd_dynamics.lab.layout import LabDir, seed_dir
 from opd_dynamics.lab.models import load_model
-from opd_dynamics.lab.presets import VALIDATIONS, EffOPDLabOptions, LabPreset, get_preset
+from opd_dynamics.lab.presets import EFFOPD_METHODS, VALIDATIONS, EffOPDLabOptions, LabPreset, get_preset
 from opd_dynamics.lab.task import build_tokenizer
 from opd_dynamics.lab.train import build_opd_trainer, splits_for, train_teacher_and_student
 from opd_dynamics.schema import EFFOPD_JSON, TABLES
 
-METHODS = ("vanilla", "effopd", "fixed")
+METHODS = tuple(EFFOPD_METHODS)
+#: the methods that jump (run only where the line probe's gate opens); the others are plain OPD
+JUMPS = ("effopd", "fixed")
+#: the larger rates EffOPD is compared with besides vanilla: does a jump beat a larger step?
+RATE_CONTROLS = ("vanilla-3x", "vanilla-10x")
 # the columns of effopd_summary.csv, effopd_curves.csv and effopd_triggers.csv: opd_dynamics.schema.TABLES
 # (the summary's also under their old name)
 SUMMARY_COLUMNS = TABLES["effopd_summary"].names
@@ -71,19 +75,28 @@ SUMMARY_COLUMNS = TABLES["effopd_summary"].names
 class _Curve(TrainerCallback):
     """Held-out accuracy at chosen steps; its own time is kept out of the training wall-clock."""
 
-    def __init__(self, tok, heldout, eval_every: int, max_steps: int, log: Callable[[str], None], label: str):
+    def __init__(self, tok, heldout, eval_every: int, max_steps: int, log: Callable[[str], None], label: str,
+                 dense_until: int = 0):
         self.tok, self.heldout, self.eval_every, self.max_steps = tok, heldout, eval_every, max_steps
+        self.dense_until = dense_until
         self.rows: list[dict] = []
         self.eval_s = 0.0
         self.t0 = 0.0
         self.log, self.label = log, label
 
-    def _measure(self, model, step: int) -> None:
+    def accuracy(self, model) -> float:
+        """Held-out accuracy of ``model`` now, its time kept out of the training wall-clock."""
         t = time.perf_counter()
-        wall = t - self.t0 - self.eval_s
+        was = model.training
         acc = evaluate_model(model, self.tok, self.heldout)["accuracy"]
-        self.rows.append({"step": step, "accuracy": acc, "wall_s": wall})
+        model.train(was)
         self.eval_s += time.perf_counter() - t
+        return acc
+
+    def _measure(self, model, step: int) -> None:
+        wall = time.perf_counter() - self.t0 - self.eval_s
+        acc = self.accuracy(model)
+        self.rows.append({"step": step, "accuracy": acc, "wall_s": wall})
         if step % (self.eval_every * 5) == 0 or step == self.max_steps:
             self.log(f"  {self.label} step {step}: held-out accuracy {acc:.3f} (train wall {wall:.0f}s)")
 
@@ -93,10 +106,20 @@ class _Curve(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kw):
         s = state.global_step
-        if s % self.eval_every == 0 or is_power_of_two(s) or s == self.max_steps:
-            was = model.training
+        if s <= self.dense_until or s % self.eval_every == 0 or is_power_of_two(s) or s == self.max_steps:
             self._measure(model, s)
-            model.train(was)
+        return control
+
+
+class _BeforeJump(TrainerCallback):
+    """Held-out accuracy at each trigger step before EffOPD moves the weights (placed before its callback)."""
+
+    def __init__(self, curve: _Curve, eff: EffOPDCallback):
+        self.curve, self.eff, self.accuracy = curve, eff, {}
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.eff.effopd is not None and self.eff.effopd.should_trigger(state.global_step):
+            self.accuracy[state.global_step] = self.curve.accuracy(model)
         return control
 
 
@@ -127,14 +150,31 @@ def steps_to_target(curve: pd.DataFrame, target: float) -> float:
     return float(hit["step"].iloc[0]) if len(hit) else float("nan")
 
 
-def _models(lab: Path | None, work: Path, p: LabPreset, log) -> tuple[Path, Path, int]:
-    """(teacher dir, student_init dir, data seed)."""
-    if lab is not None:
-        d = LabDir(lab).require(teacher=True)
-        return d.teacher, d.student_init, d.split_seed(0)
-    log("[effopd] no lab given: training teacher and student_init once (lab SFT), shared by every seed")
-    train_teacher_and_student(work, p, 0, log=log)
-    return LabDir(work).teacher, LabDir(work).student_init, 0
+def is_single_lab(lab: Path) -> bool:
+    """``--lab`` names one lab directory (student_init/ or lab.json in it), not a root of seed-K/ labs."""
+    return LabDir(lab).student_init.is_dir() or LabDir(lab).meta_path.exists()
+
+
+def lab_models(lab: Path, seed: int) -> dict:
+    """Seed ``seed``'s models from ``--lab``: a root's ``seed-K/`` lab (its own teacher, student_init and split
+    seed), or the one lab directory every seed shares. {lab, teacher, student_init, data_seed, shared}."""
+    shared = is_single_lab(lab)
+    d = LabDir(lab) if shared else LabDir(seed_dir(lab, seed))
+    if not shared and not d.root.is_dir():
+        raise InputError(lab, f"is neither a lab directory nor a root holding {d.root.name}/ (seed {seed})")
+    d.require(teacher=True)
+    return {"lab": str(d.root), "teacher": str(d.teacher), "student_init": str(d.student_init),
+            "data_seed": d.split_seed(0 if shared else seed), "shared": shared}
+
+
+def built_models(work: Path, p: LabPreset, seed: int, log) -> dict:
+    """Seed ``seed``'s own teacher and student_init, trained here as `lab run` does with that seed (split seed
+    ``seed``), under ``work/seed-K``."""
+    d = LabDir(seed_dir(work, seed))
+    log(f"[effopd] seed {seed}: no lab given: training its own student_init and teacher (lab SFT, seed {seed})")
+    train_teacher_and_student(d.root, p, seed, log=log)
+    return {"lab": None, "teacher": str(d.teacher), "student_init": str(d.student_init), "data_seed": seed,
+            "shared": False}
 
 
 def validation_score(kind: str, tok, probs, teacher_dir: Path, seed: int):
@@ -155,6 +195,25 @@ def validation_score(kind: str, tok, probs, teacher_dir: Path, seed: int):
     raise InputError(None, f"validation must be one of {VALIDATIONS}, not {kind!r}", ("validation",))
 
 
+def base_lr(opt: EffOPDLabOptions, p: LabPreset) -> float:
+    """The base OPD learning rate: the option, else the preset's opd_lr."""
+    return opt.lr or p.opd_lr
+
+
+def method_lr(method: str, base: float) -> float:
+    """A method's learning rate: ``base`` times its multiple (`EFFOPD_METHODS`)."""
+    return base * EFFOPD_METHODS[method]
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """The methods to run, in the measurement's order; vanilla must be among them (it defines the target)."""
+    bad = [m for m in methods if m not in EFFOPD_METHODS]
+    if bad or "vanilla" not in methods:
+        raise InputError(None, f"methods must include vanilla and be among {', '.join(EFFOPD_METHODS)}"
+                         + (f"; unknown: {', '.join(bad)}" if bad else ""), ("methods",))
+    return tuple(m for m in EFFOPD_METHODS if m in methods)
+
+
 def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: int, p: LabPreset,
              opt: EffOPDLabOptions, work: Path, log, pairs: Sequence[tuple[int, int]] = ()
              ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -162,10 +221,10 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
     sp = splits_for(p, data_seed)
     held = sp.heldout[: p.n_eval]
     steps = run_steps(opt, p)
-    curve = _Curve(tok, held, opt.eval_every, steps, log, f"seed {seed} {method}")
+    curve = _Curve(tok, held, opt.eval_every, steps, log, f"seed {seed} {method}", opt.dense_until)
     callbacks: list = []
-    eff = None
-    if method != "vanilla":
+    eff = before = None
+    if method in JUMPS:
         val = {r["prompt"] for r in sample_validation(({"prompt": q.prompt, "answer": q.answer} for q in sp.train),
                                                        opt.n_val, seed)}
         probs = [q for q in sp.train if q.prompt in val]
@@ -175,7 +234,8 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
         eff = EffOPDCallback(score, opt.effopd,
                              fixed_k=opt.fixed_k if method == "fixed" else None, max_step=steps,
                              csv_path=work / f"{method}-{seed}-triggers.csv")
-        callbacks.append(eff)
+        before = _BeforeJump(curve, eff)
+        callbacks += [before, eff]
     callbacks.append(curve)  # after EffOPD: the curve sees the weights training continues from
     snaps = None
     if method == "vanilla" and pairs:
@@ -183,7 +243,7 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
         callbacks.append(snaps)
     out_dir = work / f"{method}-{seed}"
     trainer = build_opd_trainer(student, teacher, out_dir, p, seed, callbacks, max_steps=steps,
-                                save_steps=steps + 1, data_seed=data_seed)
+                                save_steps=steps + 1, data_seed=data_seed, lr=method_lr(method, base_lr(opt, p)))
     from transformers.trainer_callback import ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
@@ -193,15 +253,22 @@ def _one_run(method: str, seed: int, teacher: Path, student: Path, data_seed: in
     shutil.rmtree(out_dir, ignore_errors=True)
     c = pd.DataFrame(curve.rows).assign(seed=seed, method=method)[TABLES["effopd_curves"].names]
     recs = eff.records if eff is not None else []
+    after = dict(zip(c["step"], c["accuracy"]))
     trig = pd.DataFrame([{"seed": seed, "method": method, "step": r.step, "k_accepted": r.k_accepted,
-                          "coef": r.coef, "tie": r.tie, "scores": json.dumps(r.scores)} for r in recs],
+                          "coef": r.coef, "tie": r.tie, "scores": json.dumps(r.scores),
+                          "accuracy_before": before.accuracy.get(r.step, np.nan),
+                          "accuracy_after": after.get(r.step, np.nan)} for r in recs],
                         columns=TABLES["effopd_triggers"].names)
     ties = sum(r.tie for r in recs)
-    info = {"wall_s": total - curve.eval_s, "validation_s": sum(r.validation_s for r in recs),
+    info = {"lr": float(trainer.args.learning_rate), "wall_s": total - curve.eval_s,
+            "validation_s": sum(r.validation_s for r in recs),
             "final_accuracy": float(c.sort_values("step")["accuracy"].iloc[-1]), "tie_accepts": ties}
-    log(f"[effopd] seed {seed} {method}: final accuracy {info['final_accuracy']:.3f}, wall {info['wall_s']:.0f}s "
-        f"(validation {info['validation_s']:.0f}s)"
+    jumps = [f"{r.step}: k={r.k_accepted} {before.accuracy.get(r.step, np.nan):.3f} → {after.get(r.step, np.nan):.3f}"
+             for r in recs if r.k_accepted > 0]
+    log(f"[effopd] seed {seed} {method} (lr {info['lr']:g}): final accuracy {info['final_accuracy']:.3f}, wall "
+        f"{info['wall_s']:.0f}s (validation {info['validation_s']:.0f}s)"
         + (f", k per trigger {[r.k_accepted for r in recs]}" if recs else "")
+        + (f"; held-out accuracy before → after each accepted jump: {', '.join(jumps)}" if jumps else "")
         + (f"; {ties} of them accepted on a tie (see the warnings above)" if ties else ""))
     if snaps is not None:
         info["probe"] = _probe(seed, student, teacher, snaps.saved, pairs, tok, held, log, work)
@@ -296,18 +363,26 @@ def _probe(seed: int, student: Path, teacher_dir: Path, saved: dict[int, Path], 
     return df
 
 
+def comparisons(methods: Sequence[str] = METHODS) -> list[tuple[str, str, str]]:
+    """(key, method, baseline) of every comparison among ``methods``: each one against vanilla (key: the
+    method), and effopd against each larger rate (key: "effopd vs vanilla-3x" …)."""
+    out = [(m, m, "vanilla") for m in METHODS[1:] if m in methods]
+    if "effopd" in methods:
+        out += [(f"effopd vs {b}", "effopd", b) for b in RATE_CONTROLS if b in methods]
+    return out
+
+
 def effopd_verdicts(summary: pd.DataFrame) -> dict:
-    """Per method against vanilla over the paired seeds (module docstring): the step speedup and the final
-    held-out accuracy, each with its test under the one rule (`analysis.stats`)."""
+    """Every comparison (`comparisons`) over the paired seeds of the methods in ``summary`` (module docstring):
+    the step speedup (baseline's steps to target over the method's) and the final held-out accuracy (method −
+    baseline), each with its test under the one rule (`analysis.stats`)."""
     out: dict = {}
-    van = summary[summary["method"] == "vanilla"].set_index("seed")
-    for m in METHODS[1:]:
+    for key, m, b in comparisons(set(summary["method"])):
         rows = summary[summary["method"] == m].set_index("seed")
-        if rows.empty:
-            continue
-        ratio = per_seed_speedups(summary, m).dropna()
-        acc = (rows["final_accuracy"].astype(float) - van["final_accuracy"].astype(float)).dropna()
-        res = {}
+        base = summary[summary["method"] == b].set_index("seed")
+        ratio = per_seed_speedups(summary, m, b).dropna()
+        acc = (rows["final_accuracy"].astype(float) - base["final_accuracy"].astype(float)).dropna()
+        res: dict = {"method": m, "baseline": b}
         for what, vals, test in (("speedup", ratio, ratio_test), ("final_accuracy", acc, paired_test)):
             if vals.empty:
                 res[what] = {"verdict": NOT_TESTABLE, "n": 0, "note": "no seed where both runs reached the target"
@@ -316,7 +391,7 @@ def effopd_verdicts(summary: pd.DataFrame) -> dict:
             t = test(vals.to_numpy(), GREATER)
             res[what] = {**t.as_dict(), "per_seed": {int(k): float(v) for k, v in vals.items()},
                          "text": test_summary(t, ratio=what == "speedup")}
-        out[m] = res
+        out[key] = res
     return out
 
 
@@ -324,35 +399,48 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
                    lab: str | Path | None = None, options: EffOPDLabOptions | None = None, overwrite: bool = False,
                    log: Callable[[str], None] | None = None) -> Path:
     """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
-    effopd.png and effopd.json (options, speedups, timings). Written under a temporary name, then renamed."""
+    effopd.png and effopd.json (options, models per seed, steps to target, speedups, verdicts, timings). Written
+    under a temporary name, then renamed."""
     from opd_dynamics.io.writer import atomic_dir, json_text
 
     p = get_preset(preset)
     opt = options or EffOPDLabOptions()
     if opt.eval_every is None:
         opt = replace(opt, eval_every=2 if p.name == "smoke" else 10)
+    methods = check_methods(opt.methods)
     log = log or (lambda m: print(m, flush=True))
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     out = Path(out).resolve()
     lab_dir = Path(lab).resolve() if lab is not None else None
+    sources = {s: lab_models(lab_dir, s) for s in seed_list} if lab_dir else {}  # refused before anything runs
+    independent = lab_dir is None or not is_single_lab(lab_dir)
+    if not independent:
+        log(f"[effopd] --lab {lab_dir} is one lab directory: every seed shares its teacher and student_init, so the "
+            "seeds are not independent (they differ only in the run seed: data order and sampling)")
     with atomic_dir(out, "effopd-lab", overwrite=overwrite, inputs=[lab_dir] if lab_dir else []) as tmp:
         torch.set_num_threads(p.threads)
         t_all = time.perf_counter()
-        teacher, student, data_seed = _models(lab_dir, tmp / "models", p, log)
         curves, trigs, rows, probes, gate = [], [], [], [], {}
         pairs = probe_pairs(opt.probe_steps, run_steps(opt, p))
         if opt.gate and not pairs:
             log(f"[effopd] no probe step of {list(opt.probe_steps)} lies within the {run_steps(opt, p)}-step runs: "
                 "the gate is not applied")
         for seed in seed_list:
-            for method in METHODS:
-                if method != "vanilla" and opt.gate and pairs and not any(gate[seed].values()):
+            if lab_dir is None:
+                sources[seed] = built_models(tmp / "models", p, seed, log)
+            src = sources[seed]
+            log(f"[effopd] seed {seed}: teacher {src['teacher']}, student_init {src['student_init']}, split seed "
+                f"{src['data_seed']}")
+            for method in methods:
+                if method in JUMPS and opt.gate and pairs and not any(gate[seed].values()):
                     log(f"[effopd] seed {seed}: {method} not run: no foresight in this regime (the line probe at "
                         f"{', '.join(gate[seed])}: no {GATE_TEXT} gains on W_t by more than two paired standard "
                         "errors with the teacher KL not worse; see probe.csv)")
                     continue
-                log(f"[effopd] seed {seed}: {method} ({run_steps(opt, p)} steps, preset {p.name})")
-                c, t, info = _one_run(method, seed, teacher, student, data_seed, p, opt, tmp, log, pairs)
+                log(f"[effopd] seed {seed}: {method} ({run_steps(opt, p)} steps at lr "
+                    f"{method_lr(method, base_lr(opt, p)):g}, preset {p.name})")
+                c, t, info = _one_run(method, seed, Path(src["teacher"]), Path(src["student_init"]),
+                                      src["data_seed"], p, opt, tmp, log, pairs)
                 if "probe" in info:
                     pr = info.pop("probe")
                     probes.append(pr)
@@ -369,15 +457,27 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         trig_df.to_csv(tmp / "effopd_triggers.csv", index=False)
         if probes:
             pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
-        for m, res in verdicts.items():
-            for what, r in res.items():
-                log(f"[effopd] {m} vs vanilla, {what.replace('_', ' ')}: " + r.get("text", r["verdict"]))
+        log(f"[effopd] steps to target ({opt.target_fraction:.0%} of vanilla's final held-out accuracy) per seed:\n"
+            + steps_table(summary).to_string(na_rep="never"))
+        for res in verdicts.values():
+            for what in ("speedup", "final_accuracy"):
+                r = res[what]
+                log(f"[effopd] {res['method']} vs {res['baseline']}, {what.replace('_', ' ')}: "
+                    + r.get("text", r["verdict"]))
         if not verdicts:
-            log("[effopd] no verdict: EffOPD and the fixed jump ran on no seed (the gate closed on every one)")
+            log("[effopd] no verdict: only vanilla ran (the gate closed on every seed, or no other method was asked)")
         probe_df = pd.concat(probes, ignore_index=True) if probes else None
-        meta = {"preset": p.name, "seeds": seed_list, "data_seed": data_seed, "lab": str(lab_dir) if lab_dir else None,
-                "options": asdict(opt), "steps": run_steps(opt, p), "speedup": speedups(summary),
-                "verdicts": verdicts, "probe_pairs": pairs, "probe_verdict": {str(k): v for k, v in gate.items()},
+        for src in sources.values():  # the models built here, relative to the output
+            if src["lab"] is None:
+                src.update({k: str(Path(src[k]).relative_to(tmp)) for k in ("teacher", "student_init")})
+        meta = {"preset": p.name, "seeds": seed_list, "independent_seeds": independent,
+                "models": {str(k): v for k, v in sources.items()}, "lab": str(lab_dir) if lab_dir else None,
+                "options": asdict(opt), "steps": run_steps(opt, p),
+                "lr": {m: method_lr(m, base_lr(opt, p)) for m in methods},
+                "steps_to_target": {m: {str(int(k)): (None if pd.isna(v) else float(v)) for k, v in col.items()}
+                                    for m, col in steps_table(summary, lr=False).items()},
+                "speedup": speedups(summary, methods), "verdicts": verdicts, "verdict_rule": RULE,
+                "probe_pairs": pairs, "probe_verdict": {str(k): v for k, v in gate.items()},
                 "probe_gate": gate_text(probe_df) if probe_df is not None else None,
                 "probe_best_gain": {str(int(k)): best_gain(d) for k, d in probe_df.groupby(
                     probe_df["run"].str.removeprefix("seed"))} if probe_df is not None else {},
@@ -393,6 +493,17 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
     return out
 
 
+def steps_table(summary: pd.DataFrame, lr: bool = True) -> pd.DataFrame:
+    """Steps to target per seed (rows) and method (columns, in the measurement's order; headed by the method's
+    learning rate when ``lr``): "vanilla lr, vanilla 3× lr, vanilla 10× lr, EffOPD lr"."""
+    t = summary.pivot(index="seed", columns="method", values="steps_to_target")
+    t = t[[m for m in METHODS if m in t.columns]]
+    if lr:
+        rate = summary.groupby("method")["lr"].first()
+        t.columns = [f"{m} (lr {rate[m]:g})" for m in t.columns]
+    return t
+
+
 def summarize(curves: pd.DataFrame, runs: pd.DataFrame, target_fraction: float = 0.95) -> pd.DataFrame:
     """effopd_summary rows: steps to target = first step with held-out accuracy ≥ fraction × vanilla's final."""
     rows = []
@@ -400,20 +511,22 @@ def summarize(curves: pd.DataFrame, runs: pd.DataFrame, target_fraction: float =
         v = curves[(curves["seed"] == seed) & (curves["method"] == "vanilla")]
         target = target_fraction * float(v.sort_values("step")["accuracy"].iloc[-1]) if len(v) else float("nan")
         r = runs[(runs["seed"] == seed) & (runs["method"] == method)].iloc[0]
-        rows.append({"seed": seed, "method": method, "steps_to_target": steps_to_target(c, target),
-                     "final_accuracy": float(r["final_accuracy"]), "wall_s": float(r["wall_s"]),
+        rows.append({"seed": seed, "method": method, "lr": float(r.get("lr", np.nan)),
+                     "steps_to_target": steps_to_target(c, target), "final_accuracy": float(r["final_accuracy"]),
+                     "wall_s": float(r["wall_s"]),
                      "validation_s": float(r["validation_s"]), "tie_accepts": int(r.get("tie_accepts", 0))})
     return pd.DataFrame(rows, columns=TABLES["effopd_summary"].names)
 
 
-def speedups(summary: pd.DataFrame) -> dict:
-    """Median over seeds of vanilla's steps to target divided by each method's, and per-seed values, for
-    effopd.json (the rule: opd_dynamics.effopd.summary, which the HTML report uses too)."""
+def speedups(summary: pd.DataFrame, methods: Sequence[str] = METHODS) -> dict:
+    """Median over seeds of the baseline's steps to target divided by the method's, and per-seed values, for every
+    comparison among ``methods`` (keys as `comparisons`), for effopd.json (the rule: opd_dynamics.effopd.summary,
+    which the HTML report uses too)."""
     out: dict = {}
-    for m in METHODS[1:]:
-        ratio = per_seed_speedups(summary, m)
+    for key, m, b in comparisons(methods):
+        ratio = per_seed_speedups(summary, m, b)
         median = ratio.median()  # over the seeds with a ratio
-        out[m] = {"per_seed": {int(k): float(x) for k, x in ratio.items()},
+        out[key] = {"per_seed": {int(k): float(x) for k, x in ratio.items()},
                   "median": None if pd.isna(median) else float(median),
                   "seeds_with_a_ratio": int(ratio.notna().sum())}  # gated-out seeds and missed targets have none
     return out

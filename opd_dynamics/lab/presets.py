@@ -134,6 +134,9 @@ def get_preset(preset: str | LabPreset) -> LabPreset:
 
 #: the lab's EffOPD validation scores (EffOPDLabOptions.validation)
 VALIDATIONS = ("sampled", "greedy", "greedy+kl")
+#: the EffOPD measurement's methods (EffOPDLabOptions.methods), each with its learning rate as a multiple of the
+#: base rate: plain OPD at 1×, 3× and 10× it, EffOPD and the fixed jump at 1×
+EFFOPD_METHODS = {"vanilla": 1.0, "vanilla-3x": 3.0, "vanilla-10x": 10.0, "effopd": 1.0, "fixed": 1.0}
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,18 @@ class EffOPDLabOptions:
     `effopd` (the search's own options: k_max, strict …) adds its flags too."""
 
     max_steps: int | None = option(None, "Optimizer steps per run (default: the preset's rl_steps).", flag="--steps")
-    eval_every: int | None = option(None, "Held-out evaluation interval (default: every 2 steps on the smoke "
-                                    "preset, every 10 on the others).")
+    methods: tuple[str, ...] = option(tuple(EFFOPD_METHODS), "The methods run, vanilla always among them (its final "
+                                      "accuracy defines the target): vanilla, vanilla-3x and vanilla-10x (plain OPD "
+                                      "at 1×, 3×, 10× the base rate), effopd, fixed.", cli="names",
+                                      metavar="M,M,...")
+    lr: float | None = option(None, "The base OPD learning rate: vanilla's, effopd's and fixed's (default: the "
+                              "preset's opd_lr).")
+    eval_every: int | None = option(None, "Held-out evaluation interval after dense_until (default: every 2 steps on "
+                                    "the smoke preset, every 10 on the others).")
+    dense_until: int = option(40, "Held-out accuracy at every step up to this one (then every eval_every steps, and "
+                              "at every trigger step). One evaluation of the default preset's 500 prompts takes "
+                              "1.0–1.6 s on one thread (an OPD step: 0.8–1.1 s), so 40 dense steps add about a "
+                              "minute per run.", min=0)
     n_val: int = option(50, "EffOPD validation prompts (sampled from the training prompts).", min=1)
     fixed_k: int = option(2, "k of the fixed baseline (W_t + coef_step·k·Δ at every trigger, no validation).", min=0)
     target_fraction: float = option(0.95, "Steps to target: the first step with held-out accuracy ≥ this fraction "
@@ -156,7 +169,8 @@ class EffOPDLabOptions:
                                           "W_{t/2}) on the held-out problems, gates the measurement.", cli="ints",
                                           metavar="T,T,...")
     gate: bool = option(True, "Run EffOPD and the fixed baseline for a seed only where its vanilla run's line probe "
-                        "improves for some c in [0.5, 2] at an early trigger (--no-gate: always).")
+                        "improves for some c in [0.5, 2] at an early trigger (--no-gate: always); the rate controls "
+                        "always run.")
     effopd: EffOPDOptions = nested(EffOPDOptions, "The search itself (k_max, coef_step, strict …).")
 
 

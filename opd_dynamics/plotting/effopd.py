@@ -12,7 +12,7 @@ from opd_dynamics.plotting._draw import fig_legend, percent_axis
 from opd_dynamics.plotting.style import method_colors, new_figure, order_runs, styled
 from opd_dynamics.plotting.tables import as_tables, numeric, require_table
 
-_METHOD_ORDER = ("vanilla", "effopd", "fixed")
+_METHOD_ORDER = ("vanilla", "vanilla-3x", "vanilla-10x", "effopd", "fixed")
 
 
 @styled
