@@ -1,36 +1,46 @@
-"""The lab's EffOPD measurement: vanilla OPD vs EffOPD (adaptive) vs a fixed coefficient, same seeds and budget.
+"""The lab's EffOPD measurement: vanilla OPD at 1×, 3× and 10× a base rate vs EffOPD (adaptive) vs a fixed
+coefficient, same seeds and budget.
 
-Per seed, three real OPD runs (TRL DistillationTrainer, the lab's preset) start from the same student_init with
-the same teacher, train prompts, optimizer steps and run seed; they differ only in what happens at the trigger
-steps 1, 2, 4, 8, …:
+Per seed, up to five real OPD runs (TRL DistillationTrainer, the lab's preset; ``methods`` chooses them, vanilla
+always among them) start from the seed's student_init with its teacher, the same train prompts, optimizer steps
+and run seed; they differ only in the learning rate (``lr``, default the preset's opd_lr) and in what happens at
+the trigger steps 1, 2, 4, 8, …:
 
-- ``vanilla``: nothing;
-- ``effopd``: the published adaptive search (K = 5 candidates W_t + 2kΔ, accept while the validation score —
-  by default sampled accuracy on 50 prompts sampled from the training prompts, drawn afresh per candidate —
-  is strictly above the best so far);
+- ``vanilla``: nothing, at the base rate; ``vanilla-3x``, ``vanilla-10x``: nothing, at 3× and 10× it (does a
+  larger step do what a jump does?);
+- ``effopd``: the published adaptive search at the base rate (K = 5 candidates W_t + 2kΔ, accept while the
+  validation score — by default sampled accuracy on 50 prompts sampled from the training prompts, drawn afresh
+  per candidate — is strictly above the best so far);
 - ``fixed``: always jump with a fixed k (default 2, i.e. W_t + 4Δ, the middle of the published range), no
   validation — what the adaptive choice adds over a blind jump.
 
-Held-out greedy accuracy is measured at step 0, at every trigger step and every ``eval_every`` steps, and at
-the end; that measurement is excluded from ``wall_s`` (training wall-clock, EffOPD's own validation included,
-reported separately as ``validation_s``). ``steps_to_target`` is the first measured step whose held-out accuracy
-is ≥ 95 % of vanilla's final held-out accuracy for that seed.
+**Seeds.** ``lab=ROOT`` holding ``seed-K/`` lab directories (`lab run --seeds N --out ROOT`): seed K runs from
+ROOT/seed-K's teacher and student_init on that lab's split (its lab.json seed), so seeds are independent. No
+``lab``: each seed trains its own (`train_teacher_and_student` with that seed, kept under ``models/seed-K``).
+``lab=DIR``, one lab directory: every seed shares it and the seeds are *not independent* (the log says so;
+effopd.json: ``independent_seeds`` false). effopd.json's ``models`` records each seed's lab, teacher, init and
+split seed.
+
+Held-out greedy accuracy is measured at step 0, at every step up to ``dense_until``, then at every trigger step,
+every ``eval_every`` steps and at the end (one evaluation of the default preset's 500 prompts: 1.0–1.6 s on one
+thread of the 2-core machine, an OPD step 0.8–1.1 s); that measurement is excluded from ``wall_s`` (training
+wall-clock, EffOPD's own validation included, reported separately as ``validation_s``). At each trigger of effopd
+and fixed the held-out accuracy is taken before the search as well, so effopd_triggers has it before and right
+after every jump. ``steps_to_target`` is the first measured step whose held-out accuracy is ≥ 95 % of vanilla's
+(base-rate) final held-out accuracy for that seed, for every method.
 
 Before EffOPD and fixed run for a seed, its vanilla run is probed at the early probe steps (W_t + c·(W_t − W_{t/2})
 on the held-out problems, `opd_dynamics.effopd.probe`): greedy correctness per held-out prompt, and the per-token
 KL(candidate ‖ teacher) per prompt on completions sampled once from W_t (seeded), both paired across the pair's
 candidates. Where no c in the gate's range gains on W_t by more than two paired standard errors with the KL not
-worse, they are not run ("no foresight in this regime"; `gate=False` runs them anyway).
+worse, they are not run ("no foresight in this regime"; `gate=False` runs them anyway). The rate controls always
+run.
 
-**Verdicts** (`effopd_verdicts`, the one rule of `opd_dynamics.analysis.stats`): per method against vanilla over
-the paired seeds, the step speedup (vanilla's steps to target over the method's) by the sign test against 1 with
-its geometric mean and 95 % t interval, and the final held-out accuracy (method − vanilla) by the sign test
-against 0 with its mean and interval; effopd.json holds them and the log prints them.
-
-Teacher and student come from an existing lab directory (``--lab DIR``: ``DIR/teacher``, ``DIR/student_init``;
-its train/held-out split, from ``DIR/lab.json``'s seed, is reused so held-out prompts stay unseen) or are
-built here once (SFT as the lab does) and shared by every seed.
-"""
+**Verdicts** (`effopd_verdicts`, the one rule of `opd_dynamics.analysis.stats`): per method against vanilla, and
+effopd against vanilla-3x and vanilla-10x (`comparisons`), over the paired seeds: the step speedup (the baseline's
+steps to target over the method's) by the sign test against 1 with its geometric mean and 95 % t interval, and
+the final held-out accuracy (method − baseline) by the sign test against 0 with its mean and interval;
+effopd.json holds them with the steps-to-target table, and the log prints both."""
 
 from __future__ import annotations
 
