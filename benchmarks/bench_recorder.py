@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--svd", default="certified", choices=("certified", "exact", "fast"))
     ap.add_argument("--priority", default="idle", choices=("idle", "nice", "normal"))
+    ap.add_argument("--backlog-gb", type=float, default=4.0, help="the recorder's backlog_gb (0: no backlog: training "
+                    "waits as soon as the worker is one step behind, the steady state of a long run)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of training")
     ap.add_argument("--check", default="1,last", help="steps whose σ are checked against float64 numpy")
     a = ap.parse_args()
@@ -91,6 +93,7 @@ def main() -> None:
     per_step: dict[str, list[float]] = {"plain": [], "recorder": []}
     cpu_util: list[float] = []
     train_cpu: list[float] = []  # plain steps: training's CPU seconds (all its threads)
+    totals: dict[str, list[float]] = {"plain": [], "recorder": []}  # timed steps and, recorded, finishing at close
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         kept: dict[int, dict[str, torch.Tensor]] = {}
@@ -100,9 +103,11 @@ def main() -> None:
                 opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
                 rec = None
                 if mode == "recorder":
-                    rec = DynamicsRecorder(tmp / f"sk-{rep}", k=a.k, svd=a.svd, priority=a.priority)
+                    rec = DynamicsRecorder(tmp / f"sk-{rep}", k=a.k, svd=a.svd, priority=a.priority,
+                                           backlog_gb=a.backlog_gb)
                     rec.record(model, 0)
                 last = rep == a.repeats - 1 and mode == "recorder"
+                total = 0.0
                 for step, x in enumerate(data, 1):
                     t0, c0 = time.perf_counter(), time.process_time()
                     loss = model(input_ids=x, labels=x).loss
@@ -114,6 +119,7 @@ def main() -> None:
                     wall = time.perf_counter() - t0
                     if step > 1:
                         per_step[mode].append(wall)
+                        total += wall
                         if mode == "plain":
                             train_cpu.append(time.process_time() - c0)
                             cpu_util.append(train_cpu[-1] / wall / a.threads)
@@ -123,7 +129,9 @@ def main() -> None:
                     t0 = time.perf_counter()
                     rec.close()
                     drain = time.perf_counter() - t0
+                    total += drain
                     rec_seconds, scheduling = dict(rec.seconds), rec.scheduling
+                totals[mode].append(total)
                 print(f"  run {rep + 1} {mode}: median step {np.median(per_step[mode][-(a.steps - 1):]):.2f} s",
                       flush=True)
         load1 = os.getloadavg()
@@ -159,11 +167,15 @@ def main() -> None:
           f"{a.threads} threads; {os.cpu_count()} cores ({cpu_name()}); load average {load0[0]:.2f} before, "
           f"{load1[0]:.2f} after")
     print(f"recorder: k = {a.k}, svd {a.svd}, {len(series.decomposed)} matrices decomposed, "
-          f"{len(series.tensors) - len(series.decomposed)} other tensors by their norms; worker {scheduling}")
+          f"{len(series.tensors) - len(series.decomposed)} other tensors by their norms; worker {scheduling} "
+          f"({a.backlog_gb} GB)")
     print(f"median step over {a.repeats} alternated runs of {a.steps - 1} timed steps each: {plain:.3f} s plain, "
           f"{with_rec:.3f} s with the recorder: overhead {with_rec / plain - 1:+.1%} (plain steps' quartiles "
           f"{np.percentile(per_step['plain'], 25):.3f}-{np.percentile(per_step['plain'], 75):.3f} s; training used "
           f"{np.mean(cpu_util):.0%} of its {a.threads} threads' time)")
+    tp, tr = (float(np.median(totals[m])) for m in ("plain", "recorder"))
+    print(f"whole run (the timed steps, and for the recorder finishing its work at close; the work a backlog "
+          f"defers is paid here): {tp:.1f} s plain, {tr:.1f} s with the recorder ({tr / tp - 1:+.1%}, medians)")
     print(f"CPU per step (robust to other load, unlike the times above): training {np.median(train_cpu):.2f} s over "
           f"its {a.threads} threads, the recorder's worker {work['cpu_seconds'].median():.2f} s (median)")
     print(f"recorder time per step (last run): {rec_seconds['record'] / a.steps * 1e3:.0f} ms in the training "

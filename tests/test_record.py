@@ -319,7 +319,7 @@ from opd_dynamics.record import DynamicsRecorder
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 m = Tiny()
-rec = DynamicsRecorder({out!r}, k=2)
+rec = DynamicsRecorder({out!r}, k=2, backlog_gb=0)  # the sketch's writes fail, not a backlog's
 rec.record(m, 0)
 for step in range(1, 100):
     with torch.no_grad():
@@ -501,6 +501,29 @@ def test_the_worker_process_works_beside_training_and_its_death_is_one_sentence(
         rec.record(Tiny(), 4)
     rec.close()
     assert SketchSeries(tmp_path / "killed").steps == [1, 2, 3]
+
+
+def test_a_backlog_lets_training_run_ahead_and_changes_no_number(tmp_path):
+    """With a backlog the worker takes each step out of the shared buffer into a file of its own at once and
+    measures it later: the same series as with none, the files gone once measured; the number of steps it may
+    hold is the budget over the buffer's size; a backlog directory that is not one is one sentence."""
+    from opd_dynamics.io.sketches import SketchSeries, step_file
+
+    (tmp_path / "spool").mkdir()
+    rec = _recorded(tmp_path / "ahead", backlog_gb=1e-5, backlog_dir=tmp_path / "spool")
+    elements = 10 * 12 + 20 * 12 + 12 + 12  # q_proj, up_proj, the layer norm's weight and bias
+    assert rec.worker.backlog == int(1e-5 * 2 ** 30 // (4 * elements)) == 6
+    rec.close()
+    _recorded(tmp_path / "none", backlog_gb=0).close()
+    pd.testing.assert_frame_equal(SketchSeries(tmp_path / "ahead").table, SketchSeries(tmp_path / "none").table)
+    for step in (1, 2, 3):  # the triplets too (the metadata differs only in what the work cost)
+        a, b = (load_file(step_file(tmp_path / d, step)) for d in ("ahead", "none"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list((tmp_path / "spool").iterdir()) == []  # the worker's backlog directory, removed at the end
+    with pytest.raises(InputError, match=r"nowhere: is not a directory \(backlog_dir"):
+        DynamicsRecorder(tmp_path / "x", backlog_dir=tmp_path / "nowhere")
+    with pytest.raises(InputError, match="backlog_gb must be 0 or more"):
+        DynamicsRecorder(tmp_path / "x", backlog_gb=-1)
 
 
 def test_keeping_w0_in_its_stored_dtype_changes_no_number(tmp_path):

@@ -110,6 +110,12 @@ class DynamicsRecorder:
     in ``record`` itself. ``priority``: the worker process's scheduling, "idle" (SCHED_IDLE, or nice 19 where
     there is none: it runs only on cores training leaves idle), "nice" (nice 19: nearly the same beside training,
     but it shares idle cores evenly with other nice-19 processes instead of leaving them all to them) or "normal".
+    ``backlog_gb``: disk the worker process may fill with steps it has taken out of the shared buffer but not yet
+    measured (files under ``backlog_dir``, default the system's temporary directory; removed as they are
+    measured), so that training runs ahead of the worker instead of waiting for it, up to
+    ``backlog_gb // (4 bytes × the recorded elements)`` steps (none when one step is larger): on a machine whose cores
+    training keeps busy, the work moves to idle time and to ``close``; it is not less work, and nothing recorded
+    changes. 0: training waits as soon as the worker is one step behind.
     An ``out_dir`` already holding a sketch series is refused unless ``resume`` (continue it) or ``overwrite``
     (replace it).
     """
@@ -118,7 +124,8 @@ class DynamicsRecorder:
                  groups: tuple[str, ...] = MATRIX_GROUPS, device: str | torch.device = "cpu",
                  keep: str = "float32", svd: str = "certified", resume: bool = False, overwrite: bool = False,
                  background: bool | str = True, oversample: int = 8, power: int = 1, tol: float = CERTIFY_TOL,
-                 norms: bool = True, priority: str = "idle"):
+                 norms: bool = True, priority: str = "idle", backlog_gb: float = 4.0,
+                 backlog_dir: str | Path | None = None):
         for name, value, allowed in (("svd", svd, SVD_MODES), ("keep", keep, ("float32", "stored")),
                                      ("background", background, (True, False, "process", "thread")),
                                      ("priority", priority, ("idle", "nice", "normal"))):
@@ -148,6 +155,13 @@ class DynamicsRecorder:
         if self.background == "process" and torch.device(device).type != "cpu":
             raise InputError(None, "background='process' keeps the weights on the CPU; use device='cpu' or "
                                    "background='thread'", ("background", "device"))
+        if backlog_gb < 0:
+            raise InputError(None, f"backlog_gb must be 0 or more, not {backlog_gb}", ("backlog_gb",))
+        if backlog_dir is not None and not Path(backlog_dir).is_dir():
+            raise InputError(backlog_dir, "is not a directory (backlog_dir: where the recorder's backlog waits)",
+                             ("backlog_dir",))
+        self.backlog = (float(backlog_gb), None if backlog_dir is None else str(backlog_dir))
+        self.backlog_steps = 0  # how many steps the worker process may hold (known once it has started)
         self.every = every if callable(every) else (lambda s, n=int(every): s % n == 0)
         self.started = False
         self.steps: StepRecorder | None = None  # the work, in this process (foreground or a thread)
@@ -249,8 +263,9 @@ class DynamicsRecorder:
                 done = set()
         if self.background == "process":
             parts = {n: [tuple(t.shape) for t in (v if isinstance(v, tuple) else (v,))] for n, v in gathered.items()}
-            self.worker = ProcessWorker(self.out, self.settings, parts)
-            self.scheduling = f"worker process at {self.worker.scheduling}"
+            self.worker = ProcessWorker(self.out, self.settings, parts, *self.backlog)
+            self.backlog_steps = self.worker.backlog
+            self.scheduling = f"worker process at {self.worker.scheduling}, backlog of {self.backlog_steps} steps"
         else:
             self.steps = StepRecorder(self.out, self.settings)
             if self.background:

@@ -29,13 +29,17 @@ import contextlib
 import json
 import math
 import os
+import queue
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from opd_dynamics.errors import InputError
@@ -83,9 +87,12 @@ def _views(buf: torch.Tensor, layout) -> dict[str, list[torch.Tensor]]:
 class ProcessWorker:
     """The training process's end: starts the worker, hands it each step, and reads its answers."""
 
-    def __init__(self, out: Path, settings: dict, shapes: dict[str, list[tuple[int, ...]]]):
+    def __init__(self, out: Path, settings: dict, shapes: dict[str, list[tuple[int, ...]]],
+                 backlog_gb: float = 0.0, backlog_dir: str | None = None):
         self.out = Path(out)
         self.layout, total = buffer_layout(shapes)
+        #: steps the worker may hold on disk while training runs ahead (each the buffer's size)
+        self.backlog = int(backlog_gb * 2 ** 30 // (4 * max(total, 1)))
         where = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
         fd, path = tempfile.mkstemp(prefix="opd-dynamics-recorder-", suffix=".buf", dir=where)
         os.close(fd)
@@ -100,7 +107,8 @@ class ProcessWorker:
         self.can_lift = True  # whether lifting it while training waits is permitted (found at the first try)
         self.waited = 0.0  # seconds the training process spent waiting for the worker
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, for the sentence if it dies
-        config = {"out": str(self.out), "settings": settings, "buffer": path, "size": max(total, 1),
+        config = {"out": str(self.out), "settings": {**settings, "backlog_dir": backlog_dir}, "buffer": path,
+                  "size": max(total, 1), "backlog": self.backlog,
                   "layout": {n: [[o, list(s)] for o, s in parts] for n, parts in self.layout.items()}}
         self.proc = subprocess.Popen([sys.executable, "-m", "opd_dynamics.record"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
@@ -184,11 +192,17 @@ class ProcessWorker:
             self.waited += time.perf_counter() - t0
 
     def _policy(self, lifted: bool) -> bool:
+        """Every thread of the worker (Linux schedules threads, not processes) lifted, or lowered again."""
         try:
-            if self.scheduling == "SCHED_IDLE":
-                os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER if lifted else os.SCHED_IDLE, os.sched_param(0))
-            else:
-                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 0 if lifted else 19)
+            tasks = [int(t) for t in os.listdir(f"/proc/{self.proc.pid}/task")]
+        except OSError:
+            tasks = [self.proc.pid]
+        try:
+            for tid in tasks:
+                if self.scheduling == "SCHED_IDLE":
+                    os.sched_setscheduler(tid, os.SCHED_OTHER if lifted else os.SCHED_IDLE, os.sched_param(0))
+                else:
+                    os.setpriority(os.PRIO_PROCESS, tid, 0 if lifted else 19)
             return True
         except OSError:  # not permitted (an unprivileged user with RLIMIT_NICE below 20), or the worker is gone
             self.can_lift = False
@@ -221,13 +235,59 @@ def _release(proc: subprocess.Popen, log) -> None:
     log.close()
 
 
+_REPLY = threading.Lock()  # the receiving thread and the main thread both answer
+
+
 def _reply(msg: dict) -> None:
-    sys.stdout.write(json.dumps(msg, allow_nan=True) + "\n")
-    sys.stdout.flush()
+    with _REPLY:
+        sys.stdout.write(json.dumps(msg, allow_nan=True) + "\n")
+        sys.stdout.flush()
+
+
+class _Backlog:
+    """Steps taken out of the shared buffer and not yet measured: at most ``1 + depth`` at a time (the one being
+    measured and ``depth`` waiting, each in a file of its own under ``where``); with ``depth`` 0 the next step is
+    taken only once the previous one is measured, and it is held in memory."""
+
+    def __init__(self, depth: int, where: str | None, size: int):
+        self.depth, self.size = depth, size
+        self.slots = threading.Semaphore(depth + 1)
+        self.queue: queue.Queue = queue.Queue()
+        self.dir = Path(tempfile.mkdtemp(prefix="opd-dynamics-backlog-", dir=where)) if depth else None
+
+    def take(self, buffer: torch.Tensor, msg: dict) -> None:
+        """Copy the buffer out (waiting for a free slot first) and queue the step."""
+        self.slots.acquire()
+        if self.dir is None:
+            self.queue.put((msg, buffer.clone()))
+            return
+        path = self.dir / f"step-{msg['step']}.buf"
+        with open(path, "wb") as f:
+            f.write(memoryview(buffer.numpy()).cast("B"))
+        self.queue.put((msg, path))
+
+    def get(self) -> tuple[dict, torch.Tensor] | None:
+        item = self.queue.get()
+        if item is None:
+            return None
+        msg, held = item
+        if isinstance(held, Path):
+            flat = torch.from_numpy(np.fromfile(held, dtype=np.float32, count=self.size))
+            held.unlink()
+            held = flat
+        return msg, held
+
+    def done(self) -> None:
+        self.slots.release()
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def main() -> None:
-    """The worker's loop (module docstring)."""
+    """The worker's loop (module docstring): a thread takes each step out of the shared buffer as soon as a slot
+    of the backlog is free and answers ``copied``; the main thread measures the steps in order."""
     from threadpoolctl import threadpool_limits
 
     from opd_dynamics.record.steps import StepRecorder
@@ -238,27 +298,51 @@ def main() -> None:
     threadpool_limits(1)
     buffer = torch.from_file(config["buffer"], shared=True, size=config["size"], dtype=torch.float32)
     layout = {n: [(o, tuple(s)) for o, s in parts] for n, parts in config["layout"].items()}
-    views = _views(buffer, layout)
     try:
         steps = StepRecorder(Path(config["out"]), config["settings"], cpu_clock=time.process_time)
+        backlog = _Backlog(int(config.get("backlog", 0)), config["settings"].get("backlog_dir"), config["size"])
     except InputError as e:
         _reply({"op": "error", "path": e.path, "problem": e.problem})
         return
-    _reply({"op": "ready", "scheduling": scheduling})
-    with torch.no_grad():
-        for line in sys.stdin:
-            msg = json.loads(line)
-            if msg["op"] == "close":
-                break
-            snap = {n: tuple(v.clone() for v in vs) if len(vs) > 1 else vs[0].clone() for n, vs in views.items()}
-            _reply({"op": "copied", "step": msg["step"]})
-            try:
-                if msg["restart"]:
-                    steps.restart(snap)
-                if msg["segment"] is not None:
-                    scalars = steps.measure(snap, msg["step"], msg["prev_step"], msg["segment"])
-                    _reply({"op": "done", "step": msg["step"], "scalars": scalars, "seconds": steps.seconds,
-                            "cpu_seconds": steps.cpu_seconds})
-            except InputError as e:
-                _reply({"op": "error", "path": e.path, "problem": e.problem})
+    except OSError as e:
+        _reply({"op": "error", "path": config["settings"].get("backlog_dir") or tempfile.gettempdir(),
+                "problem": f"cannot hold the recorder's backlog: {e.strerror or e}"})
+        return
 
+    def receive() -> None:
+        try:
+            for line in sys.stdin:
+                msg = json.loads(line)
+                if msg["op"] == "close":
+                    break
+                try:
+                    backlog.take(buffer, msg)
+                except OSError as e:  # a full disk under the backlog: one sentence, and the worker stops
+                    _reply({"op": "error", "path": str(backlog.dir), "problem": "cannot hold the recorder's "
+                            f"backlog: {e.strerror or e} (pass backlog_gb=0 to keep none)"})
+                    break
+                _reply({"op": "copied", "step": msg["step"]})
+        finally:
+            backlog.queue.put(None)
+
+    _reply({"op": "ready", "scheduling": scheduling})
+    threading.Thread(target=receive, daemon=True).start()
+    try:
+        with torch.no_grad():
+            while (item := backlog.get()) is not None:
+                msg, flat = item
+                snap = {n: tuple(v.clone() for v in vs) if len(vs) > 1 else vs[0].clone()
+                        for n, vs in _views(flat, layout).items()}
+                try:
+                    if msg["restart"]:
+                        steps.restart(snap)
+                    if msg["segment"] is not None:
+                        scalars = steps.measure(snap, msg["step"], msg["prev_step"], msg["segment"])
+                        _reply({"op": "done", "step": msg["step"], "scalars": scalars, "seconds": steps.seconds,
+                                "cpu_seconds": steps.cpu_seconds})
+                except InputError as e:
+                    _reply({"op": "error", "path": e.path, "problem": e.problem})
+                finally:
+                    backlog.done()
+    finally:
+        backlog.close()
