@@ -20,7 +20,8 @@ norms (‖ΔW_t‖F, ‖W_0‖F, the changed fraction), so a sketch series' shar
 ``record`` copies the recorded weights and, by default, leaves the rest to a worker beside the next training
 step (`record.worker`: a process of its own for weights kept on the CPU, at idle scheduling priority and one BLAS
 thread, so that it runs on what training leaves idle; a thread for weights kept on a GPU), so the training step
-waits only for the copy (and for the worker, when a step's work takes longer than the idle time training leaves).
+waits only for the copy (and for the worker, when its backlog of steps, ``backlog_gb``, is full: when the work
+takes longer than the idle time training leaves, over more steps than the backlog holds).
 What the work cost is in each step file's metadata (``work``) and in the logged scalars
 (``dynamics/work_seconds``, ``dynamics/work_cpu_seconds``, ``dynamics/exact_matrices`` …).
 

@@ -8,9 +8,11 @@ training script, which multiprocessing's spawn would do). It runs a `steps.StepR
 
 Each step's weights cross in one shared-memory buffer (a file in /dev/shm mapped by both, float32, every recorded
 tensor at a fixed offset): the training process copies the weights in and writes one line on the worker's stdin;
-the worker copies them out, answers ``copied`` (the buffer is free again), measures, and answers ``done`` with the
-step's scalars, or ``error`` with the sentence. One step is in flight at a time: before overwriting the buffer the
-training process waits for the previous ``copied``, which comes once the worker has finished the step before.
+a thread of the worker copies them out, answers ``copied`` (the buffer is free again), and queues the step; the
+worker's main thread measures the queued steps in order and answers ``done`` with each step's scalars, or ``error``
+with the sentence. Before overwriting the buffer the training process waits for the previous ``copied``. How far the
+worker may fall behind is its backlog (``backlog_gb`` over the buffer's size, steps held in files of their own
+under ``backlog_dir``): with none, a step is copied out only once the one before it is measured (held in memory).
 
 The worker yields to training: it runs at SCHED_IDLE (or nice 19 where there is none; ``priority="normal"`` keeps
 the default) with one thread in torch and in every BLAS (its environment and threadpoolctl), so on a machine whose
