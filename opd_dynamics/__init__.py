@@ -6,7 +6,6 @@ The packages are layers (docs/ARCHITECTURE.md): `numerics` and `io` at the botto
 
 from __future__ import annotations
 
-from opd_dynamics import _compat
 from opd_dynamics._version import __version__
 from opd_dynamics.analysis import AnalysisOptions, Report, analyze, describe
 from opd_dynamics.errors import InputError
@@ -20,8 +19,6 @@ from opd_dynamics.io import (
     parse_name,
     write_model,
 )
-
-_compat.install()
 
 __all__ = ["AnalysisOptions", "CheckpointSeries", "InputError", "LoraAdapter", "ModelDir", "Report", "SketchSeries",
            "TensorName", "__version__", "analyze", "describe", "open_model", "parse_name", "write_model"]

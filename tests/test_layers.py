@@ -38,7 +38,7 @@ LAYERS: tuple[Layer, ...] = (
     Layer(3, ("opd_dynamics.interventions", "opd_dynamics.effopd", "opd_dynamics.record"), independent=True),
     Layer(4, ("opd_dynamics.extrapolate", "opd_dynamics.plotting"), independent=True),
     Layer(5, ("opd_dynamics.lab",)),
-    Layer(6, ("opd_dynamics.cli", "opd_dynamics._compat", "opd_dynamics")),
+    Layer(6, ("opd_dynamics.cli", "opd_dynamics")),
 )
 ROOT_MODULE = "opd_dynamics"
 
