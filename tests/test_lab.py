@@ -205,6 +205,56 @@ def test_opd_trainer_is_on_policy_reverse_kl(smoke_lab, tmp_path):
     assert abs(float((fwd * m).sum() / m.sum()) - loss) > 1e-3  # and not the forward KL
 
 
+#: what lab.json may differ in between two runs of one seed: wall times and the command line
+_CLOCK = ("timings", "command", "seconds")
+
+
+def _measured(meta: dict) -> dict:
+    """lab.json without its wall times and command line: the numbers a run measured."""
+    return {k: _measured(v) if isinstance(v, dict) else v for k, v in meta.items() if k not in _CLOCK}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
+def test_a_second_smoke_run_of_one_seed_is_bit_identical(smoke_lab, tmp_path):
+    """Issue 27: one machine, one seed, one lab. A second smoke run (its global RNGs and thread count disturbed
+    first: run_lab must set them itself) gives the same tensors, names and bytes in every model it writes
+    (student_init, teacher, each checkpoint of both runs), the same eval tables and GRPO group statistics, and a
+    lab.json that differs only in wall times and the command."""
+    import random
+
+    from safetensors.torch import load_file
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = run_lab(tmp_path / "again", preset="smoke", seed=0, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+
+    def models(lab: Path) -> list[str]:
+        return sorted(str(f.parent.relative_to(lab)) for f in lab.rglob("model.safetensors"))
+
+    steps = [f"{r}/checkpoint-{s}" for r in ("grpo", "opd") for s in (20, 40, 60)]
+    assert models(smoke_lab) == models(again) == sorted(["student_init", "teacher", *steps])
+    for d in models(smoke_lab):
+        a, b = load_file(smoke_lab / d / "model.safetensors"), load_file(again / d / "model.safetensors")
+        assert sorted(a) == sorted(b), d
+        differ = [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])]
+        assert not differ, f"{d}: {differ}"
+        for name in ("model.safetensors", "config.json"):
+            assert (smoke_lab / d / name).read_bytes() == (again / d / name).read_bytes(), f"{d}/{name}"
+    for f in ("opd/eval.csv", "grpo/eval.csv", "grpo/grpo_groups.csv", "sketch_alignment.csv"):
+        assert (smoke_lab / f).read_bytes() == (again / f).read_bytes(), f
+    first, second = (json.loads((d / "lab.json").read_text()) for d in (smoke_lab, again))
+    assert _measured(first) == _measured(second)
+    assert second["teacher"]["accuracy"] == first["teacher"]["accuracy"] and second["final"] == first["final"]
+    assert second["cpu"]["threads"] == second["preset"]["threads"]
+
+
 def test_run_lab_refuses_an_existing_directory(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(InputError, match="already exists"):

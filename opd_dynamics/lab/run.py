@@ -22,6 +22,7 @@ from opd_dynamics.lab.models import load_model, n_params
 from opd_dynamics.lab.presets import LabPreset, get_preset
 from opd_dynamics.lab.task import Problem, build_tokenizer, has_carry
 from opd_dynamics.lab.train import (
+    _ensure_threads,
     device,
     evaluate_run,
     seed_everything,
@@ -95,6 +96,8 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
     eval.csv, whose step 0 is student_init, grpo/grpo_groups.csv; lab.json with preset, seed, timings,
     accuracies, pass@k of teacher and student_init, GRPO's share of informative groups, versions).
     """
+    from opd_dynamics.analysis.executors import device_name
+
     p = get_preset(preset)
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out).resolve()
@@ -102,6 +105,8 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
     t_all = time.time()
     with atomic_dir(out, LAB, overwrite=overwrite) as tmp:
         lab = LabDir(tmp)
+        # threads and seeds before anything is drawn or summed: the run is then a function of preset and seed
+        _ensure_threads(p)
         seed_everything(seed)
         log(f"[lab] preset {p.name}, seed {seed}, device {device()}, writing to {tmp}")
         t0 = time.time()
@@ -141,6 +146,10 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
             "preset": p.to_dict(),
             "seed": seed,
             "device": str(device()),
+            # what a rerun must match for bit-identical weights (seed_everything): the CPU, the kernels torch picks
+            # for it and the thread count
+            "cpu": {"name": device_name("cpu"), "capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads()},
             "command": " ".join(sys.argv),
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "teacher": {**t_eval, "n_params": n_params(teacher), **sft["teacher_sft"]},

@@ -50,10 +50,23 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
+    """Seed python, numpy and torch (CPU and CUDA) and ask torch for deterministic kernels, so that a lab run on one
+    machine is a function of its preset and seed (issue 27; tests/test_lab.py runs the smoke lab twice).
+
+    The rest of a run's determinism is fixed where it is used: torch's thread count by the preset (`_ensure_threads`:
+    a float sum's order, hence its last bits, follows the thread count), every sampler by its own seeded generator
+    (SFT batches, evaluation, pass@k) or by TRL's ``seed``/``data_seed`` (data order, on-policy sampling), dropout off
+    (the lab's models have none; TRL's ``disable_dropout``). No result depends on python's hash seed or the clock.
+    Across CPUs (an AVX2 against an AVX-512 host: lab.json's ``cpu``) or torch builds the last bits may differ."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # CPU kernels are deterministic already; on CUDA, cuBLAS needs a fixed workspace (read when its handle is made,
+    # hence set before the first GPU matmul) and cuDNN must not pick kernels by timing. warn_only: an op without a
+    # deterministic CUDA kernel warns rather than stopping a long run.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
 
@@ -347,6 +360,7 @@ def evaluate_run(run: str, run_dir, student_init_dir, teacher, tokenizer, heldou
 
 
 def _ensure_threads(p: LabPreset) -> None:
+    """The preset's torch thread count (part of a run's determinism: see `seed_everything`)."""
     torch.set_num_threads(p.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
