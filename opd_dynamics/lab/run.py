@@ -166,11 +166,12 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
     return out
 
 
-def run_lab_seeds(out, preset: str | LabPreset = "smoke", seeds: int = 3, overwrite: bool = False,
+def run_lab_seeds(out, preset: str | LabPreset = "smoke", seeds: int = 5, overwrite: bool = False,
                   log: Callable[[str], None] | None = None) -> list[Path]:
     """Seeds 0 … seeds−1, each a whole lab run into ``out/seed-K`` (`run_lab`). A seed whose directory already
     holds a finished run (its lab.json) is kept, not rerun, unless ``overwrite``: an interrupted multi-seed run
-    resumes, and seeds run by separate ``lab run --seed K --out OUT/seed-K`` processes join the same root."""
+    resumes, and seeds run by separate ``lab run --seed K --out OUT/seed-K`` processes join the same root. Five by
+    default: the fewest whose claims (`lab claims`) can reach a verdict (5 of 5 signs is p = 1/32; 3 of 3, 0.125)."""
     log = log or (lambda msg: print(msg, flush=True))
     if overwrite:  # every seed to be replaced is checked before the first one trains
         for seed in range(seeds):
