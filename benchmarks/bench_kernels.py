@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from opd_dynamics.analysis.metrics.spectrum import Decomposition, decompose, spectrum_metrics
+from opd_dynamics.analysis.metrics.spectrum import spectrum_metrics
+from opd_dynamics.numerics.decomposition import Decomposition, decompose
 
 MODELS = {  # (out, in) of one decoder layer's matrices, with how many of each a layer has; layer count
     "0.5b": ({"q/o 896x896": ((896, 896), 2), "k/v 128x896": ((128, 896), 2),

@@ -26,8 +26,9 @@ from bench_kernels import sync, timed  # noqa: E402
 
 from opd_dynamics import CheckpointSeries, analyze  # noqa: E402
 from opd_dynamics.analysis.metrics.geometry import decompose_base, geometry_metrics, top_k_for  # noqa: E402
-from opd_dynamics.analysis.metrics.spectrum import decompose, spectrum_metrics  # noqa: E402
+from opd_dynamics.analysis.metrics.spectrum import spectrum_metrics  # noqa: E402
 from opd_dynamics.analysis.metrics.subspace import alignment_metrics  # noqa: E402
+from opd_dynamics.numerics.decomposition import decompose  # noqa: E402
 
 
 def concurrent_eigh(G: torch.Tensor, device: str, repeat: int) -> tuple[float, float]:

@@ -41,6 +41,13 @@ LAYERS: tuple[Layer, ...] = (
     Layer(6, ("opd_dynamics.cli", "opd_dynamics")),
 )
 ROOT_MODULE = "opd_dynamics"
+#: imports the layers would allow but the design forbids (importer, imported; each a package or module and everything
+#: under it): the recorder and the extrapolators decompose with `numerics.decomposition` and read rows with
+#: `io.rows`, so they never depend on the analysis (docs/ARCHITECTURE.md lists these too)
+FORBIDDEN: tuple[tuple[str, str], ...] = (
+    ("opd_dynamics.record", "opd_dynamics.analysis"),
+    ("opd_dynamics.extrapolate", "opd_dynamics.analysis"),
+)
 
 
 def _entry(module: str) -> tuple[str, Layer]:
@@ -169,6 +176,35 @@ def test_no_import_runs_up_or_across():
             problems.append(f"{_where(imp)}: {imp.source} (layer {src.number}) imports {imp.target} "
                             f"(layer {dst.number}, a sibling it must not import)")
     assert not problems, "imports against the layers of docs/ARCHITECTURE.md:\n" + "\n".join(problems)
+
+
+def _under(module: str, member: str) -> bool:
+    return module == member or module.startswith(member + ".")
+
+
+def forbidden_imports(imports: list[Import]) -> list[str]:
+    return [f"{_where(imp)}: {imp.source} imports {imp.target} ({src} must not depend on {dst})"
+            for imp in imports for src, dst in FORBIDDEN if _under(imp.source, src) and _under(imp.target, dst)]
+
+
+def test_forbidden_imports_are_found():
+    bad = Import("opd_dynamics.record.steps", "opd_dynamics.analysis.metrics.trajectory", PACKAGE / "record/steps.py",
+                 1, False, ROOT_MODULE)
+    fine = Import("opd_dynamics.record.steps", "opd_dynamics.numerics", PACKAGE / "record/steps.py", 1, True,
+                  ROOT_MODULE)
+    assert len(forbidden_imports([bad, fine])) == 1
+
+
+def test_no_forbidden_imports():
+    problems = forbidden_imports(PACKAGE_IMPORTS)
+    assert not problems, "imports docs/ARCHITECTURE.md forbids:\n" + "\n".join(problems)
+
+
+def test_architecture_doc_lists_the_forbidden_imports():
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    for src, dst in FORBIDDEN:
+        assert re.search(rf"`{re.escape(src)}`[^\n]*must not import[^\n]*`{re.escape(dst)}`", text), (
+            f"docs/ARCHITECTURE.md does not say that `{src}` must not import `{dst}`")
 
 
 def test_click_only_in_cli_modules():

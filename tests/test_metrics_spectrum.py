@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd_dynamics.analysis.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
+from opd_dynamics.analysis.metrics.spectrum import spectrum_metrics, top_singular_values
+from opd_dynamics.numerics.decomposition import decompose
 
 from reference import planted, ref_singular_values, ref_spectrum
 
@@ -211,7 +212,7 @@ def test_energies_monotone_and_bounded(m, n, seed, mode):
 @pytest.mark.parametrize("shape", [(300, 500), (500, 300)])
 def test_certified_subspace_vectors_equal_eigh_vectors(shape, device):
     """The eigvalsh + certified subspace-iteration route gives the same top-20 vectors as full eigh."""
-    from opd_dynamics.analysis.metrics.spectrum import subspace_top
+    from opd_dynamics.numerics.decomposition import subspace_top
 
     rng = np.random.default_rng(10)
     r = min(shape)
@@ -230,7 +231,7 @@ def test_certified_subspace_vectors_equal_eigh_vectors(shape, device):
 
 
 def test_subspace_route_declines_without_a_gap_and_falls_back():
-    from opd_dynamics.analysis.metrics.spectrum import subspace_top
+    from opd_dynamics.numerics.decomposition import subspace_top
 
     rng = np.random.default_rng(11)
     M = torch.tensor(planted(200, 300, np.ones(200) + 1e-6 * rng.random(200), rng))
@@ -289,7 +290,7 @@ def test_tridiagonal_route_on_a_flat_spectrum_gives_an_orthonormal_basis():
 def test_inverse_iteration_that_fails_falls_back_to_mrrr(monkeypatch):
     """dstein reports vectors that did not converge (injected: no real input makes it fail on demand):
     dstemr computes them instead and the answer is the float64 SVD's."""
-    from opd_dynamics.analysis.metrics import spectrum
+    from opd_dynamics.numerics import decomposition as spectrum
 
     rng = np.random.default_rng(16)
     s = np.geomspace(6, 0.05, 120)
@@ -323,7 +324,7 @@ def test_inverse_iteration_that_fails_falls_back_to_mrrr(monkeypatch):
 def test_a_lapack_failure_on_the_tridiagonal_route_falls_back_to_eigh(monkeypatch):
     """_tridiagonal_gram_eig returns None when LAPACK reports a failure; the Gram route then takes full eigh
     and still gives the exact answer (the failure is injected: no real input makes dstemr fail on demand)."""
-    from opd_dynamics.analysis.metrics import spectrum
+    from opd_dynamics.numerics import decomposition as spectrum
 
     rng = np.random.default_rng(15)
     s = np.geomspace(4, 0.05, 90)
@@ -337,7 +338,7 @@ def test_a_lapack_failure_on_the_tridiagonal_route_falls_back_to_eigh(monkeypatc
 
 
 def test_fast_mode_keeps_enough_values_for_the_top_1pct_ratio():
-    from opd_dynamics.analysis.metrics.spectrum import fast_keep
+    from opd_dynamics.numerics.decomposition import fast_keep
 
     assert fast_keep(20, 896) == 64 and fast_keep(80, 896) == 80 and fast_keep(20, 40) == 40
     assert fast_keep(20, 8192) == 82  # a 70B model's 8192-wide matrices: ceil(8192 / 100)

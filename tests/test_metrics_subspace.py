@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.analysis.metrics.subspace import alignment_metrics, principal_angles
+from opd_dynamics.numerics.decomposition import decompose
 
 from reference import random_orthogonal, ref_alignment
 

@@ -11,6 +11,7 @@ import torch
 from opd_dynamics.errors import InputError
 from opd_dynamics.fields import option
 from opd_dynamics.io.naming import MATRIX_GROUPS
+from opd_dynamics.numerics import LOCKIN_MARGIN, LOCKIN_THRESHOLD
 from opd_dynamics.schema import DEFAULT_KS
 
 #: --svd: exact float64 spectra; randomized top-k (labelled per row); norms only
@@ -46,9 +47,9 @@ class AnalysisOptions:
     trajectory: bool = option(True, "Trajectory metrics (trajectory.csv, segments.csv): segment cosines, the linear "
                               "fit in time, rank-1…5 shares, lock-in. They read every step once more, a row "
                               "block at a time (--no-trajectory skips them).")
-    lockin_threshold: float = option(0.5, "Lock-in: the first step whose direction_cosine to the final update "
-                                     "is at least this …")
-    lockin_margin: float = option(0.2, "… and exceeds the random-walk null √(t/T) by at least this.")
+    lockin_threshold: float = option(LOCKIN_THRESHOLD, "Lock-in: the first step whose direction_cosine to the final "
+                                     "update is at least this …")
+    lockin_margin: float = option(LOCKIN_MARGIN, "… and exceeds the random-walk null √(t/T) by at least this.")
     spectra_groups: tuple[str, ...] = option(MATRIX_GROUPS, "Groups whose matrices get spectra and alignment.",
                                            cli="groups", metavar="GROUP,...")
     token_ids: tuple[int, ...] | None = option(None, "File of token ids (whitespace or comma separated) for the "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from opd_dynamics._version import __version__
-from opd_dynamics.analysis.metrics.spectrum import Decomposition, spectrum_metrics
+from opd_dynamics.analysis.metrics.spectrum import spectrum_metrics
 from opd_dynamics.analysis.metrics.subspace import alignment_metrics
 from opd_dynamics.analysis.options import AnalysisOptions
 from opd_dynamics.analysis.report import ANALYSIS, Report, api_command, build_tables
@@ -33,6 +33,7 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import parse_name
 from opd_dynamics.io.sketches import SketchSeries
 from opd_dynamics.io.writer import atomic_dir
+from opd_dynamics.numerics.decomposition import Decomposition
 
 #: the columns a sketch cannot give, by table (run.json's "unavailable")
 UNAVAILABLE = {

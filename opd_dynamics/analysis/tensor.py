@@ -24,7 +24,7 @@ from opd_dynamics.analysis.deltas import (
 from opd_dynamics.analysis.metrics.embeddings import embedding_metrics
 from opd_dynamics.analysis.metrics.geometry import geometry_metrics
 from opd_dynamics.analysis.metrics.norms import norm_metrics
-from opd_dynamics.analysis.metrics.spectrum import decompose, spectrum_metrics, top_singular_values
+from opd_dynamics.analysis.metrics.spectrum import spectrum_metrics, top_singular_values
 from opd_dynamics.analysis.metrics.subspace import alignment_metrics
 from opd_dynamics.analysis.metrics.trajectory import TrajectoryAccumulator
 from opd_dynamics.analysis.options import AnalysisOptions
@@ -32,6 +32,7 @@ from opd_dynamics.analysis.report import PER_TENSOR_TABLES
 from opd_dynamics.io.model_dir import DTYPES
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.numerics import fro2, update_dtype
+from opd_dynamics.numerics.decomposition import decompose
 
 
 def _ident(series: CheckpointSeries, tp: TensorPlan) -> dict:  # identifying columns of every row

@@ -1,7 +1,7 @@
 """EffOPD on checkpoints saved by any framework (verl, OpenRLHF, TRL …): extrapolate two model directories, or
 run the published search with an external evaluation command.
 
-Streaming: a tensor is read in row blocks of A and B (`analysis.deltas.row_blocks`, the one row-block reader);
+Streaming: a tensor is read in row blocks of A and B (`io.rows.row_blocks`, the one row-block reader);
 the jump (`effopd.search.jump`, the one jump function) is float64 and its result is rounded to B's stored dtype
 once. Only the output tensor being assembled and the shard being written are held whole.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from opd_dynamics.analysis.deltas import row_blocks
 from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.effopd.search import Score, TriggerRecord, jump, published_search
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
+from opd_dynamics.io.rows import row_blocks
 from opd_dynamics.io.writer import (
     DEFAULT_SHARD_BYTES,
     MODEL,

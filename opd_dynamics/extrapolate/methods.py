@@ -4,7 +4,7 @@ behind one interface: `extrapolate(series, target, out, options)` writes the pre
 Each of the authors' methods runs as their code does by default (its own selection of what moves, what the other
 tensors become, its time axis and fit); docs/EXTRAPOLATION.md has a table per method of what their code does, what
 the toolkit does and every difference. What the toolkit always does differently: one tensor at a time, read in row
-blocks (`analysis.deltas.row_blocks`), float64 arithmetic (the authors subtract in fp16 (RELEX) or compute in bf16
+blocks (`io.rows.row_blocks`), float64 arithmetic (the authors subtract in fp16 (RELEX) or compute in bf16
 (ExPO) or fp32), the result rounded once to the stored dtype of the tensor it replaces, written as sharded
 safetensors with the method, its parameters and the sources in every shard's metadata, atomically, never into an
 input, never with NaN or Inf.

@@ -1,5 +1,5 @@
 """Each extrapolator's prediction of one tensor, in float64, read through the one row-block reader
-(`analysis.deltas.row_blocks`) and, where it is a jump, computed by the one jump function (`effopd.search.jump`).
+(`io.rows.row_blocks`) and, where it is a jump, computed by the one jump function (`effopd.search.jump`).
 
 A predictor takes a `Context` (the base and the observed steps as readers, their step numbers, the target, the
 options, the scores) and a tensor name, and returns the predicted tensor in float64 in its stored shape. The
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd_dynamics.analysis.deltas import row_blocks
-from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.effopd.search import jump
 from opd_dynamics.errors import InputError
+from opd_dynamics.io.rows import row_blocks
+from opd_dynamics.numerics.decomposition import decompose
 
 #: RELEX infers a ×2 target scaling for this base (scripts/svd_extrapolation.py:536-538: its checkpoints were saved
 #: one per 2 optimizer steps, so a paper-facing step label is half the fit-axis index)

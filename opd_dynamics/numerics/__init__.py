@@ -4,8 +4,11 @@
   float64 for float64 weights or when float64 is asked for; never in bf16/fp16, where small updates vanish.
 - **Frobenius norm and inner product** (`fro2`, `dot`): accumulated in float64, by the fused CPU kernel
   where it applies, else in row blocks, so a 7B-sized matrix never gets a whole float64 copy.
-- **The unchanged threshold** (`CHANGE_THRESHOLD`): an entry counts as changed when
-  |w_t − w_0| > 1e-3 · max(|w_0|, |w_t|), a change bf16 can show.
+- **The unchanged threshold** (`CHANGE_THRESHOLD`, applied by `changed_count` and `update_stats`): an entry counts
+  as changed when |w_t − w_0| > 1e-3 · max(|w_0|, |w_t|), a change bf16 can show.
+- **Lock-in** (`locked_in`, `LOCKIN_THRESHOLD`, `LOCKIN_MARGIN`): an alignment to the final update counts as locked
+  in when it is at least 0.5 and beats its random-walk null by 0.2 (the analysis' lockin_step, the recorder's
+  estimate, and the defaults of `AnalysisOptions`).
 - **Large CPU tensors in huge pages** (`upcast`, `subtract`): torch's CPU allocator maps every block above
   glibc's mmap threshold (at most 32 MB) afresh and returns it on free, so each float64 copy of a 4864x896
   update (35 MB) pays about 8,500 page faults: 16-19 ms on the project's 2-core machine, against 5-6 ms when
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from opd_dynamics.numerics.fused import fused_dot, fused_sum_squares
+from opd_dynamics.numerics.fused import fused_dot, fused_sum_squares, fused_update_stats
 
-__all__ = ["CHANGE_THRESHOLD", "HUGE_BYTES", "dot", "fro2", "subtract", "upcast", "update_dtype"]
+__all__ = ["CHANGE_THRESHOLD", "HUGE_BYTES", "LOCKIN_MARGIN", "LOCKIN_THRESHOLD", "changed_count", "dot", "fro2",
+           "locked_in", "subtract", "update_stats", "upcast", "update_dtype"]
 
 WIDE_DTYPES = (torch.float32, torch.float64)
 #: |w_t − w_0| > CHANGE_THRESHOLD · max(|w_0|, |w_t|): a change bf16 can show (`changed_fraction`)
@@ -98,3 +102,48 @@ def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
 def subtract(a: Tensor, b: Tensor) -> Tensor:
     """a - b (same shape and dtype) into a fresh tensor."""
     return torch.sub(a, b, out=_numpy_empty(a, a.dtype)) if _huge(a, a.dtype) else a - b
+
+
+def changed_count(w0: Tensor, wt: Tensor, delta: Tensor | None = None) -> int:
+    """Entries with |w_t - w_0| > CHANGE_THRESHOLD * max(|w_0|, |w_t|) (a change bf16 can show).
+
+    Computed in the delta's precision (float32 at least): the difference of two bf16/fp16 values is exact
+    there, and the threshold is far above float32 rounding.
+    """
+    if w0.shape != wt.shape:
+        raise ValueError(f"changed_count: shapes differ {tuple(w0.shape)} vs {tuple(wt.shape)}")
+    d = delta if delta is not None else wt.to(torch.float64) - w0.to(torch.float64)
+    m = w0.abs()
+    torch.maximum(m, wt.abs(), out=m)
+    m.mul_(CHANGE_THRESHOLD)
+    return int(torch.count_nonzero(d.abs().gt_(m)))
+
+
+def update_stats(w0: Tensor, wt: Tensor, delta: Tensor | None = None) -> tuple[float, int]:
+    """(‖W_t − W_0‖F² at float64 accuracy, count of bf16-visible changes) for one tensor and step.
+
+    A given ``delta`` is taken as the update (a LoRA step's comes from its factors, not from W_t − W_0).
+    Without one: a single fused pass over the float32 base and the step in its stored dtype where the CPU
+    kernel applies, else the torch route on the delta formed here in the base's precision.
+    """
+    if delta is None:
+        fused = fused_update_stats(w0, wt, CHANGE_THRESHOLD)
+        if fused is not None:
+            return fused
+    dt = delta.dtype if delta is not None else update_dtype(w0)
+    w0, wt = w0.to(dt), wt.to(dt)
+    if delta is None:
+        delta = wt - w0
+    return fro2(delta), changed_count(w0, wt, delta)
+
+
+#: lockin_step: the first step whose direction_cosine to the final update is at least LOCKIN_THRESHOLD and above
+#: its random-walk null by LOCKIN_MARGIN (the rule: `locked_in`)
+LOCKIN_THRESHOLD = 0.5
+LOCKIN_MARGIN = 0.2
+
+
+def locked_in(cosine: float, null: float, threshold: float = LOCKIN_THRESHOLD, margin: float = LOCKIN_MARGIN) -> bool:
+    """The lock-in rule, in one place: an alignment ``cosine`` to the final update counts as locked in when it is
+    at least ``threshold`` and exceeds its random-walk ``null`` by at least ``margin`` (NaN never does)."""
+    return bool(cosine >= threshold and cosine - null >= margin)

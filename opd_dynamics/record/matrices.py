@@ -20,7 +20,7 @@ does) and falls back to the exact route when that does not certify (the first st
 takes the exact route: from a cold start the Krylov route almost never certified 16 values in the cap); after a
 fallback the Krylov route is tried again only 1, 2, 4 … 32 steps later (a flat spectrum that needs a wide basis
 keeps failing: the exact route is the cheaper one there). "exact": the float64 decomposition of
-`analysis.metrics.spectrum` every step. "fast": `record.topk.warm_topk`, uncertified. Each row says which
+`numerics.decomposition` every step. "fast": `record.topk.warm_topk`, uncertified. Each row says which
 (``svd_method``) and the relative bound on its σ (``sigma_bound``): the residual certificate of the Krylov route, or
 the exact route's a priori rounding bound (`exact_bound`).
 """
@@ -33,9 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opd_dynamics.analysis.metrics.norms import update_stats
-from opd_dynamics.analysis.metrics.spectrum import decompose
-from opd_dynamics.numerics import dot, fro2
+from opd_dynamics.numerics import dot, fro2, update_stats
+from opd_dynamics.numerics.decomposition import decompose
 from opd_dynamics.record.topk import CERTIFY_TOL, certified_topk, warm_topk
 
 SUMS = ("f2", "seg2", "segdot", "prevseg2", "dotprev", "prevf2")
@@ -100,7 +99,7 @@ class NormedTensor:
 class DenseMatrix:
     """A trained weight: W_0 kept (float32, or its stored dtype), the previous recorded weights and segment, and the
     previous step's top vectors (the certified and fast routes start from them). ``vectors``: the exact route's
-    eigenvector method (`analysis.metrics.spectrum.decompose`); ``tol``: the certified route's bound."""
+    eigenvector method (`numerics.decomposition.decompose`); ``tol``: the certified route's bound."""
 
     lora = False
     decomposed = True
@@ -188,7 +187,7 @@ class DenseMatrix:
 def exact_bound(method: str, shape: tuple[int, int], S: Tensor) -> float:
     """The exact routes' a priori bound on max_i |σ̃_i − σ_i| / σ̃_i (a rounding bound, not a residual: a residual
     check would cost a fifth of the decomposition again): the float64 Gram is formed and eigen-decomposed with an
-    error of at most about dl = max(m, n)·ε·σ_1² in each eigenvalue (Weyl; the bound `analysis.metrics.spectrum`
+    error of at most about dl = max(m, n)·ε·σ_1² in each eigenvalue (Weyl; the bound `numerics.decomposition`
     checks the Gram route against), so σ_i is within dl / σ̃_i; the SVD's, max(m, n)·ε·σ_1."""
     if not S.numel():
         return 0.0

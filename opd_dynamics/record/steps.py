@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from opd_dynamics.analysis.metrics.trajectory import locked_in
 from opd_dynamics.io.sketches import (
     BASE_FILE,
     SKETCH_CSV,
@@ -31,6 +30,7 @@ from opd_dynamics.io.sketches import (
     step_files,
 )
 from opd_dynamics.io.writer import atomic_file, output_errors, save_safetensors
+from opd_dynamics.numerics import locked_in
 from opd_dynamics.record.matrices import SUMS, DenseMatrix, LoraMatrix, NormedTensor, cosine
 from opd_dynamics.record.topk import CERTIFY_TOL
 from opd_dynamics.schema import TABLES

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 #: a Ritz value at or below this fraction × max(m, n) of σ̃_1 is below what a float32-formed update resolves
-#: (the exact route's numerical rank for float32 input, `analysis.metrics.spectrum.decompose`)
+#: (the exact route's numerical rank for float32 input, `numerics.decomposition.decompose`)
 EPS32 = float(torch.finfo(torch.float32).eps)
 #: the default certified relative bound on each kept σ
 CERTIFY_TOL = 5e-7

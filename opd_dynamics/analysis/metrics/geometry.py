@@ -14,9 +14,9 @@ import torch
 from scipy.linalg import blas
 from torch import Tensor
 
-from opd_dynamics.analysis.metrics.spectrum import decompose
 from opd_dynamics.analysis.metrics.subspace import principal_angles
 from opd_dynamics.numerics import fro2, upcast
+from opd_dynamics.numerics.decomposition import decompose
 from opd_dynamics.schema import DEFAULT_PCTS
 
 

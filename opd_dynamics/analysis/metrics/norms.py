@@ -8,44 +8,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
-from opd_dynamics.numerics import CHANGE_THRESHOLD, WIDE_DTYPES, fro2, update_dtype
-from opd_dynamics.numerics.fused import fused_update_stats
-
-
-def changed_count(w0: Tensor, wt: Tensor, delta: Tensor | None = None) -> int:
-    """Entries with |w_t - w_0| > CHANGE_THRESHOLD * max(|w_0|, |w_t|) (a change bf16 can show).
-
-    Computed in the delta's precision (float32 at least): the difference of two bf16/fp16 values is exact
-    there, and the threshold is far above float32 rounding.
-    """
-    if w0.shape != wt.shape:
-        raise ValueError(f"changed_count: shapes differ {tuple(w0.shape)} vs {tuple(wt.shape)}")
-    d = delta if delta is not None else wt.to(torch.float64) - w0.to(torch.float64)
-    m = w0.abs()
-    torch.maximum(m, wt.abs(), out=m)
-    m.mul_(CHANGE_THRESHOLD)
-    return int(torch.count_nonzero(d.abs().gt_(m)))
-
-
-def update_stats(w0: Tensor, wt: Tensor, delta: Tensor | None = None) -> tuple[float, int]:
-    """(‖W_t − W_0‖F² at float64 accuracy, count of bf16-visible changes) for one tensor and step.
-
-    A given ``delta`` is taken as the update (a LoRA step's comes from its factors, not from W_t − W_0).
-    Without one: a single fused pass over the float32 base and the step in its stored dtype where the CPU
-    kernel applies, else the torch route on the delta formed here in the base's precision.
-    """
-    if delta is None:
-        fused = fused_update_stats(w0, wt, CHANGE_THRESHOLD)
-        if fused is not None:
-            return fused
-    dt = delta.dtype if delta is not None else update_dtype(w0)
-    w0, wt = w0.to(dt), wt.to(dt)
-    if delta is None:
-        delta = wt - w0
-    return fro2(delta), changed_count(w0, wt, delta)
+from opd_dynamics.numerics import WIDE_DTYPES, fro2, update_stats
 
 
 def norm_metrics(w0: Tensor, wt: Tensor, delta: Tensor | None = None, base_fro2: float | None = None) -> dict:

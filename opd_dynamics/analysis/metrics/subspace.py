@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from opd_dynamics.analysis.metrics.spectrum import Decomposition
 from opd_dynamics.numerics import dot
+from opd_dynamics.numerics.decomposition import Decomposition
 
 ALIGNMENT_KEYS = ("k", "paired_k", "subspace_overlap_u", "subspace_overlap_v", "max_principal_angle_deg",
                   "paired_cosine", "rank1_cosine", "direction_cosine")

@@ -25,14 +25,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from opd_dynamics.numerics import LOCKIN_MARGIN, LOCKIN_THRESHOLD, locked_in
 from opd_dynamics.schema import RANK_SHARE_KS
 
 #: bins of the per-entry R² histogram: its median is exact to half a bin, 2^-21 < 5e-7, in constant memory
 R2_BINS = 1 << 20
-#: lockin_step: the first step whose direction_cosine to the final update is at least LOCKIN_THRESHOLD and above
-#: its random-walk null (`cosine_null`) by LOCKIN_MARGIN (the rule: `locked_in`)
-LOCKIN_THRESHOLD = 0.5
-LOCKIN_MARGIN = 0.2
 #: the simulated nulls: NULL_DRAWS random walks per matrix for up to NULL_FULL_STEPS steps, fewer beyond (the cost
 #: grows as n³: NULL_DRAWS·(NULL_FULL_STEPS/n)³, at least NULL_MIN_DRAWS; the draws' spread is small: rank1_share's
 #: sd over draws is 0.002 at 15 steps and 16384 entries), seeded by NULL_SEED (the same draws for every matrix of
@@ -43,12 +40,6 @@ NULL_MIN_DRAWS = 16
 NULL_SEED = 0
 #: simulated entries for the null of linear_r2_median (the median of per-entry R²)
 NULL_ENTRIES = 1 << 14
-
-
-def locked_in(cosine: float, null: float, threshold: float = LOCKIN_THRESHOLD, margin: float = LOCKIN_MARGIN) -> bool:
-    """The lock-in rule, in one place: an alignment ``cosine`` to the final update counts as locked in when it is
-    at least ``threshold`` and exceeds its random-walk ``null`` by at least ``margin`` (NaN never does)."""
-    return bool(cosine >= threshold and cosine - null >= margin)
 
 
 def cosine_null(seg_sq) -> np.ndarray:
