@@ -1,6 +1,6 @@
 """Options dataclass fields that carry their command-line description, so that an option is added once.
 
-`option(default, help, …)` is a dataclass field whose metadata the CLI reads (`opd_dynamics.io.cli.
+`option(default, help, …)` is a dataclass field whose metadata the CLI reads (`opd_dynamics.cli.kit.
 dataclass_options`): ``help``; ``choices``; ``flag`` (a declaration such as ``--progress/--quiet``); ``min``
 (an int range); ``cli`` ('ints', 'names' (words), 'groups', 'token_file': text parsed into the value, or False:
 no flag); ``metavar``.

@@ -248,10 +248,10 @@ def test_the_cli_and_the_api_default_to_one_shard_size():
     """--max-shard-size 2GB (Hugging Face's decimal GB) is the Python default too; it was 2 GiB there."""
     import inspect
 
+    from opd_dynamics.cli.kit import parse_size
     from opd_dynamics.effopd.offline import extrapolate_checkpoint, search_checkpoints
     from opd_dynamics.extrapolate.cli import extrapolate
     from opd_dynamics.extrapolate.methods import extrapolate as predict
-    from opd_dynamics.io.cli import parse_size
     from opd_dynamics.io.writer import write_model
 
     cli_default = parse_size(next(p.default for p in extrapolate.params if p.name == "max_shard_size"))

@@ -251,8 +251,8 @@ def test_cli_flags_are_generated_from_the_options_dataclasses(run_dirs):
 def test_library_errors_name_parameters_and_the_cli_names_flags():
     """The Python API says `ref_step`, `overwrite=True`; the command line says `--ref-step`, `--overwrite`."""
     from opd_dynamics.analysis.options import AnalysisOptions
+    from opd_dynamics.cli.kit import cli_message
     from opd_dynamics.effopd.options import EffOPDOptions
-    from opd_dynamics.io.cli import cli_message
 
     with pytest.raises(InputError) as e:
         AnalysisOptions(svd="approx")

@@ -138,7 +138,7 @@ def test_the_cli_reads_a_sketch_series_and_checks_a_base(recorded, tmp_path):
     moved.save_pretrained(tmp_path / "moved")
     with pytest.warns(UserWarning, match=r"moved is not the start .*sk recorded \(its matrices are .* of their norm "
                                          r"away, median\); the sketch's updates are measured from the start it"):
-        from opd_dynamics.io.cli import series_from_cli
+        from opd_dynamics.cli.kit import series_from_cli
 
         series_from_cli(str(recorded / "sk"), (), str(tmp_path / "moved"), None, "pread")
     other = tiny_llama(0)

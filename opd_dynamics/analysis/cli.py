@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions
-from opd_dynamics.io.cli import (
+from opd_dynamics.cli.kit import (
     SERIES_OPTIONS,
     command_line,
     dataclass_options,

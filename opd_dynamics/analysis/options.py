@@ -28,7 +28,7 @@ EXECUTORS = ("serial", "process", "ray")
 @dataclass(frozen=True)
 class AnalysisOptions:
     """Everything that changes what a pass computes (the resume-cache key). Each field is one CLI flag of
-    `analyze` (generated: see `opd_dynamics.io.cli.dataclass_options`)."""
+    `analyze` (generated: see `opd_dynamics.cli.kit.dataclass_options`)."""
 
     svd: str = option("exact", "exact: full float64 spectra; fast: randomized top-k (labelled); none: no spectra "
                       "(norms, and the trajectory unless --no-trajectory).", choices=SVD_MODES)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import click
 
-from opd_dynamics.effopd.options import EffOPDOptions
-from opd_dynamics.effopd.probe import DEFAULT_COEFS, GATE_TEXT
-from opd_dynamics.errors import InputError
-from opd_dynamics.io.cli import (
+from opd_dynamics.cli.kit import (
     LOAD_MODE_OPTION,
     PREFER_FORMAT_OPTION,
     dataclass_options,
@@ -17,6 +14,9 @@ from opd_dynamics.io.cli import (
     parse_size,
     with_options,
 )
+from opd_dynamics.effopd.options import EffOPDOptions
+from opd_dynamics.effopd.probe import DEFAULT_COEFS, GATE_TEXT
+from opd_dynamics.errors import InputError
 
 
 def imply_select(fields: dict) -> None:

@@ -9,9 +9,7 @@ import dataclasses
 
 import click
 
-from opd_dynamics.errors import InputError
-from opd_dynamics.extrapolate.methods import ExtrapolationOptions
-from opd_dynamics.io.cli import (
+from opd_dynamics.cli.kit import (
     LOAD_MODE_OPTION,
     PREFER_FORMAT_OPTION,
     dataclass_options,
@@ -20,6 +18,8 @@ from opd_dynamics.io.cli import (
     parse_size,
     with_options,
 )
+from opd_dynamics.errors import InputError
+from opd_dynamics.extrapolate.methods import ExtrapolationOptions
 
 
 @click.command("extrapolate")

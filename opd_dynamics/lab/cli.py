@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import click
 
+from opd_dynamics.cli.kit import dataclass_options, options_from, parse_ints, with_options
 from opd_dynamics.effopd.options import EffOPDOptions
-from opd_dynamics.io.cli import dataclass_options, options_from, parse_ints, with_options
 from opd_dynamics.lab.presets import PRESETS, PRETRAINED_PRESETS, EffOPDLabOptions
 
 
@@ -142,7 +142,7 @@ def extrapolate_cmd(lab_root: str, out: str, fractions: str, methods: str | None
                     overwrite: bool) -> None:
     """Every extrapolator from the first 10/20/40 % of each OPD and GRPO run of LAB_ROOT (every seed), scored
     against the true final checkpoint: extrapolation.csv and extrapolation.png."""
-    from opd_dynamics.io.cli import parse_floats
+    from opd_dynamics.cli.kit import parse_floats
     from opd_dynamics.lab.extrapolation import LAB_METHODS, lab_extrapolation
 
     names = LAB_METHODS if methods is None else [m.strip() for m in methods.split(",") if m.strip()]

@@ -1,5 +1,5 @@
-"""The command-line side of the I/O layer: the options that name a series (run, base, steps, groups, load
-mode), their parsing, and what every package's `cli.py` builds its commands with: click options generated
+"""The click kit: the options that name a series (run, base, steps, groups, load mode; each declared once here),
+their parsing, and what every package's `cli.py` builds its commands with: click options generated
 from an options dataclass (`dataclass_options`, so a new option is added once, in the dataclass), and the
 mapping of a library error's parameter names to flags (`cli_message`)."""
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import click
 
 from opd_dynamics.analysis.cli import analyze, describe
+from opd_dynamics.cli.kit import cli_message
 from opd_dynamics.effopd.cli import effopd, probe
 from opd_dynamics.errors import InputError
 from opd_dynamics.extrapolate.cli import extrapolate
-from opd_dynamics.io.cli import cli_message
 from opd_dynamics.lab.cli import demo, lab
 from opd_dynamics.plotting.cli import plot, report
 
