@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from opd_dynamics._version import __version__
+from opd_dynamics.analysis.metrics.norms import allocation_columns
 from opd_dynamics.analysis.metrics.spectrum import spectrum_metrics
 from opd_dynamics.analysis.metrics.subspace import alignment_metrics
 from opd_dynamics.analysis.options import AnalysisOptions
@@ -108,9 +109,8 @@ def sketch_tables(series: SketchSeries, opts: AnalysisOptions) -> dict[str, list
             shape, numel = shapes[name], math.prod(shapes[name])
             row = {**ident[name], "step": step}
             rows["module_allocation"].append({
-                **row, "shape": "x".join(map(str, shape)), "numel": numel, "update_norm": f,
-                "base_norm": r.base_norm, "relative_update": f / r.base_norm if r.base_norm > 0 else math.nan,
-                "rms_update": f / math.sqrt(numel), "changed_fraction": r.changed_fraction,
+                **row, "shape": "x".join(map(str, shape)), "numel": numel,
+                **allocation_columns(f, r.base_norm, numel, r.changed_fraction),
                 "finite": math.isfinite(f), "resized": False})
             if name not in decomposed or not opts.spectra_groups_include(ident[name]["group"]):
                 continue

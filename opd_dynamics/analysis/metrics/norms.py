@@ -29,12 +29,18 @@ def norm_metrics(w0: Tensor, wt: Tensor, delta: Tensor | None = None, base_fro2:
     b2 = (fro2(w0) if base_fro2 is None else base_fro2) if numel else 0.0
     # NaN/Inf in W_0 or W_t make ‖W_0‖² or ‖ΔW‖² non-finite (so would |w| > ~1e18, far beyond trained weights)
     finite = math.isfinite(f2) and math.isfinite(b2)
-    f, base = math.sqrt(f2), math.sqrt(b2)
+    return {**allocation_columns(math.sqrt(f2), math.sqrt(b2), numel, changed / numel if numel else math.nan),
+            "finite": finite}
+
+
+def allocation_columns(update_norm: float, base_norm: float, numel: int, changed_fraction: float) -> dict:
+    """module_allocation.csv's norm columns from ‖ΔW‖F, ‖W_0‖F and the tensor's size, derived here only (the
+    analysis of checkpoints and of a recorder's sketch series both build them so): update_norm, base_norm,
+    relative_update (NaN when the base is zero), rms_update (NaN for an empty tensor), changed_fraction."""
     return {
-        "update_norm": f,
-        "base_norm": base,
-        "relative_update": math.nan if base == 0 else f / base,
-        "rms_update": f / math.sqrt(numel) if numel else math.nan,
-        "changed_fraction": changed / numel if numel else math.nan,
-        "finite": finite,
+        "update_norm": update_norm,
+        "base_norm": base_norm,
+        "relative_update": math.nan if base_norm == 0 else update_norm / base_norm,
+        "rms_update": update_norm / math.sqrt(numel) if numel else math.nan,
+        "changed_fraction": changed_fraction,
     }
