@@ -313,6 +313,18 @@ def test_architecture_doc_describes_the_tree(direction):
         assert not stale, f"docs/ARCHITECTURE.md's '## Modules' describes modules that do not exist: {stale}"
 
 
+def test_architecture_doc_recipes_name_files_that_exist():
+    """Every file a '## How to add' recipe names (repository-relative, or relative to opd_dynamics/) exists; a
+    `<name>` placeholder stands for a file the recipe creates."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    match = re.search(r"^## How to add[^\n]*\n(.*?)(?=^## )", text, flags=re.M | re.S)
+    assert match, "docs/ARCHITECTURE.md has no '## How to add' section"
+    named = {p for p in re.findall(r"`([\w./<>-]+/[\w.<>-]*)`", match.group(1)) if "<" not in p}
+    assert any(p.endswith(".py") for p in named), "the recipes name no files"
+    missing = sorted(p for p in named if not (ROOT / p).exists() and not (PACKAGE / p).exists())
+    assert not missing, f"docs/ARCHITECTURE.md's recipes name files that do not exist: {missing}"
+
+
 def test_the_lab_package_exports_what_it_lazily_resolves():
     import opd_dynamics.lab as lab
 
