@@ -262,6 +262,12 @@ _LAB = (
         _c("reverse_kl", "float", "mean per-token KL(student ‖ teacher) on those samples"),
     ), "held-out evaluation of step 0 and every checkpoint of a lab run ({opd,grpo}/eval.csv)", per_run=True,
         writer="opd_dynamics.lab.train.evaluate_run"),
+    Table("early_eval", "early_eval.csv", (
+        _c("run", "str", "opd or grpo"),
+        _c("step", "int", "optimizer step (0: student_init, then every step up to lab.early.DIP_STEPS)"),
+        _c("accuracy", "float", _ACCURACY),
+    ), "held-out accuracy at every one of a lab run's first steps, the dip check ({opd,grpo}/early_eval.csv)",
+        per_run=True, writer="opd_dynamics.lab.early.EarlyEval"),
     Table("grpo_groups", "grpo_groups.csv", (
         _c("step", "int", "the GRPO optimizer step"),
         _c("nonzero_var_groups", "float", "share of the step's sample groups whose rewards differ (1 − TRL's "

@@ -396,7 +396,11 @@ def test_lab_claims_values_are_the_analysis_numbers(smoke_lab, tmp_path):
         e = pd.read_csv(smoke_lab / run / "eval.csv").sort_values("step")
         assert v[(name["grpo_gain"], run)] == pytest.approx(e["accuracy"].iloc[-1] - e["accuracy"].iloc[0], abs=1e-12)
         early = e[(e["step"] > 0) & (e["step"] <= 20)]  # smoke: steps 20, 40, 60; 20 % of 60 is 12: step 20
-        assert v[(name["opd_dip"], run)] == pytest.approx(early["accuracy"].min() - e["accuracy"].iloc[0], abs=1e-12)
+        every = pd.read_csv(smoke_lab / run / "early_eval.csv")  # and each of the first 10 steps
+        assert every["step"].tolist() == list(range(11)) and every["accuracy"].between(0, 1).all()
+        assert every["accuracy"].iloc[0] == e["accuracy"].iloc[0]  # step 0: the same model, problems and rule
+        lowest = min(early["accuracy"].min(), every["accuracy"].iloc[1:].min())
+        assert v[(name["opd_dip"], run)] == pytest.approx(lowest - e["accuracy"].iloc[0], abs=1e-12)
         last = a[(a["run"] == run) & (a["step"] == 60)]
         f2 = last["update_norm"].to_numpy(np.float64) ** 2
         grp = last["group"].to_numpy()

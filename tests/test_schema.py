@@ -99,7 +99,7 @@ def test_shared_constants_keep_their_sets():
     assert ID_COLUMNS == ("run", "step", "tensor", "layer", "group", "module", "expert")
     assert PER_TENSOR_TABLES == ("module_allocation", "spectrum", "singular_values", "alignment", "geometry",
                                  "embedding", "trajectory", "segments")
-    assert PER_RUN_TABLES == {"eval", *PER_TENSOR_TABLES, "summary"}
+    assert PER_RUN_TABLES == {"eval", "early_eval", *PER_TENSOR_TABLES, "summary"}
     assert {"seed", "center_layer", "first_layer", "last_layer"} | set(INT_COLUMNS) <= set(ALL_INT_COLUMNS)
     assert TABLES["callback_triggers"].file == TABLES["effopd_triggers"].file == "effopd_triggers.csv"
 

@@ -16,7 +16,8 @@ without the analysis (what docs/LAB.md's table is recomputed from).
 
 **Preconditions** come first (the brief: show both methods learn before comparing them): the teacher reaches
 0.95, GRPO gains ≥ 0.15 held-out accuracy over the init, OPD does not dip (its lowest accuracy in the first
-``early_fraction`` of steps stays within ``DIP_MARGIN`` of the init's). They are checks of every seed, not
+``early_fraction`` of steps, at the checkpoints and at every one of the first `lab.early.DIP_STEPS` steps where
+the run kept ``early_eval.csv``, stays within ``DIP_MARGIN`` of the init's). They are checks of every seed, not
 hypotheses: *holds* when every seed meets the threshold, else *fails*, and a comparison of OPD with GRPO is
 "not testable" on a lab where a precondition fails.
 
@@ -117,7 +118,8 @@ _BASE: tuple[Claim, ...] = (
     Claim("grpo_gain", "precondition: GRPO learns", "held-out accuracy gain over the init, last step", ">=min",
           "grpo", GRPO_GAIN_MIN),
     Claim("opd_dip", "precondition: OPD learns without a dip", "lowest accuracy of the checkpoints in the early "
-          "window minus the init's", ">=min", "opd", -DIP_MARGIN),
+          "window and of every one of the first steps (early_eval.csv) minus the init's", ">=min", "opd",
+          -DIP_MARGIN),
     Claim("low_utility", "allocation: low-utility tensors", "share of ‖ΔW‖² in embeddings, lm_head and norms, last "
           "step", "opd<grpo"),
     Claim("mlp_share", "allocation: MLP over attention", "MLP share of the attention+MLP ‖ΔW‖², last step",
@@ -263,6 +265,9 @@ def seed_values(lab: LabDir, tables: dict[str, pd.DataFrame], early_fraction: fl
         e = evals[r]
         init = float(e["accuracy"].iloc[0])
         window = e[(e["step"] > 0) & (e["step"] <= early_step(e["step"], early_fraction))]  # checkpoints, not init
+        every = lab.run(r) / TABLES["early_eval"].file  # and every one of the first steps (lab.early), where kept
+        if every.is_file():
+            window = pd.concat([window, pd.read_csv(every).query("step > 0")], ignore_index=True)
         t = tr[(tr["run"] == r) & tr["group"].isin(MATRIX_GROUPS)]
         rows += [
             _row("grpo_gain", r, float(e["accuracy"].iloc[-1]) - init, int(e["step"].iloc[-1])),

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.io.writer import atomic_dir, check_output, json_text
+from opd_dynamics.lab.early import EarlyEval
 from opd_dynamics.lab.evaluate import evaluate_model, pass_at_k
 from opd_dynamics.lab.layout import RUNS, SKETCH, SKETCH_DENSE, SKETCH_K, SKETCH_SPARSE, LabDir, seed_dir
 from opd_dynamics.lab.models import load_model, n_params
@@ -130,7 +131,8 @@ def run_lab(out, preset: str | LabPreset = "smoke", seed: int = 0, overwrite: bo
         for run in RUNS:
             log(f"[lab] {run}: {p.rl_steps} steps, checkpoint every {p.save_steps}, sketches in {run}/{SKETCH}")
             t0 = time.time()
-            train[run](lab.run(run), [sketch_callback(lab.sketch(run), p.rl_steps)])
+            train[run](lab.run(run), [sketch_callback(lab.sketch(run), p.rl_steps),
+                                      EarlyEval(lab.run(run), run, tok, held)])
             timings[f"{run}_train_s"] = time.time() - t0
             t0 = time.time()
             ev[run] = evaluate_run(run, lab.run(run), lab.student_init, teacher, tok, held, seed=seed, log=log)

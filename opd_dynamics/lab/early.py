@@ -1,0 +1,49 @@
+"""Held-out accuracy at every one of a lab run's first optimizer steps: the dip check at step resolution.
+
+The lab keeps checkpoints every ``save_steps`` (10 on the default preset), and a run's first step can drop held-out
+accuracy and recover before the first of them (issue 27: step 1 fell to 0.60–0.62 on every run). `EarlyEval`
+evaluates the model in training at step 0 and after each of the first ``DIP_STEPS`` optimizer steps (greedy,
+the same held-out problems as ``eval.csv``: its step 0 equals eval.csv's) and writes ``RUN/early_eval.csv``.
+Greedy generation draws no random numbers and the model's training mode is restored, so the training itself is
+unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from transformers import TrainerCallback
+
+from opd_dynamics.lab.evaluate import evaluate_model
+from opd_dynamics.schema import TABLES
+
+#: the optimizer steps the dip check evaluates one by one
+DIP_STEPS = 10
+
+
+class EarlyEval(TrainerCallback):
+    """Writes ``out/early_eval.csv``: the run's held-out greedy accuracy at step 0 and steps 1 … ``steps``."""
+
+    def __init__(self, out: Path, run: str, tokenizer, heldout, steps: int = DIP_STEPS):
+        self.out, self.run, self.tok, self.heldout, self.steps = Path(out), run, tokenizer, heldout, steps
+        self.rows: list[dict] = []
+
+    def _measure(self, model, step: int) -> None:
+        was = model.training
+        self.rows.append({"run": self.run, "step": step,
+                          "accuracy": evaluate_model(model, self.tok, self.heldout)["accuracy"]})
+        model.train(was)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0:
+            self._measure(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step <= self.steps:
+            self._measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, **kw):
+        table = TABLES["early_eval"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(self.rows, columns=table.names).to_csv(self.out / table.file, index=False)
