@@ -509,3 +509,23 @@ def test_the_lab_records_sketches_that_agree_with_its_checkpoints(smoke_lab):
         mine = sk_al[sk_al["run"] == run]
         np.testing.assert_allclose(mine["subspace_overlap_u"].to_numpy(),
                                    sk["alignment"]["subspace_overlap_u"].to_numpy(), rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smoke_lab")
+def test_early_eval_backfilled_for_an_older_lab_equals_the_one_written_in_training(smoke_lab, tmp_path):
+    """A lab made before early_eval.csv existed gets it by training the first steps again (the lab is
+    bit-identical on one machine): the same table, value for value, as the run wrote while training."""
+    import shutil
+
+    from opd_dynamics.lab.early import backfill
+
+    old = tmp_path / "old"
+    shutil.copytree(smoke_lab, old)
+    for run in ("opd", "grpo"):
+        (old / run / "early_eval.csv").unlink()
+    written = backfill(old, log=lambda m: None)
+    assert sorted(p.parent.name for p in written) == ["grpo", "opd"]
+    for run in ("opd", "grpo"):
+        pd.testing.assert_frame_equal(pd.read_csv(old / run / "early_eval.csv"),
+                                      pd.read_csv(smoke_lab / run / "early_eval.csv"))
