@@ -13,7 +13,7 @@ exact for the kept k. ``svd``: "certified" (the default) finds them by block Kry
 warm-started from the previous step's vectors, and accepts them only when the residuals certify every kept σ to
 ``tol`` (relative; `record.topk.certified_topk` says the bound), falling back to the exact route when that does not
 happen within a basis as costly as the exact route; "exact" runs the float64 exact decomposition of
-`analysis.metrics.spectrum` every step; "fast" the uncertified warm randomized finder. Every other trainable
+`numerics.decomposition` every step; "fast" the uncertified warm randomized finder. Every other trainable
 tensor (embeddings, norms, biases, an untied head; a tied head is one parameter, counted once) is recorded by its
 norms (‖ΔW_t‖F, ‖W_0‖F, the changed fraction), so a sketch series' shares cover what a checkpoint analysis covers;
 ``sketch.json`` marks each tensor ``decomposed`` or not. The files are those of `io.sketches` (a sketch series).
