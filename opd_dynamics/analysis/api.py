@@ -19,7 +19,7 @@ from opd_dynamics.analysis.caches import default_cache_root
 from opd_dynamics.analysis.deltas import steps_text
 from opd_dynamics.analysis.executors import JobResult, device_name, execute, resolve_executor
 from opd_dynamics.analysis.options import AnalysisOptions, ExecutionOptions, resolve_options
-from opd_dynamics.analysis.readers import make_plans, reader_for, readers_released
+from opd_dynamics.analysis.readers import ReaderCache, make_plans
 from opd_dynamics.analysis.report import ANALYSIS, PER_TENSOR_TABLES, Report, api_command, build_tables
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import DTYPES
@@ -51,8 +51,8 @@ def describe(series: SeriesLike, groups: tuple[str, ...] | None = None, override
     """Dry run: one row per tensor and run with its placement, shape, dtype, steps and bytes to read."""
     rows = []
     lst = _as_list(series)
-    with readers_released(lst):
-        plans = make_plans(lst, groups=groups, overrides=overrides)
+    with ReaderCache() as readers:  # a dry run keeps no reader
+        plans = make_plans(lst, groups=groups, overrides=overrides, readers=readers)
     for plan in plans:
         for tp in plan.tensors:
             i = tp.info
@@ -101,29 +101,30 @@ def analyze(series: SeriesLike, *, out: str | Path | None = None, options: Analy
         out, ANALYSIS, overwrite=overwrite, inputs=[p for s in lst for p in (s.base, *(p for _, p in s.steps))])
     _check_ref_step(lst, opts.ref_step)
     partial = out_path.parent / f".{out_path.name}.partial" if out_path is not None else None
-    with output_errors(out_path, partial), output_lock(out_path), readers_released(lst):  # one analyze per output
+    # one analyze per output; this pass's readers are closed when it ends (done or failed)
+    with output_errors(out_path, partial), output_lock(out_path), ReaderCache() as readers:
         t0 = time.perf_counter()
         if executor != "ray":  # fail before any work; Ray tasks resolve the device against the cluster
             opts.resolved_device()
         if not opts.force_base:
             for s in lst:
                 check_same_architecture(s, "pass --force-base to analyse it anyway")
-        plans = make_plans(lst, names=names, groups=groups, overrides=overrides)
+        plans = make_plans(lst, names=names, groups=groups, overrides=overrides, readers=readers)
         t_plan = time.perf_counter() - t0
         if opts.token_ids:
             _check_token_ids(opts.token_ids, plans)
         resume_dir = partial / "cache" if partial is not None else None
         cache_root = Path(run.cache_dir) if run.cache_dir is not None else default_cache_root()
         results = execute(plans, opts, executor=executor, workers=run.workers, ray_address=run.ray_address,
-                          resume_dir=resume_dir, cache_root=cache_root, progress=run.progress)
+                          resume_dir=resume_dir, cache_root=cache_root, progress=run.progress, readers=readers)
         tables, failed = _collect(results, lst)
         notes = wrong_base_warnings(tables["module_allocation"]) + nonfinite_warnings(tables["module_allocation"], lst)
         for n in notes:
             warnings.warn(n, UserWarning, stacklevel=2)
         timings = {"plan": round(t_plan, 3), "total": round(time.perf_counter() - t0, 3),
                    "tensor_compute_sum": round(sum(r.seconds for r in results), 3)}
-        report = Report(tables, _provenance(plans, results, opts, run, executor, command, timings, failed, notes,
-                                            tables))
+        report = Report(tables, _provenance(plans, readers, results, opts, run, executor, command, timings, failed,
+                                            notes, tables))
         if out_path is not None:
             _commit(report, partial, out_path, overwrite)
     if failed and not run.keep_going:
@@ -159,15 +160,16 @@ def _collect(results: list[JobResult], lst: Sequence[CheckpointSeries]) -> tuple
     return build_tables(rows), failed
 
 
-def _provenance(plans, results, opts: AnalysisOptions, run: ExecutionOptions, executor: str, command: str | None,
-                timings: dict, failed: list, notes: list[str], tables: dict[str, pd.DataFrame]) -> dict:
+def _provenance(plans, readers: ReaderCache, results, opts: AnalysisOptions, run: ExecutionOptions, executor: str,
+                command: str | None, timings: dict, failed: list, notes: list[str],
+                tables: dict[str, pd.DataFrame]) -> dict:
     """run.json: versions, command, inputs, options, dtype and device used, timings, what was skipped, tied or
     failed, the warnings and the tables' sizes."""
     return {
         "version": __version__,
         "command": command or api_command(),
         "python": platform.python_version(), "torch": torch.__version__,
-        "inputs": [_series_meta(p) for p in plans],
+        "inputs": [_series_meta(p, readers) for p in plans],
         "options": asdict(opts),
         "dtype": {"asked": opts.dtype, "used": _dtype_used(opts, plans)},
         "device": _device_meta(opts, executor, results),
@@ -292,9 +294,9 @@ def _check_token_ids(ids: Sequence[int], plans) -> None:
                                    f"({max(rows)} embedding rows)")
 
 
-def _series_meta(plan) -> dict:
+def _series_meta(plan, readers: ReaderCache) -> dict:
     s = plan.series
-    r = reader_for(s)
+    r = readers.reader_for(s)
     return {"run": s.name, "base": str(s.base), "base_header_sha256": r.base.header_sha256,
             "base_bytes": r.base.nbytes(),
             "steps": [{"step": st, "path": str(p), "header_sha256": r.steps[st].header_sha256,

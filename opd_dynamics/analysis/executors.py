@@ -19,7 +19,7 @@ from threadpoolctl import ThreadpoolController, threadpool_limits
 from opd_dynamics.analysis.caches import ResultCache
 from opd_dynamics.analysis.deltas import Plan, TensorPlan, failure_reason
 from opd_dynamics.analysis.options import EXECUTORS, AnalysisOptions
-from opd_dynamics.analysis.readers import reader_for
+from opd_dynamics.analysis.readers import ReaderCache, worker_readers
 from opd_dynamics.analysis.tensor import analyze_tensor
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.series import CheckpointSeries
@@ -49,6 +49,9 @@ class Job:
     opts: AnalysisOptions
     cache_root: str | None
     inputs: str | None = None  # the series' identity when the analysis started (SeriesReader.identity)
+    # the in-process run's readers (`analyze`'s cache); None in a worker process or Ray task, which reads
+    # through its own lifetime cache (`readers.worker_readers`). Never sent to a worker: it holds open files.
+    readers: ReaderCache | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -96,7 +99,8 @@ def run_job(job: Job) -> JobResult:
         dev = job.opts.resolved_device()
         failed: dict[int, str] = {}
         with _thread_limits(job):
-            tables = analyze_tensor(reader_for(job.series, job.inputs), job.plan, job.opts,
+            readers = job.readers if job.readers is not None else worker_readers()
+            tables = analyze_tensor(readers.reader_for(job.series, job.inputs), job.plan, job.opts,
                                     Path(job.cache_root) if job.cache_root else None, failed)
         return JobResult(job.series.name, job.plan.name, tables, None, time.perf_counter() - t0,
                          (dev, device_name(dev)), dict(sorted(failed.items())))
@@ -147,15 +151,18 @@ def resolve_executor(executor: str | None, workers: int, ray_address: str | None
 
 def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "serial", workers: int = 1,
             ray_address: str | None = None, resume_dir: Path | None = None, cache_root: Path | None = None,
-            progress: bool = True) -> list[JobResult]:
-    """Run every tensor of every plan (executor as `resolve_executor` chose it); results come back in plan order."""
+            progress: bool = True, readers: ReaderCache | None = None) -> list[JobResult]:
+    """Run every tensor of every plan (executor as `resolve_executor` chose it); results come back in plan order.
+    `readers` are the plans' (`make_plans`), which the serial run reads through (this process's worker cache
+    when None); worker processes and Ray tasks each read through their own."""
     from tqdm.auto import tqdm
 
+    readers = readers if readers is not None else worker_readers()
     cache = ResultCache(resume_dir)
     jobs: list[tuple[Job, str]] = []
     done: dict[int, JobResult] = {}
     for plan in plans:
-        inputs = reader_for(plan.series).identity
+        inputs = readers.reader_for(plan.series).identity
         for tp in plan.tensors:
             job = Job(plan.series, tp, opts, str(cache_root) if cache_root else None, inputs)
             key = cache.key(job.series.name, tp, job.inputs, opts)
@@ -176,7 +183,7 @@ def execute(plans: Sequence[Plan], opts: AnalysisOptions, *, executor: str = "se
     try:
         if executor == "serial" or not todo:
             for i in todo:
-                finish(i, run_job(jobs[i][0]))
+                finish(i, run_job(replace(jobs[i][0], readers=readers)))
         elif executor == "process":
             import multiprocessing as mp
 
