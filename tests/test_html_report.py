@@ -150,3 +150,13 @@ def test_effopd_summary_is_the_median_of_per_seed_ratios_and_counts_misses():
     assert speed["fixed"] == pytest.approx(2.0)  # only seed 0 reached the target
     assert list(t.loc[["vanilla", "effopd", "fixed"], "seeds reaching target"]) == [3, 3, 1]
     assert list(t.loc[["vanilla", "effopd", "fixed"], "jumps accepted on a tie (all seeds)"]) == [0, 3, 0]
+
+
+def test_every_figure_names_a_section_of_the_report():
+    """The report's section order is defined once (`plotting.render.SECTIONS`, which the HTML page imports); a
+    figure naming another section would land after every listed one, out of the order."""
+    from opd_dynamics.plotting import html, render
+
+    assert html.SECTIONS is render.SECTIONS
+    stray = {s.name: s.section for s in render.FIGURES if s.section not in render.SECTIONS}
+    assert not stray, f"figures naming a section not in plotting.render.SECTIONS: {stray}"

@@ -20,12 +20,10 @@ from opd_dynamics._version import __version__
 from opd_dynamics.effopd.summary import BASELINE, median_speedup
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.writer import atomic_write_text, output_errors
-from opd_dynamics.plotting.render import available_figures
+from opd_dynamics.plotting.render import SECTIONS, available_figures
 from opd_dynamics.plotting.style import GROUP_ORDER, order_runs
 from opd_dynamics.plotting.tables import Tables, as_tables, numeric
 from opd_dynamics.schema import TABLES
-
-SECTIONS = ("Training", "Module allocation", "Utility", "Update direction", "EffOPD", "Extrapolation")
 
 _CSS = """
 body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,sans-serif;margin:0 auto;

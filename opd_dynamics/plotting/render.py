@@ -40,12 +40,16 @@ log = logging.getLogger(__name__)
 #: the file formats a figure is written in (`plot --format`)
 FORMATS = ("png", "svg", "pdf")
 
+#: the report's sections in page order (`plotting.html`); every figure's `section` is one of them
+SECTIONS = ("Training", "Module allocation", "Utility", "Update direction", "EffOPD", "Extrapolation")
+
 
 @dataclass(frozen=True)
 class FigureSpec:
     """A named figure: the function drawing it, the tables it needs (each inner tuple: any one of them),
-    the report section it belongs to and a one-line caption saying what it shows in general; `caption_for`
-    gives the caption of a drawing: the runs, steps and layers shown, and only what the tables hold."""
+    the report section it belongs to (one of `SECTIONS`) and a one-line caption saying what it shows in
+    general; `caption_for` gives the caption of a drawing: the runs, steps and layers shown, and only what
+    the tables hold."""
 
     name: str
     fn: Callable[[Any], Figure]
