@@ -320,3 +320,28 @@ def test_a_non_finite_tensor_has_no_energy_share_and_leaves_the_others_theirs():
     a = build_tables({"module_allocation": rows})["module_allocation"].set_index("tensor")
     assert a.loc["a", "energy_share"] == pytest.approx(9 / 25) and a.loc["b", "energy_share"] == pytest.approx(16 / 25)
     assert np.isnan(a.loc["c", "energy_share"])
+
+
+def test_an_analysis_reads_through_its_own_reader_cache(tmp_path, monkeypatch):
+    """`analyze` makes one ReaderCache per pass and passes it to the plans and the serial run: a reader this
+    process's worker cache holds is neither used nor closed by it, and the pass's own readers are all closed."""
+    from opd_dynamics.analysis import readers
+
+    _, _, series = _planted_series(tmp_path, steps=(1,))
+    kept = readers.reader_for(series)  # the worker cache exists before the spy counts caches made
+    made = []
+    real = readers.ReaderCache.__init__
+
+    def spy(self):
+        real(self)
+        made.append(self)
+
+    monkeypatch.setattr(readers.ReaderCache, "__init__", spy)
+    try:
+        analyze(series, progress=False)
+        assert readers.is_open(series) and readers.reader_for(series) is kept
+        assert len(made) == 1 and not made[0].is_open(series)
+    finally:
+        with readers.readers_released([series]):
+            pass
+    assert not readers.is_open(series)
