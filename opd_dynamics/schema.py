@@ -462,6 +462,9 @@ _EFFOPD = (
                                  "for a scorer giving one number)"),
         _c("kl", "float", "the teacher KL of those weights, lower is better (empty when the scorer gives none)"),
         _c("kl_se", "float", "the paired standard error of kl − W_t's kl (empty without per-item KL)"),
+        _c("forward_kl", "float", "KL(teacher ‖ those weights) per token on completions sampled once from the teacher, "
+                                  "lower is better: reported beside the gate's kl, not part of it (empty when the "
+                                  "scorer gives none)"),
         _c("passes", "bool", "c lies in the gate's range [0.5, 2], the gain exceeds two paired standard errors (any "
                              "gain without them) and the KL is not worse: the gate opens for the pair"),
     ), "the line probe: scores along the last segment of a trajectory, before and beyond W_t",

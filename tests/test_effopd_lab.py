@@ -106,8 +106,9 @@ def test_effopd_verdicts_under_the_one_rule():
 
 
 def test_the_probe_scores_per_prompt(tmp_path):
-    """The lab's probe scorer: per-prompt greedy correctness whose mean is evaluate_model's accuracy, and a
-    per-prompt teacher KL on fixed samples that is 0 for the teacher itself."""
+    """The lab's probe scorer: per-prompt greedy correctness whose mean is evaluate_model's accuracy, a per-prompt
+    reverse teacher KL on fixed student samples and a forward KL on fixed teacher samples, each 0 for the teacher
+    itself."""
     import numpy as np
 
     from opd_dynamics.lab.effopd import fixed_samples, greedy_correct, kl_per_item, probe_scorer
@@ -131,6 +132,14 @@ def test_the_probe_scores_per_prompt(tmp_path):
     got = probe_scorer(tok, probs, teacher, samples)(tmp_path / "s")
     assert got.score == items.mean() and np.array_equal(got.items, items)
     assert got.kl == pytest.approx(kl.mean()) and np.allclose(got.kl_items, kl)
+    assert got.forward_kl is None  # no teacher samples given
+    from_teacher = fixed_samples(teacher, tok, probs, seed=4)  # the forward KL: KL(teacher ‖ model) on these
+    fwd = kl_per_item(student, teacher, from_teacher, len(probs), forward=True)
+    assert (fwd > 0).all() and np.allclose(kl_per_item(teacher, teacher, from_teacher, len(probs), forward=True), 0.0,
+                                           atol=1e-12)
+    assert not np.allclose(fwd, kl_per_item(student, teacher, from_teacher, len(probs)))  # not the reverse KL
+    got = probe_scorer(tok, probs, teacher, samples, from_teacher)(tmp_path / "s")
+    assert got.forward_kl == pytest.approx(fwd.mean()) and got.kl == pytest.approx(kl.mean())
 
 
 def _planted(steps: dict[str, list], finals: dict[str, list]) -> pd.DataFrame:

@@ -56,6 +56,7 @@ class ProbeScore:
     items: Sequence[float] | None = None
     kl: float | None = None
     kl_items: Sequence[float] | None = None
+    forward_kl: float | None = None  # KL(teacher ‖ model) on teacher samples: reported, not part of the gate
 
 
 def _as_probe_score(got) -> ProbeScore:
@@ -77,7 +78,7 @@ def _pair_rows(scored: dict[float, ProbeScore]) -> list[dict]:
         kl = math.nan if p.kl is None else float(p.kl)
         kl0 = math.nan if w_t.kl is None else float(w_t.kl)
         rows.append({"score": float(p.score), "gain": float(p.score) - float(w_t.score), "paired_se": se,
-                     "kl": kl, "kl_se": kl_se,
+                     "kl": kl, "kl_se": kl_se, "forward_kl": math.nan if p.forward_kl is None else float(p.forward_kl),
                      "passes": bool(GATE_RANGE[0] <= c <= GATE_RANGE[1] and gate_passes(
                          float(p.score) - float(w_t.score), se, kl - kl0, kl_se))})
     return rows

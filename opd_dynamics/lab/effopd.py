@@ -322,9 +322,9 @@ def fixed_samples(model, tok, problems, seed: int) -> list[tuple[np.ndarray, obj
 
 
 @torch.no_grad()
-def kl_per_item(model, teacher, samples, n: int) -> np.ndarray:
+def kl_per_item(model, teacher, samples, n: int, forward: bool = False) -> np.ndarray:
     """Per problem, the mean over its completion tokens (up to and including the first EOS) of
-    KL(p_model ‖ p_teacher), float64, on the fixed ``samples``."""
+    KL(p_model ‖ p_teacher) (``forward``: KL(p_teacher ‖ p_model)), float64, on the fixed ``samples``."""
     model.eval()
     teacher.eval()
     out = np.zeros(n)
@@ -333,33 +333,40 @@ def kl_per_item(model, teacher, samples, n: int) -> np.ndarray:
         p, c = s.prompt_ids.size(1), s.completion_ids.size(1)
         ls = model(input_ids=seq.to(model_device(model)), use_cache=False).logits[:, p - 1: p + c - 1]
         lt = teacher(input_ids=seq.to(model_device(teacher)), use_cache=False).logits[:, p - 1: p + c - 1]
-        kl = token_reverse_kl(ls.double().cpu(), lt.double().cpu())
+        ls, lt = ls.double().cpu(), lt.double().cpu()
+        kl = token_reverse_kl(lt, ls) if forward else token_reverse_kl(ls, lt)
         m = s.mask.double()
         out[ix] = ((kl * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
     return out
 
 
-def probe_scorer(tok, held, teacher, samples) -> Callable[[Path], ProbeScore]:
-    """The lab's probe score of a model directory: held-out greedy accuracy with its per-prompt values, and the
-    teacher KL per prompt on the fixed ``samples`` (the gate's paired noise margins)."""
+def probe_scorer(tok, held, teacher, samples, teacher_samples=None) -> Callable[[Path], ProbeScore]:
+    """The lab's probe score of a model directory: held-out greedy accuracy with its per-prompt values, the
+    reverse teacher KL per prompt on the fixed student ``samples`` (the gate's paired noise margins) and, with
+    ``teacher_samples``, the forward KL on those (reported)."""
     def score(path: Path) -> ProbeScore:
         model = load_model(path)
         items = greedy_correct(model, tok, held)
         kl = kl_per_item(model, teacher, samples, len(held))
-        return ProbeScore(float(items.mean()), items, float(kl.mean()), kl)
+        fwd = None if teacher_samples is None else \
+            float(kl_per_item(model, teacher, teacher_samples, len(held), forward=True).mean())
+        return ProbeScore(float(items.mean()), items, float(kl.mean()), kl, fwd)
     return score
 
 
 def _probe(seed: int, student: Path, teacher_dir: Path, saved: dict[int, Path], pairs, tok, held, log,
            work: Path) -> pd.DataFrame:
-    """The line probe of a vanilla run at its early pairs: held-out greedy accuracy per prompt and the teacher KL
-    on completions sampled once from W_t, for every candidate of the pair."""
+    """The line probe of a vanilla run at its early pairs: held-out greedy accuracy per prompt, the reverse teacher
+    KL on completions sampled once from W_t and the forward KL on completions sampled once from the teacher, for
+    every candidate of the pair."""
     series = CheckpointSeries.from_list(sorted(saved.items()), base=student, name=f"seed{seed}")
     teacher = load_model(teacher_dir)
+    from_teacher = fixed_samples(teacher, tok, held, seed=1_000_003 * seed)  # the forward KL's contexts, once
     frames = []
     for s_, t_ in pairs:
         samples = fixed_samples(load_model(saved[t_]), tok, held, seed=1_000_003 * seed + t_)
-        frames.append(line_probe(series, [(s_, t_)], probe_scorer(tok, held, teacher, samples), work=work))
+        frames.append(line_probe(series, [(s_, t_)], probe_scorer(tok, held, teacher, samples, from_teacher),
+                                 work=work))
     df = pd.concat(frames, ignore_index=True)
     ok, best = verdict(df), best_gain(df)
     for (s_, t_), d in df.groupby(["step_from", "step"]):
