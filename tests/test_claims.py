@@ -156,3 +156,18 @@ def test_early_step_and_markdown():
     line = next(x for x in md.splitlines() if x.startswith(f"| {_NAME['spectral_ratio']} |"))
     assert "0.700 ± 0.158" in line and "0.600 ± 0.158" in line and "5 / 5" in line and "**confirmed**" in line
     assert "| 0.0312 |" in line and "+0.100 [+0.100, +0.100]" in line
+
+
+def test_the_shipped_five_seed_claims_are_their_seeds_judged_by_the_rule(tmp_path):
+    """docs/LAB.md's table: the shipped claims.csv is what the one rule makes of the shipped claims_seeds.csv (five
+    independent seeds), verdict for verdict and p-value for p-value."""
+    from pathlib import Path
+
+    shipped = Path(__file__).parent.parent / "docs" / "lab-regime" / "default-5seeds" / "claims"
+    out = claims_from_seeds(shipped / "claims_seeds.csv", tmp_path / "out", log=lambda m: None)
+    got, want = (pd.read_csv(d / "claims.csv").set_index("claim") for d in (out, shipped))
+    assert list(got.index) == list(want.index)
+    assert (got["verdict"].fillna("") == want["verdict"].fillna("")).all()
+    pd.testing.assert_series_equal(got["p_value"], want["p_value"])
+    assert got.loc[_NAME["opd_above_null"], "verdict"] == "confirmed"  # 5 / 5 seeds: p = 1/32
+    assert got.loc[_NAME["teacher"], "verdict"] == "holds"
