@@ -23,11 +23,11 @@ from opd_dynamics.cli.kit import (
 
 @click.command()
 @with_options(SERIES_OPTIONS)
-def describe(run, runs, base, steps, groups, load_mode, prefer_format) -> None:
+def describe(run, runs, base, steps, groups, read, weights, prefer_format) -> None:
     """Dry run: steps found, tensors, shapes, groups, bytes to read, planned work."""
     from opd_dynamics.analysis.api import describe as _describe
 
-    series = series_from_cli(run, runs, base, steps, load_mode, prefer_format)
+    series = series_from_cli(run, runs, base, steps, read=read, weights=weights, prefer_format=prefer_format)
     from opd_dynamics.io.sketches import SketchSeries
 
     if any(isinstance(s, SketchSeries) for s in series):
@@ -88,11 +88,11 @@ def _warnings_as_lines() -> Iterator[None]:
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
 @with_options(dataclass_options(AnalysisOptions))
 @with_options(dataclass_options(ExecutionOptions))
-def analyze(run, runs, base, steps, groups, load_mode, prefer_format, out, overwrite, **fields) -> None:
+def analyze(run, runs, base, steps, groups, read, weights, prefer_format, out, overwrite, **fields) -> None:
     """Analyse one run (RUN) or several (--run opd=DIR --run rl=DIR) against BASE into OUT."""
     from opd_dynamics.analysis.api import analyze as _analyze
 
-    series = series_from_cli(run, runs, base, steps, load_mode, prefer_format)
+    series = series_from_cli(run, runs, base, steps, read=read, weights=weights, prefer_format=prefer_format)
     opts = options_from(AnalysisOptions, fields)
     run_opts = options_from(ExecutionOptions, fields)
     with _warnings_as_lines():

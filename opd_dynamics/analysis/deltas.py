@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.model_dir import FLOAT_DTYPES, FP8_DTYPES, QUANT_SCALE_SUFFIXES, EntryReader
 from opd_dynamics.io.naming import Override, TensorName, parse_name, stored_transposed
 from opd_dynamics.io.reader import TensorReader
@@ -77,10 +76,8 @@ class SeriesReader:
     def __init__(self, series: CheckpointSeries):
         self.series = series
         # any format can be the base (CheckpointSeries refused an adapter): one that is not the steps' is fine
-        self.base: EntryReader = open_model(series.base, series.load_mode,  # type: ignore[assignment]
-                                            series.prefer_format)
-        self.steps: dict[int, TensorReader] = {
-            s: open_model(p, series.load_mode, series.prefer_format) for s, p in series.steps}
+        self.base: EntryReader = series.open(series.base)  # type: ignore[assignment]
+        self.steps: dict[int, TensorReader] = {s: series.open(p) for s, p in series.steps}
 
     @cached_property
     def identity(self) -> str:

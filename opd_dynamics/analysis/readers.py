@@ -19,7 +19,8 @@ from opd_dynamics.io.series import CheckpointSeries
 
 
 def _reader_key(series: CheckpointSeries) -> tuple:
-    return (series.name, str(series.base), tuple((s, str(p)) for s, p in series.steps), series.load_mode)
+    return (series.name, str(series.base), tuple((s, str(p)) for s, p in series.steps), series.read, series.weights,
+            series.prefer_format)
 
 
 class ReaderCache:

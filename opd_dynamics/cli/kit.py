@@ -1,4 +1,5 @@
-"""The click kit: the options that name a series (run, base, steps, groups, load mode; each declared once here),
+"""The click kit: the options that name a series (run, base, steps, groups) and say how it is read (read, weights,
+prefer format; each declared once here),
 their parsing, and what every package's `cli.py` builds its commands with: click options generated
 from an options dataclass (`dataclass_options`, so a new option is added once, in the dataclass), and the
 mapping of a library error's parameter names to flags (`cli_message`)."""
@@ -17,7 +18,7 @@ import click
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.naming import GROUPS
-from opd_dynamics.io.reader import FORMATS, LOAD_MODES
+from opd_dynamics.io.reader import FORMATS, LOAD_MODES, READS, WEIGHTS
 
 
 def flag_for(param: str) -> str:
@@ -181,8 +182,8 @@ def read_token_ids(path: str | None) -> tuple[int, ...] | None:
         raise InputError(path, f"could not be read as a text file of token ids ({e})") from None
 
 
-def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: str | None, load_mode: str,
-                    prefer_format: str | None = None):
+def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: str | None, read: str = "pread",
+                    prefer_format: str | None = None, weights: str = "model"):
     from opd_dynamics.io.series import CheckpointSeries
 
     pairs = []
@@ -212,22 +213,60 @@ def series_from_cli(run: str | None, runs: tuple[str, ...], base: str, steps: st
         else:
             if base is None:
                 raise InputError(d, "needs --base (the weights every step is compared with)")
-            out.append(CheckpointSeries.discover(d, base=base, name=name, steps=keep, load_mode=load_mode,
+            out.append(CheckpointSeries.discover(d, base=base, name=name, steps=keep, read=read, weights=weights,
                                                  prefer_format=prefer_format))
     return out
 
 
-#: how tensors are read (and, with masters, which weights of a DeepSpeed checkpoint): every command's --load-mode
+_ALIAS = "opd_dynamics.load_mode"  # ctx.meta key: what a deprecated --load-mode maps to
+
+
+def _load_mode_alias(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """The deprecated --load-mode (one release): pread/mmap → --read, masters → --weights masters, said in one
+    sentence on stderr and as a DeprecationWarning. --read or --weights given as well win over it."""
+    if value is None:
+        return
+    new = {"pread": ("read", "pread"), "mmap": ("read", "mmap"), "masters": ("weights", "masters")}[value]
+    ctx.meta[_ALIAS] = dict([new])
+    ctx.meta.setdefault(_RAW, {})["load_mode"] = value  # run.json's command line repeats it
+    msg = f"--load-mode is deprecated and goes in the next release: use --{new[0]} {new[1]}"
+    warnings.warn(msg, DeprecationWarning, stacklevel=2)
+    click.echo(f"warning: {msg}", err=True)
+
+
+def _aliased(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--read or --weights as given, or (left at its default) as a deprecated --load-mode set it."""
+    if ctx.get_parameter_source(param.name) is click.core.ParameterSource.DEFAULT:  # processed after those given
+        return ctx.meta.get(_ALIAS, {}).get(param.name, value)
+    return value
+
+
+#: how bytes are read: every command that reads checkpoints takes --read (a series carries it: CheckpointSeries.read)
+READ_OPTION = click.option(
+    "--read", type=click.Choice(READS), default="pread", show_default=True, callback=_aliased,
+    help="How tensors are read: pread, one positioned read per tensor (bounded memory, network filesystems); mmap, "
+         "the files mapped.")
+
+#: which weights of a checkpoint holding two (CheckpointSeries.weights)
+WEIGHTS_OPTION = click.option(
+    "--weights", type=click.Choice(WEIGHTS), default="model", show_default=True, callback=_aliased,
+    help="Which weights of a DeepSpeed ZeRO checkpoint: model, its model-states weights (the training dtype; "
+         "ZeRO-3 holds none, so its fp32 masters); masters, its fp32 master weights (and, where a step is saved "
+         "both ways, the ZeRO folder over the HF export). Other formats hold one set of weights.")
+
+#: deprecated (one release): --read and --weights in one
 LOAD_MODE_OPTION = click.option(
-    "--load-mode", type=click.Choice(LOAD_MODES), default="pread", show_default=True,
-    help="pread reads each tensor with one positioned read (bounded memory, network filesystems); mmap maps the "
-         "files; masters reads DeepSpeed ZeRO checkpoints' fp32 master weights (others as pread).")
+    "--load-mode", type=click.Choice(LOAD_MODES), default=None, expose_value=False, callback=_load_mode_alias,
+    help="Deprecated: pread and mmap are --read, masters is --weights masters.")
 
 #: which format to read where a checkpoint directory holds weights in several (refused without it)
 PREFER_FORMAT_OPTION = click.option(
     "--prefer-format", type=click.Choice(FORMATS), default=None,
     help="Where a directory holds weights in two formats (refused otherwise, since they may be different steps), "
          "the one to read.")
+
+#: how a command reads its checkpoints (each command that reads any takes these, and its series carries them)
+READING_OPTIONS = [READ_OPTION, WEIGHTS_OPTION, LOAD_MODE_OPTION, PREFER_FORMAT_OPTION]
 
 SERIES_OPTIONS = [
     click.argument("run", required=False, type=click.Path()),
@@ -236,8 +275,7 @@ SERIES_OPTIONS = [
                                                    "holds its own; a base given with one is checked against it)."),
     click.option("--steps", default=None, help="Comma-separated steps to keep (default: all)."),
     click.option("--groups", default=None, help="Comma-separated groups to analyse (default: all)."),
-    LOAD_MODE_OPTION,
-    PREFER_FORMAT_OPTION,
+    *READING_OPTIONS,
 ]
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import click
 
 from opd_dynamics.cli.kit import (
-    LOAD_MODE_OPTION,
-    PREFER_FORMAT_OPTION,
+    READING_OPTIONS,
     dataclass_options,
     options_from,
     parse_floats,
@@ -39,8 +38,7 @@ _shared = [
     *dataclass_options(EffOPDOptions, only=("select", "groups", "matrices_only")),
     click.option("--overwrite", is_flag=True, help="Replace an earlier model output (one opd-dynamics wrote)."),
     click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
-    LOAD_MODE_OPTION,
-    PREFER_FORMAT_OPTION,
+    *READING_OPTIONS,
 ]
 
 
@@ -56,7 +54,8 @@ def effopd() -> None:
                    "score (higher is better) is the number on the last line of its stdout.")
 @with_options(dataclass_options(EffOPDOptions, only=("k_max", "coef_step", "strict")))
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
-def search(prev, cur, out, overwrite, max_shard_size, load_mode, prefer_format, eval_cmd, timeout, **fields) -> None:
+def search(prev, cur, out, overwrite, max_shard_size, read, weights, prefer_format, eval_cmd, timeout,
+           **fields) -> None:
     """Score B, then B + 2k(B − A) for k = 1 … K in order; keep the last that scores better (--accept-ties: not
     worse); write it to OUT."""
     from opd_dynamics.effopd.offline import search_checkpoints
@@ -64,7 +63,7 @@ def search(prev, cur, out, overwrite, max_shard_size, load_mode, prefer_format, 
     imply_select(fields)
     rec = search_checkpoints(prev, cur, out, eval_cmd, options_from(EffOPDOptions, fields), timeout=timeout,
                              echo=click.echo, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
-                             load_mode=load_mode, prefer_format=prefer_format)
+                             read=read, weights=weights, prefer_format=prefer_format)
     click.echo(f"accepted k={rec.k_accepted} (coef {rec.coef:g}); scores "
                + ", ".join(f"k{k}={s:g}" for k, s in enumerate(rec.scores)) + f"; wrote {out}")
     if rec.tie:
@@ -92,15 +91,15 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 @click.option("--out", required=True, type=click.Path(), help="Output directory (probe.csv + probe.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier probe output (one opd-dynamics wrote).")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed per evaluation.")
-@LOAD_MODE_OPTION
+@with_options(READING_OPTIONS)
 @with_options(dataclass_options(EffOPDOptions, only=("select", "groups", "matrices_only")))
-def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, load_mode, **fields) -> None:
+def probe(run, base, pairs, coefs, eval_cmd, out, overwrite, timeout, read, weights, prefer_format, **fields) -> None:
     """Score W_t + c·(W_t − W_s) over a grid of c for pairs (s, t) of RUN's steps: can extrapolation help here?"""
     from opd_dynamics.effopd.probe import gate_text, line_probe, verdict
     from opd_dynamics.io.series import CheckpointSeries
 
     imply_select(fields)
-    series = CheckpointSeries.discover(run, base=base, load_mode=load_mode)
+    series = CheckpointSeries.discover(run, base=base, read=read, weights=weights, prefer_format=prefer_format)
     grid = parse_floats(coefs, "--coefs")
     df = line_probe(series, _pairs(pairs), eval_cmd, coefs=grid, out=out, overwrite=overwrite,
                     options=options_from(EffOPDOptions, fields), timeout=timeout, echo=click.echo)

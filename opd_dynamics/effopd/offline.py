@@ -24,6 +24,7 @@ from opd_dynamics.effopd.search import Score, TriggerRecord, jump, published_sea
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.model_dir import FP8_DTYPES, ModelDir
+from opd_dynamics.io.reader import read_settings
 from opd_dynamics.io.rows import row_blocks
 from opd_dynamics.io.writer import (
     DEFAULT_SHARD_BYTES,
@@ -106,12 +107,13 @@ def _nonfinite_jump(prev: ModelDir, cur: ModelDir, name: str, coef: float, wa: t
 
 def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: str | Path,
                            options: EffOPDOptions | None = None, *, overwrite: bool = False,
-                           max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
-                           prefer_format: str | None = None,
+                           max_shard_bytes: int = DEFAULT_SHARD_BYTES, read: str = "pread", weights: str = "model",
+                           prefer_format: str | None = None, load_mode: str | None = None,
                            metadata: dict[str, str] | None = None, **fields) -> Path:
     """Write W_B + coef·(W_B − W_A) (the tensors `options` selects, by default those EffOPD's name rule moves;
     everything else copied from B) as a model directory `out`. Keyword ``fields`` of `EffOPDOptions` (select,
-    groups, matrices_only, naming_overrides) replace its values.
+    groups, matrices_only, naming_overrides) replace its values. ``read``, ``weights`` and ``prefer_format`` say how
+    A and B are read (`formats.open_model`; ``load_mode`` is their deprecated alias).
 
     Shards and index as the writer makes them, config and tokenizer files copied from B, the sources and the
     coefficient recorded in every shard's safetensors metadata; written under a temporary name, then renamed.
@@ -121,7 +123,9 @@ def extrapolate_checkpoint(prev: str | Path, cur: str | Path, coef: float, out: 
     if not math.isfinite(coef):
         raise InputError(None, f"the extrapolation coefficient coef must be a finite number, got {coef}", ("coef",))
     check_output(out, MODEL, overwrite=overwrite, inputs=[prev, cur])
-    a, b = open_full_weights(prev, load_mode, prefer_format), open_full_weights(cur, load_mode, prefer_format)
+    read, weights = read_settings(read, weights, load_mode)
+    a = open_full_weights(prev, read, prefer_format, weights=weights)
+    b = open_full_weights(cur, read, prefer_format, weights=weights)
     if coef != 0:
         _check_selection(b, opts)
     meta = {"effopd_prev": str(prev.resolve()), "effopd_cur": str(cur.resolve()), "effopd_coef": repr(float(coef)),
@@ -185,8 +189,8 @@ def command_scorer(eval_cmd: str, *, timeout: float | None = None, echo: Callabl
 
 def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score: Callable[[Path], float] | str,
                        options: EffOPDOptions | None = None, *, overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, load_mode: str = "pread",
-                       prefer_format: str | None = None, step: int | None = None,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, read: str = "pread", weights: str = "model",
+                       prefer_format: str | None = None, load_mode: str | None = None, step: int | None = None,
                        timeout: float | None = None, echo: Callable[[str], None] | None = None,
                        **fields) -> TriggerRecord:
     """The published search on saved checkpoints: score B itself, then candidates B + 2k(B − A), k = 1 … K, in
@@ -202,8 +206,9 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
     k_max, coef_step, strict = opts.k_max, opts.coef_step, opts.strict
     check_output(out, MODEL, overwrite=overwrite, inputs=[prev, cur])
     # fail early, before any evaluation: unreadable inputs, or …
-    open_full_weights(prev, load_mode, prefer_format).close()
-    with open_full_weights(cur, load_mode, prefer_format) as b:  # … an empty selection
+    read, weights = read_settings(read, weights, load_mode)
+    open_full_weights(prev, read, prefer_format, weights=weights).close()
+    with open_full_weights(cur, read, prefer_format, weights=weights) as b:  # … an empty selection
         _check_selection(b, opts)
     scorer = command_scorer(score, timeout=timeout, echo=echo) if isinstance(score, str) else score
     t0 = time.perf_counter()
@@ -212,8 +217,8 @@ def search_checkpoints(prev: str | Path, cur: str | Path, out: str | Path, score
 
     def make(k: int) -> Path:
         p = hidden_sibling(out, f"effopd-k{k}")
-        extrapolate_checkpoint(prev, cur, coef_step * k, p, opts, max_shard_bytes=max_shard_bytes, load_mode=load_mode,
-                               prefer_format=prefer_format,
+        extrapolate_checkpoint(prev, cur, coef_step * k, p, opts, max_shard_bytes=max_shard_bytes, read=read,
+                               weights=weights, prefer_format=prefer_format,
                                metadata={"effopd_k": str(k)})
         cands[k] = p
         return p

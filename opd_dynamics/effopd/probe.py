@@ -148,7 +148,8 @@ def line_probe(series: CheckpointSeries, pairs: Sequence[tuple[int, int]], score
                 cand = hidden_sibling(work / "probe", f"{s}-{t}")
                 try:
                     with writing_for(None if out is None else Path(out), cand):  # said of OUT
-                        extrapolate_checkpoint(ws, wt, c, cand, opts, load_mode=series.load_mode,
+                        extrapolate_checkpoint(ws, wt, c, cand, opts, read=series.read, weights=series.weights,
+                                               prefer_format=series.prefer_format,
                                                metadata={"probe_pair": f"{s}:{t}"})
                     got = scorer(cand)
                 finally:

@@ -10,8 +10,7 @@ import dataclasses
 import click
 
 from opd_dynamics.cli.kit import (
-    LOAD_MODE_OPTION,
-    PREFER_FORMAT_OPTION,
+    READING_OPTIONS,
     dataclass_options,
     options_from,
     parse_ints,
@@ -35,10 +34,9 @@ from opd_dynamics.extrapolate.methods import ExtrapolationOptions
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (not inside an input).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier model output (one opd-dynamics wrote).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@LOAD_MODE_OPTION
-@PREFER_FORMAT_OPTION
-def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_shard_size, load_mode, prefer_format,
-                **fields) -> None:
+@with_options(READING_OPTIONS)
+def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_shard_size, read, weights,
+                prefer_format, **fields) -> None:
     """Predict the weights from RUN's checkpoints with --method (docs/EXTRAPOLATION.md: each of the authors' methods
     as their code runs it, and the toolkit's own), or write W_B + c·(W_B − W_A) for --prev A --cur B --coef c
     (what moves: EffOPD's name rule, or --groups)."""
@@ -64,7 +62,7 @@ def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_s
 
         sel = EffOPDOptions(select=opts.select, groups=opts.groups, matrices_only=opts.matrices_only)
         path = extrapolate_checkpoint(prev, cur, coef, out, sel, overwrite=overwrite, max_shard_bytes=shard,
-                                      load_mode=load_mode, prefer_format=prefer_format)
+                                      read=read, weights=weights, prefer_format=prefer_format)
         click.echo(f"wrote {path} (coef {coef:g})")
         return
     if not (run and base):
@@ -73,7 +71,7 @@ def extrapolate(run, base, target, steps, prev, cur, coef, out, overwrite, max_s
     from opd_dynamics.extrapolate.methods import observed
     from opd_dynamics.io.series import CheckpointSeries
 
-    series = CheckpointSeries.discover(run, base=base, load_mode=load_mode, prefer_format=prefer_format)
+    series = CheckpointSeries.discover(run, base=base, read=read, weights=weights, prefer_format=prefer_format)
     keep = parse_ints(steps, "--steps")
     if keep is not None:
         series = observed(series, keep)

@@ -26,7 +26,6 @@ from opd_dynamics.errors import InputError
 from opd_dynamics.extrapolate import predict as P
 from opd_dynamics.extrapolate.registry import METHODS, Method, method, owners
 from opd_dynamics.fields import option
-from opd_dynamics.io.formats import open_full_weights
 from opd_dynamics.io.model_dir import FLOAT_DTYPES
 from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
 from opd_dynamics.io.series import FOREIGN_MEDIAN, CheckpointSeries, check_same_architecture, median_relative_distance
@@ -203,8 +202,8 @@ def predicted_tensors(series: CheckpointSeries, target: int | None, opts: Extrap
     step): the prediction where the selection moves it, else the container's own."""
     spec = opts.spec
     t = np.asarray(series.step_numbers, dtype=np.float64)
-    base = open_full_weights(series.base, series.load_mode, series.prefer_format)
-    readers = [open_full_weights(p, series.load_mode, series.prefer_format) for _, p in series.steps]
+    base = series.open_full(series.base)
+    readers = [series.open_full(p) for _, p in series.steps]
     keep_at = {"last": len(readers) - 1, "base": None, "ckpt": opts.ckpt_index(t)}[spec.keep]
     keep = base if keep_at is None else readers[keep_at]
     keep_path = series.base if keep_at is None else series.steps[keep_at][1]
@@ -273,9 +272,9 @@ def check_selection(series: CheckpointSeries, opts: ExtrapolationOptions) -> Non
     methods that move a rank-1 part of each update (alpharl, rank1-growth), one that moves tensors that are not
     matrices."""
     path = series.steps[-1][1]
-    with open_full_weights(series.base, series.load_mode, series.prefer_format) as base:
+    with series.open_full(series.base) as base:
         tied = _tied(base)
-    with open_full_weights(path, series.load_mode, series.prefer_format) as last:
+    with series.open_full(path) as last:
         moves = opts.selector(tied)
         sel = [(n, tuple(e.shape)) for n, e in last.entries.items() if e.dtype in FLOAT_DTYPES and moves(n, e.shape)]
     if not sel:
@@ -298,7 +297,7 @@ def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> No
     moved tensor of another shape, or weights at least `io.series.FOREIGN_MEDIAN` of its norm away from the base
     (the one rule every command applies; read here on the base's largest moved matrix, one tensor per step)."""
     check_same_architecture(series)
-    base = open_full_weights(series.base, series.load_mode, series.prefer_format)
+    base = series.open_full(series.base)
     try:
         moves = opts.selector(_tied(base))
         sel = [n for n in base.names() if base.entries[n].dtype in FLOAT_DTYPES and moves(n, base.shape(n))]
@@ -306,7 +305,7 @@ def check_same_model(series: CheckpointSeries, opts: ExtrapolationOptions) -> No
         probe = max(mats, key=lambda n: math.prod(base.shape(n)), default=None)
         w0 = base.get(probe).to(torch.float64) if probe else None
         for _, path in series.steps:
-            with open_full_weights(path, series.load_mode, series.prefer_format) as m:
+            with series.open_full(path) as m:
                 for n in sel:
                     if n in m and tuple(m.shape(n)) != tuple(base.shape(n)):
                         raise InputError(path, f"holds {n} of shape {tuple(m.shape(n))}, the base "

@@ -28,6 +28,7 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import _FDS, EntryReader, TensorEntry, empty, file_beside, file_identity, pread_into
+from opd_dynamics.io.reader import read_settings
 from opd_dynamics.io.safe_pickle import DCP_METADATA, MAX_PICKLE_BYTES, Refused, loads
 from opd_dynamics.io.torch_files import StoredTensor, archive_layout, dtype_code, first_sentence
 
@@ -66,9 +67,10 @@ class DCPDir(EntryReader):
 
     FORMAT = "dcp"
 
-    def __init__(self, path: str | Path, load_mode: str = "pread"):
+    def __init__(self, path: str | Path, read: str = "pread", weights: str = "model", *, load_mode: str | None = None):
+        read_settings(read, weights, load_mode)  # checked; always read by positioned reads, one set of weights
         self.path = Path(path)
-        self.load_mode = "pread"
+        self.read = "pread"
         md = read_metadata(self.path)
         try:
             self._index(md)

@@ -26,6 +26,7 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import EntryReader, TensorEntry, _pread_tensor, empty, file_identity, pread_into
+from opd_dynamics.io.reader import read_settings
 from opd_dynamics.io.safe_pickle import DEEPSPEED_OPTIM
 from opd_dynamics.io.torch_files import StoredTensor, archive_layout, check_torch_file, dtype_code, load_weights_file
 
@@ -86,14 +87,16 @@ class ZeroCheckpoint(EntryReader):
 
     FORMAT = "deepspeed-zero"
 
-    def __init__(self, path: str | Path, load_mode: str = "mmap", masters: bool = False):
+    def __init__(self, path: str | Path, read: str = "pread", weights: str = "model", *, masters: bool = False,
+                 load_mode: str | None = None):
         self.path = Path(path)
-        masters = masters or load_mode == "masters"
-        self.load_mode = load_mode
+        _, weights = read_settings(read, weights, load_mode)  # positioned reads where the pickle allows, or mapped
+        masters = masters or weights == "masters"
         stage3 = _ranked(self.path, MODEL_STATES, "model states")
         states_file = stage3[0] if stage3 else self.path / "mp_rank_00_model_states.pt"
         states = _model_states(states_file)
         self._pread = all(isinstance(t, StoredTensor) for t in states["module"].values())
+        self.read = "pread" if self._pread or masters else "mmap"
         world = int(states.get("dp_world_size", 1))
         shapes: dict[str, torch.Size] = {}
         self._group_of: dict[str, int] = {}

@@ -12,7 +12,7 @@ from opd_dynamics.io.deepspeed import ZeroCheckpoint, is_zero_dir
 from opd_dynamics.io.fsdp_shards import FSDPShards, has_rank_files, rank_files
 from opd_dynamics.io.lora import LoraAdapter
 from opd_dynamics.io.model_dir import EntryReader, ModelDir, find_weight_files, has_safetensors
-from opd_dynamics.io.reader import FORMATS, is_adapter_dir
+from opd_dynamics.io.reader import FORMATS, is_adapter_dir, read_settings
 from opd_dynamics.io.torch_files import BinDir, has_bin
 
 
@@ -51,14 +51,16 @@ def reader_class(path: str | Path, prefer_format: str | None = None) -> type[Ent
     return {c.FORMAT: c for c in (ModelDir, BinDir, DCPDir, FSDPShards, ZeroCheckpoint)}.get(fmt, ModelDir)
 
 
-def open_full_weights(path: str | Path, load_mode: str = "pread", prefer_format: str | None = None) -> EntryReader:
+def open_full_weights(path: str | Path, read: str = "pread", prefer_format: str | None = None, *,
+                      weights: str = "model", load_mode: str | None = None) -> EntryReader:
     """A model's full weights in any format; an adapter is refused in one sentence (extrapolation, unlike
-    analysis, needs the weights themselves, not an update)."""
+    analysis, needs the weights themselves, not an update). ``read`` and ``weights`` as `open_model`."""
 
+    read, weights = read_settings(read, weights, load_mode)
     if is_adapter_dir(path):
         raise InputError(path, "is a LoRA adapter; merge it into its base model first (extrapolation works on "
                                "full weights)")
-    return reader_class(path, prefer_format)(path, load_mode=load_mode)
+    return reader_class(path, prefer_format)(path, read, weights)
 
 
 def reader_format(path: str | Path, prefer_format: str | None = None) -> str:
@@ -68,8 +70,11 @@ def reader_format(path: str | Path, prefer_format: str | None = None) -> str:
     return getattr(cls, "FORMAT", cls.__name__)
 
 
-def open_model(path: str | Path, load_mode: str = "pread", prefer_format: str | None = None
-               ) -> EntryReader | LoraAdapter:
+def open_model(path: str | Path, read: str = "pread", prefer_format: str | None = None, *, weights: str = "model",
+               load_mode: str | None = None) -> EntryReader | LoraAdapter:
     """Open a model directory (any format; ``prefer_format`` where it holds several), a single .safetensors file,
-    or a PEFT LoRA adapter directory."""
-    return reader_class(path, prefer_format)(path, load_mode=load_mode)
+    or a PEFT LoRA adapter directory. ``read``: how bytes are read (`READS`); ``weights``: which weights of a
+    checkpoint that holds two (`WEIGHTS`: a DeepSpeed ZeRO step's fp32 masters); ``load_mode``: deprecated, both
+    in one (`read_settings`)."""
+    read, weights = read_settings(read, weights, load_mode)
+    return reader_class(path, prefer_format)(path, read, weights)

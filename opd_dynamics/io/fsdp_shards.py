@@ -25,6 +25,7 @@ import torch
 
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import EntryReader, TensorEntry, empty, file_identity, pread_into
+from opd_dynamics.io.reader import read_settings
 from opd_dynamics.io.torch_files import (
     StoredDTensor,
     StoredTensor,
@@ -91,7 +92,8 @@ class FSDPShards(EntryReader):
 
     FORMAT = "fsdp-shards"
 
-    def __init__(self, path: str | Path, load_mode: str = "pread"):
+    def __init__(self, path: str | Path, read: str = "pread", weights: str = "model", *, load_mode: str | None = None):
+        read_settings(read, weights, load_mode)  # checked; how it reads follows from its files, one set of weights
         self.path = Path(path)
         ranks = rank_files(self.path)
         self.files = list(ranks.values())
@@ -103,7 +105,7 @@ class FSDPShards(EntryReader):
         layouts = [tensor_layout(f, dtensors=True) for f in self.files]
         self._layouts: list[dict] | None = None if any(x is None for x in layouts) else layouts
         self._sds = [load_weights_file(f, dtensors=True) for f in self.files] if self._layouts is None else []
-        self.load_mode = "mmap" if self._layouts is None else "pread"
+        self.read = "mmap" if self._layouts is None else "pread"
         sds = self._layouts if self._layouts is not None else self._sds
         self.entries: dict[str, TensorEntry] = {}
         self._keys: dict[str, str] = {}

@@ -17,7 +17,7 @@ import torch
 from opd_dynamics.errors import InputError
 from opd_dynamics.io.model_dir import ModelDir
 from opd_dynamics.io.naming import PEFT_PREFIX
-from opd_dynamics.io.reader import ADAPTER_CONFIG, ADAPTER_FILE, TensorReader
+from opd_dynamics.io.reader import ADAPTER_CONFIG, ADAPTER_FILE, TensorReader, read_settings
 
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -37,7 +37,8 @@ class LoraAdapter(TensorReader):
 
     holds_updates = True
 
-    def __init__(self, path: str | Path, load_mode: str = "pread"):
+    def __init__(self, path: str | Path, read: str = "pread", weights: str = "model", *, load_mode: str | None = None):
+        self.read, _ = read_settings(read, weights, load_mode)  # ``weights``: an adapter holds one set
         self.path = Path(path)
         cfg_path = self.path / ADAPTER_CONFIG
         try:
@@ -59,7 +60,7 @@ class LoraAdapter(TensorReader):
                                                          f"{ADAPTER_FILE} is); save the adapter with "
                                                          "save_pretrained(safe_serialization=True)")
             raise InputError(self.path, f"is a LoRA adapter directory without {ADAPTER_FILE}")
-        self._store = ModelDir(weights, load_mode=load_mode)
+        self._store = ModelDir(weights, self.read)
         self.header_sha256 = self._store.header_sha256
         cfg = json.dumps(self.adapter_config, sort_keys=True)  # α, r and their patterns change ΔW too
         self.identity = hashlib.sha256(f"{self._store.identity}\x1f{cfg}".encode()).hexdigest()[:24]

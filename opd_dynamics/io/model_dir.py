@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.reader import ADAPTER_FILE, LOAD_MODES, TensorReader
+from opd_dynamics.io.reader import ADAPTER_FILE, TensorReader, read_settings
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -389,11 +389,9 @@ class ModelDir(EntryReader):
 
     FORMAT = "safetensors"
 
-    def __init__(self, path: str | Path, load_mode: str = "pread"):
-        if load_mode not in LOAD_MODES:
-            raise InputError(None, f"load mode {load_mode!r} is not one of {LOAD_MODES}")
+    def __init__(self, path: str | Path, read: str = "pread", weights: str = "model", *, load_mode: str | None = None):
+        self.read, _ = read_settings(read, weights, load_mode)  # one set of weights: ``weights`` changes nothing
         self.path = Path(path)
-        self.load_mode = "pread" if load_mode == "masters" else load_mode  # masters: a ZeRO reader's choice
         self.files = find_weight_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self.metadata: dict[str, str] = {}
@@ -440,7 +438,7 @@ class ModelDir(EntryReader):
             n = entry.shape[0] if entry.shape else 0
             lo, hi, _ = slice(start, stop).indices(n)
             rows = (lo, max(lo, hi))
-        if self.load_mode == "pread":
+        if self.read == "pread":
             return _pread_tensor(entry, rows)
         from safetensors import safe_open
 

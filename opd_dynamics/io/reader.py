@@ -5,26 +5,63 @@ whole model. Implementations, each in its own module: `ModelDir` (safetensors: s
 shards without one), `BinDir` (`pytorch_model.bin`, single or index-sharded), `FSDPShards` (verl's
 ``model_world_size_W_rank_R.pt`` rank files), `DCPDir` (torch Distributed Checkpoint, as accelerate and the Trainer
 write it under FSDP) and, for updates rather than weights, `LoraAdapter` (PEFT LoRA). `ZeroCheckpoint` reads
-DeepSpeed ZeRO-1/2/3 ``global_stepN/`` directories (model-states weights, or with load mode "masters" the fp32
+DeepSpeed ZeRO-1/2/3 ``global_stepN/`` directories (model-states weights, or with ``weights="masters"`` the fp32
 master weights). A new format adds one `TensorReader` subclass, its name in `FORMATS` and its detection in
 `io.formats`.
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
-#: how a reader reads a tensor: one positioned read per tensor (bounded memory, network filesystems), or mmap;
-#: "masters" reads DeepSpeed ZeRO checkpoints' fp32 master weights instead of their model-states weights (every
-#: other format reads as with pread)
+from opd_dynamics.errors import InputError
+
+#: how a reader reads a tensor's bytes (``read``): one positioned read per tensor (bounded memory, network
+#: filesystems), or mmap
+READS = ("pread", "mmap")
+#: which weights of a checkpoint that holds two (``weights``): a DeepSpeed ZeRO checkpoint's model-states weights
+#: (the training dtype) or its fp32 master weights; every other format holds one and reads it either way. Series
+#: discovery follows it: with "masters", a ZeRO folder over an HF export of the same step
+WEIGHTS = ("model", "masters")
+#: the values of the deprecated ``load_mode`` (0.x; one release): pread/mmap → ``read``, masters → ``weights``
 LOAD_MODES = ("pread", "mmap", "masters")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 #: the formats a reader exists for, by the name each reader class gives as FORMAT (what ``prefer_format`` takes)
 FORMATS = ("safetensors", "pytorch-bin", "dcp", "fsdp-shards", "deepspeed-zero")
+
+
+def read_settings(read: str | None = "pread", weights: str | None = "model", load_mode: str | None = None
+                  ) -> tuple[str, str]:
+    """``(read, weights)`` checked against READS and WEIGHTS (an InputError naming the setting otherwise). The
+    deprecated ``load_mode`` (and "masters" given as ``read``, where it used to be the load mode) maps with a
+    DeprecationWarning: pread/mmap → ``read``, masters → ``weights="masters"`` read by pread."""
+    read, weights = read or "pread", weights or "model"
+    if read == "masters" and load_mode is None:  # a positional load mode of the 0.x calls
+        read, load_mode = "pread", "masters"
+    if load_mode is not None:
+        if load_mode not in LOAD_MODES:
+            raise InputError(None, f"load_mode {load_mode!r} is not one of {', '.join(LOAD_MODES)}",
+                             ("load_mode",))
+        warnings.warn(f"load_mode is deprecated: use {DEPRECATED_LOAD_MODE[load_mode]}", DeprecationWarning,
+                      stacklevel=3)
+        if load_mode == "masters":
+            weights = "masters"
+        else:
+            read = load_mode
+    if read not in READS:
+        raise InputError(None, f"read {read!r} is not one of {', '.join(READS)}", ("read",))
+    if weights not in WEIGHTS:
+        raise InputError(None, f"weights {weights!r} is not one of {', '.join(WEIGHTS)}", ("weights",))
+    return read, weights
+
+
+#: what each deprecated load mode is now (the deprecation's sentence names it)
+DEPRECATED_LOAD_MODE = {"pread": "read='pread'", "mmap": "read='mmap'", "masters": "weights='masters'"}
 
 
 class TensorReader(ABC):
@@ -39,6 +76,13 @@ class TensorReader(ABC):
     files: list[Path]
     header_sha256: str
     identity: str
+    #: how this reader reads bytes (one of READS; a format that can only map its files says "mmap")
+    read: str = "pread"
+
+    @property
+    def load_mode(self) -> str:
+        """Deprecated name of ``read`` (one release)."""
+        return self.read
 
     @abstractmethod
     def names(self) -> list[str]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.io.formats import open_model, reader_class, reader_format
-from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir
+from opd_dynamics.io.formats import open_full_weights, open_model, reader_class, reader_format
+from opd_dynamics.io.reader import ADAPTER_CONFIG, is_adapter_dir, read_settings
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_?|step[_-]?|iter[_-]?)(\d+)(?:_hf)?$")
 #: where a step directory nests its weights: verl's merged export or raw rank files, accelerate's DCP folder
@@ -81,16 +81,23 @@ def check_same_architecture(series: CheckpointSeries, force_hint: str = "") -> N
 
 @dataclass
 class CheckpointSeries:
-    """Base weights plus the checkpoints of one run, sorted by step."""
+    """Base weights plus the checkpoints of one run, sorted by step, and how they are read: every command that
+    reads a series opens its weights through it (`open`, `open_full`), so the reading settings travel with it."""
 
     name: str
     base: Path
     steps: list[tuple[int, Path]] = field(default_factory=list)
-    load_mode: str = "pread"
+    #: deprecated (one release): ``read`` and ``weights`` in one (`reader.read_settings` maps it)
+    load_mode: InitVar[str | None] = None
     #: the format to read where a directory holds weights in several (`reader.reader_class`)
     prefer_format: str | None = None
+    #: how bytes are read (`reader.READS`: pread or mmap)
+    read: str = "pread"
+    #: which weights of a checkpoint that holds two (`reader.WEIGHTS`: model, or a DeepSpeed step's fp32 masters)
+    weights: str = "model"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, load_mode: str | None) -> None:
+        self.read, self.weights = read_settings(self.read, self.weights, load_mode)
         self.base = Path(self.base)
         self.steps = sorted(((int(s), Path(p)) for s, p in self.steps), key=lambda x: x[0])
         seen: dict[int, Path] = {}
@@ -107,9 +114,12 @@ class CheckpointSeries:
 
     @classmethod
     def discover(cls, run_dir: str | Path, base: str | Path, name: str | None = None,
-                 steps: Iterable[int] | None = None, load_mode: str = "pread",
-                 prefer_format: str | None = None) -> CheckpointSeries:
-        """Find the checkpoints of a run directory; `steps` keeps only those steps."""
+                 steps: Iterable[int] | None = None, load_mode: str | None = None,
+                 prefer_format: str | None = None, read: str = "pread", weights: str = "model") -> CheckpointSeries:
+        """Find the checkpoints of a run directory; `steps` keeps only those steps. Where a step is saved twice
+        (a ZeRO folder beside an HF export), ``prefer_format`` picks, else ``weights``: the ZeRO folder for the
+        masters, the export otherwise. ``load_mode`` is deprecated (`reader.read_settings`)."""
+        read, weights = read_settings(read, weights, load_mode)
         run = Path(run_dir)
         if base is None:
             raise InputError(run, "needs an explicit base (the weights every step is compared with)")
@@ -125,11 +135,13 @@ class CheckpointSeries:
         found: list[tuple[int, Path]] = []
         for s, dirs in by_step.items():
             # OpenRLHF saves global_stepN (DeepSpeed ZeRO) beside global_stepN_hf (an HF export): take the export,
-            # unless the fp32 masters were asked for (load mode "masters"), which only the ZeRO state holds
+            # unless prefer_format says which, or the fp32 masters were asked for (weights "masters"), which only the
+            # ZeRO state holds
             with_weights = [d for d in dirs if _has_weights(d, prefer_format)]
             formats = [reader_format(d, prefer_format) for d in with_weights]
             if len(with_weights) > 1 and "deepspeed-zero" in formats and len(set(formats)) == len(formats):
-                pref = "deepspeed-zero" if load_mode == "masters" else "safetensors"
+                pref = prefer_format if prefer_format in formats else \
+                    "deepspeed-zero" if weights == "masters" else "safetensors"
                 with_weights = [d for d, f in zip(with_weights, formats) if f == pref] or with_weights
             found += [(s, d) for d in (with_weights or dirs[:1])]
         if not found:
@@ -145,21 +157,32 @@ class CheckpointSeries:
                 raise InputError(run, f"has no checkpoint for step(s) {', '.join(map(str, absent))} (it has "
                                       f"{', '.join(str(s) for s in sorted(by_step))})")
             found = [x for x in found if x[0] in keep]
-        return cls(name=name or run.name, base=Path(base), steps=found, load_mode=load_mode,
-                   prefer_format=prefer_format)
+        return cls(name=name or run.name, base=Path(base), steps=found, prefer_format=prefer_format, read=read,
+                   weights=weights)
 
     @classmethod
     def from_list(cls, pairs: Sequence[tuple[int, str | Path]], base: str | Path, name: str = "run",
-                  load_mode: str = "pread", prefer_format: str | None = None) -> CheckpointSeries:
+                  load_mode: str | None = None, prefer_format: str | None = None, read: str = "pread",
+                  weights: str = "model") -> CheckpointSeries:
         """An explicit list of (step, path)."""
-        return cls(name=name, base=Path(base), steps=list(pairs), load_mode=load_mode, prefer_format=prefer_format)
+        read, weights = read_settings(read, weights, load_mode)
+        return cls(name=name, base=Path(base), steps=list(pairs), prefer_format=prefer_format, read=read,
+                   weights=weights)
 
     @property
     def step_numbers(self) -> list[int]:
         return [s for s, _ in self.steps]
 
+    def open(self, path: str | Path):
+        """A reader of the weights (or adapter) at ``path`` (the base or a step), read as this series says."""
+        return open_model(path, self.read, self.prefer_format, weights=self.weights)
+
+    def open_full(self, path: str | Path):
+        """As `open`, for full weights only (an adapter refused: `formats.open_full_weights`)."""
+        return open_full_weights(path, self.read, self.prefer_format, weights=self.weights)
+
     def open_step(self, step: int):
-        return open_model(dict(self.steps)[step], self.load_mode, self.prefer_format)
+        return self.open(dict(self.steps)[step])
 
     def __repr__(self) -> str:
         return f"CheckpointSeries({self.name!r}, base={str(self.base)!r}, steps={self.step_numbers})"

@@ -42,6 +42,7 @@ from opd_dynamics.io.model_dir import (
     file_identity,
     index_files,
 )
+from opd_dynamics.io.reader import read_settings
 from opd_dynamics.io.safe_pickle import (
     DTENSOR,
     MAX_PICKLE_BYTES,
@@ -320,9 +321,10 @@ class BinDir(EntryReader):
 
     FORMAT = "pytorch-bin"
 
-    def __init__(self, path: str | Path, load_mode: str = "pread"):
+    def __init__(self, path: str | Path, read: str = "pread", weights: str = "model", *, load_mode: str | None = None):
+        read_settings(read, weights, load_mode)  # checked; always read by positioned reads, one set of weights
         self.path = Path(path)
-        self.load_mode = "pread"
+        self.read = "pread"
         self.files = bin_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self._mapped_files: set[Path] = set()
