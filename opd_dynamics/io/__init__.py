@@ -8,10 +8,10 @@ from opd_dynamics.io.formats import open_model
 from opd_dynamics.io.lora import LoraAdapter
 from opd_dynamics.io.model_dir import ModelDir
 from opd_dynamics.io.naming import GROUPS, MATRIX_GROUPS, TensorName, parse_name
-from opd_dynamics.io.reader import LOAD_MODES, TensorReader, is_adapter_dir
+from opd_dynamics.io.reader import LOAD_MODES, READS, WEIGHTS, TensorReader, is_adapter_dir
 from opd_dynamics.io.series import CheckpointSeries
 from opd_dynamics.io.sketches import SketchSeries
 from opd_dynamics.io.writer import write_model
 
-__all__ = ["GROUPS", "LOAD_MODES", "MATRIX_GROUPS", "CheckpointSeries", "LoraAdapter", "ModelDir", "SketchSeries",
-           "TensorName", "TensorReader", "is_adapter_dir", "open_model", "parse_name", "write_model"]
+__all__ = ["GROUPS", "LOAD_MODES", "MATRIX_GROUPS", "READS", "WEIGHTS", "CheckpointSeries", "LoraAdapter", "ModelDir",
+           "SketchSeries", "TensorName", "TensorReader", "is_adapter_dir", "open_model", "parse_name", "write_model"]

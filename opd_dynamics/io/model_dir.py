@@ -1,7 +1,7 @@
 """Lazy, per-tensor access to one model directory's safetensors weights.
 
-A `ModelDir` reads only headers when opened; each `get(name)` reads one tensor. Two load modes:
-`pread` (default) reads the tensor's byte range with one positioned read, so memory holds exactly the
+A `ModelDir` reads only headers when opened; each `get(name)` reads one tensor, one of two ways
+(``read``): `pread` (default) reads the tensor's byte range with one positioned read, so memory holds exactly the
 tensors in use and nothing stays mapped (safetensors' mmap storage is not freed on `del`, and mmap is
 slow on network filesystems); `mmap` uses `safetensors.safe_open`. Open file descriptors are shared in
 one small LRU cache so a series of hundreds of shards never exhausts the process's limit.
