@@ -79,8 +79,9 @@ def interventions_cmd(lab_dir: str, out: str, step: int | None, half_width: int,
 
 @lab.command("effopd")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="smoke", show_default=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Seeds 0 … N−1 (each runs every method of --methods).")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Seeds 0 … N−1 (each runs every method of --methods); five are the least the verdicts' sign "
+                   "test can decide on (p = 1/32).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--lab", "lab_dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="A root of seed-K/ lab directories (`lab run --seeds N --out ROOT`): seed K starts from "

@@ -412,7 +412,7 @@ def effopd_verdicts(summary: pd.DataFrame) -> dict:
     return out
 
 
-def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: int | Sequence[int] = 3, *,
+def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: int | Sequence[int] = 5, *,
                    lab: str | Path | None = None, options: EffOPDLabOptions | None = None, overwrite: bool = False,
                    log: Callable[[str], None] | None = None) -> Path:
     """Run the measurement into ``out``: effopd_summary.csv, effopd_curves.csv, effopd_triggers.csv,
