@@ -295,3 +295,17 @@ def test_the_rate_controls_first_step_moves_exactly_3x_and_10x_as_far(tmp_path):
     assert moved["vanilla"] > 0
     assert moved["vanilla-3x"] / moved["vanilla"] == pytest.approx(3.0, rel=1e-5)
     assert moved["vanilla-10x"] / moved["vanilla"] == pytest.approx(10.0, rel=1e-5)
+
+
+def test_the_steps_table_tells_never_from_not_run():
+    """A run that never reached the target reads "never"; a method the gate kept from running reads "not run"."""
+    from opd_dynamics.lab.effopd import steps_text
+
+    s = pd.DataFrame([{"seed": 0, "method": "vanilla", "lr": 1e-4, "steps_to_target": 11.0},
+                      {"seed": 0, "method": "vanilla-10x", "lr": 1e-3, "steps_to_target": float("nan")},
+                      {"seed": 1, "method": "vanilla", "lr": 1e-4, "steps_to_target": 15.0},
+                      {"seed": 1, "method": "vanilla-10x", "lr": 1e-3, "steps_to_target": 3.0},
+                      {"seed": 1, "method": "effopd", "lr": 1e-4, "steps_to_target": 5.0}])
+    rows = {line.split()[0]: line.split()[1:] for line in steps_text(s).splitlines()[2:]}
+    assert rows == {"0": ["11", "never", "not", "run"], "1": ["15", "3", "5"]}  # split on spaces
+    assert "vanilla-10x (lr 0.001)" in steps_text(s).splitlines()[0]

@@ -475,7 +475,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         if probes:
             pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
         log(f"[effopd] steps to target ({opt.target_fraction:.0%} of vanilla's final held-out accuracy) per seed:\n"
-            + steps_table(summary).to_string(na_rep="never"))
+            + steps_text(summary))
         for res in verdicts.values():
             for what in ("speedup", "final_accuracy"):
                 r = res[what]
@@ -519,6 +519,13 @@ def steps_table(summary: pd.DataFrame, lr: bool = True) -> pd.DataFrame:
         rate = summary.groupby("method")["lr"].first()
         t.columns = [f"{m} (lr {rate[m]:g})" for m in t.columns]
     return t
+
+
+def steps_text(summary: pd.DataFrame) -> str:
+    """`steps_table` as the log prints it: "never" where a run did not reach the target, "not run" where the method
+    did not run for the seed (the gate closed)."""
+    never = steps_table(summary.assign(steps_to_target=summary["steps_to_target"].fillna(-1.0)))
+    return never.map(lambda v: "not run" if v != v else "never" if v == -1.0 else f"{v:g}").to_string()
 
 
 def summarize(curves: pd.DataFrame, runs: pd.DataFrame, target_fraction: float = 0.95) -> pd.DataFrame:
