@@ -171,3 +171,15 @@ def test_the_shipped_five_seed_claims_are_their_seeds_judged_by_the_rule(tmp_pat
     pd.testing.assert_series_equal(got["p_value"], want["p_value"])
     assert got.loc[_NAME["opd_above_null"], "verdict"] == "confirmed"  # 5 / 5 seeds: p = 1/32
     assert got.loc[_NAME["teacher"], "verdict"] == "holds"
+
+
+def test_effopd_values_of_a_measurement_without_effopd_or_with_gated_seeds(tmp_path):
+    """An effopd.json whose measurement left EffOPD out (--methods) gives no rows; a gated-out seed (null) none."""
+    import json
+
+    from opd_dynamics.lab.claims import effopd_values
+
+    (tmp_path / "effopd.json").write_text(json.dumps({"speedup": {"vanilla-3x": {"per_seed": {"0": 0.5}}}}))
+    assert effopd_values(tmp_path) == []
+    (tmp_path / "effopd.json").write_text(json.dumps({"speedup": {"effopd": {"per_seed": {"0": None, "1": 1.5}}}}))
+    assert [(r["seed"], r["value"]) for r in effopd_values(tmp_path)] == [(1, 1.5)]

@@ -296,8 +296,8 @@ def effopd_values(effopd: Path) -> list[dict]:
     """Per paired seed, EffOPD's step speedup (effopd.json), as rows {seed, claim, run, step, value}; gated-out
     seeds and missed targets have no ratio."""
     meta = json.loads((Path(effopd) / EFFOPD_JSON).read_text())
-    per_seed = meta["speedup"]["effopd"]["per_seed"]
-    return [{"seed": int(k), **_row("effopd", "effopd", v)} for k, v in per_seed.items() if v == v]
+    per_seed = meta["speedup"].get("effopd", {}).get("per_seed", {})  # none: effopd left out of --methods
+    return [{"seed": int(k), **_row("effopd", "effopd", v)} for k, v in per_seed.items() if v is not None and v == v]
 
 
 def judge(claim: Claim, per_seed: pd.DataFrame, failed: list[str]) -> dict:
