@@ -61,6 +61,7 @@ def backfill(lab_dir: str | Path, log=print) -> list[Path]:
     from safetensors.torch import load_file
 
     from opd_dynamics.errors import InputError
+    from opd_dynamics.io.model_dir import SINGLE_FILE
     from opd_dynamics.lab.layout import RUNS, LabDir
     from opd_dynamics.lab.presets import get_preset
     from opd_dynamics.lab.task import build_tokenizer
@@ -81,9 +82,9 @@ def backfill(lab_dir: str | Path, log=print) -> list[Path]:
                           save_steps=DIP_STEPS)
             else:
                 train_grpo(lab.student_init, tmp / "ckpt", p, seed, [cb], max_steps=DIP_STEPS, save_steps=DIP_STEPS)
-            kept = lab.run(run) / f"checkpoint-{DIP_STEPS}" / "model.safetensors"
+            kept = lab.run(run) / f"checkpoint-{DIP_STEPS}" / SINGLE_FILE
             if kept.is_file():
-                a, b = load_file(kept), load_file(tmp / "ckpt" / f"checkpoint-{DIP_STEPS}" / "model.safetensors")
+                a, b = load_file(kept), load_file(tmp / "ckpt" / f"checkpoint-{DIP_STEPS}" / SINGLE_FILE)
                 if a.keys() != b.keys() or any(not a[k].equal(b[k]) for k in a):
                     raise InputError(kept, f"the first {DIP_STEPS} steps trained again here do not reproduce this "
                                            "checkpoint (another machine, torch or thread count?); early_eval.csv not "
