@@ -333,8 +333,8 @@ def main() -> None:
         with torch.no_grad():
             while (item := backlog.get()) is not None:
                 msg, flat = item
-                snap = {n: tuple(v.clone() for v in vs) if len(vs) > 1 else vs[0].clone()
-                        for n, vs in _views(flat, layout).items()}
+                # views of the step's own copy (taken out of the shared buffer by `_Backlog.take`): no second copy
+                snap = {n: tuple(vs) if len(vs) > 1 else vs[0] for n, vs in _views(flat, layout).items()}
                 try:
                     if msg["restart"]:
                         steps.restart(snap)
