@@ -6,7 +6,8 @@ attention heads and 3 key-value heads (GQA: q/o 576 × 576, k/v 192 × 576), voc
 ``--layers`` decoder layers, 30 in the real model) from a seeded random init: not the pretrained weights (no
 network here), so its updates are those of a model learning from scratch. Training: AdamW at ``--lr`` on a
 seeded synthetic corpus (a bigram chain over 4096 tokens: something to learn), ``--batch`` × ``--seq`` tokens per
-optimizer step, torch on ``--threads`` threads (default: every core).
+optimizer step in each of ``--accum`` micro-batches (gradient accumulation: the paper's thousands of tokens per step
+without the activations of one batch that size), torch on ``--threads`` threads (default: every core).
 
 The same seeded run, ``--steps`` optimizer steps from the same init, is trained plain and with `DynamicsRecorder`
 recording every step, alternated ``--repeats`` times in one process; the overhead is the median whole step
@@ -14,7 +15,7 @@ recording every step, alternated ``--repeats`` times in one process; the overhea
 left out (warm-up). The recorder's last run keeps the weights at the steps ``--check`` names, and its recorded
 σ1 … σk of every decomposed matrix there are compared with numpy's float64 SVD of the same ΔW_t.
 
-    python benchmarks/bench_recorder.py [--layers 30] [--steps 6] [--repeats 3] [--batch 1] [--seq 256]
+    python benchmarks/bench_recorder.py [--layers 30] [--steps 6] [--repeats 3] [--batch 1] [--seq 256] [--accum 1]
                                         [--k 16] [--svd certified|exact|fast] [--priority idle|normal]
 """
 
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="plain and recorded runs, alternated")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches of --batch x --seq tokens per optimizer step")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--svd", default="certified", choices=("certified", "exact", "fast"))
@@ -87,7 +89,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = smollm2(a.layers)
     init = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    data = corpus(a.steps, a.batch, a.seq)
+    data = corpus(a.steps * a.accum, a.batch, a.seq)
+    data = [data[i:i + a.accum] for i in range(0, len(data), a.accum)]  # an optimizer step's micro-batches
     check = {a.steps if s == "last" else int(s) for s in a.check.split(",")}
     load0 = os.getloadavg()
     per_step: dict[str, list[float]] = {"plain": [], "recorder": []}
@@ -108,10 +111,10 @@ def main() -> None:
                     rec.record(model, 0)
                 last = rep == a.repeats - 1 and mode == "recorder"
                 total = 0.0
-                for step, x in enumerate(data, 1):
+                for step, micro in enumerate(data, 1):
                     t0, c0 = time.perf_counter(), time.process_time()
-                    loss = model(input_ids=x, labels=x).loss
-                    loss.backward()
+                    for x in micro:
+                        (model(input_ids=x, labels=x).loss / a.accum).backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     if rec is not None:
@@ -163,7 +166,8 @@ def main() -> None:
         one.restore_original_limits()
     plain, with_rec = (float(np.median(per_step[m])) for m in ("plain", "recorder"))
     print(f"SmolLM2-135M shape, {a.layers} layers (random init), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
-          f" M parameters; {a.batch} x {a.seq} tokens per step, AdamW lr {a.lr}; torch {torch.__version__} on "
+          f" M parameters; {a.accum} x {a.batch} x {a.seq} = {a.accum * a.batch * a.seq} tokens per step, AdamW lr "
+          f"{a.lr}; torch {torch.__version__} on "
           f"{a.threads} threads; {os.cpu_count()} cores ({cpu_name()}); load average {load0[0]:.2f} before, "
           f"{load1[0]:.2f} after")
     print(f"recorder: k = {a.k}, svd {a.svd}, {len(series.decomposed)} matrices decomposed, "
