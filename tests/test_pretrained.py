@@ -418,8 +418,9 @@ def test_generation_with_a_kv_cache_equals_full_recompute(monkeypatch):
 # -- the staged pretrained lab on the tiny base ------------------------------------------------------------------
 
 def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypatch):
-    """Every stage on the tiny GGUF base: the teacher's GRPO interrupted after a checkpoint resumes from it (each
-    step recorded once), finished stages are kept, and a directory started with other settings is refused."""
+    """Every stage on the tiny GGUF base: the teacher's GRPO and the OPD series, each interrupted after a
+    checkpoint, resume from it (each step recorded once), finished stages are kept, and a directory started with
+    other settings is refused."""
     from opd_dynamics.lab.presets import PRETRAINED_PRESETS
     from opd_dynamics.lab.pretrained_run import MOVEMENT, PROGRESS, PretrainedLab, run_pretrained_lab
 
@@ -454,11 +455,28 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
             lab.run()
     assert lab.lab.done("base_eval") is not None and lab.lab.done("teacher") is None
     assert (out / ".teacher-grpo" / "checkpoint-2").is_dir()
-    run_pretrained_lab(out, p, 0, **kw)
-    teacher = json.loads((out / "stages" / "teacher.json").read_text())
-    assert teacher["resumed_from_step"] == 2 and teacher["steps"] == 3
     import pandas as pd
 
+    real_rl = pr.build_rl_trainer
+
+    def stopped(*a, callbacks=()):
+        return real_rl(*a, callbacks=[*callbacks, Interrupt()])
+
+    with pytest.MonkeyPatch.context() as mp:  # the teacher resumes and finishes; the OPD series stops at step 3
+        mp.setattr(pr, "build_rl_trainer", stopped)
+        with pytest.raises(Stop):
+            run_pretrained_lab(out, p, 0, **kw)
+    teacher = json.loads((out / "stages" / "teacher.json").read_text())
+    assert teacher["resumed_from_step"] == 2 and teacher["steps"] == 3
+    assert lab.lab.done("opd") is None and (out / "opd" / "checkpoint-2" / "optimizer.pt").is_file()
+    assert not (out / "opd" / "checkpoint-1" / "optimizer.pt").exists()  # the newest checkpoint only resumes
+    assert pd.read_csv(out / "opd" / "movement.csv")["step"].tolist() == [1, 2, 3]  # step 3 ran, was not saved
+    run_pretrained_lab(out, p, 0, **kw)  # OPD resumes from checkpoint-2
+    assert json.loads((out / "stages" / "opd.json").read_text())["resumed_from_step"] == 2
+    assert not [f for r in ("opd", "grpo") for f in (out / r).glob("checkpoint-*/optimizer.pt")]  # weights only
+    from opd_dynamics.io.sketches import SketchSeries
+
+    assert SketchSeries(out / "opd" / "sketch").steps == [1, 2, 3]  # from the start; step 3 recorded once
     move = pd.read_csv(out / MOVEMENT)
     assert move["step"].tolist() == [1, 2, 3] and (move["rel_step_attn_mlp"] > 0).all()
     assert pd.read_csv(out / PROGRESS)["step"].tolist() == [2, 3]
@@ -476,7 +494,8 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     assert t["rel_distance_all"] > 0 and t["student_reverse_kl"] > 0 and 0 <= t["accuracy"] <= 1
     assert 0 <= summary["student_init"]["transfer_accuracy"] <= 1
     timings = pd.read_csv(out / "timings.csv")
-    assert timings["status"].tolist() == ["finished", "finished", "failed"] + ["finished"] * 4
+    assert timings["status"].tolist() == ["finished", "finished", "failed", "finished", "finished", "failed"] + \
+        ["finished"] * 2
     logs: list[str] = []
     run_pretrained_lab(out, p, 0, **{**kw, "log": logs.append})  # all kept
     assert sum("finished earlier, kept" in m for m in logs) == 6

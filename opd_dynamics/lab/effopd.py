@@ -97,9 +97,7 @@ class _Curve(TrainerCallback):
     def accuracy(self, model) -> float:
         """Held-out accuracy of ``model`` now, its time kept out of the training wall-clock."""
         t = time.perf_counter()
-        was = model.training
-        acc = evaluate_model(model, self.tok, self.heldout)["accuracy"]
-        model.train(was)
+        acc = evaluate_model(model, self.tok, self.heldout)["accuracy"]  # the model's train/eval mode is kept
         self.eval_s += time.perf_counter() - t
         return acc
 

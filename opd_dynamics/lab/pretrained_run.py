@@ -16,7 +16,8 @@ Stages, in order: ``base`` (fetch, verify and convert the base; copy it to stude
 validation and transfer accuracy, pass@k), ``teacher`` (GRPO from the base until validation accuracy ≥ the base's
 + ``teacher_gain``, or ``teacher_max_steps``; a rerun resumes from the last checkpoint), ``teacher_eval`` (the
 teacher's accuracies, ‖T − B‖/‖B‖, the base's reverse KL to the teacher). The OPD and GRPO series from the base
-(issue 29) are the stages still to come; a run stops after ``teacher_eval`` saying so.
+(``opd``, ``grpo``; issue 29) keep their optimizer state in their newest checkpoint while they train, so a stopped
+series resumes from it (`resume_point`); a finished one keeps weights only.
 """
 
 from __future__ import annotations
@@ -320,6 +321,48 @@ def saves_at(step: int, last: int) -> bool:
     return step in EARLY_SAVES or step % 8 == 0 or step == last
 
 
+#: what a checkpoint holds only to resume training (Trainer's names): dropped from all but the newest
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth")
+
+
+def _checkpoints(out: Path) -> dict[int, Path]:
+    """A series' ``checkpoint-N`` directories by step."""
+    return {int(d.name.split("-")[1]): d for d in out.glob("checkpoint-*") if d.name.split("-")[1].isdigit()}
+
+
+def resume_point(out: Path) -> Path | None:
+    """The newest checkpoint of a series that a stopped run can resume from: one Trainer finished saving with its
+    optimizer state (``trainer_state.json`` is written last), or None."""
+    full = [d for _, d in sorted(_checkpoints(out).items())
+            if (d / "optimizer.pt").is_file() and (d / "trainer_state.json").is_file()]
+    return full[-1] if full else None
+
+
+def _drop_resume_files(ckpt: Path) -> None:
+    for pattern in RESUME_FILES:
+        for f in ckpt.glob(pattern):
+            f.unlink()
+
+
+def resume_files_callback(out: Path):
+    """A TrainerCallback keeping the optimizer state (`RESUME_FILES`) in the newest checkpoint only, and in none
+    once training ends: the series' checkpoints are then weights, as the analysis reads them."""
+    from transformers import TrainerCallback
+
+    class ResumeFiles(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            newest = out / f"checkpoint-{state.global_step}"
+            for d in _checkpoints(out).values():
+                if d != newest:
+                    _drop_resume_files(d)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for d in _checkpoints(out).values():
+                _drop_resume_files(d)
+
+    return ResumeFiles()
+
+
 def schedule_callback():
     """A TrainerCallback that saves a checkpoint exactly at the `saves_at` steps (save_strategy is "no")."""
     from transformers import TrainerCallback
@@ -354,14 +397,15 @@ def early_eval_callback(path: Path, tok, val, until: int):
 
 
 def _rl_args(p: PretrainedPreset, out_dir: Path, seed: int, steps: int, lr: float, completion_tokens: int) -> dict:
-    """The arguments OPD and GRPO share: weights-only checkpoints at the `saves_at` steps, constant rate, float32,
-    ``rollouts_per_step`` completions per step, logging every step."""
+    """The arguments OPD and GRPO share: checkpoints at the `saves_at` steps (with the optimizer state, which
+    `resume_files_callback` keeps in the newest only), constant rate, float32, ``rollouts_per_step`` completions
+    per step, logging every step."""
     import torch
 
     from opd_dynamics.lab.train import _NO_CHECKPOINTING
 
     return dict(
-        output_dir=str(out_dir), max_steps=steps, save_strategy="no", save_only_model=True, learning_rate=lr,
+        output_dir=str(out_dir), max_steps=steps, save_strategy="no", save_only_model=False, learning_rate=lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         max_completion_length=completion_tokens, temperature=1.0, top_p=1.0, top_k=0, bf16=False, fp16=False,
         **_NO_CHECKPOINTING, gradient_accumulation_steps=1, disable_dropout=True, logging_steps=1, report_to="none",
@@ -384,7 +428,7 @@ def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed:
     longest = max(len(tok(q.answer)["input_ids"]) for q in train)
     steps = steps or p.rl_steps
     data = Dataset.from_dict({"prompt": [q.prompt for q in train], "answer": [q.answer for q in train]})
-    callbacks = [schedule_callback(), *callbacks]
+    callbacks = [schedule_callback(), resume_files_callback(lab.root / run), *callbacks]
     if run == "opd":
         from trl import DistillationConfig, DistillationTrainer
 
@@ -609,8 +653,9 @@ class PretrainedLab:
         """OPD or GRPO from the base: checkpoints at `saves_at` steps, per-step movement (``RUN/movement.csv``),
         validation accuracy at every early step (``RUN/step_eval.csv``), the recorder at every step
         (``RUN/sketch/``), then every checkpoint evaluated (``RUN/eval.csv``: held-out
-        greedy and sampled accuracy, reverse KL to the teacher, transfer accuracy). An interrupted series starts
-        again from the base (its checkpoints hold no optimizer state)."""
+        greedy and sampled accuracy, reverse KL to the teacher, transfer accuracy). A stopped series resumes from
+        its `resume_point` (the rows and sketch steps after it are redone); without one it starts again from the
+        base."""
         import pandas as pd
 
         from opd_dynamics.lab.evaluate import evaluate_model
@@ -619,26 +664,33 @@ class PretrainedLab:
 
         _threads(self.p)
         out = self.lab.root / run
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
+        resume = resume_point(out) if out.is_dir() else None
+        start = 0 if resume is None else int(resume.name.split("-")[1])
+        if resume is None:
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+        else:
+            for name in ("movement.csv", "step_eval.csv"):
+                _truncate_csv(out / name, start)
         train, val, held, transfer = splits(self.p, self.seed)
         base = _state_dict(self.lab.student_init)
         _, tok0 = load_base(self.lab.student_init)
         cbs = [movement_callback(out / "movement.csv", base),
                early_eval_callback(out / "step_eval.csv", tok0, val, self.p.eval_every_step_until)]
         if self.p.record:
-            cbs.append(DynamicsCallback(DynamicsRecorder(out / "sketch", k=16)))
+            cbs.append(DynamicsCallback(DynamicsRecorder(out / "sketch", k=16, resume=resume is not None)))
         t0 = time.time()
-        trainer = build_rl_trainer(run, self.lab, self.p, self.seed, train, cbs)
+        trainer = build_rl_trainer(run, self.lab, self.p, self.seed, train, callbacks=cbs)
         lr = self.p.opd_lr if run == "opd" else self.p.grpo_lr
-        self.log(f"[{run}] {self.p.rl_steps} steps from the base, lr {lr}")
-        trainer.train()
+        self.log(f"[{run}] {self.p.rl_steps} steps from the base, lr {lr}"
+                 + (f"; resumed from {resume.name}" if resume else ""))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         train_s = time.time() - t0
         del trainer
         t0 = time.time()
         teacher, tok = load_base(self.lab.teacher, _device())
         kw = dict(stop_ids=stop_ids(tok), batch_size=self.p.eval_batch)
-        steps = sorted(int(d.name.split("-")[1]) for d in out.glob("checkpoint-*") if d.name.split("-")[1].isdigit())
+        steps = sorted(_checkpoints(out))
         rows = []
         for step in [0, *steps]:
             model, _ = load_base(self.lab.student_init if step == 0 else out / f"checkpoint-{step}", _device())
@@ -650,7 +702,8 @@ class PretrainedLab:
         ev = pd.DataFrame(rows, columns=list(EVAL_FIELDS))
         ev.to_csv(out / "eval.csv", index=False)
         move = pd.read_csv(out / "movement.csv")
-        return {"steps": steps, "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
+        return {"steps": steps, "resumed_from_step": start,
+                "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
                 "final": rows[-1], "rel_step_attn_mlp_median": float(move["rel_step_attn_mlp"].median()),
                 "rel_step_attn_mlp_max": float(move["rel_step_attn_mlp"].max()),
                 "rel_distance_attn_mlp_last": float(move["rel_distance_attn_mlp"].iloc[-1])}

@@ -252,7 +252,7 @@ class _Backlog:
     taken only once the previous one is measured, and it is held in memory."""
 
     def __init__(self, depth: int, where: str | None, size: int):
-        self.depth, self.size = depth, size
+        self.size = size
         self.slots = threading.Semaphore(depth + 1)
         self.queue: queue.Queue = queue.Queue()
         self.dir = Path(tempfile.mkdtemp(prefix="opd-dynamics-backlog-", dir=where)) if depth else None
