@@ -422,7 +422,15 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     checkpoint, resume from it (each step recorded once), finished stages are kept, and a directory started with
     other settings is refused."""
     from opd_dynamics.lab.presets import PRETRAINED_PRESETS
-    from opd_dynamics.lab.pretrained_run import MOVEMENT, PROGRESS, PretrainedLab, run_pretrained_lab
+    from opd_dynamics.lab.pretrained_run import (
+        MOVEMENT,
+        PROGRESS,
+        RL_RUNS,
+        STAGES,
+        PretrainedLab,
+        run_lr,
+        run_pretrained_lab,
+    )
 
     p = replace(PRETRAINED_PRESETS["smollm2"], name="tiny", n_heldout=12, n_val=8, rollouts_per_step=8,
                 grpo_generations=4, teacher_max_steps=3, teacher_eval_every=2, teacher_save_every=1, threads=1,
@@ -473,7 +481,7 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     assert pd.read_csv(out / "opd" / "movement.csv")["step"].tolist() == [1, 2, 3]  # step 3 ran, was not saved
     run_pretrained_lab(out, p, 0, **kw)  # OPD resumes from checkpoint-2
     assert json.loads((out / "stages" / "opd.json").read_text())["resumed_from_step"] == 2
-    assert not [f for r in ("opd", "grpo") for f in (out / r).glob("checkpoint-*/optimizer.pt")]  # weights only
+    assert not [f for r in RL_RUNS for f in (out / r).glob("checkpoint-*/optimizer.pt")]  # weights only
     from opd_dynamics.io.sketches import SketchSeries
 
     assert SketchSeries(out / "opd" / "sketch").steps == [1, 2, 3]  # from the start; step 3 recorded once
@@ -481,8 +489,10 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     assert move["step"].tolist() == [1, 2, 3] and (move["rel_step_attn_mlp"] > 0).all()
     assert pd.read_csv(out / PROGRESS)["step"].tolist() == [2, 3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stages_finished"] == ["base", "base_eval", "teacher", "teacher_eval", "opd", "grpo"]
-    for run in ("opd", "grpo"):  # the series from the base: checkpoints, movement, sketches, evaluations
+    assert summary["stages_finished"] == list(STAGES)
+    assert RL_RUNS == ("opd", "grpo", "opd_3x", "opd_10x")
+    assert [run_lr(p, r) for r in RL_RUNS] == [p.opd_lr, p.grpo_lr, 3 * p.opd_lr, 10 * p.opd_lr]
+    for run in RL_RUNS:  # the series from the base: checkpoints, movement, sketches, evaluations
         ev = pd.read_csv(out / run / "eval.csv")
         assert ev["step"].tolist() == [0, 1, 2, 3] and ev["reverse_kl"].notna().all()
         assert ev["transfer_accuracy"].between(0, 1).all()
@@ -490,15 +500,19 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
         assert pd.read_csv(out / run / "step_eval.csv")["step"].tolist() == [1, 2]  # eval_every_step_until
         assert (out / run / "sketch").is_dir()
         assert summary["runs"][run]["rel_step_attn_mlp_max"] > 0
+    # the same seed gives the same first batch, and Adam's first step is proportional to the rate
+    first = {r: pd.read_csv(out / r / "movement.csv")["rel_step_attn_mlp"].iloc[0] for r in RL_RUNS}
+    assert first["opd_3x"] / first["opd"] == pytest.approx(3, rel=1e-3)
+    assert first["opd_10x"] / first["opd"] == pytest.approx(10, rel=1e-3)
     t = summary["teacher"]
     assert t["rel_distance_all"] > 0 and t["student_reverse_kl"] > 0 and 0 <= t["accuracy"] <= 1
     assert 0 <= summary["student_init"]["transfer_accuracy"] <= 1
     timings = pd.read_csv(out / "timings.csv")
     assert timings["status"].tolist() == ["finished", "finished", "failed", "finished", "finished", "failed"] + \
-        ["finished"] * 2
+        ["finished"] * (len(STAGES) - 4)
     logs: list[str] = []
     run_pretrained_lab(out, p, 0, **{**kw, "log": logs.append})  # all kept
-    assert sum("finished earlier, kept" in m for m in logs) == 6
+    assert sum("finished earlier, kept" in m for m in logs) == len(STAGES)
     with pytest.raises(InputError, match="was started with preset tiny and seed 0"):
         run_pretrained_lab(out, p, 1, **kw)
     (out / "preset.json").unlink()  # still ours (its output marker): taken up again, the record rewritten

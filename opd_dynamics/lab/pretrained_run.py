@@ -15,8 +15,9 @@
 Stages, in order: ``base`` (fetch, verify and convert the base; copy it to student_init/), ``base_eval`` (held-out,
 validation and transfer accuracy, pass@k), ``teacher`` (GRPO from the base until validation accuracy ≥ the base's
 + ``teacher_gain``, or ``teacher_max_steps``; a rerun resumes from the last checkpoint), ``teacher_eval`` (the
-teacher's accuracies, ‖T − B‖/‖B‖, the base's reverse KL to the teacher). The OPD and GRPO series from the base
-(``opd``, ``grpo``; issue 29) keep their optimizer state in their newest checkpoint while they train, so a stopped
+teacher's accuracies, ‖T − B‖/‖B‖, the base's reverse KL to the teacher). The series from the base, OPD and GRPO
+(``opd``, ``grpo``; issue 29) and OPD at 3× and 10× its rate (``opd_3x``, ``opd_10x``: the rate controls a jump
+ahead must beat), keep their optimizer state in their newest checkpoint while they train, so a stopped
 series resumes from it (`resume_point`); a finished one keeps weights only.
 """
 
@@ -37,9 +38,11 @@ from pathlib import Path
 from opd_dynamics.errors import InputError
 from opd_dynamics.lab.presets import PretrainedPreset, get_pretrained_preset
 
-STAGES = ("base", "base_eval", "teacher", "teacher_eval", "opd", "grpo")
-#: the two series from the base, as the tiny lab's (`layout.RUNS`)
-RL_RUNS = ("opd", "grpo")
+#: OPD from the base at these multiples of ``opd_lr``: the rate controls a jump ahead must beat (issue 27)
+RATE_MULTIPLES = (3, 10)
+#: the series from the base: OPD and GRPO at their rates (the tiny lab's `layout.RUNS`), then the rate controls
+RL_RUNS = ("opd", "grpo", *(f"opd_{m}x" for m in RATE_MULTIPLES))
+STAGES = ("base", "base_eval", "teacher", "teacher_eval", *RL_RUNS)
 #: the checkpoint steps of an OPD or GRPO series: powers of two up to 64, then every 8th, and the last
 EARLY_SAVES = (1, 2, 4, 8, 16, 32, 64)
 #: the kind of output a pretrained lab directory is (`io.writer.mark_output`)
@@ -414,12 +417,18 @@ def _rl_args(p: PretrainedPreset, out_dir: Path, seed: int, steps: int, lr: floa
     )
 
 
+def run_lr(p: PretrainedPreset, run: str) -> float:
+    """The rate of the series ``run`` (`RL_RUNS`): ``opd_lr`` or ``grpo_lr``, times M for "opd_Mx"."""
+    kind, _, times = run.partition("_")
+    return (p.opd_lr if kind == "opd" else p.grpo_lr) * (int(times.removesuffix("x")) if times else 1)
+
+
 def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed: int, train, callbacks=(),
                      steps: int | None = None, lr: float | None = None):
-    """The series ``run`` from the base: "opd" (TRL DistillationTrainer, per-token reverse KL to the teacher on the
-    student's own samples, ``rollouts_per_step`` prompts × 1) or "grpo" (TRL GRPOTrainer, the few-shot reward, no KL
-    penalty, ``rollouts_per_step / grpo_generations`` prompts × ``grpo_generations``); same prompts, steps and
-    completions per step; rates ``opd_lr`` / ``grpo_lr`` unless ``lr``."""
+    """The series ``run`` (`RL_RUNS`) from the base, into ``lab.root / run``: "opd…" (TRL DistillationTrainer,
+    per-token reverse KL to the teacher on the student's own samples, ``rollouts_per_step`` prompts × 1) or "grpo"
+    (TRL GRPOTrainer, the few-shot reward, no KL penalty, ``rollouts_per_step / grpo_generations`` prompts ×
+    ``grpo_generations``); same prompts, steps and completions per step; at `run_lr` unless ``lr``."""
     from datasets import Dataset
 
     from opd_dynamics.lab.fewshot import fewshot_reward
@@ -428,22 +437,23 @@ def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed:
     longest = max(len(tok(q.answer)["input_ids"]) for q in train)
     steps = steps or p.rl_steps
     data = Dataset.from_dict({"prompt": [q.prompt for q in train], "answer": [q.answer for q in train]})
+    if run not in RL_RUNS:
+        raise InputError(None, f"unknown run {run!r}; choose one of {', '.join(RL_RUNS)}")
     callbacks = [schedule_callback(), resume_files_callback(lab.root / run), *callbacks]
-    if run == "opd":
+    lr = lr or run_lr(p, run)
+    if run.startswith("opd"):
         from trl import DistillationConfig, DistillationTrainer
 
         teacher, _ = load_base(lab.teacher)
-        args = DistillationConfig(**_rl_args(p, lab.root / run, seed, steps, lr or p.opd_lr, longest + 1), beta=1.0)
+        args = DistillationConfig(**_rl_args(p, lab.root / run, seed, steps, lr, longest + 1), beta=1.0)
         return DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=data,
                                    processing_class=tok, callbacks=callbacks)
-    if run == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(**_rl_args(p, lab.root / run, seed, steps, lr or p.grpo_lr, longest + 1),
-                          num_generations=p.grpo_generations, beta=0.0)
-        return GRPOTrainer(model=model, reward_funcs=[fewshot_reward], args=args, train_dataset=data,
-                           processing_class=tok, callbacks=callbacks)
-    raise InputError(None, f"unknown run {run!r}; choose one of {', '.join(RL_RUNS)}")
+    args = GRPOConfig(**_rl_args(p, lab.root / run, seed, steps, lr, longest + 1),
+                      num_generations=p.grpo_generations, beta=0.0)
+    return GRPOTrainer(model=model, reward_funcs=[fewshot_reward], args=args, train_dataset=data,
+                       processing_class=tok, callbacks=callbacks)
 
 
 @contextlib.contextmanager
@@ -681,7 +691,7 @@ class PretrainedLab:
             cbs.append(DynamicsCallback(DynamicsRecorder(out / "sketch", k=16, resume=resume is not None)))
         t0 = time.time()
         trainer = build_rl_trainer(run, self.lab, self.p, self.seed, train, callbacks=cbs)
-        lr = self.p.opd_lr if run == "opd" else self.p.grpo_lr
+        lr = run_lr(self.p, run)
         self.log(f"[{run}] {self.p.rl_steps} steps from the base, lr {lr}"
                  + (f"; resumed from {resume.name}" if resume else ""))
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -708,12 +718,6 @@ class PretrainedLab:
                 "rel_step_attn_mlp_max": float(move["rel_step_attn_mlp"].max()),
                 "rel_distance_attn_mlp_last": float(move["rel_distance_attn_mlp"].iloc[-1])}
 
-    def stage_opd(self) -> dict:
-        return self._stage_rl("opd")
-
-    def stage_grpo(self) -> dict:
-        return self._stage_rl("grpo")
-
     # -- driver --------------------------------------------------------------------------------------------
     def run(self, until: str = STAGES[-1]) -> dict:
         if until not in STAGES:
@@ -738,7 +742,8 @@ class PretrainedLab:
             if self.lab.done(name) is not None:
                 self.log(f"[{self.p.name}] stage {name}: finished earlier, kept")
                 continue
-            result = self._timed(name, getattr(self, f"stage_{name}"))
+            stage = (lambda run=name: self._stage_rl(run)) if name in RL_RUNS else getattr(self, f"stage_{name}")
+            result = self._timed(name, stage)
             self.lab.finish(name, result)
             self.write_summary()
         summary = self.write_summary()
@@ -781,8 +786,8 @@ def run_pretrained_lab(out, preset: str | PretrainedPreset = "smollm2", seed: in
 
 #: the small files of a pretrained lab run that `export_summaries` copies (data/smollm2/seed-K/)
 SUMMARY_FILES = ("summary.json", "timings.csv", "stages/base_eval.json", "stages/teacher.json",
-                 "stages/teacher_eval.json", PROGRESS, MOVEMENT, "opd/eval.csv", "opd/movement.csv",
-                 "opd/step_eval.csv", "grpo/eval.csv", "grpo/movement.csv", "grpo/step_eval.csv")
+                 "stages/teacher_eval.json", PROGRESS, MOVEMENT,
+                 *(f"{run}/{f}" for run in RL_RUNS for f in ("eval.csv", "movement.csv", "step_eval.csv")))
 
 
 def export_summaries(run_dir, dest) -> list[Path]:
