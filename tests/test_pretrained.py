@@ -490,8 +490,8 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     assert pd.read_csv(out / PROGRESS)["step"].tolist() == [2, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages_finished"] == list(STAGES)
-    assert RL_RUNS == ("opd", "grpo", "opd_3x", "opd_10x")
-    assert [run_lr(p, r) for r in RL_RUNS] == [p.opd_lr, p.grpo_lr, 3 * p.opd_lr, 10 * p.opd_lr]
+    assert RL_RUNS == ("opd", "grpo", "opd_3x", "opd_10x", "effopd")
+    assert [run_lr(p, r) for r in RL_RUNS] == [p.opd_lr, p.grpo_lr, 3 * p.opd_lr, 10 * p.opd_lr, p.opd_lr]
     for run in RL_RUNS:  # the series from the base: checkpoints, movement, sketches, evaluations
         ev = pd.read_csv(out / run / "eval.csv")
         assert ev["step"].tolist() == [0, 1, 2, 3] and ev["reverse_kl"].notna().all()
@@ -504,6 +504,9 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     first = {r: pd.read_csv(out / r / "movement.csv")["rel_step_attn_mlp"].iloc[0] for r in RL_RUNS}
     assert first["opd_3x"] / first["opd"] == pytest.approx(3, rel=1e-3)
     assert first["opd_10x"] / first["opd"] == pytest.approx(10, rel=1e-3)
+    assert first["effopd"] == pytest.approx(first["opd"], rel=1e-9)  # its scoring leaves training's RNG alone
+    triggers = pd.read_csv(out / "effopd" / "effopd_triggers.csv")
+    assert triggers["step"].tolist() == [1, 2] and (triggers["k_accepted"] >= 0).all()
     t = summary["teacher"]
     assert t["rel_distance_all"] > 0 and t["student_reverse_kl"] > 0 and 0 <= t["accuracy"] <= 1
     assert 0 <= summary["student_init"]["transfer_accuracy"] <= 1

@@ -185,19 +185,20 @@ def built_models(work: Path, p: LabPreset, seed: int, log) -> dict:
             "shared": False}
 
 
-def validation_score(kind: str, tok, probs, teacher_dir: Path, seed: int):
-    """EffOPD's score function on the validation problems (see EffOPDLabOptions.validation)."""
+def validation_score(kind: str, tok, probs, teacher_dir: Path, seed: int, **eval_kw):
+    """EffOPD's score function on the validation problems (see EffOPDLabOptions.validation); ``eval_kw`` go to
+    `evaluate_model` (a pretrained base's ``stop_ids`` and ``batch_size``)."""
     calls = iter(range(1 << 62))
     if kind == "sampled":  # a fresh draw for every candidate, reproducible across reruns
         return lambda model: evaluate_model(model, tok, probs, greedy=False, sampled=True,
-                                            seed=1_000_003 * seed + next(calls))["accuracy_sampled"]
+                                            seed=1_000_003 * seed + next(calls), **eval_kw)["accuracy_sampled"]
     if kind == "greedy":
-        return lambda model: evaluate_model(model, tok, probs)["accuracy"]
+        return lambda model: evaluate_model(model, tok, probs, **eval_kw)["accuracy"]
     if kind == "greedy+kl":
         teacher = load_model(teacher_dir)
 
         def score(model) -> tuple[float, float]:
-            r = evaluate_model(model, tok, probs, teacher=teacher, seed=seed)
+            r = evaluate_model(model, tok, probs, teacher=teacher, seed=seed, **eval_kw)
             return r["accuracy"], -r["reverse_kl"]
         return score
     raise InputError(None, f"validation must be one of {VALIDATIONS}, not {kind!r}", ("validation",))

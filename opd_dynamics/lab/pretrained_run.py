@@ -40,8 +40,9 @@ from opd_dynamics.lab.presets import PretrainedPreset, get_pretrained_preset
 
 #: OPD from the base at these multiples of ``opd_lr``: the rate controls a jump ahead must beat (issue 27)
 RATE_MULTIPLES = (3, 10)
-#: the series from the base: OPD and GRPO at their rates (the tiny lab's `layout.RUNS`), then the rate controls
-RL_RUNS = ("opd", "grpo", *(f"opd_{m}x" for m in RATE_MULTIPLES))
+#: the series from the base: OPD and GRPO at their rates (the tiny lab's `layout.RUNS`), the rate controls, and OPD
+#: at ``opd_lr`` with EffOPD's jumps ahead (the authors' settings: `EffOPDOptions`, sampled validation accuracy)
+RL_RUNS = ("opd", "grpo", *(f"opd_{m}x" for m in RATE_MULTIPLES), "effopd")
 STAGES = ("base", "base_eval", "teacher", "teacher_eval", *RL_RUNS)
 #: the checkpoint steps of an OPD or GRPO series: powers of two up to 64, then every 8th, and the last
 EARLY_SAVES = (1, 2, 4, 8, 16, 32, 64)
@@ -418,15 +419,16 @@ def _rl_args(p: PretrainedPreset, out_dir: Path, seed: int, steps: int, lr: floa
 
 
 def run_lr(p: PretrainedPreset, run: str) -> float:
-    """The rate of the series ``run`` (`RL_RUNS`): ``opd_lr`` or ``grpo_lr``, times M for "opd_Mx"."""
+    """The rate of the series ``run`` (`RL_RUNS`): ``grpo_lr`` for GRPO, else ``opd_lr``, times M for "opd_Mx"."""
     kind, _, times = run.partition("_")
-    return (p.opd_lr if kind == "opd" else p.grpo_lr) * (int(times.removesuffix("x")) if times else 1)
+    return (p.grpo_lr if kind == "grpo" else p.opd_lr) * (int(times.removesuffix("x")) if times else 1)
 
 
 def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed: int, train, callbacks=(),
                      steps: int | None = None, lr: float | None = None):
-    """The series ``run`` (`RL_RUNS`) from the base, into ``lab.root / run``: "opd…" (TRL DistillationTrainer,
-    per-token reverse KL to the teacher on the student's own samples, ``rollouts_per_step`` prompts × 1) or "grpo"
+    """The series ``run`` (`RL_RUNS`) from the base, into ``lab.root / run``: OPD, its rate controls and EffOPD (TRL
+    DistillationTrainer, per-token reverse KL to the teacher on the student's own samples, ``rollouts_per_step``
+    prompts × 1; EffOPD's callback among ``callbacks``) or "grpo"
     (TRL GRPOTrainer, the few-shot reward, no KL penalty, ``rollouts_per_step / grpo_generations`` prompts ×
     ``grpo_generations``); same prompts, steps and completions per step; at `run_lr` unless ``lr``."""
     from datasets import Dataset
@@ -441,7 +443,7 @@ def build_rl_trainer(run: str, lab: PretrainedLabDir, p: PretrainedPreset, seed:
         raise InputError(None, f"unknown run {run!r}; choose one of {', '.join(RL_RUNS)}")
     callbacks = [schedule_callback(), resume_files_callback(lab.root / run), *callbacks]
     lr = lr or run_lr(p, run)
-    if run.startswith("opd"):
+    if run != "grpo":
         from trl import DistillationConfig, DistillationTrainer
 
         teacher, _ = load_base(lab.teacher)
@@ -687,6 +689,13 @@ class PretrainedLab:
         _, tok0 = load_base(self.lab.student_init)
         cbs = [movement_callback(out / "movement.csv", base),
                early_eval_callback(out / "step_eval.csv", tok0, val, self.p.eval_every_step_until)]
+        if run == "effopd":  # first: the movement, evaluations and recorder see the weights training continues from
+            from opd_dynamics.effopd.callback import EffOPDCallback
+            from opd_dynamics.lab.effopd import validation_score
+
+            score = validation_score("sampled", tok0, val, self.lab.teacher, self.seed, stop_ids=stop_ids(tok0),
+                                     batch_size=self.p.eval_batch)
+            cbs.insert(0, EffOPDCallback(score, max_step=self.p.rl_steps, csv_path=out / "effopd_triggers.csv"))
         if self.p.record:
             cbs.append(DynamicsCallback(DynamicsRecorder(out / "sketch", k=16, resume=resume is not None)))
         t0 = time.time()
@@ -787,7 +796,8 @@ def run_pretrained_lab(out, preset: str | PretrainedPreset = "smollm2", seed: in
 #: the small files of a pretrained lab run that `export_summaries` copies (data/smollm2/seed-K/)
 SUMMARY_FILES = ("summary.json", "timings.csv", "stages/base_eval.json", "stages/teacher.json",
                  "stages/teacher_eval.json", PROGRESS, MOVEMENT,
-                 *(f"{run}/{f}" for run in RL_RUNS for f in ("eval.csv", "movement.csv", "step_eval.csv")))
+                 *(f"{run}/{f}" for run in RL_RUNS for f in ("eval.csv", "movement.csv", "step_eval.csv")),
+                 "effopd/effopd_triggers.csv")
 
 
 def export_summaries(run_dir, dest) -> list[Path]:
