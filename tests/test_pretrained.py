@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -463,8 +464,6 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
             lab.run()
     assert lab.lab.done("base_eval") is not None and lab.lab.done("teacher") is None
     assert (out / ".teacher-grpo" / "checkpoint-2").is_dir()
-    import pandas as pd
-
     real_rl = pr.build_rl_trainer
 
     def stopped(*a, callbacks=()):
@@ -583,8 +582,6 @@ def test_sigterm_stops_a_stage_with_its_wall_time_recorded(tmp_path):
     """`kill PID` of a running lab: the stage's row in timings.csv says stopped, and a rerun resumes."""
     import signal
 
-    import pandas as pd
-
     from opd_dynamics.lab.pretrained_run import PretrainedLab
 
     before = signal.getsignal(signal.SIGTERM)
@@ -598,3 +595,35 @@ def test_sigterm_stops_a_stage_with_its_wall_time_recorded(tmp_path):
     lab.stage_base = lambda: {"ok": 1}
     lab.run(until="base")  # the lock was released
     assert lab.lab.done("base") == {"ok": 1}
+
+
+def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
+    """Planted curves in five seed directories: vanilla reaches 95 % of its final accuracy at step 16, the 3× rate
+    at 8, the 10× rate at 4 and EffOPD at 8 (seed 4: at 16), so the speedups over vanilla are exactly 2 (1 for
+    seed 4), 4 and 2 … and EffOPD against the 3× rate 1 (0.5 for seed 4); a seed without a series has no row."""
+    from opd_dynamics.lab.pretrained_effopd import METHOD_OF, effopd_summary
+    from opd_dynamics.lab.pretrained_run import PretrainedLabDir
+
+    grid = [0, 1, 2, 4, 8, 16, 24, 32]
+    reach = {"opd": 16, "opd_3x": 8, "opd_10x": 4, "effopd": 8}
+    for seed in range(5):
+        d = tmp_path / f"seed-{seed}"
+        (d / "stages").mkdir(parents=True)
+        (d / "preset.json").write_text(json.dumps({"preset": {"opd_lr": 1e-5, "grpo_lr": 2e-5}, "seed": seed}))
+        for run, at in reach.items():
+            at = 16 if (run, seed) == ("effopd", 4) else at
+            (d / run).mkdir()
+            pd.DataFrame({"step": grid, "accuracy": [0.3 if s < at else 0.7 for s in grid]}).to_csv(
+                d / run / "eval.csv", index=False)
+            PretrainedLabDir(d).finish(run, {"train_s": 10.0 * seed})
+    (tmp_path / "seed-4" / "stages" / "opd_10x.json").unlink()
+    summary, verdicts = effopd_summary(tmp_path)
+    assert set(summary["method"]) == set(METHOD_OF.values())
+    steps = summary.set_index(["seed", "method"])["steps_to_target"]
+    assert steps[(0, "vanilla")] == 16 and steps[(0, "vanilla-3x")] == 8 and steps[(0, "vanilla-10x")] == 4
+    assert steps[(4, "effopd")] == 16 and (4, "vanilla-10x") not in steps.index
+    lr = summary.set_index(["seed", "method"])["lr"]
+    assert lr[(1, "vanilla-10x")] == pytest.approx(1e-4) and lr[(1, "effopd")] == pytest.approx(1e-5)
+    assert verdicts["effopd"]["speedup"]["per_seed"] == {0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0, 4: 1.0}
+    assert verdicts["vanilla-10x"]["speedup"]["per_seed"] == {0: 4.0, 1: 4.0, 2: 4.0, 3: 4.0}
+    assert verdicts["effopd vs vanilla-3x"]["speedup"]["per_seed"] == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 0.5}

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.lab.presets import PretrainedPreset, get_pretrained_preset
+from opd_dynamics.lab.presets import EFFOPD_METHODS, PretrainedPreset, get_pretrained_preset
 
-#: OPD from the base at these multiples of ``opd_lr``: the rate controls a jump ahead must beat (issue 27)
-RATE_MULTIPLES = (3, 10)
+#: OPD from the base at these multiples of ``opd_lr``: the rate controls a jump ahead must beat (issue 27), the
+#: EffOPD measurement's ("vanilla-3x", "vanilla-10x")
+RATE_MULTIPLES = tuple(int(x) for m, x in EFFOPD_METHODS.items() if m.startswith("vanilla-"))
 #: the series from the base: OPD and GRPO at their rates (the tiny lab's `layout.RUNS`), the rate controls, and OPD
 #: at ``opd_lr`` with EffOPD's jumps ahead (the authors' settings: `EffOPDOptions`, sampled validation accuracy)
 RL_RUNS = ("opd", "grpo", *(f"opd_{m}x" for m in RATE_MULTIPLES), "effopd")
@@ -721,7 +722,7 @@ class PretrainedLab:
         ev = pd.DataFrame(rows, columns=list(EVAL_FIELDS))
         ev.to_csv(out / "eval.csv", index=False)
         move = pd.read_csv(out / "movement.csv")
-        return {"steps": steps, "resumed_from_step": start,
+        return {"steps": steps, "lr": lr, "resumed_from_step": start,
                 "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
                 "final": rows[-1], "rel_step_attn_mlp_median": float(move["rel_step_attn_mlp"].median()),
                 "rel_step_attn_mlp_max": float(move["rel_step_attn_mlp"].max()),
