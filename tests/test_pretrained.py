@@ -604,10 +604,11 @@ def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
     from opd_dynamics.lab.pretrained_effopd import METHOD_OF, effopd_summary
     from opd_dynamics.lab.pretrained_run import PretrainedLabDir
 
+    root = tmp_path / "lab"
     grid = [0, 1, 2, 4, 8, 16, 24, 32]
     reach = {"opd": 16, "opd_3x": 8, "opd_10x": 4, "effopd": 8}
     for seed in range(5):
-        d = tmp_path / f"seed-{seed}"
+        d = root / f"seed-{seed}"
         (d / "stages").mkdir(parents=True)
         (d / "preset.json").write_text(json.dumps({"preset": {"opd_lr": 1e-5, "grpo_lr": 2e-5}, "seed": seed}))
         for run, at in reach.items():
@@ -616,8 +617,8 @@ def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
             pd.DataFrame({"step": grid, "accuracy": [0.3 if s < at else 0.7 for s in grid]}).to_csv(
                 d / run / "eval.csv", index=False)
             PretrainedLabDir(d).finish(run, {"train_s": 10.0 * seed})
-    (tmp_path / "seed-4" / "stages" / "opd_10x.json").unlink()
-    summary, verdicts = effopd_summary(tmp_path)
+    (root / "seed-4" / "stages" / "opd_10x.json").unlink()
+    summary, verdicts = effopd_summary(root)
     assert set(summary["method"]) == set(METHOD_OF.values())
     steps = summary.set_index(["seed", "method"])["steps_to_target"]
     assert steps[(0, "vanilla")] == 16 and steps[(0, "vanilla-3x")] == 8 and steps[(0, "vanilla-10x")] == 4
@@ -627,3 +628,14 @@ def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
     assert verdicts["effopd"]["speedup"]["per_seed"] == {0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0, 4: 1.0}
     assert verdicts["vanilla-10x"]["speedup"]["per_seed"] == {0: 4.0, 1: 4.0, 2: 4.0, 3: 4.0}
     assert verdicts["effopd vs vanilla-3x"]["speedup"]["per_seed"] == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 0.5}
+    from click.testing import CliRunner
+
+    from opd_dynamics.cli import main
+
+    r = CliRunner().invoke(main, ["lab", "pretrained-effopd", str(root), "--out", str(tmp_path / "eff")])
+    assert r.exit_code == 0, r.output
+    assert "effopd vs vanilla, speedup" in r.output
+    meta = json.loads((tmp_path / "eff" / "effopd.json").read_text())
+    assert meta["steps_to_target"]["vanilla-10x"] == {"0": 4.0, "1": 4.0, "2": 4.0, "3": 4.0, "4": None}
+    r = CliRunner().invoke(main, ["lab", "pretrained-effopd", str(tmp_path / "eff"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "holds no finished OPD series" in r.output

@@ -102,6 +102,18 @@ def lab_effopd(preset, seeds, out, lab_dir, overwrite, **fields) -> None:
     click.echo(f"wrote {path}")
 
 
+@lab.command("pretrained-effopd")
+@click.argument("lab_root", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of this command (one opd-dynamics wrote).")
+def lab_pretrained_effopd(lab_root, out, overwrite) -> None:
+    """EffOPD vs OPD at 1×, 3× and 10× the rate over the seeds of a pretrained lab (`lab run --preset smollm2
+    --seeds N --out LAB_ROOT`): steps to 95% of vanilla's final held-out accuracy, speedups and their tests."""
+    from opd_dynamics.lab.pretrained_effopd import write_effopd
+
+    click.echo(f"wrote {write_effopd(lab_root, out, overwrite=overwrite, log=click.echo)}")
+
+
 @lab.command("claims")
 @click.argument("lab_root", type=click.Path(file_okay=False, exists=True), required=False)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")

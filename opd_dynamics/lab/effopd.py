@@ -475,11 +475,8 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
             pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
         log(f"[effopd] steps to target ({opt.target_fraction:.0%} of vanilla's final held-out accuracy) per seed:\n"
             + steps_text(summary))
-        for res in verdicts.values():
-            for what in ("speedup", "final_accuracy"):
-                r = res[what]
-                log(f"[effopd] {res['method']} vs {res['baseline']}, {what.replace('_', ' ')}: "
-                    + r.get("text", r["verdict"]))
+        for line in verdict_lines(verdicts):
+            log(line)
         if not verdicts:
             log("[effopd] no verdict: only vanilla ran (the gate closed on every seed, or no other method was asked)")
         probe_df = pd.concat(probes, ignore_index=True) if probes else None
@@ -507,6 +504,13 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
             shutil.rmtree(d)
     log(f"[effopd] wrote {out}")
     return out
+
+
+def verdict_lines(verdicts: dict) -> list[str]:
+    """Each comparison's speedup and final-accuracy verdict (`effopd_verdicts`), a line each, as the log says them."""
+    return [f"[effopd] {res['method']} vs {res['baseline']}, {what.replace('_', ' ')}: "
+            + res[what].get("text", res[what]["verdict"]) for res in verdicts.values()
+            for what in ("speedup", "final_accuracy")]
 
 
 def steps_table(summary: pd.DataFrame, lr: bool = True) -> pd.DataFrame:

@@ -60,3 +60,38 @@ def effopd_summary(root: str | Path, target_fraction: float = 0.95) -> tuple[pd.
         return pd.DataFrame(columns=TABLES["effopd_summary"].names), {}
     summary = summarize(curves, runs, target_fraction)
     return summary, effopd_verdicts(summary)
+
+
+def write_effopd(root: str | Path, out: str | Path, *, overwrite: bool = False, target_fraction: float = 0.95,
+                 log=print) -> Path:
+    """``out``: effopd_summary.csv, effopd_curves.csv and effopd.json (seeds, rates, steps to target, speedups,
+    verdicts) for the seeds of ``root``, as `lab effopd` writes them; the steps table and verdicts logged."""
+    from opd_dynamics.analysis.stats import RULE
+    from opd_dynamics.io.writer import atomic_dir, json_text
+    from opd_dynamics.lab.effopd import speedups, steps_table, steps_text, verdict_lines
+    from opd_dynamics.schema import EFFOPD_JSON
+
+    root = Path(root).resolve()
+    summary, verdicts = effopd_summary(root, target_fraction)
+    if summary.empty:
+        from opd_dynamics.errors import InputError
+
+        raise InputError(root, "holds no finished OPD series (seed-K/stages/opd.json); run `lab run --preset "
+                               "smollm2 --seeds N` into it first")
+    curves, _ = effopd_tables(root)
+    with atomic_dir(out, "effopd-lab", overwrite=overwrite, inputs=[root]) as tmp:
+        summary.to_csv(tmp / "effopd_summary.csv", index=False)
+        curves.to_csv(tmp / "effopd_curves.csv", index=False)
+        meta = {"lab": str(root), "seeds": sorted(int(s) for s in summary["seed"].unique()),
+                "independent_seeds": True, "target_fraction": target_fraction,
+                "lr": summary.groupby("method")["lr"].first().to_dict(),
+                "steps_to_target": {m: {str(int(k)): (None if pd.isna(v) else float(v)) for k, v in col.items()}
+                                    for m, col in steps_table(summary, lr=False).items()},
+                "speedup": speedups(summary, tuple(METHOD_OF.values())), "verdicts": verdicts,
+                "verdict_rule": RULE, "grid": "held-out accuracy at the series' checkpoints (module docstring)"}
+        (tmp / EFFOPD_JSON).write_text(json_text(meta))
+    log(f"[effopd] steps to target ({target_fraction:.0%} of vanilla's final held-out accuracy) per seed:\n"
+        + steps_text(summary))
+    for line in verdict_lines(verdicts):
+        log(line)
+    return Path(out)
