@@ -34,12 +34,23 @@ SKETCH, SKETCH_K = "sketch", 16
 #: the lab records every step of the first SKETCH_DENSE of a run, then every SKETCH_SPARSE steps
 SKETCH_DENSE, SKETCH_SPARSE = 0.2, 5
 
-SEED_DIR = "seed-{}"
+SEED_PREFIX = "seed"
+SEED_DIR = SEED_PREFIX + "-{}"
 
 
 def seed_dir(root: str | Path, seed: int) -> Path:
     """Where `lab run --seeds N` puts seed ``seed``'s lab directory."""
     return Path(root) / SEED_DIR.format(seed)
+
+
+def numbered(root: str | Path, prefix: str) -> dict[int, Path]:
+    """The directories ``PREFIX-N`` of ``root`` by N, in order: a multi-seed root's seed-K, a run's checkpoint-N."""
+    found = {}
+    for d in Path(root).glob(f"{prefix}-*"):
+        tail = d.name[len(prefix) + 1:]
+        if tail.isdigit() and d.is_dir():
+            found[int(tail)] = d
+    return dict(sorted(found.items()))
 
 
 def seed_dirs(root: str | Path) -> dict[int, LabDir]:
@@ -48,14 +59,10 @@ def seed_dirs(root: str | Path) -> dict[int, LabDir]:
     root = Path(root)
     if (root / LAB_JSON).exists():
         return {LabDir(root).split_seed(0): LabDir(root)}
-    found = {}
-    for d in sorted(root.glob(SEED_DIR.format("*"))):
-        tail = d.name.split("-", 1)[1]
-        if tail.isdigit() and (d / LAB_JSON).exists():
-            found[int(tail)] = LabDir(d)
+    found = {k: LabDir(d) for k, d in numbered(root, SEED_PREFIX).items() if (d / LAB_JSON).exists()}
     if not found:
         raise InputError(root, "holds no lab run: neither lab.json nor seed-K/lab.json directories")
-    return dict(sorted(found.items()))
+    return found
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
+from opd_dynamics.lab.layout import SEED_PREFIX, numbered
 from opd_dynamics.lab.pretrained_run import RATE_MULTIPLES, PretrainedLabDir, run_lr
 from opd_dynamics.schema import TABLES
 
@@ -24,16 +25,11 @@ from opd_dynamics.schema import TABLES
 METHOD_OF = {"opd": "vanilla", **{f"opd_{m}x": f"vanilla-{m}x" for m in RATE_MULTIPLES}, "effopd": "effopd"}
 
 
-def seed_dirs(root: str | Path) -> dict[int, Path]:
-    """The ``seed-K`` directories of ``root`` by seed."""
-    return {int(d.name.split("-")[1]): d for d in Path(root).glob("seed-*") if d.name.split("-")[1].isdigit()}
-
-
 def effopd_tables(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(effopd_curves, runs): every finished series of `METHOD_OF` in every seed of ``root``; runs holds lr,
     final_accuracy, wall_s (training's, evaluation excluded), validation_s and tie_accepts per seed and method."""
     curves, runs = [], []
-    for seed, d in sorted(seed_dirs(root).items()):
+    for seed, d in numbered(root, SEED_PREFIX).items():
         lab = PretrainedLabDir(d)
         for run, method in METHOD_OF.items():
             done = lab.done(run)

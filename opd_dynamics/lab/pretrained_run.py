@@ -332,13 +332,15 @@ RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth")
 
 def _checkpoints(out: Path) -> dict[int, Path]:
     """A series' ``checkpoint-N`` directories by step."""
-    return {int(d.name.split("-")[1]): d for d in out.glob("checkpoint-*") if d.name.split("-")[1].isdigit()}
+    from opd_dynamics.lab.layout import numbered
+
+    return numbered(out, "checkpoint")
 
 
-def resume_point(out: Path) -> Path | None:
-    """The newest checkpoint of a series that a stopped run can resume from: one Trainer finished saving with its
-    optimizer state (``trainer_state.json`` is written last), or None."""
-    full = [d for _, d in sorted(_checkpoints(out).items())
+def resume_point(out: Path) -> tuple[int, Path] | None:
+    """The step and newest checkpoint of a series that a stopped run can resume from: one Trainer finished saving
+    with its optimizer state (``trainer_state.json`` is written last), or None."""
+    full = [(s, d) for s, d in _checkpoints(out).items()
             if (d / "optimizer.pt").is_file() and (d / "trainer_state.json").is_file()]
     return full[-1] if full else None
 
@@ -677,8 +679,7 @@ class PretrainedLab:
 
         _threads(self.p)
         out = self.lab.root / run
-        resume = resume_point(out) if out.is_dir() else None
-        start = 0 if resume is None else int(resume.name.split("-")[1])
+        start, resume = (resume_point(out) if out.is_dir() else None) or (0, None)
         if resume is None:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
