@@ -576,6 +576,16 @@ def test_export_summaries_copies_the_small_files_without_machine_paths(tmp_path,
     assert got == ["base_eval.json", "opd_eval.csv", "summary.json"]
     assert json.loads((tmp_path / "data" / "summary.json").read_text()) == {"cache": "~/.cache/x"}
     assert not (tmp_path / "data" / "model.safetensors").exists()
+    from opd_dynamics.lab.pretrained_run import export_lab
+
+    for k in (0, 2):  # a multi-seed root: seed-K/ each, lab.json from the lowest seed
+        (tmp_path / "root" / f"seed-{k}").mkdir(parents=True)
+        (tmp_path / "root" / f"seed-{k}" / "summary.json").write_text(json.dumps({"seed": k}))
+    export_lab(tmp_path / "root", tmp_path / "smollm2")
+    assert json.loads((tmp_path / "smollm2" / "lab.json").read_text()) == {"seed": 0, "seeds": [0, 2]}
+    assert (tmp_path / "smollm2" / "seed-2" / "summary.json").is_file()
+    with pytest.raises(InputError, match="holds no seed-K"):
+        export_lab(tmp_path / "data", tmp_path / "x")
 
 
 def test_sigterm_stops_a_stage_with_its_wall_time_recorded(tmp_path):

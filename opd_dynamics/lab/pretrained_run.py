@@ -823,3 +823,23 @@ def export_summaries(run_dir, dest) -> list[Path]:
         tmp.replace(out)
         written.append(out)
     return written
+
+
+def export_lab(root, dest) -> list[Path]:
+    """``dest`` (data/smollm2/) from a multi-seed root (`lab run --preset smollm2 --seeds N --out ROOT`): each
+    seed's small files in ``dest/seed-K/`` (`export_summaries`), and ``dest/lab.json``: the lowest seed's summary
+    (the tiny lab's lab.json keys, and the per-step movement, the base's and the teacher's accuracies), with
+    ``seeds`` naming every seed exported. Returns the files written."""
+    from opd_dynamics.lab.layout import SEED_PREFIX, numbered, seed_dir
+
+    seeds = numbered(root, SEED_PREFIX)
+    if not seeds:
+        raise InputError(Path(root), "holds no seed-K/ directories of a pretrained lab run")
+    written = [f for k, d in seeds.items() for f in export_summaries(d, seed_dir(dest, k))]
+    first = seed_dir(dest, min(seeds)) / "summary.json"
+    lab = {**json.loads(first.read_text()), "seeds": list(seeds)}
+    out = Path(dest) / "lab.json"
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text(json.dumps(lab, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out)
+    return [*written, out]
