@@ -496,7 +496,8 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
         assert ev["step"].tolist() == [0, 1, 2, 3] and ev["reverse_kl"].notna().all()
         assert ev["transfer_accuracy"].between(0, 1).all()
         assert pd.read_csv(out / run / "movement.csv")["step"].tolist() == [1, 2, 3]
-        assert pd.read_csv(out / run / "step_eval.csv")["step"].tolist() == [1, 2]  # eval_every_step_until
+        early = pd.read_csv(out / run / "step_eval.csv")  # held-out accuracy up to eval_every_step_until
+        assert early["step"].tolist() == [1, 2] and early["heldout_accuracy"].between(0, 1).all()
         assert (out / run / "sketch").is_dir()
         assert summary["runs"][run]["rel_step_attn_mlp_max"] > 0
     # the same seed gives the same first batch, and Adam's first step is proportional to the rate
@@ -608,15 +609,17 @@ def test_sigterm_stops_a_stage_with_its_wall_time_recorded(tmp_path):
 
 
 def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
-    """Planted curves in five seed directories: vanilla reaches 95 % of its final accuracy at step 16, the 3× rate
-    at 8, the 10× rate at 4 and EffOPD at 8 (seed 4: at 16), so the speedups over vanilla are exactly 2 (1 for
-    seed 4), 4 and 2 … and EffOPD against the 3× rate 1 (0.5 for seed 4); a seed without a series has no row."""
+    """Planted curves in five seed directories. On the checkpoint grid vanilla reaches 95 % of its final accuracy
+    at step 16, the 3× rate at 8, the 10× rate at 4 and EffOPD at 8; the held-out accuracy at every early step
+    (seeds 0–3) places them at 12, 5, 3 and 6. Seed 4's vanilla was made before that evaluation, so its seed is read
+    on the checkpoint grid alone (EffOPD at 16 there), and it has no 10× series: no row, no ratio."""
     from opd_dynamics.lab.pretrained_effopd import METHOD_OF, effopd_summary
     from opd_dynamics.lab.pretrained_run import PretrainedLabDir
 
     root = tmp_path / "lab"
     grid = [0, 1, 2, 4, 8, 16, 24, 32]
     reach = {"opd": 16, "opd_3x": 8, "opd_10x": 4, "effopd": 8}
+    dense = {"opd": 12, "opd_3x": 5, "opd_10x": 3, "effopd": 6}
     for seed in range(5):
         d = root / f"seed-{seed}"
         (d / "stages").mkdir(parents=True)
@@ -626,18 +629,26 @@ def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
             (d / run).mkdir()
             pd.DataFrame({"step": grid, "accuracy": [0.3 if s < at else 0.7 for s in grid]}).to_csv(
                 d / run / "eval.csv", index=False)
+            early = range(1, 17)
+            if seed < 4:
+                pd.DataFrame({"step": early, "heldout_accuracy": [0.3 if s < dense[run] else 0.7 for s in early]}
+                             ).to_csv(d / run / "step_eval.csv", index=False)
+            elif run == "opd":  # made before the early held-out evaluation: validation accuracy
+                pd.DataFrame({"step": early, "val_accuracy": 0.5}).to_csv(d / run / "step_eval.csv", index=False)
             PretrainedLabDir(d).finish(run, {"train_s": 10.0 * seed})
     (root / "seed-4" / "stages" / "opd_10x.json").unlink()
     summary, verdicts = effopd_summary(root)
     assert set(summary["method"]) == set(METHOD_OF.values())
     steps = summary.set_index(["seed", "method"])["steps_to_target"]
-    assert steps[(0, "vanilla")] == 16 and steps[(0, "vanilla-3x")] == 8 and steps[(0, "vanilla-10x")] == 4
-    assert steps[(4, "effopd")] == 16 and (4, "vanilla-10x") not in steps.index
+    assert [steps[(0, m)] for m in ("vanilla", "vanilla-3x", "vanilla-10x", "effopd")] == [12, 5, 3, 6]
+    assert [steps[(4, m)] for m in ("vanilla", "vanilla-3x", "effopd")] == [16, 8, 16]
+    assert (4, "vanilla-10x") not in steps.index
     lr = summary.set_index(["seed", "method"])["lr"]
     assert lr[(1, "vanilla-10x")] == pytest.approx(1e-4) and lr[(1, "effopd")] == pytest.approx(1e-5)
     assert verdicts["effopd"]["speedup"]["per_seed"] == {0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0, 4: 1.0}
     assert verdicts["vanilla-10x"]["speedup"]["per_seed"] == {0: 4.0, 1: 4.0, 2: 4.0, 3: 4.0}
-    assert verdicts["effopd vs vanilla-3x"]["speedup"]["per_seed"] == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 0.5}
+    assert verdicts["effopd vs vanilla-3x"]["speedup"]["per_seed"] == pytest.approx(
+        {0: 5 / 6, 1: 5 / 6, 2: 5 / 6, 3: 5 / 6, 4: 0.5})
     from click.testing import CliRunner
 
     from opd_dynamics.cli import main
@@ -646,6 +657,6 @@ def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
     assert r.exit_code == 0, r.output
     assert "effopd vs vanilla, speedup" in r.output
     meta = json.loads((tmp_path / "eff" / "effopd.json").read_text())
-    assert meta["steps_to_target"]["vanilla-10x"] == {"0": 4.0, "1": 4.0, "2": 4.0, "3": 4.0, "4": None}
+    assert meta["steps_to_target"]["vanilla-10x"] == {"0": 3.0, "1": 3.0, "2": 3.0, "3": 3.0, "4": None}
     r = CliRunner().invoke(main, ["lab", "pretrained-effopd", str(tmp_path / "eff"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "holds no finished OPD series" in r.output

@@ -206,7 +206,7 @@ class PretrainedPreset:
     pass_k: int = 8
     n_pass: int = 50  # held-out prompts pass@k is measured on (the first ones)
     record: bool = True  # the recorder (k = 16 sketches) at every step of the OPD and GRPO series
-    eval_every_step_until: int = 16  # OPD and GRPO: validation accuracy at every step up to this one
+    eval_every_step_until: int = 16  # the series: held-out accuracy at every step up to this one
     # the teacher stops at validation ≥ base + teacher_gain + teacher_margin: a 50-prompt check has a standard error
     # of about 0.07, and the gain that counts (issue 29: teacher ≥ base + 0.3) is the held-out one
     teacher_margin: float = 0.1

@@ -2,8 +2,11 @@
 1×, 3× and 10× the rate and with EffOPD's jumps, read as the tiny lab's EffOPD methods and judged by the same rule.
 
 Each seed-K/ of the root contributes the series it has finished (`pretrained_run.RL_RUNS`): the curve is the held-out
-greedy accuracy at the series' checkpoints (``RUN/eval.csv``: steps 0, 1, 2, 4, 8, 16, then every 8th), so a step to
-target is read on that grid (a method needing 11 steps shows as 16). The target, the speedups and their tests are
+greedy accuracy at the series' checkpoints (``RUN/eval.csv``: steps 0, 1, 2, 4, 8, 16, then every 8th) and at every
+early step (``RUN/step_eval.csv``, up to ``eval_every_step_until``), read within a seed on the steps every one of its
+series measured, so that no method is read on a finer grid than its baseline (a series made before the early
+held-out evaluation leaves its seed the checkpoint grid, where a method needing 11 steps shows as 16). The target,
+the speedups and their tests are
 `lab.effopd`'s (`summarize`, `effopd_verdicts`): the first checkpoint with accuracy ≥ 95 % of vanilla's final, the
 ratio of steps over paired seeds with its one-sided test.
 """
@@ -35,16 +38,28 @@ def effopd_tables(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             done = lab.done(run)
             if done is None:
                 continue
-            ev = pd.read_csv(d / run / "eval.csv").sort_values("step")
+            ev = pd.read_csv(d / run / "eval.csv")
             curves.append(pd.DataFrame({"seed": seed, "method": method, "step": ev["step"],
                                         "accuracy": ev["accuracy"], "wall_s": np.nan}))
+            early = d / run / "step_eval.csv"
+            early = pd.read_csv(early) if early.is_file() else pd.DataFrame()
+            if "heldout_accuracy" in early:
+                early = early[~early["step"].isin(ev["step"])]
+                curves.append(pd.DataFrame({"seed": seed, "method": method, "step": early["step"],
+                                            "accuracy": early["heldout_accuracy"], "wall_s": np.nan}))
             preset = SimpleNamespace(**json.loads((d / "preset.json").read_text())["preset"])
             runs.append({"seed": seed, "method": method, "lr": done.get("lr", run_lr(preset, run)),
                          "final_accuracy": float(ev["accuracy"].iloc[-1]), "wall_s": float(done["train_s"]),
                          "validation_s": np.nan, "tie_accepts": 0})
     names = TABLES["effopd_curves"].names
-    return (pd.concat(curves, ignore_index=True)[names] if curves else pd.DataFrame(columns=names),
-            pd.DataFrame(runs))
+    if not curves:
+        return pd.DataFrame(columns=names), pd.DataFrame(runs)
+    c = pd.concat(curves, ignore_index=True)[names]
+    methods = c.groupby("seed")["method"].nunique()
+    common = c.groupby(["seed", "step"])["method"].nunique()  # steps every series of the seed measured
+    keep = common[common == methods.reindex(common.index.get_level_values("seed")).to_numpy()].index
+    c = c.set_index(["seed", "step"]).loc[lambda t: t.index.isin(keep)].reset_index()[names]
+    return c.sort_values(["seed", "method", "step"], ignore_index=True), pd.DataFrame(runs)
 
 
 def effopd_summary(root: str | Path, target_fraction: float = 0.95) -> tuple[pd.DataFrame, dict]:

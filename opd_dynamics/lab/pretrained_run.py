@@ -383,9 +383,14 @@ def schedule_callback():
     return Schedule()
 
 
-def early_eval_callback(path: Path, tok, val, until: int):
-    """A TrainerCallback writing greedy validation accuracy at every step up to ``until`` (``RUN/step_eval.csv``):
-    the early steps, between the checkpoints that `saves_at` keeps."""
+#: RUN/step_eval.csv: held-out greedy accuracy at every early step (a series made before it held validation accuracy)
+STEP_EVAL_FIELDS = ("step", "heldout_accuracy")
+
+
+def early_eval_callback(path: Path, tok, heldout, until: int, batch_size: int = 64):
+    """A TrainerCallback writing held-out greedy accuracy at every step up to ``until`` (``RUN/step_eval.csv``):
+    the early steps, between the checkpoints that `saves_at` keeps, where steps to a target are read (the held-out
+    set, not the validation set EffOPD chooses its jumps on)."""
     from transformers import TrainerCallback
 
     from opd_dynamics.lab.evaluate import evaluate_model
@@ -396,8 +401,8 @@ def early_eval_callback(path: Path, tok, val, until: int):
     class EarlyEval(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step <= until:
-                acc = evaluate_model(model, tok, val, stop_ids=stops)["accuracy"]
-                _append_csv(path, ("step", "val_accuracy"), {"step": state.global_step, "val_accuracy": acc})
+                acc = evaluate_model(model, tok, heldout, stop_ids=stops, batch_size=batch_size)["accuracy"]
+                _append_csv(path, STEP_EVAL_FIELDS, {"step": state.global_step, "heldout_accuracy": acc})
             return control
 
     return EarlyEval()
@@ -666,7 +671,7 @@ class PretrainedLab:
 
     def _stage_rl(self, run: str) -> dict:
         """OPD or GRPO from the base: checkpoints at `saves_at` steps, per-step movement (``RUN/movement.csv``),
-        validation accuracy at every early step (``RUN/step_eval.csv``), the recorder at every step
+        held-out accuracy at every early step (``RUN/step_eval.csv``), the recorder at every step
         (``RUN/sketch/``), then every checkpoint evaluated (``RUN/eval.csv``: held-out
         greedy and sampled accuracy, reverse KL to the teacher, transfer accuracy). A stopped series resumes from
         its `resume_point` (the rows and sketch steps after it are redone); without one it starts again from the
@@ -690,7 +695,7 @@ class PretrainedLab:
         base = _state_dict(self.lab.student_init)
         _, tok0 = load_base(self.lab.student_init)
         cbs = [movement_callback(out / "movement.csv", base),
-               early_eval_callback(out / "step_eval.csv", tok0, val, self.p.eval_every_step_until)]
+               early_eval_callback(out / "step_eval.csv", tok0, held, self.p.eval_every_step_until, self.p.eval_batch)]
         if run == "effopd":  # first: the movement, evaluations and recorder see the weights training continues from
             from opd_dynamics.effopd.callback import EffOPDCallback
             from opd_dynamics.lab.effopd import validation_score
