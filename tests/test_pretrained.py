@@ -571,10 +571,13 @@ def test_export_summaries_copies_the_small_files_without_machine_paths(tmp_path,
     (run / "summary.json").write_text(json.dumps({"cache": str(tmp_path / "home" / ".cache" / "x")}))
     (run / "stages" / "base_eval.json").write_text("{}")
     (run / "opd" / "eval.csv").write_text("run,step\nopd,0\n")
+    (run / "stages" / "opd.json").write_text("{}")
+    (run / "grpo").mkdir()  # a series still running: not exported
+    (run / "grpo" / "movement.csv").write_text("step\n1\n")
     (run / "student_init").mkdir()
     (run / "student_init" / "model.safetensors").write_bytes(b"x" * 10)
     got = sorted(p.name for p in export_summaries(run, tmp_path / "data"))
-    assert got == ["base_eval.json", "opd_eval.csv", "summary.json"]
+    assert got == ["base_eval.json", "opd_eval.csv", "summary.json"]  # no grpo_movement.csv
     assert json.loads((tmp_path / "data" / "summary.json").read_text()) == {"cache": "~/.cache/x"}
     assert not (tmp_path / "data" / "model.safetensors").exists()
     from opd_dynamics.lab.pretrained_run import export_lab

@@ -808,16 +808,17 @@ SUMMARY_FILES = ("summary.json", "timings.csv", "stages/base_eval.json", "stages
 
 
 def export_summaries(run_dir, dest) -> list[Path]:
-    """Copy a pretrained lab run's small files (`SUMMARY_FILES` that exist; never its models) into ``dest``, flat
-    (``opd/eval.csv`` becomes ``opd_eval.csv``), with the home directory written ``~`` so that no machine path is
-    committed. Returns the files written."""
+    """Copy a pretrained lab run's small files (`SUMMARY_FILES` that exist, a series' only once its stage has
+    finished; never its models) into ``dest``, flat (``opd/eval.csv`` becomes ``opd_eval.csv``), with the home
+    directory written ``~`` so that no machine path is committed. Returns the files written."""
     run_dir, dest = Path(run_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     home = str(Path.home())
     written = []
     for name in SUMMARY_FILES:
         src = run_dir / name
-        if not src.is_file():
+        series = name.split("/")[0]
+        if not src.is_file() or (series in RL_RUNS and not PretrainedLabDir(run_dir).stage(series).is_file()):
             continue
         out = dest / Path(name).name if name.startswith("stages/") else dest / name.replace("/", "_")
         text = src.read_text()
