@@ -663,3 +663,24 @@ def test_effopd_over_pretrained_seeds_reads_the_series_as_methods(tmp_path):
     assert meta["steps_to_target"]["vanilla-10x"] == {"0": 3.0, "1": 3.0, "2": 3.0, "3": 3.0, "4": None}
     r = CliRunner().invoke(main, ["lab", "pretrained-effopd", str(tmp_path / "eff"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "holds no finished OPD series" in r.output
+
+
+SMOLLM2 = Path(__file__).resolve().parents[1] / "data" / "smollm2"
+
+
+def test_the_shipped_smollm2_run_holds_what_the_docs_say():
+    """data/smollm2 (seed 0 of the real base): the base inside [0.15, 0.6], the teacher ≥ base + 0.3, OPD's
+    per-step relative movement ≤ 2e-4; and its recorder's sketch series gives the energy shares its checkpoints
+    give (issue 31), at the 11 checkpoint steps, group and layer alike."""
+    lab = json.loads((SMOLLM2 / "lab.json").read_text())
+    base, teacher = lab["student_init"]["accuracy"], lab["teacher"]["accuracy"]
+    assert 0.15 <= base <= 0.6 and teacher >= base + 0.3
+    move = pd.read_csv(SMOLLM2 / "seed-0" / "opd_movement.csv")
+    assert len(move) == 64 and move["rel_step_attn_mlp"].max() <= 2e-4
+    assert lab["runs"]["opd"]["rel_step_attn_mlp_max"] == pytest.approx(move["rel_step_attn_mlp"].max())
+    keys = ["step", "aggregate", "group", "layer", "metric"]
+    ck, sk = (pd.read_csv(SMOLLM2 / "seed-0" / d / "summary.csv") for d in ("analysis-opd", "analysis-opd-sketch"))
+    shares = [t[(t["metric"] == "energy_share") & t["aggregate"].isin(["group", "layer"])] for t in (ck, sk)]
+    both = shares[0].merge(shares[1], on=keys, suffixes=("_ck", "_sk"))
+    assert len(both) == len(shares[0]) == 11 * (4 + 2 * 30)  # 4 groups and 30 layers of attention and MLP
+    assert (both["value_ck"] - both["value_sk"]).abs().max() <= 1e-6
