@@ -675,7 +675,7 @@ class PretrainedLab:
         (``RUN/sketch/``), then every checkpoint evaluated (``RUN/eval.csv``: held-out
         greedy and sampled accuracy, reverse KL to the teacher, transfer accuracy). A stopped series resumes from
         its `resume_point` (the rows and sketch steps after it are redone); without one it starts again from the
-        base."""
+        base. ``train_s`` in the result is the last run's training time (timings.csv has every run's)."""
         import pandas as pd
 
         from opd_dynamics.lab.evaluate import evaluate_model
@@ -716,10 +716,11 @@ class PretrainedLab:
         t0 = time.time()
         teacher, tok = load_base(self.lab.teacher, _device())
         kw = dict(stop_ids=stop_ids(tok), batch_size=self.p.eval_batch)
-        steps = sorted(_checkpoints(out))
+        ckpts = _checkpoints(out)
+        steps = list(ckpts)
         rows = []
         for step in [0, *steps]:
-            model, _ = load_base(self.lab.student_init if step == 0 else out / f"checkpoint-{step}", _device())
+            model, _ = load_base(ckpts.get(step, self.lab.student_init), _device())
             r = evaluate_model(model, tok, held, teacher=teacher, greedy=True, sampled=True, seed=self.seed, **kw)
             r["transfer_accuracy"] = evaluate_model(model, tok, transfer, **kw)["accuracy"]
             rows.append({"run": run, "step": step, **r})
