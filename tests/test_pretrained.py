@@ -480,7 +480,11 @@ def test_pretrained_lab_stages_resume_and_record(tmp_path, tiny_source, monkeypa
     assert pd.read_csv(out / "opd" / "movement.csv")["step"].tolist() == [1, 2, 3]  # step 3 ran, was not saved
     run_pretrained_lab(out, p, 0, **kw)  # OPD resumes from checkpoint-2
     assert json.loads((out / "stages" / "opd.json").read_text())["resumed_from_step"] == 2
-    assert not [f for r in RL_RUNS for f in (out / r).glob("checkpoint-*/optimizer.pt")]  # weights only
+    from opd_dynamics.effopd.callback import ANCHOR_FILE
+    from opd_dynamics.lab.pretrained_run import RESUME_FILES
+
+    assert ANCHOR_FILE in RESUME_FILES
+    assert not [f for r in RL_RUNS for p in RESUME_FILES for f in (out / r).glob(f"checkpoint-*/{p}")]  # weights
     from opd_dynamics.io.sketches import SketchSeries
 
     assert SketchSeries(out / "opd" / "sketch").steps == [1, 2, 3]  # from the start; step 3 recorded once

@@ -326,8 +326,9 @@ def saves_at(step: int, last: int) -> bool:
     return step in EARLY_SAVES or step % 8 == 0 or step == last
 
 
-#: what a checkpoint holds only to resume training (Trainer's names): dropped from all but the newest
-RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth")
+#: what a checkpoint holds only to resume training (Trainer's names, and EffOPD's anchor: a second copy of the
+#: weights it moves): dropped from all but the newest
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "effopd_anchor.safetensors")
 
 
 def _checkpoints(out: Path) -> dict[int, Path]:
