@@ -473,9 +473,7 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
         trig_df.to_csv(tmp / "effopd_triggers.csv", index=False)
         if probes:
             pd.concat(probes, ignore_index=True).to_csv(tmp / TABLES["probe"].file, index=False)
-        log(f"[effopd] steps to target ({opt.target_fraction:.0%} of vanilla's final held-out accuracy) per seed:\n"
-            + steps_text(summary))
-        for line in verdict_lines(verdicts):
+        for line in verdict_lines(verdicts, summary, opt.target_fraction):
             log(line)
         if not verdicts:
             log("[effopd] no verdict: only vanilla ran (the gate closed on every seed, or no other method was asked)")
@@ -506,11 +504,14 @@ def run_effopd_lab(out: str | Path, preset: str | LabPreset = "smoke", seeds: in
     return out
 
 
-def verdict_lines(verdicts: dict) -> list[str]:
-    """Each comparison's speedup and final-accuracy verdict (`effopd_verdicts`), a line each, as the log says them."""
-    return [f"[effopd] {res['method']} vs {res['baseline']}, {what.replace('_', ' ')}: "
-            + res[what].get("text", res[what]["verdict"]) for res in verdicts.values()
-            for what in ("speedup", "final_accuracy")]
+def verdict_lines(verdicts: dict, summary: pd.DataFrame, target_fraction: float) -> list[str]:
+    """What the log says of a measurement: the steps to target per seed (`steps_text`), then each comparison's
+    speedup and final-accuracy verdict (`effopd_verdicts`), a line each."""
+    return [f"[effopd] steps to target ({target_fraction:.0%} of vanilla's final held-out accuracy) per seed:\n"
+            + steps_text(summary)] + [
+        f"[effopd] {res['method']} vs {res['baseline']}, {what.replace('_', ' ')}: "
+        + res[what].get("text", res[what]["verdict"])
+        for res in verdicts.values() for what in ("speedup", "final_accuracy")]
 
 
 def steps_table(summary: pd.DataFrame, lr: bool = True) -> pd.DataFrame:

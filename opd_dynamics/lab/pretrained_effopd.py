@@ -6,9 +6,8 @@ greedy accuracy at the series' checkpoints (``RUN/eval.csv``: steps 0, 1, 2, 4, 
 early step (``RUN/step_eval.csv``, up to ``eval_every_step_until``), read within a seed on the steps every one of its
 series measured, so that no method is read on a finer grid than its baseline (a series made before the early
 held-out evaluation leaves its seed the checkpoint grid, where a method needing 11 steps shows as 16). The target,
-the speedups and their tests are
-`lab.effopd`'s (`summarize`, `effopd_verdicts`): the first checkpoint with accuracy ≥ 95 % of vanilla's final, the
-ratio of steps over paired seeds with its one-sided test.
+the speedups and their tests are `lab.effopd`'s (`summarize`, `effopd_verdicts`): the first measured step with
+accuracy ≥ 95 % of vanilla's final, the ratio of steps over paired seeds with its one-sided test.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ def effopd_tables(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     curves, runs = [], []
     for seed, d in numbered(root, SEED_PREFIX).items():
         lab = PretrainedLabDir(d)
+        preset = SimpleNamespace(**json.loads((d / "preset.json").read_text())["preset"])  # for run_lr
         for run, method in METHOD_OF.items():
             done = lab.done(run)
             if done is None:
@@ -47,7 +47,6 @@ def effopd_tables(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 early = early[~early["step"].isin(ev["step"])]
                 curves.append(pd.DataFrame({"seed": seed, "method": method, "step": early["step"],
                                             "accuracy": early["heldout_accuracy"], "wall_s": np.nan}))
-            preset = SimpleNamespace(**json.loads((d / "preset.json").read_text())["preset"])
             runs.append({"seed": seed, "method": method, "lr": done.get("lr", run_lr(preset, run)),
                          "final_accuracy": float(ev["accuracy"].iloc[-1]), "wall_s": float(done["train_s"]),
                          "validation_s": np.nan, "tie_accepts": 0})
@@ -55,18 +54,20 @@ def effopd_tables(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not curves:
         return pd.DataFrame(columns=names), pd.DataFrame(runs)
     c = pd.concat(curves, ignore_index=True)[names]
-    methods = c.groupby("seed")["method"].nunique()
-    common = c.groupby(["seed", "step"])["method"].nunique()  # steps every series of the seed measured
-    keep = common[common == methods.reindex(common.index.get_level_values("seed")).to_numpy()].index
-    c = c.set_index(["seed", "step"]).loc[lambda t: t.index.isin(keep)].reset_index()[names]
-    return c.sort_values(["seed", "method", "step"], ignore_index=True), pd.DataFrame(runs)
+    # the steps every series of the seed measured
+    common = c.groupby(["seed", "step"])["method"].transform("nunique") == c.groupby("seed")["method"].transform(
+        "nunique")
+    return c[common].sort_values(["seed", "method", "step"], ignore_index=True), pd.DataFrame(runs)
 
 
 def effopd_summary(root: str | Path, target_fraction: float = 0.95) -> tuple[pd.DataFrame, dict]:
     """(effopd_summary table, verdicts) over the seeds of ``root``: `lab.effopd.summarize` and `effopd_verdicts`."""
+    return _judged(*effopd_tables(root), target_fraction)
+
+
+def _judged(curves: pd.DataFrame, runs: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, dict]:
     from opd_dynamics.lab.effopd import effopd_verdicts, summarize
 
-    curves, runs = effopd_tables(root)
     if curves.empty:
         return pd.DataFrame(columns=TABLES["effopd_summary"].names), {}
     summary = summarize(curves, runs, target_fraction)
@@ -79,17 +80,17 @@ def write_effopd(root: str | Path, out: str | Path, *, overwrite: bool = False, 
     verdicts) for the seeds of ``root``, as `lab effopd` writes them; the steps table and verdicts logged."""
     from opd_dynamics.analysis.stats import RULE
     from opd_dynamics.io.writer import atomic_dir, json_text
-    from opd_dynamics.lab.effopd import speedups, steps_table, steps_text, verdict_lines
+    from opd_dynamics.lab.effopd import speedups, steps_table, verdict_lines
     from opd_dynamics.schema import EFFOPD_JSON
 
     root = Path(root).resolve()
-    summary, verdicts = effopd_summary(root, target_fraction)
+    curves, runs = effopd_tables(root)
+    summary, verdicts = _judged(curves, runs, target_fraction)
     if summary.empty:
         from opd_dynamics.errors import InputError
 
         raise InputError(root, "holds no finished OPD series (seed-K/stages/opd.json); run `lab run --preset "
                                "smollm2 --seeds N` into it first")
-    curves, _ = effopd_tables(root)
     with atomic_dir(out, "effopd-lab", overwrite=overwrite, inputs=[root]) as tmp:
         summary.to_csv(tmp / "effopd_summary.csv", index=False)
         curves.to_csv(tmp / "effopd_curves.csv", index=False)
@@ -101,8 +102,6 @@ def write_effopd(root: str | Path, out: str | Path, *, overwrite: bool = False, 
                 "speedup": speedups(summary, tuple(METHOD_OF.values())), "verdicts": verdicts,
                 "verdict_rule": RULE, "grid": "held-out accuracy at the series' checkpoints (module docstring)"}
         (tmp / EFFOPD_JSON).write_text(json_text(meta))
-    log(f"[effopd] steps to target ({target_fraction:.0%} of vanilla's final held-out accuracy) per seed:\n"
-        + steps_text(summary))
-    for line in verdict_lines(verdicts):
+    for line in verdict_lines(verdicts, summary, target_fraction):
         log(line)
     return Path(out)
