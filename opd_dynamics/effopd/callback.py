@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
-from opd_dynamics.effopd.options import EffOPDOptions
+from opd_dynamics.effopd.options import ANCHOR_FILE, EffOPDOptions
 from opd_dynamics.effopd.search import EffOPD, ScoreFn, TriggerRecord
 from opd_dynamics.io.trainer_log import log_metrics
 
 Rows = Sequence[Mapping[str, Any]]
-ANCHOR_FILE = "effopd_anchor.safetensors"
 _log = logging.getLogger(__name__)
 
 

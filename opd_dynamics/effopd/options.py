@@ -16,6 +16,8 @@ from opd_dynamics.io.naming import MATRIX_GROUPS, is_selected
 
 Trigger = Callable[[int], bool]
 
+#: the file in a checkpoint that holds EffOPD's anchor (the weights its next jump starts from), for a resumed run
+ANCHOR_FILE = "effopd_anchor.safetensors"
 #: EffOPD's `_should_modify_param` (EffOPD/verl/verl/workers/fsdp_workers.py:1106-1132): a parameter moves when its
 #: lowercased name contains one of these, whatever its shape (q/k/v biases, q_norm/k_norm and
 #: post_attention_layernorm too; never embed_tokens, lm_head, input_layernorm or the final norm)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from opd_dynamics.effopd.options import ANCHOR_FILE
 from opd_dynamics.errors import InputError
 from opd_dynamics.lab.presets import EFFOPD_METHODS, PretrainedPreset, get_pretrained_preset
 
@@ -328,7 +329,7 @@ def saves_at(step: int, last: int) -> bool:
 
 #: what a checkpoint holds only to resume training (Trainer's names, and EffOPD's anchor: a second copy of the
 #: weights it moves): dropped from all but the newest
-RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "effopd_anchor.safetensors")
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", ANCHOR_FILE)
 
 
 def _checkpoints(out: Path) -> dict[int, Path]:
