@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# --max-worker-restart 0: a worker that dies (OOM, a signal) ends the run at once with the test it was running
+# named; pytest-xdist 3.8 replaces a crashed worker under --dist loadgroup and can then wait forever (xdist
+# issues 1323, 1327, 1378), which once held CI for its whole 90 minutes
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart 0 $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
