@@ -21,6 +21,7 @@ left out (warm-up). The recorder's last run keeps the weights at the steps ``--c
 
     python benchmarks/bench_recorder.py [--layers 30] [--steps 6] [--repeats 3] [--batch 1] [--seq 256] [--accum 1]
                                         [--k 16] [--svd certified|exact|fast] [--priority idle|normal]
+                                        [--schedule beside|between] [--backlog-gb 4]
                                         [--init random|pretrained] [--lr LR]
 """
 
@@ -116,6 +117,8 @@ def main() -> None:
     ap.add_argument("--priority", default="idle", choices=("idle", "nice", "normal"))
     ap.add_argument("--backlog-gb", type=float, default=4.0, help="the recorder's backlog_gb (0: no backlog: training "
                     "waits as soon as the worker is one step behind, the steady state of a long run)")
+    ap.add_argument("--schedule", default="beside", choices=("beside", "between"),
+                    help="the recorder's schedule: beside training (idle cores), or between steps on every core")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of training")
     ap.add_argument("--check", default="1,last", help="steps whose σ are checked against float64 numpy")
     a = ap.parse_args()
@@ -148,7 +151,7 @@ def main() -> None:
                 rec = None
                 if mode == "recorder":
                     rec = DynamicsRecorder(tmp / f"sk-{rep}", k=a.k, svd=a.svd, priority=a.priority,
-                                           backlog_gb=a.backlog_gb)
+                                           backlog_gb=a.backlog_gb, schedule=a.schedule)
                     rec.record(model, 0)
                 last = rep == a.repeats - 1 and mode == "recorder"
                 total = 0.0

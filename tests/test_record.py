@@ -526,6 +526,48 @@ def test_a_backlog_lets_training_run_ahead_and_changes_no_number(tmp_path):
         DynamicsRecorder(tmp_path / "x", backlog_gb=-1)
 
 
+def test_between_steps_the_matrices_are_shared_out_over_processes_and_change_no_number(tmp_path):
+    """schedule="between": record waits for each step while the worker and its helpers (3 processes here) measure
+    their shares of the tensors: the same table and triplets bit for bit as one process beside training, the
+    helpers' CPU counted in the step's work; a helper killed is one sentence at the next record."""
+    import signal
+
+    from opd_dynamics.io.sketches import SketchSeries, step_file
+    from opd_dynamics.record.shards import split
+
+    rec = _recorded(tmp_path / "between", schedule="between", processes=3)
+    assert rec.scheduling == "worker process at normal, 3 processes, backlog of 0 steps"
+    assert not rec.worker.unanswered  # every step measured before record returned
+    rec.close()
+    _recorded(tmp_path / "beside", backlog_gb=0).close()
+    a, b = (SketchSeries(tmp_path / d) for d in ("between", "beside"))
+    pd.testing.assert_frame_equal(a.table, b.table)
+    for step in (1, 2, 3):
+        x, y = (load_file(step_file(tmp_path / d, step)) for d in ("between", "beside"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert (a.work["cpu_seconds"] > 0).all()
+    # q_proj 10 × 12 costs 120·10, up_proj 20 × 12 240·12, the norm's weight and bias 12 each: longest first onto
+    # the lightest share, each share in the series' order
+    shapes = {"q": (10, 12), "up": (20, 12), "w": (12,), "b": (12,)}
+    assert split(shapes, {"q", "up"}, 3) == [["up"], ["q"], ["w", "b"]]
+    assert split(shapes, {"q", "up"}, 2) == [["up"], ["q", "w", "b"]]
+    for kw, message in (({"schedule": "between", "background": "thread"}, "needs the worker process"),
+                        ({"processes": 2}, "processes is for schedule='between'"),
+                        ({"schedule": "between", "processes": 0}, "processes must be at least 1"),
+                        ({"schedule": "after"}, "schedule must be beside or between")):
+        with pytest.raises(InputError, match=message):
+            DynamicsRecorder(tmp_path / "x", **kw)
+    rec = _recorded(tmp_path / "killed", schedule="between", processes=2)
+    pid = rec.worker.proc.pid
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()  # multiprocessing's tracker, the helper
+    helper = next(int(c) for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read())
+    os.kill(helper, signal.SIGKILL)
+    with pytest.raises(InputError, match=r"killed: a helper process of the recorder's worker ended \(exit -9\)"):
+        rec.record(Tiny(), 4)
+    rec.close()
+    assert SketchSeries(tmp_path / "killed").steps == [1, 2, 3]
+
+
 def test_keeping_w0_in_its_stored_dtype_changes_no_number(tmp_path):
     """bf16 weights: W_0 kept as bf16 (half the memory) or as float32 gives the same series, since bf16 values are
     exact in float32."""

@@ -28,7 +28,7 @@ the exact route's a priori rounding bound (`exact_bound`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -57,6 +57,8 @@ class Measured:
     row: dict
     triplet: tuple[Tensor, Tensor, Tensor] | None
     sums: dict[str, float]
+    #: what its decomposition cost ({"route", "products"}; empty when nothing was decomposed): `shards.measure_one`
+    work: dict = field(default_factory=dict)
 
 
 def _measured(f2: float, changed: float, seg2: float, segdot: float, prevseg2: float, dotprev: float,

@@ -40,6 +40,7 @@ a crash or from a training checkpoint continues the series from the step the mod
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -70,6 +71,8 @@ from opd_dynamics.record.worker import ProcessWorker
 
 #: the recorder's ``svd`` modes (module docstring)
 SVD_MODES = ("certified", "exact", "fast")
+#: when the worker process works (`DynamicsRecorder`'s ``schedule``)
+SCHEDULES = ("beside", "between")
 
 
 def _is_writer() -> bool:
@@ -117,6 +120,11 @@ class DynamicsRecorder:
     ``backlog_gb // (4 bytes × the recorded elements)`` steps (none when one step is larger): on a machine whose cores
     training keeps busy, the work moves to idle time and to ``close``; it is not less work, and nothing recorded
     changes. 0: training waits as soon as the worker is one step behind.
+    ``schedule``: "beside" (the default: the worker runs beside training, as above) or "between": ``record`` waits
+    until the step is measured, and meanwhile the step's matrices are measured by ``processes`` processes (default:
+    every core this process may use; `record.shards`) at normal priority, with no backlog. For training that keeps
+    every core busy (training on the CPU), where work beside it costs training about three times its CPU share;
+    the numbers recorded are the same bit for bit.
     An ``out_dir`` already holding a sketch series is refused unless ``resume`` (continue it) or ``overwrite``
     (replace it).
     """
@@ -126,10 +134,11 @@ class DynamicsRecorder:
                  keep: str = "float32", svd: str = "certified", resume: bool = False, overwrite: bool = False,
                  background: bool | str = True, oversample: int = 8, power: int = 1, tol: float = CERTIFY_TOL,
                  norms: bool = True, priority: str = "idle", backlog_gb: float = 4.0,
-                 backlog_dir: str | Path | None = None):
+                 backlog_dir: str | Path | None = None, schedule: str = "beside", processes: int | None = None):
         for name, value, allowed in (("svd", svd, SVD_MODES), ("keep", keep, ("float32", "stored")),
                                      ("background", background, (True, False, "process", "thread")),
-                                     ("priority", priority, ("idle", "nice", "normal"))):
+                                     ("priority", priority, ("idle", "nice", "normal")),
+                                     ("schedule", schedule, SCHEDULES)):
             if value not in allowed:
                 raise InputError(None, f"{name} must be {' or '.join(map(str, allowed))}, not {value!r}", (name,))
         if k < 1:
@@ -156,6 +165,18 @@ class DynamicsRecorder:
         if self.background == "process" and torch.device(device).type != "cpu":
             raise InputError(None, "background='process' keeps the weights on the CPU; use device='cpu' or "
                                    "background='thread'", ("background", "device"))
+        self.schedule = schedule
+        if schedule == "between":  # training waits for each step; the work takes every core meanwhile
+            if self.background != "process":
+                raise InputError(None, "schedule='between' spreads the work over processes: it needs the worker "
+                                       "process (background=True or 'process', device='cpu')", ("schedule",))
+            processes = len(os.sched_getaffinity(0)) if processes is None else processes
+            if processes < 1:
+                raise InputError(None, f"processes must be at least 1, not {processes}", ("processes",))
+            self.settings.update(processes=processes, priority="normal")
+            backlog_gb = 0.0
+        elif processes is not None:
+            raise InputError(None, "processes is for schedule='between'", ("processes",))
         if backlog_gb < 0:
             raise InputError(None, f"backlog_gb must be 0 or more, not {backlog_gb}", ("backlog_gb",))
         if backlog_dir is not None and not Path(backlog_dir).is_dir():
@@ -326,6 +347,8 @@ class DynamicsRecorder:
         gathered = self._gather(self.targets)
         if self.writer:  # a copy of the weights now; the work on it may run beside the next training step
             self._submit(gathered, step, self.prev_step, True)
+            if self.schedule == "between":
+                self.wait()
         self.prev_step = step
         self.seconds["record"] += time.perf_counter() - t0
         return True

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from opd_dynamics.io.sketches import (
     BASE_FILE,
@@ -32,18 +32,42 @@ from opd_dynamics.io.sketches import (
 from opd_dynamics.io.writer import atomic_file, output_errors, save_safetensors
 from opd_dynamics.numerics import locked_in
 from opd_dynamics.record.matrices import SUMS, DenseMatrix, LoraMatrix, NormedTensor, cosine
+from opd_dynamics.record.shards import Helpers, measure_one
 from opd_dynamics.record.topk import CERTIFY_TOL
 from opd_dynamics.schema import TABLES
 
 COLUMNS = TABLES["sketch"].names
 #: a fresh series must start here: the start weights are W_0
 START_STEP = 0
+Matrix = DenseMatrix | LoraMatrix | NormedTensor
 
 
 def is_anchor(step: int) -> bool:
     """The lock-in estimate's anchors: 1, 2, 4, 8 … steps after the start."""
     n = step - START_STEP
     return n > 0 and n & (n - 1) == 0
+
+
+def build_matrices(out: Path, settings: dict, names: list[str] | None = None) -> dict[str, Matrix]:
+    """The recorded tensors ``names`` (all by default) of the series in ``out``, each with W_0 from
+    ``base.safetensors`` and the recorder's ``settings`` (`StepRecorder`)."""
+    meta = read_meta(out)["tensors"]
+    names = list(meta) if names is None else names
+    device = torch.device(settings["device"])
+    out_matrices: dict[str, Matrix] = {}
+    with safe_open(Path(out) / BASE_FILE, "pt") as f:
+        for n in names:
+            v = meta[n]
+            if not v.get("decomposed", True):
+                out_matrices[n] = NormedTensor(f.get_tensor(n), device, settings["keep"])
+            elif "lora_scale" in v:
+                out_matrices[n] = LoraMatrix(f.get_tensor(n), f.get_tensor(f"{n}::lora_B0"),
+                                             f.get_tensor(f"{n}::lora_A0"), float(v["lora_scale"]), int(settings["k"]))
+            else:
+                out_matrices[n] = DenseMatrix(f.get_tensor(n), device, settings["keep"], int(settings["k"]),
+                                              settings["svd"], int(settings["oversample"]), int(settings["power"]),
+                                              settings.get("vectors", "auto"), float(settings.get("tol", CERTIFY_TOL)))
+    return out_matrices
 
 
 class StepRecorder:
@@ -53,27 +77,21 @@ class StepRecorder:
     scipy's tridiagonal route, 2–3× cheaper, elsewhere). ``cpu_clock``: what the CPU time in ``work`` counts (the
     calling thread's by default; the worker process passes its own)."""
 
-    def __init__(self, out: Path, settings: dict, cpu_clock=time.thread_time):
+    def __init__(self, out: Path, settings: dict, cpu_clock=time.thread_time, names: list[str] | None = None,
+                 helpers: Helpers | None = None):
         self.out = Path(out)
         self.cpu_clock = cpu_clock  # the work's CPU time: this thread's, or the worker process's (all its threads)
         meta = read_meta(self.out)
         self.k = int(settings["k"])
         self.device = torch.device(settings["device"])
-        stored = load_file(self.out / BASE_FILE)
         self.shapes = {n: tuple(v["shape"]) for n, v in meta["tensors"].items()}
         self.group = {n: v["group"] for n, v in meta["tensors"].items()}
-        self.matrices: dict[str, DenseMatrix | LoraMatrix | NormedTensor] = {}
-        for n, v in meta["tensors"].items():
-            if not v.get("decomposed", True):
-                self.matrices[n] = NormedTensor(stored[n], self.device, settings["keep"])
-            elif "lora_scale" in v:
-                self.matrices[n] = LoraMatrix(stored[n], stored[f"{n}::lora_B0"], stored[f"{n}::lora_A0"],
-                                              float(v["lora_scale"]), self.k)
-            else:
-                self.matrices[n] = DenseMatrix(stored[n], self.device, settings["keep"], self.k, settings["svd"],
-                                               int(settings["oversample"]), int(settings["power"]),
-                                               settings.get("vectors", "auto"),
-                                               float(settings.get("tol", CERTIFY_TOL)))
+        self.decomposed = {n for n, v in meta["tensors"].items() if v.get("decomposed", True)}
+        #: the matrices measured here (``names``: a share of them, the rest held by ``helpers``: `record.shards`)
+        self.matrices = build_matrices(self.out, settings, names)
+        self.helpers = helpers
+        self.base_norm = {**{n: m.base_norm for n, m in self.matrices.items()},
+                          **(helpers.base_norm if helpers is not None else {})}
         self.anchors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.anchor_steps: list[int] = []
         self.anchor_energy: list[float] = []
@@ -89,8 +107,18 @@ class StepRecorder:
 
     def restart(self, snapshot: dict[str, object]) -> None:
         """Continue from these weights (a resumed run): no previous segment is known."""
-        for n, snap in snapshot.items():
+        if self.helpers is not None:
+            self.helpers.restart()
+        for n, snap in self._own(snapshot).items():
             self.matrices[n].restart(snap)
+
+    def _own(self, snapshot: dict[str, object]) -> dict[str, object]:
+        """The weights of the matrices measured here; copies when helpers share the step (it is read from a buffer
+        the next step overwrites, and a matrix keeps the weights it measured)."""
+        if self.helpers is None:
+            return snapshot
+        return {n: tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone()
+                for n, v in snapshot.items() if n in self.matrices}
 
     def measure(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool) -> dict[str, float]:
         """Record ``step`` from ``snapshot`` (copies this object may keep); the step's scalars. An OS error while
@@ -106,30 +134,36 @@ class StepRecorder:
         tot = dict.fromkeys(SUMS, 0.0)
         routes: dict[str, int] = {}
         products, bound = 0, 0.0
-        for name, snap in snapshot.items():
-            mat = self.matrices[name]
-            m = mat.measure(snap, segment)
+        if self.helpers is not None:
+            self.helpers.send("measure", segment)
+        measured = {n: measure_one(self.matrices[n], snap, segment) for n, snap in self._own(snapshot).items()}
+        helper_cpu = 0.0
+        if self.helpers is not None:
+            more, helper_cpu = self.helpers.collect()
+            measured.update(more)
+        for name in snapshot:  # the series' order, wherever each matrix was measured: the same sums bit for bit
+            m = measured[name]
             if m.triplet is not None:
                 triplets[name] = m.triplet
                 for part, t in zip("USV", m.triplet):
                     tensors[f"{name}::{part}"] = t.float().cpu().contiguous()
             g = self.group[name]
             by_group[g] = by_group.get(g, 0.0) + m.sums["f2"]
-            if mat.decomposed:  # the segment and cosine scalars: over the decomposed matrices, as the rows
+            if name in self.decomposed:  # the segment and cosine scalars: over the decomposed matrices, as the rows
                 for key, v in m.sums.items():
                     tot[key] += v
-                work = mat.work if m.triplet is not None else {}
+                work = m.work
                 if "route" in work:
                     routes[work["route"]] = routes.get(work["route"], 0) + 1
                 products += work.get("products", 0)
                 if m.row["sigma_bound"] == m.row["sigma_bound"]:
                     bound = max(bound, m.row["sigma_bound"])
-            rows.append({"step": step, "tensor": name, "base_norm": mat.base_norm, **m.row})
+            rows.append({"step": step, "tensor": name, "base_norm": self.base_norm[name], **m.row})
         lockin = self._lockin(step, triplets)
         if is_anchor(step):
             self._add_anchor(step, triplets)
         f = step_file(self.out, step)
-        seconds, cpu = time.perf_counter() - t0, self.cpu_clock() - c0
+        seconds, cpu = time.perf_counter() - t0, self.cpu_clock() - c0 + helper_cpu
         # what this step's work cost (before the write): the recorder's logs and the step file say it
         work = {"seconds": seconds, "cpu_seconds": cpu, "routes": routes, "products": products,
                 "sigma_bound": bound}
@@ -140,7 +174,7 @@ class StepRecorder:
             save_safetensors(tensors, tmp, metadata=md)
         self._append_csv(rows)
         self.seconds += time.perf_counter() - t0
-        self.cpu_seconds += self.cpu_clock() - c0
+        self.cpu_seconds += self.cpu_clock() - c0 + helper_cpu
         return {**{f"dynamics/update_norm/{g}": v ** 0.5 for g, v in sorted(by_group.items())},
                 "dynamics/segment_norm": tot["seg2"] ** 0.5,
                 "dynamics/segment_cosine": cosine(tot["segdot"], tot["prevseg2"], tot["seg2"]),
@@ -156,7 +190,7 @@ class StepRecorder:
     def _add_anchor(self, step: int, triplets: dict) -> None:
         """Keep a step's rank-k part (U·S, V per matrix) for the lock-in estimate."""
         energy = 0.0
-        for name in (n for n, mat in self.matrices.items() if mat.decomposed):
+        for name in (n for n in self.shapes if n in self.decomposed):
             t = triplets.get(name)
             m, n = self.shapes[name]
             us = (t[0] * t[1]).float() if t is not None else torch.zeros(m, 0)

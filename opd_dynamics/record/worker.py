@@ -23,6 +23,10 @@ so that other processes on a shared machine do not starve it while training's co
 thread then too: letting it take every core while training waits made it 30x slower in CPU time on the loaded
 2-core machine, its BLAS and OpenMP threads spinning against other processes.) What it runs is the same whatever
 its priority: only when it runs changes.
+
+Under the recorder's ``schedule="between"`` training waits for every step instead, and the worker shares the step's
+matrices out to helper processes, one per core (`record.shards`): it holds each step in a second shared buffer
+(the stage) that they read, runs at normal priority, and keeps no backlog.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ def buffer_layout(shapes: dict[str, list[tuple[int, ...]]]) -> tuple[dict[str, l
     return layout, at
 
 
+def shared_buffer(size: int) -> tuple[str, torch.Tensor]:
+    """A float32 buffer of ``size`` elements in a file of /dev/shm (the temporary directory where there is none)
+    that other processes map by its path; the caller unlinks it once they have."""
+    where = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
+    fd, path = tempfile.mkstemp(prefix="opd-dynamics-recorder-", suffix=".buf", dir=where)
+    os.close(fd)
+    return path, torch.from_file(path, shared=True, size=size, dtype=torch.float32)
+
+
 def _views(buf: torch.Tensor, layout) -> dict[str, list[torch.Tensor]]:
     return {n: [buf[o: o + math.prod(s)].view(s) for o, s in parts] for n, parts in layout.items()}
 
@@ -95,11 +108,8 @@ class ProcessWorker:
         self.layout, total = buffer_layout(shapes)
         #: steps the worker may hold on disk while training runs ahead (each the buffer's size)
         self.backlog = int(backlog_gb * 2 ** 30 // (4 * max(total, 1)))
-        where = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
-        fd, path = tempfile.mkstemp(prefix="opd-dynamics-recorder-", suffix=".buf", dir=where)
-        os.close(fd)
+        path, self.buffer = shared_buffer(max(total, 1))
         self.buffer_path = Path(path)
-        self.buffer = torch.from_file(path, shared=True, size=max(total, 1), dtype=torch.float32)
         self.views = _views(self.buffer, self.layout)
         self.unanswered: list[int] = []  # steps handed over whose ``done`` has not been read
         self.busy = False  # the buffer holds a step the worker has not copied out yet
@@ -251,8 +261,9 @@ class _Backlog:
     measured and ``depth`` waiting, each in a file of its own under ``where``); with ``depth`` 0 the next step is
     taken only once the previous one is measured, and it is held in memory."""
 
-    def __init__(self, depth: int, where: str | None, size: int):
+    def __init__(self, depth: int, where: str | None, size: int, stage: torch.Tensor | None = None):
         self.size = size
+        self.stage = stage  # with depth 0: the step is held here, in memory helper processes also map
         self.slots = threading.Semaphore(depth + 1)
         self.queue: queue.Queue = queue.Queue()
         self.dir = Path(tempfile.mkdtemp(prefix="opd-dynamics-backlog-", dir=where)) if depth else None
@@ -261,7 +272,7 @@ class _Backlog:
         """Copy the buffer out (waiting for a free slot first) and queue the step."""
         self.slots.acquire()
         if self.dir is None:
-            self.queue.put((msg, buffer.clone()))
+            self.queue.put((msg, buffer.clone() if self.stage is None else self.stage.copy_(buffer)))
             return
         path = self.dir / f"step-{msg['step']}.buf"
         with open(path, "wb") as f:
@@ -292,22 +303,46 @@ def main() -> None:
     of the backlog is free and answers ``copied``; the main thread measures the steps in order."""
     from threadpoolctl import threadpool_limits
 
+    from opd_dynamics.io.sketches import read_meta
+    from opd_dynamics.record.shards import Helpers, split
     from opd_dynamics.record.steps import StepRecorder
 
     config = json.loads(sys.stdin.readline())
-    scheduling = lower_priority(config["settings"].get("priority", "idle"))
+    settings = config["settings"]
+    scheduling = lower_priority(settings.get("priority", "idle"))
     torch.set_num_threads(1)
     threadpool_limits(1)
     buffer = torch.from_file(config["buffer"], shared=True, size=config["size"], dtype=torch.float32)
     layout = {n: [(o, tuple(s)) for o, s in parts] for n, parts in config["layout"].items()}
+    helpers = None
     try:
-        steps = StepRecorder(Path(config["out"]), config["settings"], cpu_clock=time.process_time)
-        backlog = _Backlog(int(config.get("backlog", 0)), config["settings"].get("backlog_dir"), config["size"])
+        names, stage = None, None
+        if int(settings.get("processes", 1)) > 1:  # schedule "between": the step's matrices over processes
+            meta = read_meta(Path(config["out"]))["tensors"]
+            shares = [s for s in split({n: tuple(v["shape"]) for n, v in meta.items()},
+                                       {n for n, v in meta.items() if v.get("decomposed", True)},
+                                       int(settings["processes"])) if s]
+            names = shares[0]
+            stage_path, stage = shared_buffer(config["size"])
+            try:
+                helpers = Helpers(Path(config["out"]), settings, shares[1:], stage_path, config["size"], layout)
+            finally:
+                os.unlink(stage_path)
+            scheduling += f", {len(shares)} processes"
+        steps = StepRecorder(Path(config["out"]), settings, cpu_clock=time.process_time, names=names,
+                             helpers=helpers)
+        # with helpers, one step at a time (they read it from the stage buffer)
+        backlog = _Backlog(int(config.get("backlog", 0)) if stage is None else 0, settings.get("backlog_dir"),
+                           config["size"], stage)
     except InputError as e:
+        if helpers is not None:
+            helpers.close()
         _reply({"op": "error", "path": e.path, "problem": e.problem})
         return
     except OSError as e:
-        _reply({"op": "error", "path": config["settings"].get("backlog_dir") or tempfile.gettempdir(),
+        if helpers is not None:
+            helpers.close()
+        _reply({"op": "error", "path": settings.get("backlog_dir") or tempfile.gettempdir(),
                 "problem": f"cannot hold the recorder's backlog: {e.strerror or e}"})
         return
 
@@ -348,3 +383,5 @@ def main() -> None:
                     backlog.done()
     finally:
         backlog.close()
+        if helpers is not None:
+            helpers.close()
