@@ -62,6 +62,12 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def decomposed_names(tensors: dict[str, dict]) -> list[str]:
+    """The tensors of ``sketch.json``'s ``tensors`` that have triplets, in order; the rest are recorded by their norms
+    only (a series written before norms were recorded has no flag: all its tensors are decomposed)."""
+    return [n for n, v in tensors.items() if v.get("decomposed", True)]
+
+
 def start_weights(path: Path, names) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, W_0 as stored) of each of ``names``, read one at a time from the series' base.safetensors."""
     with safe_open(path / BASE_FILE, "pt") as fh:
@@ -94,7 +100,7 @@ class SketchSeries:
         self.start_step = int(self.meta["start_step"])
         self.tensors: dict[str, dict] = self.meta["tensors"]
         #: the tensors with triplets (the rest are recorded by their norms only)
-        self.decomposed = [n for n, v in self.tensors.items() if v.get("decomposed", True)]
+        self.decomposed = decomposed_names(self.tensors)
         self.files = step_files(self.path)
         rows, work = [], []
         for step, f in self.files.items():

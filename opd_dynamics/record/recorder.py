@@ -58,6 +58,7 @@ from opd_dynamics.io.sketches import (
     SKETCH_CSV,
     SKETCH_JSON,
     SKETCH_VERSION,
+    decomposed_names,
     is_sketch_dir,
     read_meta,
     start_weights,
@@ -306,7 +307,8 @@ class DynamicsRecorder:
             other = sorted(set(want) ^ set(shapes)) or [n for n in want if want[n] != shapes[n]]
             raise InputError(self.out, f"was recorded from another model: its matrices differ from this model's "
                                        f"({other[0]})")
-        flipped = sorted(n for n, v in meta["tensors"].items() if v.get("decomposed", True) != (n in self.decomposed))
+        recorded = set(decomposed_names(meta["tensors"]))
+        flipped = sorted(n for n in meta["tensors"] if (n in recorded) != (n in self.decomposed))
         if flipped:
             raise InputError(self.out, f"was recorded with other groups decomposed: {flipped[0]} is "
                                        f"{'' if flipped[0] in self.decomposed else 'not '}decomposed in this recorder")

@@ -110,14 +110,14 @@ def helper_main(conn, out: str, settings: dict, names: list[str], buffer: str, s
     """One helper's loop: build its matrices, answer their base norms, then measure each step handed over."""
     from threadpoolctl import threadpool_limits
 
-    from opd_dynamics.record.steps import build_matrices
-    from opd_dynamics.record.worker import _views
+    from opd_dynamics.record.steps import build_matrices, copied
+    from opd_dynamics.record.worker import step_views
 
     os.dup2(2, 1)  # the worker's stdout (inherited) carries its answers to training: nothing of ours goes there
     torch.set_num_threads(1)
     threadpool_limits(1)
     flat = torch.from_file(buffer, shared=True, size=size, dtype=torch.float32)
-    views = _views(flat, {n: [(o, tuple(s)) for o, s in parts] for n, parts in layout.items()})
+    views = step_views(flat, {n: [(o, tuple(s)) for o, s in parts] for n, parts in layout.items()})
     try:
         matrices = build_matrices(Path(out), settings, names)
     except InputError as e:
@@ -135,7 +135,7 @@ def helper_main(conn, out: str, settings: dict, names: list[str], buffer: str, s
             c0 = time.process_time()
             # copies: a matrix keeps the weights it measured (the next segment starts there), and the buffer is
             # overwritten by the next step
-            snap = {n: tuple(v.clone() for v in vs) if len(vs) > 1 else vs[0].clone() for n, vs in views.items()}
+            snap = {n: copied(v) for n, v in views.items()}
             if op == "restart":
                 for n, m in matrices.items():
                     m.restart(snap[n])

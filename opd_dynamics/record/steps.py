@@ -25,6 +25,7 @@ from opd_dynamics.io.sketches import (
     SKETCH_CSV,
     SKETCH_VERSION,
     SketchSeries,
+    decomposed_names,
     read_meta,
     step_file,
     step_files,
@@ -48,17 +49,23 @@ def is_anchor(step: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def copied(value: torch.Tensor | tuple) -> torch.Tensor | tuple:
+    """A copy of a recorded tensor's value (a weight, or a LoRA layer's (B, A))."""
+    return tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
+
+
 def build_matrices(out: Path, settings: dict, names: list[str] | None = None) -> dict[str, Matrix]:
     """The recorded tensors ``names`` (all by default) of the series in ``out``, each with W_0 from
     ``base.safetensors`` and the recorder's ``settings`` (`StepRecorder`)."""
     meta = read_meta(out)["tensors"]
+    decomposed = set(decomposed_names(meta))
     names = list(meta) if names is None else names
     device = torch.device(settings["device"])
     out_matrices: dict[str, Matrix] = {}
     with safe_open(Path(out) / BASE_FILE, "pt") as f:
         for n in names:
             v = meta[n]
-            if not v.get("decomposed", True):
+            if n not in decomposed:
                 out_matrices[n] = NormedTensor(f.get_tensor(n), device, settings["keep"])
             elif "lora_scale" in v:
                 out_matrices[n] = LoraMatrix(f.get_tensor(n), f.get_tensor(f"{n}::lora_B0"),
@@ -86,7 +93,7 @@ class StepRecorder:
         self.device = torch.device(settings["device"])
         self.shapes = {n: tuple(v["shape"]) for n, v in meta["tensors"].items()}
         self.group = {n: v["group"] for n, v in meta["tensors"].items()}
-        self.decomposed = {n for n, v in meta["tensors"].items() if v.get("decomposed", True)}
+        self.decomposed = set(decomposed_names(meta["tensors"]))
         #: the matrices measured here (``names``: a share of them, the rest held by ``helpers``: `record.shards`)
         self.matrices = build_matrices(self.out, settings, names)
         self.helpers = helpers
@@ -117,8 +124,7 @@ class StepRecorder:
         the next step overwrites, and a matrix keeps the weights it measured)."""
         if self.helpers is None:
             return snapshot
-        return {n: tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone()
-                for n, v in snapshot.items() if n in self.matrices}
+        return {n: copied(v) for n, v in snapshot.items() if n in self.matrices}
 
     def measure(self, snapshot: dict[str, object], step: int, prev_step: int, segment: bool) -> dict[str, float]:
         """Record ``step`` from ``snapshot`` (copies this object may keep); the step's scalars. An OS error while

@@ -99,6 +99,12 @@ def _views(buf: torch.Tensor, layout) -> dict[str, list[torch.Tensor]]:
     return {n: [buf[o: o + math.prod(s)].view(s) for o, s in parts] for n, parts in layout.items()}
 
 
+def step_views(flat: torch.Tensor, layout) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+    """Each recorded tensor's value in a step's buffer, as `record` handed it over: a weight, or a LoRA layer's
+    (B, A); views, no copy."""
+    return {n: tuple(vs) if len(vs) > 1 else vs[0] for n, vs in _views(flat, layout).items()}
+
+
 class ProcessWorker:
     """The training process's end: starts the worker, hands it each step, and reads its answers."""
 
@@ -303,7 +309,7 @@ def main() -> None:
     of the backlog is free and answers ``copied``; the main thread measures the steps in order."""
     from threadpoolctl import threadpool_limits
 
-    from opd_dynamics.io.sketches import read_meta
+    from opd_dynamics.io.sketches import decomposed_names, read_meta
     from opd_dynamics.record.shards import Helpers, split
     from opd_dynamics.record.steps import StepRecorder
 
@@ -320,7 +326,7 @@ def main() -> None:
         if int(settings.get("processes", 1)) > 1:  # schedule "between": the step's matrices over processes
             meta = read_meta(Path(config["out"]))["tensors"]
             shares = [s for s in split({n: tuple(v["shape"]) for n, v in meta.items()},
-                                       {n for n, v in meta.items() if v.get("decomposed", True)},
+                                       set(decomposed_names(meta)),
                                        int(settings["processes"])) if s]
             names = shares[0]
             stage_path, stage = shared_buffer(config["size"])
@@ -369,7 +375,7 @@ def main() -> None:
             while (item := backlog.get()) is not None:
                 msg, flat = item
                 # views of the step's own copy (taken out of the shared buffer by `_Backlog.take`): no second copy
-                snap = {n: tuple(vs) if len(vs) > 1 else vs[0] for n, vs in _views(flat, layout).items()}
+                snap = step_views(flat, layout)
                 try:
                     if msg["restart"]:
                         steps.restart(snap)
