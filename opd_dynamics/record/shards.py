@@ -8,8 +8,8 @@ thread, holding the state (W_0, the previous weights and segment, the Krylov bas
 
 Each matrix is measured by the same code on one thread whichever process holds it, so every number recorded equals
 what one process records, bit for bit; the sums over matrices are added afterwards in the series' order.
-The helpers read the step from the worker's shared buffer: under "between" training waits until the step is
-measured, so the buffer holds it all that time.
+The helpers read the step from a second shared buffer of the worker (the stage), which the worker fills with the next
+step only once this one is measured; each copies its share before measuring it.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from opd_dynamics.record.matrices import Measured
 def split(shapes: dict[str, tuple[int, ...]], decomposed: set[str], parts: int) -> list[list[str]]:
     """The tensors in ``parts`` shares of about equal work (longest first onto the lightest share; a decomposed
     m × n matrix costs about m·n·min(m, n), a tensor recorded by its norms its size), each share in series order."""
-    order = list(shapes)
+    pos = {n: i for i, n in enumerate(shapes)}
     cost = {n: math.prod(s) * (min(s[-2:]) if n in decomposed and len(s) >= 2 else 1) for n, s in shapes.items()}
     loads, shares = [0] * parts, [[] for _ in range(parts)]
-    for n in sorted(order, key=lambda n: (-cost[n], order.index(n))):
+    for n in sorted(shapes, key=lambda n: (-cost[n], pos[n])):
         i = loads.index(min(loads))
         shares[i].append(n)
         loads[i] += cost[n]
-    return [sorted(s, key=order.index) for s in shares]
+    return [sorted(s, key=pos.get) for s in shares]
 
 
 class Helpers:
