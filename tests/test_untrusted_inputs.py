@@ -158,3 +158,31 @@ def test_dcp_metadata_naming_a_data_file_outside_its_directory_is_refused(tmp_pa
     code, out = _run("describe", run_dir, "--base", base)
     assert code == 2, out
     assert "lists a data file '../../../base/model.safetensors' outside its directory" in out
+
+
+@pytest.mark.parametrize("index, opcode", [(0x60000000, b"r"), (200, b"q"), (1, b"p")])
+def test_a_memo_index_beyond_the_stored_objects_is_refused_before_any_memory_is_taken(tmp_path, index, opcode):
+    """The C unpickler grows its memo to twice a PUT's index and zeroes it: a 10-byte data.pkl storing at index
+    1.6e9 took 24 GB and the OOM killer ended a test worker. A pickler numbers what it stores from 0, so an index
+    past the objects stored so far is refused, with the file named, before the unpickler runs; index 0 is kept."""
+    import resource
+    import struct
+
+    from hostile import archive_with
+
+    from opd_dynamics.errors import InputError
+    from opd_dynamics.io.torch_files import archive_layout
+
+    def put(i: int) -> bytes:  # LONG_BINPUT, BINPUT or PUT of the dict on the stack at index i
+        arg = {b"r": lambda: struct.pack("<I", i), b"q": lambda: bytes([i]), b"p": lambda: b"%d\n" % i}[opcode]
+        return opcode + arg()
+
+    f = tmp_path / "pytorch_model.bin"
+    f.write_bytes(archive_with(b"\x80\x02}" + put(index) + b"."))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=rf"pytorch_model.bin: is not a weights file: it holds a memo index {index} "
+                                         r"after 0 stored objects; refused unread"):
+        archive_layout(f)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KB: no memo was grown
+    f.write_bytes(archive_with(b"\x80\x02}" + put(0) + b"."))
+    assert archive_layout(f) == {}

@@ -32,6 +32,8 @@ import torch
 MAX_PICKLE_BYTES = 64 << 20
 #: opcodes torch.save, DCP and DeepSpeed never write, each another way to build an object than GLOBAL + REDUCE
 FORBIDDEN_OPCODES = frozenset({"INST", "OBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID"})
+#: opcodes that store the top of the stack in the memo (MEMOIZE at the next index; the others at the one they name)
+MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 
 
 class Refused(pickle.UnpicklingError):
@@ -278,13 +280,21 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def check_opcodes(data: bytes) -> None:
-    """Refuse a pickle over `MAX_PICKLE_BYTES` or using a `FORBIDDEN_OPCODES` opcode (before unpickling it)."""
+    """Refuse a pickle over `MAX_PICKLE_BYTES`, using a `FORBIDDEN_OPCODES` opcode, or storing an object at a memo
+    index beyond the objects stored so far (before unpickling it). The last: the C unpickler grows its memo to twice
+    the index and zeroes it, so a 10-byte pickle whose LONG_BINPUT names index 1.5e9 takes 24 GB (it killed a test
+    worker); a pickler numbers what it stores from 0, one by one."""
     if len(data) > MAX_PICKLE_BYTES:
         raise Refused(f"a pickle of {len(data)} bytes (at most {MAX_PICKLE_BYTES} are read)")
+    stored = 0  # objects stored in the memo so far
     try:
-        for op, _arg, _pos in pickletools.genops(data):
+        for op, arg, _pos in pickletools.genops(data):
             if op.name in FORBIDDEN_OPCODES:
                 raise Refused(f"the pickle opcode {op.name}, which these files never use")
+            if op.name in MEMO_PUTS:
+                if arg is not None and arg > stored:
+                    raise Refused(f"a memo index {arg} after {stored} stored objects")
+                stored += 1
     except (ValueError, EOFError) as e:  # genops' word for a malformed pickle; the unpickler says it too
         raise pickle.UnpicklingError(f"a malformed pickle ({e})") from None
 
