@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
+from opd_dynamics.io.sketches import BASE_FILE, decomposed_names, read_meta
 from opd_dynamics.numerics import dot, fro2, update_stats
 from opd_dynamics.numerics.decomposition import decompose
 from opd_dynamics.record.topk import CERTIFY_TOL, certified_topk, warm_topk
@@ -283,3 +286,34 @@ def lora_factors(module) -> tuple[Tensor, Tensor, float] | None:
         return None
     name = active[0]
     return lora_b[name].weight, lora_a[name].weight, float(module.scaling[name])
+
+
+Matrix = DenseMatrix | LoraMatrix | NormedTensor
+
+
+def copied(value: torch.Tensor | tuple) -> torch.Tensor | tuple:
+    """A copy of a recorded tensor's value (a weight, or a LoRA layer's (B, A))."""
+    return tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
+
+
+def build_matrices(out: Path, settings: dict, names: list[str] | None = None) -> dict[str, Matrix]:
+    """The recorded tensors ``names`` (all by default) of the series in ``out``, each with W_0 from
+    ``base.safetensors`` and the recorder's ``settings`` (`StepRecorder`)."""
+    meta = read_meta(out)["tensors"]
+    decomposed = set(decomposed_names(meta))
+    names = list(meta) if names is None else names
+    device = torch.device(settings["device"])
+    out_matrices: dict[str, Matrix] = {}
+    with safe_open(Path(out) / BASE_FILE, "pt") as f:
+        for n in names:
+            v = meta[n]
+            if n not in decomposed:
+                out_matrices[n] = NormedTensor(f.get_tensor(n), device, settings["keep"])
+            elif "lora_scale" in v:
+                out_matrices[n] = LoraMatrix(f.get_tensor(n), f.get_tensor(f"{n}::lora_B0"),
+                                             f.get_tensor(f"{n}::lora_A0"), float(v["lora_scale"]), int(settings["k"]))
+            else:
+                out_matrices[n] = DenseMatrix(f.get_tensor(n), device, settings["keep"], int(settings["k"]),
+                                              settings["svd"], int(settings["oversample"]), int(settings["power"]),
+                                              settings.get("vectors", "auto"), float(settings.get("tol", CERTIFY_TOL)))
+    return out_matrices

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import safe_open
 
 from opd_dynamics.io.sketches import (
-    BASE_FILE,
     SKETCH_CSV,
     SKETCH_VERSION,
     SketchSeries,
@@ -32,49 +30,19 @@ from opd_dynamics.io.sketches import (
 )
 from opd_dynamics.io.writer import atomic_file, output_errors, save_safetensors
 from opd_dynamics.numerics import locked_in
-from opd_dynamics.record.matrices import SUMS, DenseMatrix, LoraMatrix, NormedTensor, cosine
+from opd_dynamics.record.matrices import SUMS, build_matrices, copied, cosine
 from opd_dynamics.record.shards import Helpers, measure_one
-from opd_dynamics.record.topk import CERTIFY_TOL
 from opd_dynamics.schema import TABLES
 
 COLUMNS = TABLES["sketch"].names
 #: a fresh series must start here: the start weights are W_0
 START_STEP = 0
-Matrix = DenseMatrix | LoraMatrix | NormedTensor
 
 
 def is_anchor(step: int) -> bool:
     """The lock-in estimate's anchors: 1, 2, 4, 8 … steps after the start."""
     n = step - START_STEP
     return n > 0 and n & (n - 1) == 0
-
-
-def copied(value: torch.Tensor | tuple) -> torch.Tensor | tuple:
-    """A copy of a recorded tensor's value (a weight, or a LoRA layer's (B, A))."""
-    return tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
-
-
-def build_matrices(out: Path, settings: dict, names: list[str] | None = None) -> dict[str, Matrix]:
-    """The recorded tensors ``names`` (all by default) of the series in ``out``, each with W_0 from
-    ``base.safetensors`` and the recorder's ``settings`` (`StepRecorder`)."""
-    meta = read_meta(out)["tensors"]
-    decomposed = set(decomposed_names(meta))
-    names = list(meta) if names is None else names
-    device = torch.device(settings["device"])
-    out_matrices: dict[str, Matrix] = {}
-    with safe_open(Path(out) / BASE_FILE, "pt") as f:
-        for n in names:
-            v = meta[n]
-            if n not in decomposed:
-                out_matrices[n] = NormedTensor(f.get_tensor(n), device, settings["keep"])
-            elif "lora_scale" in v:
-                out_matrices[n] = LoraMatrix(f.get_tensor(n), f.get_tensor(f"{n}::lora_B0"),
-                                             f.get_tensor(f"{n}::lora_A0"), float(v["lora_scale"]), int(settings["k"]))
-            else:
-                out_matrices[n] = DenseMatrix(f.get_tensor(n), device, settings["keep"], int(settings["k"]),
-                                              settings["svd"], int(settings["oversample"]), int(settings["power"]),
-                                              settings.get("vectors", "auto"), float(settings.get("tol", CERTIFY_TOL)))
-    return out_matrices
 
 
 class StepRecorder:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.record.shards import step_views, tensor_views
 
 #: where the shared buffer lives (memory on Linux); the system's temporary directory where it does not exist
 SHM = Path("/dev/shm")
@@ -95,16 +96,6 @@ def shared_buffer(size: int) -> tuple[str, torch.Tensor]:
     return path, torch.from_file(path, shared=True, size=size, dtype=torch.float32)
 
 
-def _views(buf: torch.Tensor, layout) -> dict[str, list[torch.Tensor]]:
-    return {n: [buf[o: o + math.prod(s)].view(s) for o, s in parts] for n, parts in layout.items()}
-
-
-def step_views(flat: torch.Tensor, layout) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
-    """Each recorded tensor's value in a step's buffer, as `record` handed it over: a weight, or a LoRA layer's
-    (B, A); views, no copy."""
-    return {n: tuple(vs) if len(vs) > 1 else vs[0] for n, vs in _views(flat, layout).items()}
-
-
 class ProcessWorker:
     """The training process's end: starts the worker, hands it each step, and reads its answers."""
 
@@ -116,7 +107,7 @@ class ProcessWorker:
         self.backlog = int(backlog_gb * 2 ** 30 // (4 * max(total, 1)))
         path, self.buffer = shared_buffer(max(total, 1))
         self.buffer_path = Path(path)
-        self.views = _views(self.buffer, self.layout)
+        self.views = tensor_views(self.buffer, self.layout)
         self.unanswered: list[int] = []  # steps handed over whose ``done`` has not been read
         self.busy = False  # the buffer holds a step the worker has not copied out yet
         self.completed: list[dict[str, float]] = []
