@@ -474,7 +474,7 @@ def test_the_worker_process_works_beside_training_and_its_death_is_one_sentence(
     /dev/shm; the same series as measured in the training process; a worker killed mid-run is one sentence at
     the next record, every step it finished kept."""
     from opd_dynamics.io.sketches import SketchSeries
-    from opd_dynamics.record.worker import SHM
+    from opd_dynamics.record.buffer import SHM
 
     rec = _recorded(tmp_path / "bg")
     assert rec.worker is not None and rec.worker.proc.poll() is None

@@ -23,17 +23,8 @@ from pathlib import Path
 import torch
 
 from opd_dynamics.errors import InputError
+from opd_dynamics.record.buffer import step_views
 from opd_dynamics.record.matrices import Measured, build_matrices, copied
-
-
-def tensor_views(buf: torch.Tensor, layout) -> dict[str, list[torch.Tensor]]:
-    return {n: [buf[o: o + math.prod(s)].view(s) for o, s in parts] for n, parts in layout.items()}
-
-
-def step_views(flat: torch.Tensor, layout) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
-    """Each recorded tensor's value in a step's buffer, as `record` handed it over: a weight, or a LoRA layer's
-    (B, A); views, no copy."""
-    return {n: tuple(vs) if len(vs) > 1 else vs[0] for n, vs in tensor_views(flat, layout).items()}
 
 
 def split(shapes: dict[str, tuple[int, ...]], decomposed: set[str], parts: int) -> list[list[str]]:
@@ -119,7 +110,6 @@ class Helpers:
 def helper_main(conn, out: str, settings: dict, names: list[str], buffer: str, size: int, layout: dict) -> None:
     """One helper's loop: build its matrices, answer their base norms, then measure each step handed over."""
     from threadpoolctl import threadpool_limits
-
 
     os.dup2(2, 1)  # the worker's stdout (inherited) carries its answers to training: nothing of ours goes there
     torch.set_num_threads(1)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import shutil
@@ -49,10 +48,8 @@ import numpy as np
 import torch
 
 from opd_dynamics.errors import InputError
-from opd_dynamics.record.shards import step_views, tensor_views
+from opd_dynamics.record.buffer import buffer_layout, shared_buffer, step_views, tensor_views
 
-#: where the shared buffer lives (memory on Linux); the system's temporary directory where it does not exist
-SHM = Path("/dev/shm")
 #: the worker's environment: one thread in every BLAS and OpenMP runtime it may load
 ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
                                 "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
@@ -74,26 +71,6 @@ def lower_priority(priority: str) -> str:
         return "nice 19"
     except OSError:
         return "normal"
-
-
-def buffer_layout(shapes: dict[str, list[tuple[int, ...]]]) -> tuple[dict[str, list[tuple[int, tuple]]], int]:
-    """({name: [(offset, shape) per tensor]}, total elements) of a buffer holding every tensor of ``shapes``."""
-    layout, at = {}, 0
-    for name, parts in shapes.items():
-        layout[name] = []
-        for shape in parts:
-            layout[name].append((at, tuple(shape)))
-            at += math.prod(shape)
-    return layout, at
-
-
-def shared_buffer(size: int) -> tuple[str, torch.Tensor]:
-    """A float32 buffer of ``size`` elements in a file of /dev/shm (the temporary directory where there is none)
-    that other processes map by its path; the caller unlinks it once they have."""
-    where = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
-    fd, path = tempfile.mkstemp(prefix="opd-dynamics-recorder-", suffix=".buf", dir=where)
-    os.close(fd)
-    return path, torch.from_file(path, shared=True, size=size, dtype=torch.float32)
 
 
 class ProcessWorker:
